@@ -1,0 +1,32 @@
+"""Rosetta: distributed pre-training of multilingual Transformers."""
+
+from setuptools import find_packages, setup
+
+PACKAGES = ("pretrain", "data_pipeline", "parallel", "launch", "checkpoints_tools")
+
+setup(
+    name="rosetta",
+    version="0.1.0",
+    description="Distributed pre-training of multilingual dense and MoE Transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=[p for name in PACKAGES for p in (name, f"{name}.*")]),
+    include_package_data=True,
+    package_data={"data_pipeline": ["sample/*", "sample/**/*"]},
+    install_requires=[
+        "torch>=2.9",
+        "numpy",
+        "pyyaml",
+        "omegaconf>=2.3",
+        "sentencepiece",
+        "webdataset",
+        "zstandard",
+        "rich",
+        "matplotlib",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.46", "safetensors", "peft"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "tensorboard"],
+    },
+)
