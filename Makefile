@@ -1,0 +1,45 @@
+# The README's two set-up commands: `make demo` and `make test`. Each creates or refreshes .venv
+# itself; with nothing changed the set-up step is a timestamp check.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rosetta-installed
+# A CPU build of torch unless this machine has an NVIDIA driver (pip's local wheel here).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.9' || echo 'torch==2.13.0')
+RUFF_ARGS := --line-length 100
+RUFF_RULES := --select E,F,W,I,UP
+DEMO_DIR := demo_out
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+
+.PHONY: setup demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	@test -n "$(PYTHON)" || { echo "error: python3.11 or python3 not found"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+		{ echo "error: $(PYTHON) is older than Python 3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[hf,dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(RUFF_ARGS) $(RUFF_RULES) .
+	$(VENV)/bin/ruff format --check $(RUFF_ARGS) .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(RUFF_ARGS) $(RUFF_RULES) .
+	$(VENV)/bin/ruff format $(RUFF_ARGS) .
+
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
+
+demo: $(STAMP)
+	$(PY) -m launch.demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(DEMO_DIR) runs .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Checkpoint tools: DCP helpers, Hugging Face adapters, conversion CLI."""

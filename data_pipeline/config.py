@@ -1,0 +1,57 @@
+"""Streaming-loader configuration: the ``data`` section of a run config.
+
+Lives with the loader (DESIGN.md: each package owns the dataclass of its part); it imports nothing
+from the other Rosetta packages so that ``data_pipeline`` installs and runs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from and how languages are mixed (``data.*``)."""
+
+    manifest: str = ""
+    """A shard directory's manifest.json, or the directory holding it."""
+    valid_manifest: str = ""
+    """Held-out shards for validation loss per language ("" disables validation)."""
+    tokenizer: str = ""
+    """Tokenizer directory (sentencepiece model + JSON sidecar); "" takes the manifest's."""
+    alpha: float = 0.3
+    """Language smoothing exponent: p_l = q_l^alpha / sum_k q_k^alpha, q_l = n_l / N."""
+    language_weights: dict[str, float] = field(default_factory=dict)
+    """Explicit per-language sampling weights; when set they replace alpha smoothing."""
+    seq_len: int = 512
+    """Tokens per training sequence."""
+    batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples held in each stream's shuffle buffer."""
+    seed: int | None = None
+    """Data order seed; None takes train.seed."""
+
+
+def validate_data(cfg: DataConfig) -> None:
+    """Check the data section on its own.
+
+    Raises:
+        ValueError: one line naming the key, its value and the rule broken.
+    """
+    if cfg.alpha <= 0 or cfg.alpha > 1:
+        raise ValueError(f"data.alpha ({cfg.alpha}) must be in (0, 1]")
+    for lang, weight in cfg.language_weights.items():
+        if weight < 0:
+            raise ValueError(f"data.language_weights.{lang} ({weight}) must be >= 0")
+    if cfg.language_weights and sum(cfg.language_weights.values()) <= 0:
+        raise ValueError(
+            f"data.language_weights ({dict(cfg.language_weights)}) must have a positive sum"
+        )
+    for key in ("seq_len", "batch_size", "shuffle_buffer"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"data.{key} ({getattr(cfg, key)}) must be >= 1")
+    if cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers ({cfg.num_workers}) must be >= 0")

@@ -1,0 +1,1 @@
+"""Launchers: torchrun and SLURM, and the demo job."""

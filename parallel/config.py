@@ -1,0 +1,149 @@
+"""Parallel layout configuration: the ``parallel`` section of a run config.
+
+Mesh axes are ``pp``, ``dp_replicate``, ``dp_shard`` and ``tp``; their product is the world size.
+``ep`` (expert parallel) is not a separate axis: it is drawn from the data-parallel ranks
+(``dp_replicate * dp_shard``) and, optionally, the tensor-parallel ranks, so it must divide their
+product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PP_SCHEDULES = (
+    "1F1B",
+    "GPipe",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees and how they are applied (``parallel.*``)."""
+
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (DDP, or the outer axis of HSDP)."""
+    dp_shard: int = -1
+    """Fully-sharded data-parallel degree (FSDP2); -1 takes what the other degrees leave."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence parallel on the norms when sequence_parallel)."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages)."""
+    ep: int = 1
+    """Expert-parallel degree, drawn from the data-parallel (and tensor-parallel) ranks."""
+    pp_schedule: str = "1F1B"
+    """torch.distributed.pipelining schedule: 1F1B, GPipe, Interleaved1F1B, LoopedBFS,
+    InterleavedZeroBubble, ZBVZeroBubble, DualPipeV."""
+    microbatches: int | None = None
+    """Pipeline microbatches per step; None means pp."""
+    stages_per_rank: int = 1
+    """Virtual pipeline stages per rank (interleaved and V schedules need 2 or more)."""
+    stage_layers: list[int] | None = None
+    """Layers per pipeline stage (length pp * stages_per_rank); None splits evenly."""
+    sequence_parallel: bool = True
+    """Shard norms and dropout over the sequence inside TP regions."""
+    activation_checkpointing: str = "none"
+    """none | full (every block) | selective (every other block)."""
+    compile: bool = False
+    """torch.compile each block."""
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"parallel.{key} ({value}) must be >= 1")
+
+
+def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> dict[str, int]:
+    """Check the parallel section and resolve its degrees against ``world_size``.
+
+    Returns:
+        The resolved degrees ``{"pp", "dp_replicate", "dp_shard", "tp", "ep"}`` (``dp_shard``
+        filled in when it was -1). Without ``world_size`` a -1 stays -1.
+
+    Raises:
+        ValueError: one line naming the key, its value and the rule broken.
+    """
+    for key in ("dp_replicate", "tp", "pp", "ep", "stages_per_rank"):
+        _positive(key, getattr(cfg, key))
+    if cfg.dp_shard != -1 and cfg.dp_shard < 1:
+        raise ValueError(f"parallel.dp_shard ({cfg.dp_shard}) must be >= 1, or -1 for the rest")
+    if cfg.pp_schedule not in PP_SCHEDULES:
+        raise ValueError(
+            f"parallel.pp_schedule ({cfg.pp_schedule!r}) must be one of {', '.join(PP_SCHEDULES)}"
+        )
+    if cfg.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(
+            f"parallel.activation_checkpointing ({cfg.activation_checkpointing!r}) must be one "
+            f"of {', '.join(ACTIVATION_CHECKPOINTING)}"
+        )
+    multi_stage = cfg.pp_schedule in ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+    v_schedule = cfg.pp_schedule in ("ZBVZeroBubble", "DualPipeV")
+    if cfg.pp > 1 and v_schedule and cfg.stages_per_rank != 2:
+        raise ValueError(
+            f"parallel.stages_per_rank ({cfg.stages_per_rank}) must be 2 with "
+            f"parallel.pp_schedule={cfg.pp_schedule}"
+        )
+    if cfg.pp > 1 and multi_stage and cfg.stages_per_rank < 2:
+        raise ValueError(
+            f"parallel.stages_per_rank ({cfg.stages_per_rank}) must be >= 2 with "
+            f"parallel.pp_schedule={cfg.pp_schedule}"
+        )
+    if cfg.pp > 1 and not (multi_stage or v_schedule) and cfg.stages_per_rank != 1:
+        raise ValueError(
+            f"parallel.stages_per_rank ({cfg.stages_per_rank}) must be 1 with "
+            f"parallel.pp_schedule={cfg.pp_schedule}"
+        )
+    microbatches = cfg.microbatches if cfg.microbatches is not None else cfg.pp
+    _positive("microbatches", microbatches)
+    if cfg.pp > 1 and microbatches < cfg.pp:
+        raise ValueError(
+            f"parallel.microbatches ({microbatches}) must be >= parallel.pp ({cfg.pp})"
+        )
+    if cfg.stage_layers is not None:
+        num_stages = cfg.pp * cfg.stages_per_rank
+        if len(cfg.stage_layers) != num_stages:
+            raise ValueError(
+                f"parallel.stage_layers ({list(cfg.stage_layers)}) must list {num_stages} stages "
+                f"(parallel.pp x parallel.stages_per_rank)"
+            )
+        if any(n < 0 for n in cfg.stage_layers):
+            raise ValueError(
+                f"parallel.stage_layers ({list(cfg.stage_layers)}) must not be negative"
+            )
+
+    dp_shard = cfg.dp_shard
+    if world_size is not None:
+        if world_size < 1:
+            raise ValueError(f"world size ({world_size}) must be >= 1")
+        fixed = cfg.dp_replicate * cfg.tp * cfg.pp
+        if dp_shard == -1:
+            if world_size % fixed != 0:
+                raise ValueError(
+                    f"parallel.dp_replicate ({cfg.dp_replicate}) x parallel.tp ({cfg.tp}) x "
+                    f"parallel.pp ({cfg.pp}) = {fixed} must divide the world size ({world_size})"
+                )
+            dp_shard = world_size // fixed
+        if fixed * dp_shard != world_size:
+            raise ValueError(
+                f"parallel.dp_replicate ({cfg.dp_replicate}) x parallel.dp_shard ({dp_shard}) x "
+                f"parallel.tp ({cfg.tp}) x parallel.pp ({cfg.pp}) = {fixed * dp_shard} must "
+                f"equal the world size ({world_size})"
+            )
+        ep_pool = cfg.dp_replicate * dp_shard * cfg.tp
+        if ep_pool % cfg.ep != 0:
+            raise ValueError(
+                f"parallel.ep ({cfg.ep}) must divide parallel.dp_replicate x parallel.dp_shard x "
+                f"parallel.tp ({ep_pool})"
+            )
+    return {
+        "pp": cfg.pp,
+        "dp_replicate": cfg.dp_replicate,
+        "dp_shard": dp_shard,
+        "tp": cfg.tp,
+        "ep": cfg.ep,
+    }

@@ -1,0 +1,30 @@
+"""Process-group start-up and tear-down for the trainer and tools."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(*, device_type: str = "cpu") -> tuple[int, int]:
+    """Join the process group when launched by torchrun (or SLURM through launch/), else run alone.
+
+    torch reads the rendezvous variables itself; Rosetta code never reads them outside
+    ``launch/env.py``.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` for a plain single-process run.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not dist.is_torchelastic_launched():
+        return 0, 1
+    backend = "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def destroy_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,494 @@
+"""The run configuration: a tree of typed dataclasses loaded from YAML with dot-path overrides.
+
+Sections: ``model`` (``pretrain.models.config``), ``parallel`` (``parallel.config``), ``data``
+(``data_pipeline.config``), and ``objective``, ``optim``, ``train``, ``checkpoint``, ``logging``
+(here). Loading, merging and type conversion are OmegaConf structured configs; this module adds
+only the rules: unknown keys (with a "did you mean"), and range and cross-section checks. Every
+user mistake is one ``ValueError`` line naming the key, its value and the rule.
+
+    cfg = load_config("configs/tiny_decoder.yaml", ["model.num_layers=2", "train.steps=10"])
+    validate_config(cfg, world_size=4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig, validate_data
+from parallel.config import ParallelConfig, validate_parallel
+from pretrain.models.config import ModelConfig, validate_model
+
+OBJECTIVES = ("clm", "mlm", "tlm")
+OBJECTIVE_FAMILIES = {"clm": ("decoder",), "mlm": ("encoder",), "tlm": ("encoder",)}
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RESUME_MODES = ("none", "auto")
+
+# YAML keys that are Python keywords live under another attribute name.
+KEY_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+
+
+@dataclass
+class ObjectiveConfig:
+    """Pre-training objective(s) (``objective.*``)."""
+
+    name: str = "clm"
+    """Objective: clm (decoder) | mlm (encoder, BERT 80/10/10) | tlm (encoder, XLM pairs)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """A weighted mix of objectives per step, e.g. {mlm: 1.0, tlm: 0.5}; empty means {name: 1}."""
+    mask_prob: float = 0.15
+    """Share of tokens selected for MLM prediction."""
+    mask_replace_prob: float = 0.8
+    """Of the selected tokens, the share replaced by the mask token."""
+    mask_random_prob: float = 0.1
+    """Of the selected tokens, the share replaced by a random token (the rest are kept)."""
+    whole_word: bool = False
+    """Mask whole words (sentencepiece pieces starting with the word-boundary mark)."""
+    tlm_share: float = 0.0
+    """Share of TLM (parallel-pair) sequences in each encoder batch."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the output projection + cross-entropy (bounds logit memory)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (``optim.*``)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (never on norms, biases and embeddings)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    schedule: str = "cosine"
+    """cosine | wsd (warmup-stable-decay) | linear | constant, after linear warmup."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """wsd: the share of steps spent decaying at the end."""
+    fused: bool | None = None
+    """Fused AdamW; None uses it where the device supports it."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (``train.*``)."""
+
+    run_dir: str = "runs/default"
+    """Directory for config.yaml, metrics.jsonl, logs/ and checkpoints/."""
+    steps: int = 1000
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed for weights, data order and dropout."""
+    resume: str = "none"
+    """none | auto (latest complete checkpoint in run_dir) | a checkpoint directory."""
+    deterministic: bool = False
+    """Deterministic algorithms (bit-for-bit reproducible on CPU)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master) | fp16 (+ scaling)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    eval_every: int = 0
+    """Validation loss per language every N steps; 0 disables."""
+    eval_batches: int = 4
+    """Batches per validation run."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (``checkpoint.*``)."""
+
+    every: int = 0
+    """Save every N steps (and at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    async_save: bool = False
+    """Save in the background (YAML key ``checkpoint.async``)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL and TensorBoard logging (``logging.*``)."""
+
+    every: int = 10
+    """Log every N steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when tensorboard is installed."""
+    progress: bool = True
+    """A rich progress bar on rank 0 when the console is a terminal."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s per device for MFU; None looks the device up in a table."""
+
+
+@dataclass
+class RunConfig:
+    """One run: every section of the config tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _alias(key: str) -> str:
+    return KEY_ALIASES.get(key, key)
+
+
+def _unalias_tree(tree: dict) -> dict:
+    """Rename aliased YAML keys (``checkpoint.async``) to their attribute names."""
+    for yaml_key, attr_key in KEY_ALIASES.items():
+        section, yaml_name = yaml_key.split(".")
+        attr_name = attr_key.split(".")[1]
+        node = tree.get(section)
+        if isinstance(node, dict) and yaml_name in node:
+            node[attr_name] = node.pop(yaml_name)
+    return tree
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _yaml_name(path: str) -> str:
+    for yaml_key, attr_key in KEY_ALIASES.items():
+        if path == attr_key:
+            return yaml_key
+    return path
+
+
+def _check_keys(tree: Any, cls: type, prefix: str) -> None:
+    """Raise on the first key of ``tree`` that ``cls`` does not have, suggesting a near one."""
+    if not isinstance(tree, dict):
+        return
+    names = _field_names(cls)
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            shown = [_yaml_name(f"{prefix}{n}").split(".")[-1] for n in names]
+            close = difflib.get_close_matches(str(key), shown, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            section = prefix.rstrip(".") or "the config"
+            raise ValueError(f"{path}: unknown key in {section}{hint}")
+        sub = _section_type(cls, key)
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{path} ({value!r}) must be a mapping of {sub.__name__} keys")
+            _check_keys(value, sub, f"{path}.")
+
+
+def _section_type(cls: type, name: str) -> type | None:
+    """The dataclass type of field ``name`` of ``cls`` when it is a nested section."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if spec.default_factory is not dataclasses.MISSING:
+        made = spec.default_factory()
+        if dataclasses.is_dataclass(made):
+            return type(made)
+    return None
+
+
+def _dotlist_to_tree(overrides: Sequence[str]) -> dict:
+    """``["model.num_layers=2", ...]`` -> nested dict with YAML-parsed values."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must have the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} must have the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} sets a key below a value")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML run config, apply ``section.key=value`` overrides and check types and keys.
+
+    Values are only parsed here; call :func:`validate_config` for the rules.
+
+    Raises:
+        ValueError: missing or unreadable file, unknown key (with a suggestion), wrong type.
+    """
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
+        tree = loaded
+    tree = _unalias_tree(tree)
+    override_tree = _unalias_tree(_dotlist_to_tree(overrides))
+    _check_keys(tree, RunConfig, "")
+    _check_keys(override_tree, RunConfig, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), tree, override_tree)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(_omegaconf_message(err)) from None
+    assert isinstance(cfg, RunConfig)
+    return cfg
+
+
+_TYPE_NAMES = {"Integer": "an int", "Float": "a float", "Boolean": "a bool", "String": "a string"}
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = _yaml_name(str(getattr(err, "full_key", None) or "config"))
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    match = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+    if match:
+        expected = _TYPE_NAMES.get(match.group(2), match.group(2))
+        return f"{key} ({match.group(1)!r}) must be {expected}"
+    match = re.match(r"Value '(.*)' is not a valid (\w+)", msg)
+    if match:
+        return f"{key} ({match.group(1)!r}) must be a {match.group(2)}"
+    return f"{key}: {msg}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[str, int]:
+    """Check every section and the rules that join them, before anything is built.
+
+    Args:
+        cfg: the loaded config.
+        world_size: number of ranks; when given, the parallel degrees are resolved against it.
+
+    Returns:
+        The resolved parallel degrees (see :func:`parallel.config.validate_parallel`).
+
+    Raises:
+        ValueError: one line naming the key, its value and the rule broken.
+    """
+    validate_model(cfg.model)
+    degrees = validate_parallel(cfg.parallel, world_size=world_size)
+    validate_data(cfg.data)
+    _validate_objective(cfg)
+    _validate_optim(cfg.optim)
+    _validate_train(cfg)
+
+    model, par = cfg.model, cfg.parallel
+    kv_heads = model.num_kv_heads if model.num_kv_heads is not None else model.num_heads
+    if model.num_heads % par.tp != 0:
+        raise ValueError(
+            f"model.num_heads ({model.num_heads}) must be divisible by parallel.tp ({par.tp})"
+        )
+    if kv_heads % par.tp != 0:
+        raise ValueError(
+            f"model.num_kv_heads ({kv_heads}) must be divisible by parallel.tp ({par.tp})"
+        )
+    if model.ffn_hidden_size % par.tp != 0:
+        raise ValueError(
+            f"model.ffn_hidden_size ({model.ffn_hidden_size}) must be divisible by "
+            f"parallel.tp ({par.tp})"
+        )
+    if par.ep > 1:
+        if model.moe.num_experts == 0:
+            raise ValueError(
+                f"parallel.ep ({par.ep}) must be 1 for a dense model (model.moe.num_experts is 0)"
+            )
+        if model.moe.num_experts % par.ep != 0:
+            raise ValueError(
+                f"model.moe.num_experts ({model.moe.num_experts}) must be divisible by "
+                f"parallel.ep ({par.ep})"
+            )
+    num_stages = par.pp * par.stages_per_rank
+    if num_stages > model.num_layers:
+        raise ValueError(
+            f"parallel.pp x parallel.stages_per_rank ({num_stages}) must be <= "
+            f"model.num_layers ({model.num_layers})"
+        )
+    if par.stage_layers is not None and sum(par.stage_layers) != model.num_layers:
+        raise ValueError(
+            f"parallel.stage_layers ({list(par.stage_layers)}) must sum to model.num_layers "
+            f"({model.num_layers})"
+        )
+    if cfg.data.seq_len > model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len ({cfg.data.seq_len}) must be <= model.max_seq_len ({model.max_seq_len})"
+        )
+    if par.sequence_parallel and par.tp > 1 and cfg.data.seq_len % par.tp != 0:
+        raise ValueError(
+            f"data.seq_len ({cfg.data.seq_len}) must be divisible by parallel.tp ({par.tp}) "
+            "with parallel.sequence_parallel"
+        )
+    microbatches = par.microbatches if par.microbatches is not None else par.pp
+    if par.pp > 1 and cfg.data.batch_size % microbatches != 0:
+        raise ValueError(
+            f"data.batch_size ({cfg.data.batch_size}) must be divisible by "
+            f"parallel.microbatches ({microbatches})"
+        )
+    return degrees
+
+
+def _validate_objective(cfg: RunConfig) -> None:
+    obj = cfg.objective
+    names = dict(obj.weights) if obj.weights else {obj.name: 1.0}
+    if obj.name not in OBJECTIVES:
+        raise ValueError(f"objective.name ({obj.name!r}) must be one of {', '.join(OBJECTIVES)}")
+    for name, weight in names.items():
+        if name not in OBJECTIVES:
+            raise ValueError(
+                f"objective.weights.{name}: unknown objective; must be one of "
+                f"{', '.join(OBJECTIVES)}"
+            )
+        if weight < 0:
+            raise ValueError(f"objective.weights.{name} ({weight}) must be >= 0")
+        families = OBJECTIVE_FAMILIES[name]
+        if cfg.model.family not in families:
+            key = "objective.name" if not obj.weights else f"objective.weights.{name}"
+            raise ValueError(
+                f"{key} ({name!r}) needs model.family in {', '.join(families)} "
+                f"(got {cfg.model.family!r})"
+            )
+    if sum(names.values()) <= 0:
+        raise ValueError(f"objective.weights ({names}) must have a positive sum")
+    for key in ("mask_prob", "mask_replace_prob", "mask_random_prob", "tlm_share"):
+        value = getattr(obj, key)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"objective.{key} ({value}) must be in [0, 1]")
+    if obj.mask_replace_prob + obj.mask_random_prob > 1.0:
+        raise ValueError(
+            f"objective.mask_replace_prob + objective.mask_random_prob "
+            f"({obj.mask_replace_prob + obj.mask_random_prob:g}) must be <= 1"
+        )
+    if obj.loss_chunk_tokens < 1:
+        raise ValueError(f"objective.loss_chunk_tokens ({obj.loss_chunk_tokens}) must be >= 1")
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    if optim.lr <= 0:
+        raise ValueError(f"optim.lr ({optim.lr}) must be > 0")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio ({optim.min_lr_ratio}) must be in [0, 1]")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(optim, key) < 1.0:
+            raise ValueError(f"optim.{key} ({getattr(optim, key)}) must be in [0, 1)")
+    if optim.eps <= 0:
+        raise ValueError(f"optim.eps ({optim.eps}) must be > 0")
+    if optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay ({optim.weight_decay}) must be >= 0")
+    if optim.grad_clip < 0:
+        raise ValueError(f"optim.grad_clip ({optim.grad_clip}) must be >= 0 (0 disables)")
+    if optim.schedule not in SCHEDULES:
+        raise ValueError(
+            f"optim.schedule ({optim.schedule!r}) must be one of {', '.join(SCHEDULES)}"
+        )
+    if optim.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) must be >= 0")
+    if not 0.0 <= optim.decay_fraction <= 1.0:
+        raise ValueError(f"optim.decay_fraction ({optim.decay_fraction}) must be in [0, 1]")
+
+
+def _validate_train(cfg: RunConfig) -> None:
+    train = cfg.train
+    if not train.run_dir:
+        raise ValueError("train.run_dir ('') must name a directory")
+    if train.steps < 1:
+        raise ValueError(f"train.steps ({train.steps}) must be >= 1")
+    if train.seed < 0:
+        raise ValueError(f"train.seed ({train.seed}) must be >= 0")
+    if train.precision not in PRECISIONS:
+        raise ValueError(
+            f"train.precision ({train.precision!r}) must be one of {', '.join(PRECISIONS)}"
+        )
+    if train.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device ({train.device!r}) must be one of auto, cpu, cuda")
+    if train.grad_accum < 1:
+        raise ValueError(f"train.grad_accum ({train.grad_accum}) must be >= 1")
+    if train.eval_every < 0:
+        raise ValueError(f"train.eval_every ({train.eval_every}) must be >= 0 (0 disables)")
+    if train.eval_batches < 1:
+        raise ValueError(f"train.eval_batches ({train.eval_batches}) must be >= 1")
+    if cfg.optim.warmup_steps > train.steps:
+        raise ValueError(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be <= train.steps ({train.steps})"
+        )
+    ckpt = cfg.checkpoint
+    if ckpt.every < 0:
+        raise ValueError(f"checkpoint.every ({ckpt.every}) must be >= 0 (0 saves at the end)")
+    if ckpt.keep < 1:
+        raise ValueError(f"checkpoint.keep ({ckpt.keep}) must be >= 1")
+    if cfg.logging.every < 1:
+        raise ValueError(f"logging.every ({cfg.logging.every}) must be >= 1")
+    if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
+        raise ValueError(f"logging.peak_tflops ({cfg.logging.peak_tflops}) must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain nested dicts, with YAML key names (``checkpoint.async``)."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(tree, dict)
+    for yaml_key, attr_key in KEY_ALIASES.items():
+        section, yaml_name = yaml_key.split(".")
+        attr_name = attr_key.split(".")[1]
+        node = tree[section]
+        node = {(yaml_name if k == attr_name else k): v for k, v in node.items()}
+        tree[section] = node
+    return tree
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(config_to_yaml(cfg), encoding="utf-8")
+    os.replace(tmp, path)

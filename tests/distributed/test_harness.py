@@ -1,0 +1,64 @@
+"""The N-process gloo harness that every distributed test uses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallel.testing import DistributedTestError, run_distributed
+
+
+def _all_reduce(rank: int, world_size: int, scale: float) -> dict:
+    x = torch.tensor([float(rank + 1)]) * scale
+    dist.all_reduce(x)
+    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": x.item()}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_results_come_back_by_rank(world_size: int):
+    results = run_distributed(_all_reduce, world_size=world_size, args=(2.0,))
+    expected = 2.0 * world_size * (world_size + 1) / 2
+    assert [r["rank"] for r in results] == list(range(world_size))
+    assert all(r["world"] == world_size and r["sum"] == expected for r in results)
+
+
+def _raise_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise RuntimeError("boom on rank one")
+    # The healthy rank waits in a collective the failed rank never joins.
+    dist.barrier()
+    return rank
+
+
+def test_a_failing_rank_fails_the_run_with_its_traceback():
+    with pytest.raises(DistributedTestError) as err:
+        run_distributed(_raise_on_rank_one, world_size=2, timeout_s=60)
+    message = str(err.value)
+    assert message.startswith("rank 1 failed")
+    assert "RuntimeError: boom on rank one" in message
+    assert "_raise_on_rank_one" in message
+
+
+def _die_silently(rank: int, world_size: int) -> int:
+    if rank == 0:
+        os._exit(7)
+    return rank
+
+
+def test_a_rank_dying_without_result_is_reported():
+    with pytest.raises(DistributedTestError, match=r"rank 0 failed(.|\n)*exited with code 7"):
+        run_distributed(_die_silently, world_size=2, timeout_s=60)
+
+
+def _hang(rank: int, world_size: int) -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_timeout_is_reported():
+    with pytest.raises(DistributedTestError, match="timed out after 2 s"):
+        run_distributed(_hang, world_size=2, timeout_s=2)

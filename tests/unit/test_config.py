@@ -1,0 +1,229 @@
+"""The config tree: presets, overrides, and the one-line errors users see (pinned)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import (
+    RunConfig,
+    config_to_yaml,
+    load_config,
+    save_config,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+TINY = REPO / "configs" / "tiny_decoder.yaml"
+TINY_MOE = REPO / "configs" / "tiny_moe.yaml"
+
+
+def test_required_presets_exist():
+    names = {p.name for p in PRESETS}
+    for name in (
+        "tiny_decoder.yaml",
+        "tiny_moe.yaml",
+        "tiny_encoder.yaml",
+        "decoder_125m.yaml",
+        "decoder_1b.yaml",
+        "moe_8x_top2.yaml",
+        "switch_top1.yaml",
+        "encoder_base.yaml",
+    ):
+        assert name in names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_presets_load_and_validate(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    degrees = validate_config(cfg, world_size=8)
+    assert degrees["dp_shard"] * degrees["tp"] * degrees["pp"] * degrees["dp_replicate"] == 8
+
+
+def test_preset_values_reach_the_dataclasses():
+    cfg = load_config(REPO / "configs" / "decoder_1b.yaml")
+    model = cfg.model
+    assert (model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads) == (
+        2048,
+        22,
+        32,
+        4,
+    )
+    assert (model.ffn_hidden_size, model.vocab_size) == (5632, 32000)
+    moe = load_config(REPO / "configs" / "moe_8x_top2.yaml").model.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_ffn_hidden_size) == (8, 2, 2816)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        TINY,
+        [
+            "model.num_layers=3",
+            "optim.lr=1e-4",
+            "model.moe.num_experts=4",
+            "train.deterministic=true",
+            "data.language_weights={en: 2, de: 1}",
+            "checkpoint.async=true",
+            "parallel.stage_layers=[1,2]",
+        ],
+    )
+    assert cfg.model.num_layers == 3
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.model.moe.num_experts == 4
+    assert cfg.train.deterministic is True
+    assert cfg.data.language_weights == {"en": 2.0, "de": 1.0}
+    assert cfg.checkpoint.async_save is True
+    assert cfg.parallel.stage_layers == [1, 2]
+
+
+def test_resolved_yaml_round_trips(tmp_path: Path):
+    cfg = load_config(TINY_MOE, ["checkpoint.async=true", "train.seed=7"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    text = path.read_text()
+    assert "async: true" in text and "async_save" not in text
+    assert load_config(path) == cfg
+    assert yaml.safe_load(config_to_yaml(cfg))["train"]["seed"] == 7
+    assert not list(path.parent.glob(".*tmp*")), "temporary file left behind"
+
+
+# (overrides, world size, the exact one-line message)
+BAD_CONFIGS = [
+    (
+        ["model.num_head=3"],
+        None,
+        "model.num_head: unknown key in model; did you mean model.num_heads?",
+    ),
+    (
+        ["model.moe.top_kk=2"],
+        None,
+        "model.moe.top_kk: unknown key in model.moe; did you mean model.moe.top_k?",
+    ),
+    (["optimm.lr=1"], None, "optimm: unknown key in the config; did you mean optim?"),
+    (
+        ["checkpoint.asynk=true"],
+        None,
+        "checkpoint.asynk: unknown key in checkpoint; did you mean checkpoint.async?",
+    ),
+    (["model.num_heads=four"], None, "model.num_heads ('four') must be an int"),
+    (["optim.lr=fast"], None, "optim.lr ('fast') must be a float"),
+    (["train.steps=0"], None, "train.steps (0) must be >= 1"),
+    (["optim.lr=-1"], None, "optim.lr (-1.0) must be > 0"),
+    (["data.alpha=1.5"], None, "data.alpha (1.5) must be in (0, 1]"),
+    (
+        ["model.family=seq2seq"],
+        None,
+        "model.family ('seq2seq') must be one of decoder, encoder, encoder_decoder",
+    ),
+    (
+        ["model.num_heads=6", "model.num_kv_heads=4", "model.hidden_size=96"],
+        None,
+        "model.num_heads (6) must be divisible by model.num_kv_heads (4)",
+    ),
+    (
+        ["parallel.tp=8"],
+        8,
+        "model.num_heads (4) must be divisible by parallel.tp (8)",
+    ),
+    (
+        ["model.moe.num_experts=6", "parallel.ep=4"],
+        8,
+        "model.moe.num_experts (6) must be divisible by parallel.ep (4)",
+    ),
+    (
+        ["model.moe.num_experts=4", "model.moe.top_k=5", "model.moe.router=topk"],
+        None,
+        "model.moe.top_k (5) must be <= model.moe.num_experts (4)",
+    ),
+    (
+        ["parallel.dp_shard=2", "parallel.tp=2"],
+        8,
+        "parallel.dp_replicate (1) x parallel.dp_shard (2) x parallel.tp (2) x parallel.pp (1)"
+        " = 4 must equal the world size (8)",
+    ),
+    (
+        ["parallel.tp=3"],
+        8,
+        "parallel.dp_replicate (1) x parallel.tp (3) x parallel.pp (1) = 3 must divide the "
+        "world size (8)",
+    ),
+    (
+        ["parallel.ep=2"],
+        2,
+        "parallel.ep (2) must be 1 for a dense model (model.moe.num_experts is 0)",
+    ),
+    (
+        ["objective.name=mlm"],
+        None,
+        "objective.name ('mlm') needs model.family in encoder (got 'decoder')",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "message"), BAD_CONFIGS)
+def test_bad_config_message(overrides, world_size, message):
+    with pytest.raises(ValueError) as err:
+        cfg = load_config(TINY, overrides)
+        validate_config(cfg, world_size=world_size)
+    assert str(err.value) == message
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.num_head=3"],
+            "model.num_head: unknown key in model; did you mean model.num_heads?",
+        ),
+        (["model.num_heads=x"], "model.num_heads ('x') must be an int"),
+        (["train.steps=-5"], "train.steps (-5) must be >= 1"),
+        (
+            ["parallel.tp=2", "parallel.dp_shard=3"],
+            "parallel.dp_replicate (1) x parallel.dp_shard (3) x parallel.tp (2) x parallel.pp (1)"
+            " = 6 must equal the world size (4)",
+        ),
+    ],
+)
+def test_cli_bad_config_is_one_line_exit_2(tmp_path: Path, overrides, message):
+    result = _cli("--config", str(TINY), "--dry-run", "--world-size", "4", *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {message}"
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_config_file(tmp_path: Path):
+    result = _cli("--config", "nope.yaml", "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config file 'nope.yaml' does not exist"
+
+
+def test_cli_dry_run_resolves_dp_shard(tmp_path: Path):
+    result = _cli(
+        "--config",
+        str(TINY),
+        "--dry-run",
+        "--world-size",
+        "8",
+        "parallel.tp=2",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = yaml.safe_load(result.stdout)
+    assert plan["mesh"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 2}
