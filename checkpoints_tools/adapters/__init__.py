@@ -1,0 +1,101 @@
+"""Per-family state-dict adapters between our models and their exact transformers twins.
+
+    family, feed-forward                          transformers class
+    decoder, dense                                LlamaForCausalLM
+    decoder, MoE, normalised top-k, every layer   MixtralForCausalLM
+    decoder, MoE, otherwise (Switch's unnormal-   Qwen3MoeForCausalLM (needs model.qk_norm;
+      ised top-1 gate, every k-th layer)            see checkpoints_tools.adapters.decoder)
+    encoder, dense                                XLMRobertaForMaskedLM
+    encoder, MoE                                  refused (no upstream class)
+
+Interface (torchtitan ``state_dict_adapter`` style)::
+
+    hf_state_dict, hf_config = to_hf(state_dict, cfg)      # our full state dict + ModelConfig
+    state_dict, cfg = from_hf(hf_state_dict, hf_config)    # hf_config: object or config.json dict
+
+``hf_state_dict`` uses the transformers model's in-memory names: ``Cls(hf_config)
+.load_state_dict(hf_state_dict)`` then ``save_pretrained`` writes a standard checkpoint, and
+``Cls.from_pretrained(dir).state_dict()`` is what ``from_hf`` takes. Our state dict is the plain
+(unsharded) ``model.state_dict()`` of ``pretrain.models.build_model(cfg)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from checkpoints_tools.adapters.base import StateDict
+from checkpoints_tools.adapters.decoder import LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter
+from checkpoints_tools.adapters.xlm_roberta import XLMRobertaAdapter
+from pretrain.models.config import ModelConfig, validate_model
+from pretrain.models.moe import gates_normalized
+
+ADAPTERS = {
+    adapter.name: adapter
+    for adapter in (LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter, XLMRobertaAdapter)
+}
+"""transformers ``model_type`` -> adapter class."""
+
+
+def adapter_for(cfg: ModelConfig) -> Any:
+    """The adapter that exports ``cfg``'s family (see the module table).
+
+    Raises:
+        ValueError: an invalid config or a family with no exact twin (encoder_decoder).
+    """
+    validate_model(cfg)
+    if cfg.family == "decoder":
+        if cfg.moe.num_experts == 0:
+            return LlamaAdapter
+        if gates_normalized(cfg) and cfg.moe.every == 1 and not cfg.qk_norm:
+            return MixtralAdapter
+        return Qwen3MoeAdapter
+    if cfg.family == "encoder":
+        return XLMRobertaAdapter
+    raise ValueError(f"model.family ({cfg.family!r}) has no Hugging Face export yet")
+
+
+def adapter_for_hf(hf_config: Any) -> Any:
+    """The adapter for a transformers config (object or ``config.json`` dict) by model_type.
+
+    Raises:
+        ValueError: a model_type we do not import.
+    """
+    model_type = (
+        hf_config.get("model_type") if isinstance(hf_config, dict) else hf_config.model_type
+    )
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"model_type ({model_type!r}) must be one of {', '.join(ADAPTERS)} to import"
+        )
+    return ADAPTERS[model_type]
+
+
+def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
+    """Our state dict -> ``(transformers state dict, transformers config)``.
+
+    Raises:
+        ValueError: one line naming the config key that the target class cannot represent.
+    """
+    return adapter_for(cfg).to_hf(state_dict, cfg)
+
+
+def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+    """transformers state dict + config -> ``(our state dict, ModelConfig)``.
+
+    Raises:
+        ValueError: an unsupported model_type or config variant (one line).
+    """
+    return adapter_for_hf(hf_config).from_hf(hf_state_dict, hf_config)
+
+
+__all__ = [
+    "ADAPTERS",
+    "LlamaAdapter",
+    "MixtralAdapter",
+    "Qwen3MoeAdapter",
+    "XLMRobertaAdapter",
+    "adapter_for",
+    "adapter_for_hf",
+    "from_hf",
+    "to_hf",
+]

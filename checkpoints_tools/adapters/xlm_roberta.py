@@ -1,0 +1,191 @@
+"""Encoder adapter: dense encoder <-> ``XLMRobertaForMaskedLM``.
+
+XLM-R details carried over exactly:
+    positions: transformers numbers real tokens from ``padding_idx + 1`` (fairseq), so its table
+        has ``max_seq_len + padding_idx + 1`` rows; our row p is its row ``p + padding_idx + 1``
+        and the rows up to ``padding_idx`` are exported as zeros (padding tokens land there).
+        Without a ``model.pad_token_id`` the export uses 1, XLM-R's ``<pad>``.
+    token types: one row of zeros (``type_vocab_size=1``). On import a non-zero row 0 is folded
+        into our position table (the sum is the same up to float rounding; other rows, used
+        only for token types our models never take, are dropped).
+    head: ``lm_head.dense`` -> GELU -> ``lm_head.layer_norm`` -> ``lm_head.decoder`` with
+        ``lm_head.bias`` (= ``lm_head.decoder.bias``), the decoder weight tied to the word
+        embeddings when ``model.tie_embeddings``.
+An MoE encoder has no upstream masked-LM class and is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from checkpoints_tools.adapters.base import StateDict, as_config, rename, require, require_hf
+from pretrain.models.config import ModelConfig
+
+_LAYER = {
+    "attention.wq": "attention.self.query",
+    "attention.wk": "attention.self.key",
+    "attention.wv": "attention.self.value",
+    "attention.wo": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "feed_forward.w1": "intermediate.dense",
+    "feed_forward.w2": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+
+
+def _padding_idx(cfg: ModelConfig) -> int:
+    return cfg.pad_token_id if cfg.pad_token_id is not None else 1
+
+
+def _table(cfg: ModelConfig) -> dict[str, str]:
+    """Our key -> transformers key for every 1:1 tensor (positions and output apart)."""
+    table = {
+        "tok_embeddings.weight": "roberta.embeddings.word_embeddings.weight",
+        "embed_norm.weight": "roberta.embeddings.LayerNorm.weight",
+        "embed_norm.bias": "roberta.embeddings.LayerNorm.bias",
+        "head.dense.weight": "lm_head.dense.weight",
+        "head.dense.bias": "lm_head.dense.bias",
+        "head.norm.weight": "lm_head.layer_norm.weight",
+        "head.norm.bias": "lm_head.layer_norm.bias",
+    }
+    for layer in range(cfg.num_layers):
+        for ours, theirs in _LAYER.items():
+            for kind in ("weight", "bias"):
+                table[f"layers.{layer}.{ours}.{kind}"] = (
+                    f"roberta.encoder.layer.{layer}.{theirs}.{kind}"
+                )
+    return table
+
+
+class XLMRobertaAdapter:
+    """Dense encoder <-> ``XLMRobertaForMaskedLM``."""
+
+    name = "xlm-roberta"
+    hf_architecture = "XLMRobertaForMaskedLM"
+
+    @staticmethod
+    def check(cfg: ModelConfig) -> None:
+        """Raises ValueError (one line) if ``cfg`` has no exact XLM-R twin."""
+        target = XLMRobertaAdapter.hf_architecture
+        require("family", cfg.family, "encoder", target=target)
+        if cfg.moe.num_experts > 0:
+            raise ValueError(
+                f"model.moe.num_experts ({cfg.moe.num_experts}) must be 0 to export an encoder: "
+                "transformers has no MoE masked-LM encoder class"
+            )
+        for key, expected in (
+            ("position", "learned"),
+            ("norm", "layernorm"),
+            ("norm_position", "post"),
+            ("mlp", "gelu"),
+            ("bias", True),
+            ("qk_norm", False),
+            ("num_languages", 0),
+        ):
+            require(key, getattr(cfg, key), expected, target=target)
+        require("num_kv_heads", cfg.num_kv_heads or cfg.num_heads, cfg.num_heads, target=target)
+        default_head_dim = cfg.hidden_size // cfg.num_heads
+        require("head_dim", cfg.head_dim or default_head_dim, default_head_dim, target=target)
+
+    @staticmethod
+    def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
+        """``(hf_state_dict, XLMRobertaConfig)``. Raises ValueError if ``cfg`` cannot be
+        exported (an MoE encoder among others)."""
+        from transformers import XLMRobertaConfig
+
+        XLMRobertaAdapter.check(cfg)
+        pad = _padding_idx(cfg)
+        hf_config = XLMRobertaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.ffn_hidden_size,
+            hidden_act="gelu",
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            max_position_embeddings=cfg.max_seq_len + pad + 1,
+            type_vocab_size=1,
+            initializer_range=cfg.init_std,
+            layer_norm_eps=cfg.norm_eps,
+            pad_token_id=pad,
+            tie_word_embeddings=cfg.tie_embeddings,
+            architectures=[XLMRobertaAdapter.hf_architecture],
+        )
+        remaining = dict(state_dict)
+        pos_PD = remaining.pop("pos_embeddings.weight")
+        hf: StateDict = {
+            "roberta.embeddings.position_embeddings.weight": torch.cat(
+                [pos_PD.new_zeros(pad + 1, cfg.hidden_size), pos_PD]
+            ),
+            "roberta.embeddings.token_type_embeddings.weight": pos_PD.new_zeros(1, cfg.hidden_size),
+        }
+        if cfg.tie_embeddings:
+            bias_V = remaining.pop("output_bias")
+        else:
+            hf["lm_head.decoder.weight"] = remaining.pop("output.weight")
+            bias_V = remaining.pop("output.bias")
+        hf["lm_head.bias"] = bias_V
+        hf["lm_head.decoder.bias"] = bias_V
+        hf.update(rename(remaining, _table(cfg)))
+        if cfg.tie_embeddings:
+            hf["lm_head.decoder.weight"] = hf["roberta.embeddings.word_embeddings.weight"]
+        return hf, hf_config
+
+    @staticmethod
+    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+        """``(state_dict, ModelConfig)``.
+
+        Raises:
+            ValueError: an activation other than GELU, a decoder-style config, or a position
+                table too small for its padding offset.
+        """
+        hf = as_config(hf_config, "xlm-roberta")
+        source = "xlm-roberta"
+        require_hf("hidden_act", hf.hidden_act, "gelu", source=source)
+        require_hf("is_decoder", bool(hf.is_decoder), False, source=source)
+        pad = hf.pad_token_id if hf.pad_token_id is not None else 1
+        max_seq_len = hf.max_position_embeddings - pad - 1
+        if max_seq_len <= 0:
+            raise ValueError(
+                f"xlm-roberta config max_position_embeddings ({hf.max_position_embeddings}) must "
+                f"be > pad_token_id + 1 ({pad + 1}) to import"
+            )
+        cfg = ModelConfig(
+            family="encoder",
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            ffn_hidden_size=hf.intermediate_size,
+            max_seq_len=max_seq_len,
+            position="learned",
+            norm="layernorm",
+            norm_eps=hf.layer_norm_eps,
+            norm_position="post",
+            mlp="gelu",
+            bias=True,
+            tie_embeddings=bool(hf.tie_word_embeddings),
+            dropout=float(hf.hidden_dropout_prob),
+            init_std=hf.initializer_range,
+            pad_token_id=hf.pad_token_id,
+        )
+        remaining = dict(hf_state_dict)
+        pos_PD = remaining.pop("roberta.embeddings.position_embeddings.weight")[pad + 1 :]
+        token_type_RD = remaining.pop("roberta.embeddings.token_type_embeddings.weight")
+        if bool(token_type_RD[0].any()):
+            pos_PD = pos_PD + token_type_RD[0]
+        ours: StateDict = {"pos_embeddings.weight": pos_PD.contiguous()}
+        bias_V = remaining.pop("lm_head.bias")
+        remaining.pop("lm_head.decoder.bias", None)
+        decoder_VD = remaining.pop("lm_head.decoder.weight", None)
+        if cfg.tie_embeddings:
+            ours["output_bias"] = bias_V
+        else:
+            ours["output.weight"] = decoder_VD
+            ours["output.bias"] = bias_V
+        inverse = {v: k for k, v in _table(cfg).items()}
+        ours.update(rename(remaining, inverse))
+        return ours, cfg

@@ -1,0 +1,55 @@
+"""Model families: a Llama-shaped decoder and an XLM-R-shaped encoder, dense or MoE.
+
+``build_model(cfg)`` returns a plain ``nn.Module`` (no parallelism inside). Build it on the meta
+device, let ``parallel/`` apply its plans (``pretrain.models.plans``), then ``to_empty()`` and
+``init_weights(seed)``.
+"""
+
+from __future__ import annotations
+
+from pretrain.models.config import ModelConfig, MoEConfig, validate_model
+from pretrain.models.moe import MoEMetrics
+from pretrain.models.plans import (
+    TP_STYLES,
+    param_counts,
+    pipeline_split_points,
+    pipeline_stage_layers,
+    prune_to_stage,
+    tp_plan,
+)
+from pretrain.models.transformer import Transformer
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """Validate ``cfg`` and build its family's model (parameters uninitialised unless on a real
+    device, where torch's default init applies until ``init_weights`` is called).
+
+    Raises:
+        ValueError: an invalid config, or a family without a model yet (encoder_decoder).
+    """
+    validate_model(cfg)
+    if cfg.family == "decoder":
+        from pretrain.models.decoder import Decoder
+
+        return Decoder(cfg)
+    if cfg.family == "encoder":
+        from pretrain.models.encoder import Encoder
+
+        return Encoder(cfg)
+    raise ValueError(f"model.family ({cfg.family!r}) has no model yet; use decoder or encoder")
+
+
+__all__ = [
+    "TP_STYLES",
+    "MoEConfig",
+    "MoEMetrics",
+    "ModelConfig",
+    "Transformer",
+    "build_model",
+    "param_counts",
+    "pipeline_split_points",
+    "pipeline_stage_layers",
+    "prune_to_stage",
+    "tp_plan",
+    "validate_model",
+]

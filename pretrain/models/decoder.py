@@ -1,0 +1,22 @@
+"""Llama-shaped causal decoder (CLM), dense or MoE.
+
+Exports exactly to ``LlamaForCausalLM`` (dense), ``MixtralForCausalLM`` (MoE, normalised top-k)
+or ``Qwen3MoeForCausalLM`` (MoE, Switch's unnormalised gate; needs ``model.qk_norm``); see
+``checkpoints_tools.adapters``.
+
+Shape legend: B batch, T sequence, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from pretrain.models.config import ModelConfig
+from pretrain.models.transformer import Transformer
+
+
+class Decoder(Transformer):
+    """Causal Transformer: ``forward(tokens_BT, ...) -> logits_BTV`` (see ``Transformer``)."""
+
+    causal = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)

@@ -1,0 +1,44 @@
+"""XLM-R/BERT-shaped bidirectional encoder with an MLM head, dense or MoE.
+
+The MLM head is ``head`` = dense (D -> D) -> GELU -> norm, followed by the output projection
+(tied to ``tok_embeddings`` with a bias of its own in XLM-R). A dense encoder exports exactly to
+``XLMRobertaForMaskedLM``; an MoE encoder has no upstream twin.
+
+Shape legend: B batch, T sequence, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.models.blocks import build_norm
+from pretrain.models.config import ModelConfig
+from pretrain.models.transformer import Transformer
+
+
+class MLMHead(nn.Module):
+    """XLM-R's LM-head transform: ``norm(gelu(dense(x)))``; submodules ``dense``, ``norm``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.norm = build_norm(cfg)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """``x_BTD -> h_BTD``."""
+        return self.norm(F.gelu(self.dense(x_BTD)))
+
+
+class Encoder(Transformer):
+    """Bidirectional Transformer with an MLM head: ``forward(tokens_BT, ...) -> logits_BTV``.
+
+    Padding: give pad tokens their own ``document_ids_BT`` value so real tokens never see them.
+    """
+
+    causal = False
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.head = MLMHead(cfg)

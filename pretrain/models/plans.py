@@ -1,0 +1,159 @@
+"""Parallelisation facts of the model families, stated as data for ``parallel/`` to apply.
+
+Tensor/sequence parallel plan: ``tp_plan(cfg)`` maps a submodule-path pattern (``*`` = one path
+segment, a layer key) to a style name from ``TP_STYLES``. Submodules not named stay replicated
+over the tp axis (FSDP still shards them). The family is not consulted: both families share the
+submodule names of ``pretrain.models.transformer``.
+
+Pipeline: stages own contiguous runs of ``layers``; the first stage also owns
+``PIPELINE_FIRST_STAGE`` and the last ``PIPELINE_LAST_STAGE``. ``pipeline_stage_layers`` says
+which layer keys each stage holds and ``prune_to_stage`` removes the rest from a model in place
+(tied embeddings cannot be split across stages).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pretrain.models.config import ModelConfig
+
+TP_STYLES: dict[str, str] = {
+    "colwise": "ColwiseParallel(): weight sharded on the output dim, activation sharded on the "
+    "last dim (local heads / local FFN columns)",
+    "rowwise": "RowwiseParallel(): weight sharded on the input dim; output Shard(1) under "
+    "sequence parallel, Replicate() without",
+    "sequence": "SequenceParallel(): a norm applied to an activation sharded on the sequence dim",
+    "sequence_to_replicate_input": "PrepareModuleInput(Shard(1) -> Replicate()): gather the "
+    "sequence before a sublayer whose first linears are colwise",
+    "embedding": "RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)): "
+    "table sharded on its rows, output sharded on the sequence",
+    "output": "ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), "
+    "use_local_output=False): vocabulary-sharded logits for loss_parallel",
+    "replicate": "weights replicated over tp, applied to local heads (per-head q/k norms) or to "
+    "a replicated activation (the router gate)",
+    "experts": "grouped experts: dim 0 (experts) sharded over ep; under tp w1/w3 sharded on F "
+    "(dim 1) and w2 on F (dim 2), the output a partial sum",
+}
+
+PIPELINE_FIRST_STAGE: tuple[str, ...] = (
+    "tok_embeddings",
+    "pos_embeddings",
+    "lang_embeddings",
+    "embed_norm",
+)
+PIPELINE_LAST_STAGE: tuple[str, ...] = ("norm", "head", "output", "output_bias")
+
+
+def tp_plan(cfg: ModelConfig) -> dict[str, str]:
+    """The TP/SP plan of a model built from ``cfg`` (pattern -> ``TP_STYLES`` name)."""
+    plan: dict[str, str] = {"tok_embeddings": "embedding"}
+    if cfg.position == "learned":
+        plan["pos_embeddings"] = "embedding"
+    if cfg.num_languages > 0:
+        plan["lang_embeddings"] = "embedding"
+    if cfg.norm_position == "post":
+        plan["embed_norm"] = "sequence"
+    else:
+        plan["norm"] = "sequence"
+    plan.update(
+        {
+            "layers.*.attention_norm": "sequence",
+            "layers.*.attention": "sequence_to_replicate_input",
+            "layers.*.attention.wq": "colwise",
+            "layers.*.attention.wk": "colwise",
+            "layers.*.attention.wv": "colwise",
+            "layers.*.attention.wo": "rowwise",
+            "layers.*.ffn_norm": "sequence",
+        }
+    )
+    if cfg.qk_norm:
+        plan["layers.*.attention.q_norm"] = "replicate"
+        plan["layers.*.attention.k_norm"] = "replicate"
+    dense_layers = cfg.moe.num_experts == 0 or cfg.moe.every > 1
+    if dense_layers:
+        plan["layers.*.feed_forward"] = "sequence_to_replicate_input"
+        plan["layers.*.feed_forward.w1"] = "colwise"
+        plan["layers.*.feed_forward.w2"] = "rowwise"
+        if cfg.mlp == "swiglu":
+            plan["layers.*.feed_forward.w3"] = "colwise"
+    if cfg.moe.num_experts > 0:
+        plan["layers.*.moe"] = "sequence_to_replicate_input"
+        plan["layers.*.moe.router.gate"] = "replicate"
+        plan["layers.*.moe.experts"] = "experts"
+    if cfg.family == "encoder":
+        # The MLM head's dense + norm need the whole width: run it on the gathered sequence.
+        plan["head"] = "sequence_to_replicate_input"
+    if not cfg.tie_embeddings:
+        plan["output"] = "output"
+    return plan
+
+
+def pipeline_stage_layers(cfg: ModelConfig, *, num_stages: int) -> list[list[str]]:
+    """Layer keys held by each of ``num_stages`` stages: contiguous, as even as possible, the
+    extra layers going to the middle stages (the end stages also hold embeddings / output).
+
+    Raises:
+        ValueError: more stages than layers.
+    """
+    if num_stages < 1 or num_stages > cfg.num_layers:
+        raise ValueError(
+            f"pipeline stages ({num_stages}) must be between 1 and model.num_layers "
+            f"({cfg.num_layers})"
+        )
+    base, extra = divmod(cfg.num_layers, num_stages)
+    sizes = [base] * num_stages
+    priority = list(range(1, num_stages - 1)) + ([num_stages - 1] if num_stages > 1 else []) + [0]
+    for stage in priority[:extra]:
+        sizes[stage] += 1
+    stages, start = [], 0
+    for size in sizes:
+        stages.append([str(i) for i in range(start, start + size)])
+        start += size
+    return stages
+
+
+def pipeline_split_points(cfg: ModelConfig, *, num_stages: int) -> list[str]:
+    """Module names where stages 1..num_stages-1 begin (torchtitan style: ``"layers.4"``)."""
+    stages = pipeline_stage_layers(cfg, num_stages=num_stages)
+    return [f"layers.{layers[0]}" for layers in stages[1:]]
+
+
+def prune_to_stage(model: nn.Module, *, layer_keys: list[str], first: bool, last: bool) -> None:
+    """Keep only ``layer_keys`` of ``model.layers``, the embeddings if ``first`` and the final
+    norm/head/output if ``last`` (the rest set to None). Works on the meta device.
+
+    Raises:
+        ValueError: tied embeddings on a model that is not both first and last stage.
+    """
+    if (
+        getattr(model, "cfg", None) is not None
+        and model.cfg.tie_embeddings
+        and not (first and last)
+    ):
+        raise ValueError(
+            "model.tie_embeddings (True) cannot be split over pipeline stages; untie it"
+        )
+    for key in list(model.layers.keys()):
+        if key not in layer_keys:
+            del model.layers[key]
+    if not first:
+        for name in PIPELINE_FIRST_STAGE:
+            setattr(model, name, None)
+    if not last:
+        for name in PIPELINE_LAST_STAGE:
+            setattr(model, name, None)
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """``{"params_total", "params_active"}``; experts count top_k / num_experts of their size
+    in the active figure. Works on the meta device."""
+    from pretrain.models.moe import GroupedExperts
+
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            cfg = model.cfg.moe
+            size = sum(p.numel() for p in module.parameters())
+            inactive += size * (1.0 - cfg.top_k / cfg.num_experts)
+    return {"params_total": total, "params_active": round(total - inactive)}

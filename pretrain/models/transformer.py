@@ -1,0 +1,275 @@
+"""The Transformer stack shared by the decoder and encoder families.
+
+Submodule names (what TP plans and pipeline splits address):
+    tok_embeddings, pos_embeddings (learned positions), lang_embeddings (XLM), embed_norm
+    (post-norm only), layers.{i} (``Block``s in an ``nn.ModuleDict``), norm (pre-norm only),
+    head (encoder MLM transform), output (untied projection) / output_bias (tied, with bias).
+
+Pipeline stages are made by deleting what a stage does not own (set the attribute to None, delete
+entries of ``layers``): a stage without ``tok_embeddings`` takes hidden states ``x_BTD`` as its
+input, and a stage without an output projection returns hidden states.
+
+Shape legend:
+    B batch, T sequence, D model width, V vocabulary, Hd head width.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.models.blocks import (
+    AttentionInputs,
+    Block,
+    RMSNorm,
+    attention_mask,
+    build_norm,
+    document_positions,
+    head_dim_of,
+    rope_cos_sin,
+)
+from pretrain.models.config import ModelConfig
+from pretrain.models.moe import MoE, MoEMetrics
+
+# Wrapper segments that parallel/ may add to parameter names (activation checkpointing,
+# torch.compile, FSDP); seeds are taken from the name without them.
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether layer ``layer`` (0-based) has an MoE feed-forward: every ``moe.every``-th layer,
+    i.e. layers every-1, 2*every-1, ... (Qwen3-MoE's ``decoder_sparse_step`` convention)."""
+    return cfg.moe.num_experts > 0 and (layer + 1) % cfg.moe.every == 0
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the wrapper segments parallel/ may insert."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def param_seed(seed: int, name: str) -> int:
+    """Seed of one parameter: the run seed mixed with its canonical name, so that a parameter's
+    initial value does not depend on which other parameters a pipeline stage holds."""
+    return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(canonical_name(name).encode())) % (2**63)
+
+
+class Transformer(nn.Module):
+    """Embeddings, a stack of ``Block``s, a final norm and an output projection.
+
+    Subclasses set ``causal`` and may add an MLM ``head``. Use ``build_model`` to construct.
+    """
+
+    causal: bool = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.hidden_size
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, dim)
+        self.pos_embeddings: nn.Embedding | None = (
+            nn.Embedding(cfg.max_seq_len, dim) if cfg.position == "learned" else None
+        )
+        self.lang_embeddings: nn.Embedding | None = (
+            nn.Embedding(cfg.num_languages, dim) if cfg.num_languages > 0 else None
+        )
+        post_norm = cfg.norm_position == "post"
+        self.embed_norm: nn.Module | None = build_norm(cfg) if post_norm else None
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict(
+            {str(i): Block(cfg, use_moe=is_moe_layer(cfg, i)) for i in range(cfg.num_layers)}
+        )
+        self.norm: nn.Module | None = None if post_norm else build_norm(cfg)
+        self.head: nn.Module | None = None
+        if cfg.tie_embeddings:
+            # Tied: the projection reads tok_embeddings.weight at call time (a shared Parameter
+            # would come apart in to_empty()); only a bias of its own remains.
+            self.output: nn.Linear | None = None
+            self.output_bias: nn.Parameter | None = (
+                nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
+            )
+        else:
+            self.output = nn.Linear(dim, cfg.vocab_size, bias=cfg.bias)
+            self.output_bias = None
+
+    # ----------------------------------------------------------------------------------------
+    # forward
+
+    def embed(
+        self,
+        tokens_BT: torch.Tensor,
+        *,
+        position_ids_BT: torch.Tensor,
+        lang_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token (+ learned position, + language) embeddings, then ``embed_norm`` if post-norm."""
+        x_BTD = self.tok_embeddings(tokens_BT)
+        if self.pos_embeddings is not None:
+            x_BTD = x_BTD + self.pos_embeddings(position_ids_BT)
+        if self.lang_embeddings is not None and lang_ids_BT is not None:
+            x_BTD = x_BTD + self.lang_embeddings(lang_ids_BT)
+        if self.embed_norm is not None:
+            x_BTD = self.embed_norm(x_BTD)
+        return self.embed_dropout(x_BTD)
+
+    def output_projection(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(weight_VD, bias_V)`` of the output projection; weight None on stages without one."""
+        if self.output is not None:
+            return self.output.weight, self.output.bias
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None:
+            return self.tok_embeddings.weight, self.output_bias
+        return None, None
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        *,
+        position_ids_BT: torch.Tensor | None = None,
+        document_ids_BT: torch.Tensor | None = None,
+        lang_ids_BT: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run the stack.
+
+        Args:
+            inputs: token ids ``tokens_BT`` (int64), or hidden states ``x_BTD`` on a pipeline
+                stage without ``tok_embeddings``.
+            position_ids_BT: positions for RoPE / learned positions; default: positions within
+                each document when ``document_ids_BT`` is given, else 0..T-1.
+            document_ids_BT: per-token document ids of packed sequences; attention stays inside
+                a document (contiguous runs of one id). Padding can be given its own id.
+            lang_ids_BT: per-token language ids for the XLM language embeddings (ignored
+                without ``model.num_languages``).
+            return_hidden: return the hidden states that enter the output projection (after the
+                final norm / MLM head), for the chunked losses of ``pretrain.objectives``.
+
+        Returns:
+            ``logits_BTV``, or ``hidden_BTD`` with ``return_hidden`` or on a stage without an
+            output projection.
+        """
+        batch, seq = inputs.shape[:2]
+        if position_ids_BT is None:
+            if document_ids_BT is not None:
+                position_ids_BT = document_positions(document_ids_BT)
+            else:
+                position_ids_BT = torch.arange(seq, device=inputs.device).expand(batch, seq)
+        if self.tok_embeddings is not None:
+            x_BTD = self.embed(inputs, position_ids_BT=position_ids_BT, lang_ids_BT=lang_ids_BT)
+        else:
+            x_BTD = inputs
+        rope = None
+        if self.cfg.position == "rope":
+            rope = rope_cos_sin(
+                position_ids_BT,
+                head_dim=head_dim_of(self.cfg),
+                theta=self.cfg.rope_theta,
+                dtype=x_BTD.dtype,
+            )
+        attn_inputs = AttentionInputs(
+            rope=rope,
+            mask_B1TS=attention_mask(document_ids_BT, causal=self.causal),
+            is_causal=self.causal,
+        )
+        for layer in self.layers.values():
+            x_BTD = layer(x_BTD, inputs=attn_inputs)
+        if self.norm is not None:
+            x_BTD = self.norm(x_BTD)
+        if self.head is not None:
+            x_BTD = self.head(x_BTD)
+        weight_VD, bias_V = self.output_projection()
+        if return_hidden or weight_VD is None:
+            return x_BTD
+        return F.linear(x_BTD, weight_VD, bias_V)
+
+    # ----------------------------------------------------------------------------------------
+    # MoE reporting
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """``{"layers.{i}.moe": MoE}`` for the MoE layers this (possibly pruned) model holds."""
+        return {
+            f"layers.{key}.moe": layer.moe
+            for key, layer in self.layers.items()
+            if layer.moe is not None
+        }
+
+    def moe_metrics(self) -> dict[str, MoEMetrics]:
+        """Each MoE layer's ``MoEMetrics`` from the last forward (detached; no host sync)."""
+        return {
+            name: moe.metrics for name, moe in self.moe_layers().items() if moe.metrics is not None
+        }
+
+    def set_moe_aux_loss_scale(self, scale: float) -> None:
+        """Scale of the auxiliary-loss gradient in every MoE layer (match the main loss's)."""
+        for moe in self.moe_layers().values():
+            moe.aux_loss_scale = scale
+
+    # ----------------------------------------------------------------------------------------
+    # initialisation
+
+    def _init_rule(self, module: nn.Module, param_name: str) -> str:
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            return "ones" if param_name == "weight" else "zeros"
+        if param_name in ("bias", "b1", "b2", "output_bias"):
+            return "zeros"
+        return "normal"
+
+    def _zero_rows(self, name: str) -> int | None:
+        # Reference-family detail: BERT/XLM-R start the padding row of the embedding at zero.
+        if (
+            self.cfg.family == "encoder"
+            and self.cfg.pad_token_id is not None
+            and canonical_name(name) == "tok_embeddings.weight"
+        ):
+            return self.cfg.pad_token_id
+        return None
+
+    @torch.no_grad()
+    def init_weights(self, seed_or_generator: int | torch.Generator | None = None) -> None:
+        """Initialise every parameter in place, as the reference family does: weights and
+        embeddings ~ N(0, model.init_std), biases 0, norm weights 1 (Llama; XLM-R/BERT with
+        init_std 0.02 and a zero padding row). Works after ``to_empty()``; the model holds no
+        buffers that need filling (RoPE tables are computed on the fly).
+
+        Args:
+            seed_or_generator:
+                int: each parameter is drawn on the CPU from its own generator seeded with
+                    ``param_seed(seed, name)``; values do not depend on the device, on which
+                    other parameters are present (pipeline stages) or on sharding (DTensor
+                    parameters get the local part of the same full tensor).
+                torch.Generator: parameters drawn in ``named_parameters`` order from it.
+                None: the global RNG of each parameter's device (DTensor's RNG tracker).
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        std = self.cfg.init_std
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                rule = self._init_rule(module, param_name)
+                zero_row = self._zero_rows(name)
+                if rule == "ones":
+                    param.fill_(1.0)
+                elif rule == "zeros":
+                    param.zero_()
+                elif isinstance(seed_or_generator, int):
+                    gen = torch.Generator(device="cpu").manual_seed(
+                        param_seed(seed_or_generator, name)
+                    )
+                    full = torch.empty(param.shape, dtype=torch.float32)
+                    full.normal_(0.0, std, generator=gen)
+                    if zero_row is not None:
+                        full[zero_row] = 0.0
+                    full = full.to(device=param.device, dtype=param.dtype)
+                    if isinstance(param, DTensor):
+                        local = distribute_tensor(
+                            full, param.device_mesh, param.placements, src_data_rank=None
+                        ).to_local()
+                        param.to_local().copy_(local)
+                    else:
+                        param.copy_(full)
+                else:
+                    param.normal_(0.0, std, generator=seed_or_generator)
+                    if zero_row is not None and not isinstance(param, DTensor):
+                        param[zero_row] = 0.0
