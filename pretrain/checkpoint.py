@@ -1,0 +1,224 @@
+"""Sharded, atomic training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of ``<run_dir>/checkpoints/``::
+
+    step_<N>/            a complete checkpoint (only complete ones carry this name)
+        .metadata        DCP metadata (a pickle: checkpoints are trusted run output)
+        __<r>_0.distcp   DCP shards: model, optimizer, scheduler, step
+        rank_<r>.pt      per-rank state: RNG states and the data loader's state
+    .step_<N>.partial/   a save in progress, or one a killed run left behind (never loaded)
+
+A save writes into ``.step_<N>.partial``; once every rank has finished (a barrier), rank 0
+renames it to ``step_<N>`` — a directory rename is atomic — and deletes all but the newest
+``keep`` complete checkpoints. ``latest_checkpoint`` therefore never returns a half-written one.
+With ``async_save`` the DCP write runs in the background and the rename happens when the next
+save starts or when the manager is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class TrainState(Stateful):
+    """What DCP saves: model and optimizer (sharded as they are), scheduler and step."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        step: int = 0,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "step": self.step}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+        )
+        if self.scheduler is not None and "scheduler" in state_dict:
+            self.scheduler.load_state_dict(state_dict["scheduler"])
+        self.step = int(state_dict["step"])
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU/CUDA, numpy, Python), loadable with weights_only."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": _tuples_to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    random.setstate(_lists_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_tuples_to_lists(v) for v in value]
+    return value
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def complete_checkpoints(checkpoint_root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete checkpoint under ``checkpoint_root``, oldest first."""
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and child.is_dir() and (child / ".metadata").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = complete_checkpoints(checkpoint_root)
+    return found[-1][1] if found else None
+
+
+class CheckpointManager:
+    """Saves and loads the run's checkpoints; every rank calls every method.
+
+    Args:
+        run_dir: the run directory; checkpoints live in ``<run_dir>/checkpoints``.
+        keep: complete checkpoints kept (older ones are deleted after a successful save).
+        async_save: write DCP shards in the background.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int, async_save: bool = False) -> None:
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep ({keep}) must be >= 1")
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: tuple[int, Path, Future] | None = None
+
+    def save(self, step: int, state: TrainState, *, rank_state: dict[str, Any]) -> None:
+        """Save ``state`` (collective) and this rank's ``rank_state`` as checkpoint ``step``."""
+        self.wait()
+        partial = self.root / f".step_{step}.partial"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)  # left by a killed run: never loaded, safe to drop
+            partial.mkdir()
+        _barrier()
+        _write_rank_state(partial, rank_state)
+        if self.async_save:
+            future = dcp.async_save({"train": state}, checkpoint_id=str(partial))
+            self._pending = (step, partial, future)
+        else:
+            dcp.save({"train": state}, checkpoint_id=str(partial))
+            self._finish(step, partial)
+
+    def wait(self) -> None:
+        """Finish a background save, if one is running (collective)."""
+        if self._pending is None:
+            return
+        step, partial, future = self._pending
+        self._pending = None
+        future.result()
+        self._finish(step, partial)
+
+    def _finish(self, step: int, partial: Path) -> None:
+        _barrier()
+        if _rank() == 0:
+            final = self.root / f"step_{step}"
+            if final.exists():
+                stale = self.root / f".step_{step}.replaced"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
+                os.replace(partial, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.replace(partial, final)
+            for _, old in complete_checkpoints(self.root)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def load(self, path: str | os.PathLike, state: TrainState) -> dict[int, dict[str, Any]]:
+        """Load checkpoint ``path`` into ``state`` (collective, resharding as DCP allows).
+
+        Returns:
+            Every saved rank's state by rank (for an elastic resume a rank may need them all).
+
+        Raises:
+            ValueError: ``path`` is not a complete checkpoint.
+        """
+        path = Path(path)
+        if not (path / ".metadata").is_file():
+            raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a DCP checkpoint")
+        dcp.load({"train": state}, checkpoint_id=str(path))
+        rank_states = {}
+        for file in sorted(path.glob("rank_*.pt")):
+            rank = int(file.stem.split("_")[1])
+            rank_states[rank] = torch.load(file, map_location="cpu", weights_only=True)
+        return rank_states
+
+    def close(self) -> None:
+        """Finish any background save."""
+        self.wait()
+
+
+def _write_rank_state(directory: Path, rank_state: dict[str, Any]) -> None:
+    final = directory / f"rank_{_rank()}.pt"
+    tmp = directory / f".rank_{_rank()}.pt.tmp"
+    torch.save(rank_state, tmp)
+    os.replace(tmp, final)
