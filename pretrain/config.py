@@ -113,6 +113,8 @@ class TrainConfig:
     """Validation loss per language every N steps; 0 disables."""
     eval_batches: int = 4
     """Batches per validation run."""
+    max_nonfinite_steps: int = 5
+    """Skip the update of a step whose loss is NaN/Inf; stop after this many in a row."""
 
 
 @dataclass
@@ -446,6 +448,8 @@ def _validate_train(cfg: RunConfig) -> None:
         raise ValueError(f"train.grad_accum ({train.grad_accum}) must be >= 1")
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every ({train.eval_every}) must be >= 0 (0 disables)")
+    if train.max_nonfinite_steps < 1:
+        raise ValueError(f"train.max_nonfinite_steps ({train.max_nonfinite_steps}) must be >= 1")
     if train.eval_batches < 1:
         raise ValueError(f"train.eval_batches ({train.eval_batches}) must be >= 1")
     if cfg.optim.warmup_steps > train.steps:
