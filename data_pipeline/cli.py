@@ -1,0 +1,254 @@
+"""``python -m data_pipeline``: the data engineer's commands, thin wrappers over the API.
+
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback) or, for ``verify``, a
+faulty shard directory (one line per fault).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from data_pipeline.manifest import load_manifest, summary_lines
+from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
+from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
+from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
+from data_pipeline.tokenizer import (
+    DEFAULT_SAMPLE_CHARS,
+    DEFAULT_SENTINELS,
+    MODEL_TYPES,
+    train_tokenizer,
+)
+from data_pipeline.verify import verify_directory
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other Rosetta error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _add_reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="monolingual input format: lines (one document per line), blank (blank-line "
+        "separated), jsonl; auto = jsonl for *.jsonl/*.json, else lines (default: auto)",
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field with the document")
+    p.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=DEFAULT_MAX_DOC_BYTES,
+        help="skip (and count) documents longer than this many UTF-8 bytes (default: 4 MiB)",
+    )
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    meta = train_tokenizer(
+        parse_mono_specs(args.input),
+        vocab_size=args.vocab_size,
+        out=args.out,
+        alpha=args.alpha,
+        model_type=args.model_type,
+        num_sentinels=args.sentinels,
+        sample_chars=args.sample_chars,
+        character_coverage=args.character_coverage,
+        seed=args.seed,
+        fmt=args.format,
+        text_field=args.text_field,
+        max_doc_bytes=args.max_doc_bytes,
+        num_threads=args.threads,
+    )
+    print(
+        f"tokenizer {args.out}: vocab {meta['vocab_size']}, {len(meta['languages'])} languages, "
+        f"alpha {meta['alpha']}, {time.perf_counter() - start:.1f} s"
+    )
+    print(f"{'language':<10}{'characters':>14}{'q':>8}{'p':>8}{'sampled':>14}")
+    for lang, s in meta["sample"]["languages"].items():
+        print(f"{lang:<10}{s['n']:>14,}{s['q']:>8.3f}{s['p']:>8.3f}{s['sampled']:>14,}")
+    _print_rejects({"all inputs": meta["rejected"]})
+    return 0
+
+
+def _print_rejects(rejected: dict[str, dict[str, int]]) -> None:
+    for name, counts in rejected.items():
+        if any(counts.values()):
+            detail = ", ".join(f"{n} {reason}" for reason, n in counts.items() if n)
+            print(f"skipped input in {name}: {detail}")
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    settings = ShardSettings(
+        sample_tokens=args.sample_tokens,
+        shard_text_bytes=max(1, int(args.shard_text_mb * (1 << 20))),
+        fmt=args.format,
+        text_field=args.text_field,
+        max_doc_bytes=args.max_doc_bytes,
+    )
+    if args.shard_text_mb <= 0:
+        raise ValueError(f"--shard-text-mb ({args.shard_text_mb}) must be > 0")
+    manifest = run_shard_job(
+        parse_mono_specs(args.input or []),
+        parse_pair_specs(args.parallel or []),
+        tokenizer=args.tokenizer,
+        out=args.out,
+        workers=args.workers,
+        settings=settings,
+        log=(lambda line: None) if args.quiet else None,
+    )
+    elapsed = time.perf_counter() - start
+    tokens = sum(e["tokens"] for e in manifest["shards"])
+    print("\n".join(summary_lines(manifest)))
+    _print_rejects(
+        {k: v["rejected"] for k, v in {**manifest["languages"], **manifest["pairs"]}.items()}
+    )
+    print(f"wrote {args.out}/manifest.json: {tokens:,} tokens in {elapsed:.1f} s")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    problems, manifest = verify_directory(args.dir)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_BAD_INPUT
+    samples = sum(e["samples"] for e in manifest["shards"])
+    print(f"ok: {len(manifest['shards'])} shards, {samples} samples verified in {args.dir}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.dir)
+    if args.json:
+        summary = {k: manifest[k] for k in ("languages", "pairs", "dtype", "tokenizer")}
+        summary["num_shards"] = len(manifest["shards"])
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        print("\n".join(summary_lines(manifest)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m data_pipeline`` parser, one subcommand per job."""
+    parser = _Parser(
+        prog="python -m data_pipeline",
+        description="Rosetta data jobs: tokenizer training, sharding, verification.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a sentencepiece tokenizer on an alpha-smoothed language sample",
+        description="Train a sentencepiece tokenizer (byte fallback, identity normalisation) with "
+        "Rosetta's special tokens on an alpha-smoothed sample of the input languages.",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="LANG=PATH",
+        help="a language's text: file or glob (.gz/.zst ok); or a PATH with {lang}; repeatable",
+    )
+    p.add_argument("--vocab-size", type=int, required=True, help="pieces in the vocabulary")
+    p.add_argument("--out", required=True, help="tokenizer directory to write")
+    p.add_argument("--alpha", type=float, default=0.3, help="language smoothing (default: 0.3)")
+    p.add_argument("--model-type", default="unigram", choices=MODEL_TYPES)
+    p.add_argument(
+        "--sentinels",
+        type=int,
+        default=DEFAULT_SENTINELS,
+        help=f"span-corruption sentinel tokens (default: {DEFAULT_SENTINELS})",
+    )
+    p.add_argument(
+        "--sample-chars",
+        type=int,
+        default=DEFAULT_SAMPLE_CHARS,
+        help=f"characters in the training sample at most (default: {DEFAULT_SAMPLE_CHARS:,})",
+    )
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="trainer threads (default: all)")
+    _add_reader_args(p)
+    p.set_defaults(func=_cmd_train_tokenizer)
+
+    p = sub.add_parser(
+        "shard",
+        help="tokenize text into webdataset shards with a manifest",
+        description="Tokenize monolingual and parallel text into webdataset tar shards of one "
+        "language (pair) each, and write manifest.json. Re-running skips finished shards.",
+    )
+    p.add_argument("--tokenizer", required=True, help="directory from train-tokenizer")
+    p.add_argument(
+        "--input",
+        action="append",
+        metavar="LANG=PATH",
+        help="a language's text: file or glob (.gz/.zst ok); or a PATH with {lang}; repeatable",
+    )
+    p.add_argument(
+        "--parallel",
+        action="append",
+        metavar="SRC-TGT=PATH.tsv",
+        help="parallel text: TSV (source<TAB>target), SRC-TGT=SRC_FILE,TGT_FILE (line-aligned), "
+        "or a TSV PATH with {src} and {tgt}; repeatable",
+    )
+    p.add_argument("--out", required=True, help="shard directory to write")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"worker processes (default: all cores, here {default_workers()})",
+    )
+    p.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=DEFAULT_SAMPLE_TOKENS,
+        help=f"target tokens per sample (default: {DEFAULT_SAMPLE_TOKENS})",
+    )
+    p.add_argument(
+        "--shard-text-mb",
+        type=float,
+        default=DEFAULT_SHARD_TEXT_MB,
+        help="start a new shard after this many MB of input text (default: "
+        f"{DEFAULT_SHARD_TEXT_MB:g}); shards come out at about a third of it",
+    )
+    p.add_argument("--quiet", action="store_true", help="no line per shard")
+    _add_reader_args(p)
+    p.set_defaults(func=_cmd_shard)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every shard's sha256 and decode every sample",
+        description="Check a shard directory: every shard's sha256, every sample decodes, counts "
+        "agree with the manifest. Prints one line per faulty shard and exits 2 if any.",
+    )
+    p.add_argument("dir", help="shard directory (or its manifest.json)")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "inspect",
+        help="print languages, documents, tokens and pairs of a shard directory",
+        description="Print a shard directory's languages, documents, tokens and pairs.",
+    )
+    p.add_argument("dir", help="shard directory (or its manifest.json)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; return the exit code (user mistakes give 2 and one line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

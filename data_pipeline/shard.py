@@ -1,0 +1,491 @@
+"""The sharding job: raw text -> token shards (format: ``data_pipeline.shard_format``) + manifest.
+
+The main process reads the inputs in order (sorted languages, then sorted pairs; each input's
+files sorted) and cuts them into chunks of about ``shard_text_bytes`` of UTF-8 text; each chunk
+becomes exactly one shard, tokenized and written by a worker process. Chunk boundaries depend
+on the inputs and settings only, and nothing random happens, so the bytes written are the same
+for any number of workers.
+
+A shard is written under a temporary name and renamed when complete. Every sample records the
+fingerprint of its chunk (its text, the tokenizer and the settings); a re-run that finds a shard
+under its final name with the same fingerprint keeps it instead of redoing it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.manifest import MANIFEST_FORMAT, write_manifest
+from data_pipeline.readers import (
+    DEFAULT_MAX_DOC_BYTES,
+    MonoInput,
+    PairInput,
+    Rejects,
+    iter_documents,
+    iter_pairs,
+    resolve_format,
+)
+from data_pipeline.shard_format import (
+    DEFAULT_SAMPLE_TOKENS,
+    MONO_EXT,
+    PAIR_EXT,
+    ShardWriter,
+    dtype_name,
+    encode_mono_payload,
+    encode_pair_payload,
+    iter_raw_samples,
+    token_dtype,
+)
+from data_pipeline.tokenizer import MODEL_FILE, SIDECAR_FILE, Tokenizer, load_tokenizer, sha256_file
+
+DEFAULT_SHARD_TEXT_MB = 64.0
+SHARD_NAME_RE = re.compile(r"^(mono_[A-Za-z0-9_]+|pair_[A-Za-z0-9_]+-[A-Za-z0-9_]+)_\d{5}\.tar$")
+_TMP_RE = re.compile(r"^\.(mono|pair)_.*\.tar\.tmp-\d+$")
+_FINGERPRINT_VERSION = 1
+
+
+def default_workers() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What, besides the inputs and the tokenizer, decides a shard's bytes."""
+
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS
+    """Target tokens per sample (src + tgt for pairs); a longer document is a sample alone."""
+    shard_text_bytes: int = int(DEFAULT_SHARD_TEXT_MB * (1 << 20))
+    """A new shard starts after this many bytes of UTF-8 input text."""
+    fmt: str = "auto"
+    """Monolingual input format: auto, lines, blank or jsonl (see ``data_pipeline.readers``)."""
+    text_field: str = "text"
+    """JSONL field holding the document."""
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+    """Longer documents (lines) are skipped and counted as ``too_long``."""
+
+    def check(self) -> None:
+        """Raises: ValueError naming the first setting out of range."""
+        if self.sample_tokens < 1:
+            raise ValueError(f"--sample-tokens ({self.sample_tokens}) must be >= 1")
+        if self.shard_text_bytes < 1:
+            raise ValueError(f"--shard-text-mb ({self.shard_text_bytes / (1 << 20)}) must be > 0")
+        if self.max_doc_bytes < 1:
+            raise ValueError(f"--max-doc-bytes ({self.max_doc_bytes}) must be >= 1")
+        resolve_format(Path("x"), self.fmt)
+
+
+@dataclass
+class _Task:
+    kind: str  # "mono" | "pair"
+    name: str  # language, or "src-tgt"
+    index: int
+    docs: list  # mono: (source, ordinal, text); pair: (source, ordinal, src text, tgt text)
+
+    @property
+    def stem(self) -> str:
+        return f"{self.kind}_{self.name}_{self.index:05d}"
+
+
+@dataclass
+class ShardResult:
+    """What one shard holds; ``kept`` when a re-run found it finished."""
+
+    path: str
+    kind: str
+    name: str
+    sha256: str
+    bytes: int
+    samples: int
+    documents: int
+    src_tokens: int
+    tgt_tokens: int = 0
+    kept: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.src_tokens + self.tgt_tokens
+
+
+@dataclass
+class _Worker:
+    tokenizer: Tokenizer
+    out: Path
+    settings: ShardSettings
+    dtype: np.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dtype = token_dtype(self.tokenizer.vocab_size)
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(tokenizer_dir: str, out: str, settings: ShardSettings) -> None:
+    global _WORKER
+    _WORKER = _Worker(load_tokenizer(tokenizer_dir), Path(out), settings)
+
+
+def _fingerprint(task: _Task, worker: _Worker) -> str:
+    digest = hashlib.sha256()
+    head = {
+        "v": _FINGERPRINT_VERSION,
+        "kind": task.kind,
+        "name": task.name,
+        "index": task.index,
+        "tokenizer": worker.tokenizer.model_sha256,
+        "sample_tokens": worker.settings.sample_tokens,
+    }
+    digest.update(json.dumps(head, sort_keys=True).encode())
+    for doc in task.docs:
+        for part in doc:
+            digest.update(str(part).encode("utf-8", "surrogatepass"))
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _existing_result(path: Path, task: _Task, chunk: str) -> ShardResult | None:
+    """Counts of a finished shard made from the same chunk, or None if it must be redone."""
+    samples = documents = src_tokens = tgt_tokens = 0
+    try:
+        for _, meta, _, _ in iter_raw_samples(path):
+            if meta.get("chunk") != chunk:
+                return None
+            samples += 1
+            documents += meta["num_docs"]
+            if task.kind == "mono":
+                src_tokens += meta["num_tokens"]
+            else:
+                src_tokens += meta["src_tokens"]
+                tgt_tokens += meta["tgt_tokens"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    if samples == 0:
+        return None
+    return ShardResult(
+        path=path.name,
+        kind=task.kind,
+        name=task.name,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        samples=samples,
+        documents=documents,
+        src_tokens=src_tokens,
+        tgt_tokens=tgt_tokens,
+        kept=True,
+    )
+
+
+def _flatten(ids: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ids and cumulative offsets (``len(ids) + 1`` entries, from 0)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    cum = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cum[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(cum[-1]))
+    return flat, cum
+
+
+def _sample_bounds(sources: list[str], sizes: np.ndarray, target: int) -> Iterator[tuple[int, int]]:
+    """Greedy packing: yield ``[start, stop)`` document ranges of each sample, in order."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and (total + size > target or sources[i] != sources[start]):
+            yield start, i
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+def _process(task: _Task) -> ShardResult:
+    worker = _WORKER
+    assert worker is not None, "worker not initialised"
+    path = worker.out / f"{task.stem}.tar"
+    chunk = _fingerprint(task, worker)
+    if path.exists():
+        kept = _existing_result(path, task, chunk)
+        if kept is not None:
+            return kept
+    sp, dtype = worker.tokenizer.sp, worker.dtype
+    sources = [doc[0] for doc in task.docs]
+    target = worker.settings.sample_tokens
+    samples = documents = src_total = tgt_total = 0
+    with ShardWriter(path, dtype=dtype) as writer:
+        if task.kind == "mono":
+            tokens, cum = _flatten(sp.encode([d[2] for d in task.docs], num_threads=1), dtype)
+            for a, b in _sample_bounds(sources, np.diff(cum), target):
+                meta = {
+                    "kind": "mono",
+                    "lang": task.name,
+                    "source": sources[a],
+                    "first_doc": task.docs[a][1],
+                    "num_docs": b - a,
+                    "num_tokens": int(cum[b] - cum[a]),
+                    "dtype": dtype_name(dtype),
+                    "chunk": chunk,
+                }
+                payload = encode_mono_payload(tokens[cum[a] : cum[b]], cum[a : b + 1] - cum[a])
+                writer.add_sample(meta, payload, ext=MONO_EXT)
+            src_total = int(cum[-1])
+        else:
+            src, src_cum = _flatten(sp.encode([d[2] for d in task.docs], num_threads=1), dtype)
+            tgt, tgt_cum = _flatten(sp.encode([d[3] for d in task.docs], num_threads=1), dtype)
+            src_lang, tgt_lang = task.name.split("-")
+            sizes = np.diff(src_cum) + np.diff(tgt_cum)
+            for a, b in _sample_bounds(sources, sizes, target):
+                meta = {
+                    "kind": "pair",
+                    "src": src_lang,
+                    "tgt": tgt_lang,
+                    "source": sources[a],
+                    "first_doc": task.docs[a][1],
+                    "num_docs": b - a,
+                    "src_tokens": int(src_cum[b] - src_cum[a]),
+                    "tgt_tokens": int(tgt_cum[b] - tgt_cum[a]),
+                    "dtype": dtype_name(dtype),
+                    "chunk": chunk,
+                }
+                payload = encode_pair_payload(
+                    src[src_cum[a] : src_cum[b]],
+                    src_cum[a : b + 1] - src_cum[a],
+                    tgt[tgt_cum[a] : tgt_cum[b]],
+                    tgt_cum[a : b + 1] - tgt_cum[a],
+                )
+                writer.add_sample(meta, payload, ext=PAIR_EXT)
+            src_total, tgt_total = int(src_cum[-1]), int(tgt_cum[-1])
+        samples = writer.num_samples
+        documents = len(task.docs)
+    return ShardResult(
+        path=path.name,
+        kind=task.kind,
+        name=task.name,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size,
+        samples=samples,
+        documents=documents,
+        src_tokens=src_total,
+        tgt_tokens=tgt_total,
+    )
+
+
+def _chunks(docs: Iterator[tuple], *, limit: int, text_at: tuple[int, ...]) -> Iterator[list]:
+    chunk: list = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += sum(len(doc[i].encode("utf-8")) for i in text_at)
+        if size >= limit:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _tasks(
+    mono: list[MonoInput],
+    pairs: list[PairInput],
+    settings: ShardSettings,
+    rejects: dict[str, Rejects],
+) -> Iterator[_Task]:
+    reader = dict(
+        fmt=settings.fmt, text_field=settings.text_field, max_doc_bytes=settings.max_doc_bytes
+    )
+    for item in mono:
+        found = rejects[item.lang]
+
+        def docs(item: MonoInput = item, found: Rejects = found) -> Iterator[tuple]:
+            for path in item.paths:
+                for ordinal, text in iter_documents(path, rejects=found, **reader):
+                    yield path.name, ordinal, text
+
+        for index, chunk in enumerate(
+            _chunks(docs(), limit=settings.shard_text_bytes, text_at=(2,))
+        ):
+            yield _Task("mono", item.lang, index, chunk)
+    for pair in pairs:
+        found = rejects[pair.name]
+        docs = iter_pairs(pair, max_doc_bytes=settings.max_doc_bytes, rejects=found)
+        for index, chunk in enumerate(
+            _chunks(docs, limit=settings.shard_text_bytes, text_at=(2, 3))
+        ):
+            yield _Task("pair", pair.name, index, chunk)
+
+
+def _run(tasks: Iterator[_Task], workers: int, init_args: tuple) -> Iterator[ShardResult]:
+    """Results in task order, with at most ``2 * workers`` chunks in memory at once."""
+    if workers == 1:
+        _init_worker(*init_args)
+        for task in tasks:
+            yield _process(task)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(
+        workers, initializer=_init_worker, initargs=init_args
+    ) as pool:
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(pool.apply_async(_process, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _copy_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    dest = out / "tokenizer"
+    dest.mkdir(exist_ok=True)
+    for name in (MODEL_FILE, SIDECAR_FILE):
+        src, dst = tokenizer.directory / name, dest / name
+        if dst.exists() and dst.read_bytes() == src.read_bytes():
+            continue
+        tmp = dest / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def run_shard_job(
+    mono: list[MonoInput],
+    pairs: list[PairInput] | None = None,
+    *,
+    tokenizer: str | os.PathLike,
+    out: str | os.PathLike,
+    workers: int | None = None,
+    settings: ShardSettings | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Tokenize ``mono`` and ``pairs`` into shards under ``out`` and write its manifest.
+
+    Returns:
+        The manifest written to ``out/manifest.json``.
+
+    Raises:
+        ValueError: nothing to shard, a setting out of range, ``workers`` < 1, a language the
+            tokenizer was not trained for, or a bad tokenizer directory.
+        FileNotFoundError: the tokenizer directory or an input file is missing.
+    """
+    pairs = pairs or []
+    settings = settings or ShardSettings()
+    settings.check()
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"--workers ({workers}) must be >= 1")
+    if not mono and not pairs:
+        raise ValueError("shard: give at least one --input LANG=PATH or --parallel SRC-TGT=PATH")
+    tok = load_tokenizer(tokenizer)
+    known = set(tok.lang_ids)
+    for lang in [m.lang for m in mono] + [x for p in pairs for x in (p.src, p.tgt)]:
+        if lang not in known:
+            raise ValueError(
+                f"language {lang!r} is not one of the tokenizer's languages "
+                f"({', '.join(sorted(known))}); train the tokenizer with it"
+            )
+    log = log or (lambda line: print(line, file=sys.stderr))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # temporary files of an interrupted run
+        if _TMP_RE.match(stale.name):
+            stale.unlink()
+    _copy_tokenizer(tok, out)
+
+    rejects = {m.lang: Rejects() for m in mono} | {p.name: Rejects() for p in pairs}
+    init_args = (str(tok.directory), str(out), settings)
+    results: list[ShardResult] = []
+    for result in _run(_tasks(mono, pairs, settings, rejects), workers, init_args):
+        results.append(result)
+        log(
+            f"{result.path}: {'kept (finished earlier)' if result.kept else 'written'}, "
+            f"{result.samples} samples, {result.documents} documents, {result.tokens} tokens"
+        )
+    written = {r.path for r in results}
+    for old in sorted(out.iterdir()):
+        # shards of an earlier run over more input would be picked up by a directory glob
+        if SHARD_NAME_RE.match(old.name) and old.name not in written:
+            log(f"{old.name}: removed (not produced from the current inputs)")
+            old.unlink()
+    manifest = build_manifest(results, tok, settings, rejects, mono=mono, pairs=pairs)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def build_manifest(
+    results: list[ShardResult],
+    tok: Tokenizer,
+    settings: ShardSettings,
+    rejects: dict[str, Rejects],
+    *,
+    mono: list[MonoInput],
+    pairs: list[PairInput],
+) -> dict:
+    """The manifest for ``results`` (see ``data_pipeline.manifest``)."""
+    languages: dict[str, dict] = {}
+    for item in mono:
+        mine = [r for r in results if r.kind == "mono" and r.name == item.lang]
+        languages[item.lang] = {
+            "documents": sum(r.documents for r in mine),
+            "tokens": sum(r.tokens for r in mine),
+            "samples": sum(r.samples for r in mine),
+            "shards": len(mine),
+            "rejected": rejects[item.lang].as_dict(),
+            "sources": sorted({p.name for p in item.paths}),
+        }
+    pair_stats: dict[str, dict] = {}
+    for pair in pairs:
+        mine = [r for r in results if r.kind == "pair" and r.name == pair.name]
+        pair_stats[pair.name] = {
+            "src": pair.src,
+            "tgt": pair.tgt,
+            "documents": sum(r.documents for r in mine),
+            "tokens": sum(r.tokens for r in mine),
+            "src_tokens": sum(r.src_tokens for r in mine),
+            "tgt_tokens": sum(r.tgt_tokens for r in mine),
+            "samples": sum(r.samples for r in mine),
+            "shards": len(mine),
+            "rejected": rejects[pair.name].as_dict(),
+            "sources": sorted({p.name for p in pair.paths}),
+        }
+    shards = []
+    for r in results:
+        entry = {
+            "path": r.path,
+            "kind": r.kind,
+            "sha256": r.sha256,
+            "bytes": r.bytes,
+            "samples": r.samples,
+            "documents": r.documents,
+            "tokens": r.tokens,
+        }
+        if r.kind == "mono":
+            entry["lang"] = r.name
+        else:
+            entry.update(pair=r.name, src_tokens=r.src_tokens, tgt_tokens=r.tgt_tokens)
+        shards.append(entry)
+    return {
+        "format": MANIFEST_FORMAT,
+        "tokenizer": {
+            "dir": "tokenizer",
+            "model_sha256": tok.model_sha256,
+            "vocab_size": tok.vocab_size,
+        },
+        "dtype": dtype_name(token_dtype(tok.vocab_size)),
+        "sample_tokens": settings.sample_tokens,
+        "shard_text_bytes": settings.shard_text_bytes,
+        "languages": languages,
+        "pairs": pair_stats,
+        "shards": shards,
+    }

@@ -1,0 +1,348 @@
+"""On-disk format of Rosetta token shards, and the reader the streaming loader uses.
+
+A shard directory holds ``manifest.json`` (see ``data_pipeline.manifest``), a copy of the
+tokenizer under ``tokenizer/``, and shards named ``mono_<lang>_<NNNNN>.tar`` (one language each)
+and ``pair_<src>-<tgt>_<NNNNN>.tar`` (one language pair each).
+
+Each shard is a POSIX USTAR tar archive (plain 512-byte headers, no PAX records; mtime 0, uid/gid
+0, mode 0644), readable by ``webdataset``. Members come in pairs, one pair per *sample*, in this
+order::
+
+    <key>.json      UTF-8 JSON object: the sample's metadata
+    <key>.tok.zst   (mono) or <key>.pairs.zst (pair): one zstd frame (level 3, with content size
+                    and checksum) holding the sample's arrays
+
+``<key>`` is ``<shard stem>_<NNNNNN>`` (sample number within the shard), without dots.
+All integers in payloads are little-endian. ``dtype`` is ``uint16`` when the tokenizer's vocab
+size is at most 65536, else ``uint32``.
+
+Mono sample: one or more whole documents of one language, packed in input order until adding
+the next one would pass the target sample size (a document longer than the target is a sample
+of its own). Metadata::
+
+    {"kind": "mono", "lang": "en", "source": "<input file name>", "first_doc": <int>,
+     "num_docs": D, "num_tokens": T, "dtype": "uint16", "chunk": "<16 hex>"}
+
+Payload: ``uint32 doc_offsets[D + 1]`` (``doc_offsets[0] == 0``, ``doc_offsets[D] == T``,
+non-decreasing), then ``dtype tokens[T]``. Document ``i`` is ``tokens[doc_offsets[i]:
+doc_offsets[i + 1]]``; ids are raw sentencepiece ids, with no bos/eos/language tag added.
+
+Pair sample: ``D`` aligned (source, target) pairs of one language pair. Metadata::
+
+    {"kind": "pair", "src": "en", "tgt": "de", "source": "<input file name>", "first_doc": <int>,
+     "num_docs": D, "src_tokens": S, "tgt_tokens": G, "dtype": "uint16", "chunk": "<16 hex>"}
+
+Payload: ``uint32 src_offsets[D + 1]``, ``uint32 tgt_offsets[D + 1]``, ``dtype src[S]``,
+``dtype tgt[G]``.
+
+``source`` is the input file's base name and ``first_doc`` the ordinal of the sample's first
+document in it (for one-document-per-line and JSONL inputs, its 0-based line number); a sample
+never spans two input files. ``chunk`` identifies the input chunk and settings the shard was made
+from; a re-run uses it to recognise finished shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import zstandard
+
+ZSTD_LEVEL = 3
+MONO_EXT = "tok.zst"
+PAIR_EXT = "pairs.zst"
+DEFAULT_SAMPLE_TOKENS = 32768
+"""Target tokens per sample: 64 KiB of uint16 ids, past the size where per-sample cost fades."""
+OFFSET_DTYPE = np.dtype("<u4")
+_BLOCK = 512
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Little-endian dtype for ids of a vocabulary: uint16 up to 65536 entries, else uint32.
+
+    Raises:
+        ValueError: ``vocab_size`` is below 1 or above 2**32.
+    """
+    if not 1 <= vocab_size <= 1 << 32:
+        raise ValueError(f"vocab_size ({vocab_size}) must be in [1, 2**32]")
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _dtype_from_name(name: object, *, where: str) -> np.dtype:
+    if name == "uint16":
+        return np.dtype("<u2")
+    if name == "uint32":
+        return np.dtype("<u4")
+    raise ValueError(f"{where}: dtype {name!r} must be uint16 or uint32")
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``uint16`` or ``uint32``: the name stored in sample metadata."""
+    return np.dtype(dtype).name
+
+
+def encode_mono_payload(tokens: np.ndarray, doc_offsets: np.ndarray) -> bytes:
+    """Uncompressed mono payload: offsets then tokens (see module docstring)."""
+    return doc_offsets.astype(OFFSET_DTYPE, copy=False).tobytes() + tokens.tobytes()
+
+
+def encode_pair_payload(
+    src: np.ndarray, src_offsets: np.ndarray, tgt: np.ndarray, tgt_offsets: np.ndarray
+) -> bytes:
+    """Uncompressed pair payload: src offsets, tgt offsets, src ids, tgt ids."""
+    return b"".join(
+        (
+            src_offsets.astype(OFFSET_DTYPE, copy=False).tobytes(),
+            tgt_offsets.astype(OFFSET_DTYPE, copy=False).tobytes(),
+            src.tobytes(),
+            tgt.tobytes(),
+        )
+    )
+
+
+def _check_offsets(offsets: np.ndarray, total: int, *, where: str) -> None:
+    if offsets[0] != 0 or offsets[-1] != total or np.any(offsets[1:] < offsets[:-1]):
+        raise ValueError(f"{where}: document offsets must rise from 0 to {total}")
+
+
+def decode_sample(
+    meta: bytes | dict,
+    payload: bytes,
+    *,
+    where: str = "sample",
+    check: bool = True,
+    decompressor: zstandard.ZstdDecompressor | None = None,
+) -> dict:
+    """Decode one sample from its ``.json`` member and its compressed payload member.
+
+    Returns (arrays are read-only views of one decompressed buffer):
+        mono: ``{"kind": "mono", "lang", "source", "first_doc", "num_docs", "tokens" [T],
+        "doc_offsets" [D + 1]}``; pair: ``{"kind": "pair", "src", "tgt", "source", "first_doc",
+        "num_docs", "src_tokens" [S], "src_offsets" [D + 1], "tgt_tokens" [G], "tgt_offsets"
+        [D + 1]}``.
+
+    Raises:
+        ValueError: ``where`` and what is wrong: bad JSON, a failed zstd frame or checksum, a
+            payload size or offsets that disagree with the metadata.
+    """
+    if not isinstance(meta, dict):
+        try:
+            meta = json.loads(meta)
+        except ValueError as err:
+            raise ValueError(f"{where}: metadata is not JSON ({err})") from None
+    try:
+        raw = (decompressor or zstandard.ZstdDecompressor()).decompress(payload)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"{where}: payload does not decompress ({err})") from None
+    try:
+        kind = meta["kind"]
+        dtype = _dtype_from_name(meta["dtype"], where=where)
+        num_docs = int(meta["num_docs"])
+        if kind == "mono":
+            sizes = (num_docs + 1, int(meta["num_tokens"]))
+        elif kind == "pair":
+            sizes = (num_docs + 1, num_docs + 1, int(meta["src_tokens"]), int(meta["tgt_tokens"]))
+        else:
+            raise ValueError(f"{where}: kind {kind!r} must be mono or pair")
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{where}: metadata lacks or mistypes {err}") from None
+    dtypes = (OFFSET_DTYPE,) * (len(sizes) // 2) + (dtype,) * (len(sizes) // 2)
+    expected = sum(n * d.itemsize for n, d in zip(sizes, dtypes))
+    if len(raw) != expected:
+        raise ValueError(f"{where}: payload is {len(raw)} bytes, metadata implies {expected}")
+    arrays = []
+    offset = 0
+    for n, d in zip(sizes, dtypes):
+        arrays.append(np.frombuffer(raw, dtype=d, count=n, offset=offset))
+        offset += n * d.itemsize
+    out = {k: v for k, v in meta.items() if k not in ("num_tokens", "src_tokens", "tgt_tokens")}
+    if kind == "mono":
+        out["doc_offsets"], out["tokens"] = arrays
+        if check:
+            _check_offsets(out["doc_offsets"], sizes[1], where=where)
+    else:
+        out["src_offsets"], out["tgt_offsets"], out["src_tokens"], out["tgt_tokens"] = arrays
+        if check:
+            _check_offsets(out["src_offsets"], sizes[2], where=where)
+            _check_offsets(out["tgt_offsets"], sizes[3], where=where)
+    return out
+
+
+# --- tar members ------------------------------------------------------------------------------
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Writes one shard to ``<path>.tmp-<pid>`` and renames it to ``path`` on :meth:`close`.
+
+    Until ``close()`` returns, nothing exists under the final name; ``abort()`` (or leaving a
+    ``with`` block by an exception) removes the temporary file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, dtype: np.dtype) -> None:
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.dtype = np.dtype(dtype)
+        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._zstd = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_checksum=True, write_content_size=True
+        )
+        self.num_samples = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+    def _key(self) -> str:
+        return f"{self.path.name.removesuffix('.tar')}_{self.num_samples:06d}"
+
+    def add_sample(self, meta: dict, payload: bytes, *, ext: str) -> None:
+        """Append one sample: its metadata and its (uncompressed) payload."""
+        key = self._key()
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+        self._add(f"{key}.{ext}", self._zstd.compress(payload))
+        self.num_samples += 1
+
+    def close(self) -> None:
+        """Finish the archive, flush it to disk and move it to its final name."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        """Drop the temporary file; nothing is left under either name."""
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_tar_members(stream: BinaryIO, *, where: str) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` of each regular member of a USTAR stream, in order.
+
+    A minimal reader: 512-byte headers, octal sizes, checksums checked; PAX/GNU extension
+    records are not expected in Rosetta shards and are reported as errors.
+
+    Raises:
+        ValueError: ``where`` and the fault: a truncated archive, a bad header checksum, or an
+            unexpected member type.
+    """
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) == 0:
+            raise ValueError(f"{where}: truncated (no end-of-archive marker)")
+        if len(header) < _BLOCK:
+            raise ValueError(f"{where}: truncated inside a header")
+        if header == b"\0" * _BLOCK:
+            return
+        try:
+            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+            stored = int(header[148:156].rstrip(b"\0 ").decode(), 8)
+        except ValueError:
+            raise ValueError(f"{where}: corrupt tar header") from None
+        computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+        if stored != computed:
+            raise ValueError(f"{where}: tar header checksum mismatch")
+        kind = header[156:157]
+        name = header[0:100].rstrip(b"\0").decode("utf-8", "replace")
+        prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace")
+        if prefix:
+            name = f"{prefix}/{name}"
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise ValueError(f"{where}: truncated inside member {name!r}")
+        if kind not in (b"0", b"\0"):
+            raise ValueError(f"{where}: member {name!r} has tar type {kind!r}, expected a file")
+        yield name, data[:size]
+
+
+def iter_raw_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict, str, bytes]]:
+    """Yield ``(key, metadata, payload extension, compressed payload)`` per sample of a shard.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the shard's name and the fault (bad tar, members out of pairs, bad JSON).
+    """
+    path = Path(path)
+    where = f"shard {path.name}"
+    with open(path, "rb") as f:
+        members = iter_tar_members(io.BufferedReader(f, buffer_size=1 << 20), where=where)
+        for meta_name, meta_bytes in members:
+            key, _, ext = meta_name.partition(".")
+            if ext != "json":
+                raise ValueError(f"{where}: member {meta_name!r} where a .json was expected")
+            payload_name, payload = next(members, (None, b""))
+            if payload_name is None or payload_name.partition(".")[0] != key:
+                raise ValueError(f"{where}: sample {key!r} has no payload member")
+            try:
+                meta = json.loads(meta_bytes)
+            except ValueError as err:
+                raise ValueError(f"{where}: sample {key!r} metadata is not JSON ({err})") from None
+            yield key, meta, payload_name.partition(".")[2], payload
+
+
+def iter_shard_samples(path: str | os.PathLike, *, check: bool = True) -> Iterator[dict]:
+    """Yield the decoded samples of one shard, in order (see :func:`decode_sample`).
+
+    Each dict also carries ``"key"``. Offsets are checked unless ``check`` is False.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the shard's name and the first fault found.
+    """
+    path = Path(path)
+    decompressor = zstandard.ZstdDecompressor()
+    for key, meta, ext, payload in iter_raw_samples(path):
+        expected = MONO_EXT if meta.get("kind") == "mono" else PAIR_EXT
+        if ext != expected:
+            raise ValueError(f"shard {path.name}: sample {key!r} payload .{ext}, not .{expected}")
+        sample = decode_sample(
+            meta,
+            payload,
+            where=f"shard {path.name} sample {key}",
+            check=check,
+            decompressor=decompressor,
+        )
+        sample["key"] = key
+        yield sample
+
+
+def iter_documents_of_sample(sample: dict) -> Iterator[np.ndarray]:
+    """Yield each document's token array of a decoded mono sample."""
+    offsets = sample["doc_offsets"]
+    tokens = sample["tokens"]
+    for i in range(len(offsets) - 1):
+        yield tokens[offsets[i] : offsets[i + 1]]
+
+
+def iter_pairs_of_sample(sample: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield each ``(source ids, target ids)`` of a decoded pair sample."""
+    so, to = sample["src_offsets"], sample["tgt_offsets"]
+    src, tgt = sample["src_tokens"], sample["tgt_tokens"]
+    for i in range(len(so) - 1):
+        yield src[so[i] : so[i + 1]], tgt[to[i] : to[i + 1]]

@@ -1,0 +1,345 @@
+"""Sentencepiece tokenizer training on an alpha-smoothed language sample, and its loading.
+
+A tokenizer directory holds::
+
+    spm.model   the sentencepiece model (unigram or BPE, byte fallback, identity normalisation)
+    spm.json    the sidecar: vocab size, special token ids, languages, alpha, sample sizes
+
+Ids fixed by every Rosetta tokenizer: pad 0, unk 1, bos 2, eos 3. Then control symbols, in this
+order: ``<mask>``, ``<cls>``, ``<sep>``, one ``<lang:xx>`` per language (sorted), and the span
+corruption sentinels ``<extra_id_0>`` ... ``<extra_id_{N-1}>``; the sidecar states every id.
+Control symbols never come out of encoding text (a literal "<mask>" in a document is spelled out in
+ordinary pieces) and decode to the empty string; objectives insert them as ids.
+
+Normalisation is the identity and whitespace is kept as is, so ``decode(encode(text)) == text``
+for every valid text (byte fallback covers characters outside the vocabulary).
+
+Languages are mixed for training as the loader mixes them (``sampling.language_probabilities``),
+with ``n_l`` counted in characters: language ``l`` contributes ``p_l * B`` characters to a sample
+of ``B = min(total characters, sample_chars)``; a language with less text than its share is
+repeated (whole passes, then a random part), one with more is subsampled, document by document,
+with a seeded generator so the same inputs and seed give the same sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, MonoInput, Rejects, iter_documents
+from data_pipeline.sampling import check_alpha, language_probabilities
+
+MODEL_FILE = "spm.model"
+SIDECAR_FILE = "spm.json"
+SIDECAR_FORMAT = "rosetta-tokenizer/1"
+BASE_SPECIALS = {"pad": ("<pad>", 0), "unk": ("<unk>", 1), "bos": ("<s>", 2), "eos": ("</s>", 3)}
+EXTRA_SPECIALS = ("mask", "cls", "sep")
+BYTE_PIECES = 256
+DEFAULT_SENTINELS = 100
+DEFAULT_SAMPLE_CHARS = 50_000_000
+MODEL_TYPES = ("unigram", "bpe")
+# sentencepiece drops training sentences longer than this (bytes); long documents are cut into
+# pieces of at most this size for training only
+_MAX_SENTENCE_BYTES = 16384
+
+
+def lang_token(lang: str) -> str:
+    """The piece naming language ``lang``: ``<lang:xx>``."""
+    return f"<lang:{lang}>"
+
+
+def sentinel_token(index: int) -> str:
+    """The ``index``-th span-corruption sentinel piece (T5 naming)."""
+    return f"<extra_id_{index}>"
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A loaded tokenizer: the sentencepiece processor plus its sidecar.
+
+    Attributes:
+        directory: where it was loaded from.
+        sp: the sentencepiece processor.
+        meta: the parsed sidecar (``spm.json``).
+    """
+
+    directory: Path
+    sp: spm.SentencePieceProcessor
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """``pad``, ``unk``, ``bos``, ``eos``, ``mask``, ``cls``, ``sep`` -> id."""
+        return dict(self.meta["special_ids"])
+
+    @property
+    def lang_ids(self) -> dict[str, int]:
+        """Language code -> id of its ``<lang:xx>`` token."""
+        return dict(self.meta["lang_ids"])
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in that order."""
+        return list(self.meta["sentinel_ids"])
+
+    @property
+    def model_sha256(self) -> str:
+        return str(self.meta["model_sha256"])
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no bos/eos added)."""
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """Text of one id sequence; control symbols decode to ''."""
+        return self.sp.decode([int(i) for i in ids])
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer directory written by :func:`train_tokenizer`.
+
+    Raises:
+        FileNotFoundError: the directory, its model or its sidecar is missing.
+        ValueError: the sidecar is not a Rosetta tokenizer sidecar, or the model's sha256 or
+            vocab size disagree with it.
+    """
+    directory = Path(directory)
+    sidecar = directory / SIDECAR_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--tokenizer {str(directory)!r}: no such directory")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"tokenizer {str(directory)!r}: missing {SIDECAR_FILE}")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"tokenizer sidecar {str(sidecar)!r} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"tokenizer sidecar {str(sidecar)!r} must have format {SIDECAR_FORMAT}")
+    model = directory / meta.get("model_file", MODEL_FILE)
+    if not model.is_file():
+        raise FileNotFoundError(f"tokenizer {str(directory)!r}: missing {model.name}")
+    digest = sha256_file(model)
+    if digest != meta.get("model_sha256"):
+        raise ValueError(
+            f"tokenizer model {str(model)!r} sha256 {digest[:12]} != sidecar's "
+            f"{str(meta.get('model_sha256'))[:12]}: the model was replaced after training"
+        )
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    if sp.get_piece_size() != meta.get("vocab_size"):
+        raise ValueError(
+            f"tokenizer model {str(model)!r} has {sp.get_piece_size()} pieces but the sidecar "
+            f"says vocab_size {meta.get('vocab_size')}"
+        )
+    return Tokenizer(directory=directory, sp=sp, meta=meta)
+
+
+def _special_pieces(languages: list[str], num_sentinels: int) -> list[str]:
+    pieces = [f"<{name}>" for name in EXTRA_SPECIALS]
+    pieces += [lang_token(lang) for lang in languages]
+    pieces += [sentinel_token(i) for i in range(num_sentinels)]
+    return pieces
+
+
+def _lang_rng(seed: int, lang: str) -> np.random.Generator:
+    # keyed by the language's name, not its position, so adding a language changes no other's
+    return np.random.default_rng([seed, zlib.crc32(lang.encode("utf-8"))])
+
+
+def _write_training_lines(out, text: str) -> int:
+    """Write one document as training sentences; return characters written."""
+    written = 0
+    for line in text.split("\n"):
+        while line:
+            piece = line[: _MAX_SENTENCE_BYTES // 4]  # <= 4 UTF-8 bytes per character
+            line = line[len(piece) :]
+            if piece.strip():
+                out.write(piece + "\n")
+                written += len(piece)
+    return written
+
+
+def train_tokenizer(
+    inputs: list[MonoInput],
+    *,
+    vocab_size: int,
+    out: str | os.PathLike,
+    alpha: float = 0.3,
+    model_type: str = "unigram",
+    num_sentinels: int = DEFAULT_SENTINELS,
+    sample_chars: int = DEFAULT_SAMPLE_CHARS,
+    character_coverage: float = 0.9995,
+    seed: int = 0,
+    fmt: str = "auto",
+    text_field: str = "text",
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    num_threads: int | None = None,
+) -> dict:
+    """Train a sentencepiece model on an alpha-smoothed sample of ``inputs``; write ``out``.
+
+    Returns:
+        The sidecar written to ``out/spm.json``.
+
+    Raises:
+        ValueError: a bad argument (vocab size too small for the special and byte pieces, alpha
+            outside (0, 1], unknown model type), a language with no usable document, or a vocab
+            size sentencepiece cannot reach on this input.
+        FileNotFoundError: an input file is missing.
+    """
+    alpha = check_alpha(alpha, name="--alpha")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"--model-type {model_type!r} must be one of {', '.join(MODEL_TYPES)}")
+    if not inputs:
+        raise ValueError("--input: at least one LANG=PATH is required")
+    if num_sentinels < 0:
+        raise ValueError(f"--sentinels ({num_sentinels}) must be >= 0")
+    if sample_chars < 1:
+        raise ValueError(f"--sample-chars ({sample_chars}) must be >= 1")
+    languages = sorted(i.lang for i in inputs)
+    specials = _special_pieces(languages, num_sentinels)
+    minimum = len(BASE_SPECIALS) + len(specials) + BYTE_PIECES + 1
+    if vocab_size < minimum:
+        raise ValueError(
+            f"--vocab-size ({vocab_size}) must be >= {minimum}: 4 base specials, "
+            f"{len(specials)} control symbols, {BYTE_PIECES} byte pieces and at least one more"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = dict(fmt=fmt, text_field=text_field, max_doc_bytes=max_doc_bytes)
+
+    # pass 1: how much text each language has
+    chars: dict[str, int] = {}
+    docs: dict[str, int] = {}
+    rejects = Rejects()
+    for item in inputs:
+        n_chars = n_docs = 0
+        for path in item.paths:
+            for _, text in iter_documents(path, rejects=rejects, **reader):
+                n_chars += len(text)
+                n_docs += 1
+        if n_docs == 0:
+            raise ValueError(
+                f"--input {item.lang}: no usable document in {len(item.paths)} file(s)"
+            )
+        chars[item.lang], docs[item.lang] = n_chars, n_docs
+    probs = language_probabilities(chars, alpha=alpha)
+    budget = min(sum(chars.values()), sample_chars)
+
+    # pass 2: the smoothed sample, written as sentencepiece's one-sentence-per-line input
+    sampled: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix=".spm-train-", dir=out) as tmp:
+        sample_path = Path(tmp) / "sample.txt"
+        with open(sample_path, "w", encoding="utf-8") as sample:
+            for item in sorted(inputs, key=lambda i: i.lang):
+                rate = probs[item.lang] * budget / chars[item.lang]
+                whole, frac = int(rate), rate - int(rate)
+                rng = _lang_rng(seed, item.lang)
+                written = 0
+                for path in item.paths:
+                    for _, text in iter_documents(path, rejects=Rejects(), **reader):
+                        copies = whole + int(rng.random() < frac)
+                        for _ in range(copies):
+                            written += _write_training_lines(sample, text)
+                sampled[item.lang] = written
+        model = io.BytesIO()
+        try:
+            with open(sample_path, encoding="utf-8") as lines:
+                # an iterator and an in-memory writer keep temporary paths out of the model's
+                # trainer_spec, so the same inputs and seed give a byte-identical model
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=(line.rstrip("\n") for line in lines),
+                    model_writer=model,
+                    model_type=model_type,
+                    vocab_size=vocab_size,
+                    character_coverage=character_coverage,
+                    byte_fallback=True,
+                    normalization_rule_name="identity",
+                    remove_extra_whitespaces=False,
+                    split_digits=True,
+                    allow_whitespace_only_pieces=True,
+                    pad_id=BASE_SPECIALS["pad"][1],
+                    unk_id=BASE_SPECIALS["unk"][1],
+                    bos_id=BASE_SPECIALS["bos"][1],
+                    eos_id=BASE_SPECIALS["eos"][1],
+                    pad_piece=BASE_SPECIALS["pad"][0],
+                    unk_piece=BASE_SPECIALS["unk"][0],
+                    bos_piece=BASE_SPECIALS["bos"][0],
+                    eos_piece=BASE_SPECIALS["eos"][0],
+                    control_symbols=specials,
+                    input_sentence_size=0,
+                    max_sentence_length=_MAX_SENTENCE_BYTES,
+                    num_threads=num_threads or os.cpu_count() or 1,
+                    minloglevel=2,
+                )
+        except RuntimeError as err:
+            # sentencepiece reports e.g. "Vocabulary size is smaller than required_chars"
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else "training failed"
+            raise ValueError(
+                f"--vocab-size ({vocab_size}) does not fit this input: sentencepiece: {reason}"
+            ) from None
+    model_tmp = out / f".{MODEL_FILE}.tmp"
+    model_tmp.write_bytes(model.getvalue())
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_tmp))
+    piece_ids = {piece: sp.piece_to_id(piece) for piece in specials}
+    special_ids = {name: idx for name, (_, idx) in BASE_SPECIALS.items()}
+    special_ids.update({name: piece_ids[f"<{name}>"] for name in EXTRA_SPECIALS})
+    meta = {
+        "format": SIDECAR_FORMAT,
+        "model_file": MODEL_FILE,
+        "model_sha256": sha256_file(model_tmp),
+        "model_type": model_type,
+        "vocab_size": sp.get_piece_size(),
+        "special_ids": special_ids,
+        "special_pieces": {name: sp.id_to_piece(idx) for name, idx in special_ids.items()},
+        "lang_ids": {lang: piece_ids[lang_token(lang)] for lang in languages},
+        "sentinel_ids": [piece_ids[sentinel_token(i)] for i in range(num_sentinels)],
+        "byte_fallback": True,
+        "normalization": "identity",
+        "character_coverage": character_coverage,
+        "languages": languages,
+        "alpha": alpha,
+        "seed": seed,
+        "sample": {
+            "unit": "characters",
+            "budget": budget,
+            "languages": {
+                lang: {
+                    "documents": docs[lang],
+                    "n": chars[lang],
+                    "q": chars[lang] / sum(chars.values()),
+                    "p": probs[lang],
+                    "sampled": sampled[lang],
+                }
+                for lang in languages
+            },
+        },
+        "rejected": rejects.as_dict(),
+    }
+    # the model first, the sidecar last: a directory with a sidecar is complete
+    os.replace(model_tmp, out / MODEL_FILE)
+    sidecar_tmp = out / f".{SIDECAR_FILE}.tmp"
+    sidecar_tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(sidecar_tmp, out / SIDECAR_FILE)
+    return meta
