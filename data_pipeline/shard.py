@@ -379,7 +379,9 @@ def run_shard_job(
             tokenizer was not trained for, or a bad tokenizer directory.
         FileNotFoundError: the tokenizer directory or an input file is missing.
     """
-    pairs = pairs or []
+    # shards are numbered in this order, so it must not depend on how the caller listed inputs
+    mono = sorted(mono, key=lambda item: item.lang)
+    pairs = sorted(pairs or [], key=lambda pair: pair.name)
     settings = settings or ShardSettings()
     settings.check()
     workers = default_workers() if workers is None else workers

@@ -295,6 +295,7 @@ def train_tokenizer(
         except RuntimeError as err:
             # sentencepiece reports e.g. "Vocabulary size is smaller than required_chars"
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else "training failed"
+            reason = reason.split("] ", 1)[-1]  # drop "INTERNAL: file.cc(638) [condition]"
             raise ValueError(
                 f"--vocab-size ({vocab_size}) does not fit this input: sentencepiece: {reason}"
             ) from None

@@ -1,0 +1,143 @@
+"""Input specs and raw readers: formats, compression, bad input counted (never raised)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from data_pipeline.readers import (
+    MonoInput,
+    PairInput,
+    Rejects,
+    iter_documents,
+    iter_pairs,
+    parse_mono_specs,
+    parse_pair_specs,
+)
+
+
+def _docs(path: Path, **kwargs) -> tuple[list[tuple[int, str]], Rejects]:
+    rejects = Rejects()
+    return list(iter_documents(path, rejects=rejects, **kwargs)), rejects
+
+
+def test_lines_gz_and_zst_read_the_same(tmp_path: Path) -> None:
+    data = "first doc\nzweites Dokument\n第三\n".encode()
+    (tmp_path / "a.txt").write_bytes(data)
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(data, mtime=0))
+    (tmp_path / "a.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    want = [(0, "first doc"), (1, "zweites Dokument"), (2, "第三")]
+    for name in ("a.txt", "a.txt.gz", "a.txt.zst"):
+        docs, rejects = _docs(tmp_path / name)
+        assert docs == want, name
+        assert rejects.total == 0
+
+
+def test_bad_lines_are_counted_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    long_line = b"x" * 5000
+    path.write_bytes(
+        b"ok one\n\xff\xfe broken\n\n   \n" + long_line + b"\nok two\r\nlast no newline"
+    )
+    docs, rejects = _docs(path, max_doc_bytes=1000)
+    assert docs == [(0, "ok one"), (5, "ok two"), (6, "last no newline")]
+    assert rejects.as_dict() == {
+        "invalid_utf8": 1,
+        "empty": 2,
+        "too_long": 1,
+        "bad_json": 0,
+        "malformed": 0,
+    }
+    assert rejects.by_file == {"bad.txt": 4}
+
+
+def test_overlong_line_of_exact_limit_boundaries(tmp_path: Path) -> None:
+    path = tmp_path / "edge.txt"
+    path.write_bytes(b"a" * 10 + b"\n" + b"b" * 11 + b"\n" + b"c" * 12 + b"\nnext\n")
+    docs, rejects = _docs(path, max_doc_bytes=10)
+    assert docs == [(0, "a" * 10), (3, "next")]
+    assert rejects.too_long == 2
+
+
+def test_blank_line_format(tmp_path: Path) -> None:
+    path = tmp_path / "docs.txt"
+    path.write_text("para one\nline two\n\n\n\nsecond doc\n\n")
+    docs, rejects = _docs(path, fmt="blank")
+    assert docs == [(0, "para one\nline two"), (1, "second doc")]
+    assert rejects.total == 0
+
+
+def test_jsonl_format_and_its_faults(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    lines = [
+        json.dumps({"text": "hello"}),
+        "{not json",
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": "   "}),
+        json.dumps({"text": 5}),
+        '{"text": "lone surrogate \\ud800"}',
+        json.dumps({"text": "ünïcode"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    docs, rejects = _docs(path)  # auto picks jsonl from the suffix
+    assert docs == [(0, "hello"), (6, "ünïcode")]
+    assert (rejects.bad_json, rejects.empty, rejects.invalid_utf8) == (3, 1, 1)
+    docs, _ = _docs(path, fmt="jsonl", text_field="body")
+    assert docs == [(2, "no text field")]
+
+
+def test_tsv_pairs_and_aligned_files(tmp_path: Path) -> None:
+    tsv = tmp_path / "en-de.tsv"
+    tsv.write_bytes(b"Hello\tHallo\nno tab here\na\tb\tc\n\xff\tx\nYes\tJa\n")
+    rejects = Rejects()
+    pairs = list(iter_pairs(PairInput("en", "de", (tsv,)), rejects=rejects))
+    assert pairs == [("en-de.tsv", 0, "Hello", "Hallo"), ("en-de.tsv", 4, "Yes", "Ja")]
+    assert (rejects.malformed, rejects.invalid_utf8) == (2, 1)
+
+    (tmp_path / "x.en").write_text("one\ntwo\nthree\n")
+    (tmp_path / "x.de").write_text("eins\nzwei\n")
+    rejects = Rejects()
+    pair = PairInput("en", "de", (tmp_path / "x.en", tmp_path / "x.de"), aligned=True)
+    assert [p[2:] for p in iter_pairs(pair, rejects=rejects)] == [("one", "eins"), ("two", "zwei")]
+    assert rejects.malformed == 1
+
+
+def test_specs_globs_and_placeholders(tmp_path: Path) -> None:
+    for name in ("en.train.txt", "de.train.txt", "en.extra.txt", "en-de.tsv", "en-fr.tsv"):
+        (tmp_path / name).write_text("x y\n")
+    got = parse_mono_specs([f"{tmp_path}/{{lang}}.train.txt", f"en={tmp_path}/en.e*.txt"])
+    assert got == [
+        MonoInput("de", (tmp_path / "de.train.txt",)),
+        MonoInput("en", (tmp_path / "en.extra.txt", tmp_path / "en.train.txt")),
+    ]
+    pairs = parse_pair_specs([f"{tmp_path}/{{src}}-{{tgt}}.tsv"])
+    assert [(p.name, p.paths) for p in pairs] == [
+        ("en-de", (tmp_path / "en-de.tsv",)),
+        ("en-fr", (tmp_path / "en-fr.tsv",)),
+    ]
+
+
+def test_spec_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as err:
+        parse_mono_specs([f"en={tmp_path}/missing.txt"])
+    assert str(err.value) == f"--input en '{tmp_path}/missing.txt': no such file"
+    with pytest.raises(FileNotFoundError, match="no file matches this glob$"):
+        parse_mono_specs([f"en={tmp_path}/*.nothing"])
+    with pytest.raises(ValueError) as err:
+        parse_mono_specs(["just/a/path.txt"])
+    assert str(err.value) == (
+        "--input 'just/a/path.txt' must be LANG=PATH or a PATH containing {lang}"
+    )
+    with pytest.raises(ValueError, match=r"language 'EN' is not a language code"):
+        parse_mono_specs([f"EN={tmp_path}/x"])
+    (tmp_path / "a.tsv").write_text("a\tb\n")
+    with pytest.raises(ValueError, match="source and target language must differ$"):
+        parse_pair_specs([f"en-en={tmp_path}/a.tsv"])
+    with pytest.raises(ValueError, match=r"^--parallel 'x.tsv' must be SRC-TGT=PATH.tsv"):
+        parse_pair_specs(["x.tsv"])
+    with pytest.raises(ValueError, match=r"^--format 'csv' must be one of auto, lines"):
+        _docs(tmp_path / "a.tsv", fmt="csv")
