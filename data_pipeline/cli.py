@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from typing import NoReturn
 
 from data_pipeline.manifest import load_manifest, summary_lines
 from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
@@ -29,7 +30,7 @@ EXIT_BAD_INPUT = 2
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2), like every other Rosetta error."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
 
 
@@ -98,7 +99,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         raise ValueError(f"--shard-text-mb ({args.shard_text_mb}) must be > 0")
     manifest = run_shard_job(
         parse_mono_specs(args.input or []),
-        parse_pair_specs(args.parallel or []),
+        pairs=parse_pair_specs(args.parallel or []),
         tokenizer=args.tokenizer,
         out=args.out,
         workers=args.workers,

@@ -192,10 +192,10 @@ def open_binary(path: Path) -> BinaryIO:
     """
     raw = open(path, "rb")  # noqa: SIM115 - handed to the caller, who closes it
     if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw)
     if path.suffix == ".zst":
         reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.BufferedReader(reader, buffer_size=_READ_CHUNK)  # type: ignore[arg-type]
+        return io.BufferedReader(reader, buffer_size=_READ_CHUNK)
     return raw
 
 
@@ -436,7 +436,7 @@ def _iter_aligned(
             if src_raw is None or tgt_raw is None:
                 rejects.add("too_long", source)
                 continue
-            src = _decode(src_raw, rejects, source)  # type: ignore[arg-type]
-            tgt = _decode(tgt_raw, rejects, source) if src is not None else None  # type: ignore[arg-type]
+            src = _decode(src_raw, rejects, source)
+            tgt = _decode(tgt_raw, rejects, source) if src is not None else None
             if src is not None and tgt is not None:
                 yield source, ordinal, src, tgt

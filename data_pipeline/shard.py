@@ -240,8 +240,10 @@ def _process(task: _Task) -> ShardResult:
                     "dtype": dtype_name(dtype),
                     "chunk": chunk,
                 }
-                payload = encode_mono_payload(tokens[cum[a] : cum[b]], cum[a : b + 1] - cum[a])
-                writer.add_sample(meta, payload, ext=MONO_EXT)
+                payload = encode_mono_payload(
+                    tokens[cum[a] : cum[b]], doc_offsets=cum[a : b + 1] - cum[a]
+                )
+                writer.add_sample(meta, payload=payload, ext=MONO_EXT)
             src_total = int(cum[-1])
         else:
             src, src_cum = _flatten(sp.encode([d[2] for d in task.docs], num_threads=1), dtype)
@@ -263,11 +265,11 @@ def _process(task: _Task) -> ShardResult:
                 }
                 payload = encode_pair_payload(
                     src[src_cum[a] : src_cum[b]],
-                    src_cum[a : b + 1] - src_cum[a],
-                    tgt[tgt_cum[a] : tgt_cum[b]],
-                    tgt_cum[a : b + 1] - tgt_cum[a],
+                    src_offsets=src_cum[a : b + 1] - src_cum[a],
+                    tgt=tgt[tgt_cum[a] : tgt_cum[b]],
+                    tgt_offsets=tgt_cum[a : b + 1] - tgt_cum[a],
                 )
-                writer.add_sample(meta, payload, ext=PAIR_EXT)
+                writer.add_sample(meta, payload=payload, ext=PAIR_EXT)
             src_total, tgt_total = int(src_cum[-1]), int(tgt_cum[-1])
         samples = writer.num_samples
         documents = len(task.docs)
@@ -361,8 +363,8 @@ def _copy_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 
 def run_shard_job(
     mono: list[MonoInput],
-    pairs: list[PairInput] | None = None,
     *,
+    pairs: list[PairInput] | None = None,
     tokenizer: str | os.PathLike,
     out: str | os.PathLike,
     workers: int | None = None,
@@ -420,17 +422,19 @@ def run_shard_job(
         if SHARD_NAME_RE.match(old.name) and old.name not in written:
             log(f"{old.name}: removed (not produced from the current inputs)")
             old.unlink()
-    manifest = build_manifest(results, tok, settings, rejects, mono=mono, pairs=pairs)
+    manifest = build_manifest(
+        results, tok=tok, settings=settings, rejects=rejects, mono=mono, pairs=pairs
+    )
     write_manifest(out, manifest)
     return manifest
 
 
 def build_manifest(
     results: list[ShardResult],
+    *,
     tok: Tokenizer,
     settings: ShardSettings,
     rejects: dict[str, Rejects],
-    *,
     mono: list[MonoInput],
     pairs: list[PairInput],
 ) -> dict:

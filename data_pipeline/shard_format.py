@@ -87,13 +87,13 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
-def encode_mono_payload(tokens: np.ndarray, doc_offsets: np.ndarray) -> bytes:
+def encode_mono_payload(tokens: np.ndarray, *, doc_offsets: np.ndarray) -> bytes:
     """Uncompressed mono payload: offsets then tokens (see module docstring)."""
     return doc_offsets.astype(OFFSET_DTYPE, copy=False).tobytes() + tokens.tobytes()
 
 
 def encode_pair_payload(
-    src: np.ndarray, src_offsets: np.ndarray, tgt: np.ndarray, tgt_offsets: np.ndarray
+    src: np.ndarray, *, src_offsets: np.ndarray, tgt: np.ndarray, tgt_offsets: np.ndarray
 ) -> bytes:
     """Uncompressed pair payload: src offsets, tgt offsets, src ids, tgt ids."""
     return b"".join(
@@ -113,8 +113,8 @@ def _check_offsets(offsets: np.ndarray, total: int, *, where: str) -> None:
 
 def decode_sample(
     meta: bytes | dict,
-    payload: bytes,
     *,
+    payload: bytes,
     where: str = "sample",
     check: bool = True,
     decompressor: zstandard.ZstdDecompressor | None = None,
@@ -211,7 +211,7 @@ class ShardWriter:
     def _key(self) -> str:
         return f"{self.path.name.removesuffix('.tar')}_{self.num_samples:06d}"
 
-    def add_sample(self, meta: dict, payload: bytes, *, ext: str) -> None:
+    def add_sample(self, meta: dict, *, payload: bytes, ext: str) -> None:
         """Append one sample: its metadata and its (uncompressed) payload."""
         key = self._key()
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
@@ -323,7 +323,7 @@ def iter_shard_samples(path: str | os.PathLike, *, check: bool = True) -> Iterat
             raise ValueError(f"shard {path.name}: sample {key!r} payload .{ext}, not .{expected}")
         sample = decode_sample(
             meta,
-            payload,
+            payload=payload,
             where=f"shard {path.name} sample {key}",
             check=check,
             decompressor=decompressor,

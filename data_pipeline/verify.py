@@ -37,7 +37,7 @@ def _check_shard(path: Path, entry: dict, *, vocab_size: int, dtype: str) -> str
                 )
             if meta.get("dtype") != dtype:
                 return f"{where}: dtype {meta.get('dtype')} != manifest {dtype}"
-            sample = decode_sample(meta, payload, where=where, decompressor=decompressor)
+            sample = decode_sample(meta, payload=payload, where=where, decompressor=decompressor)
             arrays = (
                 [sample["tokens"]]
                 if entry["kind"] == "mono"

@@ -100,9 +100,7 @@ class _HelpPageParser(html.parser.HTMLParser):
         elem_id = a.get("id") or ""
         # switchinline spans hold one variant per OS, all hidden; the help viewer shows the
         # "default" one, so keep that and drop the MAC/WIN/UNIX variants.
-        skip = tag in ("script", "style") or (
-            "hidden" in a and not elem_id.startswith("default")
-        )
+        skip = tag in ("script", "style") or ("hidden" in a and not elem_id.startswith("default"))
         para = elem_id if ID_RE.match(elem_id) and elem_id not in self._open else None
         if para is not None:
             self._open[para] = []

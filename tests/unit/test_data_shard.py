@@ -96,7 +96,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _shard(data: dict, out: Path, *, workers: int = 1, log: list | None = None) -> dict:
     return run_shard_job(
         data["mono"],
-        data["pairs"],
+        pairs=data["pairs"],
         tokenizer=data["tok"],
         out=out,
         workers=workers,
@@ -225,12 +225,12 @@ def test_interrupted_shard_never_under_its_final_name(
     calls = {"n": 0}
     original = ShardWriter.add_sample
 
-    def dying(self: ShardWriter, meta: dict, payload: bytes, *, ext: str) -> None:
+    def dying(self: ShardWriter, meta: dict, *, payload: bytes, ext: str) -> None:
         assert not self.path.exists() and self.tmp_path.exists()
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # the job killed mid-shard
-        original(self, meta, payload, ext=ext)
+        original(self, meta, payload=payload, ext=ext)
 
     monkeypatch.setattr(ShardWriter, "add_sample", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -288,7 +288,7 @@ def test_webdataset_reads_plain_ustar_shards(sharded: Path) -> None:
     theirs = list(wds.WebDataset(str(path), shardshuffle=False))
     assert [s["__key__"] for s in theirs] == [s["key"] for s in ours]
     for mine, sample in zip(ours, theirs):
-        decoded = decode_sample(sample["json"], sample["tok.zst"])
+        decoded = decode_sample(sample["json"], payload=sample["tok.zst"])
         assert np.array_equal(decoded["tokens"], mine["tokens"])
         assert np.array_equal(decoded["doc_offsets"], mine["doc_offsets"])
 
@@ -311,7 +311,9 @@ def test_token_dtype_follows_vocab_size(tmp_path: Path) -> None:
         "chunk": "0",
     }
     with ShardWriter(tmp_path / "mono_xx_00000.tar", dtype=ids.dtype) as writer:
-        writer.add_sample(meta, encode_mono_payload(ids, offsets), ext="tok.zst")
+        writer.add_sample(
+            meta, payload=encode_mono_payload(ids, doc_offsets=offsets), ext="tok.zst"
+        )
     [sample] = list(iter_shard_samples(tmp_path / "mono_xx_00000.tar"))
     assert sample["tokens"].dtype == np.uint32
     assert sample["tokens"].tolist() == [5, 70_000, 250_001, 3]
@@ -321,15 +323,15 @@ def test_token_dtype_follows_vocab_size(tmp_path: Path) -> None:
 def test_decode_sample_rejects_inconsistent_payloads() -> None:
     meta = {"kind": "mono", "dtype": "uint16", "num_docs": 1, "num_tokens": 3}
     zstd = zstandard.ZstdCompressor(write_checksum=True)
-    good = encode_mono_payload(np.array([1, 2, 3], np.uint16), np.array([0, 3]))
-    assert decode_sample(meta, zstd.compress(good))["tokens"].tolist() == [1, 2, 3]
+    good = encode_mono_payload(np.array([1, 2, 3], np.uint16), doc_offsets=np.array([0, 3]))
+    assert decode_sample(meta, payload=zstd.compress(good))["tokens"].tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match=r"^s: payload is 14 bytes, metadata implies 16$"):
-        decode_sample({**meta, "num_tokens": 4}, zstd.compress(good), where="s")
-    bad_offsets = encode_mono_payload(np.array([1, 2, 3], np.uint16), np.array([0, 2]))
+        decode_sample({**meta, "num_tokens": 4}, payload=zstd.compress(good), where="s")
+    bad_offsets = encode_mono_payload(np.array([1, 2, 3], np.uint16), doc_offsets=np.array([0, 2]))
     with pytest.raises(ValueError, match=r"^s: document offsets must rise from 0 to 3$"):
-        decode_sample(meta, zstd.compress(bad_offsets), where="s")
+        decode_sample(meta, payload=zstd.compress(bad_offsets), where="s")
     with pytest.raises(ValueError, match=r"^s: payload does not decompress"):
-        decode_sample(meta, b"junk", where="s")
+        decode_sample(meta, payload=b"junk", where="s")
 
 
 def test_cli_errors_are_one_line_with_exit_2(
