@@ -6,6 +6,7 @@ Layout of ``<run_dir>/checkpoints/``::
         .metadata        DCP metadata (a pickle: checkpoints are trusted run output)
         __<r>_0.distcp   DCP shards: model, optimizer, scheduler, step
         rank_<r>.pt      per-rank state: RNG states and the data loader's state
+        config.yaml      the resolved run config (model and layout it was saved with)
     .step_<N>.partial/   a save in progress, or one a killed run left behind (never loaded)
 
 A save writes into ``.step_<N>.partial``; once every rank has finished (a barrier), rank 0
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -150,8 +152,16 @@ class CheckpointManager:
         self.async_save = async_save
         self._pending: tuple[int, Path, Future] | None = None
 
-    def save(self, step: int, state: TrainState, *, rank_state: dict[str, Any]) -> None:
-        """Save ``state`` (collective) and this rank's ``rank_state`` as checkpoint ``step``."""
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        rank_state: dict[str, Any],
+        config_yaml: str | None = None,
+    ) -> None:
+        """Save ``state`` (collective) and this rank's ``rank_state`` as checkpoint ``step``,
+        with the resolved run config beside it."""
         self.wait()
         partial = self.root / f".step_{step}.partial"
         if _rank() == 0:
@@ -159,6 +169,8 @@ class CheckpointManager:
             if partial.exists():
                 shutil.rmtree(partial)  # left by a killed run: never loaded, safe to drop
             partial.mkdir()
+            if config_yaml is not None:
+                (partial / "config.yaml").write_text(config_yaml, encoding="utf-8")
         _barrier()
         _write_rank_state(partial, rank_state)
         if self.async_save:
@@ -215,6 +227,39 @@ class CheckpointManager:
     def close(self) -> None:
         """Finish any background save."""
         self.wait()
+
+
+def check_compatible(path: str | os.PathLike, model_cfg: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint saved for another model.
+
+    Args:
+        path: a complete checkpoint directory.
+        model_cfg: this run's ``model`` section as a plain dict.
+
+    Raises:
+        ValueError: one line naming the first ``model.*`` key that differs.
+    """
+    config_path = Path(path) / "config.yaml"
+    if not config_path.is_file():
+        return  # saved without a config: DCP's own key and shape checks still apply
+    saved = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("model", {})
+    for key, value in _flatten(model_cfg, "model").items():
+        saved_value = _flatten(saved, "model").get(key, value)
+        if saved_value != value:
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds {key}={saved_value!r} but this run has "
+                f"{key}={value!r}; a different model cannot resume it"
+            )
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
 
 
 def _write_rank_state(directory: Path, rank_state: dict[str, Any]) -> None:

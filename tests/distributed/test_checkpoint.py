@@ -130,3 +130,27 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_checkpoint_of_another_model_is_refused_with_one_line(tmp_path: Path):
+    from pretrain.checkpoint import check_compatible
+    from pretrain.config import config_to_dict, config_to_yaml, load_config
+
+    saved_cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny_encoder.yaml")
+    model, opt, sched = _setup(False)
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save(
+        1,
+        TrainState(model, opt, sched, step=1),
+        rank_state={},
+        config_yaml=config_to_yaml(saved_cfg),
+    )
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    check_compatible(ckpt, config_to_dict(saved_cfg)["model"])  # same model: fine
+    run_cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny_decoder.yaml")
+    with pytest.raises(ValueError) as err:
+        check_compatible(ckpt, config_to_dict(run_cfg)["model"])
+    assert str(err.value) == (
+        f"checkpoint '{ckpt}' holds model.family='encoder' but this run has "
+        "model.family='decoder'; a different model cannot resume it"
+    )
