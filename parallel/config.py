@@ -1,9 +1,8 @@
 """Parallel layout configuration: the ``parallel`` section of a run config.
 
 Mesh axes are ``pp``, ``dp_replicate``, ``dp_shard`` and ``tp``; their product is the world size.
-``ep`` (expert parallel) is not a separate axis: it is drawn from the data-parallel ranks
-(``dp_replicate * dp_shard``) and, optionally, the tensor-parallel ranks, so it must divide their
-product.
+``ep`` (expert parallel) is not a separate axis: it is drawn from the fully-sharded
+data-parallel ranks, so it must divide ``dp_shard`` (layout in ``parallel/mesh.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree (stages)."""
     ep: int = 1
-    """Expert-parallel degree, drawn from the data-parallel (and tensor-parallel) ranks."""
+    """Expert-parallel degree, drawn from the dp_shard ranks (must divide dp_shard)."""
     pp_schedule: str = "1F1B"
     """torch.distributed.pipelining schedule: 1F1B, GPipe, Interleaved1F1B, LoopedBFS,
     InterleavedZeroBubble, ZBVZeroBubble, DualPipeV."""
@@ -134,12 +133,9 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
                 f"parallel.tp ({cfg.tp}) x parallel.pp ({cfg.pp}) = {fixed * dp_shard} must "
                 f"equal the world size ({world_size})"
             )
-        ep_pool = cfg.dp_replicate * dp_shard * cfg.tp
-        if ep_pool % cfg.ep != 0:
-            raise ValueError(
-                f"parallel.ep ({cfg.ep}) must divide parallel.dp_replicate x parallel.dp_shard x "
-                f"parallel.tp ({ep_pool})"
-            )
+        if dp_shard % cfg.ep != 0:
+            # ep is drawn from the dp_shard ranks (parallel/mesh.py documents the layout).
+            raise ValueError(f"parallel.ep ({cfg.ep}) must divide parallel.dp_shard ({dp_shard})")
     return {
         "pp": cfg.pp,
         "dp_replicate": cfg.dp_replicate,

@@ -1,0 +1,246 @@
+"""Expert parallel (and tensor parallel inside the experts) for ``pretrain.models.moe``.
+
+The MoE layer sorts its token assignments by expert and calls ``experts(x_MD, offs_E=...,
+row_experts_M=...)``. ``apply_experts_parallel`` swaps the class of each ``GroupedExperts`` for
+``ParallelGroupedExperts`` (same parameter names, so seeded init is unchanged) whose forward is:
+
+    x_MD (rows grouped by global expert; replicated over tp)
+      -> [tp] identity forward, all-reduce of the gradient (the F-sharded experts each give a
+         partial input gradient)
+      -> [ep] all-to-all with variable splits: rows for expert e go to the ep rank owning e;
+         the received rows are regrouped from (source rank, local expert) to (local expert,
+         source rank)
+      -> grouped matmuls with the local expert weights (F-sharded under tp)
+      -> [tp] all-reduce of the partial output (gradient passes unchanged), then ``b2``
+      -> [ep] the reverse all-to-all, back to the source rows.
+
+Because the expert output is complete before it leaves, everything outside the experts (router,
+gates, aux losses) sees replicated values and gets replicated gradients over tp. Under sequence
+parallel the MoE's output is cut back to this rank's sequence chunk.
+
+Parameter placements (DTensors): over ``ep`` experts ``Shard(0)``; over ``tp`` ``w1``/``w3``
+``[E, F, D]`` ``Shard(1)``, ``w2`` ``[E, D, F]`` ``Shard(2)``, ``b1`` ``Shard(1)``, ``b2``
+``Replicate()``. With ``ep > 1`` expert parameters are left out of FSDP/DDP: ranks with the same
+``ep`` coordinate (the ``edp`` axis) hold the same experts, and their gradients are averaged over
+``edp`` by a post-accumulate hook and scaled by 1/ep in backward (each ep rank's gradient sums
+the contributions of the ep group's tokens, so the pair gives the mean over all dp ranks).
+
+Shape legend: M grouped rows, D model width, F expert FFN width, E experts, L local experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from pretrain.models.moe import GroupedExperts, MoE, grouped_mm
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; all-reduce (sum) of the gradient over ``group``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """All-reduce (sum) forward; the gradient passes unchanged (it is replicated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; gradient times ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class ParallelGroupedExperts(GroupedExperts):
+    """``GroupedExperts`` with expert- and tensor-parallel forward (see the module docstring).
+
+    Set up by ``apply_experts_parallel``; not constructed directly.
+    """
+
+    ep_group: dist.ProcessGroup | None
+    tp_group: dist.ProcessGroup | None
+    ep: int
+    tp: int
+
+    def _local(self, param: torch.Tensor | None) -> torch.Tensor | None:
+        if param is None:
+            return None
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if self.ep > 1:
+            local = _ScaleGrad.apply(local, 1.0 / self.ep)
+        return local
+
+    def _compute(
+        self, x_MD: torch.Tensor, *, offs_L: torch.Tensor, row_experts_M: torch.Tensor | None
+    ) -> torch.Tensor:
+        w1, w2, w3 = self._local(self.w1), self._local(self.w2), self._local(self.w3)
+        b1, b2 = self._local(self.b1), self._local(self.b2)
+        h_MF = grouped_mm(x_MD, w1.transpose(-2, -1), offs_L)
+        if b1 is not None:
+            h_MF = h_MF + b1[row_experts_M]
+        if w3 is not None:
+            h_MF = F.silu(h_MF) * grouped_mm(x_MD, w3.transpose(-2, -1), offs_L)
+        else:
+            h_MF = F.gelu(h_MF)
+        y_MD = grouped_mm(h_MF, w2.transpose(-2, -1), offs_L)
+        if self.tp > 1:
+            y_MD = _ReduceFromGroup.apply(y_MD, self.tp_group)
+        if b2 is not None:
+            y_MD = y_MD + b2[row_experts_M]
+        return y_MD
+
+    def forward(
+        self,
+        x_MD: torch.Tensor,
+        *,
+        offs_E: torch.Tensor,
+        row_experts_M: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows of ``x_MD`` grouped by global expert (end offsets ``offs_E``) -> ``y_MD``."""
+        if self.tp > 1:
+            x_MD = _CopyToGroup.apply(x_MD, self.tp_group)
+        if self.ep == 1:
+            return self._compute(x_MD, offs_L=offs_E, row_experts_M=row_experts_M)
+
+        num_local = offs_E.numel() // self.ep
+        counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1, dtype=torch.int64))
+        # recv_counts[src * L + e]: rows rank src sends for my local expert e.
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.ep_group)
+        in_splits = counts_E.view(self.ep, num_local).sum(1).tolist()
+        out_splits = recv_counts.view(self.ep, num_local).sum(1).tolist()
+        x_recv = all_to_all_single_autograd(x_MD, out_splits, in_splits, self.ep_group)
+
+        # Regroup received rows from (source, local expert) to (local expert, source) order.
+        segment = torch.repeat_interleave(
+            torch.arange(self.ep * num_local, device=x_MD.device), recv_counts
+        )
+        key = (segment % num_local) * self.ep + segment // num_local
+        order = torch.argsort(key, stable=True)
+        local_counts_L = recv_counts.view(self.ep, num_local).sum(0)
+        offs_L = local_counts_L.cumsum(0).to(torch.int32)
+        rows_L = torch.repeat_interleave(
+            torch.arange(num_local, device=x_MD.device), local_counts_L
+        )
+        y_local = self._compute(x_recv[order], offs_L=offs_L, row_experts_M=rows_L)
+        y_recv = y_local[torch.argsort(order)]
+        return all_to_all_single_autograd(y_recv, in_splits, out_splits, self.ep_group)
+
+
+_TP_DIM = {"w1": 1, "w3": 1, "w2": 2, "b1": 1, "b2": None}
+
+
+def apply_experts_parallel(
+    model: nn.Module,
+    *,
+    ep_mesh: DeviceMesh | None,
+    tp_mesh: DeviceMesh | None,
+    ep_tp_mesh: DeviceMesh | None,
+    sequence_parallel: bool,
+) -> list[nn.Parameter]:
+    """Shard every ``GroupedExperts`` of ``model`` over ``ep`` (and ``tp``). Works on meta.
+
+    Args:
+        ep_mesh, tp_mesh: the axes (None or size 1: not parallel on that axis).
+        ep_tp_mesh: the 2-D ``("ep", "tp")`` mesh, used when both are > 1.
+        sequence_parallel: cut the MoE output back to the sequence chunk under tp.
+
+    Returns:
+        The expert parameters that data parallel must leave alone (empty when ep == 1).
+    """
+    ep = ep_mesh.size() if ep_mesh is not None else 1
+    tp = tp_mesh.size() if tp_mesh is not None else 1
+    if ep == 1 and tp == 1:
+        return []
+    if ep > 1 and tp > 1:
+        mesh, lead = ep_tp_mesh, [Shard(0)]
+    elif ep > 1:
+        mesh, lead = ep_mesh, [Shard(0)]
+    else:
+        mesh, lead = tp_mesh, []
+    ignored: list[nn.Parameter] = []
+    for module in list(model.modules()):
+        if isinstance(module, MoE) and tp > 1 and sequence_parallel:
+            module.register_forward_hook(_to_sequence_chunk(tp_mesh))
+        if not isinstance(module, GroupedExperts):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            tp_dim = _TP_DIM[name]
+            placements = list(lead)
+            if tp > 1:
+                placements.append(Shard(tp_dim) if tp_dim is not None else Replicate())
+            dparam = nn.Parameter(distribute_tensor(param.data, mesh, placements))
+            setattr(module, name, dparam)
+            if ep > 1:
+                ignored.append(dparam)
+        module.__class__ = ParallelGroupedExperts
+        module.ep_group = ep_mesh.get_group() if ep > 1 else None
+        module.tp_group = tp_mesh.get_group() if tp > 1 else None
+        module.ep, module.tp = ep, tp
+    return ignored
+
+
+def register_expert_grad_sync(
+    model: nn.Module, *, edp_group: dist.ProcessGroup | None, edp_size: int
+) -> None:
+    """Average expert gradients over the expert data-parallel axis after each backward (when
+    ep > 1 and edp > 1). Call after ``to_empty()``: materialising swaps the parameters and
+    their hooks would be lost."""
+    if edp_size == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, ParallelGroupedExperts) and module.ep > 1:
+            for param in module.parameters(recurse=False):
+                param.register_post_accumulate_grad_hook(_average_over(edp_group, edp_size))
+
+
+def _to_sequence_chunk(tp_mesh: DeviceMesh):
+    def hook(module: nn.Module, args, out_BTD: torch.Tensor) -> torch.Tensor:
+        # Replicate -> Shard(1) is a local slice forward and an all-gather backward.
+        full = DTensor.from_local(out_BTD, tp_mesh, [Replicate()], run_check=False)
+        return full.redistribute(tp_mesh, [Shard(1)]).to_local()
+
+    return hook
+
+
+def _average_over(group: dist.ProcessGroup, size: int):
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        # Averaging is idempotent on replicas that already agree, so running once per
+        # accumulated backward (microbatches) stays correct.
+        dist.all_reduce(grad, group=group)
+        grad.div_(size)
+
+    return hook

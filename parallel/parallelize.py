@@ -1,0 +1,247 @@
+"""Apply parallelism to a plain model built on the meta device, in the order of DESIGN.md:
+
+    (pipeline split, by ``parallel.pipeline``) -> TP/SP -> EP -> activation checkpointing ->
+    torch.compile -> FSDP2 / HSDP / DDP -> ``to_empty`` -> ``init_weights(seed)``
+
+and the training-step helpers that must know the layout: the loss context for vocabulary-sharded
+logits, gradient clipping over every axis and per-axis metric reduction.
+
+Data parallel: ``dp_shard > 1`` -> FSDP2 ``fully_shard`` per block then the root (HSDP over
+``(dp_replicate, dp_shard)`` when ``dp_replicate > 1``); only ``dp_replicate > 1`` -> DDP
+(composable ``replicate``), or HSDP with one-rank shards when tp gives DTensor parameters (DDP
+does not take DTensors). Every data-parallel engine averages gradients over ``dp``, so the loss
+each rank backpropagates is the mean over its own tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from parallel.config import ParallelConfig
+from parallel.expert_parallel import apply_experts_parallel, register_expert_grad_sync
+from parallel.mesh import ParallelDims
+from parallel.tensor_parallel import apply_tp
+
+
+def parallelize_model(
+    model: nn.Module,
+    *,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    seed: int,
+    device: torch.device | str = "cpu",
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Parallelize ``model`` (a ``pretrain.models.Transformer`` or a pipeline stage of one, on
+    the meta device) in place, materialise it on ``device`` and initialise it from ``seed``.
+
+    Args:
+        dims: the layout, with its mesh built (``dims.build_mesh()``).
+        cfg: the ``parallel`` section (sequence_parallel, activation_checkpointing, compile).
+        seed: ``init_weights`` seed; every layout gives the unsharded model's values.
+        param_dtype, reduce_dtype: FSDP2 mixed precision (None: the parameters' dtype).
+
+    Returns:
+        ``model`` itself (FSDP2 and ``replicate`` keep module identity and parameter names).
+
+    Raises:
+        ValueError: a plan style the model asks for that is not supported.
+    """
+    from pretrain.models import tp_plan
+
+    model_cfg = model.cfg
+    if dims.tp > 1:
+        apply_tp(
+            model,
+            tp_plan(model_cfg),
+            tp_mesh=dims["tp"],
+            sequence_parallel=cfg.sequence_parallel,
+        )
+    expert_params: list[nn.Parameter] = []
+    if model_cfg.moe.num_experts > 0:
+        expert_params = apply_experts_parallel(
+            model,
+            ep_mesh=dims["ep"] if dims.ep > 1 else None,
+            tp_mesh=dims["tp"] if dims.tp > 1 else None,
+            ep_tp_mesh=dims["ep", "tp"] if dims.ep > 1 and dims.tp > 1 else None,
+            sequence_parallel=cfg.sequence_parallel,
+        )
+    apply_activation_checkpointing(model, mode=cfg.activation_checkpointing)
+    if cfg.compile:
+        for block in model.layers.values():
+            block.compile()
+    _apply_data_parallel(
+        model,
+        dims=dims,
+        ignored=set(expert_params),
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+    )
+    model.to_empty(device=device)
+    if dims.ep > 1:
+        register_expert_grad_sync(model, edp_group=dims["edp"].get_group(), edp_size=dims.edp)
+    model.init_weights(seed)
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module, *, mode: str) -> None:
+    """Wrap blocks in non-reentrant activation checkpointing: ``full`` every block,
+    ``selective`` every other block (0, 2, ...), ``none`` nothing.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(
+            f"parallel.activation_checkpointing ({mode!r}) must be none|full|selective"
+        )
+    for index, key in enumerate(list(model.layers.keys())):
+        if mode == "full" or index % 2 == 0:
+            model.layers[key] = checkpoint_wrapper(model.layers[key], preserve_rng_state=True)
+
+
+def _apply_data_parallel(
+    model: nn.Module,
+    *,
+    dims: ParallelDims,
+    ignored: set[nn.Parameter],
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mode = dims.data_parallel_mode
+    if mode == "none":
+        return
+    if mode == "ddp":
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(model, process_group=dims["dp"].get_group())
+        return
+    dp_mesh = dims["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims["dp_shard"]
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers.values():
+        block_ignored = {p for p in block.parameters() if p in ignored}
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, ignored_params=block_ignored or None)
+    # The root keeps its parameters (embeddings, output) unsharded after forward: backward
+    # needs them next.
+    fully_shard(
+        model,
+        mesh=dp_mesh,
+        mp_policy=mp,
+        reshard_after_forward=False,
+        ignored_params=ignored or None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# training-step helpers
+
+
+def loss_context(dims: ParallelDims | None) -> contextlib.AbstractContextManager:
+    """Enter around the loss **and** ``backward()``: ``loss_parallel()`` when ``tp > 1`` (the
+    logits are a ``Shard(2)`` DTensor and cross-entropy runs on the vocabulary shards), else a
+    no-op. Under it the loss is a replicated DTensor: read it with ``.full_tensor()``."""
+    if dims is not None and dims.tp > 1:
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def local_value(loss: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``loss`` (a DTensor from ``loss_parallel`` or a tensor)."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+def _unique_params(parts: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for part in parts:
+        for param in part.parameters():
+            if id(param) not in seen and param.grad is not None:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parts: nn.Module | Iterable[nn.Module],
+    *,
+    max_norm: float,
+    dims: ParallelDims | None,
+    norm_type: float = 2.0,
+) -> torch.Tensor:
+    """Clip the gradients of ``parts`` (a model, or this rank's pipeline stages) to a global
+    ``max_norm`` and return the total norm before clipping (a plain fp32 scalar, equal on every
+    rank).
+
+    Each DTensor gradient's norm is taken over its own mesh (FSDP shards, TP shards, ``Partial``
+    sums of sequence-parallel norms, EP expert shards), so a value replicated on an axis is
+    counted once; plain gradients are replicas. Stage norms are then summed over ``pp``.
+
+    Raises:
+        ValueError: ``norm_type`` other than 2 or inf.
+    """
+    if norm_type not in (2.0, float("inf")):
+        raise ValueError(f"norm_type ({norm_type}) must be 2 or inf")
+    parts = [parts] if isinstance(parts, nn.Module) else list(parts)
+    params = _unique_params(parts)
+    total = torch.zeros((), dtype=torch.float32)
+    for param in params:
+        grad = param.grad
+        norm = torch.linalg.vector_norm(grad, norm_type)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        norm = norm.float().cpu()
+        total = torch.maximum(total, norm) if norm_type == float("inf") else total + norm**2
+    if dims is not None and dims.pp > 1:
+        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+        dist.all_reduce(total, op=op, group=dims["pp"].get_group())
+    total_norm = total if norm_type == float("inf") else total.sqrt()
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for param in params:
+        grad = param.grad
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        local.mul_(coef.to(device=local.device, dtype=local.dtype))
+    return total_norm
+
+
+def reduce_metric(
+    value: torch.Tensor | float,
+    *,
+    dims: ParallelDims | None,
+    axis: str = "dp",
+    op: str = "mean",
+) -> torch.Tensor:
+    """Reduce a per-rank metric over ``axis`` (``dp``, ``pp``, ``tp``, ``ep``, ...):
+    ``mean``, ``sum`` or ``max``. Without a layout the value is returned as a tensor.
+
+    Raises:
+        ValueError: an unknown ``op``.
+    """
+    tensor = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if op not in ("mean", "sum", "max"):
+        raise ValueError(f"metric reduction ({op!r}) must be mean, sum or max")
+    if dims is None:
+        return tensor
+    mesh = dims[axis]
+    if mesh.size() == 1:
+        return tensor
+    dist.all_reduce(
+        tensor,
+        op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+        group=mesh.get_group(),
+    )
+    return tensor / mesh.size() if op == "mean" else tensor

@@ -1,0 +1,171 @@
+"""Shared by the parallel tests (no tests here): tiny configs, a training loop, the reference.
+
+Every check trains a tiny model for ``STEPS`` optimizer steps on fixed data and compares the
+losses, the clipped gradient norms and the parameters after with a single-process run of the
+same model, seed and global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from parallel.config import ParallelConfig
+from parallel.mesh import ParallelDims
+from parallel.parallelize import clip_grad_norm_, local_value, loss_context, parallelize_model
+from pretrain.models import ModelConfig, MoEConfig, build_model
+from pretrain.models.transformer import canonical_name
+
+STEPS = 5
+SEED = 1234
+BATCH = 4
+SEQ = 16
+MAX_NORM = 0.5  # small enough that clipping acts on every step
+
+
+def tiny_config(family: str = "decoder", *, moe: bool = False) -> ModelConfig:
+    """A 2-layer width-32 model of ``family`` (MoE: 4 dropless experts, no aux loss, so that a
+    split batch gives the same gradients as the whole one)."""
+    encoder = family == "encoder"
+    return ModelConfig(
+        family=family,
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2 if not encoder else None,
+        ffn_hidden_size=64,
+        max_seq_len=64,
+        position="learned" if encoder else "rope",
+        norm="layernorm" if encoder else "rmsnorm",
+        norm_position="post" if encoder else "pre",
+        mlp="gelu" if encoder else "swiglu",
+        bias=encoder,
+        tie_embeddings=encoder,
+        qk_norm=not encoder,
+        moe=MoEConfig(
+            num_experts=4 if moe else 0,
+            top_k=2,
+            router="gshard",
+            expert_ffn_hidden_size=32,
+            dropless=True,
+            aux_loss_coef=0.0,
+            z_loss_coef=0.0,
+        ),
+    )
+
+
+def batches(cfg: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``STEPS`` global batches ``(tokens_BT, targets_BT)``."""
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # SGD: AdamW's update is sign-like on near-zero gradients, which turns 1e-8 reduction-order
+    # noise into lr-sized parameter differences (shared/notes); SGD keeps differences linear.
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name -> full parameter value (collective for DTensors: call on every rank)."""
+    out = {}
+    for name, param in model.named_parameters():
+        value = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[canonical_name(name)] = value.detach().clone()
+    return out
+
+
+def train(model, data, *, dims, dp_rank: int = 0, dp_size: int = 1) -> dict:
+    """Train ``STEPS`` steps on this rank's slice of each global batch."""
+    opt = _optimizer(model)
+    losses, norms = [], []
+    for tokens, targets in data:
+        tokens = tokens.chunk(dp_size)[dp_rank]
+        targets = targets.chunk(dp_size)[dp_rank]
+        opt.zero_grad()
+        logits = model(tokens)
+        with loss_context(dims):
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss.backward()
+        value = local_value(loss).detach().clone()
+        if dims is not None and dims.dp > 1:
+            torch.distributed.all_reduce(value, group=dims["dp"].get_group())
+            value /= dims.dp
+        norms.append(clip_grad_norm_(model, max_norm=MAX_NORM, dims=dims).item())
+        losses.append(value.item())
+        opt.step()
+    return {"losses": losses, "norms": norms}
+
+
+def reference(cfg: ModelConfig) -> dict:
+    """The unsharded single-process run."""
+    model = build_model(copy.deepcopy(cfg))
+    model.init_weights(SEED)
+    result = train(model, batches(cfg), dims=None)
+    result["params"] = full_params(model)
+    return result
+
+
+def parallel_run(rank: int, world_size: int, cfg: ModelConfig, par: dict) -> dict:
+    """One rank of a parallel run of ``cfg`` with ``parallel.*`` settings ``par``."""
+    pcfg = ParallelConfig(**par)
+    dims = ParallelDims.from_config(pcfg, world_size=world_size)
+    dims.build_mesh()
+    with torch.device("meta"):
+        model = build_model(copy.deepcopy(cfg))
+    parallelize_model(model, dims=dims, cfg=pcfg, seed=SEED)
+    result = train(model, batches(cfg), dims=dims, dp_rank=dims.dp_rank, dp_size=dims.dp_world_size)
+    params = full_params(model)
+    if rank == 0:
+        result["params"] = params
+    return result
+
+
+def assert_matches(result: dict, ref: dict, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Losses, grad norms and parameters of ``result`` equal the reference's."""
+    torch.testing.assert_close(
+        torch.tensor(result["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=atol
+    )
+    torch.testing.assert_close(
+        torch.tensor(result["norms"]), torch.tensor(ref["norms"]), rtol=rtol, atol=atol
+    )
+    if "params" in result:
+        assert result["params"].keys() == ref["params"].keys()
+        for name, value in ref["params"].items():
+            torch.testing.assert_close(
+                result["params"][name],
+                value,
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, n=name: f"{n}: {m}",
+            )
+
+
+def run_cases(rank: int, world_size: int, cases: list[tuple[ModelConfig, dict]]) -> list[dict]:
+    """Several parallel runs in one launch (each launch costs seconds of start-up)."""
+    return [parallel_run(rank, world_size, cfg, par) for cfg, par in cases]
+
+
+def check_cases(world_size: int, cases: dict[str, tuple[ModelConfig, dict]]) -> None:
+    """Run ``cases`` (label -> (model config, parallel settings)) in one ``world_size`` launch
+    and compare every rank of every case with its reference."""
+    from parallel.testing import run_distributed
+
+    labels = list(cases)
+    results = run_distributed(
+        run_cases, world_size=world_size, args=([cases[k] for k in labels],), timeout_s=240
+    )
+    for index, label in enumerate(labels):
+        ref = reference(cases[label][0])
+        for rank, per_rank in enumerate(results):
+            try:
+                assert_matches(per_rank[index], ref)
+            except AssertionError as err:
+                raise AssertionError(f"{label}, rank {rank}: {err}") from None
