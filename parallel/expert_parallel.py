@@ -1,8 +1,11 @@
 """Expert parallel (and tensor parallel inside the experts) for ``pretrain.models.moe``.
 
 The MoE layer sorts its token assignments by expert and calls ``experts(x_MD, offs_E=...,
-row_experts_M=...)``. ``apply_experts_parallel`` swaps the class of each ``GroupedExperts`` for
-``ParallelGroupedExperts`` (same parameter names, so seeded init is unchanged) whose forward is:
+row_experts_M=...)`` on a module holding stacked weights ``w1``/``w3`` ``[E, F, D]``, ``w2``
+``[E, D, F]`` and optional ``b1`` ``[E, F]``/``b2`` ``[E, D]``. ``apply_experts_parallel``
+finds those modules through the family's TP plan (style ``experts``; parallel/ imports no model
+code) and gives each a subclass with ``ParallelExpertsMixin`` (same parameter names, so seeded
+init is unchanged) whose forward is:
 
     x_MD (rows grouped by global expert; replicated over tp)
       -> [tp] identity forward, all-reduce of the gradient (the F-sharded experts each give a
@@ -38,7 +41,23 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from pretrain.models.moe import GroupedExperts, MoE, grouped_mm
+from parallel.tensor_parallel import matching_modules
+
+
+def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of ``x_MD`` times ``w_EDF[e]`` (int32 end offsets)."""
+    align = 16 // x_MD.element_size()
+    if (
+        hasattr(torch, "_grouped_mm")
+        and x_MD.shape[0] > 0
+        and x_MD.shape[-1] % align == 0
+        and w_EDF.shape[-1] % align == 0
+    ):
+        return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
+    # Unaligned widths (tp-sharded F) or no rows: a segment loop (reads the sizes on the host).
+    sizes = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
+    parts = [seg @ w_EDF[e] for e, seg in enumerate(torch.split(x_MD, sizes))]
+    return torch.cat(parts) if parts else x_MD.new_zeros(0, w_EDF.shape[-1])
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -83,11 +102,9 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class ParallelGroupedExperts(GroupedExperts):
-    """``GroupedExperts`` with expert- and tensor-parallel forward (see the module docstring).
-
-    Set up by ``apply_experts_parallel``; not constructed directly.
-    """
+class ParallelExpertsMixin:
+    """Expert- and tensor-parallel forward for a grouped-experts module (see the module
+    docstring). Mixed into the module's own class by ``apply_experts_parallel``."""
 
     ep_group: dist.ProcessGroup | None
     tp_group: dist.ProcessGroup | None
@@ -162,17 +179,32 @@ class ParallelGroupedExperts(GroupedExperts):
 _TP_DIM = {"w1": 1, "w3": 1, "w2": 2, "b1": 1, "b2": None}
 
 
+_PARALLEL_CLASSES: dict[type, type] = {}
+
+
+def _parallel_class(cls: type) -> type:
+    if issubclass(cls, ParallelExpertsMixin):
+        return cls
+    if cls not in _PARALLEL_CLASSES:
+        _PARALLEL_CLASSES[cls] = type(f"Parallel{cls.__name__}", (ParallelExpertsMixin, cls), {})
+    return _PARALLEL_CLASSES[cls]
+
+
 def apply_experts_parallel(
     model: nn.Module,
+    plan: dict[str, str],
     *,
     ep_mesh: DeviceMesh | None,
     tp_mesh: DeviceMesh | None,
     ep_tp_mesh: DeviceMesh | None,
     sequence_parallel: bool,
 ) -> list[nn.Parameter]:
-    """Shard every ``GroupedExperts`` of ``model`` over ``ep`` (and ``tp``). Works on meta.
+    """Shard the grouped experts of ``model`` (plan style ``experts``) over ``ep`` (and
+    ``tp``). Works on meta.
 
     Args:
+        plan: the family's TP plan (pattern -> style); ``experts`` entries name the modules,
+            and their parents are the MoE layers.
         ep_mesh, tp_mesh: the axes (None or size 1: not parallel on that axis).
         ep_tp_mesh: the 2-D ``("ep", "tp")`` mesh, used when both are > 1.
         sequence_parallel: cut the MoE output back to the sequence chunk under tp.
@@ -191,12 +223,15 @@ def apply_experts_parallel(
     else:
         mesh, lead = tp_mesh, []
     ignored: list[nn.Parameter] = []
-    for module in list(model.modules()):
-        if isinstance(module, MoE) and tp > 1 and sequence_parallel:
-            module.register_forward_hook(_to_sequence_chunk(tp_mesh))
-        if not isinstance(module, GroupedExperts):
-            continue
+    patterns = [pattern for pattern, style in plan.items() if style == "experts"]
+    for path in matching_modules(model, patterns):
+        module = model.get_submodule(path)
+        if tp > 1 and sequence_parallel:
+            moe_path = path.rpartition(".")[0]
+            model.get_submodule(moe_path).register_forward_hook(_to_sequence_chunk(tp_mesh))
         for name, param in list(module.named_parameters(recurse=False)):
+            if name not in _TP_DIM:
+                raise ValueError(f"expert parameter {path}.{name} has no expert-parallel layout")
             tp_dim = _TP_DIM[name]
             placements = list(lead)
             if tp > 1:
@@ -205,7 +240,7 @@ def apply_experts_parallel(
             setattr(module, name, dparam)
             if ep > 1:
                 ignored.append(dparam)
-        module.__class__ = ParallelGroupedExperts
+        module.__class__ = _parallel_class(type(module))
         module.ep_group = ep_mesh.get_group() if ep > 1 else None
         module.tp_group = tp_mesh.get_group() if tp > 1 else None
         module.ep, module.tp = ep, tp
@@ -221,7 +256,7 @@ def register_expert_grad_sync(
     if edp_size == 1:
         return
     for module in model.modules():
-        if isinstance(module, ParallelGroupedExperts) and module.ep > 1:
+        if isinstance(module, ParallelExpertsMixin) and module.ep > 1:
             for param in module.parameters(recurse=False):
                 param.register_post_accumulate_grad_hook(_average_over(edp_group, edp_size))
 

@@ -35,6 +35,7 @@ def parallelize_model(
     *,
     dims: ParallelDims,
     cfg: ParallelConfig,
+    tp_plan: dict[str, str],
     seed: int,
     device: torch.device | str = "cpu",
     param_dtype: torch.dtype | None = None,
@@ -45,6 +46,8 @@ def parallelize_model(
 
     Args:
         dims: the layout, with its mesh built (``dims.build_mesh()``).
+        tp_plan: the family's plan (``pretrain.models.tp_plan(cfg)``: pattern -> style);
+            also names the grouped-experts modules (style ``experts``).
         cfg: the ``parallel`` section (sequence_parallel, activation_checkpointing, compile).
         seed: ``init_weights`` seed; every layout gives the unsharded model's values.
         param_dtype, reduce_dtype: FSDP2 mixed precision (None: the parameters' dtype).
@@ -55,20 +58,18 @@ def parallelize_model(
     Raises:
         ValueError: a plan style the model asks for that is not supported.
     """
-    from pretrain.models import tp_plan
-
-    model_cfg = model.cfg
     if dims.tp > 1:
         apply_tp(
             model,
-            tp_plan(model_cfg),
+            tp_plan,
             tp_mesh=dims["tp"],
             sequence_parallel=cfg.sequence_parallel,
         )
     expert_params: list[nn.Parameter] = []
-    if model_cfg.moe.num_experts > 0:
+    if "experts" in tp_plan.values():
         expert_params = apply_experts_parallel(
             model,
+            tp_plan,
             ep_mesh=dims["ep"] if dims.ep > 1 else None,
             tp_mesh=dims["tp"] if dims.tp > 1 else None,
             ep_tp_mesh=dims["ep", "tp"] if dims.ep > 1 and dims.tp > 1 else None,

@@ -73,6 +73,16 @@ def _match(pattern: str, name: str) -> bool:
     )
 
 
+def matching_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Paths of the submodules of ``model`` (not None) matched by any of ``patterns``
+    (``*`` = one path segment), in module order."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and module is not None and any(_match(p, name) for p in patterns)
+    ]
+
+
 def apply_tp(
     model: nn.Module,
     plan: dict[str, str],
@@ -88,7 +98,6 @@ def apply_tp(
         ValueError: a style name this module does not know.
     """
     styles = _styles(sequence_parallel=sequence_parallel)
-    module_names = [name for name, _ in model.named_modules() if name]
     for pattern, style_name in plan.items():
         if style_name not in styles:
             raise ValueError(f"tp plan style ({style_name!r}) for {pattern} is not supported")
@@ -97,9 +106,8 @@ def apply_tp(
         style = styles[style_name]
         if style is None:
             continue
-        for name in module_names:
-            if _match(pattern, name) and model.get_submodule(name) is not None:
-                parallelize_module(model.get_submodule(name), tp_mesh, style)
+        for name in matching_modules(model, [pattern]):
+            parallelize_module(model.get_submodule(name), tp_mesh, style)
     _install_vocab_parallel_output(
         model, tp_mesh=tp_mesh, sequence_parallel=sequence_parallel, plan=plan
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
 from parallel.parallelize import clip_grad_norm_, local_value, loss_context, parallelize_model
-from pretrain.models import ModelConfig, MoEConfig, build_model
+from pretrain.models import ModelConfig, MoEConfig, build_model, tp_plan
 from pretrain.models.transformer import canonical_name
 
 STEPS = 5
@@ -120,7 +120,7 @@ def parallel_run(rank: int, world_size: int, cfg: ModelConfig, par: dict) -> dic
     dims.build_mesh()
     with torch.device("meta"):
         model = build_model(copy.deepcopy(cfg))
-    parallelize_model(model, dims=dims, cfg=pcfg, seed=SEED)
+    parallelize_model(model, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED)
     result = train(model, batches(cfg), dims=dims, dp_rank=dims.dp_rank, dp_size=dims.dp_world_size)
     params = full_params(model)
     if rank == 0:
