@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from data_pipeline.manifest import load_manifest, summary_lines
 from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
-from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
+from data_pipeline.shard import DEFAULT_SHARD_CHARS, ShardSettings, default_workers, run_shard_job
 from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
 from data_pipeline.tokenizer import (
     DEFAULT_SAMPLE_CHARS,
@@ -90,13 +90,11 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     settings = ShardSettings(
         sample_tokens=args.sample_tokens,
-        shard_text_bytes=max(1, int(args.shard_text_mb * (1 << 20))),
+        shard_chars=args.shard_chars,
         fmt=args.format,
         text_field=args.text_field,
         max_doc_bytes=args.max_doc_bytes,
     )
-    if args.shard_text_mb <= 0:
-        raise ValueError(f"--shard-text-mb ({args.shard_text_mb}) must be > 0")
     manifest = run_shard_job(
         parse_mono_specs(args.input or []),
         pairs=parse_pair_specs(args.parallel or []),
@@ -215,11 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"target tokens per sample (default: {DEFAULT_SAMPLE_TOKENS})",
     )
     p.add_argument(
-        "--shard-text-mb",
-        type=float,
-        default=DEFAULT_SHARD_TEXT_MB,
-        help="start a new shard after this many MB of input text (default: "
-        f"{DEFAULT_SHARD_TEXT_MB:g}); shards come out at about a third of it",
+        "--shard-chars",
+        type=int,
+        default=DEFAULT_SHARD_CHARS,
+        help="start a new shard after this many characters of input text (default: "
+        f"{DEFAULT_SHARD_CHARS:,}: 10-35 M tokens, 20-70 MB with uint16 ids before zstd)",
     )
     p.add_argument("--quiet", action="store_true", help="no line per shard")
     _add_reader_args(p)

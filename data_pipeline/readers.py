@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -227,9 +228,9 @@ class Rejects:
     """TSV lines without exactly one tab, or aligned files of different lengths."""
     by_file: dict[str, int] = field(default_factory=dict)
 
-    def add(self, reason: str, source: str) -> None:
-        setattr(self, reason, getattr(self, reason) + 1)
-        self.by_file[source] = self.by_file.get(source, 0) + 1
+    def add(self, reason: str, source: str, count: int = 1) -> None:
+        setattr(self, reason, getattr(self, reason) + count)
+        self.by_file[source] = self.by_file.get(source, 0) + count
 
     def merge(self, other: Rejects) -> None:
         for name in ("invalid_utf8", "empty", "too_long", "bad_json", "malformed"):
@@ -252,29 +253,125 @@ class Rejects:
         return sum(self.as_dict().values())
 
 
-def iter_lines(stream: BinaryIO, *, max_bytes: int) -> Iterator[bytes | None]:
-    """Yield each line's bytes without its newline; ``None`` for a line over ``max_bytes``.
+@dataclass
+class DocBatch:
+    """Consecutive documents (or pairs) of one file, as parallel lists.
 
-    An over-long line is consumed in bounded pieces, never held whole in memory.
+    Moving documents in lists rather than one tuple each keeps the per-document Python cost of
+    the reading side small next to tokenization.
     """
+
+    source: str
+    """The file's base name (``a.en,a.de`` for aligned files)."""
+    ordinals: list[int]
+    """Each document's ordinal in the file (0-based line number for line formats)."""
+    texts: list[str]
+    """Documents, or source sides of pairs."""
+    tgt_texts: list[str] | None = None
+    """Target sides of pairs; None for monolingual batches."""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+_BATCH = 4096
+
+
+def _batched(items: Iterator[tuple], source: str, *, pairs: bool = False) -> Iterator[DocBatch]:
+    """Group ``(ordinal, text[, tgt])`` items into batches."""
     while True:
-        line = stream.readline(max_bytes + 2)
-        if not line:
+        chunk = list(itertools.islice(items, _BATCH))
+        if not chunk:
             return
-        complete = line.endswith(b"\n")
-        if complete:
-            line = line[:-1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-        if len(line) > max_bytes:
-            if not complete:
-                while True:  # skip the rest of the line
-                    rest = stream.readline(_READ_CHUNK)
-                    if not rest or rest.endswith(b"\n"):
-                        break
-            yield None
+        yield DocBatch(
+            source,
+            [c[0] for c in chunk],
+            [c[1] for c in chunk],
+            [c[2] for c in chunk] if pairs else None,
+        )
+
+
+def iter_line_blocks(stream: BinaryIO, *, max_bytes: int) -> Iterator[list[bytes | None]]:
+    """Yield the lines of a stream in lists, one list per block read.
+
+    Each line is its bytes without ``\n`` (and without a ``\r`` before it), or ``None`` for a
+    line longer than ``max_bytes``; an over-long line is never held whole in memory. Reading in
+    1 MiB blocks and splitting in C keeps the per-line Python cost small.
+    """
+    carry = b""
+    skipping = False  # inside an over-long line, dropping bytes up to its newline
+    for block in iter(lambda: stream.read(_READ_CHUNK), b""):
+        parts = block.split(b"\n")
+        if len(parts) == 1:
+            if not skipping:
+                carry += block
+                if len(carry) > max_bytes + 1:
+                    skipping, carry = True, b""
             continue
-        yield line
+        lines: list[bytes | None] = [None if skipping else carry + parts[0]]
+        lines += parts[1:-1]
+        carry, skipping = parts[-1], False
+        if len(carry) > max_bytes + 1:
+            skipping, carry = True, b""
+        # per-line work only for blocks that need it: CRLF line ends, or a line over the limit
+        if b"\r" in block or (lines[0] is not None and lines[0].endswith(b"\r")):
+            lines = [x[:-1] if x is not None and x.endswith(b"\r") else x for x in lines]
+        measured = lines[1:] if lines[0] is None else lines  # only the first can be None here
+        if max(map(len, measured), default=0) > max_bytes:
+            lines = [None if x is None or len(x) > max_bytes else x for x in lines]
+        yield lines
+    if skipping:
+        yield [None]
+    elif carry:
+        carry = carry.removesuffix(b"\r")
+        yield [None if len(carry) > max_bytes else carry]
+
+
+def iter_lines(stream: BinaryIO, *, max_bytes: int) -> Iterator[bytes | None]:
+    """Yield each line's bytes without its newline; ``None`` for a line over ``max_bytes``."""
+    for lines in iter_line_blocks(stream, max_bytes=max_bytes):
+        yield from lines
+
+
+def _decode_lines(lines: list[bytes | None], rejects: Rejects, source: str) -> list[str | None]:
+    """Decode a block of lines at once; line by line (counting faults) only if that fails."""
+    if None not in lines:
+        try:
+            return b"\n".join(lines).decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            pass
+    texts: list[str | None] = []
+    for raw in lines:
+        if raw is None:
+            rejects.add("too_long", source)
+            texts.append(None)
+            continue
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            rejects.add("invalid_utf8", source)
+            texts.append(None)
+    return texts
+
+
+def _iter_text_line_batches(
+    stream: BinaryIO, max_bytes: int, rejects: Rejects, source: str
+) -> Iterator[DocBatch]:
+    """The ``lines`` format, one batch per block read."""
+    base = 0
+    for lines in iter_line_blocks(stream, max_bytes=max_bytes):
+        texts = _decode_lines(lines, rejects, source)
+        ordinals = list(range(base, base + len(texts)))
+        base += len(texts)
+        if None in texts or not all(texts) or any(map(str.isspace, texts)):
+            keep = [t is not None and t != "" and not t.isspace() for t in texts]
+            empty = sum(1 for t, k in zip(texts, keep) if t is not None and not k)
+            if empty:
+                rejects.add("empty", source, empty)
+            texts = list(itertools.compress(texts, keep))
+            ordinals = list(itertools.compress(ordinals, keep))
+        if texts:
+            yield DocBatch(source, ordinals, texts)
 
 
 def _decode(raw: bytes, rejects: Rejects, source: str) -> str | None:
@@ -306,43 +403,67 @@ def iter_documents(
         ValueError: an unknown format.
         FileNotFoundError: ``path`` does not exist.
     """
+    for batch in iter_document_batches(
+        path, fmt=fmt, text_field=text_field, max_doc_bytes=max_doc_bytes, rejects=rejects
+    ):
+        yield from zip(batch.ordinals, batch.texts)
+
+
+def iter_document_batches(
+    path: Path,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    rejects: Rejects,
+) -> Iterator[DocBatch]:
+    """:func:`iter_documents` in batches (what the sharding job reads).
+
+    Raises:
+        ValueError: an unknown format.
+        FileNotFoundError: ``path`` does not exist.
+    """
     fmt = resolve_format(path, fmt)
     source = path.name
     with open_binary(path) as stream:
-        if fmt == "blank":
-            yield from _iter_blank(stream, max_doc_bytes, rejects, source)
-            return
-        for ordinal, raw in enumerate(iter_lines(stream, max_bytes=max_doc_bytes)):
-            if raw is None:
-                rejects.add("too_long", source)
-                continue
-            if fmt == "jsonl":
-                if not raw.strip():
-                    rejects.add("empty", source)
-                    continue
-                try:
-                    value = json.loads(raw)
-                    text = value[text_field]
-                except (ValueError, TypeError, KeyError, IndexError):
-                    rejects.add("bad_json", source)
-                    continue
-                if not isinstance(text, str):
-                    rejects.add("bad_json", source)
-                    continue
-                if not text.strip():
-                    rejects.add("empty", source)
-                    continue
-                # JSON escapes let a \ud800 surrogate through; it cannot be encoded as UTF-8
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    rejects.add("invalid_utf8", source)
-                    continue
-                yield ordinal, text
-            else:
-                text = _decode(raw, rejects, source)
-                if text is not None:
-                    yield ordinal, text
+        if fmt == "lines":
+            yield from _iter_text_line_batches(stream, max_doc_bytes, rejects, source)
+        elif fmt == "blank":
+            yield from _batched(_iter_blank(stream, max_doc_bytes, rejects, source), source)
+        else:
+            yield from _batched(
+                _iter_jsonl(stream, text_field, max_doc_bytes, rejects, source), source
+            )
+
+
+def _iter_jsonl(
+    stream: BinaryIO, text_field: str, max_doc_bytes: int, rejects: Rejects, source: str
+) -> Iterator[tuple[int, str]]:
+    for ordinal, raw in enumerate(iter_lines(stream, max_bytes=max_doc_bytes)):
+        if raw is None:
+            rejects.add("too_long", source)
+            continue
+        if not raw.strip():
+            rejects.add("empty", source)
+            continue
+        try:
+            text = json.loads(raw)[text_field]
+        except (ValueError, TypeError, KeyError, IndexError):
+            rejects.add("bad_json", source)
+            continue
+        if not isinstance(text, str):
+            rejects.add("bad_json", source)
+            continue
+        if not text.strip():
+            rejects.add("empty", source)
+            continue
+        # JSON escapes let a lone surrogate (\ud800) through; it has no UTF-8 form
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            rejects.add("invalid_utf8", source)
+            continue
+        yield ordinal, text
 
 
 def _iter_blank(
@@ -391,30 +512,54 @@ def iter_pairs(
     Raises:
         FileNotFoundError: an input file does not exist.
     """
+    for batch in iter_pair_batches(pair, max_doc_bytes=max_doc_bytes, rejects=rejects):
+        for ordinal, src, tgt in zip(batch.ordinals, batch.texts, batch.tgt_texts or []):
+            yield batch.source, ordinal, src, tgt
+
+
+def iter_pair_batches(
+    pair: PairInput,
+    *,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    rejects: Rejects,
+) -> Iterator[DocBatch]:
+    """:func:`iter_pairs` in batches (what the sharding job reads).
+
+    Raises:
+        FileNotFoundError: an input file does not exist.
+    """
     if pair.aligned:
-        yield from _iter_aligned(pair, max_doc_bytes, rejects)
+        source = f"{pair.paths[0].name},{pair.paths[1].name}"
+        yield from _batched(_iter_aligned(pair, max_doc_bytes, rejects, source), source, pairs=True)
         return
     for path in pair.paths:
         source = path.name
         with open_binary(path) as stream:
-            for ordinal, raw in enumerate(iter_lines(stream, max_bytes=2 * max_doc_bytes)):
-                if raw is None:
-                    rejects.add("too_long", source)
-                    continue
-                fields = raw.split(b"\t")
-                if len(fields) != 2:
-                    rejects.add("empty" if not raw.strip() else "malformed", source)
-                    continue
-                texts = [_decode(f, rejects, source) for f in fields]
-                if texts[0] is not None and texts[1] is not None:
-                    yield source, ordinal, texts[0], texts[1]
+            base = 0
+            for lines in iter_line_blocks(stream, max_bytes=2 * max_doc_bytes):
+                texts = _decode_lines(lines, rejects, source)
+                batch = DocBatch(source, [], [], [])
+                for ordinal, line in enumerate(texts, base):
+                    if line is None:
+                        continue
+                    src, tab, tgt = line.partition("\t")
+                    if not tab or "\t" in tgt:
+                        rejects.add("empty" if not line.strip() else "malformed", source)
+                    elif not src.strip() or not tgt.strip():
+                        rejects.add("empty", source)
+                    else:
+                        batch.ordinals.append(ordinal)
+                        batch.texts.append(src)
+                        batch.tgt_texts.append(tgt)
+                base += len(texts)
+                if batch.texts:
+                    yield batch
 
 
 def _iter_aligned(
-    pair: PairInput, max_doc_bytes: int, rejects: Rejects
-) -> Iterator[tuple[str, int, str, str]]:
+    pair: PairInput, max_doc_bytes: int, rejects: Rejects, source: str
+) -> Iterator[tuple[int, str, str]]:
     src_path, tgt_path = pair.paths
-    source = f"{src_path.name},{tgt_path.name}"
     with open_binary(src_path) as src_stream, open_binary(tgt_path) as tgt_stream:
         src_lines = iter_lines(src_stream, max_bytes=max_doc_bytes)
         tgt_lines = iter_lines(tgt_stream, max_bytes=max_doc_bytes)
@@ -439,4 +584,4 @@ def _iter_aligned(
             src = _decode(src_raw, rejects, source)
             tgt = _decode(tgt_raw, rejects, source) if src is not None else None
             if src is not None and tgt is not None:
-                yield source, ordinal, src, tgt
+                yield ordinal, src, tgt

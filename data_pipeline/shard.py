@@ -1,7 +1,7 @@
 """The sharding job: raw text -> token shards (format: ``data_pipeline.shard_format``) + manifest.
 
 The main process reads the inputs in order (sorted languages, then sorted pairs; each input's
-files sorted) and cuts them into chunks of about ``shard_text_bytes`` of UTF-8 text; each chunk
+files sorted) and cuts them into chunks of about ``shard_chars`` characters of text; each chunk
 becomes exactly one shard, tokenized and written by a worker process. Chunk boundaries depend
 on the inputs and settings only, and nothing random happens, so the bytes written are the same
 for any number of workers.
@@ -13,11 +13,13 @@ under its final name with the same fingerprint keeps it instead of redoing it.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import itertools
 import json
 import multiprocessing
+import operator
 import os
 import re
 import shutil
@@ -31,11 +33,12 @@ import numpy as np
 from data_pipeline.manifest import MANIFEST_FORMAT, write_manifest
 from data_pipeline.readers import (
     DEFAULT_MAX_DOC_BYTES,
+    DocBatch,
     MonoInput,
     PairInput,
     Rejects,
-    iter_documents,
-    iter_pairs,
+    iter_document_batches,
+    iter_pair_batches,
     resolve_format,
 )
 from data_pipeline.shard_format import (
@@ -51,7 +54,7 @@ from data_pipeline.shard_format import (
 )
 from data_pipeline.tokenizer import MODEL_FILE, SIDECAR_FILE, Tokenizer, load_tokenizer, sha256_file
 
-DEFAULT_SHARD_TEXT_MB = 64.0
+DEFAULT_SHARD_CHARS = 50_000_000
 SHARD_NAME_RE = re.compile(r"^(mono_[A-Za-z0-9_]+|pair_[A-Za-z0-9_]+-[A-Za-z0-9_]+)_\d{5}\.tar$")
 _TMP_RE = re.compile(r"^\.(mono|pair)_.*\.tar\.tmp-\d+$")
 _FINGERPRINT_VERSION = 1
@@ -71,8 +74,8 @@ class ShardSettings:
 
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS
     """Target tokens per sample (src + tgt for pairs); a longer document is a sample alone."""
-    shard_text_bytes: int = int(DEFAULT_SHARD_TEXT_MB * (1 << 20))
-    """A new shard starts after this many bytes of UTF-8 input text."""
+    shard_chars: int = DEFAULT_SHARD_CHARS
+    """A new shard starts after this many characters of input text (both sides for pairs)."""
     fmt: str = "auto"
     """Monolingual input format: auto, lines, blank or jsonl (see ``data_pipeline.readers``)."""
     text_field: str = "text"
@@ -84,8 +87,8 @@ class ShardSettings:
         """Raises: ValueError naming the first setting out of range."""
         if self.sample_tokens < 1:
             raise ValueError(f"--sample-tokens ({self.sample_tokens}) must be >= 1")
-        if self.shard_text_bytes < 1:
-            raise ValueError(f"--shard-text-mb ({self.shard_text_bytes / (1 << 20)}) must be > 0")
+        if self.shard_chars < 1:
+            raise ValueError(f"--shard-chars ({self.shard_chars}) must be >= 1")
         if self.max_doc_bytes < 1:
             raise ValueError(f"--max-doc-bytes ({self.max_doc_bytes}) must be >= 1")
         resolve_format(Path("x"), self.fmt)
@@ -93,14 +96,30 @@ class ShardSettings:
 
 @dataclass
 class _Task:
+    """One chunk of one input: becomes exactly one shard."""
+
     kind: str  # "mono" | "pair"
     name: str  # language, or "src-tgt"
     index: int
-    docs: list  # mono: (source, ordinal, text); pair: (source, ordinal, src text, tgt text)
+    runs: list[tuple[str, int]] = field(default_factory=list)
+    """(source file, number of documents) in order: which file each document came from."""
+    ordinals: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    tgt_texts: list[str] = field(default_factory=list)
 
     @property
     def stem(self) -> str:
         return f"{self.kind}_{self.name}_{self.index:05d}"
+
+    def extend(self, batch: DocBatch, start: int, stop: int) -> None:
+        if self.runs and self.runs[-1][0] == batch.source:
+            self.runs[-1] = (batch.source, self.runs[-1][1] + stop - start)
+        else:
+            self.runs.append((batch.source, stop - start))
+        self.ordinals += batch.ordinals[start:stop]
+        self.texts += batch.texts[start:stop]
+        if batch.tgt_texts is not None:
+            self.tgt_texts += batch.tgt_texts[start:stop]
 
 
 @dataclass
@@ -143,6 +162,7 @@ def _init_worker(tokenizer_dir: str, out: str, settings: ShardSettings) -> None:
 
 
 def _fingerprint(task: _Task, worker: _Worker) -> str:
+    """Identifies a chunk's content and the settings it is sharded with."""
     digest = hashlib.sha256()
     head = {
         "v": _FINGERPRINT_VERSION,
@@ -151,12 +171,14 @@ def _fingerprint(task: _Task, worker: _Worker) -> str:
         "index": task.index,
         "tokenizer": worker.tokenizer.model_sha256,
         "sample_tokens": worker.settings.sample_tokens,
+        "runs": task.runs,
     }
     digest.update(json.dumps(head, sort_keys=True).encode())
-    for doc in task.docs:
-        for part in doc:
-            digest.update(str(part).encode("utf-8", "surrogatepass"))
-            digest.update(b"\0")
+    # a few bulk updates, not one per document: this runs on every chunk of every run
+    texts = task.texts + task.tgt_texts
+    digest.update(np.array(task.ordinals, dtype=np.int64).tobytes())
+    digest.update(np.fromiter(map(len, texts), np.int64, count=len(texts)).tobytes())
+    digest.update("".join(texts).encode("utf-8"))
     return digest.hexdigest()[:16]
 
 
@@ -201,16 +223,24 @@ def _flatten(ids: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
     return flat, cum
 
 
-def _sample_bounds(sources: list[str], sizes: np.ndarray, target: int) -> Iterator[tuple[int, int]]:
-    """Greedy packing: yield ``[start, stop)`` document ranges of each sample, in order."""
-    start, total = 0, 0
-    for i, size in enumerate(sizes.tolist()):
-        if i > start and (total + size > target or sources[i] != sources[start]):
-            yield start, i
-            start, total = i, 0
-        total += size
-    if start < len(sizes):
-        yield start, len(sizes)
+def _sample_bounds(
+    runs: list[tuple[str, int]], cum: np.ndarray, target: int
+) -> Iterator[tuple[int, int, str]]:
+    """Greedy packing: yield ``(start, stop, source)`` document ranges, one per sample.
+
+    A sample takes documents in order while its total (``cum`` is the cumulative size, from 0)
+    stays within ``target``, at least one document, and never crosses into another file.
+    """
+    start = 0
+    run_stop = 0
+    for source, count in runs:
+        run_stop += count
+        while start < run_stop:
+            # the last j with cum[j] - cum[start] <= target, searched per sample, not per document
+            stop = int(np.searchsorted(cum, cum[start] + target, side="right")) - 1
+            stop = min(max(stop, start + 1), run_stop)
+            yield start, stop, source
+            start = stop
 
 
 def _process(task: _Task) -> ShardResult:
@@ -223,18 +253,17 @@ def _process(task: _Task) -> ShardResult:
         if kept is not None:
             return kept
     sp, dtype = worker.tokenizer.sp, worker.dtype
-    sources = [doc[0] for doc in task.docs]
     target = worker.settings.sample_tokens
-    samples = documents = src_total = tgt_total = 0
+    src_total = tgt_total = 0
     with ShardWriter(path, dtype=dtype) as writer:
         if task.kind == "mono":
-            tokens, cum = _flatten(sp.encode([d[2] for d in task.docs], num_threads=1), dtype)
-            for a, b in _sample_bounds(sources, np.diff(cum), target):
+            tokens, cum = _flatten(sp.encode(task.texts, num_threads=1), dtype)
+            for a, b, source in _sample_bounds(task.runs, cum, target):
                 meta = {
                     "kind": "mono",
                     "lang": task.name,
-                    "source": sources[a],
-                    "first_doc": task.docs[a][1],
+                    "source": source,
+                    "first_doc": task.ordinals[a],
                     "num_docs": b - a,
                     "num_tokens": int(cum[b] - cum[a]),
                     "dtype": dtype_name(dtype),
@@ -246,17 +275,16 @@ def _process(task: _Task) -> ShardResult:
                 writer.add_sample(meta, payload=payload, ext=MONO_EXT)
             src_total = int(cum[-1])
         else:
-            src, src_cum = _flatten(sp.encode([d[2] for d in task.docs], num_threads=1), dtype)
-            tgt, tgt_cum = _flatten(sp.encode([d[3] for d in task.docs], num_threads=1), dtype)
+            src, src_cum = _flatten(sp.encode(task.texts, num_threads=1), dtype)
+            tgt, tgt_cum = _flatten(sp.encode(task.tgt_texts, num_threads=1), dtype)
             src_lang, tgt_lang = task.name.split("-")
-            sizes = np.diff(src_cum) + np.diff(tgt_cum)
-            for a, b in _sample_bounds(sources, sizes, target):
+            for a, b, source in _sample_bounds(task.runs, src_cum + tgt_cum, target):
                 meta = {
                     "kind": "pair",
                     "src": src_lang,
                     "tgt": tgt_lang,
-                    "source": sources[a],
-                    "first_doc": task.docs[a][1],
+                    "source": source,
+                    "first_doc": task.ordinals[a],
                     "num_docs": b - a,
                     "src_tokens": int(src_cum[b] - src_cum[a]),
                     "tgt_tokens": int(tgt_cum[b] - tgt_cum[a]),
@@ -272,7 +300,6 @@ def _process(task: _Task) -> ShardResult:
                 writer.add_sample(meta, payload=payload, ext=PAIR_EXT)
             src_total, tgt_total = int(src_cum[-1]), int(tgt_cum[-1])
         samples = writer.num_samples
-        documents = len(task.docs)
     return ShardResult(
         path=path.name,
         kind=task.kind,
@@ -280,23 +307,41 @@ def _process(task: _Task) -> ShardResult:
         sha256=sha256_file(path),
         bytes=path.stat().st_size,
         samples=samples,
-        documents=documents,
+        documents=len(task.texts),
         src_tokens=src_total,
         tgt_tokens=tgt_total,
     )
 
 
-def _chunks(docs: Iterator[tuple], *, limit: int, text_at: tuple[int, ...]) -> Iterator[list]:
-    chunk: list = []
+def _chunks(batches: Iterator[DocBatch], *, kind: str, name: str, limit: int) -> Iterator[_Task]:
+    """Cut a stream of batches into tasks of about ``limit`` characters (both sides of pairs).
+
+    Characters, not bytes: ``len()`` is free, and tokens per character vary less across scripts
+    than tokens per UTF-8 byte (CJK takes 3 bytes a character). A task ends with the document
+    that brings it to ``limit`` or past it.
+    """
+    task = _Task(kind, name, 0)
     size = 0
-    for doc in docs:
-        chunk.append(doc)
-        size += sum(len(doc[i].encode("utf-8")) for i in text_at)
-        if size >= limit:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    for batch in batches:
+        lengths = map(len, batch.texts)
+        if batch.tgt_texts is not None:
+            lengths = map(operator.add, lengths, map(len, batch.tgt_texts))
+        cum = list(itertools.accumulate(lengths))
+        start = 0
+        while start < len(cum):
+            before = cum[start - 1] if start else 0
+            # the first document at which this task's size reaches the limit
+            end = bisect.bisect_left(cum, limit - size + before, lo=start)
+            if end >= len(cum):
+                task.extend(batch, start, len(cum))
+                size += cum[-1] - before
+                break
+            task.extend(batch, start, end + 1)
+            yield task
+            task, size = _Task(kind, name, task.index + 1), 0
+            start = end + 1
+    if task.texts:
+        yield task
 
 
 def _tasks(
@@ -309,24 +354,17 @@ def _tasks(
         fmt=settings.fmt, text_field=settings.text_field, max_doc_bytes=settings.max_doc_bytes
     )
     for item in mono:
-        found = rejects[item.lang]
-
-        def docs(item: MonoInput = item, found: Rejects = found) -> Iterator[tuple]:
-            for path in item.paths:
-                for ordinal, text in iter_documents(path, rejects=found, **reader):
-                    yield path.name, ordinal, text
-
-        for index, chunk in enumerate(
-            _chunks(docs(), limit=settings.shard_text_bytes, text_at=(2,))
-        ):
-            yield _Task("mono", item.lang, index, chunk)
+        batches = (
+            batch
+            for path in item.paths
+            for batch in iter_document_batches(path, rejects=rejects[item.lang], **reader)
+        )
+        yield from _chunks(batches, kind="mono", name=item.lang, limit=settings.shard_chars)
     for pair in pairs:
-        found = rejects[pair.name]
-        docs = iter_pairs(pair, max_doc_bytes=settings.max_doc_bytes, rejects=found)
-        for index, chunk in enumerate(
-            _chunks(docs, limit=settings.shard_text_bytes, text_at=(2, 3))
-        ):
-            yield _Task("pair", pair.name, index, chunk)
+        batches = iter_pair_batches(
+            pair, max_doc_bytes=settings.max_doc_bytes, rejects=rejects[pair.name]
+        )
+        yield from _chunks(batches, kind="pair", name=pair.name, limit=settings.shard_chars)
 
 
 def _run(tasks: Iterator[_Task], workers: int, init_args: tuple) -> Iterator[ShardResult]:
@@ -490,7 +528,7 @@ def build_manifest(
         },
         "dtype": dtype_name(token_dtype(tok.vocab_size)),
         "sample_tokens": settings.sample_tokens,
-        "shard_text_bytes": settings.shard_text_bytes,
+        "shard_chars": settings.shard_chars,
         "languages": languages,
         "pairs": pair_stats,
         "shards": shards,

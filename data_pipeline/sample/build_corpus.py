@@ -260,9 +260,12 @@ def main() -> int:
     args = ap.parse_args()
     help_root = args.help_root or fetch(args.work)
     stats = build(help_root, args.out)
-    mpl = Path("/usr/share/common-licenses/MPL-2.0")
-    if mpl.exists():
-        shutil.copyfile(mpl, args.out / "LICENSE-MPL-2.0.txt")
+    # the licence texts and Debian's copyright statement travel with the data
+    licences = Path("/usr/share/common-licenses")
+    shutil.copyfile(licences / "MPL-2.0", args.out / "LICENSE-MPL-2.0.txt")
+    shutil.copyfile(licences / "Apache-2.0", args.out / "LICENSE-Apache-2.0.txt")
+    copyright_file = help_root.parents[1] / "doc" / "libreoffice-help-en-us" / "copyright"
+    shutil.copyfile(copyright_file, args.out / "DEBIAN-COPYRIGHT.txt")
     (args.out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     json.dump(stats, sys.stdout, indent=1, sort_keys=True)
     return 0

@@ -141,3 +141,25 @@ def test_spec_errors_are_one_line(tmp_path: Path) -> None:
         parse_pair_specs(["x.tsv"])
     with pytest.raises(ValueError, match=r"^--format 'csv' must be one of auto, lines"):
         _docs(tmp_path / "a.tsv", fmt="csv")
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+def test_block_boundaries_do_not_change_what_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    import data_pipeline.readers as readers
+
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(
+        b"alpha\r\n\xff bad\n" + b"z" * 40 + b"\n\n  \nbeta \xc3\xa9\nx" + b"q" * 30 + b"\nend"
+    )
+    want, want_rejects = _docs(path, max_doc_bytes=20)
+    monkeypatch.setattr(readers, "_READ_CHUNK", block)
+    got, rejects = _docs(path, max_doc_bytes=20)
+    assert got == want == [(0, "alpha"), (5, "beta é"), (7, "end")]
+    assert rejects.as_dict() == want_rejects.as_dict()
+    assert (rejects.invalid_utf8, rejects.too_long, rejects.empty) == (1, 2, 2)
+    tsv = tmp_path / "p.tsv"
+    tsv.write_bytes(b"a\tb\r\n" + b"long\t" + b"w" * 50 + b"\nc\td")
+    pairs = list(iter_pairs(PairInput("en", "de", (tsv,)), max_doc_bytes=20, rejects=Rejects()))
+    assert pairs == [("p.tsv", 0, "a", "b"), ("p.tsv", 2, "c", "d")]
