@@ -1,0 +1,281 @@
+"""MoE layer: grouped matmul, routing, capacity dropping, auxiliary losses, determinism.
+
+Shape legend: B batch, T sequence, N tokens, D width, E experts, F expert width, K top-k,
+M grouped rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.models.blocks import AttentionInputs, Block
+from pretrain.models.config import ModelConfig, MoEConfig
+from pretrain.models.moe import MoE, expert_capacity, grouped_mm
+
+D, F_EXPERT, E = 16, 32, 4
+BASE = ModelConfig(
+    vocab_size=64,
+    hidden_size=D,
+    num_layers=2,
+    num_heads=2,
+    ffn_hidden_size=F_EXPERT,
+    max_seq_len=32,
+    init_std=0.2,
+    moe=MoEConfig(num_experts=E, top_k=2, router="gshard", dropless=True),
+)
+
+
+def _moe(cfg: ModelConfig = BASE, *, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in moe.parameters():
+            param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    return moe
+
+
+def _x(batch: int = 2, seq: int = 8, *, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, D, generator=gen, requires_grad=True)
+
+
+def _reference(moe: MoE, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the definition the grouped path must reproduce."""
+    x_ND = x_BTD.reshape(-1, D)
+    probs_NE = (x_ND @ moe.router.gate.weight.T).softmax(-1)
+    gates_NK, experts_NK = probs_NE.topk(moe.top_k, dim=-1)
+    if moe.router.normalize:
+        gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True)
+    ex = moe.experts
+    rows = []
+    for n in range(x_ND.shape[0]):
+        acc_D = torch.zeros(D)
+        for slot in range(moe.top_k):
+            e = int(experts_NK[n, slot])
+            h_F = x_ND[n] @ ex.w1[e].T
+            if ex.b1 is not None:
+                h_F = h_F + ex.b1[e]
+            h_F = F.silu(h_F) * (x_ND[n] @ ex.w3[e].T) if ex.w3 is not None else F.gelu(h_F)
+            y_D = h_F @ ex.w2[e].T
+            if ex.b2 is not None:
+                y_D = y_D + ex.b2[e]
+            acc_D = acc_D + gates_NK[n, slot] * y_D
+        rows.append(acc_D)
+    return torch.stack(rows).view_as(x_BTD)
+
+
+def _dense_grad_loss(y: torch.Tensor, *, seed: int = 5) -> torch.Tensor:
+    # A dense upstream gradient: torch._grouped_mm's fp32 backward rejects stride-0 grads.
+    return (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))).sum()
+
+
+@pytest.mark.parametrize("width", [16, 6])  # 6: misaligned for _grouped_mm -> segment fallback
+def test_grouped_mm_equals_per_expert_products(width: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, 0, 5, 2]  # an expert with no rows too
+    x_MD = torch.randn(sum(sizes), width, generator=gen, requires_grad=True)
+    w_EDF = torch.randn(len(sizes), width, 8, generator=gen, requires_grad=True)
+    offs_E = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    y_MF = grouped_mm(x_MD, w_EDF, offs_E)
+    ref_MF = torch.cat([seg @ w_EDF[e] for e, seg in enumerate(torch.split(x_MD, sizes))])
+    torch.testing.assert_close(y_MF, ref_MF, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(_dense_grad_loss(y_MF), (x_MD, w_EDF))
+    ref_grads = torch.autograd.grad(_dense_grad_loss(ref_MF), (x_MD, w_EDF))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "moe_cfg",
+    [
+        MoEConfig(num_experts=E, top_k=2, router="gshard", dropless=True),
+        MoEConfig(num_experts=E, top_k=1, router="switch", dropless=True),
+        MoEConfig(num_experts=E, top_k=3, router="topk", dropless=True),
+        MoEConfig(num_experts=E, top_k=2, router="gshard", capacity_factor=100.0),
+    ],
+    ids=["gshard-dropless", "switch-dropless", "top3-dropless", "gshard-no-overflow"],
+)
+def test_moe_equals_per_token_reference(moe_cfg: MoEConfig) -> None:
+    moe = _moe(dataclasses.replace(BASE, moe=moe_cfg))
+    x_BTD = _x()
+    y_BTD = moe(x_BTD)
+    ref_BTD = _reference(moe, x_BTD)
+    torch.testing.assert_close(y_BTD, ref_BTD, rtol=1e-5, atol=1e-5)
+    params = [x_BTD, moe.experts.w1, moe.experts.w2, moe.experts.w3]
+    # Auxiliary losses off so that both sides differentiate the same function.
+    moe.aux_loss_coef = moe.z_loss_coef = 0.0
+    grads = torch.autograd.grad(_dense_grad_loss(moe(x_BTD)), params)
+    ref_grads = torch.autograd.grad(_dense_grad_loss(_reference(moe, x_BTD)), params)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_experts_with_biases_equal_reference() -> None:
+    cfg = dataclasses.replace(BASE, mlp="gelu", bias=True, norm="layernorm")
+    moe = _moe(cfg)
+    x_BTD = _x()
+    torch.testing.assert_close(moe(x_BTD), _reference(moe, x_BTD), rtol=1e-5, atol=1e-5)
+    cfg_cap = dataclasses.replace(
+        cfg, moe=dataclasses.replace(cfg.moe, dropless=False, capacity_factor=100.0)
+    )
+    moe_cap = _moe(cfg_cap)
+    torch.testing.assert_close(moe_cap(x_BTD), moe(x_BTD), rtol=1e-5, atol=1e-5)
+
+
+def _all_to_expert_zero(moe: MoE) -> None:
+    """Router logits follow feature 0 of the routed input: tokens pile onto experts 0 and 3."""
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[:, 0] = torch.tensor([30.0, 20.0, 10.0, 0.0])
+
+
+def test_capacity_drops_exactly_the_overflow_and_residual_carries_it() -> None:
+    cfg = dataclasses.replace(
+        BASE,
+        moe=MoEConfig(num_experts=E, top_k=1, router="switch", capacity_factor=1.0),
+    )
+    block = Block(cfg, use_moe=True)
+    torch.manual_seed(0)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    moe = block.moe
+    _all_to_expert_zero(moe)
+    x_BTD = _x(2, 8)
+    num_tokens = 16
+    capacity = expert_capacity(cfg, num_tokens=num_tokens)
+    assert capacity == math.ceil(1.0 * num_tokens * 1 / E) == 4
+
+    inputs = AttentionInputs(rope=None, mask_B1TS=None, is_causal=True)
+    with torch.no_grad():
+        h_BTD = x_BTD + block.attention(block.attention_norm(x_BTD), inputs=inputs)
+        routed_ND = block.ffn_norm(h_BTD).reshape(-1, D)
+        experts_N = moe.router(routed_ND).experts_NK[:, 0]
+        out_BTD = block(x_BTD, inputs=inputs)
+        moe_out_ND = moe(block.ffn_norm(h_BTD)).reshape(-1, D)
+
+    # Expected: per expert, the first `capacity` tokens in order are kept, the rest dropped.
+    kept_N = torch.zeros(num_tokens, dtype=torch.bool)
+    for e in range(E):
+        kept_N[(experts_N == e).nonzero().squeeze(1)[:capacity]] = True
+    assert int((~kept_N).sum()) > 0, "the test must overflow an expert"
+    assert torch.all(moe_out_ND[~kept_N] == 0)
+    assert torch.all(moe_out_ND[kept_N].abs().sum(-1) > 0)
+    out_ND, h_ND = out_BTD.reshape(-1, D), h_BTD.reshape(-1, D)
+    torch.testing.assert_close(out_ND[~kept_N], h_ND[~kept_N], rtol=0, atol=0)
+    metrics = moe.metrics
+    expected_counts = torch.bincount(experts_N, minlength=E)
+    assert torch.equal(metrics.tokens_per_expert_E, expected_counts)
+    assert int(metrics.tokens_per_expert_E.sum()) == num_tokens
+    assert metrics.dropped_fraction.item() == pytest.approx(int((~kept_N).sum()) / num_tokens)
+
+
+def test_second_choices_are_dropped_before_first_choices() -> None:
+    cfg = dataclasses.replace(
+        BASE, moe=MoEConfig(num_experts=E, top_k=2, router="gshard", capacity_factor=0.5)
+    )
+    moe = _moe(cfg)
+    # Every token: first choice expert 0 or 1 (alternating), second choice expert 2.
+    x_BTD = torch.zeros(1, 8, D)
+    x_BTD[0, :, 0] = 1.0
+    x_BTD[0, 0::2, 1] = 1.0
+    x_BTD[0, 1::2, 2] = 1.0
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[0] = torch.tensor([0.0, 5.0, 0.0] + [0.0] * (D - 3))
+        moe.router.gate.weight[1] = torch.tensor([0.0, 0.0, 5.0] + [0.0] * (D - 3))
+        moe.router.gate.weight[2] = torch.tensor([4.0, 0.0, 0.0] + [0.0] * (D - 3))
+        routing = moe.router(x_BTD.reshape(-1, D))
+        moe(x_BTD)
+    assert routing.experts_NK[:, 1].eq(2).all()
+    capacity = expert_capacity(cfg, num_tokens=8)  # ceil(0.5 * 8 * 2 / 4) = 2
+    assert capacity == 2
+    # Experts 0 and 1 each get 4 first choices (2 dropped each); expert 2 gets 8 second choices
+    # of which 2 are kept: dropped = 2 + 2 + 6 = 10 of 16.
+    assert moe.metrics.dropped_fraction.item() == pytest.approx(10 / 16)
+    assert moe.metrics.tokens_per_expert_E.tolist() == [4, 4, 8, 0]
+
+
+def test_load_balancing_and_z_loss_by_hand() -> None:
+    moe = _moe()
+    x_BTD = _x()
+    moe(x_BTD)
+    with torch.no_grad():
+        logits_NE = x_BTD.reshape(-1, D) @ moe.router.gate.weight.T
+        probs_NE = logits_NE.softmax(-1)
+        top_NK = probs_NE.topk(2, dim=-1).indices
+        num_tokens = logits_NE.shape[0]
+        f = [float((top_NK == i).sum()) / (num_tokens * 2) for i in range(E)]
+        p = [float(probs_NE[:, i].mean()) for i in range(E)]
+        aux = E * sum(fi * pi for fi, pi in zip(f, p, strict=True))
+        z = float((torch.logsumexp(logits_NE, -1) ** 2).mean())
+    assert moe.metrics.aux_loss.item() == pytest.approx(aux, rel=1e-5)
+    assert moe.metrics.z_loss.item() == pytest.approx(z, rel=1e-5)
+    assert int(moe.metrics.tokens_per_expert_E.sum()) == num_tokens * 2
+    assert moe.metrics.dropped_fraction.item() == 0.0
+
+
+def test_aux_losses_reach_the_router_gradient() -> None:
+    moe = _moe()
+    moe.aux_loss_coef, moe.z_loss_coef = 0.5, 0.25
+    x_BTD = _x()
+    gate_W = moe.router.gate.weight
+    (grad_attached,) = torch.autograd.grad(_dense_grad_loss(moe(x_BTD)), (gate_W,))
+
+    # Reference: the same main loss plus the hand-written weighted auxiliary losses.
+    aux_free = _moe()
+    aux_free.aux_loss_coef = aux_free.z_loss_coef = 0.0
+    gate_ref = aux_free.router.gate.weight
+    logits_NE = x_BTD.reshape(-1, D) @ gate_ref.T
+    probs_NE = logits_NE.softmax(-1)
+    counts_E = torch.bincount(probs_NE.topk(2, dim=-1).indices.reshape(-1), minlength=E)
+    f_E = counts_E.float() / counts_E.sum()
+    aux = E * (f_E * probs_NE.mean(0)).sum()
+    z = (torch.logsumexp(logits_NE, -1) ** 2).mean()
+    ref_loss = _dense_grad_loss(aux_free(x_BTD)) + 0.5 * aux + 0.25 * z
+    (grad_ref,) = torch.autograd.grad(ref_loss, (gate_ref,))
+    torch.testing.assert_close(grad_attached, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_jitter_and_random_routing_are_deterministic_under_a_seed() -> None:
+    cfg = dataclasses.replace(
+        BASE,
+        moe=MoEConfig(
+            num_experts=E,
+            top_k=2,
+            router="gshard",
+            jitter=0.1,
+            random_second_expert=True,
+            capacity_factor=1.0,
+        ),
+    )
+    x_BTD = _x(4, 16)
+
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        moe = _moe(cfg).train()
+        torch.manual_seed(seed)
+        out = moe(x_BTD)
+        return out.detach(), moe.metrics.tokens_per_expert_E
+
+    out_a, counts_a = run(3)
+    out_b, counts_b = run(3)
+    out_c, _ = run(4)
+    assert torch.equal(out_a, out_b) and torch.equal(counts_a, counts_b)
+    assert not torch.equal(out_a, out_c)
+    # Random routing skips some second choices: fewer than N * K routed assignments.
+    assert int(counts_a.sum()) < 64 * 2
+
+
+def test_eval_mode_has_no_jitter() -> None:
+    cfg = dataclasses.replace(BASE, moe=dataclasses.replace(BASE.moe, jitter=0.5))
+    moe = _moe(cfg).eval()
+    x_BTD = _x()
+    torch.manual_seed(0)
+    a = moe(x_BTD)
+    torch.manual_seed(1)
+    assert torch.equal(a, moe(x_BTD))
