@@ -75,6 +75,8 @@ class LaunchEnv:
     """Port of the rank-0 rendezvous."""
     job_id: str | None
     """SLURM job id, None outside Slurm."""
+    node_name: str
+    """This node's Slurm name (SLURMD_NODENAME), else the host name."""
     nodes: tuple[str, ...]
     """Node names of the allocation (the expanded node list), empty outside Slurm."""
     gpus_on_node: int | None
@@ -329,6 +331,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         master_addr=master_addr,
         master_port=master_port,
         job_id=job_id,
+        node_name=env.get("SLURMD_NODENAME") or socket.gethostname(),
         nodes=nodes,
         gpus_on_node=gpus_on_node,
         restart_count=restart_count,

@@ -69,6 +69,7 @@ def test_torchrun_variables_win_over_slurm_ones():
     assert (env.master_addr, env.master_port) == ("127.0.0.1", 20007)
     assert env.job_id == "7"
     assert env.nodes == ("n1", "n2")
+    assert env.node_name == "n2"
     assert env.restart_count == 1
     assert env.elastic_restart_count == 0
 
