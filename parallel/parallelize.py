@@ -46,9 +46,9 @@ def parallelize_model(
 
     Args:
         dims: the layout, with its mesh built (``dims.build_mesh()``).
+        cfg: the ``parallel`` section (sequence_parallel, activation_checkpointing, compile).
         tp_plan: the family's plan (``pretrain.models.tp_plan(cfg)``: pattern -> style);
             also names the grouped-experts modules (style ``experts``).
-        cfg: the ``parallel`` section (sequence_parallel, activation_checkpointing, compile).
         seed: ``init_weights`` seed; every layout gives the unsharded model's values.
         param_dtype, reduce_dtype: FSDP2 mixed precision (None: the parameters' dtype).
 
@@ -58,6 +58,33 @@ def parallelize_model(
     Raises:
         ValueError: a plan style the model asks for that is not supported.
     """
+    apply_parallelism(
+        model,
+        dims=dims,
+        cfg=cfg,
+        tp_plan=tp_plan,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+    )
+    model.to_empty(device=device)
+    if dims.ep > 1:
+        register_expert_grad_sync(model, edp_group=dims["edp"].get_group(), edp_size=dims.edp)
+    model.init_weights(seed)
+    return model
+
+
+def apply_parallelism(
+    model: nn.Module,
+    *,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    tp_plan: dict[str, str],
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> None:
+    """TP/SP -> EP -> activation checkpointing -> compile -> FSDP2/HSDP/DDP on a meta model,
+    without materialising it (the dry-run planner reads the local shapes it leaves). Arguments
+    as in ``parallelize_model``."""
     if dims.tp > 1:
         apply_tp(
             model,
@@ -86,11 +113,6 @@ def parallelize_model(
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
     )
-    model.to_empty(device=device)
-    if dims.ep > 1:
-        register_expert_grad_sync(model, edp_group=dims["edp"].get_group(), edp_size=dims.edp)
-    model.init_weights(seed)
-    return model
 
 
 def apply_activation_checkpointing(model: nn.Module, *, mode: str) -> None:

@@ -46,12 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan(cfg: RunConfig, *, world_size: int) -> dict:
-    """The layout of a run on ``world_size`` ranks, for ``--dry-run``.
+    """The layout of a run on ``world_size`` ranks, for ``--dry-run``: validated degrees, the
+    mesh built on a fake process group, meta models of each pipeline stage parallelized as a
+    real run would, ``params_total`` / ``params_active`` and per-rank memory estimates
+    (``parallel.plan``). Builds nothing on a device and computes nothing.
 
     Raises:
         ValueError: the config or the layout is invalid for ``world_size``.
     """
+    import torch
+
+    from parallel.plan import plan_layout
+    from pretrain.models import build_model, param_counts, prune_to_stage, tp_plan
+
     degrees = validate_config(cfg, world_size=world_size)
+
+    def build_stage(stage: int, num_stages: int):
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        if num_stages > 1:
+            keys = _stage_layer_keys(cfg, num_stages=num_stages)
+            prune_to_stage(
+                model, layer_keys=keys[stage], first=stage == 0, last=stage == num_stages - 1
+            )
+        return model
+
+    layout = plan_layout(
+        build_stage, cfg=cfg.parallel, tp_plan=tp_plan(cfg.model), world_size=world_size
+    )
     return {
         "world_size": world_size,
         "mesh": {axis: degrees[axis] for axis in ("pp", "dp_replicate", "dp_shard", "tp")},
@@ -63,19 +85,48 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
         * degrees["dp_replicate"]
         * degrees["dp_shard"]
         * cfg.train.grad_accum,
+        **param_counts(build_stage(0, 1)),
+        "data_parallel": layout["data_parallel"],
+        "pp_schedule": cfg.parallel.pp_schedule if degrees["pp"] > 1 else None,
+        "per_rank": layout["per_pp_rank"],
+        "params_per_rank_max": layout["params_local_max"],
+        "memory_per_rank_bytes": layout["memory_bytes_max"],
     }
 
 
+def _stage_layer_keys(cfg: RunConfig, *, num_stages: int) -> list[list[str]]:
+    from pretrain.models import pipeline_stage_layers
+
+    if cfg.parallel.stage_layers is None:
+        return pipeline_stage_layers(cfg.model, num_stages=num_stages)
+    keys, start = [], 0
+    for count in cfg.parallel.stage_layers:
+        keys.append([str(i) for i in range(start, start + count)])
+        start += count
+    return keys
+
+
 def _print_plan(result: dict, *, as_json: bool) -> None:
+    from parallel.plan import format_bytes
+
     if as_json:
         print(json.dumps(result, indent=2))
         return
     mesh = " x ".join(f"{axis} {size}" for axis, size in result["mesh"].items())
     print(f"world size {result['world_size']}: {mesh} (ep {result['ep']})")
+    print(f"data parallel: {result['data_parallel']}; pipeline schedule: {result['pp_schedule']}")
     print(f"family {result['family']}, objective {result['objective']}")
     print(
         f"global batch {result['global_batch_sequences']} sequences of {result['seq_len']} tokens"
     )
+    print(f"params_total {result['params_total']:,}  params_active {result['params_active']:,}")
+    for row in result["per_rank"]:
+        mem = row["memory_bytes"]
+        print(
+            f"pp rank {row['pp_rank']} (stages {row['stages']}): {row['params_local']:,} params"
+            f"/rank; params {format_bytes(mem['params'])}, grads {format_bytes(mem['grads'])}, "
+            f"optimizer {format_bytes(mem['optimizer'])}, total {format_bytes(mem['total'])}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

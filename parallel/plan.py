@@ -1,0 +1,123 @@
+"""The dry-run planner: validate a layout for N ranks in one process and estimate memory.
+
+A fake process group (``torch.testing._internal.distributed.fake_pg``: collectives are no-ops)
+of ``world_size`` ranks lets ``ParallelDims`` build the real mesh and ``apply_parallelism`` run
+TP/SP, EP and FSDP2 on meta models of each pipeline stage, exactly as a real run would; the local
+DTensor shapes of rank 0's coordinates on the other axes then give the per-rank parameter count.
+Nothing is materialised and nothing is computed.
+
+Memory estimate per rank (bytes): parameters and gradients in the parameter dtype (fp32 master
+weights under FSDP2 mixed precision), AdamW's two fp32 states. Activations are not estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from parallel.config import ParallelConfig
+from parallel.mesh import ParallelDims
+from parallel.parallelize import apply_parallelism
+from parallel.pipeline import stage_ids_of_rank
+
+GIB = 1024**3
+
+
+def local_param_count(model: nn.Module) -> int:
+    """Parameter elements this rank holds (DTensor local shards; works on meta)."""
+    total = 0
+    for param in model.parameters():
+        total += param.to_local().numel() if isinstance(param, DTensor) else param.numel()
+    return total
+
+
+def memory_estimate(
+    num_params: int, *, param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8
+) -> dict[str, int]:
+    """``{"params", "grads", "optimizer", "total"}`` in bytes for ``num_params`` local
+    elements (defaults: fp32 parameters and gradients, AdamW's two fp32 states)."""
+    out = {
+        "params": num_params * param_bytes,
+        "grads": num_params * grad_bytes,
+        "optimizer": num_params * optim_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def plan_layout(
+    build_stage: Callable[[int, int], nn.Module],
+    *,
+    cfg: ParallelConfig,
+    tp_plan: dict[str, str],
+    world_size: int,
+) -> dict:
+    """Validate ``cfg`` for ``world_size`` ranks and estimate each pipeline rank's memory.
+
+    Args:
+        build_stage: ``(stage, num_stages) -> model`` on the meta device (the whole model when
+            ``num_stages == 1``); called once per stage.
+        tp_plan: the family's TP plan.
+
+    Returns:
+        ``{"degrees", "mesh", "dp", "edp", "per_pp_rank": [{"pp_rank", "stages",
+        "params_local", "memory_bytes"}], "params_local_max", "memory_bytes_max"}``.
+
+    Raises:
+        ValueError: the layout is invalid for ``world_size`` (one line).
+        RuntimeError: a process group is already initialised in this process.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dims = ParallelDims.from_config(cfg, world_size=world_size)
+    if dist.is_initialized():
+        raise RuntimeError("the dry-run planner needs a process without a process group")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        dims.build_mesh(device_type="cpu")
+        num_stages = dims.pp * cfg.stages_per_rank
+        stage_params = []
+        for stage in range(num_stages):
+            model = build_stage(stage, num_stages)
+            apply_parallelism(model, dims=dims, cfg=cfg, tp_plan=tp_plan)
+            stage_params.append(local_param_count(model))
+    finally:
+        dist.destroy_process_group()
+    per_rank = []
+    for pp_rank in range(dims.pp):
+        stages = stage_ids_of_rank(
+            pp_rank, pp=dims.pp, stages_per_rank=cfg.stages_per_rank, schedule=cfg.pp_schedule
+        )
+        params_local = sum(stage_params[s] for s in stages)
+        per_rank.append(
+            {
+                "pp_rank": pp_rank,
+                "stages": stages,
+                "params_local": params_local,
+                "memory_bytes": memory_estimate(params_local),
+            }
+        )
+    worst = max(per_rank, key=lambda r: r["params_local"])
+    return {
+        "degrees": dims.degrees(),
+        "mesh": {
+            "pp": dims.pp,
+            "dp_replicate": dims.dp_replicate,
+            "dp_shard": dims.dp_shard,
+            "tp": dims.tp,
+        },
+        "dp": dims.dp,
+        "edp": dims.edp,
+        "data_parallel": dims.data_parallel_mode,
+        "per_pp_rank": per_rank,
+        "params_local_max": worst["params_local"],
+        "memory_bytes_max": worst["memory_bytes"],
+    }
+
+
+def format_bytes(num: int) -> str:
+    """``num`` bytes as GiB with two decimals (MiB below 1 GiB)."""
+    return f"{num / GIB:.2f} GiB" if num >= GIB else f"{num / 1024**2:.1f} MiB"

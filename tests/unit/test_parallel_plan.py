@@ -1,0 +1,103 @@
+"""The dry-run planner (fake process group, meta models) and ParallelDims validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallel.config import ParallelConfig
+from parallel.mesh import ParallelDims
+from parallel.pipeline import stage_ids_of_rank
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_1024_rank_moe_layout_plans_in_one_process():
+    # pp 4 x dp 32 (2 replicas x 16 shards) x tp 8 = 1024 ranks; ep 8 drawn from dp_shard.
+    result = _cli(
+        "--config", "configs/moe_8x_top2.yaml", "--dry-run", "--world-size", "1024", "--json",
+        "parallel.pp=4", "parallel.tp=8", "parallel.dp_replicate=2", "parallel.ep=8",
+        "model.num_kv_heads=8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["world_size"] == 1024
+    assert plan["mesh"] == {"pp": 4, "dp_replicate": 2, "dp_shard": 16, "tp": 8}
+    assert plan["ep"] == 8
+    # 22 layers of (attention 10.5M + 8 experts x 3 x 2816 x 2048 + router + norms),
+    # embeddings and output 2 x 32000 x 2048.
+    assert plan["params_total"] == 3_407_276_032
+    # Experts count top_k / num_experts = 2/8 of their size.
+    experts = 22 * 8 * 3 * 2816 * 2048
+    assert plan["params_active"] == plan["params_total"] - experts * 6 // 8
+    assert [row["stages"] for row in plan["per_rank"]] == [[0], [1], [2], [3]]
+    # Stage 1 holds layers 5..10 (6 layers): experts sharded by ep 8 x tp 8 and replicated over
+    # the expert data-parallel ranks; the rest by tp 8 x dp_shard 16.
+    expert_local = 6 * 3 * 8 * 2816 * 2048 // 64
+    assert plan["per_rank"][1]["params_local"] > expert_local
+    assert plan["per_rank"][1]["params_local"] < expert_local * 1.05
+    mem = plan["memory_per_rank_bytes"]
+    assert mem["params"] == mem["grads"] == 4 * plan["params_per_rank_max"]
+    assert mem["optimizer"] == 8 * plan["params_per_rank_max"]
+    assert mem["total"] == 16 * plan["params_per_rank_max"]
+
+
+def test_dense_plan_text_output_and_fsdp_tp_sharding():
+    result = _cli(
+        "--config", "configs/tiny_decoder.yaml", "--dry-run", "--world-size", "8",
+        "parallel.tp=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "world size 8: pp 1 x dp_replicate 1 x dp_shard 4 x tp 2 (ep 1)" in result.stdout
+    assert "params_total" in result.stdout and "params_active" in result.stdout
+    assert "optimizer" in result.stdout
+
+
+def test_bad_layout_is_one_line_and_exit_2():
+    result = _cli(
+        "--config", "configs/moe_8x_top2.yaml", "--dry-run", "--world-size", "1024",
+        "parallel.pp=4", "parallel.tp=4", "parallel.ep=3",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: parallel.ep (3) must divide parallel.dp_shard (64)"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "world_size", "message"),
+    [
+        ({"tp": 3}, 8, "parallel.dp_replicate (1) x parallel.tp (3) x parallel.pp (1) = 3 must "
+         "divide the world size (8)"),
+        ({"ep": 4, "tp": 2}, 4, "parallel.ep (4) must divide parallel.dp_shard (2)"),
+    ],
+)  # fmt: skip
+def test_parallel_dims_rejects_bad_degrees(kwargs, world_size, message):
+    with pytest.raises(ValueError) as err:
+        ParallelDims.from_config(ParallelConfig(**kwargs), world_size=world_size)
+    assert str(err.value) == message
+
+
+def test_parallel_dims_degrees():
+    dims = ParallelDims.from_config(ParallelConfig(dp_replicate=2, tp=2, pp=2, ep=2), world_size=32)
+    assert (dims.dp_shard, dims.dp, dims.dp_shard_mod_ep, dims.edp) == (4, 8, 2, 4)
+    assert dims.data_parallel_mode == "fsdp"
+
+
+def test_stage_ids_of_rank():
+    assert stage_ids_of_rank(1, pp=4, stages_per_rank=1, schedule="1F1B") == [1]
+    assert stage_ids_of_rank(1, pp=4, stages_per_rank=2, schedule="Interleaved1F1B") == [1, 5]
+    assert stage_ids_of_rank(0, pp=2, stages_per_rank=2, schedule="ZBVZeroBubble") == [0, 3]
