@@ -1,0 +1,317 @@
+"""A throw-away Slurm cluster inside a temporary directory, for the launch tests.
+
+munged (own key, socket, pid, log and seed files), slurmctld and two slurmd "nodes" n1 and n2 on
+this host (own ports, NodeAddr=127.0.0.1), all under one temporary directory; no systemd, no
+cgroups. Settings and their reasons are in shared/notes/slurm_in_tests.md; the ones that matter:
+``cred_expire=5`` (the default makes a requeued job wait 120 s before it may run again),
+``proctrack/pgid`` (linuxproc leaks orphans), ``MinJobAge=300`` (finished jobs stay visible to
+``scontrol show job``, there is no accounting daemon).
+
+The cluster is session-scoped (start ~0.5 s plus ~3 s for the first job) and is stopped by process
+id: jobs are cancelled first, since stopping slurmd does not end running jobs. Without root or
+without the Debian packages (``apt-get install slurm-wlm munge``) the tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue")
+NODES = ("n1", "n2")
+# Claimed per node (config_overrides lets slurmd claim more CPUs than the host has) so that the
+# array-job test can run a few tasks at once on a 2-core machine.
+CPUS_PER_NODE = 4
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct TCP ports nothing listens on right now (held open together, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _wait_for(predicate, *, timeout: float, what: str, period: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(period)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of ours still answers kill(0); reap it if it is our child.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+class SlurmCluster:
+    """A running throw-away cluster; ``env`` points Slurm's commands at it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "etc" / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # Nothing of the test session's own Slurm job (if any) must leak into ours.
+        for key in list(self.env):
+            if key.startswith("SLURM_") and key != "SLURM_CONF":
+                del self.env[key]
+        self._procs: list[subprocess.Popen] = []
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        root = self.root
+        for sub in ("etc", "state", "spool", "run", "log", "munge"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        # munged refuses a socket directory that others cannot traverse.
+        for path in (root, root / "munge"):
+            path.chmod(0o755)
+        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        host = socket.gethostname()
+        sock = root / "munge" / "munge.socket"
+        node_lines = "\n".join(
+            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
+            f"CPUs={CPUS_PER_NODE} RealMemory=1000 State=UNKNOWN"
+            for node, port in zip(NODES, node_ports)
+        )
+        (root / "etc" / "plugstack.conf").write_text("")
+        self.conf.write_text(
+            f"""ClusterName=rosettatest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock},cred_expire=5
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/slurmd-%n
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+PlugStackConfig={root}/etc/plugstack.conf
+MailProg=/bin/true
+SlurmctldDebug=info
+SlurmdDebug=info
+SlurmdParameters=config_overrides
+ProctrackType=proctrack/pgid
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+JobRequeue=1
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+MinJobAge=300
+{node_lines}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+        )
+
+    def start(self) -> None:
+        root = self.root
+        munge = root / "munge"
+        subprocess.run(
+            ["mungekey", "-c", "-k", str(munge / "munge.key")], check=True, capture_output=True
+        )
+        subprocess.run(
+            [
+                "munged",
+                f"--key-file={munge / 'munge.key'}",
+                f"--socket={munge / 'munge.socket'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self._spawn(["slurmctld", "-D", "-c", "-f", str(self.conf)], "slurmctld")
+        _wait_for(
+            lambda: "UP" in self.run(["scontrol", "ping"], check=False).stdout,
+            timeout=30,
+            what="slurmctld to answer",
+        )
+        for node in NODES:
+            self._spawn(["slurmd", "-D", "-N", node, "-f", str(self.conf)], f"slurmd-{node}")
+        _wait_for(
+            lambda: self.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.split() == ["idle"],
+            timeout=30,
+            what="both nodes idle",
+        )
+
+    def _spawn(self, cmd: Sequence[str], name: str) -> None:
+        log = open(self.root / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 (kept by the child)
+        self._procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+        )
+        log.close()
+
+    # -- use ----------------------------------------------------------------------------------
+
+    def run(
+        self, cmd: Sequence[str], *, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        """Run a command against this cluster (SLURM_CONF set)."""
+        return subprocess.run(
+            list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=timeout
+        )
+
+    def sbatch(self, *args: str) -> str:
+        """Submit with sbatch; returns the job id."""
+        done = self.run(["sbatch", "--parsable", *args])
+        return done.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a mapping (JobState, Restarts, ExitCode, NodeList, ...)."""
+        text = self.run(["scontrol", "-o", "show", "job", job_id]).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def wait_state(self, job_id: str, states: Sequence[str], *, timeout: float = 60) -> dict:
+        """Poll until the job is in one of ``states``; returns its ``scontrol show job``."""
+        info: dict[str, str] = {}
+
+        def reached() -> bool:
+            nonlocal info
+            info = self.job(job_id)
+            return info.get("JobState") in states
+
+        try:
+            _wait_for(reached, timeout=timeout, what=f"job {job_id} in {states}", period=0.1)
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}; last: {info}") from None
+        return info
+
+    def wait_done(self, job_id: str, *, timeout: float = 60) -> dict:
+        """Poll until the job has ended; returns its ``scontrol show job``."""
+        return self.wait_state(
+            job_id,
+            ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+            timeout=timeout,
+        )
+
+    # -- tear-down ----------------------------------------------------------------------------
+
+    def _pids(self) -> list[int]:
+        pids = []
+        for pid_file in [
+            self.root / "run" / "slurmctld.pid",
+            *(self.root / "run" / f"slurmd-{node}.pid" for node in NODES),
+        ]:
+            if pid_file.exists():
+                pids.append(int(pid_file.read_text().split()[0]))
+        return pids
+
+    def stop(self) -> None:
+        # Stopping slurmd does not end running jobs: cancel them and wait for the queue to drain.
+        self.run(["scancel", "--full", "--user=root"], check=False)
+        try:
+            _wait_for(
+                lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
+                timeout=30,
+                what="the queue to drain",
+                period=0.1,
+            )
+        except TimeoutError:
+            pass
+        pids = sorted({*self._pids(), *(proc.pid for proc in self._procs)})
+        _terminate(pids)
+        for proc in self._procs:
+            proc.wait(timeout=5)
+        munged_pid = self.root / "munge" / "munged.pid"
+        if munged_pid.exists():
+            _terminate([int(munged_pid.read_text().split()[0])])
+
+
+def _terminate(pids: Sequence[int], *, timeout: float = 15) -> None:
+    """SIGTERM the processes, SIGKILL the ones still alive after ``timeout`` seconds."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        _wait_for(lambda: not any(_pid_alive(pid) for pid in pids), timeout=timeout, what="exit")
+    except TimeoutError:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _why_not() -> str | None:
+    """Why a cluster cannot run here, or None."""
+    missing = [name for name in DAEMONS if shutil.which(name) is None]
+    if missing:
+        return (
+            f"Slurm/munge not installed ({', '.join(missing)} missing): "
+            "apt-get install slurm-wlm munge"
+        )
+    if os.geteuid() != 0:
+        return "the throw-away Slurm cluster runs its daemons as root; not root here"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A two-node Slurm cluster (n1, n2) for this test session; skips where it cannot run."""
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    # Not under pytest's basetemp: that is 0700, and munged wants every directory above its
+    # socket traversable by all. A short path also keeps slurmd's socket path within sun_path.
+    root = Path(tempfile.mkdtemp(prefix="rosetta-slurm-", dir="/tmp"))
+    cluster = SlurmCluster(root)
+    cluster.write_config()
+    try:
+        cluster.start()
+        # The controller holds the first job ~3 s after start-up; pay that once, here.
+        cluster.run(["srun", "-N", "2", "true"], timeout=60)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
