@@ -135,6 +135,11 @@ def validate_model(cfg: ModelConfig) -> None:
         _check_positive(f"model.{key}", getattr(cfg, key))
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout ({cfg.dropout}) must be in [0, 1)")
+    if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        raise ValueError(
+            f"model.pad_token_id ({cfg.pad_token_id}) must be in [0, model.vocab_size "
+            f"({cfg.vocab_size}))"
+        )
     if cfg.num_languages < 0:
         raise ValueError(f"model.num_languages ({cfg.num_languages}) must be >= 0")
     kv_heads = cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_heads

@@ -1,0 +1,261 @@
+"""Model forward, masking, initialisation, pipeline pruning and the TP plan.
+
+Shape legend: B batch, T sequence, D width, V vocabulary, H heads, K kv heads, Hd head width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+
+import pytest
+import torch
+
+from pretrain.models import (
+    TP_STYLES,
+    build_model,
+    pipeline_split_points,
+    pipeline_stage_layers,
+    prune_to_stage,
+    tp_plan,
+)
+from pretrain.models.blocks import AttentionInputs, apply_rope, document_positions, rope_cos_sin
+from pretrain.models.config import ModelConfig, MoEConfig
+from pretrain.models.transformer import param_seed
+
+V = 64
+DECODER = ModelConfig(
+    vocab_size=V,
+    hidden_size=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=48,
+    max_seq_len=32,
+    init_std=0.1,
+)
+ENCODER = dataclasses.replace(
+    DECODER,
+    family="encoder",
+    num_kv_heads=None,
+    position="learned",
+    norm="layernorm",
+    norm_position="post",
+    mlp="gelu",
+    bias=True,
+    tie_embeddings=True,
+    pad_token_id=0,
+)
+MOE = dataclasses.replace(
+    DECODER, moe=MoEConfig(num_experts=4, top_k=2, router="gshard", every=2, dropless=True)
+)
+
+
+def _model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    model = build_model(cfg)
+    model.init_weights(seed)
+    return model.eval()
+
+
+def _tokens(batch: int = 2, seq: int = 12, *, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_submodule_names_are_regular() -> None:
+    names = dict(_model(MOE).named_modules())
+    for name in (
+        "tok_embeddings",
+        "layers.0.attention.wq",
+        "layers.0.attention.wo",
+        "layers.0.feed_forward.w1",
+        "layers.1.moe.router.gate",
+        "layers.1.moe.experts",
+        "layers.0.attention_norm",
+        "layers.0.ffn_norm",
+        "norm",
+        "output",
+    ):
+        assert name in names, name
+    encoder = dict(_model(ENCODER).named_modules())
+    assert {"pos_embeddings", "embed_norm", "head.dense", "head.norm"} <= encoder.keys()
+    assert "output" not in encoder  # tied: the projection reads tok_embeddings.weight
+
+
+@pytest.mark.parametrize("cfg", [DECODER, ENCODER, MOE], ids=["decoder", "encoder", "moe"])
+def test_document_masking_equals_separate_documents(cfg: ModelConfig) -> None:
+    model = _model(cfg)
+    docs = [_tokens(1, 5, seed=1), _tokens(1, 4, seed=2), _tokens(1, 3, seed=3)]
+    packed_BT = torch.cat(docs, dim=1)
+    document_ids_BT = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3])
+    with torch.no_grad():
+        packed_BTV = model(packed_BT, document_ids_BT=document_ids_BT)
+        separate_BTV = torch.cat([model(doc) for doc in docs], dim=1)
+    torch.testing.assert_close(packed_BTV, separate_BTV, rtol=1e-5, atol=1e-5)
+
+
+def test_document_positions_restart_at_each_document() -> None:
+    document_ids_BT = torch.tensor([[3, 3, 3, 7, 7, 1], [0, 0, 0, 0, 0, 0]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert torch.equal(document_positions(document_ids_BT), expected)
+
+
+def test_encoder_padding_as_its_own_document() -> None:
+    model = _model(ENCODER)
+    tokens_BT = _tokens(1, 9)
+    padded_BT = torch.cat([tokens_BT, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    document_ids_BT = torch.tensor([[0] * 9 + [-1] * 3])
+    with torch.no_grad():
+        padded_BTV = model(padded_BT, document_ids_BT=document_ids_BT)
+        alone_BTV = model(tokens_BT)
+    torch.testing.assert_close(padded_BTV[:, :9], alone_BTV, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads() -> None:
+    model = _model(DECODER)
+    attention = model.layers["0"].attention
+    x_BTD = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+    position_ids_BT = torch.arange(6).expand(2, 6)
+    rope = rope_cos_sin(position_ids_BT, head_dim=8, theta=DECODER.rope_theta, dtype=x_BTD.dtype)
+    with torch.no_grad():
+        y_BTD = attention(x_BTD, inputs=AttentionInputs(rope=rope, mask_B1TS=None, is_causal=True))
+        q = apply_rope(attention.wq(x_BTD).view(2, 6, 4, 8), *rope).transpose(1, 2)
+        k = apply_rope(attention.wk(x_BTD).view(2, 6, 2, 8), *rope).transpose(1, 2)
+        v = attention.wv(x_BTD).view(2, 6, 2, 8).transpose(1, 2)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+        ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 32)
+        ref_BTD = attention.wo(ref)
+    torch.testing.assert_close(y_BTD, ref_BTD, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_decoder_ignores_the_future() -> None:
+    model = _model(DECODER)
+    tokens_BT = _tokens()
+    changed_BT = tokens_BT.clone()
+    changed_BT[:, 8:] = (changed_BT[:, 8:] + 1) % V
+    with torch.no_grad():
+        a, b = model(tokens_BT), model(changed_BT)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_language_embeddings_are_added() -> None:
+    cfg = dataclasses.replace(ENCODER, num_languages=3)
+    model = _model(cfg)
+    tokens_BT = _tokens()
+    with torch.no_grad():
+        zero = model(tokens_BT, lang_ids_BT=torch.zeros_like(tokens_BT))
+        two = model(tokens_BT, lang_ids_BT=torch.full_like(tokens_BT, 2))
+    assert not torch.allclose(zero, two)
+    assert "lang_embeddings" in dict(model.named_modules())
+
+
+def test_init_is_deterministic_and_follows_the_reference_family() -> None:
+    a, b, c = _model(ENCODER, 0), _model(ENCODER, 0), _model(ENCODER, 1)
+    for (name, pa), pb, pc in zip(
+        a.named_parameters(), b.parameters(), c.parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+        if name.endswith("bias"):
+            assert torch.all(pa == 0), name
+        elif "norm" in name:
+            assert torch.all(pa == 1), name
+        else:
+            assert not torch.equal(pa, pc), name
+    emb = a.tok_embeddings.weight
+    assert torch.all(emb[0] == 0)  # the padding row, as in XLM-R
+    assert emb[1:].std().item() == pytest.approx(ENCODER.init_std, rel=0.05)
+
+
+def test_init_after_meta_and_to_empty_equals_eager_init() -> None:
+    with torch.device("meta"):
+        meta_model = build_model(MOE)
+    meta_model.to_empty(device="cpu")
+    meta_model.init_weights(5)
+    eager = _model(MOE, 5)
+    for (name, p), q in zip(meta_model.named_parameters(), eager.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    tokens_BT = _tokens()
+    with torch.no_grad():
+        assert torch.equal(meta_model.eval()(tokens_BT), eager(tokens_BT))
+
+
+def test_init_with_a_generator_or_the_global_rng_is_repeatable() -> None:
+    def draw(source) -> torch.Tensor:
+        model = build_model(DECODER)
+        if source is None:
+            torch.manual_seed(4)
+        model.init_weights(source)
+        return torch.cat([p.flatten() for p in model.parameters()])
+
+    gen_a = draw(torch.Generator().manual_seed(4))
+    assert torch.equal(gen_a, draw(torch.Generator().manual_seed(4)))
+    assert torch.equal(draw(None), draw(None))
+
+
+def test_param_seed_ignores_wrapper_segments() -> None:
+    assert param_seed(0, "layers.1._checkpoint_wrapped_module.attention.wq.weight") == param_seed(
+        0, "layers.1.attention.wq.weight"
+    )
+    assert param_seed(0, "layers.1.attention.wq.weight") != param_seed(
+        1, "layers.1.attention.wq.weight"
+    )
+
+
+def test_pipeline_stages_chain_to_the_full_model() -> None:
+    cfg = dataclasses.replace(MOE, num_layers=5)
+    full = _model(cfg, 3)
+    stages_layers = pipeline_stage_layers(cfg, num_stages=3)
+    assert stages_layers == [["0"], ["1", "2"], ["3", "4"]]
+    assert pipeline_split_points(cfg, num_stages=3) == ["layers.1", "layers.3"]
+    stages = []
+    for index, layer_keys in enumerate(stages_layers):
+        with torch.device("meta"):
+            stage = build_model(cfg)
+        prune_to_stage(stage, layer_keys=layer_keys, first=index == 0, last=index == 2)
+        stage.to_empty(device="cpu")
+        stage.init_weights(3)  # per-parameter seeds: the same values as in the full model
+        stages.append(stage.eval())
+    assert stages[1].tok_embeddings is None and stages[1].output is None
+    tokens_BT = _tokens()
+    with torch.no_grad():
+        x = tokens_BT
+        for stage in stages:
+            x = stage(x)
+        torch.testing.assert_close(x, full(tokens_BT), rtol=0, atol=0)
+
+
+def test_pipeline_refuses_more_stages_than_layers_and_tied_splits() -> None:
+    with pytest.raises(ValueError, match=r"^pipeline stages \(4\) must be between 1 and "):
+        pipeline_stage_layers(DECODER, num_stages=4)
+    with torch.device("meta"):
+        model = build_model(ENCODER)
+    with pytest.raises(ValueError, match=r"^model\.tie_embeddings \(True\) cannot be split"):
+        prune_to_stage(model, layer_keys=["0"], first=True, last=False)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [DECODER, ENCODER, MOE, dataclasses.replace(MOE, qk_norm=True, position="learned")],
+    ids=["decoder", "encoder", "moe", "moe-qknorm-learned"],
+)
+def test_tp_plan_names_existing_modules_and_known_styles(cfg: ModelConfig) -> None:
+    with torch.device("meta"):
+        model = build_model(cfg)
+    names = [name for name, _ in model.named_modules()]
+    plan = tp_plan(cfg)
+    for pattern, style in plan.items():
+        assert style in TP_STYLES, style
+        assert any(fnmatch.fnmatchcase(name, pattern) for name in names), pattern
+
+
+def test_moe_metrics_and_aux_scale_are_exposed() -> None:
+    model = _model(MOE)
+    model(_tokens())
+    metrics = model.moe_metrics()
+    assert list(metrics) == ["layers.1.moe"]
+    assert int(metrics["layers.1.moe"].tokens_per_expert_E.sum()) == 2 * 12 * 2
+    model.set_moe_aux_loss_scale(0.25)
+    assert model.layers["1"].moe.aux_loss_scale == 0.25
