@@ -13,8 +13,9 @@ second choice, as in GShard/Switch, so overflow drops second choices first):
               nothing and the token rides the residual connection. Static shapes, no host sync.
     dropless: assignments sorted by expert, group offsets from a device-side count; no host sync.
 Both feed one grouped matrix product over all experts (``torch._grouped_mm`` with int32 end
-offsets); where it is missing, or the widths are not 16-byte aligned, a segment loop over the
-groups is the fallback (it syncs once to read the group sizes).
+offsets); where it is missing, the widths are not 16-byte aligned, or on CUDA in a dtype other
+than bf16 (its CUDA kernel's only one), a segment loop over the groups is the fallback (it syncs
+once to read the group sizes).
 
 Auxiliary losses: ``aux_loss = E * sum_i f_i * P_i`` with f_i the fraction of the N * k routed
 assignments that chose expert i (before dropping; sum_i f_i = 1, so a perfect balance gives 1)
@@ -139,8 +140,11 @@ class TopKRouter(nn.Module):
 
 
 def _grouped_mm_ok(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    # torch._grouped_mm needs 16-byte aligned strides; misaligned widths take the fallback.
-    if not hasattr(torch, "_grouped_mm"):
+    # torch._grouped_mm needs 16-byte aligned strides and one dtype; its CUDA kernel takes bf16
+    # only (CPU: any float dtype). Anything else takes the fallback.
+    if not hasattr(torch, "_grouped_mm") or x_MD.dtype != w_EDF.dtype:
+        return False
+    if x_MD.device.type == "cuda" and x_MD.dtype != torch.bfloat16:
         return False
     align = 16 // x_MD.element_size()
     return x_MD.shape[-1] % align == 0 and w_EDF.shape[-1] % align == 0

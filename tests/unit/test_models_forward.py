@@ -82,7 +82,14 @@ def test_submodule_names_are_regular() -> None:
     assert "output" not in encoder  # tied: the projection reads tok_embeddings.weight
 
 
-@pytest.mark.parametrize("cfg", [DECODER, ENCODER, MOE], ids=["decoder", "encoder", "moe"])
+MOE_ENCODER = dataclasses.replace(
+    ENCODER, moe=MoEConfig(num_experts=4, top_k=1, router="switch", dropless=True)
+)
+
+
+@pytest.mark.parametrize(
+    "cfg", [DECODER, ENCODER, MOE, MOE_ENCODER], ids=["decoder", "encoder", "moe", "moe-encoder"]
+)
 def test_document_masking_equals_separate_documents(cfg: ModelConfig) -> None:
     model = _model(cfg)
     docs = [_tokens(1, 5, seed=1), _tokens(1, 4, seed=2), _tokens(1, 3, seed=3)]

@@ -279,3 +279,18 @@ def test_eval_mode_has_no_jitter() -> None:
     a = moe(x_BTD)
     torch.manual_seed(1)
     assert torch.equal(a, moe(x_BTD))
+
+
+@pytest.mark.gpu
+def test_dropless_forward_has_no_host_sync_on_cuda() -> None:
+    moe = _moe().to("cuda", torch.bfloat16)
+    x_BTD = _x().detach().to("cuda", torch.bfloat16).requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y_BTD = moe(x_BTD)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref_BTD = _reference(_moe(), _x().detach())
+    torch.testing.assert_close(y_BTD.float().cpu(), ref_BTD, rtol=5e-2, atol=5e-2)
+    _dense_grad_loss(y_BTD.float().cpu()).backward()
+    assert x_BTD.grad is not None
