@@ -17,7 +17,7 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-def require(key: str, value: Any, expected: Any, *, target: str) -> None:
+def require(key: str, *, value: Any, expected: Any, target: str) -> None:
     """Raise the one-line error for a config value the export target cannot represent.
 
     Raises:
@@ -27,7 +27,7 @@ def require(key: str, value: Any, expected: Any, *, target: str) -> None:
         raise ValueError(f"model.{key} ({value!r}) must be {expected!r} to export to {target}")
 
 
-def require_hf(key: str, value: Any, expected: Any, *, source: str) -> None:
+def require_hf(key: str, *, value: Any, expected: Any, source: str) -> None:
     """Raise the one-line error for a transformers config value our models cannot represent.
 
     Raises:
@@ -45,14 +45,14 @@ def rope_theta_of(hf_config: Any, *, source: str) -> float:
     """
     params = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    require_hf("rope_parameters.rope_type", rope_type, "default", source=source)
+    require_hf("rope_parameters.rope_type", value=rope_type, expected="default", source=source)
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
     if theta is None:
         raise ValueError(f"{source} config has no rope_theta")
     return float(theta)
 
 
-def rename(state_dict: StateDict, table: dict[str, str]) -> StateDict:
+def rename(state_dict: StateDict, *, table: dict[str, str]) -> StateDict:
     """Rename every key through ``table``; every key must be covered.
 
     Raises:

@@ -50,7 +50,7 @@ def _check_decoder(cfg: ModelConfig, *, target: str) -> None:
         ("bias", False),
         ("num_languages", 0),
     ):
-        require(key, getattr(cfg, key), expected, target=target)
+        require(key, value=getattr(cfg, key), expected=expected, target=target)
 
 
 def _layer_table(cfg: ModelConfig, layer: int) -> dict[str, str]:
@@ -66,7 +66,7 @@ def _layer_table(cfg: ModelConfig, layer: int) -> dict[str, str]:
     if cfg.qk_norm:
         table["attention.q_norm.weight"] = "self_attn.q_norm.weight"
         table["attention.k_norm.weight"] = "self_attn.k_norm.weight"
-    if is_moe_layer(cfg, layer):
+    if is_moe_layer(cfg, layer=layer):
         table["moe.router.gate.weight"] = "mlp.gate.weight"
     else:
         table["feed_forward.w1.weight"] = "mlp.gate_proj.weight"
@@ -92,13 +92,13 @@ def _to_hf_state_dict(state_dict: StateDict, cfg: ModelConfig) -> StateDict:
     remaining = dict(state_dict)
     hf: StateDict = {}
     for layer in range(cfg.num_layers):
-        if not is_moe_layer(cfg, layer):
+        if not is_moe_layer(cfg, layer=layer):
             continue
         ours, theirs = f"layers.{layer}.moe.experts.", f"model.layers.{layer}.mlp.experts."
         w1_EFD, w3_EFD = remaining.pop(ours + "w1"), remaining.pop(ours + "w3")
         hf[theirs + "gate_up_proj"] = torch.cat([w1_EFD, w3_EFD], dim=1)
         hf[theirs + "down_proj"] = remaining.pop(ours + "w2")
-    hf.update(rename(remaining, _table(cfg)))
+    hf.update(rename(remaining, table=_table(cfg)))
     if cfg.tie_embeddings:
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
     return hf
@@ -110,7 +110,7 @@ def _from_hf_state_dict(hf_state_dict: StateDict, cfg: ModelConfig) -> StateDict
         remaining.pop("lm_head.weight", None)
     ours: StateDict = {}
     for layer in range(cfg.num_layers):
-        if not is_moe_layer(cfg, layer):
+        if not is_moe_layer(cfg, layer=layer):
             continue
         mine, theirs = f"layers.{layer}.moe.experts.", f"model.layers.{layer}.mlp.experts."
         gate_up_E2FD = remaining.pop(theirs + "gate_up_proj")
@@ -119,7 +119,7 @@ def _from_hf_state_dict(hf_state_dict: StateDict, cfg: ModelConfig) -> StateDict
         ours[mine + "w3"] = w3_EFD.contiguous()
         ours[mine + "w2"] = remaining.pop(theirs + "down_proj")
     inverse = {v: k for k, v in _table(cfg).items()}
-    ours.update(rename(remaining, inverse))
+    ours.update(rename(remaining, table=inverse))
     return ours
 
 
@@ -144,7 +144,7 @@ def _common_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _common_cfg_kwargs(hf: Any, *, source: str) -> dict[str, Any]:
-    require_hf("hidden_act", hf.hidden_act, "silu", source=source)
+    require_hf("hidden_act", value=hf.hidden_act, expected="silu", source=source)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return {
         "family": "decoder",
@@ -179,8 +179,8 @@ class LlamaAdapter:
         """Raises ValueError (one line) if ``cfg`` has no exact Llama twin."""
         target = LlamaAdapter.hf_architecture
         _check_decoder(cfg, target=target)
-        require("moe.num_experts", cfg.moe.num_experts, 0, target=target)
-        require("qk_norm", cfg.qk_norm, False, target=target)
+        require("moe.num_experts", value=cfg.moe.num_experts, expected=0, target=target)
+        require("qk_norm", value=cfg.qk_norm, expected=False, target=target)
 
     @staticmethod
     def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
@@ -202,8 +202,8 @@ class LlamaAdapter:
         """``(state_dict, ModelConfig)``. Raises ValueError for unsupported Llama variants."""
         hf = as_config(hf_config, "llama")
         source = "llama"
-        require_hf("attention_bias", bool(hf.attention_bias), False, source=source)
-        require_hf("mlp_bias", bool(hf.mlp_bias), False, source=source)
+        require_hf("attention_bias", value=bool(hf.attention_bias), expected=False, source=source)
+        require_hf("mlp_bias", value=bool(hf.mlp_bias), expected=False, source=source)
         cfg = ModelConfig(
             **_common_cfg_kwargs(hf, source=source), ffn_hidden_size=hf.intermediate_size
         )
@@ -223,9 +223,9 @@ class MixtralAdapter:
         _check_decoder(cfg, target=target)
         if cfg.moe.num_experts == 0:
             raise ValueError(f"model.moe.num_experts (0) must be > 0 to export to {target}")
-        require("qk_norm", cfg.qk_norm, False, target=target)
-        require("moe.every", cfg.moe.every, 1, target=target)
-        require("moe.normalize_gates", gates_normalized(cfg), True, target=target)
+        require("qk_norm", value=cfg.qk_norm, expected=False, target=target)
+        require("moe.every", value=cfg.moe.every, expected=1, target=target)
+        require("moe.normalize_gates", value=gates_normalized(cfg), expected=True, target=target)
 
     @staticmethod
     def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
@@ -253,7 +253,7 @@ class MixtralAdapter:
             ValueError: sliding-window attention.
         """
         hf = as_config(hf_config, "mixtral")
-        require_hf("sliding_window", hf.sliding_window, None, source="mixtral")
+        require_hf("sliding_window", value=hf.sliding_window, expected=None, source="mixtral")
         moe = MoEConfig(
             num_experts=hf.num_local_experts,
             top_k=hf.num_experts_per_tok,
@@ -284,7 +284,7 @@ class Qwen3MoeAdapter:
         _check_decoder(cfg, target=target)
         if cfg.moe.num_experts == 0:
             raise ValueError(f"model.moe.num_experts (0) must be > 0 to export to {target}")
-        require("qk_norm", cfg.qk_norm, True, target=target)
+        require("qk_norm", value=cfg.qk_norm, expected=True, target=target)
 
     @staticmethod
     def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
@@ -317,9 +317,11 @@ class Qwen3MoeAdapter:
         """
         hf = as_config(hf_config, "qwen3_moe")
         source = "qwen3_moe"
-        require_hf("attention_bias", bool(hf.attention_bias), False, source=source)
-        require_hf("sliding_window", hf.sliding_window, None, source=source)
-        require_hf("mlp_only_layers", list(hf.mlp_only_layers or []), [], source=source)
+        require_hf("attention_bias", value=bool(hf.attention_bias), expected=False, source=source)
+        require_hf("sliding_window", value=hf.sliding_window, expected=None, source=source)
+        require_hf(
+            "mlp_only_layers", value=list(hf.mlp_only_layers or []), expected=[], source=source
+        )
         top_k, normalized = hf.num_experts_per_tok, bool(hf.norm_topk_prob)
         if top_k == 1 and not normalized:
             router = "switch"

@@ -69,7 +69,7 @@ class XLMRobertaAdapter:
     def check(cfg: ModelConfig) -> None:
         """Raises ValueError (one line) if ``cfg`` has no exact XLM-R twin."""
         target = XLMRobertaAdapter.hf_architecture
-        require("family", cfg.family, "encoder", target=target)
+        require("family", value=cfg.family, expected="encoder", target=target)
         if cfg.moe.num_experts > 0:
             raise ValueError(
                 f"model.moe.num_experts ({cfg.moe.num_experts}) must be 0 to export an encoder: "
@@ -84,10 +84,20 @@ class XLMRobertaAdapter:
             ("qk_norm", False),
             ("num_languages", 0),
         ):
-            require(key, getattr(cfg, key), expected, target=target)
-        require("num_kv_heads", cfg.num_kv_heads or cfg.num_heads, cfg.num_heads, target=target)
+            require(key, value=getattr(cfg, key), expected=expected, target=target)
+        require(
+            "num_kv_heads",
+            value=cfg.num_kv_heads or cfg.num_heads,
+            expected=cfg.num_heads,
+            target=target,
+        )
         default_head_dim = cfg.hidden_size // cfg.num_heads
-        require("head_dim", cfg.head_dim or default_head_dim, default_head_dim, target=target)
+        require(
+            "head_dim",
+            value=cfg.head_dim or default_head_dim,
+            expected=default_head_dim,
+            target=target,
+        )
 
     @staticmethod
     def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
@@ -129,7 +139,7 @@ class XLMRobertaAdapter:
             bias_V = remaining.pop("output.bias")
         hf["lm_head.bias"] = bias_V
         hf["lm_head.decoder.bias"] = bias_V
-        hf.update(rename(remaining, _table(cfg)))
+        hf.update(rename(remaining, table=_table(cfg)))
         if cfg.tie_embeddings:
             hf["lm_head.decoder.weight"] = hf["roberta.embeddings.word_embeddings.weight"]
         return hf, hf_config
@@ -144,8 +154,8 @@ class XLMRobertaAdapter:
         """
         hf = as_config(hf_config, "xlm-roberta")
         source = "xlm-roberta"
-        require_hf("hidden_act", hf.hidden_act, "gelu", source=source)
-        require_hf("is_decoder", bool(hf.is_decoder), False, source=source)
+        require_hf("hidden_act", value=hf.hidden_act, expected="gelu", source=source)
+        require_hf("is_decoder", value=bool(hf.is_decoder), expected=False, source=source)
         pad = hf.pad_token_id if hf.pad_token_id is not None else 1
         max_seq_len = hf.max_position_embeddings - pad - 1
         if max_seq_len <= 0:
@@ -187,5 +197,5 @@ class XLMRobertaAdapter:
             ours["output.weight"] = decoder_VD
             ours["output.bias"] = bias_V
         inverse = {v: k for k, v in _table(cfg).items()}
-        ours.update(rename(remaining, inverse))
+        ours.update(rename(remaining, table=inverse))
         return ours, cfg

@@ -44,7 +44,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def build_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+def build_norm(cfg: ModelConfig, *, dim: int | None = None) -> nn.Module:
     """The norm named by ``cfg.norm`` over ``dim`` (default ``cfg.hidden_size``)."""
     dim = cfg.hidden_size if dim is None else dim
     if cfg.norm == "rmsnorm":
@@ -91,7 +91,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(
-    x_BTHHd: torch.Tensor, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor
+    x_BTHHd: torch.Tensor, *, cos_BTHd: torch.Tensor, sin_BTHd: torch.Tensor
 ) -> torch.Tensor:
     """Rotate queries or keys ``x_BTHHd`` (heads on dim 2) by the rotary tables."""
     cos = cos_BTHd[:, :, None, :]
@@ -190,8 +190,8 @@ class Attention(nn.Module):
             k_BSKHd = self.k_norm(k_BSKHd)
         if inputs.rope is not None and kv_source_BSD is None:
             cos, sin = inputs.rope
-            q_BTHHd = apply_rope(q_BTHHd, cos, sin)
-            k_BSKHd = apply_rope(k_BSKHd, cos, sin)
+            q_BTHHd = apply_rope(q_BTHHd, cos_BTHd=cos, sin_BTHd=sin)
+            k_BSKHd = apply_rope(k_BSKHd, cos_BTHd=cos, sin_BTHd=sin)
         q_BHTHd = q_BTHHd.transpose(1, 2)
         k_BKSHd = k_BSKHd.transpose(1, 2)
         v_BKSHd = v_BSKHd.transpose(1, 2)

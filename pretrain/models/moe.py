@@ -150,7 +150,7 @@ def _grouped_mm_ok(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return x_MD.shape[-1] % align == 0 and w_EDF.shape[-1] % align == 0
 
 
-def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, *, offs_E: torch.Tensor) -> torch.Tensor:
     """Rows ``offs[e-1]:offs[e]`` of ``x_MD`` times ``w_EDF[e]``, all groups in one product.
 
     Args:
@@ -202,14 +202,14 @@ class GroupedExperts(nn.Module):
             offs_E: int32 end offsets, ``offs_E[-1] == M``.
             row_experts_M: expert of each row; needed only with biases.
         """
-        h_MF = grouped_mm(x_MD, self.w1.transpose(-2, -1), offs_E)
+        h_MF = grouped_mm(x_MD, self.w1.transpose(-2, -1), offs_E=offs_E)
         if self.b1 is not None:
             h_MF = h_MF + self.b1[row_experts_M]
         if self.w3 is not None:
-            h_MF = F.silu(h_MF) * grouped_mm(x_MD, self.w3.transpose(-2, -1), offs_E)
+            h_MF = F.silu(h_MF) * grouped_mm(x_MD, self.w3.transpose(-2, -1), offs_E=offs_E)
         else:
             h_MF = F.gelu(h_MF)
-        y_MD = grouped_mm(h_MF, self.w2.transpose(-2, -1), offs_E)
+        y_MD = grouped_mm(h_MF, self.w2.transpose(-2, -1), offs_E=offs_E)
         if self.b2 is not None:
             y_MD = y_MD + self.b2[row_experts_M]
         return y_MD

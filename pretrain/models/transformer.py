@@ -39,7 +39,7 @@ from pretrain.models.moe import MoE, MoEMetrics
 _WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 
 
-def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+def is_moe_layer(cfg: ModelConfig, *, layer: int) -> bool:
     """Whether layer ``layer`` (0-based) has an MoE feed-forward: every ``moe.every``-th layer,
     i.e. layers every-1, 2*every-1, ... (Qwen3-MoE's ``decoder_sparse_step`` convention)."""
     return cfg.moe.num_experts > 0 and (layer + 1) % cfg.moe.every == 0
@@ -50,7 +50,7 @@ def canonical_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
-def param_seed(seed: int, name: str) -> int:
+def param_seed(seed: int, *, name: str) -> int:
     """Seed of one parameter: the run seed mixed with its canonical name, so that a parameter's
     initial value does not depend on which other parameters a pipeline stage holds."""
     return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(canonical_name(name).encode())) % (2**63)
@@ -79,7 +79,7 @@ class Transformer(nn.Module):
         self.embed_norm: nn.Module | None = build_norm(cfg) if post_norm else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict(
-            {str(i): Block(cfg, use_moe=is_moe_layer(cfg, i)) for i in range(cfg.num_layers)}
+            {str(i): Block(cfg, use_moe=is_moe_layer(cfg, layer=i)) for i in range(cfg.num_layers)}
         )
         self.norm: nn.Module | None = None if post_norm else build_norm(cfg)
         self.head: nn.Module | None = None
@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         Args:
             seed_or_generator:
                 int: each parameter is drawn on the CPU from its own generator seeded with
-                    ``param_seed(seed, name)``; values do not depend on the device, on which
+                    ``param_seed(seed, name=name)``; values do not depend on the device, on which
                     other parameters are present (pipeline stages) or on sharding (DTensor
                     parameters get the local part of the same full tensor).
                 torch.Generator: parameters drawn in ``named_parameters`` order from it.
@@ -255,7 +255,7 @@ class Transformer(nn.Module):
                     param.zero_()
                 elif isinstance(seed_or_generator, int):
                     gen = torch.Generator(device="cpu").manual_seed(
-                        param_seed(seed_or_generator, name)
+                        param_seed(seed_or_generator, name=name)
                     )
                     full = torch.empty(param.shape, dtype=torch.float32)
                     full.normal_(0.0, std, generator=gen)

@@ -126,8 +126,12 @@ def test_grouped_query_attention_equals_repeated_kv_heads() -> None:
     rope = rope_cos_sin(position_ids_BT, head_dim=8, theta=DECODER.rope_theta, dtype=x_BTD.dtype)
     with torch.no_grad():
         y_BTD = attention(x_BTD, inputs=AttentionInputs(rope=rope, mask_B1TS=None, is_causal=True))
-        q = apply_rope(attention.wq(x_BTD).view(2, 6, 4, 8), *rope).transpose(1, 2)
-        k = apply_rope(attention.wk(x_BTD).view(2, 6, 2, 8), *rope).transpose(1, 2)
+        q = apply_rope(
+            attention.wq(x_BTD).view(2, 6, 4, 8), cos_BTHd=rope[0], sin_BTHd=rope[1]
+        ).transpose(1, 2)
+        k = apply_rope(
+            attention.wk(x_BTD).view(2, 6, 2, 8), cos_BTHd=rope[0], sin_BTHd=rope[1]
+        ).transpose(1, 2)
         v = attention.wv(x_BTD).view(2, 6, 2, 8).transpose(1, 2)
         k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(8)
@@ -203,11 +207,11 @@ def test_init_with_a_generator_or_the_global_rng_is_repeatable() -> None:
 
 
 def test_param_seed_ignores_wrapper_segments() -> None:
-    assert param_seed(0, "layers.1._checkpoint_wrapped_module.attention.wq.weight") == param_seed(
-        0, "layers.1.attention.wq.weight"
-    )
-    assert param_seed(0, "layers.1.attention.wq.weight") != param_seed(
-        1, "layers.1.attention.wq.weight"
+    assert param_seed(
+        0, name="layers.1._checkpoint_wrapped_module.attention.wq.weight"
+    ) == param_seed(0, name="layers.1.attention.wq.weight")
+    assert param_seed(0, name="layers.1.attention.wq.weight") != param_seed(
+        1, name="layers.1.attention.wq.weight"
     )
 
 

@@ -82,7 +82,7 @@ def test_grouped_mm_equals_per_expert_products(width: int) -> None:
     x_MD = torch.randn(sum(sizes), width, generator=gen, requires_grad=True)
     w_EDF = torch.randn(len(sizes), width, 8, generator=gen, requires_grad=True)
     offs_E = torch.tensor(sizes).cumsum(0).to(torch.int32)
-    y_MF = grouped_mm(x_MD, w_EDF, offs_E)
+    y_MF = grouped_mm(x_MD, w_EDF, offs_E=offs_E)
     ref_MF = torch.cat([seg @ w_EDF[e] for e, seg in enumerate(torch.split(x_MD, sizes))])
     torch.testing.assert_close(y_MF, ref_MF, rtol=1e-6, atol=1e-6)
     grads = torch.autograd.grad(_dense_grad_loss(y_MF), (x_MD, w_EDF))
