@@ -194,3 +194,23 @@ def test_unrepresentable_dense_decoder_refuses() -> None:
 def test_import_refuses_unknown_model_type() -> None:
     with pytest.raises(ValueError, match=r"^model_type \('gpt2'\) must be one of"):
         from_hf({}, {"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "xlm-roberta"])
+def test_save_pretrained_and_reload_keeps_the_logits(family: str, tmp_path) -> None:
+    if family == "mixtral":
+        moe = MoEConfig(num_experts=4, top_k=2, router="gshard", dropless=True)
+        cfg, avoid = dataclasses.replace(DECODER, tie_embeddings=True, moe=moe), None
+    else:
+        cfg, avoid = ENCODER, 1
+    model = _randomised(cfg)
+    hf_model = _hf_model(*to_hf(model.state_dict(), cfg))
+    hf_model.save_pretrained(tmp_path)
+    cls = getattr(transformers, hf_model.config.architectures[0])
+    reloaded = cls.from_pretrained(tmp_path).eval()
+    back, _ = from_hf(reloaded.state_dict(), reloaded.config)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(back[key], tensor), key
+    tokens_BT = _tokens(cfg, avoid=avoid)
+    with torch.no_grad():
+        assert (model(tokens_BT) - reloaded(input_ids=tokens_BT).logits).abs().max() < 1e-4
