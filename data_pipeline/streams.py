@@ -1,0 +1,341 @@
+"""Endless, resumable per-language sample streams over a shard manifest, dealt to loader slots.
+
+A *source* is one language (mono shards) or one language pair (pair shards). Its ``n`` samples
+(every sample of every shard of the source, from the manifest) are visited in *passes*; pass
+``p`` visits them in an order drawn from ``(seed, source, p)`` alone: the shards permuted, then
+the samples of each shard permuted (a slot reads one shard at a time, the page cache is shared).
+Concatenating the passes gives an endless sequence of *positions* ``g = 0, 1, 2, ...``: position
+``g`` is sample ``order_p[g % n]`` of pass ``p = g // n``.
+
+*Slots* are the (dp rank, dataloader worker) pairs, ``S = dp_world_size * max(1, num_workers)``
+of them. Slot ``s`` owns the positions ``g = s, s + S, s + 2S, ...`` of every source: every
+sample of a pass goes to exactly one slot, and a source with fewer samples than slots still feeds
+every slot (passes simply go by faster). Positions are pulled into a shuffle buffer of sample
+references (no data is held) and drawn from it at random; the drawn sample is decoded, joined
+(``transforms``) and consumed from a token cursor.
+
+State of one source in one slot (plain lists and ints; see :class:`StreamState`)::
+
+    {"ranges": [[start, step, stop], ...],   # positions still to pull, in order; stop -1 = endless
+     "buffer": [g, ...],                      # shuffle buffer (sample references)
+     "partials": [[g, cursor], ...]}          # samples being consumed: token cursor in the joined
+                                              # sample; the first one is the current sample
+
+Elastic resume (:func:`redistribute`) pools every old slot's state and deals it to the new slots
+without losing or repeating a position: each old range is split into ``S'`` interleaved
+sub-ranges (one per new slot) up to the end ``G0`` of the furthest pass any old slot had reached,
+and the regular dealing restarts at ``G0`` with stride ``S'``; buffered references are dealt
+round-robin; an old slot's partly consumed samples (its packing remainder) go to new slot
+``old % S'``.
+
+Random access: a shard's member offsets are found once per process by reading the 512-byte tar
+headers (seeking over the data); a sample is then one seek and one read.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data_pipeline.shard_format import MONO_EXT, PAIR_EXT, decode_sample
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 512
+ENDLESS = -1
+
+
+# --- random access to shard samples ----------------------------------------------------------
+
+
+def _parse_header(header: bytes, *, where: str) -> tuple[str, int]:
+    if len(header) < _BLOCK:
+        raise ValueError(f"{where}: truncated inside a header")
+    try:
+        size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+    except ValueError:
+        raise ValueError(f"{where}: corrupt tar header") from None
+    stored = header[148:156].rstrip(b"\0 ")
+    if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+        raise ValueError(f"{where}: tar header checksum mismatch")
+    return header[0:100].rstrip(b"\0").decode("utf-8", "replace"), size
+
+
+def _padded(size: int) -> int:
+    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def index_shard(path: str | os.PathLike) -> np.ndarray:
+    """Byte ranges of a shard's samples, from its tar headers alone.
+
+    Returns:
+        int64 ``[num_samples, 2]``: start (the ``.json`` header) and end (past the padded
+        payload) of each sample.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the shard's name and the fault (truncated, bad header, members out of pairs).
+    """
+    path = Path(path)
+    where = f"shard {path.name}"
+    spans = []
+    with open(path, "rb") as f:
+        end = f.seek(0, io.SEEK_END)
+        pos = 0
+        while True:
+            f.seek(pos)
+            header = f.read(_BLOCK)
+            if len(header) == 0:
+                raise ValueError(f"{where}: truncated (no end-of-archive marker)")
+            if header == b"\0" * _BLOCK:
+                break
+            name, size = _parse_header(header, where=where)
+            if not name.endswith(".json"):
+                raise ValueError(f"{where}: member {name!r} where a .json was expected")
+            f.seek(pos + _BLOCK + _padded(size))
+            payload_name, payload_size = _parse_header(f.read(_BLOCK), where=where)
+            if payload_name.partition(".")[0] != name.partition(".")[0]:
+                raise ValueError(f"{where}: sample {name!r} has no payload member")
+            stop = pos + _BLOCK + _padded(size) + _BLOCK + _padded(payload_size)
+            if stop > end:
+                raise ValueError(f"{where}: truncated inside member {payload_name!r}")
+            spans.append((pos, stop))
+            pos = stop
+    return np.array(spans, dtype=np.int64).reshape(-1, 2)
+
+
+class ShardReader:
+    """Reads single samples of shards by (shard path, sample index), keeping a few files open."""
+
+    def __init__(self, *, max_open: int = 8) -> None:
+        self._indexes: dict[str, np.ndarray] = {}
+        self._files: OrderedDict[str, io.BufferedReader] = OrderedDict()
+        self._max_open = max_open
+        self._zstd = zstandard.ZstdDecompressor()
+
+    def _file(self, path: str) -> io.BufferedReader:
+        f = self._files.pop(path, None)
+        if f is None:
+            f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed in close()
+            while len(self._files) >= self._max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files[path] = f
+        return f
+
+    def num_samples(self, path: str) -> int:
+        """Samples in the shard (reads its headers once)."""
+        if path not in self._indexes:
+            self._indexes[path] = index_shard(path)
+        return len(self._indexes[path])
+
+    def read(self, path: str, index: int) -> dict:
+        """Decode sample ``index`` of the shard at ``path`` (see ``shard_format.decode_sample``).
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: the shard's name and the fault (index out of range, bad member, bad
+                payload).
+        """
+        name = Path(path).name
+        if index >= self.num_samples(path):
+            raise ValueError(f"shard {name}: has no sample {index}")
+        start, stop = self._indexes[path][index]
+        f = self._file(path)
+        f.seek(int(start))
+        raw = f.read(int(stop - start))
+        if len(raw) != stop - start:
+            raise ValueError(f"shard {name}: truncated at sample {index}")
+        meta_name, meta_size = _parse_header(raw[:_BLOCK], where=f"shard {name}")
+        at = _BLOCK + _padded(meta_size)
+        payload_name, payload_size = _parse_header(raw[at : at + _BLOCK], where=f"shard {name}")
+        ext = payload_name.partition(".")[2]
+        if ext not in (MONO_EXT, PAIR_EXT):
+            raise ValueError(f"shard {name}: sample {index} payload .{ext} is not a token payload")
+        return decode_sample(
+            raw[_BLOCK : _BLOCK + meta_size],
+            payload=raw[at + _BLOCK : at + _BLOCK + payload_size],
+            where=f"shard {name} sample {index}",
+            decompressor=self._zstd,
+        )
+
+    def close(self) -> None:
+        """Close every open file."""
+        while self._files:
+            self._files.popitem()[1].close()
+
+
+# --- pass orders -----------------------------------------------------------------------------
+
+
+def source_seed(name: str) -> int:
+    """A stable (process- and platform-independent) integer for a source name."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+@dataclass
+class Source:
+    """One language (or language pair) of a manifest: its shards and their sample counts.
+
+    Attributes:
+        name: ``"en"`` or ``"en-de"``.
+        kind: ``"mono"`` or ``"pair"``.
+        paths: absolute shard paths, in manifest order.
+        samples_per_shard: samples of each shard, from the manifest.
+        tokens: n_l (tokens in the manifest).
+    """
+
+    name: str
+    kind: str
+    paths: list[str]
+    samples_per_shard: list[int]
+    tokens: int
+    _orders: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        """n: samples per pass."""
+        return sum(self.samples_per_shard)
+
+    def order(self, pass_index: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pass ``pass_index``'s visiting order as ``(shard index [n], sample index [n])``."""
+        hit = self._orders.get(pass_index)
+        if hit is not None:
+            return hit
+        rng = np.random.default_rng([seed, source_seed(self.name), pass_index])
+        shards, samples = [], []
+        for shard in rng.permutation(len(self.paths)):
+            count = self.samples_per_shard[shard]
+            shards.append(np.full(count, shard, dtype=np.int64))
+            samples.append(rng.permutation(count))
+        hit = (np.concatenate(shards), np.concatenate(samples))
+        self._orders[pass_index] = hit
+        if len(self._orders) > 8:
+            self._orders.popitem(last=False)
+        return hit
+
+    def locate(self, position: int, *, seed: int) -> tuple[int, int]:
+        """``(shard index, sample index)`` at endless-stream position ``position``."""
+        n = self.num_samples
+        shard_of, sample_of = self.order(position // n, seed=seed)
+        return int(shard_of[position % n]), int(sample_of[position % n])
+
+
+# --- per-slot stream state -------------------------------------------------------------------
+
+
+@dataclass
+class StreamState:
+    """One source's stream in one slot (see the module docstring for the layout)."""
+
+    ranges: list[list[int]]
+    buffer: list[int]
+    partials: list[list[int]]
+
+    @classmethod
+    def fresh(cls, *, slot: int, num_slots: int) -> StreamState:
+        """The state of slot ``slot`` of ``num_slots`` at the start of training."""
+        return cls(ranges=[[slot, num_slots, ENDLESS]], buffer=[], partials=[])
+
+    def to_dict(self) -> dict:
+        """A deep copy as plain lists and ints."""
+        return {
+            "ranges": [list(r) for r in self.ranges],
+            "buffer": list(self.buffer),
+            "partials": [list(p) for p in self.partials],
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> StreamState:
+        """Inverse of :meth:`to_dict` (copies)."""
+        return cls(
+            ranges=[[int(x) for x in r] for r in state["ranges"]],
+            buffer=[int(g) for g in state["buffer"]],
+            partials=[[int(x) for x in p] for p in state["partials"]],
+        )
+
+    def pull(self) -> int | None:
+        """Next position from the ranges, or None when they are exhausted."""
+        while self.ranges:
+            r = self.ranges[0]
+            start, step, stop = r
+            if stop != ENDLESS and start >= stop:
+                self.ranges.pop(0)
+                continue
+            r[0] = start + step
+            return start
+        return None
+
+    def next_position(self, *, capacity: int, rng: np.random.Generator) -> int:
+        """Fill the shuffle buffer to ``capacity`` and draw one position from it at random.
+
+        Raises:
+            ValueError: nothing left to draw (only after a faulty state).
+        """
+        while len(self.buffer) < capacity:
+            g = self.pull()
+            if g is None:
+                break
+            self.buffer.append(g)
+        if not self.buffer:
+            raise ValueError("stream exhausted: no ranges and an empty buffer")
+        i = int(rng.integers(len(self.buffer)))
+        # swap-remove: O(1), and the order stays a function of the rng alone
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def frontier(self) -> int:
+        """Next position of the endless range (the one regular dealing would pull next)."""
+        for start, _, stop in self.ranges:
+            if stop == ENDLESS:
+                return start
+        raise ValueError("stream state has no endless range")
+
+
+def redistribute(
+    old: list[dict[str, dict]], *, num_slots: int, samples: dict[str, int]
+) -> list[dict[str, dict]]:
+    """Deal the streams of ``len(old)`` slots over ``num_slots`` new slots (elastic resume).
+
+    Args:
+        old: per old slot (in slot order), ``{source: StreamState dict}``.
+        num_slots: ``S'``, the number of new slots.
+        samples: samples per pass ``n`` of each source.
+
+    Returns:
+        Per new slot, ``{source: StreamState dict}``. Every position that no old slot had
+        consumed is owned by exactly one new slot; partly consumed samples of old slot ``r``
+        go to new slot ``r % S'``.
+    """
+    new: list[dict[str, dict]] = [{} for _ in range(num_slots)]
+    for name, n in samples.items():
+        states = [StreamState.from_dict(o[name]) for o in old]
+        furthest = max(s.frontier() for s in states)
+        g0 = -(-furthest // n) * n  # the end of the furthest pass any old slot has entered
+        outs = [StreamState(ranges=[], buffer=[], partials=[]) for _ in range(num_slots)]
+        dealt = 0  # elements dealt so far, so that sub-range sizes stay balanced
+        for state in states:
+            for start, step, stop in state.ranges:
+                stop = g0 if stop == ENDLESS else stop
+                count = max(0, -(-(stop - start) // step))
+                for j in range(min(count, num_slots)):
+                    target = (dealt + j) % num_slots
+                    outs[target].ranges.append([start + j * step, step * num_slots, stop])
+                dealt += count
+        for j, out in enumerate(outs):
+            out.ranges.append([g0 + j, num_slots, ENDLESS])
+        refs = [g for state in states for g in state.buffer]
+        for k, g in enumerate(refs):
+            outs[k % num_slots].buffer.append(g)
+        for r, state in enumerate(states):
+            outs[r % num_slots].partials.extend(state.partials)
+        for j, out in enumerate(outs):
+            new[j][name] = out.to_dict()
+    return new

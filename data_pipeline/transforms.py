@@ -1,0 +1,259 @@
+"""Objective transforms of the streaming loader, in numpy: joining, packing boundaries, masking.
+
+Shape legend: ``B`` sequences per batch, ``T`` tokens per sequence, ``N`` tokens of one joined
+sample, ``D`` documents (or pairs) of one sample, ``V`` vocabulary size.
+
+A *joined* sample is the token stream the packers cut sequences from:
+
+- mono: every document followed by eos, ``doc_0 </s> doc_1 </s> ...``; a sequence may start or
+  end anywhere in it (CLM / MLM packing: no token is lost, documents run across sequences);
+- pair: every pair as one segment ``src </s> tgt </s>`` with per-token language ids and
+  positions restarting at the target; segments are packed whole (TLM).
+
+Everything here is pure numpy on whole arrays: no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (PyTorch cross-entropy's default ignore_index)."""
+WORD_START = "\u2581"
+"""Sentencepiece's word-boundary mark: a piece starting with it begins a word."""
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What the transforms need to know about the tokenizer.
+
+    Attributes:
+        size: number of ids ``V``.
+        pad_id, eos_id, mask_id: special ids.
+        special_ids: every id that is never masked or drawn as a random replacement (pad, unk,
+            bos, eos, mask, cls, sep, language tags, sentinels).
+        word_start_V: bool per id, True where the piece starts a word (whole-word masking);
+            None when unknown (whole-word masking then raises).
+    """
+
+    size: int
+    pad_id: int
+    eos_id: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+    word_start_V: np.ndarray | None = None
+
+    @classmethod
+    def from_tokenizer(cls, directory: str) -> Vocab:
+        """Build from a Rosetta tokenizer directory (sentencepiece model + sidecar).
+
+        Raises:
+            FileNotFoundError, ValueError: as ``tokenizer.load_tokenizer``.
+        """
+        from data_pipeline.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(directory)
+        ids = tok.special_ids
+        specials = set(ids.values()) | set(tok.lang_ids.values()) | set(tok.sentinel_ids)
+        pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+        word_start_V = np.array([p.startswith(WORD_START) for p in pieces], dtype=bool)
+        return cls(
+            size=tok.vocab_size,
+            pad_id=ids["pad"],
+            eos_id=ids["eos"],
+            mask_id=ids["mask"],
+            special_ids=tuple(sorted(specials)),
+            word_start_V=word_start_V,
+        )
+
+    def special_mask_V(self) -> np.ndarray:
+        """Bool ``[V]``: True for ids that are never masked."""
+        out = np.zeros(self.size, dtype=bool)
+        out[list(self.special_ids)] = True
+        return out
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """BERT masking (plain values; the trainer maps ``objective.*`` onto them).
+
+    Attributes:
+        mask_prob: share of (non-special, non-pad) tokens selected for prediction.
+        replace_prob: of the selected, the share replaced by the mask id.
+        random_prob: of the selected, the share replaced by a random non-special id; the rest
+            keep their id.
+        whole_word: select whole words (a word starts at a piece with the word-start mark, at a
+            special token and after one) rather than single pieces.
+        tlm_share: share of the sequences of each MLM batch taken from parallel pairs (TLM).
+    """
+
+    mask_prob: float = 0.15
+    replace_prob: float = 0.8
+    random_prob: float = 0.1
+    whole_word: bool = False
+    tlm_share: float = 0.0
+
+    def check(self) -> None:
+        """Raises: ValueError naming the value and the rule."""
+        for name in ("mask_prob", "replace_prob", "random_prob", "tlm_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"masking.{name} ({value}) must be in [0, 1]")
+        if self.replace_prob + self.random_prob > 1.0:
+            raise ValueError(
+                f"masking.replace_prob + random_prob ({self.replace_prob} + {self.random_prob}) "
+                "must be <= 1"
+            )
+
+
+# --- joining ---------------------------------------------------------------------------------
+
+
+def join_mono(tokens_N: np.ndarray, doc_offsets: np.ndarray, *, eos_id: int) -> tuple:
+    """Join a mono sample's documents, each followed by eos.
+
+    Args:
+        tokens_N: ``[N]`` ids of the sample's documents back to back.
+        doc_offsets: ``[D + 1]`` rising offsets, ``doc_offsets[0] == 0``, last ``== N``.
+
+    Returns:
+        ``(ids [N + D] int64, doc_start [N + D] bool)``: ``doc_start`` is True at each
+        document's first position (at its eos for an empty document).
+    """
+    num_docs = len(doc_offsets) - 1
+    starts_D = doc_offsets[:-1].astype(np.int64) + np.arange(num_docs)
+    eos_D = doc_offsets[1:].astype(np.int64) + np.arange(num_docs)
+    ids = np.empty(len(tokens_N) + num_docs, dtype=np.int64)
+    keep = np.ones(len(ids), dtype=bool)
+    keep[eos_D] = False
+    ids[keep] = tokens_N
+    ids[eos_D] = eos_id
+    doc_start = np.zeros(len(ids), dtype=bool)
+    doc_start[starts_D] = True
+    return ids, doc_start
+
+
+def join_pairs(
+    src_N: np.ndarray,
+    src_offsets: np.ndarray,
+    tgt_N: np.ndarray,
+    tgt_offsets: np.ndarray,
+    *,
+    eos_id: int,
+    src_lang: int,
+    tgt_lang: int,
+) -> tuple:
+    """Join a pair sample into segments ``src </s> tgt </s>``, one per pair.
+
+    Returns:
+        ``(ids [M] int64, lang [M] int64, pos [M] int64, seg_offsets [D + 1] int64)`` with
+        ``M = S + G + 2 D``; ``pos`` restarts at 0 at each source and each target;
+        ``seg_offsets`` bound the pair segments.
+    """
+    src_len_D = np.diff(src_offsets).astype(np.int64) + 1
+    tgt_len_D = np.diff(tgt_offsets).astype(np.int64) + 1
+    num_pairs = len(src_len_D)
+    # interleave [src_0+eos, tgt_0+eos, src_1+eos, ...] as 2D parts
+    part_len = np.empty(2 * num_pairs, dtype=np.int64)
+    part_len[0::2] = src_len_D
+    part_len[1::2] = tgt_len_D
+    part_start = np.zeros(2 * num_pairs + 1, dtype=np.int64)
+    np.cumsum(part_len, out=part_start[1:])
+    total = int(part_start[-1])
+    is_src_part = np.zeros(2 * num_pairs, dtype=bool)
+    is_src_part[0::2] = True
+    part_of = np.repeat(np.arange(2 * num_pairs), part_len)
+    pos = np.arange(total, dtype=np.int64) - part_start[part_of]
+    is_eos = pos == part_len[part_of] - 1
+    from_src = is_src_part[part_of]
+    ids = np.empty(total, dtype=np.int64)
+    ids[is_eos] = eos_id
+    ids[~is_eos & from_src] = src_N
+    ids[~is_eos & ~from_src] = tgt_N
+    lang = np.where(from_src, src_lang, tgt_lang).astype(np.int64)
+    return ids, lang, pos, part_start[0::2].copy()
+
+
+# --- per-sequence boundaries -----------------------------------------------------------------
+
+
+def boundaries_from_starts(start_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position ids restarting at each segment start, and per-sequence segment ids.
+
+    Args:
+        start_BT: bool ``[B, T]``, True where a document (segment) starts; position 0 of every
+            row counts as a start whatever it holds.
+
+    Returns:
+        ``(position_ids [B, T], doc_ids [B, T])``, int64; ``doc_ids`` count segments from 0 in
+        each row (equal ids attend to each other under per-document masking).
+    """
+    start_BT = start_BT.copy()
+    start_BT[:, 0] = True
+    t_T = np.arange(start_BT.shape[1], dtype=np.int64)
+    last_start_BT = np.maximum.accumulate(np.where(start_BT, t_T, 0), axis=1)
+    doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64) - 1
+    return t_T - last_start_BT, doc_ids_BT
+
+
+# --- masking ---------------------------------------------------------------------------------
+
+
+def mask_tokens(
+    ids_BT: np.ndarray,
+    *,
+    vocab: Vocab,
+    cfg: MaskingConfig,
+    rng: np.random.Generator,
+    valid_BT: np.ndarray | None = None,
+    special_V: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking: select, then replace by mask / random id / keep.
+
+    Args:
+        ids_BT: int64 ``[B, T]`` token ids (not modified).
+        vocab: special ids and, for whole-word masking, the word-start table.
+        cfg: probabilities and whole-word switch.
+        rng: the only source of randomness (its state is part of the loader's state).
+        valid_BT: bool ``[B, T]``, False on padding; None means all valid.
+        special_V: cached ``vocab.special_mask_V()``.
+
+    Returns:
+        ``(input_ids [B, T], labels [B, T])`` int64; ``labels`` is ``IGNORE_INDEX`` except at
+        selected positions, where it holds the original id. Special ids are never selected.
+
+    Raises:
+        ValueError: whole-word masking without a word-start table.
+    """
+    if special_V is None:
+        special_V = vocab.special_mask_V()
+    special_BT = special_V[ids_BT]
+    maskable_BT = ~special_BT if valid_BT is None else (~special_BT & valid_BT)
+    if cfg.whole_word:
+        if vocab.word_start_V is None:
+            raise ValueError("masking.whole_word needs the tokenizer's word-start table")
+        # a word starts at a marked piece, at a special token, right after one, and at t = 0
+        start_BT = vocab.word_start_V[ids_BT] | special_BT
+        start_BT[:, 1:] |= special_BT[:, :-1]
+        start_BT[:, 0] = True
+        word_of_BT = np.cumsum(start_BT.ravel()).reshape(ids_BT.shape) - 1
+        chosen_W = rng.random(int(word_of_BT[-1, -1]) + 1) < cfg.mask_prob
+        selected_BT = chosen_W[word_of_BT] & maskable_BT
+    else:
+        selected_BT = (rng.random(ids_BT.shape) < cfg.mask_prob) & maskable_BT
+    action_BT = rng.random(ids_BT.shape)
+    to_mask_BT = selected_BT & (action_BT < cfg.replace_prob)
+    to_random_BT = (
+        selected_BT
+        & (action_BT >= cfg.replace_prob)
+        & (action_BT < cfg.replace_prob + cfg.random_prob)
+    )
+    labels_BT = np.where(selected_BT, ids_BT, IGNORE_INDEX)
+    inputs_BT = np.where(to_mask_BT, vocab.mask_id, ids_BT)
+    num_random = int(to_random_BT.sum())
+    if num_random:
+        normal_ids = np.flatnonzero(~special_V)
+        inputs_BT[to_random_BT] = normal_ids[rng.integers(0, len(normal_ids), num_random)]
+    return inputs_BT, labels_BT
