@@ -39,13 +39,12 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.sbatch import submit, time_limit_seconds
 from pretrain.config import RunConfig, load_config, save_config, validate_config
 
 EXIT_BAD_INPUT = 2
@@ -62,16 +61,6 @@ DEFAULT_MODULE = "pretrain.train"
 DEFAULT_GRACE_S = 120
 
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-# Slurm --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_TIME_FORMS = (
-    (re.compile(r"^(\d+)$"), ("m",)),
-    (re.compile(r"^(\d+):(\d+)$"), ("m", "s")),
-    (re.compile(r"^(\d+):(\d+):(\d+)$"), ("h", "m", "s")),
-    (re.compile(r"^(\d+)-(\d+)$"), ("d", "h")),
-    (re.compile(r"^(\d+)-(\d+):(\d+)$"), ("d", "h", "m")),
-    (re.compile(r"^(\d+)-(\d+):(\d+):(\d+)$"), ("d", "h", "m", "s")),
-)
-_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -113,24 +102,6 @@ class SlurmJob:
     @property
     def log_path(self) -> Path:
         return self.run_dir / "logs" / "slurm-%j.out"
-
-
-def time_limit_seconds(value: str) -> int:
-    """Seconds in a Slurm ``--time`` value (``90``, ``1:30:00``, ``2-00:00:00``, ...).
-
-    Raises:
-        ValueError: not one of Slurm's forms, or zero.
-    """
-    for pattern, units in _TIME_FORMS:
-        match = pattern.match(value.strip())
-        if match:
-            seconds = sum(int(num) * _UNIT_S[unit] for num, unit in zip(match.groups(), units))
-            if seconds <= 0:
-                raise ValueError(f"--time ({value!r}) must be > 0")
-            return seconds
-    raise ValueError(
-        f"--time ({value!r}) must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-    )
 
 
 def check_job(job: SlurmJob) -> None:
@@ -293,23 +264,6 @@ def write_job(cfg: RunConfig, job: SlurmJob) -> Path:
     tmp.chmod(0o755)
     tmp.replace(job.script_path)
     return job.script_path
-
-
-def submit(script: Path, *, sbatch: str = "sbatch") -> str:
-    """Submit ``script`` with sbatch; returns the job id.
-
-    Raises:
-        ValueError: sbatch is missing or refused the job (its first error line).
-    """
-    if shutil.which(sbatch) is None:
-        raise ValueError(f"sbatch ({sbatch!r}) not found on PATH: submit on a Slurm login node")
-    done = subprocess.run(
-        [sbatch, "--parsable", str(script)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
-        raise ValueError(f"sbatch {script} failed: {lines[0]}")
-    return done.stdout.strip().split(";")[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

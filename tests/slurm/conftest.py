@@ -32,6 +32,7 @@ NODES = ("n1", "n2")
 # Claimed per node (config_overrides lets slurmd claim more CPUs than the host has) so that the
 # array-job test can run a few tasks at once on a 2-core machine.
 CPUS_PER_NODE = 4
+END_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -210,6 +211,27 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         text = self.run(["scontrol", "-o", "show", "job", job_id]).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
+    def array_tasks(self, job_id: str) -> list[dict[str, str]]:
+        """``scontrol show job`` of every task of an array job (one mapping per task)."""
+        text = self.run(["scontrol", "-o", "show", "job", job_id]).stdout
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if line]
+
+    def wait_array_done(self, job_id: str, *, timeout: float = 60) -> list[dict[str, str]]:
+        """Poll until every task of an array job has ended; returns their records."""
+        tasks: list[dict[str, str]] = []
+
+        def done() -> bool:
+            nonlocal tasks
+            tasks = self.array_tasks(job_id)
+            # Until Slurm splits it, the pending array is one record with "0-1" as task id.
+            return bool(tasks) and all(
+                t.get("JobState") in END_STATES and t.get("ArrayTaskId", "").isdigit()
+                for t in tasks
+            )
+
+        _wait_for(done, timeout=timeout, what=f"array job {job_id} to end", period=0.1)
+        return tasks
+
     def wait_state(self, job_id: str, states: Sequence[str], *, timeout: float = 60) -> dict:
         """Poll until the job is in one of ``states``; returns its ``scontrol show job``."""
         info: dict[str, str] = {}
@@ -227,11 +249,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def wait_done(self, job_id: str, *, timeout: float = 60) -> dict:
         """Poll until the job has ended; returns its ``scontrol show job``."""
-        return self.wait_state(
-            job_id,
-            ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
-            timeout=timeout,
-        )
+        return self.wait_state(job_id, END_STATES, timeout=timeout)
 
     # -- tear-down ----------------------------------------------------------------------------
 

@@ -1,0 +1,311 @@
+"""Data preprocessing (tokenizer training, sharding) as Slurm array jobs, or locally.
+
+    python -m launch.preprocess shard --tokenizer TOK --input en=data/en/*.txt --input de=... \\
+        --out shards --array 4 [--workers 8] [--partition P] [--time T] [--after JOBID] \\
+        (--submit | --local | --dry-run) [more data_pipeline shard options]
+    python -m launch.preprocess train-tokenizer --input ... --vocab-size 32000 --out TOK \\
+        (--submit | --local | --dry-run) [more data_pipeline train-tokenizer options]
+
+The inputs are expanded with data_pipeline's own parsers and grouped by language (monolingual)
+or language pair (parallel); the groups are dealt to the ``--array`` tasks, largest first, each
+to the task with the fewest bytes so far. A language is never split across tasks, so the tasks'
+shard names never collide. Each task runs ``python -m data_pipeline <command>`` on its groups;
+with ``--array 1`` it writes to ``--out`` itself, with N > 1 task i writes ``<out>/part_<i>``
+(one manifest per part: merging them into one is for data_pipeline to provide).
+
+The plan (``<out>.jobs/<command>.plan.json``) lists every task's exact command. An array task
+runs ``python -m launch.preprocess run-task PLAN`` and picks its task from
+``SLURM_ARRAY_TASK_ID`` (through ``launch.env``); ``--local`` runs ``run-task PLAN --task i`` for
+every i in this process, one after the other: the same commands either way. Tokenizer training
+is one task (``--array 1``); ``--after JOBID`` starts the sharding job when that job succeeded.
+
+Exit codes: 0 done; 2 bad arguments or inputs (one line on stderr); otherwise the data command's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.readers import MonoInput, PairInput, parse_mono_specs, parse_pair_specs
+from launch.env import read_array_task
+from launch.sbatch import submit, time_limit_seconds
+
+EXIT_BAD_INPUT = 2
+COMMANDS = ("shard", "train-tokenizer")
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One language's or language pair's arguments, and its input size for balancing."""
+
+    name: str
+    args: tuple[str, ...]
+    num_bytes: int
+
+
+def _size(paths: Sequence[Path]) -> int:
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
+def _groups(mono: Sequence[MonoInput], pairs: Sequence[PairInput]) -> list[_Group]:
+    groups = [
+        _Group(m.lang, tuple(f"--input={m.lang}={p}" for p in m.paths), _size(m.paths))
+        for m in mono
+    ]
+    for pair in pairs:
+        if pair.aligned:
+            args: tuple[str, ...] = (f"--parallel={pair.name}={pair.paths[0]},{pair.paths[1]}",)
+        else:
+            args = tuple(f"--parallel={pair.name}={p}" for p in pair.paths)
+        groups.append(_Group(pair.name, args, _size(pair.paths)))
+    return groups
+
+
+def deal_groups(groups: Sequence[_Group], *, num_tasks: int) -> list[list[_Group]]:
+    """Deal groups to ``num_tasks`` tasks: largest first, each to the lightest task so far.
+
+    Deterministic: ties go by name, then to the lowest task index.
+
+    Raises:
+        ValueError: fewer groups than tasks (a task would have nothing to do).
+    """
+    if num_tasks > len(groups):
+        raise ValueError(
+            f"--array ({num_tasks}) must be <= the number of languages and pairs "
+            f"({len(groups)}): a language is never split across tasks"
+        )
+    tasks: list[list[_Group]] = [[] for _ in range(num_tasks)]
+    loads = [0] * num_tasks
+    for group in sorted(groups, key=lambda g: (-g.num_bytes, g.name)):
+        lightest = min(range(num_tasks), key=lambda i: (loads[i], i))
+        tasks[lightest].append(group)
+        loads[lightest] += group.num_bytes
+    return [sorted(task, key=lambda g: g.name) for task in tasks]
+
+
+def make_plan(
+    command: str,
+    *,
+    inputs: Sequence[str],
+    parallel: Sequence[str] = (),
+    out: str,
+    num_tasks: int,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+) -> dict:
+    """The plan: every task's data command, as JSON-ready data.
+
+    Raises:
+        ValueError: an unknown command, bad input specs, no inputs, or more tasks than groups.
+        FileNotFoundError: an input path or glob that matches nothing.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"command ({command!r}) must be one of {', '.join(COMMANDS)}")
+    if num_tasks < 1:
+        raise ValueError(f"--array ({num_tasks}) must be >= 1")
+    if command == "train-tokenizer" and num_tasks != 1:
+        raise ValueError(f"--array ({num_tasks}) must be 1 for train-tokenizer (one sample)")
+    if not inputs and not parallel:
+        raise ValueError("--input or --parallel: give at least one input")
+    groups = _groups(parse_mono_specs(list(inputs)), parse_pair_specs(list(parallel)))
+    tasks = []
+    for index, task_groups in enumerate(deal_groups(groups, num_tasks=num_tasks)):
+        task_out = out if num_tasks == 1 else str(Path(out) / f"part_{index}")
+        argv = [command, *(a for g in task_groups for a in g.args), f"--out={task_out}", *extra]
+        tasks.append(
+            {
+                "groups": [g.name for g in task_groups],
+                "out": task_out,
+                "argv": [python, "-m", "data_pipeline", *argv],
+            }
+        )
+    return {"version": PLAN_VERSION, "command": command, "out": out, "tasks": tasks}
+
+
+def task_index(plan: dict, *, task: int | None = None, environ=None) -> int:
+    """The task to run: ``task`` when given, else this Slurm array task's index.
+
+    Raises:
+        ValueError: no task given outside an array job, or the array and the plan disagree.
+    """
+    count = len(plan["tasks"])
+    if task is None:
+        array = read_array_task(environ)
+        if array is None:
+            raise ValueError("--task (unset) must be given outside a Slurm array job")
+        if array.count != count:
+            raise ValueError(
+                f"SLURM_ARRAY_TASK_COUNT ({array.count}) must equal the plan's tasks ({count})"
+            )
+        task = array.index
+    if not 0 <= task < count:
+        raise ValueError(f"--task ({task}) must be in [0, {count})")
+    return task
+
+
+def run_task(plan: dict, index: int) -> int:
+    """Run task ``index`` of the plan; returns the data command's exit code."""
+    argv = plan["tasks"][index]["argv"]
+    print(f"[preprocess] task {index}/{len(plan['tasks'])}: {shlex.join(argv)}", flush=True)
+    return subprocess.run(argv, check=False).returncode
+
+
+def render_array_sbatch(
+    plan_path: Path,
+    plan: dict,
+    *,
+    job_dir: Path,
+    workdir: Path,
+    cpus: int,
+    partition: str | None = None,
+    time: str | None = None,
+    after: str | None = None,
+    python: str = sys.executable,
+) -> str:
+    """The array job's sbatch script: task i runs ``run-task PLAN`` and so plan task i.
+
+    Raises:
+        ValueError: a bad time limit or dependency job id.
+    """
+    if time is not None:
+        time_limit_seconds(time)
+    if after is not None and not after.isdigit():
+        raise ValueError(f"--after ({after!r}) must be a job id")
+    command = plan["command"]
+    count = len(plan["tasks"])
+    directives = [
+        f"--job-name=rosetta-{command}",
+        f"--array=0-{count - 1}",
+        "--ntasks=1",
+        f"--cpus-per-task={cpus}",
+        f"--output={job_dir / 'logs' / f'{command}-%A_%a.out'}",
+        "--open-mode=append",
+        f"--chdir={workdir}",
+    ]
+    if partition:
+        directives.append(f"--partition={partition}")
+    if time:
+        directives.append(f"--time={time}")
+    if after:
+        directives.append(f"--dependency=afterok:{after}")
+    lines = [
+        "#!/bin/bash",
+        f"# Rosetta preprocessing generated by `python -m launch.preprocess`: {command} in {count}",
+        "# array task(s). Task i runs task i of the plan (its exact command is in the plan);",
+        "# `python -m launch.preprocess run-task PLAN --task i` runs the same one locally.",
+        *(f"#SBATCH {d}" for d in directives),
+        "",
+        f"exec {shlex.quote(python)} -m launch.preprocess run-task {shlex.quote(str(plan_path))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m launch.preprocess``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.preprocess",
+        description="Run data_pipeline jobs as Slurm array jobs (one task per slice of the "
+        "languages) or locally with the same commands.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(
+            command,
+            help=f"data_pipeline {command} as an array job",
+            epilog="Options not listed here are passed to `python -m data_pipeline "
+            f"{command}` unchanged.",
+        )
+        if command == "shard":
+            p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+        p.add_argument("--input", action="append", default=[], metavar="LANG=PATH")
+        p.add_argument("--parallel", action="append", default=[], metavar="SRC-TGT=PATH")
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--array", type=int, default=1, help="array tasks (default 1)")
+        p.add_argument("--workers", type=int, default=None, help="processes per task")
+        p.add_argument("--partition", default=None, help="Slurm partition")
+        p.add_argument("--time", default=None, help="time limit per task")
+        p.add_argument("--after", default=None, help="start when this job id succeeded")
+        p.add_argument("--job-dir", default=None, help="plan, script, logs (default OUT.jobs)")
+        mode = p.add_mutually_exclusive_group(required=True)
+        mode.add_argument("--submit", action="store_true", help="submit, print the job id")
+        mode.add_argument("--local", action="store_true", help="run every task here, in order")
+        mode.add_argument("--dry-run", action="store_true", help="print plan and script only")
+    p = sub.add_parser("run-task", help="run one task of a plan (what each array task runs)")
+    p.add_argument("plan", help="plan JSON written by shard/train-tokenizer")
+    p.add_argument("--task", type=int, default=None, help="task index (default: array task)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        if args.command == "run-task":
+            if extra:
+                raise ValueError(f"run-task: unexpected arguments {' '.join(extra)}")
+            plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+            return run_task(plan, task_index(plan, task=args.task))
+        if args.command == "shard":
+            extra = [f"--tokenizer={args.tokenizer}", *extra]
+        if args.workers is not None:
+            if args.workers < 1:
+                raise ValueError(f"--workers ({args.workers}) must be >= 1")
+            extra.append(f"--{'workers' if args.command == 'shard' else 'threads'}={args.workers}")
+        plan = make_plan(
+            args.command,
+            inputs=args.input,
+            parallel=args.parallel,
+            out=args.out,
+            num_tasks=args.array,
+            extra=extra,
+        )
+        job_dir = Path(args.job_dir or f"{args.out.rstrip('/')}.jobs").resolve()
+        plan_path = job_dir / f"{args.command}.plan.json"
+        script = render_array_sbatch(
+            plan_path,
+            plan,
+            job_dir=job_dir,
+            workdir=Path.cwd(),
+            cpus=args.workers or 1,
+            partition=args.partition,
+            time=args.time,
+            after=args.after,
+        )
+        if args.dry_run:
+            print(json.dumps(plan, indent=1))
+            print(script, end="")
+            return 0
+        (job_dir / "logs").mkdir(parents=True, exist_ok=True)
+        _write(plan_path, json.dumps(plan, indent=1) + "\n")
+        script_path = job_dir / f"{args.command}.sbatch"
+        _write(script_path, script)
+        if args.submit:
+            print(submit(script_path))
+            return 0
+        for index in range(len(plan["tasks"])):
+            code = run_task(plan, index)
+            if code != 0:
+                return code
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
