@@ -1,0 +1,172 @@
+"""Streaming loader on synthetic shards: packing, language mix, MLM/TLM rows, counters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.loader import StreamingDataset
+from data_pipeline.sampling import language_probabilities
+from data_pipeline.synthetic import synthetic_vocab, write_synthetic_shards
+from data_pipeline.transforms import IGNORE_INDEX, MaskingConfig
+
+VOCAB = synthetic_vocab(512)
+DOCS = {"en": 600, "de": 250, "ja": 60, "el": 12}
+PAIRS = {"en-de": 150, "en-ja": 40}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("shards")
+    written = write_synthetic_shards(root, docs=DOCS, pairs=PAIRS, sample_tokens=200)
+    return root, written
+
+
+def _ds(root: Path, **kw) -> StreamingDataset:
+    args = dict(dp_rank=0, dp_world_size=1, seq_len=64, batch_size=4, vocab=VOCAB, seed=7)
+    return StreamingDataset(root, **{**args, **kw})
+
+
+def test_clm_rows_are_the_pass_order_stream_with_no_token_lost(corpus) -> None:
+    root, written = corpus
+    ds = _ds(root, language_weights={"ja": 1.0}, shuffle_buffer=1, seq_len=50, batch_size=3)
+    src = ds.sources["ja"]
+    shard_of, sample_of = src.order(0, seed=7)
+    # expected stream: samples in pass order, documents joined with eos
+    from data_pipeline.streams import ShardReader
+
+    reader = ShardReader()
+    expected = []
+    for shard, index in zip(shard_of, sample_of):
+        sample = reader.read(src.paths[shard], int(index))
+        offsets = sample["doc_offsets"]
+        for d in range(len(offsets) - 1):
+            expected += sample["tokens"][offsets[d] : offsets[d + 1]].tolist() + [3]
+    it = iter(ds)
+    got = []
+    while len(got) < len(expected):
+        batch = next(it)
+        assert batch["input_ids"].shape == (3, 50)
+        assert (batch["labels"] == batch["input_ids"]).all()
+        assert (batch["attention_mask"] == 1).all()
+        got += batch["input_ids"].flatten().tolist()
+    assert got[: len(expected)] == expected
+    assert ds.counters["documents"]["ja"] >= DOCS["ja"]
+
+
+def test_reset_positions_and_doc_ids_follow_eos(corpus) -> None:
+    root, _ = corpus
+    batch = next(iter(_ds(root, reset_position_ids=True)))
+    ids, pos, doc = batch["input_ids"], batch["position_ids"], batch["doc_ids"]
+    after_eos = np.zeros(ids.shape, dtype=bool)
+    after_eos[:, 1:] = (ids[:, :-1] == 3).numpy()
+    after_eos[:, 0] = True
+    assert ((pos.numpy() == 0) == after_eos).all()
+    assert (np.diff(doc.numpy(), axis=1) == after_eos[:, 1:]).all()
+    plain = next(iter(_ds(root)))
+    assert (plain["position_ids"] == np.arange(64)).all()
+
+
+def test_min_carry_drops_short_remainders_and_counts_them(corpus) -> None:
+    root, written = corpus
+    whole = {tuple(d.tolist()) for docs in written["mono"].values() for d in docs}
+    ds = _ds(root, min_carry_tokens=20, seq_len=32)
+    it = iter(ds)
+    opened_with_remainder = 0
+    for _ in range(20):
+        for row in next(it)["input_ids"].numpy():
+            eos = np.flatnonzero(row == 3)
+            if len(eos) and tuple(row[: eos[0]].tolist()) not in whole:
+                # a row opens with a document's remainder only if it has >= 20 tokens
+                assert eos[0] + 1 >= 20
+                opened_with_remainder += 1
+    assert opened_with_remainder > 0
+    assert ds.counters["dropped_tokens"] > 0
+    assert sum(ds.counters["tokens"].values()) == 20 * 4 * 32
+
+
+def test_realised_language_share_matches_p_within_one_point(corpus) -> None:
+    root, _ = corpus
+    ds = _ds(root, alpha=0.3, seq_len=37, batch_size=8)
+    it = iter(ds)
+    for _ in range(150):
+        next(it)
+    tokens = ds.counters["tokens"]
+    total = sum(tokens.values())
+    expected = language_probabilities(
+        {k: s.tokens for k, s in ds.sources.items() if s.kind == "mono"}, alpha=0.3
+    )
+    for lang, p in expected.items():
+        assert abs(tokens[lang] / total - p) < 0.01, (lang, tokens[lang] / total, p)
+    # a real imbalance: smoothing lifted el far above its natural share
+    assert expected["el"] > 2 * ds.sources["el"].tokens / sum(s.tokens for s in ds.sources.values())
+
+
+def test_explicit_weights_replace_alpha(corpus) -> None:
+    root, _ = corpus
+    ds = _ds(root, language_weights={"en": 3.0, "el": 1.0})
+    it = iter(ds)
+    for _ in range(40):
+        next(it)
+    tokens = ds.counters["tokens"]
+    assert tokens["de"] == tokens["ja"] == 0
+    assert abs(tokens["en"] / (tokens["en"] + tokens["el"]) - 0.75) < 0.01
+
+
+def test_mlm_batches_mask_non_special_tokens_with_language_ids(corpus) -> None:
+    root, _ = corpus
+    ds = _ds(root, objective="mlm", batch_size=16, seq_len=128)
+    batch = next(iter(ds))
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    selected = labels != IGNORE_INDEX
+    assert 0.08 < selected.mean() < 0.22
+    assert (labels[selected] >= 10).all()  # eos and other specials are never targets
+    assert ((inputs == 4) <= selected).all()
+    lang = batch["lang_ids"].numpy()
+    assert (lang == lang[:, :1]).all() and len(np.unique(lang[:, 0])) > 1
+    assert batch["tokens_per_lang"].sum() == 16 * 128
+
+
+def test_tlm_rows_hold_whole_pairs_with_restarting_positions(corpus) -> None:
+    root, written = corpus
+    masking = MaskingConfig(tlm_share=0.25, mask_prob=0.0)
+    ds = _ds(root, objective="mlm", masking=masking, batch_size=8, seq_len=96)
+    it = iter(ds)
+    pairs = {
+        tuple(s.tolist()) + (3,) + tuple(t.tolist()) + (3,)
+        for s, t in written["pairs"]["en-de"] + written["pairs"]["en-ja"]
+    }
+    for _ in range(6):
+        batch = next(it)
+        mask = batch["attention_mask"].numpy()
+        assert mask[2:].all() and not mask[:2].all()  # 0.25 * 8 = 2 TLM rows, first
+        assert (batch["labels"].numpy()[mask == 0] == IGNORE_INDEX).all()
+        assert (batch["doc_ids"].numpy()[mask == 0] == -1).all()
+        for b in range(2):
+            ids = batch["input_ids"][b].numpy()
+            doc = batch["doc_ids"][b].numpy()
+            pos = batch["position_ids"][b].numpy()
+            lang = batch["lang_ids"][b].numpy()
+            for d in range(doc.max() + 1):
+                seg = ids[doc == d]
+                assert tuple(seg.tolist()) in pairs or len(seg) == 96  # whole pair (or cut)
+                p, lg = pos[doc == d], lang[doc == d]
+                n_src = int(np.flatnonzero(seg == 3)[0]) + 1
+                assert p.tolist() == list(range(n_src)) + list(range(len(seg) - n_src))
+                assert ds.languages[lg[0]] == "en" and (lg[:n_src] == lg[0]).all()
+                assert ds.languages[lg[-1]] in ("de", "ja") and (lg[n_src:] == lg[-1]).all()
+
+
+def test_tlm_pair_share_follows_p_and_counters_add_up(corpus) -> None:
+    root, _ = corpus
+    ds = _ds(root, objective="mlm", masking=MaskingConfig(tlm_share=1.0), batch_size=8)
+    it = iter(ds)
+    per_batch = np.zeros(len(ds.languages), dtype=np.int64)
+    for _ in range(60):
+        per_batch += next(it)["tokens_per_lang"].numpy()
+    assert per_batch.tolist() == [ds.counters["tokens"][lang] for lang in ds.languages]
+    emitted = ds._slots[0]["emitted"]
+    total = emitted["en-de"] + emitted["en-ja"]
+    assert abs(emitted["en-de"] / total - ds.pair_p["en-de"]) < 0.01
