@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from data_pipeline.manifest import load_manifest, summary_lines
 from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
-from data_pipeline.shard import DEFAULT_SHARD_CHARS, ShardSettings, default_workers, run_shard_job
+from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
 from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
 from data_pipeline.tokenizer import (
     DEFAULT_SAMPLE_CHARS,
@@ -88,9 +88,11 @@ def _print_rejects(rejected: dict[str, dict[str, int]]) -> None:
 
 def _cmd_shard(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if not args.shard_text_mb > 0:
+        raise ValueError(f"--shard-text-mb ({args.shard_text_mb}) must be > 0")
     settings = ShardSettings(
         sample_tokens=args.sample_tokens,
-        shard_chars=args.shard_chars,
+        shard_text_bytes=max(1, int(args.shard_text_mb * (1 << 20))),
         fmt=args.format,
         text_field=args.text_field,
         max_doc_bytes=args.max_doc_bytes,
@@ -213,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"target tokens per sample (default: {DEFAULT_SAMPLE_TOKENS})",
     )
     p.add_argument(
-        "--shard-chars",
-        type=int,
-        default=DEFAULT_SHARD_CHARS,
-        help="start a new shard after this many characters of input text (default: "
-        f"{DEFAULT_SHARD_CHARS:,}: 10-35 M tokens, 20-70 MB with uint16 ids before zstd)",
+        "--shard-text-mb",
+        type=float,
+        default=DEFAULT_SHARD_TEXT_MB,
+        help="start a new shard after this many MB of input text (default: "
+        f"{DEFAULT_SHARD_TEXT_MB}: about 15-20 M tokens, shards of 20-30 MB)",
     )
     p.add_argument("--quiet", action="store_true", help="no line per shard")
     _add_reader_args(p)

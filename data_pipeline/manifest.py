@@ -8,7 +8,7 @@ bytes)::
       "tokenizer": {"dir": "tokenizer", "model_sha256": "...", "vocab_size": 8000},
       "dtype": "uint16",
       "sample_tokens": 32768,
-      "shard_chars": 50000000,
+      "shard_text_bytes": 67108864,
       "languages": {"en": {"documents": int, "tokens": int, "samples": int, "shards": int,
                            "rejected": {"invalid_utf8": int, "empty": int, "too_long": int, ...}}},
       "pairs": {"en-de": {"src": "en", "tgt": "de", "documents": int (pairs), "tokens": int

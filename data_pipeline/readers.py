@@ -15,6 +15,12 @@ Parallel files: a TSV with ``source<TAB>target`` per line, or two line-aligned f
 
 Bad input never stops a job: documents that are not valid UTF-8, empty (only whitespace) or longer
 than the byte limit are skipped and counted in a :class:`Rejects`.
+
+Reading has two halves, so that one process can feed many: :func:`iter_raw_segments` cuts a
+(decompressed) file into pieces of about a target size at record boundaries with C-level
+searches only, and :func:`parse_segment` turns one piece into documents (decoding, validation,
+counting), wherever the piece was sent. A document's *ordinal* is the 0-based line number of its
+first line in its file.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -226,20 +232,17 @@ class Rejects:
     bad_json: int = 0
     malformed: int = 0
     """TSV lines without exactly one tab, or aligned files of different lengths."""
-    by_file: dict[str, int] = field(default_factory=dict)
 
-    def add(self, reason: str, source: str, count: int = 1) -> None:
+    def add(self, reason: str, count: int = 1) -> None:
         setattr(self, reason, getattr(self, reason) + count)
-        self.by_file[source] = self.by_file.get(source, 0) + count
 
-    def merge(self, other: Rejects) -> None:
-        for name in ("invalid_utf8", "empty", "too_long", "bad_json", "malformed"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for source, n in other.by_file.items():
-            self.by_file[source] = self.by_file.get(source, 0) + n
+    def merge(self, other: Rejects | dict[str, int]) -> None:
+        counts = other.as_dict() if isinstance(other, Rejects) else other
+        for reason, count in counts.items():
+            self.add(reason, count)
 
     def as_dict(self) -> dict[str, int]:
-        """Reason -> count, without the per-file breakdown."""
+        """Reason -> count."""
         return {
             "invalid_utf8": self.invalid_utf8,
             "empty": self.empty,
@@ -264,7 +267,7 @@ class DocBatch:
     source: str
     """The file's base name (``a.en,a.de`` for aligned files)."""
     ordinals: list[int]
-    """Each document's ordinal in the file (0-based line number for line formats)."""
+    """Each document's 0-based line number in the file."""
     texts: list[str]
     """Documents, or source sides of pairs."""
     tgt_texts: list[str] | None = None
@@ -274,27 +277,166 @@ class DocBatch:
         return len(self.texts)
 
 
-_BATCH = 4096
+@dataclass(frozen=True)
+class Segment:
+    """A piece of one input file that ends at a record boundary (what a worker parses).
+
+    ``data`` is the piece's raw (decompressed) bytes; for aligned pair files ``tgt_data`` holds
+    the same lines of the target file.
+    """
+
+    source: str
+    first_line: int
+    data: bytes
+    tgt_data: bytes | None = None
+    fmt: str = "lines"
+    """The concrete format of ``data`` (``lines``, ``blank``, ``jsonl``; pairs: ``lines``)."""
 
 
-def _batched(items: Iterator[tuple], source: str, *, pairs: bool = False) -> Iterator[DocBatch]:
-    """Group ``(ordinal, text[, tgt])`` items into batches."""
-    while True:
-        chunk = list(itertools.islice(items, _BATCH))
-        if not chunk:
-            return
-        yield DocBatch(
-            source,
-            [c[0] for c in chunk],
-            [c[1] for c in chunk],
-            [c[2] for c in chunk] if pairs else None,
-        )
+# --- cutting files into segments (cheap: no decoding) -----------------------------------------
+
+_BLANK_RUN = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
+
+
+def _find_cut(buf: bytearray, start: int, blank: bool) -> int:
+    """Index just past the first record boundary at or after ``start``, or -1."""
+    if blank:
+        m = _BLANK_RUN.search(buf, max(start - 1, 0))
+        return m.end() if m else -1
+    i = buf.find(b"\n", max(start - 1, 0))
+    return i + 1 if i >= 0 else -1
+
+
+def _rfind_cut(buf: bytearray, end: int, blank: bool) -> int:
+    """Index just past the last record boundary before ``end``, or 0."""
+    if blank:
+        last = 0
+        for m in _BLANK_RUN.finditer(buf, 0, end):
+            last = m.end()
+        return last
+    return buf.rfind(b"\n", 0, end) + 1
+
+
+def iter_raw_segments(
+    path: Path,
+    *,
+    fmt: str = "lines",
+    target_bytes: int,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    rejects: Rejects,
+) -> Iterator[Segment]:
+    """Cut one file into segments of about ``target_bytes`` ending at record boundaries.
+
+    Records are lines, or blank-line separated documents for ``fmt == "blank"``. Only C-level
+    searches run per block, so one process can cut for many workers. A record that outgrows
+    ``max_doc_bytes`` while straddling a cut is dropped here (counted as ``too_long``) so that
+    memory stays bounded; shorter over-long records are left to :func:`parse_segment`.
+
+    Raises:
+        ValueError: an unknown format.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    concrete = resolve_format(path, fmt)
+    blank = concrete == "blank"
+    source = path.name
+    target_bytes = max(target_bytes, 1)
+    line = 0
+    buf = bytearray()
+    skipping = False  # inside an over-long record: drop bytes up to its end
+    with open_binary(path) as stream:
+        for block in iter(lambda: stream.read(_READ_CHUNK), b""):
+            if skipping:
+                # a blank-line run may straddle blocks: keep a little of the previous tail
+                buf += block
+                cut = _find_cut(buf, 0, blank)
+                if cut < 0:
+                    line += buf.count(b"\n", 0, max(len(buf) - 64, 0))
+                    del buf[: max(len(buf) - 64, 0)]
+                    continue
+                line += buf.count(b"\n", 0, cut)
+                del buf[:cut]
+                skipping = False
+            else:
+                buf += block
+            while len(buf) >= target_bytes:
+                cut = _find_cut(buf, target_bytes, blank)
+                if cut < 0:
+                    break
+                piece = bytes(buf[:cut])
+                del buf[:cut]
+                yield Segment(source, line, piece, fmt=concrete)
+                line += piece.count(b"\n")
+            if len(buf) > target_bytes + max_doc_bytes + 2:
+                # the record straddling the target has outgrown the limit: emit what precedes
+                # it, drop it, and skip to its end
+                start = _rfind_cut(buf, target_bytes, blank)
+                if start:
+                    piece = bytes(buf[:start])
+                    yield Segment(source, line, piece, fmt=concrete)
+                    line += piece.count(b"\n")
+                rejects.add("too_long")
+                line += buf.count(b"\n", start)
+                # keep a newline so the boundary search sees the record's own end
+                tail_keep = 1 if buf.endswith(b"\n") else 0
+                del buf[: len(buf) - tail_keep]
+                line -= tail_keep
+                skipping = True
+    if skipping:
+        return
+    if buf:
+        yield Segment(source, line, bytes(buf), fmt=concrete)
+
+
+def iter_raw_aligned_segments(
+    pair: PairInput, *, target_bytes: int, rejects: Rejects
+) -> Iterator[Segment]:
+    """Cut two line-aligned files into segments holding the same lines of both.
+
+    Raises:
+        FileNotFoundError: an input file does not exist.
+    """
+    src_path, tgt_path = pair.paths
+    source = f"{src_path.name},{tgt_path.name}"
+    with open_binary(tgt_path) as tgt_stream:
+        tgt_buf = bytearray()
+        for seg in iter_raw_segments(
+            src_path,
+            fmt="lines",
+            target_bytes=target_bytes,
+            max_doc_bytes=1 << 62,  # lengths are checked per line when parsing
+            rejects=rejects,
+        ):
+            need = seg.data.count(b"\n")
+            end = 0
+            for _ in range(need):
+                i = tgt_buf.find(b"\n", end)
+                while i < 0:
+                    block = tgt_stream.read(_READ_CHUNK)
+                    if not block:
+                        break
+                    tgt_buf += block
+                    i = tgt_buf.find(b"\n", end)
+                if i < 0:
+                    end = len(tgt_buf)
+                    break
+                end = i + 1
+            if not seg.data.endswith(b"\n"):  # the source's last line: the rest of the target
+                tgt_buf += tgt_stream.read()
+                end = len(tgt_buf)
+            yield Segment(source, seg.first_line, seg.data, bytes(tgt_buf[:end]))
+            del tgt_buf[:end]
+        rest = bytes(tgt_buf) + tgt_stream.read()
+        if rest:  # target lines with no source line
+            yield Segment(source, -1, b"", rest)
+
+
+# --- parsing segments -------------------------------------------------------------------------
 
 
 def iter_line_blocks(stream: BinaryIO, *, max_bytes: int) -> Iterator[list[bytes | None]]:
     """Yield the lines of a stream in lists, one list per block read.
 
-    Each line is its bytes without ``\n`` (and without a ``\r`` before it), or ``None`` for a
+    Each line is its bytes without ``\\n`` (and without a ``\\r`` before it), or ``None`` for a
     line longer than ``max_bytes``; an over-long line is never held whole in memory. Reading in
     1 MiB blocks and splitting in C keeps the per-line Python cost small.
     """
@@ -333,7 +475,7 @@ def iter_lines(stream: BinaryIO, *, max_bytes: int) -> Iterator[bytes | None]:
         yield from lines
 
 
-def _decode_lines(lines: list[bytes | None], rejects: Rejects, source: str) -> list[str | None]:
+def _decode_lines(lines: list[bytes | None], rejects: Rejects) -> list[str | None]:
     """Decode a block of lines at once; line by line (counting faults) only if that fails."""
     if None not in lines:
         try:
@@ -343,47 +485,205 @@ def _decode_lines(lines: list[bytes | None], rejects: Rejects, source: str) -> l
     texts: list[str | None] = []
     for raw in lines:
         if raw is None:
-            rejects.add("too_long", source)
+            rejects.add("too_long")
             texts.append(None)
             continue
         try:
             texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            rejects.add("invalid_utf8", source)
+            rejects.add("invalid_utf8")
             texts.append(None)
     return texts
 
 
-def _iter_text_line_batches(
-    stream: BinaryIO, max_bytes: int, rejects: Rejects, source: str
-) -> Iterator[DocBatch]:
-    """The ``lines`` format, one batch per block read."""
-    base = 0
-    for lines in iter_line_blocks(stream, max_bytes=max_bytes):
-        texts = _decode_lines(lines, rejects, source)
-        ordinals = list(range(base, base + len(texts)))
-        base += len(texts)
-        if None in texts or not all(texts) or any(map(str.isspace, texts)):
-            keep = [t is not None and t != "" and not t.isspace() for t in texts]
-            empty = sum(1 for t, k in zip(texts, keep) if t is not None and not k)
-            if empty:
-                rejects.add("empty", source, empty)
-            texts = list(itertools.compress(texts, keep))
-            ordinals = list(itertools.compress(ordinals, keep))
-        if texts:
-            yield DocBatch(source, ordinals, texts)
-
-
-def _decode(raw: bytes, rejects: Rejects, source: str) -> str | None:
+def _decode(raw: bytes, rejects: Rejects) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        rejects.add("invalid_utf8", source)
+        rejects.add("invalid_utf8")
         return None
     if not text.strip():
-        rejects.add("empty", source)
+        rejects.add("empty")
         return None
     return text
+
+
+def _parse_lines(stream: BinaryIO, first_line: int, max_bytes: int, rejects: Rejects) -> tuple:
+    ordinals: list[int] = []
+    texts: list[str] = []
+    base = first_line
+    for lines in iter_line_blocks(stream, max_bytes=max_bytes):
+        decoded = _decode_lines(lines, rejects)
+        block_ordinals = range(base, base + len(decoded))
+        base += len(decoded)
+        if None in decoded or not all(decoded) or any(map(str.isspace, decoded)):
+            keep = [t is not None and t != "" and not t.isspace() for t in decoded]
+            empty = sum(1 for t, k in zip(decoded, keep) if t is not None and not k)
+            rejects.add("empty", empty)
+            texts += itertools.compress(decoded, keep)
+            ordinals += itertools.compress(block_ordinals, keep)
+        else:
+            texts += decoded
+            ordinals += block_ordinals
+    return ordinals, texts
+
+
+def _parse_jsonl(
+    stream: BinaryIO, first_line: int, text_field: str, max_bytes: int, rejects: Rejects
+) -> tuple:
+    ordinals: list[int] = []
+    texts: list[str] = []
+    for ordinal, raw in enumerate(iter_lines(stream, max_bytes=max_bytes), first_line):
+        if raw is None:
+            rejects.add("too_long")
+            continue
+        if not raw.strip():
+            rejects.add("empty")
+            continue
+        try:
+            text = json.loads(raw)[text_field]
+        except (ValueError, TypeError, KeyError, IndexError):
+            rejects.add("bad_json")
+            continue
+        if not isinstance(text, str):
+            rejects.add("bad_json")
+            continue
+        if not text.strip():
+            rejects.add("empty")
+            continue
+        # JSON escapes let a lone surrogate (\ud800) through; it has no UTF-8 form
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            rejects.add("invalid_utf8")
+            continue
+        ordinals.append(ordinal)
+        texts.append(text)
+    return ordinals, texts
+
+
+def _parse_blank(stream: BinaryIO, first_line: int, max_bytes: int, rejects: Rejects) -> tuple:
+    ordinals: list[int] = []
+    texts: list[str] = []
+    parts: list[bytes] = []
+    size = 0
+    too_long = False
+    start = first_line
+
+    def flush() -> None:
+        if too_long:
+            rejects.add("too_long")
+        elif parts:
+            text = _decode(b"\n".join(parts), rejects)
+            if text is not None:
+                ordinals.append(start)
+                texts.append(text)
+
+    for line_no, raw in enumerate(iter_lines(stream, max_bytes=max_bytes), first_line):
+        if raw is not None and not raw.strip():
+            if parts or too_long:
+                flush()
+            parts, size, too_long = [], 0, False
+            continue
+        if not parts and not too_long:
+            start = line_no
+        if raw is None or size + len(raw) + 1 > max_bytes:
+            too_long, parts = True, []
+            continue
+        if not too_long:
+            parts.append(raw)
+            size += len(raw) + 1
+    if parts or too_long:
+        flush()
+    return ordinals, texts
+
+
+def _parse_tsv(stream: BinaryIO, first_line: int, max_bytes: int, rejects: Rejects) -> tuple:
+    ordinals: list[int] = []
+    srcs: list[str] = []
+    tgts: list[str] = []
+    base = first_line
+    for lines in iter_line_blocks(stream, max_bytes=max_bytes):
+        decoded = _decode_lines(lines, rejects)
+        for ordinal, line in enumerate(decoded, base):
+            if line is None:
+                continue
+            src, tab, tgt = line.partition("\t")
+            if not tab or "\t" in tgt:
+                rejects.add("empty" if not line.strip() else "malformed")
+            elif not src.strip() or not tgt.strip():
+                rejects.add("empty")
+            else:
+                ordinals.append(ordinal)
+                srcs.append(src)
+                tgts.append(tgt)
+        base += len(decoded)
+    return ordinals, srcs, tgts
+
+
+def _parse_aligned(
+    src_stream: BinaryIO, tgt_stream: BinaryIO, first_line: int, max_bytes: int, rejects: Rejects
+) -> tuple:
+    ordinals: list[int] = []
+    srcs: list[str] = []
+    tgts: list[str] = []
+    src_lines = iter_lines(src_stream, max_bytes=max_bytes)
+    tgt_lines = iter_lines(tgt_stream, max_bytes=max_bytes)
+    for ordinal, (src_raw, tgt_raw) in enumerate(
+        itertools.zip_longest(src_lines, tgt_lines, fillvalue=b"\0missing"), first_line
+    ):
+        if src_raw == b"\0missing" or tgt_raw == b"\0missing":
+            rejects.add("malformed")  # the longer file's lines have no partner
+            continue
+        if src_raw is None or tgt_raw is None:
+            rejects.add("too_long")
+            continue
+        src = _decode(src_raw, rejects)
+        tgt = _decode(tgt_raw, rejects) if src is not None else None
+        if src is not None and tgt is not None:
+            ordinals.append(ordinal)
+            srcs.append(src)
+            tgts.append(tgt)
+    return ordinals, srcs, tgts
+
+
+def parse_segment(
+    segment: Segment,
+    *,
+    kind: str,
+    text_field: str = "text",
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    rejects: Rejects,
+) -> DocBatch:
+    """Decode, validate and split one segment into documents (``kind`` mono) or pairs.
+
+    The segment's ``fmt`` says how; pairs are TSV, or aligned when the segment has ``tgt_data``.
+    Bad records are counted in ``rejects``.
+    """
+    fmt = segment.fmt
+    stream = io.BytesIO(segment.data)
+    if kind == "pair":
+        if segment.tgt_data is not None:
+            ordinals, srcs, tgts = _parse_aligned(
+                stream, io.BytesIO(segment.tgt_data), segment.first_line, max_doc_bytes, rejects
+            )
+        else:
+            ordinals, srcs, tgts = _parse_tsv(
+                stream, segment.first_line, 2 * max_doc_bytes, rejects
+            )
+        return DocBatch(segment.source, ordinals, srcs, tgts)
+    if fmt == "lines":
+        ordinals, texts = _parse_lines(stream, segment.first_line, max_doc_bytes, rejects)
+    elif fmt == "blank":
+        ordinals, texts = _parse_blank(stream, segment.first_line, max_doc_bytes, rejects)
+    else:
+        ordinals, texts = _parse_jsonl(
+            stream, segment.first_line, text_field, max_doc_bytes, rejects
+        )
+    return DocBatch(segment.source, ordinals, texts)
+
+
+_SEGMENT_BYTES = 4 << 20
 
 
 def iter_documents(
@@ -396,107 +696,48 @@ def iter_documents(
 ) -> Iterator[tuple[int, str]]:
     """Yield ``(ordinal, text)`` for the documents of one file, skipping and counting bad ones.
 
-    ``ordinal`` numbers every document of the file from 0, skipped ones included, so for the
-    ``lines`` and ``jsonl`` formats it is the 0-based line number.
+    ``ordinal`` is the 0-based line number of the document's (first) line.
 
     Raises:
         ValueError: an unknown format.
         FileNotFoundError: ``path`` does not exist.
     """
-    for batch in iter_document_batches(
-        path, fmt=fmt, text_field=text_field, max_doc_bytes=max_doc_bytes, rejects=rejects
+    for segment in iter_raw_segments(
+        path,
+        fmt=fmt,
+        target_bytes=_SEGMENT_BYTES,
+        max_doc_bytes=max_doc_bytes,
+        rejects=rejects,
     ):
+        batch = parse_segment(
+            segment,
+            kind="mono",
+            text_field=text_field,
+            max_doc_bytes=max_doc_bytes,
+            rejects=rejects,
+        )
         yield from zip(batch.ordinals, batch.texts)
 
 
-def iter_document_batches(
-    path: Path,
-    *,
-    fmt: str = "auto",
-    text_field: str = "text",
-    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
-    rejects: Rejects,
-) -> Iterator[DocBatch]:
-    """:func:`iter_documents` in batches (what the sharding job reads).
+def iter_pair_segments(
+    pair: PairInput, *, target_bytes: int, max_doc_bytes: int, rejects: Rejects
+) -> Iterator[Segment]:
+    """Segments of every file of a pair input, in order (see :func:`iter_raw_segments`).
 
     Raises:
-        ValueError: an unknown format.
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: an input file does not exist.
     """
-    fmt = resolve_format(path, fmt)
-    source = path.name
-    with open_binary(path) as stream:
-        if fmt == "lines":
-            yield from _iter_text_line_batches(stream, max_doc_bytes, rejects, source)
-        elif fmt == "blank":
-            yield from _batched(_iter_blank(stream, max_doc_bytes, rejects, source), source)
-        else:
-            yield from _batched(
-                _iter_jsonl(stream, text_field, max_doc_bytes, rejects, source), source
-            )
-
-
-def _iter_jsonl(
-    stream: BinaryIO, text_field: str, max_doc_bytes: int, rejects: Rejects, source: str
-) -> Iterator[tuple[int, str]]:
-    for ordinal, raw in enumerate(iter_lines(stream, max_bytes=max_doc_bytes)):
-        if raw is None:
-            rejects.add("too_long", source)
-            continue
-        if not raw.strip():
-            rejects.add("empty", source)
-            continue
-        try:
-            text = json.loads(raw)[text_field]
-        except (ValueError, TypeError, KeyError, IndexError):
-            rejects.add("bad_json", source)
-            continue
-        if not isinstance(text, str):
-            rejects.add("bad_json", source)
-            continue
-        if not text.strip():
-            rejects.add("empty", source)
-            continue
-        # JSON escapes let a lone surrogate (\ud800) through; it has no UTF-8 form
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            rejects.add("invalid_utf8", source)
-            continue
-        yield ordinal, text
-
-
-def _iter_blank(
-    stream: BinaryIO, max_doc_bytes: int, rejects: Rejects, source: str
-) -> Iterator[tuple[int, str]]:
-    parts: list[bytes] = []
-    size = 0
-    too_long = False
-    ordinal = 0
-
-    def flush() -> Iterator[tuple[int, str]]:
-        if too_long:
-            rejects.add("too_long", source)
-        elif parts:
-            text = _decode(b"\n".join(parts), rejects, source)
-            if text is not None:
-                yield ordinal, text
-
-    for raw in iter_lines(stream, max_bytes=max_doc_bytes):
-        if raw is not None and not raw.strip():
-            if parts or too_long:
-                yield from flush()
-                ordinal += 1
-            parts, size, too_long = [], 0, False
-            continue
-        if raw is None or size + len(raw) + 1 > max_doc_bytes:
-            too_long, parts = True, []
-            continue
-        if not too_long:
-            parts.append(raw)
-            size += len(raw) + 1
-    if parts or too_long:
-        yield from flush()
+    if pair.aligned:
+        yield from iter_raw_aligned_segments(pair, target_bytes=target_bytes, rejects=rejects)
+        return
+    for path in pair.paths:
+        yield from iter_raw_segments(
+            path,
+            fmt="lines",
+            target_bytes=target_bytes,
+            max_doc_bytes=2 * max_doc_bytes,
+            rejects=rejects,
+        )
 
 
 def iter_pairs(
@@ -512,76 +753,9 @@ def iter_pairs(
     Raises:
         FileNotFoundError: an input file does not exist.
     """
-    for batch in iter_pair_batches(pair, max_doc_bytes=max_doc_bytes, rejects=rejects):
+    for segment in iter_pair_segments(
+        pair, target_bytes=_SEGMENT_BYTES, max_doc_bytes=max_doc_bytes, rejects=rejects
+    ):
+        batch = parse_segment(segment, kind="pair", max_doc_bytes=max_doc_bytes, rejects=rejects)
         for ordinal, src, tgt in zip(batch.ordinals, batch.texts, batch.tgt_texts or []):
             yield batch.source, ordinal, src, tgt
-
-
-def iter_pair_batches(
-    pair: PairInput,
-    *,
-    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
-    rejects: Rejects,
-) -> Iterator[DocBatch]:
-    """:func:`iter_pairs` in batches (what the sharding job reads).
-
-    Raises:
-        FileNotFoundError: an input file does not exist.
-    """
-    if pair.aligned:
-        source = f"{pair.paths[0].name},{pair.paths[1].name}"
-        yield from _batched(_iter_aligned(pair, max_doc_bytes, rejects, source), source, pairs=True)
-        return
-    for path in pair.paths:
-        source = path.name
-        with open_binary(path) as stream:
-            base = 0
-            for lines in iter_line_blocks(stream, max_bytes=2 * max_doc_bytes):
-                texts = _decode_lines(lines, rejects, source)
-                batch = DocBatch(source, [], [], [])
-                for ordinal, line in enumerate(texts, base):
-                    if line is None:
-                        continue
-                    src, tab, tgt = line.partition("\t")
-                    if not tab or "\t" in tgt:
-                        rejects.add("empty" if not line.strip() else "malformed", source)
-                    elif not src.strip() or not tgt.strip():
-                        rejects.add("empty", source)
-                    else:
-                        batch.ordinals.append(ordinal)
-                        batch.texts.append(src)
-                        batch.tgt_texts.append(tgt)
-                base += len(texts)
-                if batch.texts:
-                    yield batch
-
-
-def _iter_aligned(
-    pair: PairInput, max_doc_bytes: int, rejects: Rejects, source: str
-) -> Iterator[tuple[int, str, str]]:
-    src_path, tgt_path = pair.paths
-    with open_binary(src_path) as src_stream, open_binary(tgt_path) as tgt_stream:
-        src_lines = iter_lines(src_stream, max_bytes=max_doc_bytes)
-        tgt_lines = iter_lines(tgt_stream, max_bytes=max_doc_bytes)
-        sentinel = object()
-        ordinal = -1
-        while True:
-            ordinal += 1
-            src_raw = next(src_lines, sentinel)
-            tgt_raw = next(tgt_lines, sentinel)
-            if src_raw is sentinel and tgt_raw is sentinel:
-                return
-            if src_raw is sentinel or tgt_raw is sentinel:
-                # the longer file's tail has no partner: count each unpartnered line
-                rejects.add("malformed", source)
-                rest = src_lines if tgt_raw is sentinel else tgt_lines
-                for _ in rest:
-                    rejects.add("malformed", source)
-                return
-            if src_raw is None or tgt_raw is None:
-                rejects.add("too_long", source)
-                continue
-            src = _decode(src_raw, rejects, source)
-            tgt = _decode(tgt_raw, rejects, source) if src is not None else None
-            if src is not None and tgt is not None:
-                yield ordinal, src, tgt

@@ -1,10 +1,11 @@
 """The sharding job: raw text -> token shards (format: ``data_pipeline.shard_format``) + manifest.
 
 The main process reads the inputs in order (sorted languages, then sorted pairs; each input's
-files sorted) and cuts them into chunks of about ``shard_chars`` characters of text; each chunk
-becomes exactly one shard, tokenized and written by a worker process. Chunk boundaries depend
-on the inputs and settings only, and nothing random happens, so the bytes written are the same
-for any number of workers.
+files sorted) and cuts them, without decoding, into chunks of about ``shard_text_bytes`` that
+end at record boundaries (``readers.iter_raw_segments``: C-level searches only, so one process
+feeds many workers). Each chunk becomes one shard, parsed, tokenized and written by a worker.
+Chunk boundaries depend on the inputs and settings only, and nothing random happens, so the
+bytes written are the same for any number of workers.
 
 A shard is written under a temporary name and renamed when complete. Every sample records the
 fingerprint of its chunk (its text, the tokenizer and the settings); a re-run that finds a shard
@@ -13,13 +14,11 @@ under its final name with the same fingerprint keeps it instead of redoing it.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import hashlib
 import itertools
 import json
 import multiprocessing
-import operator
 import os
 import re
 import shutil
@@ -37,8 +36,10 @@ from data_pipeline.readers import (
     MonoInput,
     PairInput,
     Rejects,
-    iter_document_batches,
-    iter_pair_batches,
+    Segment,
+    iter_pair_segments,
+    iter_raw_segments,
+    parse_segment,
     resolve_format,
 )
 from data_pipeline.shard_format import (
@@ -54,7 +55,8 @@ from data_pipeline.shard_format import (
 )
 from data_pipeline.tokenizer import MODEL_FILE, SIDECAR_FILE, Tokenizer, load_tokenizer, sha256_file
 
-DEFAULT_SHARD_CHARS = 50_000_000
+DEFAULT_SHARD_TEXT_MB = 64
+_SEGMENT_BYTES = 4 << 20
 SHARD_NAME_RE = re.compile(r"^(mono_[A-Za-z0-9_]+|pair_[A-Za-z0-9_]+-[A-Za-z0-9_]+)_\d{5}\.tar$")
 _TMP_RE = re.compile(r"^\.(mono|pair)_.*\.tar\.tmp-\d+$")
 _FINGERPRINT_VERSION = 1
@@ -74,8 +76,8 @@ class ShardSettings:
 
     sample_tokens: int = DEFAULT_SAMPLE_TOKENS
     """Target tokens per sample (src + tgt for pairs); a longer document is a sample alone."""
-    shard_chars: int = DEFAULT_SHARD_CHARS
-    """A new shard starts after this many characters of input text (both sides for pairs)."""
+    shard_text_bytes: int = DEFAULT_SHARD_TEXT_MB << 20
+    """A new shard starts after this many bytes of (decompressed) input text."""
     fmt: str = "auto"
     """Monolingual input format: auto, lines, blank or jsonl (see ``data_pipeline.readers``)."""
     text_field: str = "text"
@@ -87,8 +89,8 @@ class ShardSettings:
         """Raises: ValueError naming the first setting out of range."""
         if self.sample_tokens < 1:
             raise ValueError(f"--sample-tokens ({self.sample_tokens}) must be >= 1")
-        if self.shard_chars < 1:
-            raise ValueError(f"--shard-chars ({self.shard_chars}) must be >= 1")
+        if self.shard_text_bytes < 1:
+            raise ValueError(f"--shard-text-mb ({self.shard_text_bytes / (1 << 20):g}) must be > 0")
         if self.max_doc_bytes < 1:
             raise ValueError(f"--max-doc-bytes ({self.max_doc_bytes}) must be >= 1")
         resolve_format(Path("x"), self.fmt)
@@ -96,30 +98,20 @@ class ShardSettings:
 
 @dataclass
 class _Task:
-    """One chunk of one input: becomes exactly one shard."""
+    """One chunk of one input: becomes at most one shard (none if nothing in it is usable)."""
 
     kind: str  # "mono" | "pair"
     name: str  # language, or "src-tgt"
     index: int
-    runs: list[tuple[str, int]] = field(default_factory=list)
-    """(source file, number of documents) in order: which file each document came from."""
-    ordinals: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    tgt_texts: list[str] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
 
     @property
     def stem(self) -> str:
         return f"{self.kind}_{self.name}_{self.index:05d}"
 
-    def extend(self, batch: DocBatch, start: int, stop: int) -> None:
-        if self.runs and self.runs[-1][0] == batch.source:
-            self.runs[-1] = (batch.source, self.runs[-1][1] + stop - start)
-        else:
-            self.runs.append((batch.source, stop - start))
-        self.ordinals += batch.ordinals[start:stop]
-        self.texts += batch.texts[start:stop]
-        if batch.tgt_texts is not None:
-            self.tgt_texts += batch.tgt_texts[start:stop]
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(s.data) + len(s.tgt_data or b"") for s in self.segments)
 
 
 @dataclass
@@ -135,6 +127,7 @@ class ShardResult:
     documents: int
     src_tokens: int
     tgt_tokens: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
     kept: bool = False
 
     @property
@@ -162,33 +155,40 @@ def _init_worker(tokenizer_dir: str, out: str, settings: ShardSettings) -> None:
 
 
 def _fingerprint(task: _Task, worker: _Worker) -> str:
-    """Identifies a chunk's content and the settings it is sharded with."""
+    """Identifies a chunk's raw input and the settings it is sharded with."""
     digest = hashlib.sha256()
+    settings = worker.settings
     head = {
         "v": _FINGERPRINT_VERSION,
         "kind": task.kind,
         "name": task.name,
         "index": task.index,
         "tokenizer": worker.tokenizer.model_sha256,
-        "sample_tokens": worker.settings.sample_tokens,
-        "runs": task.runs,
+        "sample_tokens": settings.sample_tokens,
+        "max_doc_bytes": settings.max_doc_bytes,
+        "text_field": settings.text_field,
+        "segments": [
+            (s.source, s.first_line, s.fmt, len(s.data), len(s.tgt_data or b""))
+            for s in task.segments
+        ],
     }
     digest.update(json.dumps(head, sort_keys=True).encode())
-    # a few bulk updates, not one per document: this runs on every chunk of every run
-    texts = task.texts + task.tgt_texts
-    digest.update(np.array(task.ordinals, dtype=np.int64).tobytes())
-    digest.update(np.fromiter(map(len, texts), np.int64, count=len(texts)).tobytes())
-    digest.update("".join(texts).encode("utf-8"))
+    for segment in task.segments:  # raw bytes: no decoding needed to recognise a chunk
+        digest.update(segment.data)
+        digest.update(segment.tgt_data or b"")
     return digest.hexdigest()[:16]
 
 
 def _existing_result(path: Path, task: _Task, chunk: str) -> ShardResult | None:
     """Counts of a finished shard made from the same chunk, or None if it must be redone."""
     samples = documents = src_tokens = tgt_tokens = 0
+    rejected: dict[str, int] = {}
     try:
         for _, meta, _, _ in iter_raw_samples(path):
             if meta.get("chunk") != chunk:
                 return None
+            if samples == 0:
+                rejected = dict(meta["rejected"])
             samples += 1
             documents += meta["num_docs"]
             if task.kind == "mono":
@@ -210,6 +210,7 @@ def _existing_result(path: Path, task: _Task, chunk: str) -> ShardResult | None:
         documents=documents,
         src_tokens=src_tokens,
         tgt_tokens=tgt_tokens,
+        rejected=rejected,
         kept=True,
     )
 
@@ -243,6 +244,32 @@ def _sample_bounds(
             start = stop
 
 
+def _parse(task: _Task, worker: _Worker) -> tuple[DocBatch, list[tuple[str, int]], Rejects]:
+    """The chunk's documents in one batch, the (file, count) runs they came in, and rejects."""
+    rejects = Rejects()
+    merged = DocBatch("", [], [], [] if task.kind == "pair" else None)
+    runs: list[tuple[str, int]] = []
+    for segment in task.segments:
+        batch = parse_segment(
+            segment,
+            kind=task.kind,
+            text_field=worker.settings.text_field,
+            max_doc_bytes=worker.settings.max_doc_bytes,
+            rejects=rejects,
+        )
+        if not batch.texts:
+            continue
+        if runs and runs[-1][0] == batch.source:
+            runs[-1] = (batch.source, runs[-1][1] + len(batch))
+        else:
+            runs.append((batch.source, len(batch)))
+        merged.ordinals += batch.ordinals
+        merged.texts += batch.texts
+        if merged.tgt_texts is not None:
+            merged.tgt_texts += batch.tgt_texts or []
+    return merged, runs, rejects
+
+
 def _process(task: _Task) -> ShardResult:
     worker = _WORKER
     assert worker is not None, "worker not initialised"
@@ -252,45 +279,64 @@ def _process(task: _Task) -> ShardResult:
         kept = _existing_result(path, task, chunk)
         if kept is not None:
             return kept
+    docs, runs, rejects = _parse(task, worker)
+    rejected = rejects.as_dict()
+    if not docs.texts:  # nothing usable: no shard (an empty one would only cost a loader)
+        path.unlink(missing_ok=True)
+        return ShardResult(
+            path="",
+            kind=task.kind,
+            name=task.name,
+            sha256="",
+            bytes=0,
+            samples=0,
+            documents=0,
+            src_tokens=0,
+            rejected=rejected,
+        )
     sp, dtype = worker.tokenizer.sp, worker.dtype
     target = worker.settings.sample_tokens
     src_total = tgt_total = 0
     with ShardWriter(path, dtype=dtype) as writer:
         if task.kind == "mono":
-            tokens, cum = _flatten(sp.encode(task.texts, num_threads=1), dtype)
-            for a, b, source in _sample_bounds(task.runs, cum, target):
+            tokens, cum = _flatten(sp.encode(docs.texts, num_threads=1), dtype)
+            for a, b, source in _sample_bounds(runs, cum, target):
                 meta = {
                     "kind": "mono",
                     "lang": task.name,
                     "source": source,
-                    "first_doc": task.ordinals[a],
+                    "first_doc": docs.ordinals[a],
                     "num_docs": b - a,
                     "num_tokens": int(cum[b] - cum[a]),
                     "dtype": dtype_name(dtype),
                     "chunk": chunk,
                 }
+                if a == 0:  # a re-run that keeps this shard takes the counts from here
+                    meta["rejected"] = rejected
                 payload = encode_mono_payload(
                     tokens[cum[a] : cum[b]], doc_offsets=cum[a : b + 1] - cum[a]
                 )
                 writer.add_sample(meta, payload=payload, ext=MONO_EXT)
             src_total = int(cum[-1])
         else:
-            src, src_cum = _flatten(sp.encode(task.texts, num_threads=1), dtype)
-            tgt, tgt_cum = _flatten(sp.encode(task.tgt_texts, num_threads=1), dtype)
+            src, src_cum = _flatten(sp.encode(docs.texts, num_threads=1), dtype)
+            tgt, tgt_cum = _flatten(sp.encode(docs.tgt_texts, num_threads=1), dtype)
             src_lang, tgt_lang = task.name.split("-")
-            for a, b, source in _sample_bounds(task.runs, src_cum + tgt_cum, target):
+            for a, b, source in _sample_bounds(runs, src_cum + tgt_cum, target):
                 meta = {
                     "kind": "pair",
                     "src": src_lang,
                     "tgt": tgt_lang,
                     "source": source,
-                    "first_doc": task.ordinals[a],
+                    "first_doc": docs.ordinals[a],
                     "num_docs": b - a,
                     "src_tokens": int(src_cum[b] - src_cum[a]),
                     "tgt_tokens": int(tgt_cum[b] - tgt_cum[a]),
                     "dtype": dtype_name(dtype),
                     "chunk": chunk,
                 }
+                if a == 0:
+                    meta["rejected"] = rejected
                 payload = encode_pair_payload(
                     src[src_cum[a] : src_cum[b]],
                     src_offsets=src_cum[a : b + 1] - src_cum[a],
@@ -307,40 +353,24 @@ def _process(task: _Task) -> ShardResult:
         sha256=sha256_file(path),
         bytes=path.stat().st_size,
         samples=samples,
-        documents=len(task.texts),
+        documents=len(docs.texts),
         src_tokens=src_total,
         tgt_tokens=tgt_total,
+        rejected=rejected,
     )
 
 
-def _chunks(batches: Iterator[DocBatch], *, kind: str, name: str, limit: int) -> Iterator[_Task]:
-    """Cut a stream of batches into tasks of about ``limit`` characters (both sides of pairs).
-
-    Characters, not bytes: ``len()`` is free, and tokens per character vary less across scripts
-    than tokens per UTF-8 byte (CJK takes 3 bytes a character). A task ends with the document
-    that brings it to ``limit`` or past it.
-    """
+def _chunks(segments: Iterator[Segment], *, kind: str, name: str, limit: int) -> Iterator[_Task]:
+    """Group segments into tasks of at least ``limit`` bytes (the last one may be smaller)."""
     task = _Task(kind, name, 0)
     size = 0
-    for batch in batches:
-        lengths = map(len, batch.texts)
-        if batch.tgt_texts is not None:
-            lengths = map(operator.add, lengths, map(len, batch.tgt_texts))
-        cum = list(itertools.accumulate(lengths))
-        start = 0
-        while start < len(cum):
-            before = cum[start - 1] if start else 0
-            # the first document at which this task's size reaches the limit
-            end = bisect.bisect_left(cum, limit - size + before, lo=start)
-            if end >= len(cum):
-                task.extend(batch, start, len(cum))
-                size += cum[-1] - before
-                break
-            task.extend(batch, start, end + 1)
+    for segment in segments:
+        task.segments.append(segment)
+        size += len(segment.data) + len(segment.tgt_data or b"")
+        if size >= limit:
             yield task
             task, size = _Task(kind, name, task.index + 1), 0
-            start = end + 1
-    if task.texts:
+    if task.segments:
         yield task
 
 
@@ -350,21 +380,29 @@ def _tasks(
     settings: ShardSettings,
     rejects: dict[str, Rejects],
 ) -> Iterator[_Task]:
-    reader = dict(
-        fmt=settings.fmt, text_field=settings.text_field, max_doc_bytes=settings.max_doc_bytes
-    )
+    # segments are cut smaller than a shard, so a shard overshoots its size by one at most
+    piece = min(settings.shard_text_bytes, _SEGMENT_BYTES)
     for item in mono:
-        batches = (
-            batch
+        segments = (
+            segment
             for path in item.paths
-            for batch in iter_document_batches(path, rejects=rejects[item.lang], **reader)
+            for segment in iter_raw_segments(
+                path,
+                fmt=settings.fmt,
+                target_bytes=piece,
+                max_doc_bytes=settings.max_doc_bytes,
+                rejects=rejects[item.lang],
+            )
         )
-        yield from _chunks(batches, kind="mono", name=item.lang, limit=settings.shard_chars)
+        yield from _chunks(segments, kind="mono", name=item.lang, limit=settings.shard_text_bytes)
     for pair in pairs:
-        batches = iter_pair_batches(
-            pair, max_doc_bytes=settings.max_doc_bytes, rejects=rejects[pair.name]
+        segments = iter_pair_segments(
+            pair,
+            target_bytes=piece,
+            max_doc_bytes=settings.max_doc_bytes,
+            rejects=rejects[pair.name],
         )
-        yield from _chunks(batches, kind="pair", name=pair.name, limit=settings.shard_chars)
+        yield from _chunks(segments, kind="pair", name=pair.name, limit=settings.shard_text_bytes)
 
 
 def _run(tasks: Iterator[_Task], workers: int, init_args: tuple) -> Iterator[ShardResult]:
@@ -449,6 +487,9 @@ def run_shard_job(
     init_args = (str(tok.directory), str(out), settings)
     results: list[ShardResult] = []
     for result in _run(_tasks(mono, pairs, settings, rejects), workers, init_args):
+        rejects[result.name].merge(result.rejected)
+        if not result.path:
+            continue
         results.append(result)
         log(
             f"{result.path}: {'kept (finished earlier)' if result.kept else 'written'}, "
@@ -528,7 +569,7 @@ def build_manifest(
         },
         "dtype": dtype_name(token_dtype(tok.vocab_size)),
         "sample_tokens": settings.sample_tokens,
-        "shard_chars": settings.shard_chars,
+        "shard_text_bytes": settings.shard_text_bytes,
         "languages": languages,
         "pairs": pair_stats,
         "shards": shards,

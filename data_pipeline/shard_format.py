@@ -35,10 +35,12 @@ Pair sample: ``D`` aligned (source, target) pairs of one language pair. Metadata
 Payload: ``uint32 src_offsets[D + 1]``, ``uint32 tgt_offsets[D + 1]``, ``dtype src[S]``,
 ``dtype tgt[G]``.
 
-``source`` is the input file's base name and ``first_doc`` the ordinal of the sample's first
-document in it (for one-document-per-line and JSONL inputs, its 0-based line number); a sample
-never spans two input files. ``chunk`` identifies the input chunk and settings the shard was made
-from; a re-run uses it to recognise finished shards.
+``source`` is the input file's base name and ``first_doc`` the 0-based line number in it where
+the sample's first document starts; a sample never spans two input files. ``chunk`` identifies
+the input chunk and settings the shard was made from, and the first sample of a shard also
+carries ``"rejected": {"invalid_utf8": n, "empty": n, "too_long": n, "bad_json": n,
+"malformed": n}`` for that chunk; a re-run uses both to keep finished shards without redoing
+them.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data_pipeline" / "sample"
 LANGS = ("en", "de", "ru", "ja")
 # small numbers so that every language spans several shards and every shard several samples
-SETTINGS = ShardSettings(sample_tokens=600, shard_chars=4_000, max_doc_bytes=10_000)
+SETTINGS = ShardSettings(sample_tokens=600, shard_text_bytes=6_000, max_doc_bytes=10_000)
 
 
 def _zst_lines(path: Path, n: int) -> list[str]:
@@ -454,8 +454,8 @@ def test_cli_shard_and_inspect(
         "--quiet",
         "--sample-tokens",
         "600",
-        "--shard-chars",
-        "4000",
+        "--shard-text-mb",
+        str(6_000 / (1 << 20)),
         "--max-doc-bytes",
         "10000",
         "--workers",
