@@ -16,35 +16,43 @@ from launch.env import (
     task_slice,
 )
 
-# Recorded on the throw-away test cluster (two slurmd "nodes" n1, n2 on one host): the
-# variables of rank 1 of a 2-node x 1-process job, torchrun under one srun task per node.
+# Recorded on the throw-away test cluster (two slurmd "nodes" n1, n2 on one host): rank 1 of a
+# 2-node x 1-process job from launch.slurm (one srun task per node, each running torchrun).
+# Variables not read by launch.env (SLURM_CONF, ports of srun, ...) are left out.
 TORCHRUN_UNDER_SRUN_RANK1 = {
-    "SLURM_JOB_ID": "7",
-    "SLURM_JOBID": "7",
-    "SLURM_JOB_NODELIST": "n[1-2]",
-    "SLURM_NODELIST": "n[1-2]",
-    "SLURM_JOB_NUM_NODES": "2",
-    "SLURM_NNODES": "2",
-    "SLURM_NODEID": "1",
-    "SLURM_PROCID": "1",
-    "SLURM_LOCALID": "0",
-    "SLURM_NTASKS": "2",
-    "SLURM_TASKS_PER_NODE": "1(x2)",
-    "SLURMD_NODENAME": "n2",
-    "SLURM_RESTART_COUNT": "1",
     "GROUP_RANK": "1",
     "GROUP_WORLD_SIZE": "2",
     "LOCAL_RANK": "0",
     "LOCAL_WORLD_SIZE": "1",
+    "MASTER_ADDR": "localhost",
+    "MASTER_PORT": "33909",
     "RANK": "1",
-    "WORLD_SIZE": "2",
+    "ROLE_NAME": "default",
     "ROLE_RANK": "1",
     "ROLE_WORLD_SIZE": "2",
-    "MASTER_ADDR": "127.0.0.1",
-    "MASTER_PORT": "20007",
-    "TORCHELASTIC_RESTART_COUNT": "0",
+    "SLURMD_NODENAME": "n2",
+    "SLURM_CPUS_ON_NODE": "1",
+    "SLURM_JOBID": "2",
+    "SLURM_JOB_ID": "2",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_LOCALID": "0",
+    "SLURM_NNODES": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_NODELIST": "n[1-2]",
+    "SLURM_NPROCS": "2",
+    "SLURM_NTASKS": "2",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_PROCID": "1",
+    "SLURM_STEP_NODELIST": "n[1-2]",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    "SLURM_TASKS_PER_NODE": "1(x2)",
     "TORCHELASTIC_MAX_RESTARTS": "0",
-    "TORCHELASTIC_RUN_ID": "7",
+    "TORCHELASTIC_RESTART_COUNT": "0",
+    "TORCHELASTIC_RUN_ID": "2",
+    "TORCHELASTIC_USE_AGENT_STORE": "True",
+    "WORLD_SIZE": "2",
 }
 
 # srun with one task per GPU (no torchrun): 4 nodes x 8 GPUs, task 13 sits on node 1 as local 5.
@@ -66,12 +74,14 @@ def test_torchrun_variables_win_over_slurm_ones():
     assert env.launcher == "torchrun"
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 2, 0, 1)
     assert (env.node_rank, env.num_nodes) == (1, 2)
-    assert (env.master_addr, env.master_port) == ("127.0.0.1", 20007)
-    assert env.job_id == "7"
+    assert (env.master_addr, env.master_port) == ("localhost", 33909)
+    assert env.job_id == "2"
     assert env.nodes == ("n1", "n2")
     assert env.node_name == "n2"
-    assert env.restart_count == 1
+    assert env.restart_count == 0
     assert env.elastic_restart_count == 0
+    requeued = read_env({**TORCHRUN_UNDER_SRUN_RANK1, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.restart_count == 1
 
 
 def test_torchrun_single_node_without_group_variables():

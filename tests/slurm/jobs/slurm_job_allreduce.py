@@ -24,6 +24,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     train = yaml.safe_load(Path(args.config).read_text())["train"]
+    for item in args.overrides:  # only train.* matters here; pretrain.config does the real thing
+        key, _, value = item.partition("=")
+        if key.startswith("train."):
+            train[key.removeprefix("train.")] = yaml.safe_load(value)
     env = read_env()
     dist.init_process_group("gloo")
     value = torch.tensor([float(dist.get_rank() + 1)])
