@@ -33,6 +33,14 @@ class DataConfig:
     """Samples held in each stream's shuffle buffer."""
     seed: int | None = None
     """Data order seed; None takes train.seed."""
+    pair_weights: dict[str, float] = field(default_factory=dict)
+    """Explicit per-language-pair weights ("en-de": w) for TLM rows; when set they replace alpha."""
+    reset_position_ids: bool = False
+    """Restart position ids at each packed document (doc_ids are in every batch regardless)."""
+    min_carry_tokens: int = 0
+    """Drop a document remainder shorter than this instead of opening a row with it (0: none)."""
+    on_bad_shard: str = "skip"
+    """A shard failing to read mid-stream: skip (logged by name and counted) | raise."""
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -55,3 +63,10 @@ def validate_data(cfg: DataConfig) -> None:
             raise ValueError(f"data.{key} ({getattr(cfg, key)}) must be >= 1")
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers ({cfg.num_workers}) must be >= 0")
+    for pair, weight in cfg.pair_weights.items():
+        if weight < 0:
+            raise ValueError(f"data.pair_weights.{pair} ({weight}) must be >= 0")
+    if cfg.min_carry_tokens < 0:
+        raise ValueError(f"data.min_carry_tokens ({cfg.min_carry_tokens}) must be >= 0")
+    if cfg.on_bad_shard not in ("skip", "raise"):
+        raise ValueError(f"data.on_bad_shard ({cfg.on_bad_shard!r}) must be skip or raise")
