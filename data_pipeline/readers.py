@@ -508,7 +508,42 @@ def _decode(raw: bytes, rejects: Rejects) -> str | None:
     return text
 
 
+def _split_segment(data: bytes, max_bytes: int) -> list[str] | None:
+    """A segment's lines, decoded in one call; None when a line needs the careful path.
+
+    The careful path (:func:`iter_line_blocks` and per-line decoding) is taken for invalid
+    UTF-8 or a line that may pass ``max_bytes``; clean text costs a few C calls per segment.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the segment's final newline, not an empty line
+        lines.pop()
+    if "\r" in text:
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    # a character takes at most 4 UTF-8 bytes, so shorter lines cannot pass the limit
+    if max(map(len, lines), default=0) * 4 > max_bytes:
+        return None
+    return lines
+
+
+def _keep_nonempty(
+    lines: list[str], first_line: int, rejects: Rejects
+) -> tuple[list[int], list[str]]:
+    ordinals = range(first_line, first_line + len(lines))
+    if all(lines) and not any(map(str.isspace, lines)):
+        return list(ordinals), lines
+    keep = [line != "" and not line.isspace() for line in lines]
+    rejects.add("empty", len(keep) - sum(keep))
+    return list(itertools.compress(ordinals, keep)), list(itertools.compress(lines, keep))
+
+
 def _parse_lines(stream: BinaryIO, first_line: int, max_bytes: int, rejects: Rejects) -> tuple:
+    fast = _split_segment(stream.getvalue(), max_bytes) if isinstance(stream, io.BytesIO) else None
+    if fast is not None:
+        return _keep_nonempty(fast, first_line, rejects)
     ordinals: list[int] = []
     texts: list[str] = []
     base = first_line
@@ -603,8 +638,10 @@ def _parse_tsv(stream: BinaryIO, first_line: int, max_bytes: int, rejects: Rejec
     srcs: list[str] = []
     tgts: list[str] = []
     base = first_line
-    for lines in iter_line_blocks(stream, max_bytes=max_bytes):
-        decoded = _decode_lines(lines, rejects)
+    fast = _split_segment(stream.getvalue(), max_bytes) if isinstance(stream, io.BytesIO) else None
+    blocks = [fast] if fast is not None else None
+    for lines in blocks or iter_line_blocks(stream, max_bytes=max_bytes):
+        decoded = lines if blocks else _decode_lines(lines, rejects)
         for ordinal, line in enumerate(decoded, base):
             if line is None:
                 continue
