@@ -13,11 +13,14 @@ def init_distributed(*, device_type: str = "cpu") -> tuple[int, int]:
     ``launch/env.py``.
 
     Returns:
-        ``(rank, world_size)``; ``(0, 1)`` for a plain single-process run.
+        ``(rank, world_size)``; ``(0, 1)`` for a plain single-process run, which gets a
+        one-rank gloo group.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if not dist.is_torchelastic_launched():
+        # A one-rank group keeps one code path: the mesh and collectives work as for N ranks.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         return 0, 1
     backend = "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)

@@ -164,7 +164,7 @@ class RunLogger:
         """A free-form line: this rank's log file, and the console on rank 0."""
         self._file_logger.info(message)
         if self.rank == 0:
-            self.console.print(message, markup=False, highlight=False)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def advance(self, step: int) -> None:
         """Move the progress bar to ``step`` (call every step; cheap)."""
@@ -179,7 +179,7 @@ class RunLogger:
         self._file_logger.info(line)
         if self.rank != 0:
             return
-        self.console.print(line, markup=False, highlight=False)
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         self.advance(step)
         record = {"step": step, **_jsonable(dict(metrics))}
         assert self._jsonl is not None

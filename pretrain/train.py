@@ -148,13 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"resolved config saved to {Path(cfg.train.run_dir) / 'config.yaml'}")
             from pretrain.trainer import train
 
-            train(cfg, rank=rank, world_size=world_size)
+            code = train(cfg, rank=rank, world_size=world_size)
         finally:
             destroy_distributed()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return code
 
 
 if __name__ == "__main__":

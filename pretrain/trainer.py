@@ -1,0 +1,490 @@
+"""The training loop: mesh -> model -> parallelize -> loader -> optimizer -> loop.
+
+One step: ``train.grad_accum`` micro-batches (forward, loss, backward), a data-parallel loss
+reduction, a NaN/Inf guard (a non-finite step skips its update), gradient clipping over every
+mesh axis, AdamW and the LR schedule; every ``logging.every`` steps a metrics line; every
+``train.eval_every`` steps a validation loss per language; every ``checkpoint.every`` steps (and
+at the end, and on SIGTERM/SIGUSR1) a checkpoint.
+
+Exit codes (``pretrain.train``): 0 done, 2 bad config or input, 3 stopped on too many NaN/Inf
+losses in a row (``EXIT_DIVERGED``), 75 stopped by SIGTERM/SIGUSR1 after checkpointing
+(``EXIT_PREEMPTED``; the SLURM script requeues the job, which resumes with ``train.resume=auto``).
+
+Loss normalisation: each micro-batch loss is the mean over its predicted tokens, divided by
+``grad_accum``; data-parallel engines average gradients over ``dp``. MoE auxiliary losses reach
+the gradient through the layers themselves, scaled by the same ``1 / grad_accum``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.mesh import ParallelDims
+from parallel.parallelize import (
+    clip_grad_norm_,
+    local_value,
+    loss_context,
+    parallelize_model,
+    reduce_metric,
+)
+from pretrain.checkpoint import (
+    CheckpointManager,
+    TrainState,
+    check_compatible,
+    latest_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from pretrain.config import RunConfig, config_to_dict, config_to_yaml
+from pretrain.data import build_train_loader, build_valid_loaders
+from pretrain.flops import flops_per_token, mfu, peak_flops
+from pretrain.logger import RunLogger
+from pretrain.models import build_model, param_counts, tp_plan
+from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.plots import plot_losses
+from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, PreemptionHandler
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this rank's CUDA device when there is one, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"train.device ({name!r}) needs CUDA, and this machine has none")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    index = rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA, fp32 on the CPU (bf16 matmuls are ~100x slower there)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def non_embedding_params(model: torch.nn.Module, *, active: int) -> int:
+    """Active parameters less the lookup tables; a tied output projection still multiplies."""
+    tables = sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding)
+        for p in m.parameters(recurse=False)
+    )
+    tied = 0
+    if getattr(model, "output", None) is None and getattr(model, "tok_embeddings", None):
+        tied = model.tok_embeddings.weight.numel()
+    return active - tables + tied
+
+
+class Trainer:
+    """Owns one run's parts; :meth:`fit` runs it. Every rank builds one."""
+
+    def __init__(self, cfg: RunConfig, *, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.run_dir = Path(cfg.train.run_dir)
+        self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)
+
+        self.dims = ParallelDims.from_config(cfg.parallel, world_size=world_size)
+        if self.dims.pp > 1:
+            raise ValueError(
+                f"parallel.pp ({self.dims.pp}) > 1 is not wired into the trainer yet; "
+                "use tp, ep, dp_shard or dp_replicate"
+            )
+        self.dims.build_mesh(device_type=self.device.type)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        counts = param_counts(model)
+        self.params_total = counts["params_total"]
+        self.params_active = counts["params_active"]
+        self.flops_per_token = flops_per_token(
+            non_embedding_params(model, active=self.params_active),
+            num_layers=cfg.model.num_layers,
+            hidden_size=cfg.model.hidden_size,
+            seq_len=cfg.data.seq_len,
+        )
+        self.model = parallelize_model(
+            model,
+            dims=self.dims,
+            cfg=cfg.parallel,
+            tp_plan=tp_plan(cfg.model),
+            seed=cfg.train.seed,
+            device=self.device,
+        )
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim, device_type=self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=cfg.train.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.loader = build_train_loader(
+            cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
+        )
+        self.languages = list(self.loader.dataset.languages)
+        self.state = TrainState(self.model, self.optimizer, self.scheduler, step=0)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+        )
+        peak = peak_flops(
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            override_tflops=cfg.logging.peak_tflops,
+        )
+        self.peak_flops = peak
+        self.guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
+        self.preemption = PreemptionHandler()
+
+    # ------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
+
+    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, tuple]]:
+        """Mean loss of one micro-batch and, per language, (loss sum, predicted tokens).
+
+        Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
+        ``loss_context`` (the caller runs backward inside it too).
+        """
+        cfg = self.cfg
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        if cfg.model.family == "decoder":
+            # Position t predicts token t + 1; the last position predicts nothing.
+            labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        kwargs = {}
+        for key, arg in (
+            ("position_ids", "position_ids_BT"),
+            ("doc_ids", "document_ids_BT"),
+            ("lang_ids", "lang_ids_BT"),
+        ):
+            if key in batch and batch[key] is not None:
+                kwargs[arg] = batch[key].to(self.device, non_blocking=True)
+        if cfg.model.num_languages == 0:
+            kwargs.pop("lang_ids_BT", None)
+        with self._autocast():
+            if self.dims.tp > 1:
+                logits_BTV = self.model(input_ids, **kwargs)
+                loss = F.cross_entropy(
+                    logits_BTV.flatten(0, 1).float(),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                )
+                per_lang: dict[str, tuple] = {}
+                return loss, per_lang
+            hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
+            weight_VD, bias_V = self.model.output_projection()
+        # Per-language sums from one pass, grouped by each target token's language (TLM rows
+        # hold two); only positions with a target are projected.
+        lang_ids = batch["lang_ids"].to(self.device)
+        if cfg.model.family == "decoder":
+            lang_ids = torch.cat([lang_ids[:, 1:], lang_ids[:, -1:]], dim=1)
+        hidden_ND = hidden_BTD.flatten(0, 1)
+        labels_N = labels.flatten()
+        lang_N = lang_ids.flatten()
+        targets_M = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden_MD, labels_M, lang_M = hidden_ND[targets_M], labels_N[targets_M], lang_N[targets_M]
+        total = hidden_BTD.new_zeros((), dtype=torch.float32)
+        per_lang = {}
+        for index in sorted(set(lang_M.tolist())):
+            rows = (lang_M == index).nonzero().squeeze(1)
+            with self._autocast():
+                loss_sum = chunked_cross_entropy(
+                    hidden_MD[rows],
+                    labels_M[rows],
+                    weight_VD,
+                    bias_V=bias_V,
+                    chunk_tokens=cfg.objective.loss_chunk_tokens,
+                    reduction="sum",
+                )
+            per_lang[self.languages[index]] = (loss_sum.detach(), rows.numel())
+            total = total + loss_sum
+        num_targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return total / num_targets, per_lang
+
+    def _step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        accum = len(batches)
+        self.model.set_moe_aux_loss_scale(1.0 / accum) if hasattr(
+            self.model, "set_moe_aux_loss_scale"
+        ) else None
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        lang_loss: dict[str, float] = defaultdict(float)
+        lang_count: dict[str, float] = defaultdict(float)
+        tokens = 0
+        for batch in batches:
+            with loss_context(self.dims):
+                loss, per_lang = self._forward_loss(batch)
+                scaled = loss / accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += local_value(loss).detach().float().cpu() / accum
+            for lang, (value, count) in per_lang.items():
+                lang_loss[lang] += float(value)
+                lang_count[lang] += float(count)
+            tokens += int(batch["input_ids"].numel())
+        loss_value = float(reduce_metric(loss_sum, dims=self.dims, axis="dp"))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        finite = self.guard.check(loss_value)
+        grad_norm = float("nan")
+        if finite:
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(clip_grad_norm_(self.model, max_norm=max_norm, dims=self.dims))
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "lang_loss": dict(lang_loss),
+            "lang_count": dict(lang_count),
+            "skipped": not finite,
+        }
+
+    # ------------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode == "none":
+            return
+        path = latest_checkpoint(self.run_dir / "checkpoints") if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        if mode != "auto" and not (path / ".metadata").is_file():
+            raise ValueError(f"train.resume ({mode!r}) is not a complete checkpoint directory")
+        check_compatible(path, config_to_dict(self.cfg)["model"])
+        rank_states = self.checkpoints.load(path, self.state)
+        own = rank_states.get(self.rank)
+        if own is not None and len(rank_states) == self.world_size:
+            self.loader.load_state_dict(own["loader"])
+            set_rng_state(own["rng"])
+        else:
+            # Another world size: the loader deals every old rank's remaining work anew.
+            self.loader.load_state_dict([rank_states[r]["loader"] for r in sorted(rank_states)])
+        self.resumed_from = path
+
+    def _save(self, step: int) -> None:
+        self.state.step = step
+        self.checkpoints.save(
+            step,
+            self.state,
+            rank_state={"rng": rng_state(), "loader": self.loader.state_dict()},
+            config_yaml=config_to_yaml(self.cfg),
+        )
+
+    def _validate(self) -> dict[str, float]:
+        """Mean validation loss per language over ``train.eval_batches`` held-out batches."""
+        valid = build_valid_loaders(
+            self.cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
+        )
+        if not valid:
+            return {}
+        self.model.eval()
+        result = {}
+        with torch.no_grad():
+            for lang, batches in sorted(valid.items()):
+                total = torch.zeros((), dtype=torch.float32)
+                count = torch.zeros((), dtype=torch.float32)
+                for batch in batches:
+                    with loss_context(self.dims):
+                        loss, per_lang = self._forward_loss(batch)
+                    targets = float((batch["labels"] != IGNORE_INDEX).sum())
+                    total += float(local_value(loss)) * targets
+                    count += targets
+                total = reduce_metric(total, dims=self.dims, axis="dp", op="sum")
+                count = reduce_metric(count, dims=self.dims, axis="dp", op="sum")
+                result[lang] = float(total / count.clamp(min=1))
+        self.model.train()
+        return result
+
+    def _memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def _moe_metrics(self) -> dict[str, Any]:
+        if not hasattr(self.model, "moe_metrics"):
+            return {}
+        layers = self.model.moe_metrics()
+        if not layers:
+            return {}
+        aux = torch.stack([m.aux_loss.float() for m in layers.values()]).mean()
+        z = torch.stack([m.z_loss.float() for m in layers.values()]).mean()
+        dropped = torch.stack([m.dropped_fraction.float() for m in layers.values()]).mean()
+        load = torch.stack([m.tokens_per_expert_E.float() for m in layers.values()]).sum(0)
+        load = reduce_metric(load.cpu(), dims=self.dims, axis="dp", op="sum")
+        share = load / load.sum().clamp(min=1)
+        return {
+            "moe_aux_loss": float(reduce_metric(aux.cpu(), dims=self.dims)),
+            "moe_z_loss": float(reduce_metric(z.cpu(), dims=self.dims)),
+            "moe_dropped_fraction": float(reduce_metric(dropped.cpu(), dims=self.dims)),
+            "moe_expert_load": [round(float(x), 4) for x in share],
+        }
+
+    def fit(self) -> int:
+        """Train to ``train.steps``; returns the process exit code."""
+        cfg = self.cfg
+        self.resumed_from = None
+        self._resume()
+        start = self.state.step
+        logger = RunLogger(
+            self.run_dir,
+            rank=self.rank,
+            cfg=cfg.logging,
+            total_steps=cfg.train.steps,
+            start_step=start,
+        )
+        if self.resumed_from is not None:
+            logger.info(f"resumed from {self.resumed_from} at step {start}")
+        logger.info(
+            f"model: {self.params_total:,} parameters ({self.params_active:,} active); "
+            f"layout {self.dims.degrees()}; device {self.device}; precision {self.precision}"
+        )
+        self.preemption.install()
+        exit_code = 0
+        batches = iter(self.loader)
+        window_tokens, window_start = 0, time.perf_counter()
+        window_lang_loss: dict[str, float] = defaultdict(float)
+        window_lang_count: dict[str, float] = defaultdict(float)
+        window_lang_tokens: dict[str, int] = defaultdict(int)
+        try:
+            step = start
+            while step < cfg.train.steps:
+                micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+                for batch in micro:
+                    for index, count in enumerate(batch["tokens_per_lang"].tolist()):
+                        if count:
+                            window_lang_tokens[self.languages[index]] += int(count)
+                out = self._step(micro)
+                step += 1
+                window_tokens += out["tokens"]
+                for lang, value in out["lang_loss"].items():
+                    window_lang_loss[lang] += value
+                    window_lang_count[lang] += out["lang_count"][lang]
+                if self.guard.diverged:
+                    logger.info(self.guard.message(step))
+                    exit_code = EXIT_DIVERGED
+                    break
+                if step % cfg.logging.every == 0 or step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    global_tokens = float(
+                        reduce_metric(float(window_tokens), dims=self.dims, op="sum")
+                    )
+                    tokens_per_s = global_tokens / max(elapsed, 1e-9)
+                    metrics: dict[str, Any] = {
+                        "loss": out["loss"],
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": out["grad_norm"],
+                        "tokens_per_s": tokens_per_s,
+                        "memory_gib": self._memory_gib(),
+                        "skipped_steps": self.guard.total,
+                    }
+                    if self.peak_flops is not None:
+                        metrics["mfu"] = mfu(
+                            tokens_per_s / self.world_size,
+                            flops_per_token=self.flops_per_token,
+                            peak=self.peak_flops,
+                        )
+                    metrics.update(
+                        self._language_metrics(
+                            window_lang_loss, window_lang_count, window_lang_tokens
+                        )
+                    )
+                    metrics.update(self._moe_metrics())
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                        valid = self._validate()
+                        if valid:
+                            metrics["valid_loss_per_lang"] = valid
+                            metrics["valid_loss"] = sum(valid.values()) / len(valid)
+                    logger.log(metrics, step)
+                    window_tokens, window_start = 0, time.perf_counter()
+                    window_lang_loss.clear()
+                    window_lang_count.clear()
+                    window_lang_tokens.clear()
+                else:
+                    logger.advance(step)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    self._save(step)
+                if self.preemption.should_stop():
+                    self._save(step)
+                    self.checkpoints.close()
+                    logger.info(f"stop signal received: checkpointed step {step}, exiting")
+                    exit_code = EXIT_PREEMPTED
+                    break
+            else:
+                if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self._save(step)
+            self.checkpoints.close()
+        finally:
+            self.preemption.uninstall()
+            logger.close()
+        if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
+            written = plot_losses(self.run_dir / "metrics.jsonl", self.run_dir)
+            if exit_code == 0:
+                print(f"loss curves: {', '.join(str(p) for p in written)}")
+        return exit_code
+
+    def _language_metrics(
+        self,
+        lang_loss: dict[str, float],
+        lang_count: dict[str, float],
+        lang_tokens: dict[str, int],
+    ) -> dict[str, Any]:
+        """Per-language train loss and tokens over the log window, summed over dp ranks."""
+        languages = sorted(set(lang_loss) | set(lang_tokens))
+        if not languages:
+            return {}
+        if dist.is_initialized() and self.dims.dp_world_size > 1:
+            # Ranks see different languages: agree on the union first.
+            gathered: list[Any] = [None] * self.dims.dp_world_size
+            dist.all_gather_object(gathered, languages, group=self.dims["dp"].get_group())
+            languages = sorted({lang for part in gathered for lang in part})
+        table = torch.tensor(
+            [
+                [lang_loss.get(x, 0.0), lang_count.get(x, 0.0), float(lang_tokens.get(x, 0))]
+                for x in languages
+            ],
+            dtype=torch.float64,
+        )
+        table = reduce_metric(table, dims=self.dims, axis="dp", op="sum")
+        out: dict[str, Any] = {"tokens_per_lang": {}, "loss_per_lang": {}}
+        for i, lang in enumerate(languages):
+            loss_total, count, tokens = (float(v) for v in table[i])
+            out["tokens_per_lang"][lang] = int(tokens)
+            if count > 0:
+                out["loss_per_lang"][lang] = loss_total / count
+        if not out["loss_per_lang"]:
+            del out["loss_per_lang"]
+        return out
+
+
+def train(cfg: RunConfig, *, rank: int, world_size: int) -> int:
+    """Build the run and train it; returns the process exit code (see module docstring)."""
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    code = trainer.fit()
+    if rank == 0 and code == 0:
+        print(f"run directory: {cfg.train.run_dir}")
+    return code if not math.isnan(code) else 1
