@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--shard-text-mb", type=float, default=64.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="also time the job's steps one by one (CPU)"
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
@@ -113,6 +116,7 @@ def main() -> None:
                 cpu[variant] = min(cpu[variant], _cpu_seconds() - cpu_start)
                 tokens[variant] = n
         load_after = os.getloadavg()
+        breakdown = _breakdown(tok_dir, mono, pairs, settings, tmp) if args.breakdown else None
 
     assert len(set(tokens.values())) == 1, f"token counts differ: {tokens}"
     num_tokens = tokens["plain"]
@@ -142,6 +146,8 @@ def main() -> None:
             "tokens_per_cpu_s": round(num_tokens / cpu[variant]),
             "per_cpu_s_vs_plain": round(num_tokens / cpu[variant] / plain_cpu_rate, 3),
         }
+    if breakdown:
+        result["breakdown_cpu_s"] = breakdown
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -158,6 +164,51 @@ def main() -> None:
             f"{r['tokens_per_s_per_core']:>12,}{r['per_core_vs_plain']:>10.2f}"
             f"{r['cpu_s']:>8.2f}{r['tokens_per_cpu_s']:>12,}{r['per_cpu_s_vs_plain']:>10.2f}"
         )
+    if breakdown:
+        print("one-worker job, CPU s per step (encode = 100%):")
+        for step, seconds in breakdown.items():
+            print(f"  {step:<26}{seconds:>7.3f}{seconds / breakdown['encode']:>8.0%}")
+
+
+def _breakdown(tok_dir, mono, pairs, settings: ShardSettings, tmp: Path) -> dict[str, float]:
+    """CPU seconds of each step of a one-worker job, step by step over the same chunks."""
+    import numpy as np
+
+    from data_pipeline import shard
+    from data_pipeline.readers import Rejects
+
+    clock = time.process_time
+    steps = dict.fromkeys(("cut", "fingerprint", "parse", "encode", "to_numpy", "whole"), 0.0)
+    rejects = {m.lang: Rejects() for m in mono} | {p.name: Rejects() for p in pairs}
+    out = tmp / "breakdown"
+    out.mkdir()
+    shard._init_worker(str(tok_dir), str(out), settings)
+    worker = shard._WORKER
+    start = clock()
+    tasks = list(shard._tasks(mono, pairs, settings, rejects))
+    steps["cut"] = clock() - start
+    for task in tasks:
+        start = clock()
+        shard._fingerprint(task, worker)
+        steps["fingerprint"] += clock() - start
+        start = clock()
+        docs, _, _ = shard._parse(task, worker)
+        steps["parse"] += clock() - start
+        for texts in (docs.texts, docs.tgt_texts or []):
+            start = clock()
+            ids = worker.tokenizer.sp.encode(texts, num_threads=1)
+            steps["encode"] += clock() - start
+            start = clock()
+            shard._flatten(ids, np.dtype("<u2"))
+            steps["to_numpy"] += clock() - start
+    start = clock()
+    for task in tasks:
+        shard._process(task)
+    steps["whole"] = clock() - start + steps["cut"]
+    steps["pack_zstd_tar_sha_fsync"] = steps["whole"] - sum(
+        v for k, v in steps.items() if k != "whole"
+    )
+    return {k: round(v, 3) for k, v in steps.items()}
 
 
 def _cpu_seconds() -> float:
