@@ -426,7 +426,10 @@ class Trainer:
                     window_lang_tokens.clear()
                 else:
                     logger.advance(step)
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                # Never checkpoint inside a run of non-finite losses: the last checkpoint
+                # stays one taken after a good step.
+                periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+                if periodic and self.guard.consecutive == 0:
                     self._save(step)
                 if self.preemption.should_stop():
                     self._save(step)

@@ -1,0 +1,194 @@
+"""The trainer end to end on real (small) shards: it learns, stops on a signal with a checkpoint,
+and resumes to exactly the loss curve of an uninterrupted run (fp32, CPU), also under EP2/TP2."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+
+from data_pipeline.readers import MonoInput, PairInput
+from data_pipeline.shard import ShardSettings, run_shard_job
+from data_pipeline.tokenizer import train_tokenizer
+from parallel.testing import run_distributed
+from pretrain.checkpoint import complete_checkpoints
+from pretrain.config import load_config
+from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data_pipeline" / "sample"
+LANGS = ("en", "de", "ru", "ja")
+
+
+def _lines(path: Path, count: int) -> list[str]:
+    with open(path, "rb") as handle:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), "utf-8")
+        return [line.rstrip("\n") for _, line in zip(range(count), text)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("trainer_data")
+    mono, pairs = [], []
+    for lang in LANGS:
+        path = root / f"{lang}.txt"
+        path.write_text("\n".join(_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", 300)) + "\n")
+        mono.append(MonoInput(lang, (path,)))
+    tsv = root / "en-de.tsv"
+    tsv.write_text("\n".join(_lines(SAMPLE / "parallel" / "en-de.train.tsv.zst", 200)) + "\n")
+    pairs.append(PairInput("en", "de", (tsv,)))
+    train_tokenizer(mono, vocab_size=2000, out=root / "tok", seed=0, num_threads=1)
+    settings = ShardSettings(sample_tokens=512)
+    run_shard_job(
+        mono, pairs=pairs, tokenizer=root / "tok", out=root / "shards", workers=1, settings=settings
+    )
+    return {"shards": root / "shards", "tok": root / "tok"}
+
+
+def _cfg(preset: str, shards: dict[str, Path], run_dir: Path, *extra: str):
+    return load_config(
+        REPO / "configs" / preset,
+        [
+            f"data.manifest={shards['shards']}",
+            f"data.valid_manifest={shards['shards']}",
+            f"train.run_dir={run_dir}",
+            "model.vocab_size=2000",
+            "model.num_layers=2",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "data.shuffle_buffer=8",
+            "train.steps=8",
+            "train.deterministic=true",
+            "optim.warmup_steps=2",
+            "logging.every=1",
+            "logging.tensorboard=false",
+            "checkpoint.every=4",
+            "train.eval_every=4",
+            "train.eval_batches=1",
+            *extra,
+        ],
+    )
+
+
+def _run(rank: int, world_size: int, cfg, stop_after: int | None) -> int:
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    if stop_after is not None:
+        step_fn = trainer._step
+        calls = {"n": trainer.state.step}
+
+        def step_then_signal(batches):
+            out = step_fn(batches)
+            calls["n"] += 1
+            if calls["n"] == stop_after and rank == 0:
+                # As SLURM would: a signal on one rank; every rank must stop at this step.
+                trainer.preemption._handle(signal.SIGUSR1, None)
+            return out
+
+        trainer._step = step_then_signal
+    return trainer.fit()
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    from pretrain.plots import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+@pytest.mark.parametrize(
+    ("preset", "world_size", "extra"),
+    [
+        ("tiny_decoder.yaml", 1, ()),
+        ("tiny_moe.yaml", 2, ("parallel.ep=2", "model.moe.dropless=true")),
+        ("tiny_decoder.yaml", 2, ("parallel.tp=2",)),
+        ("tiny_encoder.yaml", 1, ("objective.tlm_share=0.25",)),
+    ],
+    ids=["decoder", "moe-ep2", "decoder-tp2", "encoder-mlm-tlm"],
+)
+def test_stop_and_resume_reproduce_the_uninterrupted_curve(
+    shards, tmp_path: Path, preset: str, world_size: int, extra: tuple[str, ...]
+):
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full = _cfg(preset, shards, full_dir, *extra)
+    codes = run_distributed(_run, world_size=world_size, args=(full, None))
+    assert codes == [0] * world_size
+
+    split = _cfg(preset, shards, split_dir, *extra)
+    codes = run_distributed(_run, world_size=world_size, args=(split, 3))
+    assert codes == [EXIT_PREEMPTED] * world_size
+    assert [s for s, _ in complete_checkpoints(split_dir / "checkpoints")] == [3]
+    resumed = _cfg(preset, shards, split_dir, *extra, "train.resume=auto")
+    codes = run_distributed(_run, world_size=world_size, args=(resumed, None))
+    assert codes == [0] * world_size
+
+    reference, curve = _losses(full_dir), _losses(split_dir)
+    assert sorted(reference) == list(range(1, 9))
+    assert curve == reference  # bit for bit
+    assert [s for s, _ in complete_checkpoints(split_dir / "checkpoints")] == [4, 8]
+    last = json.loads((full_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(last["tokens_per_lang"]) >= {"en", "de"}
+    assert "valid_loss" in last and math.isfinite(last["valid_loss"])
+    assert (full_dir / "loss.png").is_file()
+    if "moe" in preset:
+        assert len(last["moe_expert_load"]) == 4
+        assert last["moe_dropped_fraction"] == 0.0
+
+
+def test_loss_falls(shards, tmp_path: Path):
+    cfg = _cfg(
+        "tiny_decoder.yaml",
+        shards,
+        tmp_path,
+        "train.steps=30",
+        "optim.lr=0.01",
+        "checkpoint.every=0",
+        "train.eval_every=0",
+    )
+    assert run_distributed(_run, world_size=1, args=(cfg, None)) == [0]
+    losses = _losses(tmp_path)
+    first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(28, 31)) / 3
+    assert last < first - 1.0, (first, last)
+    metrics = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(metrics["loss_per_lang"]) == set(LANGS)
+
+
+def _run_with_nan(rank: int, world_size: int, cfg, nan_from: int) -> dict:
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    forward = trainer._forward_loss
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1  # one micro-batch per step here
+        loss, per_lang = forward(batch)
+        if calls["n"] > nan_from:
+            loss = loss * float("nan")
+        return loss, per_lang
+
+    trainer._forward_loss = poisoned
+    code = trainer.fit()
+    return {"code": code, "skipped": trainer.guard.total}
+
+
+def test_nan_losses_skip_updates_then_stop_with_last_good_checkpoint(shards, tmp_path: Path):
+    cfg = _cfg(
+        "tiny_decoder.yaml",
+        shards,
+        tmp_path,
+        "train.max_nonfinite_steps=3",
+        "checkpoint.every=2",
+        "train.eval_every=0",
+    )
+    out = run_distributed(_run_with_nan, world_size=1, args=(cfg, 4))[0]
+    assert out == {"code": EXIT_DIVERGED, "skipped": 3}
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+    state = torch.load(tmp_path / "checkpoints" / "step_4" / "rank_0.pt", weights_only=True)
+    assert "loader" in state and "rng" in state
