@@ -12,7 +12,7 @@ import sys
 import time
 from typing import NoReturn
 
-from data_pipeline.manifest import load_manifest, summary_lines
+from data_pipeline.manifest import load_manifest, merge_manifests, summary_lines
 from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
 from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
 from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
@@ -138,6 +138,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    manifest = merge_manifests(args.parts, out=args.out)
+    print("\n".join(summary_lines(manifest)))
+    print(f"wrote {args.out}/manifest.json over {len(args.parts)} part(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m data_pipeline`` parser, one subcommand per job."""
     parser = _Parser(
@@ -242,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="shard directory (or its manifest.json)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "merge",
+        help="one manifest over several shard directories (parts of one job)",
+        description="Write OUT/manifest.json listing the shards of several shard directories "
+        "(e.g. the part_<i> directories of an array job), with counts summed and paths relative "
+        "to OUT. Shards stay where they are; the parts must share one tokenizer.",
+    )
+    p.add_argument("parts", nargs="+", help="shard directories (or their manifest.json)")
+    p.add_argument("--out", required=True, help="directory for the merged manifest.json")
+    p.set_defaults(func=_cmd_merge)
     return parser
 
 

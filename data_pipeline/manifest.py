@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
@@ -108,3 +109,68 @@ def summary_lines(manifest: dict) -> list[str]:
                 f"{v['samples']:>9,}{v['shards']:>8}{sum(v['rejected'].values()):>10,}"
             )
     return lines
+
+
+def _add_counts(total: dict, part: dict) -> None:
+    for key, value in part.items():
+        if key == "rejected":
+            into = total.setdefault("rejected", {})
+            for reason, n in value.items():
+                into[reason] = into.get(reason, 0) + n
+        elif key == "sources":
+            total["sources"] = sorted(set(total.get("sources", [])) | set(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+        else:
+            total.setdefault(key, value)
+
+
+def merge_manifests(parts: list[str | os.PathLike], *, out: str | os.PathLike) -> dict:
+    """Write ``out/manifest.json`` listing the shards of several shard directories.
+
+    For a job split into parts (e.g. ``launch.preprocess`` array tasks writing ``out/part_<i>``):
+    shard paths become relative to ``out``, per-language and per-pair counts are summed, and the
+    first part's tokenizer is copied to ``out/tokenizer``. Shards are not copied or moved.
+
+    Raises:
+        FileNotFoundError: a part has no manifest.
+        ValueError: no parts, parts with different tokenizers or token dtypes, or the same shard
+            listed twice.
+    """
+    if not parts:
+        raise ValueError("merge: give at least one shard directory")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = [(manifest_path(p).parent, load_manifest(p)) for p in parts]
+    first_dir, first = loaded[0]
+    merged: dict = {k: v for k, v in first.items() if k not in ("languages", "pairs", "shards")}
+    merged.update(languages={}, pairs={}, shards=[])
+    seen: set[str] = set()
+    for directory, manifest in loaded:
+        for key in ("model_sha256", "vocab_size"):
+            if manifest["tokenizer"][key] != first["tokenizer"][key]:
+                raise ValueError(
+                    f"manifest {str(directory)!r}: tokenizer {key} {manifest['tokenizer'][key]} "
+                    f"differs from {first['tokenizer'][key]} in {str(first_dir)!r}: parts must "
+                    "share one tokenizer"
+                )
+        for table in ("languages", "pairs"):
+            for name, stats in manifest[table].items():
+                _add_counts(merged[table].setdefault(name, {}), stats)
+        for entry in manifest["shards"]:
+            path = Path(os.path.relpath((directory / entry["path"]).resolve(), out.resolve()))
+            if path.as_posix() in seen:
+                raise ValueError(f"merge: shard {path.as_posix()!r} is listed twice")
+            seen.add(path.as_posix())
+            merged["shards"].append({**entry, "path": path.as_posix()})
+    src_tok = first_dir / first["tokenizer"].get("dir", "tokenizer")
+    dst_tok = out / "tokenizer"
+    if src_tok.resolve() != dst_tok.resolve() and src_tok.is_dir():
+        dst_tok.mkdir(exist_ok=True)
+        for file in sorted(src_tok.iterdir()):
+            tmp = dst_tok / f".{file.name}.tmp-{os.getpid()}"
+            shutil.copyfile(file, tmp)
+            os.replace(tmp, dst_tok / file.name)
+    merged["tokenizer"] = {**first["tokenizer"], "dir": "tokenizer"}
+    write_manifest(out, merged)
+    return merged

@@ -477,3 +477,47 @@ def test_cli_shard_and_inspect(
     assert main(["inspect", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "en-de" in table and "ja" in table
+
+
+def test_merge_parts_of_a_split_job(
+    data: dict, sharded: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    by_lang = {m.lang: m for m in data["mono"]}
+    for i, langs in enumerate((("de", "en"), ("ja", "ru"))):
+        run_shard_job(
+            [by_lang[lang] for lang in langs],
+            pairs=[p for p in data["pairs"] if p.tgt == langs[0]],
+            tokenizer=data["tok"],
+            out=tmp_path / f"part_{i}",
+            workers=1,
+            settings=SETTINGS,
+            log=lambda line: None,
+        )
+    parts = [str(tmp_path / "part_0"), str(tmp_path / "part_1")]
+    assert main(["merge", *parts, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    merged = json.loads((tmp_path / "manifest.json").read_text())
+    whole = json.loads((sharded / "manifest.json").read_text())
+    assert merged["languages"] == whole["languages"]
+    assert merged["pairs"] == {"en-de": whole["pairs"]["en-de"], "en-ja": whole["pairs"]["en-ja"]}
+    assert sorted(e["path"].split("/")[1] for e in merged["shards"]) == sorted(
+        e["path"] for e in whole["shards"]
+    )
+    assert verify_directory(tmp_path)[0] == []
+
+    other = tmp_path / "other_tok"
+    train_tokenizer(
+        data["mono"][:1], out=other, vocab_size=500, num_sentinels=4, character_coverage=0.98
+    )
+    run_shard_job(
+        data["mono"][:1],
+        tokenizer=other,
+        out=tmp_path / "part_x",
+        workers=1,
+        settings=SETTINGS,
+        log=lambda line: None,
+    )
+    assert main(["merge", parts[0], str(tmp_path / "part_x"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: manifest '{tmp_path}/part_x': tokenizer model_sha256 ")
+    assert err.endswith("parts must share one tokenizer\n") and err.count("\n") == 1
