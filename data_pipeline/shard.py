@@ -8,8 +8,8 @@ Chunk boundaries depend on the inputs and settings only, and nothing random happ
 bytes written are the same for any number of workers.
 
 A shard is written under a temporary name and renamed when complete. Every sample records the
-fingerprint of its chunk (its text, the tokenizer and the settings); a re-run that finds a shard
-under its final name with the same fingerprint keeps it instead of redoing it.
+fingerprint of its chunk (its raw input bytes, the tokenizer and the settings); a re-run that
+finds a shard under its final name with the same fingerprint keeps it instead of redoing it.
 """
 
 from __future__ import annotations
@@ -109,14 +109,11 @@ class _Task:
     def stem(self) -> str:
         return f"{self.kind}_{self.name}_{self.index:05d}"
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(len(s.data) + len(s.tgt_data or b"") for s in self.segments)
-
 
 @dataclass
 class ShardResult:
-    """What one shard holds; ``kept`` when a re-run found it finished."""
+    """What one shard holds; ``kept`` when a re-run found it finished, ``path`` "" when the chunk
+    had no usable document (no shard; its rejects still count)."""
 
     path: str
     kind: str
