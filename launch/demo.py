@@ -5,8 +5,9 @@ Steps (each one a real CLI command, printed before it runs; finished steps are r
 1. train a sentencepiece tokenizer on the alpha-smoothed sample languages;
 2. shard the training and validation text (and the en-X parallel pairs) into webdataset shards;
 3. verify and inspect the shards;
-4. plan the tiny MoE run for 2 processes (``pretrain.train --dry-run``) and, when the trainer is
-   present, train it.
+4. plan the tiny MoE run for 2 processes (``pretrain.train --dry-run``), then train it with
+   expert parallelism on 2 CPU processes: a first job stops at step 60 with a checkpoint, a
+   second job resumes from it to step 100; validation loss, loss curves per language.
 
 Usage: ``python -m launch.demo --out demo_out``.
 """
@@ -14,14 +15,18 @@ Usage: ``python -m launch.demo --out demo_out``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data_pipeline" / "sample"
+from pretrain.checkpoint import complete_checkpoints
+from pretrain.plots import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data_pipeline" / "sample"
 DEMO_VOCAB = 8000
 
 
@@ -80,31 +85,49 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "data_pipeline", "verify", str(shards)])
     _run([py, "-m", "data_pipeline", "inspect", str(shards)])
 
+    run_dir = out / "run"
     overrides = [
         f"data.manifest={shards}",
         f"data.valid_manifest={shards_valid}",
         f"data.tokenizer={tokenizer}",
-        f"train.run_dir={out / 'run'}",
+        f"train.run_dir={run_dir}",
+        f"model.vocab_size={DEMO_VOCAB}",
+        "parallel.ep=2",
+        "train.steps=100",
+        "checkpoint.every=25",
+        "train.eval_every=50",
+        "logging.every=10",
     ]
+    config = str(REPO / "configs" / "tiny_moe.yaml")
     _run(
-        [py, "-m", "pretrain.train", "--config", "configs/tiny_moe.yaml", "--dry-run",
-         "--world-size", "2", "parallel.ep=2", *overrides]
+        [py, "-m", "pretrain.train", "--config", config, "--dry-run", "--world-size", "2",
+         *overrides]
     )  # fmt: skip
-    trained = importlib.util.find_spec("pretrain.trainer") is not None
-    if trained:
-        _run(
-            [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pretrain.train",
-             "--config", "configs/tiny_moe.yaml", "parallel.ep=2", *overrides]
-        )  # fmt: skip
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a demo run starts from scratch every time
+    torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pretrain.train"]
+    # First job: stop at step 60 with a checkpoint (as a time-limited job would) ...
+    _run([*torchrun, "--config", config, *overrides, "train.stop_at=60"])
+    # ... second job: resume from the latest complete checkpoint and finish.
+    _run([*torchrun, "--config", config, *overrides, "train.resume=auto"])
 
+    records = read_metrics(run_dir / "metrics.jsonl")
+    first, last = records[0], records[-1]
+    print(
+        f"\nloss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step "
+        f"{last['step']} (validation {last.get('valid_loss', float('nan')):.3f})"
+    )
     print("\nDemo outputs:")
     print(f"  tokenizer           {tokenizer}")
     print(f"  training shards     {shards} (manifest.json)")
     print(f"  validation shards   {shards_valid}")
-    if trained:
-        print(f"  run directory       {out / 'run'}")
-    else:
-        print("  training: not run (the trainer is not built yet; the plan above was validated)")
+    print(f"  run directory       {run_dir}")
+    print(f"    config            {run_dir / 'config.yaml'}")
+    print(f"    metrics           {run_dir / 'metrics.jsonl'}")
+    print(f"    loss curves       {run_dir / 'loss.png'} and loss_<lang>.png")
+    saved = ", ".join(str(p) for _, p in complete_checkpoints(run_dir / "checkpoints"))
+    print(f"    checkpoints       {saved}")
+    print(f"    per-rank logs     {run_dir / 'logs'}")
     return 0
 
 

@@ -99,6 +99,9 @@ class TrainConfig:
     """Optimizer steps to run."""
     seed: int = 0
     """Seed for weights, data order and dropout."""
+    stop_at: int = 0
+    """Checkpoint and exit 0 after this step (a job's time slice); 0 runs to train.steps. The
+    LR schedule still spans train.steps."""
     resume: str = "none"
     """none | auto (latest complete checkpoint in run_dir) | a checkpoint directory."""
     deterministic: bool = False
@@ -436,6 +439,10 @@ def _validate_train(cfg: RunConfig) -> None:
         raise ValueError("train.run_dir ('') must name a directory")
     if train.steps < 1:
         raise ValueError(f"train.steps ({train.steps}) must be >= 1")
+    if not 0 <= train.stop_at <= train.steps:
+        raise ValueError(
+            f"train.stop_at ({train.stop_at}) must be in [0, train.steps ({train.steps})]"
+        )
     if train.seed < 0:
         raise ValueError(f"train.seed ({train.seed}) must be >= 0")
     if train.precision not in PRECISIONS:

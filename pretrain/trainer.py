@@ -372,7 +372,8 @@ class Trainer:
         window_lang_tokens: dict[str, int] = defaultdict(int)
         try:
             step = start
-            while step < cfg.train.steps:
+            last = cfg.train.stop_at or cfg.train.steps
+            while step < last:
                 micro = [next(batches) for _ in range(cfg.train.grad_accum)]
                 for batch in micro:
                     for index, count in enumerate(batch["tokens_per_lang"].tolist()):
@@ -388,7 +389,7 @@ class Trainer:
                     logger.info(self.guard.message(step))
                     exit_code = EXIT_DIVERGED
                     break
-                if step % cfg.logging.every == 0 or step == cfg.train.steps:
+                if step % cfg.logging.every == 0 or step == last:
                     elapsed = time.perf_counter() - window_start
                     global_tokens = float(
                         reduce_metric(float(window_tokens), dims=self.dims, op="sum")
@@ -440,6 +441,10 @@ class Trainer:
             else:
                 if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self._save(step)
+                if last < cfg.train.steps:
+                    logger.info(
+                        f"train.stop_at reached: checkpointed step {step} of {cfg.train.steps}"
+                    )
             self.checkpoints.close()
         finally:
             self.preemption.uninstall()
