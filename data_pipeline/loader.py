@@ -264,6 +264,7 @@ class StreamingDataset(IterableDataset):
             for j in range(self.slots_per_rank)
         ]
         self.next_worker = 0
+        self._live: list[_SlotRunner] | None = None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -283,7 +284,16 @@ class StreamingDataset(IterableDataset):
 
     def state_dict(self) -> dict:
         """This rank's loader state (a deep copy; layout in the module docstring)."""
+        self._sync()
         return json.loads(json.dumps(self._state()))
+
+    def _sync(self) -> None:
+        # in process, slot states are snapshot from the live runners only when asked for
+        for local, runner in enumerate(self._live or ()):
+            self._slots[local] = runner.state()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_live": None}
 
     def _state(self) -> dict:
         return {
@@ -310,6 +320,7 @@ class StreamingDataset(IterableDataset):
             ValueError: another manifest or seed, or a changed layout given fewer than every
                 old rank's state.
         """
+        self._live = None
         states = [state] if isinstance(state, dict) else list(state)
         if not states:
             raise ValueError("loader state: empty list of rank states")
@@ -367,6 +378,7 @@ class StreamingDataset(IterableDataset):
     def counters(self) -> dict:
         """Totals of this rank so far: tokens and documents per language, dropped and
         truncated tokens, bad samples skipped."""
+        self._sync()
         out = _fresh_counters(self.languages)
         for slot in self._slots:
             _add_counters(out, slot["counters"])
@@ -387,12 +399,12 @@ class StreamingDataset(IterableDataset):
             while True:
                 batch = runner.next_batch()
                 yield batch, runner.state()
+        self._sync()
         runners = [_SlotRunner(self, slot) for slot in self._slots]
+        self._live = runners
         while True:
             local = self.next_worker
-            runner = runners[local]
-            batch = runner.next_batch()
-            self._slots[local] = runner.state()
+            batch = runners[local].next_batch()
             self.next_worker = (local + 1) % self.slots_per_rank
             yield batch
 
@@ -665,9 +677,14 @@ class _SlotRunner:
             lang_BT[b] = ds.lang_index[name]
             self.emitted[name] += T
 
-        position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
-        if not ds.reset_position_ids:
-            position_BT[num_tlm:] = np.arange(T)
+        if ds.reset_position_ids or num_tlm:
+            position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
+            if not ds.reset_position_ids:
+                position_BT[num_tlm:] = np.arange(T)
+        else:  # continuous positions: only the document numbering is needed
+            start_BT[:, 0] = True
+            doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64) - 1
+            position_BT = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
         valid_BT = None
         if pair_rows is not None:
             valid_BT = np.ones((B, T), dtype=bool)

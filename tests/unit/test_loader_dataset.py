@@ -167,6 +167,6 @@ def test_tlm_pair_share_follows_p_and_counters_add_up(corpus) -> None:
     for _ in range(60):
         per_batch += next(it)["tokens_per_lang"].numpy()
     assert per_batch.tolist() == [ds.counters["tokens"][lang] for lang in ds.languages]
-    emitted = ds._slots[0]["emitted"]
+    emitted = ds.state_dict()["slots"][0]["emitted"]
     total = emitted["en-de"] + emitted["en-ja"]
     assert abs(emitted["en-de"] / total - ds.pair_p["en-de"]) < 0.01

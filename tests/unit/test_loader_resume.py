@@ -89,7 +89,7 @@ def test_worker_processes_give_the_in_process_batches_and_resume(root: Path) -> 
 def _pending(ds: StreamingDataset) -> dict[str, int]:
     """Smallest position any slot still owns, per source (whether pass 0 is finished)."""
     low = {}
-    for slot in ds._slots:
+    for slot in ds.state_dict()["slots"]:
         for name, st in slot["streams"].items():
             owned = [r[0] for r in st["ranges"]] + st["buffer"] + [p[0] for p in st["partials"]]
             low[name] = min(low.get(name, 1 << 60), *owned)

@@ -1,0 +1,177 @@
+"""Streaming loader throughput against plain webdataset iteration + zstd decode, same shards.
+
+Measures, in one run, on one core (one process, torch and BLAS at one thread), over the sample
+corpus shards (all 12 languages, 6 en-X pair sets):
+
+- ``plain wds+zstd``: ``webdataset.WebDataset`` over every mono shard, each sample's payload
+  zstd-decompressed and viewed as token ids (``np.frombuffer``): reading alone;
+- ``loader clm``: packed CLM batches (``StreamingDataset``, objective clm), language-mixed;
+- ``loader mlm``: MLM batches (BERT 80/10/10 masking), mono rows;
+- ``loader tlm``: TLM batches (``tlm_share = 1``), pair shards, padded rows (non-pad tokens
+  counted).
+
+Each figure is the best of ``--repeats`` runs of at least ``--seconds`` seconds. Goals (issue 5):
+packed CLM >= 0.7x plain and >= 5 M tokens/s per core.
+
+Usage: python bench/bench_loader.py [--shards DIR] [--seq-len 2048] [--batch-size 8] [--json]
+(without --shards, a tokenizer is trained and the sample corpus sharded first, about 40 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+import zstandard
+
+from data_pipeline.loader import StreamingDataset
+from data_pipeline.manifest import load_manifest
+from data_pipeline.transforms import MaskingConfig
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_pipeline" / "sample"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _build_shards(out: Path, *, sample_tokens: int) -> Path:
+    from data_pipeline.readers import parse_mono_specs, parse_pair_specs
+    from data_pipeline.shard import ShardSettings, run_shard_job
+    from data_pipeline.tokenizer import train_tokenizer
+
+    mono = [f"{p.name.split('.')[0]}={p}" for p in sorted((SAMPLE / "mono").glob("*.train.*"))]
+    pairs = [f"{p.name.split('.')[0]}={p}" for p in sorted((SAMPLE / "parallel").glob("*.train.*"))]
+    train_tokenizer(parse_mono_specs(mono), vocab_size=8000, out=out / "tok", alpha=0.3)
+    run_shard_job(
+        parse_mono_specs(mono),
+        pairs=parse_pair_specs(pairs),
+        tokenizer=out / "tok",
+        out=out / "shards",
+        workers=1,
+        settings=ShardSettings(sample_tokens=sample_tokens),
+        log=lambda line: None,
+    )
+    return out / "shards"
+
+
+def _best(run, *, seconds: float, repeats: int) -> float:
+    """Best tokens/s of ``repeats`` timed runs of ``run(deadline) -> tokens``."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run(start + seconds)
+        rates.append(tokens / (time.perf_counter() - start))
+    return max(rates)
+
+
+def plain_rate(shards: Path, *, seconds: float, repeats: int) -> float:
+    """webdataset iteration + zstd decode of every mono shard, repeated until the deadline."""
+    manifest = load_manifest(shards)
+    urls = [str(shards / e["path"]) for e in manifest["shards"] if e["kind"] == "mono"]
+    decompress = zstandard.ZstdDecompressor().decompress
+
+    def run(deadline: float) -> int:
+        tokens = 0
+        while time.perf_counter() < deadline:
+            for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+                meta = json.loads(sample["json"])
+                raw = decompress(sample["tok.zst"])
+                ids = np.frombuffer(raw, dtype=np.uint16, offset=4 * (meta["num_docs"] + 1))
+                tokens += len(ids)
+        return tokens
+
+    return _best(run, seconds=seconds, repeats=repeats)
+
+
+def loader_rate(
+    shards: Path, *, kind: str, seq_len: int, batch_size: int, seconds: float, repeats: int
+) -> float:
+    """Non-padding tokens/s of the loader's batches of ``kind`` (clm | mlm | tlm), one process."""
+    objective = "clm" if kind == "clm" else "mlm"
+    masking = MaskingConfig(tlm_share=1.0 if kind == "tlm" else 0.0)
+
+    def run(deadline: float) -> int:
+        ds = StreamingDataset(
+            shards,
+            dp_rank=0,
+            dp_world_size=1,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            objective=objective,
+            masking=masking,
+        )
+        it = iter(ds)
+        tokens = 0
+        while time.perf_counter() < deadline:
+            tokens += int(next(it)["attention_mask"].sum())
+        return tokens
+
+    return _best(run, seconds=seconds, repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", help="shard directory (default: build from the sample corpus)")
+    parser.add_argument("--sample-tokens", type=int, default=32768, help="when building shards")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = (
+            Path(args.shards)
+            if args.shards
+            else _build_shards(Path(tmp), sample_tokens=args.sample_tokens)
+        )
+        manifest = load_manifest(shards)
+        mono = [e for e in manifest["shards"] if e["kind"] == "mono"]
+        tokens_per_sample = sum(e["tokens"] for e in mono) / sum(e["samples"] for e in mono)
+        timing = {"seconds": args.seconds, "repeats": args.repeats}
+        plain = plain_rate(shards, **timing)
+        rates = {
+            kind: loader_rate(
+                shards, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size, **timing
+            )
+            for kind in ("clm", "mlm", "tlm")
+        }
+    result = {
+        "machine": _cpu_model(),
+        "cores_used": 1,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "tokens_per_sample": round(tokens_per_sample),
+        "plain_wds_zstd_tokens_per_s": plain,
+        **{f"loader_{k}_tokens_per_s": v for k, v in rates.items()},
+        "clm_vs_plain": rates["clm"] / plain,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"machine: {result['machine']}, 1 core; {tokens_per_sample:,.0f} tokens per sample")
+    print(f"{'reader':<22}{'M tokens/s':>12}{'vs plain':>10}")
+    print(f"{'plain wds+zstd':<22}{plain / 1e6:>12.2f}{1.0:>10.2f}")
+    for kind, rate in rates.items():
+        print(f"{'loader ' + kind:<22}{rate / 1e6:>12.2f}{rate / plain:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
