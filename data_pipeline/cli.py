@@ -13,6 +13,7 @@ import time
 from typing import NoReturn
 
 from data_pipeline.manifest import load_manifest, merge_manifests, summary_lines
+from data_pipeline.mix import add_mix_parser
 from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
 from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
 from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m data_pipeline`` parser, one subcommand per job."""
     parser = _Parser(
         prog="python -m data_pipeline",
-        description="Rosetta data jobs: tokenizer training, sharding, verification.",
+        description="Rosetta data jobs: tokenizer training, sharding, verification, inspection, "
+        "merging array-job parts, and the language mix a run will get.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parts", nargs="+", help="shard directories (or their manifest.json)")
     p.add_argument("--out", required=True, help="directory for the merged manifest.json")
     p.set_defaults(func=_cmd_merge)
+    add_mix_parser(sub)
     return parser
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import sys
 
-from data_pipeline.loader import StreamingDataset
 from data_pipeline.manifest import load_manifest
 from data_pipeline.sampling import natural_probabilities
 from data_pipeline.transforms import Vocab
@@ -41,6 +40,9 @@ def language_mix(
     manifest = load_manifest(directory)
     # CLM packing needs only eos, fixed at 3 in every Rosetta tokenizer: no tokenizer load
     vocab_size = int(manifest["tokenizer"]["vocab_size"])
+    # The loader imports torch: only when the realised share is actually streamed.
+    from data_pipeline.loader import StreamingDataset
+
     vocab = Vocab(size=vocab_size, pad_id=0, eos_id=3, mask_id=3, special_ids=(0, 1, 2, 3))
     seq_len = min(seq_len, tokens)
     ds = StreamingDataset(

@@ -15,7 +15,7 @@ from pretrain.models.config import ModelConfig, MoEConfig
 
 transformers = pytest.importorskip("transformers")
 
-from checkpoints_tools.adapters import adapter_for, from_hf, to_hf
+from checkpoints_tools.adapters import adapter_for, from_hf, to_hf  # noqa: E402 - after the importorskip
 
 VOCAB = 96
 
