@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(tokenizer.glob("*.json")):
         _run(
             [py, "-m", "data_pipeline", "train-tokenizer", *_inputs("train"),
-             "--vocab-size", str(DEMO_VOCAB), "--alpha", "0.3", "--out", str(tokenizer)]
+             "--vocab-size", str(DEMO_VOCAB), "--sample-chars", "3000000", "--alpha", "0.3",
+             "--out", str(tokenizer)]
         )  # fmt: skip
     else:
         print(f"reusing tokenizer {tokenizer}")
