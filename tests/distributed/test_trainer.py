@@ -192,3 +192,43 @@ def test_nan_losses_skip_updates_then_stop_with_last_good_checkpoint(shards, tmp
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2, 4]
     state = torch.load(tmp_path / "checkpoints" / "step_4" / "rank_0.pt", weights_only=True)
     assert "loader" in state and "rng" in state
+
+
+def _run_killed_in_save(rank: int, world_size: int, cfg, kill_step: int) -> int:
+    import os
+
+    import pretrain.checkpoint as checkpoint_module
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    dcp_save = checkpoint_module.dcp.save
+
+    def save_then_die(state, *, checkpoint_id):
+        if rank == 1 and f".step_{kill_step}.partial" in str(checkpoint_id):
+            os.kill(os.getpid(), signal.SIGKILL)  # in the middle of the save
+        return dcp_save(state, checkpoint_id=checkpoint_id)
+
+    checkpoint_module.dcp.save = save_then_die
+    return trainer.fit()
+
+
+def test_rank_killed_mid_save_leaves_previous_checkpoint_and_resume_matches(shards, tmp_path: Path):
+    from parallel.testing import DistributedTestError
+
+    extra = ("checkpoint.every=2", "train.eval_every=0")
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full = _cfg("tiny_decoder.yaml", shards, full_dir, *extra)
+    assert run_distributed(_run, world_size=2, args=(full, None)) == [0, 0]
+
+    killed = _cfg("tiny_decoder.yaml", shards, split_dir, *extra)
+    with pytest.raises(DistributedTestError, match="rank 1 failed"):
+        run_distributed(_run_killed_in_save, world_size=2, args=(killed, 6), timeout_s=120)
+    root = split_dir / "checkpoints"
+    assert (root / ".step_6.partial").is_dir()
+    assert [s for s, _ in complete_checkpoints(root)] == [2, 4]
+
+    resumed = _cfg("tiny_decoder.yaml", shards, split_dir, *extra, "train.resume=auto")
+    assert run_distributed(_run, world_size=2, args=(resumed, None)) == [0, 0]
+    assert _losses(split_dir) == _losses(full_dir)
+    assert [s for s, _ in complete_checkpoints(root)] == [6, 8]
+    assert not (root / ".step_6.partial").exists()
