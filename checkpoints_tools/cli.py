@@ -1,0 +1,139 @@
+"""``python -m checkpoints_tools``: a thin argparse layer over :mod:`checkpoints_tools.convert`.
+
+Exit codes: 0 success, 2 a user mistake (one line on stderr; nothing left behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+TRUST_NOTE = (
+    "DCP checkpoints are trusted run output: their .metadata is a pickle, so open only "
+    "checkpoints your own runs wrote. transformers directories are read with safetensors and "
+    "JSON only (no pickle, no remote code)."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands inspect, export-hf, import-hf, reshard)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m checkpoints_tools",
+        description="Inspect, export, import and reshard Rosetta checkpoints. " + TRUST_NOTE,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "inspect",
+        help="step, family, config, layout and tensor shapes",
+        description="Read a checkpoint's metadata and config (no tensor is loaded). " + TRUST_NOTE,
+    )
+    p.add_argument("ckpt", help="checkpoint directory (<run_dir>/checkpoints/step_<N>)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser(
+        "export-hf",
+        help="checkpoint -> transformers directory",
+        description="Export a checkpoint of any parallel layout to a transformers "
+        "directory with safetensors shards and the tokenizer. " + TRUST_NOTE,
+    )
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("--out", required=True, help="directory to create (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="saved weight dtype")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory (default: the run's data.tokenizer, else the one "
+        "its data.manifest names)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the result with transformers and compare logits (tolerance 1e-4)",
+    )
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors file")
+
+    p = sub.add_parser(
+        "import-hf",
+        help="transformers directory -> checkpoint",
+        description="Import a transformers directory (llama, mixtral, qwen3_moe, "
+        "xlm-roberta) as a checkpoint that train.resume=<CKPT> continues, with a "
+        "fresh optimizer state at step 0. " + TRUST_NOTE,
+    )
+    p.add_argument("dir", help="transformers model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="run config whose sections other than model go into config.yaml",
+    )
+    p.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+
+    p = sub.add_parser(
+        "reshard",
+        help="offline change of parallel layout",
+        description="Rewrite a checkpoint for another parallel layout: new "
+        "config.yaml and per-rank loader states; DCP shards are reused. " + TRUST_NOTE,
+    )
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks of the new layout (needed when parallel.dp_shard is -1)",
+    )
+    p.add_argument("overrides", nargs="+", help="parallel.<key>=<value> ...")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from checkpoints_tools import convert
+
+    try:
+        if args.command == "inspect":
+            info = convert.inspect_checkpoint(args.ckpt)
+            print(json.dumps(info, indent=2) if args.json else convert.format_inspect(info))
+        elif args.command == "export-hf":
+            result = convert.export_hf(
+                args.ckpt,
+                out=args.out,
+                dtype=args.dtype,
+                tokenizer=args.tokenizer,
+                verify=args.verify,
+                max_shard_bytes=int(args.max_shard_gb * 2**30),
+            )
+            line = (
+                f"exported {result['architecture']} to {result['out']}: {result['shards']} "
+                f"shard(s), {result['bytes'] / 2**20:.1f} MiB in {result['seconds']:.1f} s"
+            )
+            if "max_abs_diff" in result:
+                line += f"; verified, max |logit diff| {result['max_abs_diff']:.2e}"
+            print(line)
+        elif args.command == "import-hf":
+            result = convert.import_hf(
+                args.dir, out=args.out, base_config=args.config, overrides=args.overrides
+            )
+            print(
+                f"imported {result['family']} ({result['params']:,} params) to {result['out']}; "
+                f"continue with train.resume={result['out']}"
+            )
+        elif args.command == "reshard":
+            result = convert.reshard(
+                args.ckpt, out=args.out, overrides=args.overrides, world_size=args.world_size
+            )
+            print(
+                f"resharded to {result['out']}: {result['parallel']} on "
+                f"{result['world_size']} ranks"
+            )
+    except (ValueError, FileNotFoundError) as err:
+        print(
+            f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            file=sys.stderr,
+        )
+        return 2
+    return 0

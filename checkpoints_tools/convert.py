@@ -1,0 +1,542 @@
+"""The conversions behind ``python -m checkpoints_tools``: inspect, export-hf, import-hf, reshard.
+
+Every function that writes builds its output under a temporary name in the output's parent
+(``.<name>.tmp-<pid>``) and renames it when complete, so a failure leaves nothing behind; an
+output path that exists is refused. User mistakes raise ``ValueError`` with one line.
+
+Shape legend: B batch, T sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpoints_tools.adapters import adapter_for, adapter_for_hf
+from checkpoints_tools.adapters.plan import export_items
+from checkpoints_tools.dcp_io import Checkpoint, open_checkpoint
+from checkpoints_tools.safetensors_stream import plan_shards, write_index, write_shard
+from pretrain.config import RunConfig, config_to_yaml, load_config
+from pretrain.models.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_MAX_SHARD_BYTES = 2 << 30
+VERIFY_ATOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# output handling
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; rename it to ``out`` if the block succeeds,
+    delete it otherwise.
+
+    Raises:
+        ValueError: ``out`` exists, or its parent does not.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"output {str(out)!r} exists: choose a new path")
+    if not out.parent.is_dir():
+        raise ValueError(f"output parent {str(out.parent)!r} does not exist")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def family_name(cfg: ModelConfig) -> str:
+    """``decoder``, ``decoder-moe``, ``encoder``, ``encoder-moe`` or ``encoder_decoder``."""
+    return cfg.family + ("-moe" if cfg.moe.num_experts > 0 else "")
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint holds, from its metadata and config only (no tensor is read).
+
+    Returns:
+        ``{"path", "step", "family", "hf_architecture" (or the reason there is none),
+        "parallel", "world_size" (ranks that saved it), "model", "tensors": [{"name", "shape",
+        "dtype", "bytes"}], "params", "model_bytes", "has_optimizer"}``.
+
+    Raises:
+        ValueError: an incomplete or unreadable checkpoint.
+    """
+    ckpt = open_checkpoint(path)
+    shapes = ckpt.model_shapes()
+    tensors = [
+        {
+            "name": k,
+            "shape": list(s),
+            "dtype": str(d).removeprefix("torch."),
+            "bytes": s.numel() * d.itemsize,
+        }
+        for k, (s, d) in shapes.items()
+    ]
+    try:
+        architecture = adapter_for(ckpt.model_cfg).hf_architecture
+    except ValueError as err:
+        architecture = f"none ({err})"
+    from pretrain.config import config_to_dict
+
+    full = config_to_dict(ckpt.cfg)
+    return {
+        "path": str(ckpt.path),
+        "step": ckpt.step(),
+        "family": family_name(ckpt.model_cfg),
+        "hf_architecture": architecture,
+        "parallel": full["parallel"],
+        "world_size": len(list(ckpt.path.glob("rank_*.pt"))),
+        "model": full["model"],
+        "tensors": tensors,
+        "params": sum(s.numel() for s, _ in shapes.values()),
+        "model_bytes": sum(t["bytes"] for t in tensors),
+        "has_optimizer": ckpt.has_optimizer(),
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """Human-readable text of :func:`inspect_checkpoint`'s result."""
+    lines = [
+        f"checkpoint   {info['path']}",
+        f"step         {info['step']}",
+        f"family       {info['family']} -> {info['hf_architecture']}",
+        f"parallel     {info['parallel']} (saved by {info['world_size']} ranks)",
+        f"params       {info['params']:,} ({info['model_bytes'] / 2**20:.1f} MiB model, "
+        f"optimizer state {'present' if info['has_optimizer'] else 'absent'})",
+        "model        " + ", ".join(f"{k}={v}" for k, v in info["model"].items() if k != "moe"),
+        "moe          " + ", ".join(f"{k}={v}" for k, v in info["model"]["moe"].items()),
+        "tensors:",
+    ]
+    width = max(len(t["name"]) for t in info["tensors"])
+    for t in info["tensors"]:
+        shape = "x".join(str(d) for d in t["shape"]) or "scalar"
+        lines.append(f"  {t['name']:<{width}}  {shape:>14}  {t['dtype']:<8} {t['bytes']:>12,} B")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def find_tokenizer(cfg: RunConfig, *, override: str | os.PathLike | None = None) -> Path:
+    """The run's tokenizer directory: ``override``, else ``data.tokenizer``, else the one its
+    ``data.manifest`` names (``<manifest dir>/<tokenizer.dir>``).
+
+    Raises:
+        ValueError: none of them is a directory holding a tokenizer.
+    """
+    candidates: list[Path] = []
+    if override:
+        candidates = [Path(override)]
+    else:
+        if cfg.data.tokenizer:
+            candidates.append(Path(cfg.data.tokenizer))
+        if cfg.data.manifest:
+            manifest = Path(cfg.data.manifest)
+            manifest = manifest / "manifest.json" if manifest.is_dir() else manifest
+            if manifest.is_file():
+                meta = json.loads(manifest.read_text(encoding="utf-8"))
+                candidates.append(
+                    manifest.parent / meta.get("tokenizer", {}).get("dir", "tokenizer")
+                )
+    for candidate in candidates:
+        if (candidate / "spm.json").is_file():
+            return candidate
+    tried = (
+        ", ".join(repr(str(c)) for c in candidates)
+        or "none (data.tokenizer and data.manifest empty)"
+    )
+    raise ValueError(
+        f"tokenizer not found: tried {tried}; pass --tokenizer DIR (a directory with spm.json)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _plan(ckpt: Checkpoint, dtype: torch.dtype) -> list[tuple[Any, torch.Size]]:
+    """Export items with their output shapes, computed on the meta device."""
+    shapes = ckpt.model_shapes()
+    planned = []
+    for item in export_items(ckpt.model_cfg):
+        missing = [s for s in item.sources if s not in shapes]
+        if missing:
+            raise ValueError(
+                f"checkpoint {str(ckpt.path)!r} lacks model tensor {missing[0]!r} that its "
+                "config.yaml implies: config and weights disagree"
+            )
+        metas = [torch.empty(shapes[s][0], dtype=dtype, device="meta") for s in item.sources]
+        planned.append((item, item.combine(*metas).shape))
+    return planned
+
+
+def export_hf(
+    path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    dtype: str = "fp32",
+    tokenizer: str | os.PathLike | None = None,
+    verify: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Export checkpoint ``path`` (any parallel layout) to a transformers directory ``out``.
+
+    Writes ``config.json``, ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``, ``generation_config.json`` (decoders) and the tokenizer
+    (``tokenizer.json`` and its configs, see :mod:`checkpoints_tools.hf_tokenizer`). Tensors are
+    read from DCP, mapped and written one at a time: peak memory is about the largest tensor.
+
+    Args:
+        path: a complete checkpoint directory.
+        out: the directory to create (must not exist).
+        dtype: ``fp32`` or ``bf16`` for the saved weights.
+        tokenizer: the tokenizer directory, if not the run's own.
+        verify: after writing, load ``out`` with transformers and compare logits with our model
+            (see :func:`verify_export`) before the directory is renamed into place.
+        max_shard_bytes: the largest safetensors file (a bigger tensor gets one of its own).
+
+    Returns:
+        ``{"out", "architecture", "shards", "bytes", "seconds", "max_abs_diff" (with verify)}``.
+
+    Raises:
+        ValueError: incomplete checkpoint, a family with no twin, missing tokenizer, existing
+            output, a bad dtype, or (with ``verify``) logits beyond tolerance.
+    """
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype ({dtype!r}) must be one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    if Path(out).exists():
+        raise ValueError(f"output {str(out)!r} exists: choose a new path")
+    ckpt = open_checkpoint(path)
+    cfg = ckpt.model_cfg
+    adapter = adapter_for(cfg)
+    planned = _plan(ckpt, torch_dtype)
+    tok_dir = find_tokenizer(ckpt.cfg, override=tokenizer)
+    from data_pipeline.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tok_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer {str(tok_dir)!r}: {err}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {str(tok_dir)!r} has {tok.vocab_size} pieces but model.vocab_size is "
+            f"{cfg.vocab_size}: another run's tokenizer?"
+        )
+
+    result: dict[str, Any] = {"out": str(out), "architecture": adapter.hf_architecture}
+    with atomic_dir(out) as tmp:
+        _, hf_config = adapter.to_hf(_meta_state(ckpt), cfg)
+        hf_config.dtype = dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        hf_config.bos_token_id = tok.special_ids["bos"]
+        hf_config.eos_token_id = tok.special_ids["eos"]
+        if hf_config.pad_token_id is None:
+            hf_config.pad_token_id = tok.special_ids["pad"]
+        hf_config.save_pretrained(str(tmp))
+        if cfg.family == "decoder":
+            from transformers import GenerationConfig
+
+            GenerationConfig(
+                bos_token_id=tok.special_ids["bos"],
+                eos_token_id=tok.special_ids["eos"],
+                pad_token_id=tok.special_ids["pad"],
+            ).save_pretrained(str(tmp))
+        by_name = {item.name: item for item, _ in planned}
+        entries = [(item.name, shape, torch_dtype) for item, shape in planned]
+        shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+        total = 0
+        names = []
+
+        def produce(name: str) -> torch.Tensor:
+            item = by_name[name]
+            sources = [ckpt.read_tensor(s) for s in item.sources]
+            return item.combine(*sources).to(torch_dtype)
+
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            total += write_shard(tmp / file, shard, produce)
+            names.append((file, [name for name, _, _ in shard]))
+        write_index(tmp, names, total_size=total)
+        from checkpoints_tools.hf_tokenizer import save_tokenizer
+
+        save_tokenizer(tok, tmp, family=cfg.family)
+        (tmp / "rosetta_export.json").write_text(
+            json.dumps(
+                {"checkpoint": str(Path(path).resolve()), "step": ckpt.step(), "dtype": dtype_name},
+                indent=2,
+            )
+            + "\n"
+        )
+        if verify:
+            result["max_abs_diff"] = verify_export(ckpt, tmp, dtype=torch_dtype)
+        result.update(shards=len(shards), bytes=total)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _meta_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    # to_hf builds the transformers config; meta tensors keep it from touching any weight
+    return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in ckpt.model_shapes().items()}
+
+
+def fixed_batch(cfg: ModelConfig, *, avoid: int | None) -> torch.Tensor:
+    """The verification batch: 2 x min(16, max_seq_len) seeded random ids (``avoid`` replaced:
+    XLM-R derives positions from which tokens are padding)."""
+    gen = torch.Generator().manual_seed(1234)
+    tokens_BT = torch.randint(0, cfg.vocab_size, (2, min(16, cfg.max_seq_len)), generator=gen)
+    if avoid is not None:
+        tokens_BT[tokens_BT == avoid] = (avoid + 1) % cfg.vocab_size
+    return tokens_BT
+
+
+def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtype) -> float:
+    """Load ``out`` with transformers (fp32) and compare its logits with our model's on
+    :func:`fixed_batch`; our weights are rounded to ``dtype`` first, so a bf16 export is
+    compared exactly too. MoE layers run dropless, as transformers runs them.
+
+    Returns:
+        The largest absolute logit difference.
+
+    Raises:
+        ValueError: the difference exceeds ``VERIFY_ATOL`` (1e-4).
+    """
+    import transformers
+
+    from pretrain.models import build_model
+
+    cfg = ckpt.model_cfg
+    if cfg.moe.num_experts:
+        cfg = replace(cfg, moe=replace(cfg.moe, dropless=True))
+    model = build_model(cfg)
+    state = {k: v.to(dtype).float() for k, v in ckpt.load_model_state().items()}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    cls = getattr(transformers, adapter_for(cfg).hf_architecture)
+    hf_model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
+    avoid = hf_model.config.pad_token_id if cfg.family == "encoder" else None
+    tokens_BT = fixed_batch(cfg, avoid=avoid)
+    with torch.no_grad():
+        ours_BTV = model(tokens_BT).float()
+        theirs_BTV = hf_model(input_ids=tokens_BT).logits.float()
+    diff = float((ours_BTV - theirs_BTV).abs().max())
+    if not diff <= VERIFY_ATOL:
+        raise ValueError(
+            f"--verify: logits of {str(out)!r} differ from the checkpoint's by {diff:.3g} "
+            f"(tolerance {VERIFY_ATOL})"
+        )
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+def read_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` (as a dict) and every tensor of a transformers directory, read with
+    safetensors only (no pickle, no remote code).
+
+    Raises:
+        ValueError: no config.json or no safetensors weights.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"transformers directory {str(directory)!r} has no config.json")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(
+            f"transformers directory {str(directory)!r} has no model.safetensors(.index.json): "
+            "only safetensors weights are read"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(directory / file)))
+    return config, state
+
+
+def import_hf(
+    directory: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    base_config: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """A transformers directory of a supported family -> our checkpoint at ``out``.
+
+    ``out`` holds DCP shards of ``{"train": {"model", "optim", "step": 0, "scheduler"}}`` with a
+    fresh optimizer state (zero moments, built from the config's ``optim`` section) and a
+    ``config.yaml``: ``base_config`` (a run config; default: the built-in defaults) with the
+    imported ``model`` section and ``overrides`` applied. No ``rank_*.pt``: there is no data
+    loader state to continue, the resumed run starts its data from the beginning.
+
+    Raises:
+        ValueError: an unsupported model_type or variant, missing files, existing output.
+    """
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from pretrain.checkpoint import TrainState
+    from pretrain.config import config_to_dict
+    from pretrain.models import build_model
+    from pretrain.optim import build_optimizer, build_scheduler
+
+    if Path(out).exists():
+        raise ValueError(f"output {str(out)!r} exists: choose a new path")
+    hf_config, hf_state = read_hf_dir(directory)
+    adapter = adapter_for_hf(hf_config)
+    hf_state = {k: v.float() for k, v in hf_state.items()}
+    state, model_cfg = adapter.from_hf(hf_state, hf_config)
+    run_cfg = (
+        load_config(base_config, list(overrides or []))
+        if base_config
+        else load_config(None, list(overrides or []))
+    )
+    run_cfg = replace(run_cfg, model=model_cfg)
+    # A round trip through YAML validates the assembled config like any run config.
+    run_cfg = _reload(config_to_yaml(run_cfg))
+    model = build_model(run_cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"transformers directory {str(directory)!r}: weights do not match the config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    optimizer = build_optimizer(model, run_cfg.optim, device_type="cpu")
+    scheduler = build_scheduler(optimizer, run_cfg.optim, total_steps=run_cfg.train.steps)
+    train_state = TrainState(model, optimizer, scheduler, step=0)
+    with atomic_dir(out) as tmp:
+        (tmp / "config.yaml").write_text(config_to_yaml(run_cfg), encoding="utf-8")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp_save({"train": train_state}, checkpoint_id=str(tmp), no_dist=True)
+    return {
+        "out": str(out),
+        "family": family_name(model_cfg),
+        "params": sum(p.numel() for p in model.parameters()),
+        "model": config_to_dict(run_cfg)["model"],
+    }
+
+
+def _reload(text: str) -> RunConfig:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        return load_config(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# reshard
+
+
+def mesh_dp_rank(rank: int, degrees: dict[str, int]) -> int:
+    """The loader's data-parallel rank of global ``rank``, as ``ParallelDims.build_mesh``
+    lays ranks out: row-major over (pp, dp_replicate, dp_shard / ep, ep, tp), dp being the
+    flattened (dp_replicate, dp_shard / ep, ep) coordinate."""
+    # the dp axes are adjacent and just above tp in that order, so they flatten to this
+    dp = degrees["dp_replicate"] * degrees["dp_shard"]
+    return (rank // degrees["tp"]) % dp
+
+
+def reshard(
+    path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    overrides: list[str],
+    world_size: int | None = None,
+) -> dict[str, Any]:
+    """Offline change of a checkpoint's parallel layout.
+
+    DCP stores global tensors, so the shards are kept as they are (hard links where the
+    filesystem allows, else copies). What changes: ``config.yaml`` gets the new ``parallel.*``
+    values (validated for the new world size), and the per-rank loader states are re-dealt for
+    the new data-parallel layout: every new rank gets ``rank_<r>.pt`` whose loader state is what
+    the loader's elastic resume computes from all old ranks' states for that rank's dp
+    coordinate (and old rank 0's RNG state). The trainer then takes the exact-resume path.
+
+    Args:
+        overrides: ``parallel.<key>=<value>`` strings (nothing else may change).
+        world_size: ranks of the new layout; needed when ``parallel.dp_shard`` is -1.
+
+    Raises:
+        ValueError: an override outside ``parallel.*``, a layout invalid for the model or the
+            world size, an incomplete checkpoint, an existing output.
+    """
+    from pretrain.config import validate_config
+    from pretrain.data import build_train_loader
+
+    for item in overrides:
+        if not item.startswith("parallel.") or "=" not in item:
+            raise ValueError(f"reshard override ({item!r}) must be parallel.<key>=<value>")
+    if Path(out).exists():
+        raise ValueError(f"output {str(out)!r} exists: choose a new path")
+    ckpt = open_checkpoint(path)
+    new_cfg = load_config(ckpt.path / "config.yaml", list(overrides))
+    if world_size is None:
+        if new_cfg.parallel.dp_shard == -1:
+            raise ValueError(
+                "parallel.dp_shard (-1) resolves against the world size: pass --world-size N "
+                "or set parallel.dp_shard"
+            )
+        p = new_cfg.parallel
+        world_size = p.pp * p.dp_replicate * p.dp_shard * p.tp
+    degrees = validate_config(new_cfg, world_size=world_size)
+    old_states = {
+        int(f.stem.split("_")[1]): torch.load(f, map_location="cpu", weights_only=True)
+        for f in sorted(ckpt.path.glob("rank_*.pt"))
+    }
+    if not old_states:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r} has no rank_*.pt loader states")
+    dp_world = degrees["dp_replicate"] * degrees["dp_shard"]
+    loaders: dict[int, dict] = {}
+    for dp_rank in range(dp_world):
+        loader = build_train_loader(new_cfg, dp_rank=dp_rank, dp_world_size=dp_world)
+        loader.load_state_dict([old_states[r]["loader"] for r in sorted(old_states)])
+        loaders[dp_rank] = loader.state_dict()
+    with atomic_dir(out) as tmp:
+        for file in ckpt.path.iterdir():
+            if file.name == "config.yaml" or file.name.startswith("rank_"):
+                continue
+            try:
+                os.link(file, tmp / file.name)
+            except OSError:
+                shutil.copy2(file, tmp / file.name)
+        (tmp / "config.yaml").write_text(config_to_yaml(new_cfg), encoding="utf-8")
+        rng = old_states[min(old_states)]["rng"]
+        for rank in range(world_size):
+            state = {"rng": rng, "loader": loaders[mesh_dp_rank(rank, degrees)]}
+            torch.save(state, tmp / f"rank_{rank}.pt")
+    return {"out": str(out), "world_size": world_size, "parallel": degrees}

@@ -1,0 +1,123 @@
+"""Reading a trainer checkpoint without the trainer: metadata, config, one tensor at a time.
+
+A checkpoint directory (``pretrain.checkpoint``) holds DCP shards of
+``{"train": {"model", "optim", "step", "scheduler"}}``. DCP stores each tensor as its global
+(unsharded) shape split into the chunks the saving ranks held, so any layout reads back the same:
+``read_tensor`` allocates one global tensor and lets DCP fill it from however many chunks. The
+``.metadata`` file is a pickle: checkpoints are trusted run output, never files from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from pretrain.config import RunConfig, load_config
+from pretrain.models.config import ModelConfig
+
+MODEL_PREFIX = "train.model."
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint.
+
+    Attributes:
+        path: the checkpoint directory.
+        metadata: DCP's metadata (global shapes and dtypes of every entry).
+        cfg: the resolved run config saved beside it.
+    """
+
+    path: Path
+    metadata: Metadata
+    cfg: RunConfig
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return self.cfg.model
+
+    def model_shapes(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Our model key -> (global shape, dtype), from metadata only."""
+        shapes = {}
+        for key, meta in self.metadata.state_dict_metadata.items():
+            if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
+                shapes[key[len(MODEL_PREFIX) :]] = (meta.size, meta.properties.dtype)
+        return shapes
+
+    def has_optimizer(self) -> bool:
+        return any(k.startswith("train.optim.") for k in self.metadata.state_dict_metadata)
+
+    def read_tensor(self, key: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One model tensor, global shape, read on its own (memory: that tensor).
+
+        Raises:
+            KeyError: no model tensor ``key``.
+        """
+        size, stored = self.model_shapes_cache()[key]
+        tensor = torch.empty(size, dtype=stored)
+        _quiet_load({MODEL_PREFIX + key: tensor}, self.path)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def model_shapes_cache(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        if not hasattr(self, "_shapes"):
+            self._shapes = self.model_shapes()
+        return self._shapes
+
+    def step(self) -> int:
+        """The training step it was saved at (the ``train.step`` entry)."""
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = _load_state_dict_from_keys({"train.step"}, checkpoint_id=str(self.path))
+        return int(loaded["train"]["step"])
+
+    def load_model_state(self, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every model tensor (memory: the whole model; for ``--verify`` and tests)."""
+        state = {k: torch.empty(size, dtype=dt) for k, (size, dt) in self.model_shapes().items()}
+        _quiet_load({MODEL_PREFIX + k: v for k, v in state.items()}, self.path)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        return state
+
+
+def _quiet_load(state: dict[str, Any], path: Path) -> None:
+    # Without a process group DCP loads in this process and warns that it does so.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a complete checkpoint directory written by the trainer (or by this package).
+
+    Raises:
+        ValueError: not a directory, a ``.partial`` save, no ``.metadata`` (incomplete), no
+            ``config.yaml``, or no model tensors.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is not a directory")
+    if path.name.endswith(".partial"):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a save in progress or one a killed run left behind "
+            "(.partial): it is incomplete"
+        )
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"checkpoint {str(path)!r} has no .metadata: it is incomplete")
+    if not (path / "config.yaml").is_file():
+        raise ValueError(f"checkpoint {str(path)!r} has no config.yaml: the model is unknown")
+    cfg = load_config(path / "config.yaml")
+    metadata = FileSystemReader(str(path)).read_metadata()
+    ckpt = Checkpoint(path=path, metadata=metadata, cfg=cfg)
+    if not ckpt.model_shapes():
+        raise ValueError(f"checkpoint {str(path)!r} holds no model tensors (train.model.*)")
+    return ckpt

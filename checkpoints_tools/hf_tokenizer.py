@@ -1,0 +1,145 @@
+"""Our sentencepiece tokenizer as a transformers fast tokenizer (``tokenizer.json``), offline.
+
+The sentencepiece ``ModelProto`` is converted piece by piece into a ``tokenizers`` model of the
+same kind (Unigram with its log-probabilities, or BPE with merges rebuilt from piece ranks), with
+byte fallback, sentencepiece's dummy prefix and whitespace-as-``▁`` (a normaliser; no
+pre-tokenizer splits the text, as sentencepiece does not) and no normalisation (our models use
+the identity rule). Control symbols (``<pad>``, ``<mask>``, ``<lang:xx>``, ``<extra_id_N>``, ...)
+keep their ids but can never be produced from text, as in sentencepiece: their scores are set far
+below any real piece and the tokenizer is saved with ``split_special_tokens=True`` so a literal
+"<mask>" in a document is spelled out, not matched. No post-processor: ``encode(text)`` gives
+exactly sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.tokenizer import Tokenizer
+
+# sentencepiece ModelProto.SentencePiece.Type
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# Below every real log-probability, so Viterbi never picks a control symbol.
+_NEVER = -1e9
+
+
+def _model_proto(tok: Tokenizer) -> Any:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.sp.serialized_model_proto())
+    return proto
+
+
+def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
+    """A ``PreTrainedTokenizerFast`` that encodes text exactly as ``tok``'s sentencepiece model.
+
+    Args:
+        tok: our loaded tokenizer (``data_pipeline.tokenizer.load_tokenizer``).
+        family: ``decoder`` or ``encoder`` (sets ``padding_side`` and which specials are named).
+
+    Raises:
+        ValueError: a sentencepiece model type or normaliser we cannot convert exactly.
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    proto = _model_proto(tok)
+    norm = proto.normalizer_spec
+    if norm.name not in ("identity", "") or norm.precompiled_charsmap:
+        raise ValueError(
+            f"tokenizer {str(tok.directory)!r} normaliser ({norm.name!r}) must be 'identity' to "
+            "convert exactly"
+        )
+    if proto.trainer_spec.treat_whitespace_as_suffix:
+        raise ValueError("tokenizer treat_whitespace_as_suffix (True) must be False to convert")
+    byte_fallback = bool(proto.trainer_spec.byte_fallback)
+    unk_id = tok.special_ids["unk"]
+    model_type = proto.trainer_spec.model_type  # 1 unigram, 2 bpe
+    if model_type == 1:
+        vocab = [
+            (p.piece, _NEVER if p.type in (_CONTROL, _UNUSED) else float(p.score))
+            for p in proto.pieces
+        ]
+        model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=byte_fallback)
+    elif model_type == 2:
+        model = _bpe_model(proto, unk_id=unk_id, byte_fallback=byte_fallback)
+    else:
+        raise ValueError(f"tokenizer model_type ({model_type}) must be unigram or bpe to convert")
+    raw = RawTokenizer(model)
+    # Not a Metaspace pre-tokenizer: it skips the dummy prefix when the text already starts with
+    # a space, which sentencepiece does not.
+    steps_in = [normalizers.Prepend("▁")] if norm.add_dummy_prefix else []
+    raw.normalizer = normalizers.Sequence([*steps_in, normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " ")]
+    if byte_fallback:
+        steps.append(decoders.ByteFallback())
+    steps.append(decoders.Fuse())
+    if norm.add_dummy_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    raw.decoder = decoders.Sequence(steps)
+
+    specials = tok.special_ids
+    pieces = [p.piece for p in proto.pieces]
+    named = {
+        "pad_token": pieces[specials["pad"]],
+        "unk_token": pieces[specials["unk"]],
+        "bos_token": pieces[specials["bos"]],
+        "eos_token": pieces[specials["eos"]],
+    }
+    if family == "encoder":
+        named.update(
+            mask_token=pieces[specials["mask"]],
+            cls_token=pieces[specials["cls"]],
+            sep_token=pieces[specials["sep"]],
+        )
+    extra = [p.piece for p in proto.pieces if p.type == _CONTROL and p.piece not in named.values()]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        **named,
+        extra_special_tokens=extra,
+        split_special_tokens=True,
+        padding_side="left" if family == "decoder" else "right",
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )
+    return fast
+
+
+def _bpe_model(proto: Any, *, unk_id: int, byte_fallback: bool) -> Any:
+    """BPE merges from sentencepiece piece ranks (the rule transformers' converters use)."""
+    from tokenizers import models
+
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = []
+    for piece, rank in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((vocab[left], vocab[right], rank, left, right))
+    merges.sort(key=lambda m: (m[2], m[0], m[1]))
+    return models.BPE(
+        vocab,
+        [(m[3], m[4]) for m in merges],
+        unk_token=proto.pieces[unk_id].piece,
+        byte_fallback=byte_fallback,
+        fuse_unk=True,
+        dropout=None,
+    )
+
+
+def save_tokenizer(tok: Tokenizer, out: str | os.PathLike, *, family: str) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (and
+    a copy of the sentencepiece model and sidecar, for reference) into ``out``.
+
+    Raises:
+        ValueError: see :func:`build_fast_tokenizer`.
+    """
+    fast = build_fast_tokenizer(tok, family=family)
+    fast.save_pretrained(str(out))
+    out = Path(out)
+    (out / "rosetta_spm.model").write_bytes((tok.directory / tok.meta["model_file"]).read_bytes())
+    (out / "rosetta_spm.json").write_bytes((tok.directory / "spm.json").read_bytes())
