@@ -358,7 +358,7 @@ def read_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     safetensors only (no pickle, no remote code).
 
     Raises:
-        ValueError: no config.json or no safetensors weights.
+        ValueError: no config.json, a model_type we do not import, or no safetensors weights.
     """
     from safetensors.torch import load_file
 
@@ -367,6 +367,7 @@ def read_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     if not config_file.is_file():
         raise ValueError(f"transformers directory {str(directory)!r} has no config.json")
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    adapter_for_hf(config)  # an unsupported family is named before any weight is looked for
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -5,10 +5,14 @@ same kind (Unigram with its log-probabilities, or BPE with merges rebuilt from p
 byte fallback, sentencepiece's dummy prefix and whitespace-as-``▁`` (a normaliser; no
 pre-tokenizer splits the text, as sentencepiece does not) and no normalisation (our models use
 the identity rule). Control symbols (``<pad>``, ``<mask>``, ``<lang:xx>``, ``<extra_id_N>``, ...)
-keep their ids but can never be produced from text, as in sentencepiece: their scores are set far
-below any real piece and the tokenizer is saved with ``split_special_tokens=True`` so a literal
-"<mask>" in a document is spelled out, not matched. No post-processor: ``encode(text)`` gives
-exactly sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
+keep their ids and are not produced from text, as in sentencepiece: their scores are set far below
+any real piece and the tokenizer is saved with ``split_special_tokens=True``, so a literal "<mask>"
+in a document is spelled out, not matched. Known limits (text that spells our special pieces out):
+tokenizers penalises an unknown character from the lowest score in the vocabulary, so a literal
+"<mask>" next to a character the model does not cover still matches the control piece; and a
+literal byte-piece name ("<0x41>") matches that piece (byte fallback finds byte pieces by name).
+No post-processor: ``encode(text)`` gives exactly sentencepiece's ids; a caller adds
+``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""Small builders shared by the checkpoint-tool tests: a tokenizer on every sample language and
+tiny checkpoints of each family saved in-process (no trainer, no process group)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_MONO = REPO / "data_pipeline" / "sample" / "mono"
+VOCAB = 2500
+
+FAMILIES = {
+    # name: (preset, overrides that make it tiny and exportable)
+    "decoder": ("tiny_decoder.yaml", ()),
+    "moe": ("tiny_moe.yaml", ("model.moe.dropless=true",)),
+    "switch": (
+        "tiny_moe.yaml",
+        (
+            "model.moe.router=switch",
+            "model.moe.top_k=1",
+            "model.moe.every=2",
+            "model.qk_norm=true",
+            "model.moe.dropless=true",
+        ),
+    ),
+    "encoder": ("tiny_encoder.yaml", ()),
+}
+
+
+def sample_languages() -> list[str]:
+    """Every language with a ``*.valid.txt.zst`` sample."""
+    return sorted(p.name.split(".")[0] for p in SAMPLE_MONO.glob("*.valid.txt.zst"))
+
+
+def sample_lines(lang: str, *, split: str = "valid", count: int = 100) -> list[str]:
+    """The first ``count`` lines of a sample file (newlines stripped)."""
+    import zstandard
+
+    with open(SAMPLE_MONO / f"{lang}.{split}.txt.zst", "rb") as handle:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), "utf-8")
+        return [line.rstrip("\n") for _, line in zip(range(count), text)]
+
+
+def make_tokenizer(root: Path, *, model_type: str = "unigram") -> Path:
+    """A small tokenizer trained on every sample language (rare characters fall back to bytes
+    ); returns its directory."""
+    from data_pipeline.readers import MonoInput
+    from data_pipeline.tokenizer import train_tokenizer
+
+    inputs = []
+    for lang in sample_languages():
+        path = root / f"{lang}.txt"
+        path.write_text("\n".join(sample_lines(lang, split="train", count=150)) + "\n")
+        inputs.append(MonoInput(lang, (path,)))
+    out = root / f"tok_{model_type}"
+    train_tokenizer(
+        inputs,
+        vocab_size=VOCAB,
+        out=out,
+        model_type=model_type,
+        character_coverage=0.9995,
+        seed=0,
+        num_threads=1,
+    )
+    return out
+
+
+def family_config(family: str, *, tokenizer: Path, run_dir: Path, extra: tuple[str, ...] = ()):
+    """The tiny run config of ``family`` (see ``FAMILIES``) with a 32-wide model."""
+    from pretrain.config import load_config
+
+    preset, overrides = FAMILIES[family]
+    return load_config(
+        REPO / "configs" / preset,
+        [
+            f"model.vocab_size={VOCAB}",
+            "model.hidden_size=32",
+            "model.num_heads=4",
+            "model.ffn_hidden_size=64",
+            "model.max_seq_len=64",
+            f"data.tokenizer={tokenizer}",
+            "data.manifest=",
+            "data.valid_manifest=",
+            f"train.run_dir={run_dir}",
+            *overrides,
+            *extra,
+        ],
+    )
+
+
+def save_family_checkpoint(cfg, *, step: int = 5, seed: int = 0) -> Path:
+    """Save a randomised model of ``cfg`` (every parameter perturbed, so a wrong mapping shows)
+    with optimizer and scheduler as the trainer does; returns the checkpoint directory."""
+    from pretrain.checkpoint import CheckpointManager, TrainState
+    from pretrain.config import config_to_yaml
+    from pretrain.models import build_model
+    from pretrain.optim import build_optimizer, build_scheduler
+
+    model = build_model(cfg.model)
+    model.init_weights(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    optimizer = build_optimizer(model, cfg.optim, device_type="cpu")
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
+    manager = CheckpointManager(cfg.train.run_dir, keep=1)
+    manager.save(
+        step,
+        TrainState(model, optimizer, scheduler, step=step),
+        rank_state={},
+        config_yaml=config_to_yaml(cfg),
+    )
+    return Path(cfg.train.run_dir) / "checkpoints" / f"step_{step}"

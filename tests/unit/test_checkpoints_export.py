@@ -1,0 +1,231 @@
+"""checkpoints_tools: inspect, streaming export-hf (each family, verified logits), the tokenizer
+conversion on every sample language, import-hf round trips, and bad input (exit 2, one line,
+nothing left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from checkpoints_tools import convert  # noqa: E402 - after the importorskip
+from checkpoints_tools.adapters import to_hf  # noqa: E402
+from checkpoints_tools.adapters.plan import export_items  # noqa: E402
+from checkpoints_tools.cli import main  # noqa: E402
+from checkpoints_tools.dcp_io import open_checkpoint  # noqa: E402
+from checkpoints_tools.testing import (  # noqa: E402
+    FAMILIES,
+    family_config,
+    make_tokenizer,
+    sample_languages,
+    sample_lines,
+    save_family_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("ckpt_tools")
+    tok = make_tokenizer(root)
+    ckpts, cfgs = {}, {}
+    for family in FAMILIES:
+        cfgs[family] = family_config(family, tokenizer=tok, run_dir=root / family)
+        ckpts[family] = save_family_checkpoint(cfgs[family])
+    return {"root": root, "tok": tok, "ckpts": ckpts, "cfgs": cfgs}
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plan_gives_exactly_to_hf(built, family: str):
+    cfg = built["cfgs"][family].model
+    state = open_checkpoint(built["ckpts"][family]).load_model_state()
+    expected, _ = to_hf(state, cfg)
+    planned = {i.name: i.combine(*[state[s] for s in i.sources]) for i in export_items(cfg)}
+    tied = {"lm_head.weight", "lm_head.decoder.weight"} if cfg.tie_embeddings else set()
+    assert set(planned) == set(expected) - tied
+    for name, tensor in planned.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_each_family_verifies(built, family: str, tmp_path: Path):
+    out = tmp_path / "hf"
+    result = convert.export_hf(built["ckpts"][family], out=out, verify=True)
+    assert result["max_abs_diff"] <= 1e-4
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
+    assert ("generation_config.json" in files) == (family != "encoder")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f for f in files if f.endswith(".safetensors")}
+    assert _leftovers(tmp_path, "hf") == ["hf"]
+
+
+def test_export_bf16_in_several_shards(built, tmp_path: Path):
+    out = tmp_path / "hf"
+    code = main(
+        [
+            "export-hf",
+            str(built["ckpts"]["decoder"]),
+            "--out",
+            str(out),
+            "--dtype",
+            "bf16",
+            "--verify",
+            "--max-shard-gb",
+            str(40_000 / 2**30),
+        ]
+    )
+    assert code == 0
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_tokenizer_encodes_every_language_as_sentencepiece(built, tmp_path: Path, model_type):
+    from checkpoints_tools.hf_tokenizer import save_tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok_dir = (
+        built["tok"] if model_type == "unigram" else make_tokenizer(tmp_path, model_type="bpe")
+    )
+    ours = load_tokenizer(tok_dir)
+    save_tokenizer(ours, tmp_path / "hf_tok", family="decoder")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_tok")
+    tricky = [
+        "",
+        " lead",
+        "  two  spaces ",
+        "<mask> <lang:en> </s> literal",
+        "12345",
+        "\u2603 \U0001f600",
+        "a\tb",
+    ]
+    for lang in sample_languages():
+        lines = sample_lines(lang, count=60) + tricky
+        for line, expected in zip(lines, ours.encode(lines)):
+            got = theirs.encode(line, add_special_tokens=False)
+            assert got == expected, (lang, line[:40])
+            assert theirs.decode(got) == ours.decode(expected) == line
+    assert theirs.convert_tokens_to_ids("<lang:en>") == ours.lang_ids["en"]
+    assert theirs.pad_token_id == 0 and theirs.eos_token_id == 3
+
+
+def test_inspect_reads_metadata_only(built, capsys):
+    assert main(["inspect", str(built["ckpts"]["moe"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 5 and info["family"] == "decoder-moe"
+    assert info["hf_architecture"] == "MixtralForCausalLM"
+    names = {t["name"]: t for t in info["tensors"]}
+    assert names["layers.0.moe.experts.w1"]["shape"] == [4, 88, 32]
+    assert info["has_optimizer"] is True
+    assert main(["inspect", str(built["ckpts"]["switch"])]) == 0
+    text = capsys.readouterr().out
+    assert "Qwen3MoeForCausalLM" in text and "step         5" in text
+
+
+@pytest.mark.parametrize("family", ["decoder", "switch", "encoder"])
+def test_import_round_trip_and_resume_state(built, family: str, tmp_path: Path):
+    from pretrain.checkpoint import CheckpointManager, TrainState
+    from pretrain.models import build_model
+    from pretrain.optim import build_optimizer, build_scheduler
+
+    hf_dir, back = tmp_path / "hf", tmp_path / "imported"
+    convert.export_hf(built["ckpts"][family], out=hf_dir)
+    assert main(["import-hf", str(hf_dir), "--out", str(back)]) == 0
+    original = open_checkpoint(built["ckpts"][family]).load_model_state()
+    imported = open_checkpoint(back)
+    assert imported.step() == 0 and imported.has_optimizer()
+    state = imported.load_model_state()
+    assert set(state) == set(original)
+    for key in state:
+        assert torch.equal(state[key], original[key]), key
+    # what the trainer does on train.resume=<CKPT>: model, optimizer and scheduler load
+    cfg = imported.cfg
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, device_type="cpu")
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
+    train_state = TrainState(model, optimizer, scheduler)
+    assert CheckpointManager(tmp_path / "run", keep=1).load(back, train_state) == {}
+    assert torch.equal(
+        model.state_dict()["tok_embeddings.weight"], original["tok_embeddings.weight"]
+    )
+
+
+def _bad_input_cases(built, tmp_path: Path) -> dict[str, list[str]]:
+    dense = built["ckpts"]["decoder"]
+    incomplete = tmp_path / "step_9"
+    shutil.copytree(dense, incomplete)
+    (incomplete / ".metadata").unlink()
+    partial = tmp_path / ".step_9.partial"
+    shutil.copytree(dense, partial)
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(dense, no_tok)
+    text = (no_tok / "config.yaml").read_text()
+    (no_tok / "config.yaml").write_text(text.replace(str(built["tok"]), str(tmp_path / "gone")))
+    moe_encoder = family_config(
+        "encoder",
+        tokenizer=built["tok"],
+        run_dir=tmp_path / "moe_enc",
+        extra=("model.moe.num_experts=4", "model.moe.top_k=2"),
+    )
+    moe_encoder_ckpt = save_family_checkpoint(moe_encoder)
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    return {
+        "incomplete": ["export-hf", str(incomplete), "--out"],
+        "partial": ["export-hf", str(partial), "--out"],
+        "missing-tokenizer": ["export-hf", str(no_tok), "--out"],
+        "moe-encoder": ["export-hf", str(moe_encoder_ckpt), "--out"],
+        "other-family-import": ["import-hf", str(bert), "--out"],
+        "reshard-not-parallel": ["reshard", str(dense), "model.num_layers=3", "--out"],
+        "output-exists": ["export-hf", str(dense), "--out", str(exists)],
+    }
+
+
+def test_bad_input_one_line_exit_2_nothing_left(built, tmp_path: Path, capsys):
+    expected = {
+        "incomplete": "incomplete",
+        "partial": ".partial",
+        "missing-tokenizer": "tokenizer not found",
+        "moe-encoder": "model.moe.num_experts (4) must be 0",
+        "other-family-import": "model_type ('bert')",
+        "reshard-not-parallel": "parallel.<key>=<value>",
+        "output-exists": "exists",
+    }
+    for name, argv in _bad_input_cases(built, tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        if name != "output-exists":
+            argv = [*argv, str(out)]
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), (name, err)
+        assert expected[name] in err, (name, err)
+        assert _leftovers(tmp_path, out.name) == [], name
+    assert (tmp_path / "exists").is_dir()
+
+
+def test_failed_verify_leaves_nothing(built, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(convert, "VERIFY_ATOL", -1.0)
+    with pytest.raises(ValueError, match="--verify: logits"):
+        convert.export_hf(built["ckpts"]["decoder"], out=tmp_path / "hf", verify=True)
+    assert _leftovers(tmp_path, "hf") == []
+
+
+def test_help_says_checkpoints_are_trusted(capsys):
+    with pytest.raises(SystemExit):
+        main(["export-hf", "--help"])
+    assert "trusted run output" in capsys.readouterr().out
