@@ -23,10 +23,12 @@ parallel the MoE's output is cut back to this rank's sequence chunk.
 
 Parameter placements (DTensors): over ``ep`` experts ``Shard(0)``; over ``tp`` ``w1``/``w3``
 ``[E, F, D]`` ``Shard(1)``, ``w2`` ``[E, D, F]`` ``Shard(2)``, ``b1`` ``Shard(1)``, ``b2``
-``Replicate()``. With ``ep > 1`` expert parameters are left out of FSDP/DDP: ranks with the same
-``ep`` coordinate (the ``edp`` axis) hold the same experts, and their gradients are averaged over
-``edp`` by a post-accumulate hook and scaled by 1/ep in backward (each ep rank's gradient sums
-the contributions of the ep group's tokens, so the pair gives the mean over all dp ranks).
+``Replicate()``. With ``ep > 1`` data parallel shards the expert modules separately (as
+torchtitan does): FSDP2 over the expert data-parallel axis ``dp_shard_mod_ep`` (HSDP with
+``dp_replicate``), so each rank keeps ``1 / (ep * dp_shard_mod_ep)`` of the experts' elements
+(``1 / tp`` more under tp); see ``parallel.parallelize``. FSDP averages expert gradients over
+``edp`` and the forward scales them by 1/ep in backward (each ep rank's gradient sums the
+contributions of the ep group's tokens), so together they give the mean over all dp ranks.
 
 Shape legend: M grouped rows, D model width, F expert FFN width, E experts, L local experts.
 """
@@ -198,7 +200,7 @@ def apply_experts_parallel(
     tp_mesh: DeviceMesh | None,
     ep_tp_mesh: DeviceMesh | None,
     sequence_parallel: bool,
-) -> list[nn.Parameter]:
+) -> list[nn.Module]:
     """Shard the grouped experts of ``model`` (plan style ``experts``) over ``ep`` (and
     ``tp``). Works on meta.
 
@@ -210,7 +212,8 @@ def apply_experts_parallel(
         sequence_parallel: cut the MoE output back to the sequence chunk under tp.
 
     Returns:
-        The expert parameters that data parallel must leave alone (empty when ep == 1).
+        The expert-parallel modules (ep > 1; empty when ep == 1): data parallel shards them
+        over the expert data-parallel axis, not over ``dp_shard``.
     """
     ep = ep_mesh.size() if ep_mesh is not None else 1
     tp = tp_mesh.size() if tp_mesh is not None else 1
@@ -222,7 +225,7 @@ def apply_experts_parallel(
         mesh, lead = ep_mesh, [Shard(0)]
     else:
         mesh, lead = tp_mesh, []
-    ignored: list[nn.Parameter] = []
+    sharded: list[nn.Module] = []
     patterns = [pattern for pattern, style in plan.items() if style == "experts"]
     for path in matching_modules(model, patterns):
         module = model.get_submodule(path)
@@ -238,27 +241,13 @@ def apply_experts_parallel(
                 placements.append(Shard(tp_dim) if tp_dim is not None else Replicate())
             dparam = nn.Parameter(distribute_tensor(param.data, mesh, placements))
             setattr(module, name, dparam)
-            if ep > 1:
-                ignored.append(dparam)
         module.__class__ = _parallel_class(type(module))
         module.ep_group = ep_mesh.get_group() if ep > 1 else None
         module.tp_group = tp_mesh.get_group() if tp > 1 else None
         module.ep, module.tp = ep, tp
-    return ignored
-
-
-def register_expert_grad_sync(
-    model: nn.Module, *, edp_group: dist.ProcessGroup | None, edp_size: int
-) -> None:
-    """Average expert gradients over the expert data-parallel axis after each backward (when
-    ep > 1 and edp > 1). Call after ``to_empty()``: materialising swaps the parameters and
-    their hooks would be lost."""
-    if edp_size == 1:
-        return
-    for module in model.modules():
-        if isinstance(module, ParallelExpertsMixin) and module.ep > 1:
-            for param in module.parameters(recurse=False):
-                param.register_post_accumulate_grad_hook(_average_over(edp_group, edp_size))
+        if ep > 1:
+            sharded.append(module)
+    return sharded
 
 
 def _to_sequence_chunk(tp_mesh: DeviceMesh):
@@ -266,16 +255,5 @@ def _to_sequence_chunk(tp_mesh: DeviceMesh):
         # Replicate -> Shard(1) is a local slice forward and an all-gather backward.
         full = DTensor.from_local(out_BTD, tp_mesh, [Replicate()], run_check=False)
         return full.redistribute(tp_mesh, [Shard(1)]).to_local()
-
-    return hook
-
-
-def _average_over(group: dist.ProcessGroup, size: int):
-    def hook(param: torch.Tensor) -> None:
-        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-        # Averaging is idempotent on replicas that already agree, so running once per
-        # accumulated backward (microbatches) stays correct.
-        dist.all_reduce(grad, group=group)
-        grad.div_(size)
 
     return hook

@@ -19,7 +19,9 @@ between neighbouring ranks (the same node first). So ``parallel.ep`` must divide
                       tokens with an all-to-all. Tokens are replicated over ``tp`` inside the MoE,
                       so an ep group is one tp coordinate of ``ep`` dp_shard ranks.
     ``edp``           expert data parallel, flattened (dp_replicate, dp_shard_mod_ep): ranks
-                      holding the same experts; expert gradients are averaged over it.
+                      with the same ep coordinate. FSDP2 shards expert weights over
+                      ``dp_shard_mod_ep`` (HSDP with ``dp_replicate``) and averages their
+                      gradients over edp.
     ``tp``            tensor (and sequence) parallel, innermost.
 
 No process groups are kept anywhere else: callers take the axes from this object.

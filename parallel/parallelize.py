@@ -9,8 +9,11 @@ logits, gradient clipping over every axis and per-axis metric reduction.
 Data parallel: ``dp_shard > 1`` -> FSDP2 ``fully_shard`` per block then the root (HSDP over
 ``(dp_replicate, dp_shard)`` when ``dp_replicate > 1``); only ``dp_replicate > 1`` -> DDP
 (composable ``replicate``), or HSDP with one-rank shards when tp gives DTensor parameters (DDP
-does not take DTensors). Every data-parallel engine averages gradients over ``dp``, so the loss
-each rank backpropagates is the mean over its own tokens.
+does not take DTensors). Expert-parallel modules (ep > 1) get their own inner FSDP2 unit over
+the expert data-parallel axis ``dp_shard_mod_ep`` (HSDP with ``dp_replicate``), as torchtitan
+does, so expert memory per rank drops by ``ep x dp_shard_mod_ep``. Every data-parallel engine
+averages gradients over ``dp``, so the loss each rank backpropagates is the mean over its own
+tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.config import ParallelConfig
-from parallel.expert_parallel import apply_experts_parallel, register_expert_grad_sync
+from parallel.expert_parallel import apply_experts_parallel
 from parallel.mesh import ParallelDims
 from parallel.tensor_parallel import apply_tp
 
@@ -67,8 +70,6 @@ def parallelize_model(
         reduce_dtype=reduce_dtype,
     )
     model.to_empty(device=device)
-    if dims.ep > 1:
-        register_expert_grad_sync(model, edp_group=dims["edp"].get_group(), edp_size=dims.edp)
     model.init_weights(seed)
     return model
 
@@ -92,9 +93,9 @@ def apply_parallelism(
             tp_mesh=dims["tp"],
             sequence_parallel=cfg.sequence_parallel,
         )
-    expert_params: list[nn.Parameter] = []
+    expert_modules: list[nn.Module] = []
     if "experts" in tp_plan.values():
-        expert_params = apply_experts_parallel(
+        expert_modules = apply_experts_parallel(
             model,
             tp_plan,
             ep_mesh=dims["ep"] if dims.ep > 1 else None,
@@ -109,7 +110,7 @@ def apply_parallelism(
     _apply_data_parallel(
         model,
         dims=dims,
-        ignored=set(expert_params),
+        expert_modules=expert_modules,
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
     )
@@ -139,7 +140,7 @@ def _apply_data_parallel(
     model: nn.Module,
     *,
     dims: ParallelDims,
-    ignored: set[nn.Parameter],
+    expert_modules: list[nn.Module],
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None,
 ) -> None:
@@ -155,18 +156,42 @@ def _apply_data_parallel(
         return
     dp_mesh = dims["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims["dp_shard"]
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    experts = {id(module) for module in expert_modules}
     for block in model.layers.values():
-        block_ignored = {p for p in block.parameters() if p in ignored}
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, ignored_params=block_ignored or None)
+        for module in block.modules():
+            if id(module) in experts:
+                # The inner FSDP unit first: the block's fully_shard then skips its parameters.
+                _shard_experts(module, dims=dims, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     # The root keeps its parameters (embeddings, output) unsharded after forward: backward
     # needs them next.
-    fully_shard(
-        model,
-        mesh=dp_mesh,
-        mp_policy=mp,
-        reshard_after_forward=False,
-        ignored_params=ignored or None,
-    )
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def _shard_experts(module: nn.Module, *, dims: ParallelDims, mp_policy) -> None:
+    """FSDP2 on an expert-parallel module over the expert data-parallel axis (torchtitan's
+    ``dp_mod_ep`` mesh): ``dp_shard_mod_ep`` shards, ``dp_replicate`` replicates (HSDP).
+
+    Each weight's ep-local ``[L, ...]`` tensor is sharded on dim 0 (local experts) when there
+    are at least as many local experts as shards, else on dim 1 (no rank holds an empty shard;
+    FSDP2 needs dim 1 to divide evenly, else dim 0 is kept).
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    if dims.dp_replicate > 1:
+        edp_mesh = dims["dp_replicate", "dp_shard_mod_ep"]
+    else:
+        edp_mesh = dims["dp_shard_mod_ep"]
+    shards = dims.dp_shard_mod_ep
+
+    def placement(param: nn.Parameter) -> Shard:
+        shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
+        if shape[0] < shards and len(shape) > 1 and shape[1] % shards == 0:
+            return Shard(1)
+        return Shard(0)
+
+    fully_shard(module, mesh=edp_mesh, mp_policy=mp_policy, shard_placement_fn=placement)
 
 
 # ---------------------------------------------------------------------------------------------

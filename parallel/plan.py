@@ -8,6 +8,8 @@ Nothing is materialised and nothing is computed.
 
 Memory estimate per rank (bytes): parameters and gradients in the parameter dtype (fp32 master
 weights under FSDP2 mixed precision), AdamW's two fp32 states. Activations are not estimated.
+Grouped experts count what FSDP2 leaves after sharding them over ``ep`` x ``dp_shard_mod_ep``
+(x ``tp``); the other parameters over ``dp_shard`` (x ``tp``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
 from parallel.parallelize import apply_parallelism
 from parallel.pipeline import stage_ids_of_rank
+from parallel.tensor_parallel import matching_modules
 
 GIB = 1024**3
 
@@ -32,6 +35,14 @@ def local_param_count(model: nn.Module) -> int:
     for param in model.parameters():
         total += param.to_local().numel() if isinstance(param, DTensor) else param.numel()
     return total
+
+
+def local_expert_count(model: nn.Module, tp_plan: dict[str, str]) -> int:
+    """Elements of the grouped-expert parameters (plan style ``experts``) this rank holds."""
+    patterns = [pattern for pattern, style in tp_plan.items() if style == "experts"]
+    return sum(
+        local_param_count(model.get_submodule(path)) for path in matching_modules(model, patterns)
+    )
 
 
 def memory_estimate(
@@ -64,7 +75,9 @@ def plan_layout(
 
     Returns:
         ``{"degrees", "mesh", "dp", "edp", "per_pp_rank": [{"pp_rank", "stages",
-        "params_local", "memory_bytes"}], "params_local_max", "memory_bytes_max"}``.
+        "params_local", "params_local_experts", "memory_bytes"}], "params_local_max",
+        "memory_bytes_max"}`` (``params_local_experts`` is the part of ``params_local`` in
+        grouped experts).
 
     Raises:
         ValueError: the layout is invalid for ``world_size`` (one line).
@@ -79,11 +92,12 @@ def plan_layout(
     try:
         dims.build_mesh(device_type="cpu")
         num_stages = dims.pp * cfg.stages_per_rank
-        stage_params = []
+        stage_params, stage_experts = [], []
         for stage in range(num_stages):
             model = build_stage(stage, num_stages)
             apply_parallelism(model, dims=dims, cfg=cfg, tp_plan=tp_plan)
             stage_params.append(local_param_count(model))
+            stage_experts.append(local_expert_count(model, tp_plan))
     finally:
         dist.destroy_process_group()
     per_rank = []
@@ -97,6 +111,7 @@ def plan_layout(
                 "pp_rank": pp_rank,
                 "stages": stages,
                 "params_local": params_local,
+                "params_local_experts": sum(stage_experts[s] for s in stages),
                 "memory_bytes": memory_estimate(params_local),
             }
         )

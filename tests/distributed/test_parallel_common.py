@@ -122,10 +122,22 @@ def parallel_run(rank: int, world_size: int, cfg: ModelConfig, par: dict) -> dic
         model = build_model(copy.deepcopy(cfg))
     parallelize_model(model, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED)
     result = train(model, batches(cfg), dims=dims, dp_rank=dims.dp_rank, dp_size=dims.dp_world_size)
+    result["expert_local"] = expert_elements(model, local=True)
     params = full_params(model)
     if rank == 0:
         result["params"] = params
     return result
+
+
+def expert_elements(model: torch.nn.Module, *, local: bool) -> int:
+    """Elements of the grouped-expert parameters: this rank's shards (``local``) or the full
+    tensors."""
+    total = 0
+    for name, param in model.named_parameters():
+        if ".experts." in f".{name}.":
+            is_dtensor = hasattr(param, "to_local")
+            total += param.to_local().numel() if local and is_dtensor else param.numel()
+    return total
 
 
 def assert_matches(result: dict, ref: dict, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
@@ -153,9 +165,15 @@ def run_cases(rank: int, world_size: int, cases: list[tuple[ModelConfig, dict]])
     return [parallel_run(rank, world_size, cfg, par) for cfg, par in cases]
 
 
-def check_cases(world_size: int, cases: dict[str, tuple[ModelConfig, dict]]) -> None:
+def check_cases(
+    world_size: int, cases: dict[str, tuple[ModelConfig, dict]]
+) -> dict[str, list[dict]]:
     """Run ``cases`` (label -> (model config, parallel settings)) in one ``world_size`` launch
-    and compare every rank of every case with its reference."""
+    and compare every rank of every case with its reference.
+
+    Returns:
+        label -> the per-rank results (``losses``, ``norms``, ``expert_local``, ...).
+    """
     from parallel.testing import run_distributed
 
     labels = list(cases)
@@ -169,3 +187,4 @@ def check_cases(world_size: int, cases: dict[str, tuple[ModelConfig, dict]]) -> 
                 assert_matches(per_rank[index], ref)
             except AssertionError as err:
                 raise AssertionError(f"{label}, rank {rank}: {err}") from None
+    return {label: [per_rank[index] for per_rank in results] for index, label in enumerate(labels)}

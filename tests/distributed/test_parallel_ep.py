@@ -1,30 +1,51 @@
 """Expert parallel (all-to-all dispatch) against the unsharded reference, alone and with TP,
-FSDP2 and HSDP."""
+FSDP2 and HSDP; expert weights sharded by FSDP2 over the expert data-parallel axis."""
 
 from __future__ import annotations
 
-from test_parallel_common import check_cases, tiny_config
+import dataclasses
+
+from test_parallel_common import check_cases, expert_elements, tiny_config
+
+from pretrain.models import build_model
+
+
+def _assert_expert_shards(results: dict[str, list[dict]], cases: dict, shards: dict) -> None:
+    """Each rank holds ``1 / shards[label]`` of the expert elements (ep x dp_shard_mod_ep x
+    tp), not a full copy per ep shard."""
+    for label, per_rank in results.items():
+        full = expert_elements(build_model(cases[label][0]), local=False)
+        assert full > 0
+        for rank, result in enumerate(per_rank):
+            assert result["expert_local"] * shards[label] == full, (label, rank)
 
 
 def test_ep2_world_2_matches_the_reference():
-    check_cases(
-        2,
-        {
-            "EP2 (dp_shard 2) decoder": (tiny_config("decoder", moe=True), {"ep": 2}),
-            "EP2 encoder": (tiny_config("encoder", moe=True), {"ep": 2}),
-        },
-    )
+    cases = {
+        "EP2 (dp_shard 2) decoder": (tiny_config("decoder", moe=True), {"ep": 2}),
+        "EP2 encoder": (tiny_config("encoder", moe=True), {"ep": 2}),
+    }
+    results = check_cases(2, cases)
+    _assert_expert_shards(results, cases, dict.fromkeys(cases, 2))
 
 
 def test_tp2_ep2_and_ep_with_expert_data_parallel_world_4_match_the_reference():
-    check_cases(
-        4,
-        {
-            "TP2 x EP2 decoder": (tiny_config("decoder", moe=True), {"ep": 2, "tp": 2}),
-            "EP2 in dp_shard 4 (edp 2)": (tiny_config("decoder", moe=True), {"ep": 2}),
-            "EP2 under HSDP 2x2 (edp 2)": (
-                tiny_config("decoder", moe=True),
-                {"ep": 2, "dp_replicate": 2, "dp_shard": 2},
-            ),
-        },
-    )
+    cases = {
+        "TP2 x EP2 decoder": (tiny_config("decoder", moe=True), {"ep": 2, "tp": 2}),
+        "EP2 in dp_shard 4 (edp 2)": (tiny_config("decoder", moe=True), {"ep": 2}),
+        "EP2 under HSDP 2x2 (edp 2)": (
+            tiny_config("decoder", moe=True),
+            {"ep": 2, "dp_replicate": 2, "dp_shard": 2},
+        ),
+        # One local expert for two expert-data-parallel shards: FSDP shards weight dim 1.
+        "EP2 in dp_shard 4, 2 experts": (_two_experts(), {"ep": 2}),
+    }
+    results = check_cases(4, cases)
+    # TP2 x EP2: ep 2 x tp 2; EP2 in dp_shard 4: ep 2 x dp_shard_mod_ep 2; HSDP: ep 2 only
+    # (dp_replicate replicates).
+    _assert_expert_shards(results, cases, dict(zip(cases, (4, 4, 2, 4), strict=True)))
+
+
+def _two_experts():
+    cfg = tiny_config("decoder", moe=True)
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=2))
