@@ -31,45 +31,80 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 class TrainState(Stateful):
-    """What DCP saves: model and optimizer (sharded as they are), scheduler and step."""
+    """What DCP saves: model and optimizer (sharded as they are), scheduler and step.
+
+    ``model`` may be a list of model parts (a rank's pipeline stages) with one optimizer and one
+    scheduler per part. Keys are the unsplit model's parameter names (pipeline stages keep
+    them) and the optimizer state is flattened onto those names, so one checkpoint loads into
+    any pipeline, tensor, expert or data-parallel layout.
+    """
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        model: torch.nn.Module | list[torch.nn.Module],
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+        scheduler: torch.optim.lr_scheduler.LRScheduler
+        | list[torch.optim.lr_scheduler.LRScheduler]
+        | None = None,
         *,
         step: int = 0,
     ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.parts = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if scheduler is None:
+            self.schedulers = []
+        elif isinstance(scheduler, (list, tuple)):
+            self.schedulers = list(scheduler)
+        else:
+            self.schedulers = [scheduler]
+        if len(self.parts) != len(self.optimizers):
+            raise ValueError(
+                f"model parts ({len(self.parts)}) and optimizers ({len(self.optimizers)}) "
+                "must pair up"
+            )
         self.step = step
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd: dict[str, Any] = {}
+        optim_sd: dict[str, Any] = {}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            model_sd.update(get_model_state_dict(part))
+            optim_sd.update(get_optimizer_state_dict(part, optimizer, options=_FLAT))
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "step": self.step}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
+        if self.schedulers:
+            # Every part's schedule is the same function of the step.
+            state["scheduler"] = self.schedulers[0].state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optim"],
-        )
-        if self.scheduler is not None and "scheduler" in state_dict:
-            self.scheduler.load_state_dict(state_dict["scheduler"])
+        for part, optimizer in zip(self.parts, self.optimizers):
+            set_model_state_dict(part, state_dict["model"], options=_PART)
+            set_optimizer_state_dict(
+                part, optimizer, optim_state_dict=state_dict["optim"], options=_FLAT
+            )
+        if "scheduler" in state_dict:
+            for scheduler in self.schedulers:
+                scheduler.load_state_dict(state_dict["scheduler"])
         self.step = int(state_dict["step"])
+
+
+# Optimizer state keyed by parameter name (not by position), so that parts and layouts mix.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+# A part takes its own keys from the merged dict of all parts.
+_PART = StateDictOptions(strict=False)
 
 
 def rng_state() -> dict[str, Any]:

@@ -365,6 +365,26 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
             f"data.seq_len ({cfg.data.seq_len}) must be divisible by parallel.tp ({par.tp}) "
             "with parallel.sequence_parallel"
         )
+    if par.pp > 1 and model.document_masking:
+        raise ValueError(
+            f"model.document_masking (True) must be false with parallel.pp ({par.pp}) > 1: "
+            "pipeline stages pass only hidden states"
+        )
+    if par.pp > 1 and cfg.data.reset_position_ids:
+        raise ValueError(
+            f"data.reset_position_ids (True) must be false with parallel.pp ({par.pp}) > 1: "
+            "pipeline stages pass only hidden states"
+        )
+    if par.pp > 1 and cfg.objective.tlm_share > 0:
+        raise ValueError(
+            f"objective.tlm_share ({cfg.objective.tlm_share}) must be 0 with parallel.pp "
+            f"({par.pp}) > 1: TLM rows need their own positions, which stages do not pass"
+        )
+    if par.pp > 1 and cfg.train.grad_accum != 1:
+        raise ValueError(
+            f"train.grad_accum ({cfg.train.grad_accum}) must be 1 with parallel.pp ({par.pp}) "
+            "> 1; the pipeline's parallel.microbatches accumulate instead"
+        )
     microbatches = par.microbatches if par.microbatches is not None else par.pp
     if par.pp > 1 and cfg.data.batch_size % microbatches != 0:
         raise ValueError(

