@@ -160,6 +160,8 @@ class Trainer:
             cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
         )
         self.languages = list(self.loader.dataset.languages)
+        # Row kinds the loss is reported by: CLM rows, or MLM and TLM rows of an encoder batch.
+        self.objective_names = ["clm", "clm"] if cfg.model.family == "decoder" else ["mlm", "tlm"]
         self.state = TrainState(self.parts, self.optimizers, self.schedulers, step=0)
         self.checkpoints = CheckpointManager(
             self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -253,24 +255,27 @@ class Trainer:
                     labels.flatten(),
                     ignore_index=IGNORE_INDEX,
                 )
-                per_lang: dict[str, tuple] = {}
-                return loss, per_lang
+                return loss, {}
             hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
             weight_VD, bias_V = self.model.output_projection()
-        # Per-language sums from one pass, grouped by each target token's language (TLM rows
-        # hold two); only positions with a target are projected.
+        # Sums per (objective, language) from one pass: each target token's language (TLM rows
+        # hold two) and its row's objective (a TLM row mixes languages; the rest are
+        # monolingual); only positions with a target are projected.
         lang_ids = batch["lang_ids"].to(self.device)
+        tokens_mask = batch["attention_mask"].to(self.device).bool()
+        is_tlm_B = ((lang_ids != lang_ids[:, :1]) & tokens_mask).any(dim=1)
         if cfg.model.family == "decoder":
             lang_ids = torch.cat([lang_ids[:, 1:], lang_ids[:, -1:]], dim=1)
+        objective_BT = is_tlm_B.long()[:, None].expand_as(lang_ids)
+        group_N = (objective_BT * len(self.languages) + lang_ids).flatten()
         hidden_ND = hidden_BTD.flatten(0, 1)
         labels_N = labels.flatten()
-        lang_N = lang_ids.flatten()
         targets_M = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden_MD, labels_M, lang_M = hidden_ND[targets_M], labels_N[targets_M], lang_N[targets_M]
+        hidden_MD, labels_M, group_M = hidden_ND[targets_M], labels_N[targets_M], group_N[targets_M]
         total = hidden_BTD.new_zeros((), dtype=torch.float32)
-        per_lang = {}
-        for index in sorted(set(lang_M.tolist())):
-            rows = (lang_M == index).nonzero().squeeze(1)
+        per_group = {}
+        for index in sorted(set(group_M.tolist())):
+            rows = (group_M == index).nonzero().squeeze(1)
             with self._autocast():
                 loss_sum = chunked_cross_entropy(
                     hidden_MD[rows],
@@ -280,10 +285,12 @@ class Trainer:
                     chunk_tokens=cfg.objective.loss_chunk_tokens,
                     reduction="sum",
                 )
-            per_lang[self.languages[index]] = (loss_sum.detach(), rows.numel())
+            objective, lang = divmod(index, len(self.languages))
+            key = (self.objective_names[objective], self.languages[lang])
+            per_group[key] = (loss_sum.detach(), rows.numel())
             total = total + loss_sum
         num_targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return total / num_targets, per_lang
+        return total / num_targets, per_group
 
     def _step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         accum = len(batches)
@@ -291,8 +298,8 @@ class Trainer:
             if hasattr(part, "set_moe_aux_loss_scale"):
                 part.set_moe_aux_loss_scale(1.0 / accum)
         loss_sum = torch.zeros((), dtype=torch.float32)
-        lang_loss: dict[str, float] = defaultdict(float)
-        lang_count: dict[str, float] = defaultdict(float)
+        group_loss: dict[tuple[str, str], float] = defaultdict(float)
+        group_count: dict[tuple[str, str], float] = defaultdict(float)
         tokens = 0
         for batch in batches:
             tokens += int(batch["input_ids"].numel())
@@ -300,15 +307,15 @@ class Trainer:
                 loss_sum += self._pipeline_forward_backward(batch).float().cpu()
                 continue
             with loss_context(self.dims):
-                loss, per_lang = self._forward_loss(batch)
+                loss, per_group = self._forward_loss(batch)
                 scaled = loss / accum
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
             loss_sum += local_value(loss).detach().float().cpu() / accum
-            for lang, (value, count) in per_lang.items():
-                lang_loss[lang] += float(value)
-                lang_count[lang] += float(count)
+            for key, (value, count) in per_group.items():
+                group_loss[key] += float(value)
+                group_count[key] += float(count)
         loss_value = float(reduce_metric(loss_sum, dims=self.dims, axis="dp"))
         if self.scaler is not None:
             for optimizer in self.optimizers:
@@ -332,8 +339,8 @@ class Trainer:
             "loss": loss_value,
             "grad_norm": grad_norm,
             "tokens": tokens,
-            "lang_loss": dict(lang_loss),
-            "lang_count": dict(lang_count),
+            "group_loss": dict(group_loss),
+            "group_count": dict(group_count),
             "skipped": not finite,
         }
 
@@ -383,7 +390,7 @@ class Trainer:
                 count = torch.zeros((), dtype=torch.float32)
                 for batch in batches:
                     with loss_context(self.dims):
-                        loss, per_lang = self._forward_loss(batch)
+                        loss, _ = self._forward_loss(batch)
                     targets = float((batch["labels"] != IGNORE_INDEX).sum())
                     total += float(local_value(loss)) * targets
                     count += targets
@@ -441,8 +448,8 @@ class Trainer:
         exit_code = 0
         batches = iter(self.loader)
         window_tokens, window_start = 0, time.perf_counter()
-        window_lang_loss: dict[str, float] = defaultdict(float)
-        window_lang_count: dict[str, float] = defaultdict(float)
+        window_loss: dict[tuple[str, str], float] = defaultdict(float)
+        window_count: dict[tuple[str, str], float] = defaultdict(float)
         window_lang_tokens: dict[str, int] = defaultdict(int)
         try:
             step = start
@@ -456,9 +463,9 @@ class Trainer:
                 out = self._step(micro)
                 step += 1
                 window_tokens += out["tokens"]
-                for lang, value in out["lang_loss"].items():
-                    window_lang_loss[lang] += value
-                    window_lang_count[lang] += out["lang_count"][lang]
+                for key, value in out["group_loss"].items():
+                    window_loss[key] += value
+                    window_count[key] += out["group_count"][key]
                 if self.guard.diverged:
                     logger.info(self.guard.message(step))
                     exit_code = EXIT_DIVERGED
@@ -484,9 +491,7 @@ class Trainer:
                             peak=self.peak_flops,
                         )
                     metrics.update(
-                        self._language_metrics(
-                            window_lang_loss, window_lang_count, window_lang_tokens
-                        )
+                        self._language_metrics(window_loss, window_count, window_lang_tokens)
                     )
                     metrics.update(self._moe_metrics())
                     if cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -496,8 +501,8 @@ class Trainer:
                             metrics["valid_loss"] = sum(valid.values()) / len(valid)
                     logger.log(metrics, step)
                     window_tokens, window_start = 0, time.perf_counter()
-                    window_lang_loss.clear()
-                    window_lang_count.clear()
+                    window_loss.clear()
+                    window_count.clear()
                     window_lang_tokens.clear()
                 else:
                     logger.advance(step)
@@ -531,35 +536,43 @@ class Trainer:
 
     def _language_metrics(
         self,
-        lang_loss: dict[str, float],
-        lang_count: dict[str, float],
+        group_loss: dict[tuple[str, str], float],
+        group_count: dict[tuple[str, str], float],
         lang_tokens: dict[str, int],
     ) -> dict[str, Any]:
-        """Per-language train loss and tokens over the log window, summed over dp ranks."""
-        languages = sorted(set(lang_loss) | set(lang_tokens))
-        if not languages:
-            return {}
-        if dist.is_initialized() and self.dims.dp_world_size > 1:
-            # Ranks see different languages: agree on the union first.
-            gathered: list[Any] = [None] * self.dims.dp_world_size
-            dist.all_gather_object(gathered, languages, group=self.dims["dp"].get_group())
-            languages = sorted({lang for part in gathered for lang in part})
+        """Train loss per language and per objective, and tokens per language, over the log
+        window, summed over dp ranks (a fixed table: every rank reduces the same shape)."""
+        objectives = sorted(set(self.objective_names))
+        keys = [(obj, lang) for obj in objectives for lang in self.languages]
         table = torch.tensor(
-            [
-                [lang_loss.get(x, 0.0), lang_count.get(x, 0.0), float(lang_tokens.get(x, 0))]
-                for x in languages
-            ],
+            [[group_loss.get(k, 0.0), group_count.get(k, 0.0)] for k in keys]
+            + [[float(lang_tokens.get(lang, 0)), 0.0] for lang in self.languages],
             dtype=torch.float64,
         )
         table = reduce_metric(table, dims=self.dims, axis="dp", op="sum")
-        out: dict[str, Any] = {"tokens_per_lang": {}, "loss_per_lang": {}}
-        for i, lang in enumerate(languages):
-            loss_total, count, tokens = (float(v) for v in table[i])
-            out["tokens_per_lang"][lang] = int(tokens)
+        sums = {k: (float(table[i, 0]), float(table[i, 1])) for i, k in enumerate(keys)}
+        out: dict[str, Any] = {
+            "tokens_per_lang": {
+                lang: int(table[len(keys) + i, 0])
+                for i, lang in enumerate(self.languages)
+                if table[len(keys) + i, 0] > 0
+            }
+        }
+        per_lang, per_objective = {}, {}
+        for lang in self.languages:
+            loss = sum(sums[(obj, lang)][0] for obj in objectives)
+            count = sum(sums[(obj, lang)][1] for obj in objectives)
             if count > 0:
-                out["loss_per_lang"][lang] = loss_total / count
-        if not out["loss_per_lang"]:
-            del out["loss_per_lang"]
+                per_lang[lang] = loss / count
+        for obj in objectives:
+            loss = sum(sums[(obj, lang)][0] for lang in self.languages)
+            count = sum(sums[(obj, lang)][1] for lang in self.languages)
+            if count > 0:
+                per_objective[obj] = loss / count
+        if per_lang:
+            out["loss_per_lang"] = per_lang
+        if per_objective:
+            out["loss_per_objective"] = per_objective
         return out
 
 

@@ -139,6 +139,10 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(
     if extra != PP2:  # validation is not wired through pipeline stages yet
         assert "valid_loss" in last and math.isfinite(last["valid_loss"])
     assert (full_dir / "loss.png").is_file()
+    if "encoder" in preset:
+        assert set(last["loss_per_objective"]) == {"mlm", "tlm"}
+    elif extra not in (PP2, ("parallel.tp=2",)):
+        assert set(last["loss_per_objective"]) == {"clm"}
     if "moe" in preset:
         assert len(last["moe_expert_load"]) == 4
         assert last["moe_dropped_fraction"] == 0.0
