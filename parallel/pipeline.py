@@ -61,7 +61,10 @@ def build_pipeline(
             (``pretrain.models.prune_to_stage``).
         loss_fn: ``(logits, targets) -> mean loss`` of one microbatch; the schedule divides
             gradients by the microbatch count (``scale_grads``), so equal-size microbatches give
-            the gradient of the mean over the whole batch.
+            the gradient of the mean over the whole batch. Under ``tp > 1`` the logits are a
+            ``Shard(2)`` DTensor over the vocabulary and ``schedule.step`` runs inside
+            ``loss_parallel()``, so a plain ``F.cross_entropy`` works on them (the losses it
+            returns are replicated DTensors; ``pipeline_loss`` reads them).
 
     Returns:
         ``(schedule, stage_models, info)``. Call ``schedule.step(tokens if info.has_first,
@@ -94,6 +97,11 @@ def build_pipeline(
             )
         )
     microbatches = cfg.microbatches if cfg.microbatches is not None else dims.pp
+    if dims.tp > 1:
+        # The last stage's logits are vocabulary-sharded (Shard(2)): the loss and the backward
+        # the schedule runs from it must both be inside loss_parallel (torchtitan enters it
+        # around the whole step too).
+        schedule_cls = _loss_parallel_class(schedule_cls)
     if cfg.pp_schedule in SINGLE_STAGE_SCHEDULES:
         schedule = schedule_cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
     else:
@@ -105,6 +113,23 @@ def build_pipeline(
         microbatches=microbatches,
     )
     return schedule, models, info
+
+
+_LOSS_PARALLEL_CLASSES: dict[type, type] = {}
+
+
+def _loss_parallel_class(cls: type) -> type:
+    """``cls`` whose ``step`` runs inside ``loss_parallel()`` (forward, loss and backward)."""
+    if cls not in _LOSS_PARALLEL_CLASSES:
+
+        def step(self, *args, **kwargs):
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            with loss_parallel():
+                return cls.step(self, *args, **kwargs)
+
+        _LOSS_PARALLEL_CLASSES[cls] = type(f"LossParallel{cls.__name__}", (cls,), {"step": step})
+    return _LOSS_PARALLEL_CLASSES[cls]
 
 
 @dataclass
@@ -120,13 +145,16 @@ class PipelineInfo:
 
 
 def pipeline_loss(losses: list[torch.Tensor], *, info: PipelineInfo, dims: ParallelDims):
-    """The step's loss on every pp rank: mean of the last stage's microbatch losses, sent over
-    ``pp`` (a plain fp32 scalar)."""
+    """The step's loss on every pp rank: mean of the last stage's microbatch losses (plain
+    tensors, or replicated DTensors under ``loss_parallel``), sent over ``pp`` (a plain fp32
+    scalar)."""
     import torch.distributed as dist
+
+    from parallel.parallelize import local_value
 
     value = torch.zeros((), dtype=torch.float32)
     if info.has_last:
-        value = torch.stack([loss.detach().float() for loss in losses]).mean()
+        value = torch.stack([local_value(loss.detach()).float() for loss in losses]).mean()
     if dims.pp > 1:
         dist.all_reduce(value, group=dims["pp"].get_group())
     return value

@@ -19,6 +19,10 @@ embedding table), which bypasses the ``output`` module's DTensor hooks; ``apply_
 makes the model return hidden states and projects them in a forward hook that keeps the logits
 vocabulary-sharded. A ``return_hidden=True`` forward gets the hidden states (local, placed as
 the residual stream after the last norm/head: ``Shard(1)`` under SP, else replicated).
+
+Pipeline stages under SP pass the residual stream's local chunk ``x_B(T/tp)D`` between them; a
+stage without embeddings therefore gets positions ``0..T-1`` of the whole sequence from a
+forward pre-hook (unless the caller passes ``position_ids_BT``).
 """
 
 from __future__ import annotations
@@ -111,6 +115,22 @@ def apply_tp(
     _install_vocab_parallel_output(
         model, tp_mesh=tp_mesh, sequence_parallel=sequence_parallel, plan=plan
     )
+    if sequence_parallel and getattr(model, "tok_embeddings", None) is None:
+        # A later pipeline stage receives this rank's sequence chunk x_B(T/tp)D, but RoPE
+        # positions must span the whole sequence (attention gathers it).
+        model.register_forward_pre_hook(_full_sequence_positions(tp_mesh.size()), with_kwargs=True)
+
+
+def _full_sequence_positions(tp: int):
+    def hook(module: nn.Module, args, kwargs):
+        if kwargs.get("position_ids_BT") is not None or not args:
+            return None
+        x_BtD = args[0]
+        batch, seq = x_BtD.shape[0], x_BtD.shape[1] * tp
+        positions_BT = torch.arange(seq, device=x_BtD.device).expand(batch, seq)
+        return args, {**kwargs, "position_ids_BT": positions_BT}
+
+    return hook
 
 
 def _install_vocab_parallel_output(
