@@ -264,26 +264,52 @@ class CheckpointManager:
         self.wait()
 
 
+# What fixes a model's parameters and their meaning; other model keys (dropout, init, masking)
+# may change between a checkpoint and the run that resumes it.
+_ARCHITECTURE_KEYS = (
+    "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "ffn_hidden_size", "position", "norm", "norm_position", "mlp", "bias", "qk_norm",
+    "tie_embeddings", "num_languages", "moe.num_experts", "moe.top_k", "moe.router", "moe.every",
+    "moe.expert_ffn_hidden_size",
+)  # fmt: skip
+
+
+def _architecture(model: dict[str, Any]) -> dict[str, Any]:
+    """The architecture keys of a ``model`` section, defaults resolved (None head_dim etc.)."""
+    flat = _flatten(model, "model")
+    arch = {key: flat.get(f"model.{key}") for key in _ARCHITECTURE_KEYS}
+    if arch["num_kv_heads"] is None:
+        arch["num_kv_heads"] = arch["num_heads"]
+    if arch["head_dim"] is None and arch["hidden_size"] and arch["num_heads"]:
+        arch["head_dim"] = arch["hidden_size"] // arch["num_heads"]
+    if not arch["moe.num_experts"]:
+        for key in ("moe.top_k", "moe.router", "moe.every", "moe.expert_ffn_hidden_size"):
+            arch[key] = None  # meaningless for a dense model
+    elif arch["moe.expert_ffn_hidden_size"] is None:
+        arch["moe.expert_ffn_hidden_size"] = arch["ffn_hidden_size"]
+    return arch
+
+
 def check_compatible(path: str | os.PathLike, model_cfg: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint saved for another model.
+    """Refuse to resume a checkpoint saved for another model architecture.
 
     Args:
         path: a complete checkpoint directory.
         model_cfg: this run's ``model`` section as a plain dict.
 
     Raises:
-        ValueError: one line naming the first ``model.*`` key that differs.
+        ValueError: one line naming the first architecture key (``model.*``) that differs.
     """
     config_path = Path(path) / "config.yaml"
     if not config_path.is_file():
         return  # saved without a config: DCP's own key and shape checks still apply
     saved = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("model", {})
-    for key, value in _flatten(model_cfg, "model").items():
-        saved_value = _flatten(saved, "model").get(key, value)
-        if saved_value != value:
+    ours, theirs = _architecture(model_cfg), _architecture(saved)
+    for key in _ARCHITECTURE_KEYS:
+        if theirs[key] != ours[key]:
             raise ValueError(
-                f"checkpoint {str(path)!r} holds {key}={saved_value!r} but this run has "
-                f"{key}={value!r}; a different model cannot resume it"
+                f"checkpoint {str(path)!r} holds model.{key}={theirs[key]!r} but this run has "
+                f"model.{key}={ours[key]!r}; a different model cannot resume it"
             )
 
 

@@ -358,7 +358,10 @@ class Trainer:
         check_compatible(path, config_to_dict(self.cfg)["model"])
         rank_states = self.checkpoints.load(path, self.state)
         own = rank_states.get(self.rank)
-        if own is not None and len(rank_states) == self.world_size:
+        if not rank_states:
+            # An imported model (checkpoints_tools import-hf): weights only, data from the start.
+            pass
+        elif own is not None and len(rank_states) == self.world_size:
             self.loader.load_state_dict(own["loader"])
             set_rng_state(own["rng"])
         else:

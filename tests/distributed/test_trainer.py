@@ -252,3 +252,39 @@ def test_pipeline_parallel_matches_one_process(shards, tmp_path: Path):
     assert sorted(one) == sorted(pp) == list(range(1, 9))
     for step in one:
         assert pp[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_tracks_fp32(shards, tmp_path: Path, precision: str):
+    """bf16 autocast (fp32 master weights) and fp16 with loss scaling follow the fp32 curve."""
+    extra = ("train.steps=3", "checkpoint.every=0", "train.eval_every=0")
+    fp32 = _cfg("tiny_decoder.yaml", shards, tmp_path / "fp32", *extra)
+    assert run_distributed(_run, world_size=1, args=(fp32, None)) == [0]
+    mixed = _cfg("tiny_decoder.yaml", shards, tmp_path / precision, *extra,
+                 f"train.precision={precision}")  # fmt: skip
+    assert run_distributed(_run, world_size=1, args=(mixed, None)) == [0]
+    reference, curve = _losses(tmp_path / "fp32"), _losses(tmp_path / precision)
+    for step in (1, 2, 3):
+        assert curve[step] == pytest.approx(reference[step], rel=2e-2), step
+        assert curve[step] != reference[step]  # it really ran in lower precision
+
+
+def test_continue_pretraining_from_an_imported_hf_model(shards, tmp_path: Path):
+    """train -> export-hf -> import-hf -> train.resume=<imported>: the weights carry over."""
+    from checkpoints_tools.convert import export_hf, import_hf
+
+    extra = ("checkpoint.every=0", "train.eval_every=0")
+    first = _cfg("tiny_decoder.yaml", shards, tmp_path / "a", *extra)
+    assert run_distributed(_run, world_size=1, args=(first, None)) == [0]
+    trained = _losses(tmp_path / "a")
+    export_hf(tmp_path / "a" / "checkpoints" / "step_8", out=tmp_path / "hf",
+              tokenizer=shards["tok"])  # fmt: skip
+    config = tmp_path / "a" / "checkpoints" / "step_8" / "config.yaml"
+    import_hf(tmp_path / "hf", out=tmp_path / "imported", base_config=config)
+    again = _cfg("tiny_decoder.yaml", shards, tmp_path / "b", *extra,
+                 f"train.resume={tmp_path / 'imported'}")  # fmt: skip
+    assert run_distributed(_run, world_size=1, args=(again, None)) == [0]
+    resumed = _losses(tmp_path / "b")
+    assert sorted(resumed) == list(range(1, 9))  # the imported checkpoint starts at step 0
+    # Starting from the trained weights, not from a fresh init (whose first loss is ~ln V).
+    assert resumed[1] < trained[1] - 0.1, (resumed[1], trained[1])
