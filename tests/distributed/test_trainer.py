@@ -106,13 +106,13 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize(
     ("preset", "world_size", "extra"),
     [
-        ("tiny_decoder.yaml", 1, ()),
+        ("tiny_decoder.yaml", 1, ("checkpoint.async=true",)),
         ("tiny_moe.yaml", 2, ("parallel.ep=2", "model.moe.dropless=true")),
         ("tiny_decoder.yaml", 2, ("parallel.tp=2",)),
         ("tiny_encoder.yaml", 1, ("objective.tlm_share=0.25",)),
         ("tiny_decoder.yaml", 2, PP2),
     ],
-    ids=["decoder", "moe-ep2", "decoder-tp2", "encoder-mlm-tlm", "decoder-pp2"],
+    ids=["decoder-async-ckpt", "moe-ep2", "decoder-tp2", "encoder-mlm-tlm", "decoder-pp2"],
 )
 def test_stop_and_resume_reproduce_the_uninterrupted_curve(
     shards, tmp_path: Path, preset: str, world_size: int, extra: tuple[str, ...]
@@ -288,3 +288,16 @@ def test_continue_pretraining_from_an_imported_hf_model(shards, tmp_path: Path):
     assert sorted(resumed) == list(range(1, 9))  # the imported checkpoint starts at step 0
     # Starting from the trained weights, not from a fresh init (whose first loss is ~ln V).
     assert resumed[1] < trained[1] - 0.1, (resumed[1], trained[1])
+
+
+def test_gradient_accumulation_matches_the_larger_batch(shards, tmp_path: Path):
+    """2 micro-batches of 4 rows per step follow 1 batch of 8 (full CLM rows: equal weights)."""
+    extra = ("train.steps=4", "checkpoint.every=0", "train.eval_every=0")
+    big = _cfg("tiny_decoder.yaml", shards, tmp_path / "big", *extra, "data.batch_size=8")
+    assert run_distributed(_run, world_size=1, args=(big, None)) == [0]
+    accum = _cfg("tiny_decoder.yaml", shards, tmp_path / "accum", *extra, "data.batch_size=4",
+                 "train.grad_accum=2")  # fmt: skip
+    assert run_distributed(_run, world_size=1, args=(accum, None)) == [0]
+    one, two = _losses(tmp_path / "big"), _losses(tmp_path / "accum")
+    for step in range(1, 5):
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
