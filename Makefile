@@ -44,7 +44,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format $(RUFF_ARGS) .
 
 test: lint system-deps
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 --durations=10 tests
 
 demo: $(STAMP)
 	$(PY) -m launch.demo --out $(DEMO_DIR)
