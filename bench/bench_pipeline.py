@@ -5,7 +5,14 @@ compute: 2 shared cores would otherwise measure CPU contention, not the schedule
 time per step is ``m (t_f + t_b)``; the measured idle fraction is ``step_time / busy - 1``,
 compared with the bubble of 1F1B ``(p - 1) / m`` and of interleaved 1F1B ``(p - 1) / (v m)``.
 
-Usage: ``python bench/bench_pipeline.py [--tf-ms 100] [--steps 2]``; prints a Markdown table.
+The schedule itself costs about 2 ms per action here (Python + gloo send/recv on 2 shared
+cores), and a rank runs ``2 v m`` actions per step, so ``t_f`` must be long (about 1 s) for that
+overhead to fall under a tenth of interleaved 1F1B's smaller bubble. The "overhead" column is
+``(step - ideal step) / (2 v m)`` in ms, the ideal step being ``m (t_f + t_b) (1 + theory)``.
+The shape-inference step runs with zero sleeps and is not timed.
+
+Usage: ``python bench/bench_pipeline.py [--tf-ms 1000] [--steps 2] [--only 1F1B]``; prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -73,6 +80,9 @@ def _run(rank: int, world_size: int, schedule_name: str, v: int, m: int, tf_s: f
     x, y = torch.randn(m, 8), torch.randn(m, 8)
     times = []
     for step in range(steps + 1):
+        for stage in stages:  # the first step infers shapes: no sleeping
+            stage.submod.forward_s = 0.0 if step == 0 else tf_s / v
+            stage.submod.backward_s = 0.0 if step == 0 else 2 * tf_s / v
         torch.distributed.barrier()
         start = time.perf_counter()
         kwargs = {"target": y, "losses": []} if num_stages - 1 in ids else {}
@@ -85,12 +95,16 @@ def _run(rank: int, world_size: int, schedule_name: str, v: int, m: int, tf_s: f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tf-ms", type=float, default=100.0, help="forward time of one rank")
+    parser.add_argument("--tf-ms", type=float, default=1000.0, help="forward time of one rank")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run only this schedule")
     args = parser.parse_args()
     tf_s = args.tf_ms / 1000
-    print("| schedule | p | v | m | measured idle | theory | rel. error |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| schedule | p | v | m | t_f ms | step s | measured idle | theory | rel. error "
+        "| overhead ms/action |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for p, schedule, v, m in [
         (2, "1F1B", 1, 4),
         (2, "1F1B", 1, 8),
@@ -99,13 +113,17 @@ def main() -> None:
         (2, "Interleaved1F1B", 2, 8),
         (4, "Interleaved1F1B", 2, 8),
     ]:
+        if args.only is not None and schedule != args.only:
+            continue
         step_s = max(run_distributed(_run, world_size=p, args=(schedule, v, m, tf_s, args.steps)))
         busy_s = m * 3 * tf_s
         idle = step_s / busy_s - 1
         theory = (p - 1) / (v * m)
+        overhead_ms = (step_s - busy_s * (1 + theory)) / (2 * v * m) * 1000
         print(
-            f"| {schedule} | {p} | {v} | {m} | {idle:.4f} | {theory:.4f} | "
-            f"{abs(idle - theory) / theory:.1%} |"
+            f"| {schedule} | {p} | {v} | {m} | {args.tf_ms:.0f} | {step_s:.3f} | {idle:.4f} | "
+            f"{theory:.4f} | {abs(idle - theory) / theory:.1%} | {overhead_ms:.1f} |",
+            flush=True,
         )
 
 
