@@ -91,9 +91,14 @@ def family_config(family: str, *, tokenizer: Path, run_dir: Path, extra: tuple[s
     )
 
 
-def save_family_checkpoint(cfg, *, step: int = 5, seed: int = 0) -> Path:
+def save_family_checkpoint(
+    cfg, *, step: int = 5, seed: int = 0, optimizer_state: bool = True
+) -> Path:
     """Save a randomised model of ``cfg`` (every parameter perturbed, so a wrong mapping shows)
-    with optimizer and scheduler as the trainer does; returns the checkpoint directory."""
+    with optimizer and scheduler as the trainer does; returns the checkpoint directory.
+
+    ``optimizer_state=False`` saves a stateless SGD instead (checkpoint = model size: the memory
+    test wants a large model without paying for Adam's two moments on disk)."""
     from pretrain.checkpoint import CheckpointManager, TrainState
     from pretrain.config import config_to_yaml
     from pretrain.models import build_model
@@ -105,7 +110,10 @@ def save_family_checkpoint(cfg, *, step: int = 5, seed: int = 0) -> Path:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=gen))
-    optimizer = build_optimizer(model, cfg.optim, device_type="cpu")
+    if optimizer_state:
+        optimizer = build_optimizer(model, cfg.optim, device_type="cpu")
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=cfg.train.steps)
     manager = CheckpointManager(cfg.train.run_dir, keep=1)
     manager.save(
