@@ -5,6 +5,12 @@ A checkpoint directory (``pretrain.checkpoint``) holds DCP shards of
 (unsharded) shape split into the chunks the saving ranks held, so any layout reads back the same:
 ``read_tensor`` allocates one global tensor and lets DCP fill it from however many chunks. The
 ``.metadata`` file is a pickle: checkpoints are trusted run output, never files from elsewhere.
+
+Memory of one read (measured, issue 10): DCP's ``FileSystemReader.read_data`` reads only the
+requested items' byte ranges, ``torch.load``s each chunk into a temporary and copies it into the
+target, so a read peaks at about twice the tensor and frees everything once the caller drops it.
+Time: ``dcp.load`` parses ``.metadata`` again on every call (36 ms of a 46 ms read for a
+24-layer model), so reads go through a reader that hands DCP the metadata parsed once at open.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class Checkpoint:
     metadata: Metadata
     cfg: RunConfig
 
+    def reader(self) -> FileSystemReader:
+        """A DCP reader of this checkpoint that does not re-parse ``.metadata``."""
+        return _OpenedReader(self.path, self.metadata)
+
     @property
     def model_cfg(self) -> ModelConfig:
         return self.cfg.model
@@ -63,7 +73,7 @@ class Checkpoint:
         """
         size, stored = self.model_shapes_cache()[key]
         tensor = torch.empty(size, dtype=stored)
-        _quiet_load({MODEL_PREFIX + key: tensor}, self.path)
+        _quiet_load({MODEL_PREFIX + key: tensor}, self.reader())
         return tensor if dtype is None else tensor.to(dtype)
 
     def model_shapes_cache(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -83,17 +93,35 @@ class Checkpoint:
     def load_model_state(self, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every model tensor (memory: the whole model; for ``--verify`` and tests)."""
         state = {k: torch.empty(size, dtype=dt) for k, (size, dt) in self.model_shapes().items()}
-        _quiet_load({MODEL_PREFIX + k: v for k, v in state.items()}, self.path)
+        _quiet_load({MODEL_PREFIX + k: v for k, v in state.items()}, self.reader())
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         return state
 
 
-def _quiet_load(state: dict[str, Any], path: Path) -> None:
+class _OpenedReader(FileSystemReader):
+    """``FileSystemReader`` whose global metadata is the already parsed ``Metadata``.
+
+    DCP's planner only reads the metadata, so one parsed copy serves every load. A rank-local
+    metadata request (``rank=``, for checkpoints saved without coordination) still reads its
+    file.
+    """
+
+    def __init__(self, path: Path, metadata: Metadata) -> None:
+        super().__init__(str(path))
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            return super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+def _quiet_load(state: dict[str, Any], reader: FileSystemReader) -> None:
     # Without a process group DCP loads in this process and warns that it does so.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp.load(state, storage_reader=reader, no_dist=True)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
