@@ -11,13 +11,20 @@ or language pair (parallel); the groups are dealt to the ``--array`` tasks, larg
 to the task with the fewest bytes so far. A language is never split across tasks, so the tasks'
 shard names never collide. Each task runs ``python -m data_pipeline <command>`` on its groups;
 with ``--array 1`` it writes to ``--out`` itself, with N > 1 task i writes ``<out>/part_<i>``
-(one manifest per part: merging them into one is for data_pipeline to provide).
+and a final step, ``python -m data_pipeline merge <out>/part_0 ... --out <out>``, writes one
+``<out>/manifest.json`` over all parts (shards stay in the parts), so that ``--out`` is a shard
+directory the trainer reads whatever ``--array`` was.
 
-The plan (``<out>.jobs/<command>.plan.json``) lists every task's exact command. An array task
-runs ``python -m launch.preprocess run-task PLAN`` and picks its task from
-``SLURM_ARRAY_TASK_ID`` (through ``launch.env``); ``--local`` runs ``run-task PLAN --task i`` for
-every i in this process, one after the other: the same commands either way. Tokenizer training
-is one task (``--array 1``); ``--after JOBID`` starts the sharding job when that job succeeded.
+The plan (``<out>.jobs/<command>.plan.json``) lists every task's exact command and the merge.
+An array task runs ``python -m launch.preprocess run-task PLAN`` and picks its task from
+``SLURM_ARRAY_TASK_ID`` (through ``launch.env``); the merge is a second job,
+``python -m launch.preprocess run-merge PLAN``, held until every array task succeeded
+(``afterok`` on the array job). ``--local`` runs ``run-task PLAN --task i`` for every i, then
+``run-merge PLAN``, in this process, one after the other: the same commands either way.
+``--submit`` prints the id of the job that finishes the output (the merge job, else the array
+job) on stdout, for the next stage's ``--after``; with a merge, the line ``array job A, merge job
+M`` goes to stderr. Tokenizer training is one task (``--array 1``); ``--after JOBID`` starts the
+job when that job succeeded, and Slurm cancels it when that job failed.
 
 Exit codes: 0 done; 2 bad arguments or inputs (one line on stderr); otherwise the data command's.
 """
@@ -39,7 +46,7 @@ from launch.sbatch import submit, time_limit_seconds
 
 EXIT_BAD_INPUT = 2
 COMMANDS = ("shard", "train-tokenizer")
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ def make_plan(
     extra: Sequence[str] = (),
     python: str = sys.executable,
 ) -> dict:
-    """The plan: every task's data command, as JSON-ready data.
+    """The plan: every task's data command and the merge (None for one task), as JSON data.
 
     Raises:
         ValueError: an unknown command, bad input specs, no inputs, or more tasks than groups.
@@ -113,6 +120,11 @@ def make_plan(
         raise ValueError(f"--array ({num_tasks}) must be >= 1")
     if command == "train-tokenizer" and num_tasks != 1:
         raise ValueError(f"--array ({num_tasks}) must be 1 for train-tokenizer (one sample)")
+    if command == "train-tokenizer" and parallel:
+        # data_pipeline train-tokenizer samples monolingual text only and refuses --parallel.
+        raise ValueError(
+            f"--parallel ({parallel[0]!r}): train-tokenizer takes monolingual --input only"
+        )
     if not inputs and not parallel:
         raise ValueError("--input or --parallel: give at least one input")
     groups = _groups(parse_mono_specs(list(inputs)), parse_pair_specs(list(parallel)))
@@ -127,7 +139,15 @@ def make_plan(
                 "argv": [python, "-m", "data_pipeline", *argv],
             }
         )
-    return {"version": PLAN_VERSION, "command": command, "out": out, "tasks": tasks}
+    merge = None
+    if num_tasks > 1:
+        # The parts' manifests are only complete once every task has ended; the merge runs after.
+        parts = [task["out"] for task in tasks]
+        merge = {
+            "out": out,
+            "argv": [python, "-m", "data_pipeline", "merge", *parts, f"--out={out}"],
+        }
+    return {"version": PLAN_VERSION, "command": command, "out": out, "tasks": tasks, "merge": merge}
 
 
 def task_index(plan: dict, *, task: int | None = None, environ=None) -> int:
@@ -158,6 +178,36 @@ def run_task(plan: dict, index: int) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
+def run_merge(plan: dict) -> int:
+    """Merge the parts' manifests into ``<out>/manifest.json``; returns the merge's exit code.
+
+    A plan without a merge (one task wrote ``--out`` itself) has nothing to do: 0.
+    """
+    merge = plan.get("merge")
+    if not merge:
+        return 0
+    argv = merge["argv"]
+    print(f"[preprocess] merge: {shlex.join(argv)}", flush=True)
+    return subprocess.run(argv, check=False).returncode
+
+
+def _directives(*, partition: str | None, time: str | None, after: str | None) -> list[str]:
+    """The directives both scripts share: partition, time limit and the dependency."""
+    if time is not None:
+        time_limit_seconds(time)
+    if after is not None and not after.isdigit():
+        raise ValueError(f"--after ({after!r}) must be a job id")
+    directives = []
+    if partition:
+        directives.append(f"--partition={partition}")
+    if time:
+        directives.append(f"--time={time}")
+    if after:
+        # Without it a job whose dependency failed would stay pending forever.
+        directives += [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"]
+    return directives
+
+
 def render_array_sbatch(
     plan_path: Path,
     plan: dict,
@@ -175,10 +225,6 @@ def render_array_sbatch(
     Raises:
         ValueError: a bad time limit or dependency job id.
     """
-    if time is not None:
-        time_limit_seconds(time)
-    if after is not None and not after.isdigit():
-        raise ValueError(f"--after ({after!r}) must be a job id")
     command = plan["command"]
     count = len(plan["tasks"])
     directives = [
@@ -189,13 +235,8 @@ def render_array_sbatch(
         f"--output={job_dir / 'logs' / f'{command}-%A_%a.out'}",
         "--open-mode=append",
         f"--chdir={workdir}",
+        *_directives(partition=partition, time=time, after=after),
     ]
-    if partition:
-        directives.append(f"--partition={partition}")
-    if time:
-        directives.append(f"--time={time}")
-    if after:
-        directives.append(f"--dependency=afterok:{after}")
     lines = [
         "#!/bin/bash",
         f"# Rosetta preprocessing generated by `python -m launch.preprocess`: {command} in {count}",
@@ -204,6 +245,48 @@ def render_array_sbatch(
         *(f"#SBATCH {d}" for d in directives),
         "",
         f"exec {shlex.quote(python)} -m launch.preprocess run-task {shlex.quote(str(plan_path))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_merge_sbatch(
+    plan_path: Path,
+    plan: dict,
+    *,
+    job_dir: Path,
+    workdir: Path,
+    after: str,
+    partition: str | None = None,
+    time: str | None = None,
+    python: str = sys.executable,
+) -> str:
+    """The merge job's sbatch script: one task, started when array job ``after`` succeeded.
+
+    ``afterok`` on an array job id waits for every task of the array.
+
+    Raises:
+        ValueError: the plan has no merge, a bad time limit or dependency job id.
+    """
+    if not plan.get("merge"):
+        raise ValueError("the plan has one task and nothing to merge")
+    command = plan["command"]
+    directives = [
+        f"--job-name=rosetta-{command}-merge",
+        "--ntasks=1",
+        "--cpus-per-task=1",
+        f"--output={job_dir / 'logs' / f'{command}-merge-%j.out'}",
+        "--open-mode=append",
+        f"--chdir={workdir}",
+        *_directives(partition=partition, time=time, after=after),
+    ]
+    lines = [
+        "#!/bin/bash",
+        "# Rosetta preprocessing generated by `python -m launch.preprocess`: merges the manifests",
+        f"# of the {len(plan['tasks'])} parts of array job {after} into {plan['merge']['out']}.",
+        *(f"#SBATCH {d}" for d in directives),
+        "",
+        f"exec {shlex.quote(python)} -m launch.preprocess run-merge {shlex.quote(str(plan_path))}",
         "",
     ]
     return "\n".join(lines)
@@ -248,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-task", help="run one task of a plan (what each array task runs)")
     p.add_argument("plan", help="plan JSON written by shard/train-tokenizer")
     p.add_argument("--task", type=int, default=None, help="task index (default: array task)")
+    p = sub.add_parser("run-merge", help="merge the parts of a plan (what the merge job runs)")
+    p.add_argument("plan", help="plan JSON written by shard")
     return parser
 
 
@@ -258,8 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run-task":
             if extra:
                 raise ValueError(f"run-task: unexpected arguments {' '.join(extra)}")
-            plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+            plan = _load_plan(args.plan)
             return run_task(plan, task_index(plan, task=args.task))
+        if args.command == "run-merge":
+            if extra:
+                raise ValueError(f"run-merge: unexpected arguments {' '.join(extra)}")
+            return run_merge(_load_plan(args.plan))
         if args.command == "shard":
             extra = [f"--tokenizer={args.tokenizer}", *extra]
         if args.workers is not None:
@@ -289,22 +378,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(plan, indent=1))
             print(script, end="")
+            if plan["merge"]:
+                # Its script names the array job's id, known only once that is submitted.
+                merge = shlex.join(plan["merge"]["argv"])
+                print(f"# then a merge job, held until every array task succeeded: {merge}")
             return 0
         (job_dir / "logs").mkdir(parents=True, exist_ok=True)
         _write(plan_path, json.dumps(plan, indent=1) + "\n")
         script_path = job_dir / f"{args.command}.sbatch"
         _write(script_path, script)
         if args.submit:
-            print(submit(script_path))
+            array_job = submit(script_path)
+            if not plan["merge"]:
+                print(array_job)
+                return 0
+            merge_path = job_dir / f"{args.command}-merge.sbatch"
+            _write(merge_path, _merge_script(plan_path, plan, job_dir, args, after=array_job))
+            try:
+                merge_job = submit(merge_path)
+            except ValueError as err:
+                raise ValueError(f"{err} (array job {array_job} is submitted)") from None
+            print(f"array job {array_job}, merge job {merge_job}", file=sys.stderr)
+            print(merge_job)
             return 0
         for index in range(len(plan["tasks"])):
             code = run_task(plan, index)
             if code != 0:
                 return code
+        return run_merge(plan)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _load_plan(path: str) -> dict:
+    """A plan written by this module.
+
+    Raises:
+        ValueError: a plan of another version (re-run the shard/train-tokenizer command).
+    """
+    plan = json.loads(Path(path).read_text(encoding="utf-8"))
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(
+            f"plan {path!r} has version {plan.get('version')} (this is {PLAN_VERSION}): write "
+            "it again with the same command"
+        )
+    return plan
+
+
+def _merge_script(
+    plan_path: Path, plan: dict, job_dir: Path, args: argparse.Namespace, *, after: str
+) -> str:
+    return render_merge_sbatch(
+        plan_path,
+        plan,
+        job_dir=job_dir,
+        workdir=Path.cwd(),
+        after=after,
+        partition=args.partition,
+        time=args.time,
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ How the job runs (also written in the script's header):
   starts G processes on its node. The torchrun agents meet in a **c10d rendezvous hosted on the
   first node** of the allocation: host = that node's NodeAddr from ``scontrol show node`` (node
   names need not resolve), port = ``MASTER_PORT`` or derived from the job id, rendezvous id = the
-  job id; ``python -m launch.env rendezvous`` computes it.
+  job id; ``python -m launch.env rendezvous`` computes it. Each node's task first prints
+  ``[launch] node <name> (SLURM_NODEID <i>): torchrun`` to the job log, then execs torchrun.
 * **Preemption and time limits.** ``--signal=B:USR1@<grace>`` makes Slurm send SIGUSR1 to the
   batch shell ``grace`` seconds before the time limit. The script traps it and sends SIGTERM
   once to the job step (``scancel --signal=TERM``): the torchrun agents pass SIGTERM to the
@@ -140,11 +141,7 @@ def render_sbatch(job: SlurmJob) -> str:
     check_job(job)
     q = shlex.quote
     world = job.nodes * job.procs_per_node
-    directives = [
-        f"--job-name={job.job_name}",
-        f"--nodes={job.nodes}",
-        "--ntasks-per-node=1",
-    ]
+    directives = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
     if job.gpus:
         directives.append(f"--gpus-per-node={job.procs_per_node}")
     else:
@@ -202,7 +199,11 @@ on_signal() {{
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
+# Each node's task names its node (the log then shows which nodes took part) and execs torchrun,
+# so that Slurm's signals reach torchrun itself.
+NODE_START='echo "[launch] node $SLURMD_NODENAME (SLURM_NODEID $SLURM_NODEID): torchrun"; exec "$@"'
 srun --ntasks-per-node=1 --wait={job.grace_s} \\
+    bash -c "$NODE_START" torchrun \\
     "$PY" -m torch.distributed.run \\
     --nnodes={job.nodes} --nproc-per-node={job.procs_per_node} \\
     --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$SLURM_JOB_ID" \\

@@ -6,8 +6,8 @@
 # Runs `python -m torch.distributed.run --standalone --nproc-per-node N -m pretrain.train
 # --config X [overrides]` with the repository's venv (.venv/bin/python, or $PYTHON). --standalone
 # hosts the c10d rendezvous on this machine on a free port. ROSETTA_MODULE replaces pretrain.train
-# (tests run a stand-in). Mistakes give one line on stderr and exit 2; otherwise the exit code is
-# torchrun's.
+# (another entry point taking the same --config and overrides). Mistakes give one line on stderr
+# and exit 2; otherwise the exit code is torchrun's.
 set -euo pipefail
 
 die() {

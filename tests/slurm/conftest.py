@@ -8,12 +8,19 @@ cgroups. Settings and their reasons are in shared/notes/slurm_in_tests.md; the o
 ``scontrol show job``, there is no accounting daemon).
 
 The cluster is session-scoped (start ~0.5 s plus ~3 s for the first job) and is stopped by process
-id: jobs are cancelled first, since stopping slurmd does not end running jobs. Without root or
+id: jobs are cancelled first, since stopping slurmd does not end running jobs; a process still
+carrying the cluster's SLURM_CONF afterwards is killed and reported as an error. Without root or
 without the Debian packages (``apt-get install slurm-wlm munge``) the tests skip with the reason.
+
+``cluster_shards`` runs the preprocessing pipeline on the cluster once per session (tokenizer job,
+sharding array job of 2 tasks, merge job, through ``launch.preprocess --submit``) on 4 languages x
+300 lines and an en-de pair from the bundled sample; the training tests train on its output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -23,9 +30,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data_pipeline" / "sample"
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue")
 NODES = ("n1", "n2")
@@ -283,6 +295,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if munged_pid.exists():
             _terminate([int(munged_pid.read_text().split()[0])])
 
+    def leftovers(self) -> list[str]:
+        """Processes that still carry this cluster's SLURM_CONF (daemons, job steps, ranks).
+
+        Every process started by the cluster or its jobs inherits it, so after :meth:`stop`
+        nothing should; the caller kills what is found (by pid) and reports it.
+        """
+        needle = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                    found.append(f"{entry.name} {cmdline.decode(errors='replace').strip()}")
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+        return found
+
 
 def _terminate(pids: Sequence[int], *, timeout: float = 15) -> None:
     """SIGTERM the processes, SIGKILL the ones still alive after ``timeout`` seconds."""
@@ -332,4 +363,113 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         yield cluster
     finally:
         cluster.stop()
+        leaked = cluster.leftovers()
+        for line in leaked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
+    assert not leaked, f"processes left by the Slurm tests (killed now): {leaked}"
+
+
+# -- the preprocessing pipeline on the cluster, once per session ------------------------------
+
+LANGS = ("en", "de", "ru", "ja")
+LINES = 300
+VOCAB = 2000
+
+
+@dataclass(frozen=True)
+class ClusterShards:
+    """What ``cluster_shards`` made, and the jobs that made it."""
+
+    root: Path
+    """Directory of the corpus and every output."""
+    inputs: tuple[str, ...]
+    """The ``--input`` arguments (one per language), then ``--parallel`` (the pair)."""
+    tokenizer: Path
+    """Tokenizer directory (tokenizer job)."""
+    shards: Path
+    """The merged shard directory: ``manifest.json`` over ``part_0`` and ``part_1``."""
+    tokenizer_job: str
+    array_job: str
+    merge_job: str
+    submit_stderr: str
+    """What ``launch.preprocess shard --submit`` said on stderr (array and merge job ids)."""
+
+
+def _sample_lines(path: Path, count: int) -> str:
+    with open(path, "rb") as handle:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), "utf-8")
+        return "".join(line for _, line in zip(range(count), text))
+
+
+def write_corpus(root: Path) -> tuple[str, ...]:
+    """4 languages x 300 lines and 200 en-de pairs from the bundled sample, as plain files
+    under ``root``; returns the ``--input`` / ``--parallel`` arguments naming them."""
+    args: list[str] = []
+    for lang in LANGS:
+        path = root / f"{lang}.txt"
+        path.write_text(_sample_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", LINES))
+        args += ["--input", f"{lang}={path}"]
+    tsv = root / "en-de.tsv"
+    tsv.write_text(_sample_lines(SAMPLE / "parallel" / "en-de.train.tsv.zst", 200))
+    args += ["--parallel", f"en-de={tsv}"]
+    return tuple(args)
+
+
+def preprocess(argv: Sequence[str]) -> tuple[str, str]:
+    """``python -m launch.preprocess ARGV`` in this process; returns (stdout, stderr).
+
+    In-process: its own process would cost an interpreter start for nothing.
+
+    Raises:
+        AssertionError: a non-zero exit, with what it said.
+    """
+    from launch.preprocess import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    assert code == 0, f"launch.preprocess {' '.join(argv)}: exit {code}: {err.getvalue()}"
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def cluster_shards(
+    slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
+) -> ClusterShards:
+    """Tokenizer job -> 2-task sharding array job -> merge job, all submitted at once; Slurm's
+    dependencies order them. Fails with the jobs' logs when the merge did not complete."""
+    root = tmp_path_factory.mktemp("slurm_data")
+    inputs = write_corpus(root)
+    tokenizer, shards = root / "tok", root / "shards"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+        out, _ = preprocess(
+            ["train-tokenizer", *inputs[: 2 * len(LANGS)], "--out", str(tokenizer)]
+            + ["--vocab-size", str(VOCAB), "--workers", "1", "--submit"]
+        )
+        tokenizer_job = out.strip()
+        # Submitted before the tokenizer exists: Slurm holds it until the tokenizer job succeeded.
+        out, err = preprocess(
+            ["shard", "--tokenizer", str(tokenizer), *inputs, "--out", str(shards)]
+            + ["--array", "2", "--workers", "1", "--sample-tokens", "512", "--quiet"]
+            + ["--after", tokenizer_job, "--submit"]
+        )
+    merge_job = out.strip()
+    match = re.search(r"array job (\d+), merge job (\d+)", err)
+    assert match and match.group(2) == merge_job, (out, err)
+    info = slurm_cluster.wait_done(merge_job, timeout=120)
+    if info["JobState"] != "COMPLETED":
+        logs = {p.name: p.read_text() for p in sorted(root.glob("*.jobs/logs/*.out"))}
+        raise AssertionError(f"merge job {merge_job}: {info}; logs: {logs}")
+    return ClusterShards(
+        root=root,
+        inputs=inputs,
+        tokenizer=tokenizer,
+        shards=shards,
+        tokenizer_job=tokenizer_job,
+        array_job=match.group(1),
+        merge_job=merge_job,
+        submit_stderr=err,
+    )

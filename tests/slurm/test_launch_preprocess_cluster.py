@@ -1,36 +1,14 @@
-"""Preprocessing on the throw-away cluster: tokenizer job, then a 2-task sharding array job."""
+"""Preprocessing on the throw-away cluster: a tokenizer job, a 2-task sharding array job held
+until it succeeded, and the merge job held until both tasks succeeded (``cluster_shards``); the
+merged directory is one shard directory that data_pipeline and the trainer's loader accept."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
+from data_pipeline.cli import main as data_main
 from launch.preprocess import main
-
-WORDS = {
-    "en": "the cat sat on a mat while dogs run fast".split(),
-    "de": "der hund und die katze laufen heute schnell".split(),
-    "fr": "le chat et la souris mangent vite ce soir".split(),
-}
-
-
-def _write_corpus(root: Path) -> list[str]:
-    rng = random.Random(0)
-    specs = []
-    for lang, words in WORDS.items():
-        lines = (" ".join(rng.choice(words) for _ in range(12)) for _ in range(200))
-        (root / f"{lang}.txt").write_text("\n".join(lines) + "\n")
-        specs += ["--input", f"{lang}={lang}.txt"]
-    return specs
-
-
-def _submit(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return captured.out.strip()
 
 
 def _shards(directory: Path) -> dict[str, str]:
@@ -38,28 +16,47 @@ def _shards(directory: Path) -> dict[str, str]:
     return {entry["path"]: entry["sha256"] for entry in manifest["shards"]}
 
 
-def test_tokenizer_then_sharding_array_job(slurm_cluster, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
-    inputs = _write_corpus(tmp_path)
-    tok_job = _submit(
-        capsys, ["train-tokenizer", *inputs, "--out", "tok", "--vocab-size", "400", "--submit"]
-    )
-    # Submitted before the tokenizer exists: Slurm holds it until the tokenizer job succeeded.
-    shard_args = ["shard", "--tokenizer", "tok", *inputs, "--array", "2", "--workers", "1"]
-    shard_job = _submit(capsys, [*shard_args, "--out", "shards", "--after", tok_job, "--submit"])
-    tasks = slurm_cluster.wait_array_done(shard_job, timeout=120)
-    assert slurm_cluster.job(tok_job)["JobState"] == "COMPLETED"
+def test_tokenizer_then_sharding_array_then_merge(slurm_cluster, cluster_shards, capsys):
+    data = cluster_shards
+    tasks = slurm_cluster.array_tasks(data.array_job)
+    logs = {p.name: p.read_text() for p in sorted(data.root.glob("*.jobs/logs/*.out"))}
     assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1"]
-    logs = sorted((tmp_path / "shards.jobs" / "logs").glob("shard-*.out"))
-    assert all(t["JobState"] == "COMPLETED" for t in tasks), [p.read_text() for p in logs]
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), logs
+    for job in (data.tokenizer_job, data.merge_job):
+        assert slurm_cluster.job(job)["JobState"] == "COMPLETED", logs
+    # Each task sharded its own languages into its part; no language is in both.
     languages = []
     for part in ("part_0", "part_1"):
-        manifest = json.loads((tmp_path / "shards" / part / "manifest.json").read_text())
-        languages += list(manifest["languages"])
-    assert sorted(languages) == ["de", "en", "fr"]  # every language in exactly one part
+        manifest = json.loads((data.shards / part / "manifest.json").read_text())
+        languages += [*manifest["languages"], *manifest["pairs"]]
+    assert sorted(languages) == ["de", "en", "en-de", "ja", "ru"]
 
-    # The same command run locally gives the same shards.
-    assert main([*shard_args, "--out", "local", "--local", "--quiet"]) == 0
+    # The merge: one manifest over both parts' shards, paths relative to the merged directory.
+    merged = json.loads((data.shards / "manifest.json").read_text())
+    assert set(merged["languages"]) == {"en", "de", "ru", "ja"}
+    assert set(merged["pairs"]) == {"en-de"}
+    assert _shards(data.shards) == {
+        f"{part}/{path}": sha
+        for part in ("part_0", "part_1")
+        for path, sha in _shards(data.shards / part).items()
+    }
+    capsys.readouterr()
+    assert data_main(["verify", str(data.shards)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {len(merged['shards'])} shards")
+    assert data_main(["inspect", "--json", str(data.shards)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_shards"] == len(merged["shards"]) and summary["pairs"] == merged["pairs"]
+    # (test_launch_cluster trains on this merged directory with the trainer's loader.)
+
+
+def test_local_run_gives_the_same_shards_and_merge(cluster_shards, tmp_path, capsys):
+    data = cluster_shards
+    local = tmp_path / "local"
+    code = main(
+        ["shard", "--tokenizer", str(data.tokenizer), *data.inputs, "--out", str(local)]
+        + ["--array", "2", "--workers", "1", "--sample-tokens", "512", "--quiet", "--local"]
+    )
+    assert code == 0, capsys.readouterr()
     for part in ("part_0", "part_1"):
-        assert _shards(tmp_path / "local" / part) == _shards(tmp_path / "shards" / part)
+        assert _shards(local / part) == _shards(data.shards / part)
+    assert _shards(local) == _shards(data.shards)

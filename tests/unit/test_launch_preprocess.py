@@ -96,6 +96,12 @@ def test_train_tokenizer_is_one_task(tmp_path, monkeypatch, capsys):
     args = ["train-tokenizer", "--input", "en=en.txt", "--input", "de=de.txt", "--out", "tok"]
     assert main([*args, "--array", "2", "--dry-run"]) == 2
     assert "must be 1 for train-tokenizer" in capsys.readouterr().err
+    (tmp_path / "en-de.tsv").write_text("a\tb\n")
+    assert main([*args, "--parallel", "en-de=en-de.tsv", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --parallel ('en-de=en-de.tsv'): train-tokenizer takes monolingual --input only\n"
+    )
     assert main([*args, "--vocab-size", "400", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out.split("#!/bin/bash")[0])
     assert plan["tasks"][0]["argv"][3:] == [
