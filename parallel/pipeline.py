@@ -8,6 +8,24 @@ holds the embeddings, the last the final norm and output projection). Stage -> r
             InterleavedZeroBubble)                  rank r: stages r, r + pp, r + 2 pp, ...
     V schedules (ZBVZeroBubble, DualPipeV)          rank r: stages r and 2 pp - 1 - r, so the
                                                     last stage (the loss) is on rank 0
+
+Loss normalisation (``pipeline_step``). The schedule calls the loss on each microbatch and, with
+``scale_grads`` (torch's default), divides every gradient by the microbatch count M. The loss of
+microbatch i is therefore ``sum_i * M / N``: its summed per-token loss over N, the number of
+targets (not ``ignore_index``) in this rank's whole batch. The gradient is then that of the batch's
+per-token mean, as without pipelining, even when microbatches hold different numbers of targets
+(MLM masks, padding), and the mean of the M returned losses is the batch's per-token mean loss.
+
+MoE auxiliary losses need no plumbing across stages: each MoE layer attaches its weighted
+aux/z loss to its output, and a stage's backward adds ``aux_loss_scale`` (1 under pipeline
+parallel) times its gradient. After ``scale_grads`` the aux term of the gradient is the mean of
+the M per-microbatch aux losses, the same as gradient accumulation over those M microbatches
+with ``aux_loss_scale = 1 / M``. (A load-balancing loss is a product of per-batch statistics, so
+a microbatch's value differs from the whole batch's; Megatron also takes it per microbatch.)
+
+Tied embeddings cannot be split over stages (the embedding table and the output projection
+would live on different ranks): ``model.tie_embeddings`` must be false with ``parallel.pp > 1``
+(checked by ``pretrain.config.validate_config``).
 """
 
 from __future__ import annotations
@@ -51,7 +69,7 @@ def build_pipeline(
     cfg: ParallelConfig,
     tp_plan: dict[str, str],
     seed: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device | str = "cpu",
 ) -> tuple[Any, list[nn.Module], PipelineInfo]:
     """Build this rank's stages (each parallelized with ``parallelize_model``) and the schedule.
@@ -59,17 +77,16 @@ def build_pipeline(
     Args:
         build_stage: ``(stage, num_stages) -> model`` on the meta device, pruned to the stage
             (``pretrain.models.prune_to_stage``).
-        loss_fn: ``(logits, targets) -> mean loss`` of one microbatch; the schedule divides
-            gradients by the microbatch count (``scale_grads``), so equal-size microbatches give
-            the gradient of the mean over the whole batch. Under ``tp > 1`` the logits are a
-            ``Shard(2)`` DTensor over the vocabulary and ``schedule.step`` runs inside
-            ``loss_parallel()``, so a plain ``F.cross_entropy`` works on them (the losses it
-            returns are replicated DTensors; ``pipeline_loss`` reads them).
+        loss_sum_fn: ``(logits, targets) -> summed per-token loss`` of one microbatch (e.g.
+            ``F.cross_entropy(..., reduction="sum")``); ``pipeline_step`` normalises it over the
+            whole batch (module docstring). Under ``tp > 1`` the logits are a ``Shard(2)``
+            DTensor over the vocabulary and ``schedule.step`` runs inside ``loss_parallel()``,
+            so a plain ``F.cross_entropy`` works on them (the losses it returns are replicated
+            DTensors; ``pipeline_loss`` reads them).
 
     Returns:
-        ``(schedule, stage_models, info)``. Call ``schedule.step(tokens if info.has_first,
-        target=targets if info.has_last, losses=list if info.has_last)``; tokens/targets are
-        this dp rank's batch, split into ``parallel.microbatches`` along dim 0.
+        ``(schedule, stage_models, info)``. Run a step with ``pipeline_step(schedule, info=info,
+        ...)`` on this dp rank's batch; it is split into ``parallel.microbatches`` along dim 0.
 
     Raises:
         ValueError: an unknown schedule name.
@@ -97,6 +114,7 @@ def build_pipeline(
             )
         )
     microbatches = cfg.microbatches if cfg.microbatches is not None else dims.pp
+    loss_fn = BatchTokenMeanLoss(loss_sum_fn, microbatches=microbatches)
     if dims.tp > 1:
         # The last stage's logits are vocabulary-sharded (Shard(2)): the loss and the backward
         # the schedule runs from it must both be inside loss_parallel (torchtitan enters it
@@ -111,6 +129,7 @@ def build_pipeline(
         has_first=0 in stage_ids,
         has_last=num_stages - 1 in stage_ids,
         microbatches=microbatches,
+        loss_fn=loss_fn,
     )
     return schedule, models, info
 
@@ -142,6 +161,53 @@ class PipelineInfo:
     has_last: bool
     """Pass ``target=`` and ``losses=`` to ``schedule.step``."""
     microbatches: int
+    loss_fn: BatchTokenMeanLoss
+    """The schedule's loss (``pipeline_step`` sets its target count each step)."""
+
+
+class BatchTokenMeanLoss:
+    """A schedule's per-microbatch loss ``loss_sum_fn(out, target) * microbatches /
+    num_targets`` with ``num_targets`` the target count of the whole batch (module
+    docstring); ``pipeline_step`` sets it before each step."""
+
+    def __init__(
+        self, loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, microbatches
+    ) -> None:
+        self.loss_sum_fn = loss_sum_fn
+        self.microbatches = microbatches
+        self.num_targets: torch.Tensor | float = 1.0
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_sum_fn(outputs, targets) * (self.microbatches / self.num_targets)
+
+
+def pipeline_step(
+    schedule: Any,
+    *,
+    info: PipelineInfo,
+    dims: ParallelDims,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """One schedule step (forward and backward of every microbatch) on this dp rank's batch.
+
+    Args:
+        inputs: ``tokens_BT`` (read on the rank holding the first stage).
+        targets: ``targets_BT`` with ``ignore_index`` where nothing is predicted (read on the
+            rank holding the last stage; every rank may pass them).
+
+    Returns:
+        The batch's per-token mean loss, on every pp rank (``pipeline_loss``). Gradients are
+        those of that mean plus each MoE layer's per-microbatch-mean aux loss.
+    """
+    losses: list[torch.Tensor] = []
+    if info.has_last:
+        info.loss_fn.num_targets = (targets != ignore_index).sum().clamp(min=1).float()
+    args = (inputs,) if info.has_first else ()
+    kwargs = {"target": targets, "losses": losses} if info.has_last else {}
+    schedule.step(*args, **kwargs)
+    return pipeline_loss(losses, info=info, dims=dims)
 
 
 def pipeline_loss(losses: list[torch.Tensor], *, info: PipelineInfo, dims: ParallelDims):

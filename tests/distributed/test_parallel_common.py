@@ -82,14 +82,33 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(model, data, *, dims, dp_rank: int = 0, dp_size: int = 1) -> dict:
-    """Train ``STEPS`` steps on this rank's slice of each global batch."""
+def train(model, data, *, dims, dp_rank: int = 0, dp_size: int = 1, microbatches: int = 1) -> dict:
+    """Train ``STEPS`` steps on this rank's slice of each global batch.
+
+    ``microbatches > 1`` (one process): gradient accumulation over that many equal slices, the
+    per-token mean loss over the whole batch and each MoE aux loss weighted ``1 / microbatches``
+    (what pipeline parallel computes: ``parallel.pipeline``).
+    """
     opt = _optimizer(model)
     losses, norms = [], []
     for tokens, targets in data:
         tokens = tokens.chunk(dp_size)[dp_rank]
         targets = targets.chunk(dp_size)[dp_rank]
         opt.zero_grad()
+        if microbatches > 1:
+            assert dims is None
+            model.set_moe_aux_loss_scale(1.0 / microbatches)
+            num_targets = (targets != -100).sum()
+            loss = torch.zeros(())
+            for tok, tgt in zip(tokens.chunk(microbatches), targets.chunk(microbatches)):
+                logits = model(tok)
+                part = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum")
+                (part / num_targets).backward()
+                loss = loss + part.detach() / num_targets
+            norms.append(clip_grad_norm_(model, max_norm=MAX_NORM, dims=None).item())
+            losses.append(loss.item())
+            opt.step()
+            continue
         logits = model(tokens)
         with loss_context(dims):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -104,11 +123,13 @@ def train(model, data, *, dims, dp_rank: int = 0, dp_size: int = 1) -> dict:
     return {"losses": losses, "norms": norms}
 
 
-def reference(cfg: ModelConfig) -> dict:
-    """The unsharded single-process run."""
+def reference(cfg: ModelConfig, *, microbatches: int = 1, data=None) -> dict:
+    """The unsharded single-process run (``microbatches``: see ``train``; ``data``: batches
+    other than ``batches(cfg)``)."""
     model = build_model(copy.deepcopy(cfg))
     model.init_weights(SEED)
-    result = train(model, batches(cfg), dims=None)
+    data = batches(cfg) if data is None else data
+    result = train(model, data, dims=None, microbatches=microbatches)
     result["params"] = full_params(model)
     return result
 

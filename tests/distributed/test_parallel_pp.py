@@ -1,5 +1,11 @@
-"""Pipeline parallel (each schedule family), PP x DP, PP x TP and PP x EP against the unsharded
-reference."""
+"""Pipeline parallel (each schedule family, both families), PP x DP, PP x TP and PP x EP against
+the unsharded reference; MoE aux/z losses and per-token loss normalisation across microbatches.
+
+References: the whole batch in one process; with MoE aux/z losses, gradient accumulation over the
+same microbatches in one process (a load-balancing loss is a per-forward statistic, so that is
+what pipelining computes: ``parallel.pipeline``). Encoder runs use MLM-like targets (most
+positions ignored, a different count in each microbatch) to check per-token normalisation.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from test_parallel_common import (
 from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
 from parallel.parallelize import clip_grad_norm_
-from parallel.pipeline import build_pipeline, pipeline_loss
+from parallel.pipeline import build_pipeline, pipeline_step
 from parallel.testing import run_distributed
 from pretrain.models import build_model, pipeline_stage_layers, prune_to_stage, tp_plan
 
@@ -30,8 +36,33 @@ def _config():
     return dataclasses.replace(tiny_config("decoder"), num_layers=4)
 
 
-def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+def _moe_with_aux(family: str = "decoder"):
+    """The 4-layer MoE model (untied) with load-balancing and z losses switched on."""
+    cfg = tiny_config(family, moe=True)
+    moe = dataclasses.replace(cfg.moe, aux_loss_coef=0.1, z_loss_coef=0.01)
+    return dataclasses.replace(cfg, num_layers=4, moe=moe, tie_embeddings=False)
+
+
+def _untied_encoder(*, moe: bool = False):
+    return dataclasses.replace(tiny_config("encoder", moe=moe), num_layers=4, tie_embeddings=False)
+
+
+def _data(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches(cfg)``; for the encoder with MLM-like targets: about 30% of the positions
+    predicted, a different count in each row."""
+    data = batches(cfg)
+    if cfg.family != "encoder":
+        return data
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for tokens, targets in data:
+        keep = torch.rand(targets.shape, generator=gen) < 0.3
+        out.append((tokens, torch.where(keep, targets, torch.full_like(targets, -100))))
+    return out
+
+
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def _pp_run(rank: int, world_size: int, cfg, par: dict) -> dict:
@@ -49,20 +80,16 @@ def _pp_run(rank: int, world_size: int, cfg, par: dict) -> dict:
         return model
 
     schedule, models, info = build_pipeline(
-        build_stage, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED, loss_fn=_loss_fn
+        build_stage, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED, loss_sum_fn=_loss_sum
     )
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
     losses_out, norms = [], []
-    for tokens, targets in batches(cfg):
+    for tokens, targets in _data(cfg):
         tokens = tokens.chunk(dims.dp)[dims.dp_rank]
         targets = targets.chunk(dims.dp)[dims.dp_rank]
         opt.zero_grad()
-        losses: list[torch.Tensor] = []
-        args = (tokens,) if info.has_first else ()
-        kwargs = {"target": targets, "losses": losses} if info.has_last else {}
-        schedule.step(*args, **kwargs)
-        loss = pipeline_loss(losses, info=info, dims=dims)
+        loss = pipeline_step(schedule, info=info, dims=dims, inputs=tokens, targets=targets)
         if dims.dp > 1:
             torch.distributed.all_reduce(loss, group=dims["dp"].get_group())
             loss /= dims.dp
@@ -88,10 +115,19 @@ def _check(world_size: int, cases: dict[str, dict | tuple]) -> None:
     results = run_distributed(
         _pp_cases, world_size=world_size, args=([cases[k] for k in labels],), timeout_s=300
     )
-    refs: dict[int, dict] = {}
+    refs: dict[tuple, dict] = {}
     for index, label in enumerate(labels):
-        cfg = cases[label][0]
-        ref = refs.setdefault(id(cfg), reference(cfg))
+        cfg, par = cases[label]
+        # With aux/z losses the reference accumulates over the same (dp x microbatch) slices.
+        aux = cfg.moe.num_experts > 0 and (cfg.moe.aux_loss_coef or cfg.moe.z_loss_coef)
+        micro = 1
+        if aux:
+            dp = world_size // (par.get("pp", 1) * par.get("tp", 1))
+            micro = dp * par.get("microbatches", par.get("pp", 1))
+        key = (id(cfg), micro)
+        if key not in refs:
+            refs[key] = reference(cfg, microbatches=micro, data=_data(cfg))
+        ref = refs[key]
         per_case = [per_rank[index] for per_rank in results]
         merged: dict[str, torch.Tensor] = {}
         for result in per_case:
@@ -120,6 +156,12 @@ def test_pp2_schedules_match_the_reference():
                 "stages_per_rank": 2,
                 "microbatches": 4,
             },
+            "PP2 DualPipeV": {
+                "pp": 2,
+                "pp_schedule": "DualPipeV",
+                "stages_per_rank": 2,
+                "microbatches": 4,
+            },
         },
     )
 
@@ -135,6 +177,55 @@ def test_pp2_with_dp2_tp2_ep2_world_4_matches_the_reference():
             "PP2 x EP2 (FSDP2 x2) 1F1B MoE": (
                 moe,
                 {"pp": 2, "ep": 2, "pp_schedule": "1F1B", "microbatches": 2},
+            ),
+        },
+    )
+
+
+def test_pp2_moe_aux_and_z_losses_match_gradient_accumulation():
+    # Each stage's MoE layers add their aux/z gradients in its own backward; the zero-bubble
+    # schedules split that backward into input and weight gradients.
+    moe = _moe_with_aux()
+    _check(
+        2,
+        {
+            "PP2 1F1B MoE aux+z": (moe, {"pp": 2, "pp_schedule": "1F1B", "microbatches": 4}),
+            "PP2 InterleavedZeroBubble MoE aux+z": (
+                moe,
+                {
+                    "pp": 2,
+                    "pp_schedule": "InterleavedZeroBubble",
+                    "stages_per_rank": 2,
+                    "microbatches": 4,
+                },
+            ),
+            "PP2 ZBVZeroBubble MoE aux+z": (
+                moe,
+                {
+                    "pp": 2,
+                    "pp_schedule": "ZBVZeroBubble",
+                    "stages_per_rank": 2,
+                    "microbatches": 2,
+                },
+            ),
+        },
+    )
+
+
+def test_pp2_untied_encoder_matches_the_reference():
+    # MLM-like targets: a different number of predicted positions in each microbatch.
+    _check(
+        2,
+        {
+            "PP2 1F1B encoder": (_untied_encoder(), {"pp": 2, "pp_schedule": "1F1B"}),
+            "PP2 Interleaved1F1B MoE encoder aux+z": (
+                _moe_with_aux("encoder"),
+                {
+                    "pp": 2,
+                    "pp_schedule": "Interleaved1F1B",
+                    "stages_per_rank": 2,
+                    "microbatches": 4,
+                },
             ),
         },
     )
