@@ -365,6 +365,11 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
             f"data.seq_len ({cfg.data.seq_len}) must be divisible by parallel.tp ({par.tp}) "
             "with parallel.sequence_parallel"
         )
+    if par.pp > 1 and model.tie_embeddings:
+        raise ValueError(
+            f"model.tie_embeddings (True) must be false with parallel.pp ({par.pp}) > 1: the "
+            "embedding table and the output projection are on different pipeline stages"
+        )
     if par.pp > 1 and model.document_masking:
         raise ValueError(
             f"model.document_masking (True) must be false with parallel.pp ({par.pp}) > 1: "

@@ -86,7 +86,8 @@ class ModelConfig:
     qk_norm: bool = False
     """Normalise queries and keys per head before attention."""
     tie_embeddings: bool = False
-    """Share the input embedding with the output projection."""
+    """Share the input embedding with the output projection (must be false with
+    parallel.pp > 1: the two are on different pipeline stages)."""
     num_languages: int = 0
     """Size of the XLM-style language-embedding table; 0 disables language embeddings."""
     dropout: float = 0.0

@@ -165,6 +165,12 @@ BAD_CONFIGS = [
         "pass only hidden states",
     ),
     (
+        ["parallel.pp=2", "model.tie_embeddings=true"],
+        2,
+        "model.tie_embeddings (True) must be false with parallel.pp (2) > 1: the embedding "
+        "table and the output projection are on different pipeline stages",
+    ),
+    (
         ["parallel.pp=2", "model.document_masking=false", "train.grad_accum=2"],
         2,
         "train.grad_accum (2) must be 1 with parallel.pp (2) > 1; the pipeline's "
