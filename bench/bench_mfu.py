@@ -112,7 +112,7 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
         "tokens_per_s": tokens / elapsed,
         "data_wait_share": wait / elapsed,
         "peak_memory_gib": _peak_memory_gib(device),
-        "loss": out["loss"],
+        "loss": float(out["loss"]),  # a device tensor on the sync-free path
     }
     # The same step on batches already in memory: what the step costs without any loader.
     held = (held * (steps // max(1, len(held)) + 1))[:steps]

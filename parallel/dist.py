@@ -22,7 +22,10 @@ def init_distributed(*, device_type: str = "cpu") -> tuple[int, int]:
         # A one-rank group keeps one code path: the mesh and collectives work as for N ranks.
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         return 0, 1
-    backend = "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
+    # On GPUs, NCCL for CUDA tensors and gloo for the CPU ones (loader, preemption flag,
+    # log-step metrics): one group, both devices.
+    cuda = device_type == "cuda" and torch.cuda.is_available()
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 

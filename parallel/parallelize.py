@@ -232,8 +232,8 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
 ) -> torch.Tensor:
     """Clip the gradients of ``parts`` (a model, or this rank's pipeline stages) to a global
-    ``max_norm`` and return the total norm before clipping (a plain fp32 scalar, equal on every
-    rank).
+    ``max_norm`` and return the total norm before clipping (a plain fp32 scalar on the
+    gradients' device, equal on every rank). No host sync: the norm stays on the device.
 
     Each DTensor gradient's norm is taken over its own mesh (FSDP shards, TP shards, ``Partial``
     sums of sequence-parallel norms, EP expert shards), so a value replicated on an axis is
@@ -246,13 +246,14 @@ def clip_grad_norm_(
         raise ValueError(f"norm_type ({norm_type}) must be 2 or inf")
     parts = [parts] if isinstance(parts, nn.Module) else list(parts)
     params = _unique_params(parts)
-    total = torch.zeros((), dtype=torch.float32)
+    device = params[0].grad.device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for param in params:
         grad = param.grad
         norm = torch.linalg.vector_norm(grad, norm_type)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        norm = norm.float().cpu()
+        norm = norm.float().to(device)
         total = torch.maximum(total, norm) if norm_type == float("inf") else total + norm**2
     if dims is not None and dims.pp > 1:
         op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from parallel.dist import destroy_distributed, init_distributed
 from pretrain.config import RunConfig, config_to_yaml, load_config, save_config, validate_config
 
@@ -139,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             _print_plan(plan(cfg, world_size=args.world_size or 1), as_json=args.json)
             return 0
-        rank, world_size = init_distributed(device_type="cpu")
+        # The device train.device names (auto: CUDA when there is one) picks NCCL beside gloo.
+        cuda = cfg.train.device == "cuda" or (
+            cfg.train.device == "auto" and torch.cuda.is_available()
+        )
+        rank, world_size = init_distributed(device_type="cuda" if cuda else "cpu")
         try:
             validate_config(cfg, world_size=world_size)
             if rank == 0:

@@ -37,7 +37,7 @@ from parallel.parallelize import (
     parallelize_model,
     reduce_metric,
 )
-from parallel.pipeline import build_pipeline, pipeline_loss
+from parallel.pipeline import build_pipeline, pipeline_step
 from pretrain.checkpoint import (
     CheckpointManager,
     TrainState,
@@ -131,7 +131,7 @@ class Trainer:
                 cfg=cfg.parallel,
                 tp_plan=tp_plan(cfg.model),
                 seed=cfg.train.seed,
-                loss_fn=self._pipeline_loss_fn,
+                loss_sum_fn=self._pipeline_loss_sum,
                 device=self.device,
             )
         else:
@@ -156,6 +156,10 @@ class Trainer:
             build_scheduler(opt, cfg.optim, total_steps=cfg.train.steps) for opt in self.optimizers
         ]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        # A fused AdamW skips a non-finite step's update on the device: no host sync needed.
+        self.sync_free = self.scaler is None and all(
+            opt.defaults.get("fused") for opt in self.optimizers
+        )
         self.loader = build_train_loader(
             cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
         )
@@ -191,10 +195,14 @@ class Trainer:
         prune_to_stage(model, layer_keys=keys, first=stage == 0, last=stage == num_stages - 1)
         return model
 
-    def _pipeline_loss_fn(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Mean loss of one pipeline microbatch (labels already shifted for CLM)."""
+    def _pipeline_loss_sum(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Summed loss of one pipeline microbatch (labels already shifted for CLM);
+        ``pipeline_step`` divides it by the batch's target count."""
         return F.cross_entropy(
-            logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX
+            logits_BTV.flatten(0, 1).float(),
+            labels_BT.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
 
     def _shifted_labels(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -210,15 +218,17 @@ class Trainer:
         Stages see only token ids / hidden states: positions are 0..T-1 and attention spans
         the whole row (no per-document masks) under pipeline parallel.
         """
-        info = self.pipeline_info
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = self._shifted_labels(batch)
-        losses: list[torch.Tensor] = []
-        args = (input_ids,) if info.has_first else ()
-        kwargs = {"target": labels, "losses": losses} if info.has_last else {}
         with self._autocast():
-            self.pipeline.step(*args, **kwargs)
-        return pipeline_loss(losses, info=info, dims=self.dims)
+            return pipeline_step(
+                self.pipeline,
+                info=self.pipeline_info,
+                dims=self.dims,
+                inputs=input_ids,
+                targets=labels,
+                ignore_index=IGNORE_INDEX,
+            )
 
     def _autocast(self):
         if self.precision in ("bf16", "fp16"):
@@ -227,7 +237,9 @@ class Trainer:
         return nullcontext()
 
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, tuple]]:
-        """Mean loss of one micro-batch and, per language, (loss sum, predicted tokens).
+        """Mean loss of one micro-batch and, per (objective, language) group, the loss sums and
+        predicted-token counts as ``[groups]`` device tensors (group = objective index *
+        languages + language index); None under tensor parallel.
 
         Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
         ``loss_context`` (the caller runs backward inside it too).
@@ -255,7 +267,7 @@ class Trainer:
                     labels.flatten(),
                     ignore_index=IGNORE_INDEX,
                 )
-                return loss, {}
+                return loss, None
             hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
             weight_VD, bias_V = self.model.output_projection()
         # Sums per (objective, language) from one pass: each target token's language (TLM rows
@@ -270,79 +282,113 @@ class Trainer:
         group_N = (objective_BT * len(self.languages) + lang_ids).flatten()
         hidden_ND = hidden_BTD.flatten(0, 1)
         labels_N = labels.flatten()
-        targets_M = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden_MD, labels_M, group_M = hidden_ND[targets_M], labels_N[targets_M], group_N[targets_M]
-        total = hidden_BTD.new_zeros((), dtype=torch.float32)
-        per_group = {}
-        for index in sorted(set(group_M.tolist())):
-            rows = (group_M == index).nonzero().squeeze(1)
-            with self._autocast():
-                loss_sum = chunked_cross_entropy(
-                    hidden_MD[rows],
-                    labels_M[rows],
-                    weight_VD,
-                    bias_V=bias_V,
-                    chunk_tokens=cfg.objective.loss_chunk_tokens,
-                    reduction="sum",
-                )
-            objective, lang = divmod(index, len(self.languages))
-            key = (self.objective_names[objective], self.languages[lang])
-            per_group[key] = (loss_sum.detach(), rows.numel())
-            total = total + loss_sum
+        valid_N = labels_N != IGNORE_INDEX
+        if cfg.model.family == "encoder":
+            # MLM predicts ~15% of the positions: project only those (one host sync for the
+            # count). CLM predicts nearly every position, so the decoder projects all of them
+            # and ignored positions add 0: no sync.
+            targets_M = valid_N.nonzero().squeeze(1)
+            hidden_ND, labels_N, group_N = (
+                hidden_ND[targets_M],
+                labels_N[targets_M],
+                group_N[targets_M],
+            )
+            valid_N = valid_N[targets_M]
+        num_groups = len(self.objective_names) * len(self.languages)
+        with self._autocast():
+            sums_G = chunked_cross_entropy(
+                hidden_ND,
+                labels_N,
+                weight_VD,
+                bias_V=bias_V,
+                chunk_tokens=cfg.objective.loss_chunk_tokens,
+                reduction="sum",
+                group_N=group_N,
+                num_groups=num_groups,
+            )
+        groups_G = torch.arange(num_groups, device=group_N.device)
+        counts_G = ((group_N[:, None] == groups_G) & valid_N[:, None]).sum(0).float()
         num_targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return total / num_targets, per_group
+        return sums_G.sum() / num_targets, (sums_G.detach(), counts_G)
 
     def _step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer step over the micro-batches.
+
+        Without host syncs when the optimizer is fused and there is no GradScaler
+        (``self.sync_free``; CUDA's default): the loss, grad norm and group sums stay device
+        tensors, a non-finite loss skips the update on the device (the fused AdamW's
+        ``found_inf``), and :meth:`_settle` reads them later. Otherwise the step settles itself.
+        """
         accum = len(batches)
         for part in self.parts:
             if hasattr(part, "set_moe_aux_loss_scale"):
                 part.set_moe_aux_loss_scale(1.0 / accum)
-        loss_sum = torch.zeros((), dtype=torch.float32)
-        group_loss: dict[tuple[str, str], float] = defaultdict(float)
-        group_count: dict[tuple[str, str], float] = defaultdict(float)
+        num_groups = len(self.objective_names) * len(self.languages)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        group_sums = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
+        group_counts = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
         tokens = 0
         for batch in batches:
             tokens += int(batch["input_ids"].numel())
             if self.pipeline is not None:
-                loss_sum += self._pipeline_forward_backward(batch).float().cpu()
+                loss_sum += self._pipeline_forward_backward(batch).float().to(self.device)
                 continue
             with loss_context(self.dims):
-                loss, per_group = self._forward_loss(batch)
+                loss, groups = self._forward_loss(batch)
                 scaled = loss / accum
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
-            loss_sum += local_value(loss).detach().float().cpu() / accum
-            for key, (value, count) in per_group.items():
-                group_loss[key] += float(value)
-                group_count[key] += float(count)
-        loss_value = float(reduce_metric(loss_sum, dims=self.dims, axis="dp"))
+            loss_sum += local_value(loss).detach().float() / accum
+            if groups is not None:
+                group_sums += groups[0]
+                group_counts += groups[1]
+        loss = reduce_metric(loss_sum, dims=self.dims, axis="dp")
         if self.scaler is not None:
             for optimizer in self.optimizers:
                 self.scaler.unscale_(optimizer)
-        finite = self.guard.check(loss_value)
-        grad_norm = float("nan")
-        if finite:
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(clip_grad_norm_(self.parts, max_norm=max_norm, dims=self.dims))
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        out = {
+            "tokens": tokens,
+            "group_sums": group_sums,
+            "group_counts": group_counts,
+        }
+        if self.sync_free:
+            # Clipping a non-finite step's gradients is harmless: its update is skipped.
+            grad_norm = clip_grad_norm_(self.parts, max_norm=max_norm, dims=self.dims)
+            found_inf = (~torch.isfinite(loss)).float().reshape(())
             for optimizer in self.optimizers:
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
+                optimizer.step()
+            out.update(loss=loss, grad_norm=grad_norm, settled=False)
+        else:
+            loss_value = float(loss)
+            finite = self.guard.check(loss_value)
+            grad_norm = float("nan")
+            if finite:
+                grad_norm = float(clip_grad_norm_(self.parts, max_norm=max_norm, dims=self.dims))
+                for optimizer in self.optimizers:
+                    if self.scaler is not None:
+                        self.scaler.step(optimizer)
+                    else:
+                        optimizer.step()
                 if self.scaler is not None:
-                    self.scaler.step(optimizer)
-                else:
-                    optimizer.step()
-            if self.scaler is not None:
-                self.scaler.update()
+                    self.scaler.update()
+            out.update(loss=loss_value, grad_norm=grad_norm, settled=True)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        return {
-            "loss": loss_value,
-            "grad_norm": grad_norm,
-            "tokens": tokens,
-            "group_loss": dict(group_loss),
-            "group_count": dict(group_count),
-            "skipped": not finite,
-        }
+        return out
+
+    def _settle(self, out: dict[str, Any]) -> None:
+        """Read a sync-free step's loss and grad norm (waiting for its work) and count it in the
+        NaN guard; a step that settled itself is left alone. Steps settle in order."""
+        if out["settled"]:
+            return
+        loss = float(out["loss"])
+        out["loss"] = loss
+        out["grad_norm"] = float(out["grad_norm"]) if self.guard.check(loss) else float("nan")
+        out["settled"] = True
 
     # ------------------------------------------------------------------------------------------
 
@@ -451,9 +497,11 @@ class Trainer:
         exit_code = 0
         batches = iter(self.loader)
         window_tokens, window_start = 0, time.perf_counter()
-        window_loss: dict[tuple[str, str], float] = defaultdict(float)
-        window_count: dict[tuple[str, str], float] = defaultdict(float)
+        num_groups = len(self.objective_names) * len(self.languages)
+        window_sums = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
+        window_counts = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
         window_lang_tokens: dict[str, int] = defaultdict(int)
+        pending = None  # the previous step's output, read once this step's work is queued
         try:
             step = start
             last = cfg.train.stop_at or cfg.train.steps
@@ -466,14 +514,27 @@ class Trainer:
                 out = self._step(micro)
                 step += 1
                 window_tokens += out["tokens"]
-                for key, value in out["group_loss"].items():
-                    window_loss[key] += value
-                    window_count[key] += out["group_count"][key]
+                window_sums += out["group_sums"]
+                window_counts += out["group_counts"]
+                if pending is not None:
+                    self._settle(pending)
+                    if self.guard.diverged:  # the previous step's loss, read a step late
+                        logger.info(self.guard.message(step - 1))
+                        exit_code = EXIT_DIVERGED
+                        break
+                pending = out
+                # Never checkpoint inside a run of non-finite losses: the last checkpoint
+                # stays one taken after a good step.
+                periodic = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                log_now = step % cfg.logging.every == 0 or step == last
+                stop = self.preemption.should_stop()
+                if periodic or log_now or stop or step == last:
+                    self._settle(out)
                 if self.guard.diverged:
                     logger.info(self.guard.message(step))
                     exit_code = EXIT_DIVERGED
                     break
-                if step % cfg.logging.every == 0 or step == last:
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     global_tokens = float(
                         reduce_metric(float(window_tokens), dims=self.dims, op="sum")
@@ -494,7 +555,7 @@ class Trainer:
                             peak=self.peak_flops,
                         )
                     metrics.update(
-                        self._language_metrics(window_loss, window_count, window_lang_tokens)
+                        self._language_metrics(window_sums, window_counts, window_lang_tokens)
                     )
                     metrics.update(self._moe_metrics())
                     if cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -504,17 +565,14 @@ class Trainer:
                             metrics["valid_loss"] = sum(valid.values()) / len(valid)
                     logger.log(metrics, step)
                     window_tokens, window_start = 0, time.perf_counter()
-                    window_loss.clear()
-                    window_count.clear()
+                    window_sums.zero_()
+                    window_counts.zero_()
                     window_lang_tokens.clear()
                 else:
                     logger.advance(step)
-                # Never checkpoint inside a run of non-finite losses: the last checkpoint
-                # stays one taken after a good step.
-                periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
                 if periodic and self.guard.consecutive == 0:
                     self._save(step)
-                if self.preemption.should_stop():
+                if stop:
                     self._save(step)
                     self.checkpoints.close()
                     logger.info(f"stop signal received: checkpointed step {step}, exiting")
@@ -539,20 +597,30 @@ class Trainer:
 
     def _language_metrics(
         self,
-        group_loss: dict[tuple[str, str], float],
-        group_count: dict[tuple[str, str], float],
+        group_sums: torch.Tensor,
+        group_counts: torch.Tensor,
         lang_tokens: dict[str, int],
     ) -> dict[str, Any]:
         """Train loss per language and per objective, and tokens per language, over the log
-        window, summed over dp ranks (a fixed table: every rank reduces the same shape)."""
+        window, summed over dp ranks (a fixed table: every rank reduces the same shape).
+
+        ``group_sums`` / ``group_counts``: loss sums and predicted tokens per (objective index,
+        language index) group, as :meth:`_forward_loss` returns them.
+        """
         objectives = sorted(set(self.objective_names))
         keys = [(obj, lang) for obj in objectives for lang in self.languages]
-        table = torch.tensor(
-            [[group_loss.get(k, 0.0), group_count.get(k, 0.0)] for k in keys]
-            + [[float(lang_tokens.get(lang, 0)), 0.0] for lang in self.languages],
+        num_langs = len(self.languages)
+        rows = torch.zeros(len(keys), 2, dtype=torch.float64)
+        sums, counts = group_sums.double().cpu(), group_counts.double().cpu()
+        for index, name in enumerate(self.objective_names):
+            at = objectives.index(name) * num_langs
+            rows[at : at + num_langs, 0] += sums[index * num_langs : (index + 1) * num_langs]
+            rows[at : at + num_langs, 1] += counts[index * num_langs : (index + 1) * num_langs]
+        lang_rows = torch.tensor(
+            [[float(lang_tokens.get(lang, 0)), 0.0] for lang in self.languages],
             dtype=torch.float64,
         )
-        table = reduce_metric(table, dims=self.dims, axis="dp", op="sum")
+        table = reduce_metric(torch.cat([rows, lang_rows]), dims=self.dims, axis="dp", op="sum")
         sums = {k: (float(table[i, 0]), float(table[i, 1])) for i, k in enumerate(keys)}
         out: dict[str, Any] = {
             "tokens_per_lang": {

@@ -31,6 +31,19 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits_CV, labels_C, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _chunk_group_sums(
+    hidden_CD: torch.Tensor,
+    labels_C: torch.Tensor,
+    weight_VD: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    onehot_CG: torch.Tensor,
+) -> torch.Tensor:
+    logits_CV = F.linear(hidden_CD, weight_VD, bias_V).float()
+    loss_C = F.cross_entropy(logits_CV, labels_C, ignore_index=IGNORE_INDEX, reduction="none")
+    # A matrix product, not index_add_: deterministic on CUDA and no host sync.
+    return loss_C @ onehot_CG
+
+
 def chunked_cross_entropy(
     hidden_ND: torch.Tensor,
     labels_N: torch.Tensor,
@@ -39,6 +52,8 @@ def chunked_cross_entropy(
     bias_V: torch.Tensor | None = None,
     chunk_tokens: int = 4096,
     reduction: str = "mean",
+    group_N: torch.Tensor | None = None,
+    num_groups: int = 0,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden_ND @ weight_VD.T + bias_V`` against ``labels_N``, by chunks.
 
@@ -49,17 +64,28 @@ def chunked_cross_entropy(
         bias_V: optional output bias (XLM-R).
         chunk_tokens: tokens per chunk (bounds the logits held at once).
         reduction: "mean" over non-ignored positions (0 if there are none) or "sum".
+        group_N, num_groups: with a group index in ``[0, num_groups)`` per position, the loss
+            sums per group (``reduction`` must be "sum"): one pass over the tokens whatever the
+            number of groups, and no host sync (the trainer's loss per language).
 
     Returns:
-        Scalar fp32 loss.
+        Scalar fp32 loss, or the ``[num_groups]`` fp32 sums when ``group_N`` is given.
 
     Raises:
-        ValueError: ``chunk_tokens`` < 1 or an unknown ``reduction``.
+        ValueError: ``chunk_tokens`` < 1, an unknown ``reduction``, or groups without "sum".
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction ({reduction!r}) must be one of mean, sum")
+    if group_N is not None:
+        if reduction != "sum" or num_groups < 1:
+            raise ValueError(
+                f"group_N needs reduction='sum' ({reduction!r}) and num_groups >= 1 ({num_groups})"
+            )
+        return _grouped_sums(
+            hidden_ND, labels_N, weight_VD, bias_V, chunk_tokens, group_N, num_groups
+        )
     total = hidden_ND.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden_ND.shape[0], chunk_tokens):
         hidden_CD = hidden_ND[start : start + chunk_tokens]
@@ -76,6 +102,37 @@ def chunked_cross_entropy(
     # A device-side count: no host sync, and 0 / 1 = 0 for a batch without targets.
     count = (labels_N != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
+
+
+def _grouped_sums(
+    hidden_ND: torch.Tensor,
+    labels_N: torch.Tensor,
+    weight_VD: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    chunk_tokens: int,
+    group_N: torch.Tensor,
+    num_groups: int,
+) -> torch.Tensor:
+    groups_G = torch.arange(num_groups, device=group_N.device)
+    total_G = hidden_ND.new_zeros((num_groups,), dtype=torch.float32)
+    for start in range(0, hidden_ND.shape[0], chunk_tokens):
+        hidden_CD = hidden_ND[start : start + chunk_tokens]
+        labels_C = labels_N[start : start + chunk_tokens]
+        onehot_CG = (group_N[start : start + chunk_tokens, None] == groups_G).float()
+        if torch.is_grad_enabled():
+            chunk_G = checkpoint(
+                _chunk_group_sums,
+                hidden_CD,
+                labels_C,
+                weight_VD,
+                bias_V,
+                onehot_CG,
+                use_reentrant=False,
+            )
+        else:
+            chunk_G = _chunk_group_sums(hidden_CD, labels_C, weight_VD, bias_V, onehot_CG)
+        total_G = total_G + chunk_G
+    return total_G
 
 
 def clm_loss(

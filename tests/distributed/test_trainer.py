@@ -166,15 +166,28 @@ def test_loss_falls(shards, tmp_path: Path):
     assert set(metrics["loss_per_lang"]) == set(LANGS)
 
 
+def _weights_sum(trainer) -> float:
+    from torch.distributed.tensor import DTensor
+
+    return sum(
+        float((p.full_tensor() if isinstance(p, DTensor) else p).double().abs().sum())
+        for part in trainer.parts
+        for p in part.parameters()
+    )
+
+
 def _run_with_nan(rank: int, world_size: int, cfg, nan_from: int) -> dict:
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
     forward = trainer._forward_loss
     calls = {"n": 0}
+    weights = {}
 
     def poisoned(batch):
         calls["n"] += 1  # one micro-batch per step here
+        if calls["n"] == nan_from + 1:
+            weights["good"] = _weights_sum(trainer)  # after the last good step
         loss, per_lang = forward(batch)
         if calls["n"] > nan_from:
             loss = loss * float("nan")
@@ -182,10 +195,20 @@ def _run_with_nan(rank: int, world_size: int, cfg, nan_from: int) -> dict:
 
     trainer._forward_loss = poisoned
     code = trainer.fit()
-    return {"code": code, "skipped": trainer.guard.total}
+    return {
+        "code": code,
+        "skipped": trainer.guard.total,
+        "sync_free": trainer.sync_free,
+        "untouched": weights["good"] == _weights_sum(trainer),
+    }
 
 
-def test_nan_losses_skip_updates_then_stop_with_last_good_checkpoint(shards, tmp_path: Path):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach-adamw", "fused-adamw-sync-free"])
+def test_nan_losses_skip_updates_then_stop_with_last_good_checkpoint(
+    shards, tmp_path: Path, fused: bool
+):
+    # Fused AdamW takes the sync-free path (CUDA's default): the update is skipped on the
+    # device and the guard reads each step's loss a step late, except at log/checkpoint steps.
     cfg = _cfg(
         "tiny_decoder.yaml",
         shards,
@@ -193,9 +216,11 @@ def test_nan_losses_skip_updates_then_stop_with_last_good_checkpoint(shards, tmp
         "train.max_nonfinite_steps=3",
         "checkpoint.every=2",
         "train.eval_every=0",
+        "logging.every=5",
+        f"optim.fused={str(fused).lower()}",
     )
     out = run_distributed(_run_with_nan, world_size=1, args=(cfg, 4))[0]
-    assert out == {"code": EXIT_DIVERGED, "skipped": 3}
+    assert out == {"code": EXIT_DIVERGED, "skipped": 3, "sync_free": fused, "untouched": True}
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2, 4]
     state = torch.load(tmp_path / "checkpoints" / "step_4" / "rank_0.pt", weights_only=True)
     assert "loader" in state and "rng" in state
@@ -301,3 +326,32 @@ def test_gradient_accumulation_matches_the_larger_batch(shards, tmp_path: Path):
     one, two = _losses(tmp_path / "big"), _losses(tmp_path / "accum")
     for step in range(1, 5):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def _steps_without_host_sync(rank: int, world_size: int, cfg) -> dict:
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    batches = iter(trainer.loader)
+    trainer._step([next(batches)])  # first step: lazy state, allocator warm-up
+    held = [next(batches) for _ in range(2)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        outs = [trainer._step([batch]) for batch in held]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for out in outs:
+        trainer._settle(out)
+    return {"sync_free": trainer.sync_free, "losses": [out["loss"] for out in outs]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny_decoder.yaml", "tiny_moe.yaml"])
+def test_cuda_step_makes_no_host_sync(shards, tmp_path: Path, preset: str):
+    # Issue 11's lever: the step queues forward, backward, clipping and the fused AdamW without
+    # waiting for the GPU (no .item()/.cpu()/nonzero, MoE token counts included).
+    cfg = _cfg(preset, shards, tmp_path, "train.device=cuda", "train.precision=bf16")
+    out = run_distributed(_steps_without_host_sync, world_size=1, args=(cfg,))[0]
+    assert out["sync_free"] is True
+    assert all(math.isfinite(loss) for loss in out["losses"])

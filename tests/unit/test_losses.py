@@ -55,6 +55,39 @@ def test_clm_unshifted_targets_and_sum_reduction() -> None:
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 1000])
+def test_group_sums_equal_per_group_losses_in_one_pass(chunk_tokens: int) -> None:
+    hidden_BTD, weight_VD, bias_V, tokens_BT = _inputs(4)
+    hidden_ND, labels_N = hidden_BTD.reshape(-1, D), tokens_BT.reshape(-1).clone()
+    labels_N[::5] = IGNORE_INDEX
+    group_N = torch.arange(labels_N.numel()) % 3  # group 3 of 4 never occurs
+    sums_G = chunked_cross_entropy(
+        hidden_ND,
+        labels_N,
+        weight_VD,
+        bias_V=bias_V,
+        chunk_tokens=chunk_tokens,
+        reduction="sum",
+        group_N=group_N,
+        num_groups=4,
+    )
+    per_token = F.cross_entropy(
+        F.linear(hidden_ND, weight_VD, bias_V),
+        labels_N,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    want = torch.stack([per_token[group_N == g].sum() for g in range(4)])
+    torch.testing.assert_close(sums_G, want, rtol=1e-6, atol=1e-5)
+    assert sums_G[3] == 0
+    # The gradient of the total equals that of the plain summed loss.
+    got = _grads(sums_G.sum(), hidden_BTD, weight_VD, bias_V)
+    for g, w in zip(got, _grads(per_token.sum(), hidden_BTD, weight_VD, bias_V), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="group_N needs reduction='sum'"):
+        chunked_cross_entropy(hidden_ND, labels_N, weight_VD, group_N=group_N, num_groups=4)
+
+
 @pytest.mark.parametrize("select_masked", [True, False])
 def test_mlm_counts_masked_positions_only(select_masked: bool) -> None:
     hidden_BTD, weight_VD, bias_V, tokens_BT = _inputs(2)
