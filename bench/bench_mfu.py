@@ -13,6 +13,13 @@ It prints tokens/s, MFU = tokens/s * (6 N + 12 L H T) / the matmul rate it measu
 device (bf16 on CUDA, fp32 on the CPU), peak memory, the data-wait share of step time, and the
 ratios ours / transformers and our MoE / our dense.
 
+``--levers`` then runs our path again with one lever taken away at a time (in-memory batches,
+so the loader does not blur it) and prints each variant's tokens/s against the full path:
+``no-compile`` (eager blocks), ``unfused-adamw`` (foreach AdamW, which also brings back the
+host syncs of the NaN guard), ``unchunked-loss`` (one chunk: whole-batch logits),
+``math-attention`` (SDPA's math kernel instead of flash/cuDNN), ``loader-in-main`` (the real
+loader with ``data.num_workers=0``; real batches).
+
 On a GPU: ``python bench/bench_mfu.py --shards demo_out/shards`` (presets decoder_1b and
 moe_8x_top2, seq 2048). On a CPU the default is tiny shapes for a correctness run; its figures
 are not the issue's goals.
@@ -183,6 +190,29 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
     }
 
 
+LEVERS = {
+    "no-compile": ["parallel.compile=false"],
+    "unfused-adamw": ["optim.fused=false"],
+    "unchunked-loss": ["objective.loss_chunk_tokens=1000000000"],
+    "math-attention": [],
+    "loader-in-main": ["data.num_workers=0"],
+}
+
+
+def bench_lever(cfg, lever: str, *, steps: int, warmup: int) -> float:
+    """Our step's tokens/s with ``lever`` taken away (see the module docstring)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    context = sdpa_kernel(SDPBackend.MATH) if lever == "math-attention" else nullcontext()
+    with context:
+        result = bench_rosetta(cfg, steps=steps, warmup=warmup)
+    if lever == "loader-in-main":
+        return result["real"]["tokens_per_s"]
+    return result["synthetic"]["tokens_per_s"]
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -204,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compile-hf", action="store_true", help="torch.compile the HF model")
     parser.add_argument("--compile", action="store_true", help="parallel.compile=true for ours")
+    parser.add_argument(
+        "--levers", action="store_true", help="also measure each lever taken away (ours only)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -261,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             "ours_over_hf": ours["real"]["tokens_per_s"] / hf["tokens_per_s"],
             "final_loss": {"rosetta": ours["real"]["loss"], "hf": hf["loss"]},
         }
+        if args.levers:
+            base = ours["synthetic"]["tokens_per_s"]
+            table = {"full (in-memory batches)": {"tokens_per_s": base, "vs_full": 1.0}}
+            for lever, extra in LEVERS.items():
+                variant = _run_config(preset, args.shards, [*common, *overrides, *extra])
+                rate_off = bench_lever(variant, lever, steps=steps, warmup=warmup)
+                table[lever] = {"tokens_per_s": rate_off, "vs_full": rate_off / base}
+            results["models"][name]["levers"] = table
     if "dense" in results["models"] and "moe" in results["models"]:
         results["moe_over_dense"] = (
             results["models"]["moe"]["rosetta_tokens_per_s"]
