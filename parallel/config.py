@@ -2,7 +2,9 @@
 
 Mesh axes are ``pp``, ``dp_replicate``, ``dp_shard`` and ``tp``; their product is the world size.
 ``ep`` (expert parallel) is not a separate axis: it is drawn from the fully-sharded
-data-parallel ranks, so it must divide ``dp_shard`` (layout in ``parallel/mesh.py``).
+data-parallel ranks, so it must divide ``dp_shard``; with ``ep_over_tp`` from the dp_shard and
+tp ranks together, so it must be a multiple of ``tp`` and ``ep / tp`` must divide ``dp_shard``
+(layout in ``parallel/mesh.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class ParallelConfig:
     """Pipeline-parallel degree (stages)."""
     ep: int = 1
     """Expert-parallel degree, drawn from the dp_shard ranks (must divide dp_shard)."""
+    ep_over_tp: bool = False
+    """Draw ep from the dp_shard and tp ranks together (ep a multiple of tp, ep / tp dividing
+    dp_shard): tokens are split over tp inside the MoE and experts are not tp-sharded."""
     pp_schedule: str = "1F1B"
     """torch.distributed.pipelining schedule: 1F1B, GPipe, Interleaved1F1B, LoopedBFS,
     InterleavedZeroBubble, ZBVZeroBubble, DualPipeV."""
@@ -97,6 +102,13 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
             f"parallel.stages_per_rank ({cfg.stages_per_rank}) must be 1 with "
             f"parallel.pp_schedule={cfg.pp_schedule}"
         )
+    if cfg.ep_over_tp and cfg.tp == 1:
+        raise ValueError("parallel.ep_over_tp (True) needs parallel.tp (1) > 1")
+    if cfg.ep_over_tp and cfg.ep % cfg.tp != 0:
+        raise ValueError(
+            f"parallel.ep ({cfg.ep}) must be a multiple of parallel.tp ({cfg.tp}) with "
+            "parallel.ep_over_tp"
+        )
     microbatches = cfg.microbatches if cfg.microbatches is not None else cfg.pp
     _positive("microbatches", microbatches)
     if cfg.pp > 1 and microbatches < cfg.pp:
@@ -133,8 +145,14 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
                 f"parallel.tp ({cfg.tp}) x parallel.pp ({cfg.pp}) = {fixed * dp_shard} must "
                 f"equal the world size ({world_size})"
             )
-        if dp_shard % cfg.ep != 0:
-            # ep is drawn from the dp_shard ranks (parallel/mesh.py documents the layout).
+        # ep is drawn from the dp_shard ranks, and the tp ranks with ep_over_tp
+        # (parallel/mesh.py documents the layout).
+        if cfg.ep_over_tp and dp_shard % (cfg.ep // cfg.tp) != 0:
+            raise ValueError(
+                f"parallel.ep ({cfg.ep}) / parallel.tp ({cfg.tp}) = {cfg.ep // cfg.tp} must "
+                f"divide parallel.dp_shard ({dp_shard}) with parallel.ep_over_tp"
+            )
+        if not cfg.ep_over_tp and dp_shard % cfg.ep != 0:
             raise ValueError(f"parallel.ep ({cfg.ep}) must divide parallel.dp_shard ({dp_shard})")
     return {
         "pp": cfg.pp,

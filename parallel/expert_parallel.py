@@ -30,7 +30,19 @@ torchtitan does): FSDP2 over the expert data-parallel axis ``dp_shard_mod_ep`` (
 ``edp`` and the forward scales them by 1/ep in backward (each ep rank's gradient sums the
 contributions of the ep group's tokens), so together they give the mean over all dp ranks.
 
-Shape legend: M grouped rows, D model width, F expert FFN width, E experts, L local experts.
+With ``parallel.ep_over_tp`` (the ep group spans the tp ranks; ``parallel/mesh.py``) the MoE
+runs on this tp rank's chunk of the sequence instead (``TokenSplitMoEMixin``): under sequence
+parallel its input is the residual stream's ``Shard(1)`` chunk as it stands (no gather), without
+it the replicated input is sliced to the chunk and the output all-gathered. Experts are whole
+(no tp sharding, ``Shard(0)`` over the flattened ep axis) and the experts' forward is the ep path
+above with ``tp = 1``. What the MoE computes from all of a rank's tokens is summed over tp: the
+router gate's gradient (each tp rank routes different tokens), and the load-balancing and z
+losses, whose statistics (tokens per expert, probability and squared-logsumexp sums) are
+all-reduced so they equal the unsplit layer's. Expert gradients are scaled by ``tp / ep`` in
+backward: an ep group holds ``ep / tp`` data-parallel ranks' tokens.
+
+Shape legend: M grouped rows, D model width, F expert FFN width, E experts, L local experts,
+B batch, T sequence (t: this tp rank's chunk), N tokens.
 """
 
 from __future__ import annotations
@@ -112,13 +124,16 @@ class ParallelExpertsMixin:
     tp_group: dist.ProcessGroup | None
     ep: int
     tp: int
+    grad_scale: float
+    """``1 / (data-parallel ranks in an ep group)``: ``1 / ep``, or ``tp / ep`` with
+    ``ep_over_tp``."""
 
     def _local(self, param: torch.Tensor | None) -> torch.Tensor | None:
         if param is None:
             return None
         local = param.to_local() if isinstance(param, DTensor) else param
-        if self.ep > 1:
-            local = _ScaleGrad.apply(local, 1.0 / self.ep)
+        if self.grad_scale != 1.0:
+            local = _ScaleGrad.apply(local, self.grad_scale)
         return local
 
     def _compute(
@@ -178,18 +193,69 @@ class ParallelExpertsMixin:
         return all_to_all_single_autograd(y_recv, in_splits, out_splits, self.ep_group)
 
 
+class TokenSplitMoEMixin:
+    """``ep_over_tp``: the MoE layer on this tp rank's sequence chunk (module docstring). Mixed
+    into the MoE layer's class (``pretrain.models.moe.MoE``: ``forward``, ``_aux_losses``,
+    ``num_experts``) by ``apply_experts_parallel``."""
+
+    tp_mesh: DeviceMesh
+    sequence_parallel: bool
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """``x_BtD -> y_BtD`` under sequence parallel; else ``x_BTD -> y_BTD`` (replicated)."""
+        if not self.sequence_parallel:
+            x_BTD = _redistribute(x_BTD, self.tp_mesh, Replicate(), Shard(1))
+        y_BTD = super().forward(x_BTD)
+        if not self.sequence_parallel:
+            y_BTD = _redistribute(y_BTD, self.tp_mesh, Shard(1), Replicate())
+        return y_BTD
+
+    def _aux_losses(self, routing, *, counts_E: torch.Tensor):
+        """The layer's aux and z losses over every tp rank's tokens (equal chunks): the same
+        formulas as ``MoE._aux_losses`` on summed statistics. The sums pass their gradient
+        through unchanged, so each rank backpropagates its own tokens' share once."""
+        group = self.tp_mesh.get_group()
+        tp = self.tp_mesh.size()
+        counts_E = counts_E.clone()
+        dist.all_reduce(counts_E, group=group)
+        num_tokens = routing.probs_NE.shape[0] * tp
+        f_E = counts_E.float() / counts_E.sum().clamp(min=1).float()
+        p_E = _ReduceFromGroup.apply(routing.probs_NE.sum(dim=0), group) / num_tokens
+        aux_loss = self.num_experts * (f_E * p_E).sum()
+        z_sum = torch.logsumexp(routing.logits_NE, dim=-1).pow(2).sum()
+        z_loss = _ReduceFromGroup.apply(z_sum, group) / num_tokens
+        return aux_loss, z_loss
+
+
+class TpSummedGateMixin:
+    """``ep_over_tp``: the router gate's weight with its gradient summed over tp (each tp rank
+    routes different tokens). Mixed into ``pretrain.models.moe.TopKRouter`` (``gate_weight``)."""
+
+    tp_group: dist.ProcessGroup
+
+    def gate_weight(self) -> torch.Tensor:
+        return _CopyToGroup.apply(super().gate_weight(), self.tp_group)
+
+
+def _redistribute(x: torch.Tensor, mesh: DeviceMesh, src, dst) -> torch.Tensor:
+    # Replicate -> Shard(1) is a local slice forward, an all-gather backward; the reverse the
+    # reverse.
+    return DTensor.from_local(x, mesh, [src], run_check=False).redistribute(mesh, [dst]).to_local()
+
+
 _TP_DIM = {"w1": 1, "w3": 1, "w2": 2, "b1": 1, "b2": None}
 
 
-_PARALLEL_CLASSES: dict[type, type] = {}
+_PARALLEL_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _parallel_class(cls: type) -> type:
-    if issubclass(cls, ParallelExpertsMixin):
+def _parallel_class(cls: type, mixin: type = ParallelExpertsMixin) -> type:
+    if issubclass(cls, mixin):
         return cls
-    if cls not in _PARALLEL_CLASSES:
-        _PARALLEL_CLASSES[cls] = type(f"Parallel{cls.__name__}", (ParallelExpertsMixin, cls), {})
-    return _PARALLEL_CLASSES[cls]
+    if (cls, mixin) not in _PARALLEL_CLASSES:
+        name = f"{mixin.__name__.removesuffix('Mixin')}{cls.__name__}"
+        _PARALLEL_CLASSES[cls, mixin] = type(name, (mixin, cls), {})
+    return _PARALLEL_CLASSES[cls, mixin]
 
 
 def apply_experts_parallel(
@@ -200,16 +266,22 @@ def apply_experts_parallel(
     tp_mesh: DeviceMesh | None,
     ep_tp_mesh: DeviceMesh | None,
     sequence_parallel: bool,
+    ep_over_tp: bool = False,
 ) -> list[nn.Module]:
     """Shard the grouped experts of ``model`` (plan style ``experts``) over ``ep`` (and
     ``tp``). Works on meta.
 
     Args:
         plan: the family's TP plan (pattern -> style); ``experts`` entries name the modules,
-            and their parents are the MoE layers.
+            and their parents are the MoE layers (with a ``router``).
         ep_mesh, tp_mesh: the axes (None or size 1: not parallel on that axis).
-        ep_tp_mesh: the 2-D ``("ep", "tp")`` mesh, used when both are > 1.
-        sequence_parallel: cut the MoE output back to the sequence chunk under tp.
+        ep_tp_mesh: the 2-D ``("ep", "tp")`` mesh, used when both are > 1 (not with
+            ``ep_over_tp``).
+        sequence_parallel: the residual stream is sequence-sharded over tp (the MoE output is
+            cut back to the chunk; with ``ep_over_tp`` the MoE takes the chunk as it is).
+        ep_over_tp: ``ep_mesh`` spans the tp ranks: tokens split over tp inside the MoE,
+            experts not tp-sharded (module docstring). The caller leaves the MoE's input
+            un-gathered (no ``sequence_to_replicate_input`` on it).
 
     Returns:
         The expert-parallel modules (ep > 1; empty when ep == 1): data parallel shards them
@@ -217,6 +289,10 @@ def apply_experts_parallel(
     """
     ep = ep_mesh.size() if ep_mesh is not None else 1
     tp = tp_mesh.size() if tp_mesh is not None else 1
+    if ep_over_tp:
+        return _apply_ep_over_tp(
+            model, plan, ep_mesh=ep_mesh, tp_mesh=tp_mesh, sequence_parallel=sequence_parallel
+        )
     if ep == 1 and tp == 1:
         return []
     if ep > 1 and tp > 1:
@@ -245,8 +321,41 @@ def apply_experts_parallel(
         module.ep_group = ep_mesh.get_group() if ep > 1 else None
         module.tp_group = tp_mesh.get_group() if tp > 1 else None
         module.ep, module.tp = ep, tp
+        module.grad_scale = 1.0 / ep
         if ep > 1:
             sharded.append(module)
+    return sharded
+
+
+def _apply_ep_over_tp(
+    model: nn.Module,
+    plan: dict[str, str],
+    *,
+    ep_mesh: DeviceMesh,
+    tp_mesh: DeviceMesh,
+    sequence_parallel: bool,
+) -> list[nn.Module]:
+    ep, tp = ep_mesh.size(), tp_mesh.size()
+    assert ep % tp == 0 and tp > 1, (ep, tp)  # parallel.config validated the degrees
+    sharded: list[nn.Module] = []
+    patterns = [pattern for pattern, style in plan.items() if style == "experts"]
+    for path in matching_modules(model, patterns):
+        module = model.get_submodule(path)
+        moe = model.get_submodule(path.rpartition(".")[0])
+        moe.__class__ = _parallel_class(type(moe), TokenSplitMoEMixin)
+        moe.tp_mesh, moe.sequence_parallel = tp_mesh, sequence_parallel
+        moe.router.__class__ = _parallel_class(type(moe.router), TpSummedGateMixin)
+        moe.router.tp_group = tp_mesh.get_group()
+        for name, param in list(module.named_parameters(recurse=False)):
+            if name not in _TP_DIM:
+                raise ValueError(f"expert parameter {path}.{name} has no expert-parallel layout")
+            dparam = nn.Parameter(distribute_tensor(param.data, ep_mesh, [Shard(0)]))
+            setattr(module, name, dparam)
+        module.__class__ = _parallel_class(type(module))
+        module.ep_group, module.tp_group = ep_mesh.get_group(), None
+        module.ep, module.tp = ep, 1
+        module.grad_scale = tp / ep
+        sharded.append(module)
     return sharded
 
 

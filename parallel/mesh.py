@@ -2,27 +2,45 @@
 
 Layout. The world is a row-major grid over five root axes, outermost first::
 
-    pp  x  dp_replicate  x  dp_shard_mod_ep  x  ep  x  tp
+    pp  x  dp_replicate  x  dp_shard_mod_ep  x  dp_shard_in_ep  x  tp
 
-``dp_shard`` (the FSDP axis) is the flattened ``(dp_shard_mod_ep, ep)``: expert parallel is drawn
-from the fully-sharded data-parallel ranks, next to ``tp`` so that an expert all-to-all stays
-between neighbouring ranks (the same node first). So ``parallel.ep`` must divide
-``parallel.dp_shard``. With ``ep == 1`` the ``ep`` axis has size 1 and ``dp_shard_mod_ep`` is
-``dp_shard``. The axes a caller sees:
+``dp_shard`` (the FSDP axis) is the flattened ``(dp_shard_mod_ep, dp_shard_in_ep)``. Expert
+parallel is drawn from the data-parallel ranks, and optionally from the tensor-parallel ones:
+
+    default (``parallel.ep_over_tp`` false)   ``ep = dp_shard_in_ep``: an ep group is ``ep``
+        dp_shard ranks at one tp coordinate. Tokens are replicated over ``tp`` inside the MoE and
+        every expert is also tensor-parallel (F-sharded) over ``tp``. ``ep`` must divide
+        ``dp_shard``.
+    ``parallel.ep_over_tp``                   ``ep = dp_shard_in_ep x tp``: an ep group spans
+        the tp ranks too. Each tp rank routes only its own chunk of the sequence (tokens are split
+        over ``tp`` inside the MoE, not replicated) and experts are whole on their ep rank, not
+        tp-sharded (Megatron's expert-tensor-parallel size 1, torchtitan's ``etp = 1``). ``ep``
+        must be a multiple of ``tp`` and ``ep / tp`` must divide ``dp_shard``.
+
+``dp_shard_in_ep`` sits next to ``tp`` so that an expert all-to-all stays between neighbouring
+ranks (the same node first). With ``ep == 1`` both ep axes have size 1 and ``dp_shard_mod_ep``
+is ``dp_shard``. The axes a caller sees:
 
     ``pp``            pipeline stages (rank r holds stage r; virtual stages r, r + pp, ...).
     ``dp_replicate``  replicated data parallel (DDP, or HSDP's outer axis).
-    ``dp_shard``      fully-sharded data parallel (FSDP2), flattened (dp_shard_mod_ep, ep).
+    ``dp_shard``      fully-sharded data parallel (FSDP2), flattened
+                      (dp_shard_mod_ep, dp_shard_in_ep).
     ``dp``            every data-parallel rank, flattened (dp_replicate, dp_shard): the loader's
                       rank/world and the axis over which the loss is averaged.
     ``ep``            expert parallel: ranks in one ep group hold different experts and exchange
-                      tokens with an all-to-all. Tokens are replicated over ``tp`` inside the MoE,
-                      so an ep group is one tp coordinate of ``ep`` dp_shard ranks.
+                      tokens with an all-to-all; ``dp_shard_in_ep``, or flattened
+                      (dp_shard_in_ep, tp) with ``ep_over_tp``.
     ``edp``           expert data parallel, flattened (dp_replicate, dp_shard_mod_ep): ranks
                       with the same ep coordinate. FSDP2 shards expert weights over
                       ``dp_shard_mod_ep`` (HSDP with ``dp_replicate``) and averages their
                       gradients over edp.
     ``tp``            tensor (and sequence) parallel, innermost.
+
+Example, 8 ranks, tp 2, dp_shard 4, ep 4. By default dp_shard_in_ep = 4 (rank = 2 x
+dp_shard_in_ep + tp): ep groups {0, 2, 4, 6} and {1, 3, 5, 7}, one per tp coordinate, experts
+F-sharded over tp, edp groups of one rank. With ``ep_over_tp``, dp_shard_in_ep = 2 and
+dp_shard_mod_ep = 2 (rank = 4 x dp_shard_mod_ep + 2 x dp_shard_in_ep + tp): ep groups
+{0, 1, 2, 3} and {4, 5, 6, 7}, whole experts, edp groups {0, 4}, {1, 5}, {2, 6}, {3, 7}.
 
 No process groups are kept anywhere else: callers take the axes from this object.
 """
@@ -35,7 +53,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.config import ParallelConfig, validate_parallel
 
-ROOT_AXES = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+ROOT_AXES = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "tp")
 
 
 @dataclass
@@ -44,8 +62,9 @@ class ParallelDims:
 
     Attributes:
         pp, dp_replicate, dp_shard, tp, ep: the degrees; ``pp * dp_replicate * dp_shard * tp``
-            is ``world_size`` and ``ep`` divides ``dp_shard``.
+            is ``world_size`` and ``dp_shard_in_ep`` divides ``dp_shard``.
         world_size: number of ranks.
+        ep_over_tp: the ep groups span the tp ranks (module docstring).
         mesh: the root ``DeviceMesh`` over ``ROOT_AXES`` (None until ``build_mesh``).
     """
 
@@ -55,6 +74,7 @@ class ParallelDims:
     tp: int
     ep: int
     world_size: int
+    ep_over_tp: bool = False
     mesh: DeviceMesh | None = field(default=None, repr=False)
     _flat: dict = field(default_factory=dict, repr=False)
 
@@ -66,7 +86,7 @@ class ParallelDims:
             ValueError: one line naming the key, its value and the rule broken.
         """
         degrees = validate_parallel(cfg, world_size=world_size)
-        return cls(**degrees, world_size=world_size)
+        return cls(**degrees, world_size=world_size, ep_over_tp=cfg.ep_over_tp)
 
     def __post_init__(self) -> None:
         product = self.pp * self.dp_replicate * self.dp_shard * self.tp
@@ -75,7 +95,18 @@ class ParallelDims:
                 f"parallel.pp x dp_replicate x dp_shard x tp ({product}) must equal the world "
                 f"size ({self.world_size})"
             )
-        if self.dp_shard % self.ep != 0:
+        if self.ep_over_tp:
+            if self.tp == 1 or self.ep % self.tp != 0:
+                raise ValueError(
+                    f"parallel.ep ({self.ep}) must be a multiple of parallel.tp ({self.tp}) > 1 "
+                    "with parallel.ep_over_tp"
+                )
+            if self.dp_shard % self.dp_shard_in_ep != 0:
+                raise ValueError(
+                    f"parallel.ep ({self.ep}) / parallel.tp ({self.tp}) = {self.dp_shard_in_ep} "
+                    f"must divide parallel.dp_shard ({self.dp_shard}) with parallel.ep_over_tp"
+                )
+        elif self.dp_shard % self.ep != 0:
             raise ValueError(
                 f"parallel.ep ({self.ep}) must divide parallel.dp_shard ({self.dp_shard})"
             )
@@ -89,9 +120,15 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def dp_shard_in_ep(self) -> int:
+        """The part of ``dp_shard`` used by expert parallel (``ep``, or ``ep / tp`` with
+        ``ep_over_tp``)."""
+        return self.ep // self.tp if self.ep_over_tp else self.ep
+
+    @property
     def dp_shard_mod_ep(self) -> int:
         """The part of ``dp_shard`` not used by expert parallel."""
-        return self.dp_shard // self.ep
+        return self.dp_shard // self.dp_shard_in_ep
 
     @property
     def edp(self) -> int:
@@ -128,7 +165,8 @@ class ParallelDims:
     # mesh
 
     def build_mesh(self, *, device_type: str = "cpu") -> DeviceMesh:
-        """Build the root mesh and its flattened views (``dp_shard``, ``dp``, ``edp``).
+        """Build the root mesh and its flattened views (``dp_shard``, ``dp``, ``edp``, ``ep``;
+        ``("ep", "tp")`` without ``ep_over_tp``).
 
         Needs an initialised default process group of ``world_size`` ranks (gloo, nccl or the
         fake backend of the dry run).
@@ -143,14 +181,19 @@ class ParallelDims:
                 f"world size ({dist.get_world_size()}) must equal the planned world size "
                 f"({self.world_size})"
             )
-        shape = (self.pp, self.dp_replicate, self.dp_shard_mod_ep, self.ep, self.tp)
+        shape = (self.pp, self.dp_replicate, self.dp_shard_mod_ep, self.dp_shard_in_ep, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=ROOT_AXES)
         # Flattened views are kept here: slicing them back out of the root is deprecated.
         self._flat = {
-            "dp_shard": mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
-            "dp": mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp"),
+            "dp_shard": mesh["dp_shard_mod_ep", "dp_shard_in_ep"]._flatten("dp_shard"),
+            "dp": mesh["dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"]._flatten("dp"),
             "edp": mesh["dp_replicate", "dp_shard_mod_ep"]._flatten("edp"),
         }
+        if self.ep_over_tp:
+            self._flat["ep"] = mesh["dp_shard_in_ep", "tp"]._flatten("ep")
+        else:
+            self._flat["ep"] = mesh["dp_shard_in_ep"]
+            self._flat[("ep", "tp")] = mesh["dp_shard_in_ep", "tp"]
         # HSDP's 2-D (dp_replicate, dp_shard) mesh: the dp view cut back into its two parts.
         self._flat[("dp_replicate", "dp_shard")] = self._flat["dp"]._unflatten(
             0, (self.dp_replicate, self.dp_shard), ("dp_replicate", "dp_shard")

@@ -87,12 +87,12 @@ def apply_parallelism(
     without materialising it (the dry-run planner reads the local shapes it leaves). Arguments
     as in ``parallelize_model``."""
     if dims.tp > 1:
-        apply_tp(
-            model,
-            tp_plan,
-            tp_mesh=dims["tp"],
-            sequence_parallel=cfg.sequence_parallel,
-        )
+        plan = tp_plan
+        if dims.ep_over_tp:
+            # The MoE runs on this rank's sequence chunk: its input is not gathered.
+            moe_layers = {p.rpartition(".")[0] for p, s in tp_plan.items() if s == "experts"}
+            plan = {p: s for p, s in tp_plan.items() if p not in moe_layers}
+        apply_tp(model, plan, tp_mesh=dims["tp"], sequence_parallel=cfg.sequence_parallel)
     expert_modules: list[nn.Module] = []
     if "experts" in tp_plan.values():
         expert_modules = apply_experts_parallel(
@@ -100,8 +100,11 @@ def apply_parallelism(
             tp_plan,
             ep_mesh=dims["ep"] if dims.ep > 1 else None,
             tp_mesh=dims["tp"] if dims.tp > 1 else None,
-            ep_tp_mesh=dims["ep", "tp"] if dims.ep > 1 and dims.tp > 1 else None,
+            ep_tp_mesh=(
+                dims["ep", "tp"] if dims.ep > 1 and dims.tp > 1 and not dims.ep_over_tp else None
+            ),
             sequence_parallel=cfg.sequence_parallel,
+            ep_over_tp=dims.ep_over_tp,
         )
     apply_activation_checkpointing(model, mode=cfg.activation_checkpointing)
     if cfg.compile:

@@ -365,6 +365,11 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
             f"data.seq_len ({cfg.data.seq_len}) must be divisible by parallel.tp ({par.tp}) "
             "with parallel.sequence_parallel"
         )
+    if par.ep_over_tp and cfg.data.seq_len % par.tp != 0:
+        raise ValueError(
+            f"data.seq_len ({cfg.data.seq_len}) must be divisible by parallel.tp ({par.tp}) "
+            "with parallel.ep_over_tp (each tp rank routes its chunk of the sequence)"
+        )
     if par.pp > 1 and model.tie_embeddings:
         raise ValueError(
             f"model.tie_embeddings (True) must be false with parallel.pp ({par.pp}) > 1: the "

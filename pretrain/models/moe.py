@@ -120,13 +120,18 @@ class TopKRouter(nn.Module):
         self.random_second = cfg.moe.random_second_expert
         self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)
 
+    def gate_weight(self) -> torch.Tensor:
+        """``W_g`` ``[E, D]`` as the forward uses it (``parallel/`` may wrap it, e.g. to sum its
+        gradient over ranks that route different tokens)."""
+        return self.gate.weight
+
     def forward(self, x_ND: torch.Tensor) -> Routing:
         """Route ``x_ND``. Jitter and random routing apply only in training (global RNG)."""
         if self.training and self.jitter > 0:
             noise_ND = torch.empty_like(x_ND).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_ND = x_ND * noise_ND
         # fp32 logits: softmax/top-k ties and the z-loss are sensitive to bf16 rounding.
-        logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
+        logits_NE = F.linear(x_ND.float(), self.gate_weight().float())
         probs_NE = logits_NE.softmax(dim=-1)
         gates_NK, experts_NK = probs_NE.topk(self.top_k, dim=-1)
         if self.normalize:

@@ -49,3 +49,38 @@ def test_tp2_ep2_and_ep_with_expert_data_parallel_world_4_match_the_reference():
 def _two_experts():
     cfg = tiny_config("decoder", moe=True)
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=2))
+
+
+def _with_aux(cfg):
+    return dataclasses.replace(
+        cfg, moe=dataclasses.replace(cfg.moe, aux_loss_coef=0.1, z_loss_coef=0.01)
+    )
+
+
+def test_ep_over_tp_world_2_matches_the_reference():
+    # The ep group is the tp group: each tp rank routes its half of the sequence; aux and z
+    # losses (on: one dp rank, so the reference's whole-batch statistics) are summed over tp.
+    cases = {
+        "TP2+SP x EP2 over tp, decoder, aux+z": (
+            _with_aux(tiny_config("decoder", moe=True)),
+            {"tp": 2, "ep": 2, "ep_over_tp": True},
+        ),
+        "TP2 without SP x EP2 over tp, encoder, aux+z": (
+            _with_aux(tiny_config("encoder", moe=True)),
+            {"tp": 2, "ep": 2, "ep_over_tp": True, "sequence_parallel": False},
+        ),
+    }
+    results = check_cases(2, cases)
+    _assert_expert_shards(results, cases, dict.fromkeys(cases, 2))
+
+
+def test_ep_over_tp_world_4_matches_the_reference():
+    moe = tiny_config("decoder", moe=True)
+    cases = {
+        # dp_shard 2 x tp 2: one ep group of all four ranks.
+        "TP2 x EP4 over dp_shard 2 x tp 2": (moe, {"tp": 2, "ep": 4, "ep_over_tp": True}),
+        # ep groups {0, 1} and {2, 3}; FSDP2 shards experts over edp {0, 2} and {1, 3}.
+        "TP2 x EP2 over tp, FSDP2 x2 (edp 2)": (moe, {"tp": 2, "ep": 2, "ep_over_tp": True}),
+    }
+    results = check_cases(4, cases)
+    _assert_expert_shards(results, cases, dict.fromkeys(cases, 4))

@@ -164,6 +164,31 @@ BAD_CONFIGS = [
         "model.document_masking (True) must be false with parallel.pp (2) > 1: pipeline stages "
         "pass only hidden states",
     ),
+    (["parallel.ep_over_tp=true"], None, "parallel.ep_over_tp (True) needs parallel.tp (1) > 1"),
+    (
+        ["parallel.tp=2", "parallel.ep=3", "parallel.ep_over_tp=true"],
+        None,
+        "parallel.ep (3) must be a multiple of parallel.tp (2) with parallel.ep_over_tp",
+    ),
+    (
+        ["model.moe.num_experts=8", "parallel.tp=2", "parallel.ep=8", "parallel.ep_over_tp=true"],
+        4,
+        "parallel.ep (8) / parallel.tp (2) = 4 must divide parallel.dp_shard (2) with "
+        "parallel.ep_over_tp",
+    ),
+    (
+        [
+            "model.moe.num_experts=4",
+            "parallel.tp=2",
+            "parallel.ep=2",
+            "parallel.ep_over_tp=true",
+            "parallel.sequence_parallel=false",
+            "data.seq_len=127",
+        ],
+        2,
+        "data.seq_len (127) must be divisible by parallel.tp (2) with parallel.ep_over_tp (each "
+        "tp rank routes its chunk of the sequence)",
+    ),
     (
         ["parallel.pp=2", "model.tie_embeddings=true"],
         2,

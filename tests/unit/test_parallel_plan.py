@@ -85,6 +85,8 @@ def test_bad_layout_is_one_line_and_exit_2():
         ({"tp": 3}, 8, "parallel.dp_replicate (1) x parallel.tp (3) x parallel.pp (1) = 3 must "
          "divide the world size (8)"),
         ({"ep": 4, "tp": 2}, 4, "parallel.ep (4) must divide parallel.dp_shard (2)"),
+        ({"ep": 4, "tp": 2, "ep_over_tp": True}, 2, "parallel.ep (4) / parallel.tp (2) = 2 "
+         "must divide parallel.dp_shard (1) with parallel.ep_over_tp"),
     ],
 )  # fmt: skip
 def test_parallel_dims_rejects_bad_degrees(kwargs, world_size, message):
@@ -97,6 +99,30 @@ def test_parallel_dims_degrees():
     dims = ParallelDims.from_config(ParallelConfig(dp_replicate=2, tp=2, pp=2, ep=2), world_size=32)
     assert (dims.dp_shard, dims.dp, dims.dp_shard_mod_ep, dims.edp) == (4, 8, 2, 4)
     assert dims.data_parallel_mode == "fsdp"
+
+
+def test_parallel_dims_ep_over_tp_degrees():
+    # ep 4 = dp_shard_in_ep 2 x tp 2; dp_shard 4 = dp_shard_mod_ep 2 x dp_shard_in_ep 2.
+    cfg = ParallelConfig(tp=2, ep=4, ep_over_tp=True)
+    dims = ParallelDims.from_config(cfg, world_size=8)
+    assert (dims.dp_shard, dims.dp_shard_in_ep, dims.dp_shard_mod_ep, dims.edp) == (4, 2, 2, 2)
+    default = ParallelDims.from_config(ParallelConfig(tp=2, ep=4), world_size=8)
+    assert (default.dp_shard_in_ep, default.dp_shard_mod_ep) == (4, 1)
+
+
+def test_ep_over_tp_layout_plans_in_one_process():
+    # pp 4 x dp 64 (2 replicas x 32 shards) x tp 4; ep 8 = 2 dp_shard ranks x tp 4.
+    result = _cli(
+        "--config", "configs/moe_8x_top2.yaml", "--dry-run", "--world-size", "1024", "--json",
+        "parallel.pp=4", "parallel.tp=4", "parallel.dp_replicate=2", "parallel.ep=8",
+        "parallel.ep_over_tp=true", "model.num_kv_heads=8", "model.document_masking=false",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["mesh"] == {"pp": 4, "dp_replicate": 2, "dp_shard": 32, "tp": 4}
+    # Stage 1's 6 layers of whole experts: Shard(0) over ep 8, FSDP2 over dp_shard_mod_ep 16.
+    expert_local = 6 * 3 * 8 * 2816 * 2048 // (8 * 16)
+    assert plan["per_rank"][1]["params_local_experts"] == expert_local
 
 
 def test_stage_ids_of_rank():
