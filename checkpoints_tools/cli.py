@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "import-hf",
         help="transformers directory -> checkpoint",
         description="Import a transformers directory (llama, mixtral, qwen3_moe, "
-        "xlm-roberta) as a checkpoint that train.resume=<CKPT> continues, with a "
-        "fresh optimizer state at step 0. " + TRUST_NOTE,
+        "xlm-roberta; fused or per-expert MoE tensors, one model.safetensors or indexed "
+        "shards) as a checkpoint that train.resume=<CKPT> continues, with a fresh optimizer "
+        "state at step 0. Tensors are read, mapped and written one at a time: memory stays "
+        "about twice the largest tensor, not the model. " + TRUST_NOTE,
     )
     p.add_argument("dir", help="transformers model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="checkpoint directory to create")

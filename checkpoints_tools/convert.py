@@ -22,9 +22,15 @@ from typing import Any
 import torch
 
 from checkpoints_tools.adapters import adapter_for, adapter_for_hf
-from checkpoints_tools.adapters.plan import export_items
-from checkpoints_tools.dcp_io import Checkpoint, open_checkpoint
-from checkpoints_tools.safetensors_stream import plan_shards, write_index, write_shard
+from checkpoints_tools.adapters.plan import export_items, import_items
+from checkpoints_tools.dcp_io import MODEL_PREFIX, Checkpoint, open_checkpoint
+from checkpoints_tools.dcp_stream import save_streamed
+from checkpoints_tools.safetensors_stream import (
+    SafetensorsDir,
+    plan_shards,
+    write_index,
+    write_shard,
+)
 from pretrain.config import RunConfig, config_to_yaml, load_config
 from pretrain.models.config import ModelConfig
 
@@ -353,35 +359,20 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
 # import
 
 
-def read_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``config.json`` (as a dict) and every tensor of a transformers directory, read with
-    safetensors only (no pickle, no remote code).
+def open_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], SafetensorsDir]:
+    """``config.json`` (as a dict) and the safetensors weights of a transformers directory, read
+    with JSON and safetensors only (no pickle, no remote code); no tensor is read yet.
 
     Raises:
         ValueError: no config.json, a model_type we do not import, or no safetensors weights.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ValueError(f"transformers directory {str(directory)!r} has no config.json")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     adapter_for_hf(config)  # an unsupported family is named before any weight is looked for
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(
-            f"transformers directory {str(directory)!r} has no model.safetensors(.index.json): "
-            "only safetensors weights are read"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(directory / file)))
-    return config, state
+    return config, SafetensorsDir(directory)
 
 
 def import_hf(
@@ -399,11 +390,15 @@ def import_hf(
     imported ``model`` section and ``overrides`` applied. No ``rank_*.pt``: there is no data
     loader state to continue, the resumed run starts its data from the beginning.
 
-    Raises:
-        ValueError: an unsupported model_type or variant, missing files, existing output.
-    """
-    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+    Streams: the model and optimizer are built on the meta device (structure only), and each
+    tensor is read from the safetensors files, mapped (:func:`import_items`: renames, an MoE
+    layer's experts stacked) and written by DCP one at a time (:mod:`checkpoints_tools.dcp_stream`),
+    so memory stays about twice the largest tensor whatever the model size.
 
+    Raises:
+        ValueError: an unsupported model_type or variant, missing files, weights that do not
+            match their config.json, existing output.
+    """
     from pretrain.checkpoint import TrainState
     from pretrain.config import config_to_dict
     from pretrain.models import build_model
@@ -411,41 +406,72 @@ def import_hf(
 
     if Path(out).exists():
         raise ValueError(f"output {str(out)!r} exists: choose a new path")
-    hf_config, hf_state = read_hf_dir(directory)
-    adapter = adapter_for_hf(hf_config)
-    hf_state = {k: v.float() for k, v in hf_state.items()}
-    state, model_cfg = adapter.from_hf(hf_state, hf_config)
-    run_cfg = (
-        load_config(base_config, list(overrides or []))
-        if base_config
-        else load_config(None, list(overrides or []))
-    )
+    hf_config, weights = open_hf_dir(directory)
+    model_cfg = adapter_for_hf(hf_config).config_from_hf(hf_config)
+    run_cfg = load_config(base_config or None, list(overrides or []))
     run_cfg = replace(run_cfg, model=model_cfg)
     # A round trip through YAML validates the assembled config like any run config.
     run_cfg = _reload(config_to_yaml(run_cfg))
-    model = build_model(run_cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"transformers directory {str(directory)!r}: weights do not match the config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    items = {item.name: item for item in import_items(run_cfg.model, weights.names())}
+    with torch.device("meta"):
+        model = build_model(run_cfg.model)
+    _check_import_plan(items, model.state_dict(), weights, directory=directory)
+    # On the meta device the optimizer's state comes out as the trainer saves a fresh one:
+    # moments as meta tensors (written as zeros below), step counters and groups as values.
     optimizer = build_optimizer(model, run_cfg.optim, device_type="cpu")
     scheduler = build_scheduler(optimizer, run_cfg.optim, total_steps=run_cfg.train.steps)
-    train_state = TrainState(model, optimizer, scheduler, step=0)
+    state = {"train": TrainState(model, optimizer, scheduler, step=0).state_dict()}
+
+    def produce(key: str, meta: torch.Tensor) -> torch.Tensor:
+        if not key.startswith(MODEL_PREFIX):
+            return torch.zeros(meta.shape, dtype=meta.dtype)  # Adam's moments before any step
+        item = items[key[len(MODEL_PREFIX) :]]
+        sources = [weights.read(name) for name in item.sources]
+        return item.combine(*sources).to(meta.dtype)
+
     with atomic_dir(out) as tmp:
         (tmp / "config.yaml").write_text(config_to_yaml(run_cfg), encoding="utf-8")
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp_save({"train": train_state}, checkpoint_id=str(tmp), no_dist=True)
+        save_streamed(state, path=tmp, produce=produce)
     return {
         "out": str(out),
         "family": family_name(model_cfg),
         "params": sum(p.numel() for p in model.parameters()),
         "model": config_to_dict(run_cfg)["model"],
     }
+
+
+def _check_import_plan(
+    items: dict[str, Any],
+    expected: dict[str, torch.Tensor],
+    weights: SafetensorsDir,
+    *,
+    directory: str | os.PathLike,
+) -> None:
+    """Every tensor of our model planned once, with the model's shape (worked out on the meta
+    device from the stored shapes).
+
+    Raises:
+        ValueError: a missing or extra tensor, or a shape the config does not imply.
+    """
+    missing = sorted(set(expected) - set(items))
+    unexpected = sorted(set(items) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"transformers directory {str(directory)!r}: weights do not match the config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, item in items.items():
+        metas = [torch.empty(weights.shape(s), device="meta") for s in item.sources]
+        try:
+            shape = item.combine(*metas).shape
+        except RuntimeError:  # pieces that do not stack or split
+            shape = None
+        if shape != expected[name].shape:
+            stored = ", ".join(f"{s} {tuple(weights.shape(s))}" for s in item.sources[:2])
+            raise ValueError(
+                f"transformers directory {str(directory)!r}: {stored} do not give our "
+                f"{name!r} of shape {tuple(expected[name].shape)} that config.json implies"
+            )
 
 
 def _reload(text: str) -> RunConfig:

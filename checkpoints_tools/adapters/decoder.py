@@ -198,15 +198,20 @@ class LlamaAdapter:
         return _to_hf_state_dict(state_dict, cfg), hf_config
 
     @staticmethod
-    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
-        """``(state_dict, ModelConfig)``. Raises ValueError for unsupported Llama variants."""
+    def config_from_hf(hf_config: Any) -> ModelConfig:
+        """Our ``ModelConfig`` of a Llama config. Raises ValueError for unsupported variants."""
         hf = as_config(hf_config, "llama")
         source = "llama"
         require_hf("attention_bias", value=bool(hf.attention_bias), expected=False, source=source)
         require_hf("mlp_bias", value=bool(hf.mlp_bias), expected=False, source=source)
-        cfg = ModelConfig(
+        return ModelConfig(
             **_common_cfg_kwargs(hf, source=source), ffn_hidden_size=hf.intermediate_size
         )
+
+    @staticmethod
+    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+        """``(state_dict, ModelConfig)``. Raises ValueError for unsupported Llama variants."""
+        cfg = LlamaAdapter.config_from_hf(hf_config)
         return _from_hf_state_dict(hf_state_dict, cfg), cfg
 
 
@@ -246,8 +251,8 @@ class MixtralAdapter:
         return _to_hf_state_dict(state_dict, cfg), hf_config
 
     @staticmethod
-    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
-        """``(state_dict, ModelConfig)``; the MoE comes back dropless, as transformers runs it.
+    def config_from_hf(hf_config: Any) -> ModelConfig:
+        """Our ``ModelConfig`` of a Mixtral config; the MoE is dropless, as transformers runs it.
 
         Raises:
             ValueError: sliding-window attention.
@@ -262,11 +267,20 @@ class MixtralAdapter:
             dropless=True,
             aux_loss_coef=hf.router_aux_loss_coef,
         )
-        cfg = ModelConfig(
+        return ModelConfig(
             **_common_cfg_kwargs(hf, source="mixtral"),
             ffn_hidden_size=hf.intermediate_size,
             moe=moe,
         )
+
+    @staticmethod
+    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+        """``(state_dict, ModelConfig)``; the MoE comes back dropless, as transformers runs it.
+
+        Raises:
+            ValueError: sliding-window attention.
+        """
+        cfg = MixtralAdapter.config_from_hf(hf_config)
         return _from_hf_state_dict(hf_state_dict, cfg), cfg
 
 
@@ -309,8 +323,9 @@ class Qwen3MoeAdapter:
         return _to_hf_state_dict(state_dict, cfg), hf_config
 
     @staticmethod
-    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
-        """``(state_dict, ModelConfig)``; the MoE comes back dropless, as transformers runs it.
+    def config_from_hf(hf_config: Any) -> ModelConfig:
+        """Our ``ModelConfig`` of a Qwen3-MoE config; the MoE is dropless, as transformers runs
+        it.
 
         Raises:
             ValueError: attention biases, sliding windows or ``mlp_only_layers``.
@@ -339,10 +354,19 @@ class Qwen3MoeAdapter:
             dropless=True,
             aux_loss_coef=hf.router_aux_loss_coef,
         )
-        cfg = ModelConfig(
+        return ModelConfig(
             **_common_cfg_kwargs(hf, source=source),
             ffn_hidden_size=hf.intermediate_size,
             qk_norm=True,
             moe=moe,
         )
+
+    @staticmethod
+    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+        """``(state_dict, ModelConfig)``; the MoE comes back dropless, as transformers runs it.
+
+        Raises:
+            ValueError: attention biases, sliding windows or ``mlp_only_layers``.
+        """
+        cfg = Qwen3MoeAdapter.config_from_hf(hf_config)
         return _from_hf_state_dict(hf_state_dict, cfg), cfg

@@ -145,8 +145,8 @@ class XLMRobertaAdapter:
         return hf, hf_config
 
     @staticmethod
-    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
-        """``(state_dict, ModelConfig)``.
+    def config_from_hf(hf_config: Any) -> ModelConfig:
+        """Our ``ModelConfig`` of an XLM-R config.
 
         Raises:
             ValueError: an activation other than GELU, a decoder-style config, or a position
@@ -163,7 +163,7 @@ class XLMRobertaAdapter:
                 f"xlm-roberta config max_position_embeddings ({hf.max_position_embeddings}) must "
                 f"be > pad_token_id + 1 ({pad + 1}) to import"
             )
-        cfg = ModelConfig(
+        return ModelConfig(
             family="encoder",
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -182,6 +182,17 @@ class XLMRobertaAdapter:
             init_std=hf.initializer_range,
             pad_token_id=hf.pad_token_id,
         )
+
+    @staticmethod
+    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+        """``(state_dict, ModelConfig)``.
+
+        Raises:
+            ValueError: an activation other than GELU, a decoder-style config, or a position
+                table too small for its padding offset.
+        """
+        cfg = XLMRobertaAdapter.config_from_hf(hf_config)
+        pad = _padding_idx(cfg)
         remaining = dict(hf_state_dict)
         pos_PD = remaining.pop("roberta.embeddings.position_embeddings.weight")[pad + 1 :]
         token_type_RD = remaining.pop("roberta.embeddings.token_type_embeddings.weight")

@@ -162,6 +162,62 @@ def test_import_round_trip_and_resume_state(built, family: str, tmp_path: Path):
     )
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_plan_gives_exactly_from_hf(built, family: str, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from checkpoints_tools.adapters import adapter_for_hf, from_hf
+    from checkpoints_tools.adapters.plan import import_items
+
+    hf_dir = tmp_path / "hf"
+    convert.export_hf(built["ckpts"][family], out=hf_dir)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    stored = {}
+    for file in hf_dir.glob("*.safetensors"):
+        stored.update(load_file(file))
+    expected, cfg = from_hf(stored, hf_config)
+    assert cfg == adapter_for_hf(hf_config).config_from_hf(hf_config)
+    planned = {
+        i.name: i.combine(*[stored[s] for s in i.sources]) for i in import_items(cfg, stored)
+    }
+    assert set(planned) == set(expected)
+    for name, tensor in planned.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize(("family", "max_shard_size"), [("moe", None), ("switch", "20KB")])
+def test_import_reads_transformers_per_expert_layout(
+    built, family: str, max_shard_size: str | None, tmp_path: Path
+):
+    """transformers' save_pretrained (and the Hub) store one tensor per expert
+    (Mixtral ``block_sparse_moe.experts.<e>.w1``, Qwen3-MoE ``mlp.experts.<e>.gate_proj``);
+    import-hf stacks them into our grouped tensors, from one model.safetensors or shards."""
+    from safetensors.torch import load_file
+
+    hf_dir, saved, back = tmp_path / "hf", tmp_path / "saved", tmp_path / "imported"
+    convert.export_hf(built["ckpts"][family], out=hf_dir)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(hf_dir)
+    )
+    exported = {}
+    for file in hf_dir.glob("*.safetensors"):
+        exported.update(load_file(file))
+    model.load_state_dict(exported, strict=True)
+    model.save_pretrained(saved, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    files = sorted(p.name for p in saved.glob("*.safetensors"))
+    assert (files == ["model.safetensors"]) == (max_shard_size is None)
+    stored = set()
+    for file in files:
+        stored |= set(load_file(saved / file))
+    assert not any(name.endswith("gate_up_proj") for name in stored)  # really per expert
+    convert.import_hf(saved, out=back)
+    original = open_checkpoint(built["ckpts"][family]).load_model_state()
+    state = open_checkpoint(back).load_model_state()
+    assert set(state) == set(original)
+    for key in state:
+        assert torch.equal(state[key], original[key]), key
+
+
 def _bad_input_cases(built, tmp_path: Path) -> dict[str, list[str]]:
     dense = built["ckpts"]["decoder"]
     incomplete = tmp_path / "step_9"
@@ -185,12 +241,18 @@ def _bad_input_cases(built, tmp_path: Path) -> dict[str, list[str]]:
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     exists = tmp_path / "exists"
     exists.mkdir()
+    wrong_shape = tmp_path / "wrong_shape"
+    convert.export_hf(dense, out=wrong_shape)
+    config = json.loads((wrong_shape / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (wrong_shape / "config.json").write_text(json.dumps(config))
     return {
         "incomplete": ["export-hf", str(incomplete), "--out"],
         "partial": ["export-hf", str(partial), "--out"],
         "missing-tokenizer": ["export-hf", str(no_tok), "--out"],
         "moe-encoder": ["export-hf", str(moe_encoder_ckpt), "--out"],
         "other-family-import": ["import-hf", str(bert), "--out"],
+        "import-wrong-shape": ["import-hf", str(wrong_shape), "--out"],
         "reshard-not-parallel": ["reshard", str(dense), "model.num_layers=3", "--out"],
         "output-exists": ["export-hf", str(dense), "--out", str(exists)],
     }
@@ -203,6 +265,7 @@ def test_bad_input_one_line_exit_2_nothing_left(built, tmp_path: Path, capsys):
         "missing-tokenizer": "tokenizer not found",
         "moe-encoder": "model.moe.num_experts (4) must be 0",
         "other-family-import": "model_type ('bert')",
+        "import-wrong-shape": "that config.json implies",
         "reshard-not-parallel": "parallel.<key>=<value>",
         "output-exists": "exists",
     }
