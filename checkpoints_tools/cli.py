@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="load the result with transformers and compare logits (tolerance 1e-4)",
+        help="load the result with transformers and compare logits (tolerance 1e-4); "
+        "needs memory for one fp32 model (ours, then transformers', one after the other)",
     )
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors file")
 

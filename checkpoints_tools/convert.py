@@ -322,12 +322,19 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     :func:`fixed_batch`; our weights are rounded to ``dtype`` first, so a bf16 export is
     compared exactly too. MoE layers run dropless, as transformers runs them.
 
+    Memory: one model at a time, not both. Ours is built on the meta device and takes the
+    tensors as read (``assign``, no second copy); its logits are kept and it is freed before
+    transformers loads ``out``. So the peak is about one fp32 model (plus transformers' own
+    loading overhead), where holding both took about 3x.
+
     Returns:
         The largest absolute logit difference.
 
     Raises:
         ValueError: the difference exceeds ``VERIFY_ATOL`` (1e-4).
     """
+    import gc
+
     import transformers
 
     from pretrain.models import build_model
@@ -335,17 +342,25 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     cfg = ckpt.model_cfg
     if cfg.moe.num_experts:
         cfg = replace(cfg, moe=replace(cfg.moe, dropless=True))
-    model = build_model(cfg)
-    state = {k: v.to(dtype).float() for k, v in ckpt.load_model_state().items()}
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    cls = getattr(transformers, adapter_for(cfg).hf_architecture)
-    hf_model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
-    avoid = hf_model.config.pad_token_id if cfg.family == "encoder" else None
+    hf_config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    avoid = hf_config.get("pad_token_id") if cfg.family == "encoder" else None
     tokens_BT = fixed_batch(cfg, avoid=avoid)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    state = {k: ckpt.read_tensor(k).to(dtype).float() for k in ckpt.model_shapes_cache()}
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    model.eval()
     with torch.no_grad():
         ours_BTV = model(tokens_BT).float()
+    del model
+    gc.collect()
+    cls = getattr(transformers, adapter_for(cfg).hf_architecture)
+    hf_model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
         theirs_BTV = hf_model(input_ids=tokens_BT).logits.float()
+    del hf_model
+    gc.collect()
     diff = float((ours_BTV - theirs_BTV).abs().max())
     if not diff <= VERIFY_ATOL:
         raise ValueError(
