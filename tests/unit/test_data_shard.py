@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 import webdataset as wds
 import zstandard
 
+from data_pipeline import shard
 from data_pipeline.cli import main
 from data_pipeline.readers import MonoInput, PairInput, parse_mono_specs
 from data_pipeline.shard import ShardSettings, run_shard_job
@@ -235,6 +237,7 @@ def test_interrupted_shard_never_under_its_final_name(
     monkeypatch.setattr(ShardWriter, "add_sample", dying)
     with pytest.raises(KeyboardInterrupt):
         _shard(data, tmp_path)
+    assert gc.isenabled()  # the collector, paused while a chunk is processed, is back on
     assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*tmp*"))
     assert not (tmp_path / "manifest.json").exists()
     # a temporary file left by a hard kill is removed by the next run
@@ -243,6 +246,59 @@ def test_interrupted_shard_never_under_its_final_name(
     _shard(data, tmp_path)
     assert not list(tmp_path.glob(".*tmp*"))
     assert verify_directory(tmp_path)[0] == []
+
+
+def test_buffer_encoding_matches_sentencepiece_lists(data: dict) -> None:
+    sp = load_tokenizer(data["tok"]).sp
+    texts = [t for lang in LANGS for _, _, t in data["texts"][lang]]
+    texts += [t for pairs in data["pair_texts"].values() for pair in pairs for t in pair]
+    texts += ["</s> <s> <pad> literal control pieces", "x", "\u00a0\u3000 odd spaces"]
+    assert shard._buffers_usable(sp)
+    for dtype in (np.dtype("<u2"), np.dtype("<u4")):
+        got = shard._encode_via_buffers(sp, texts, dtype)
+        want = shard._encode_via_lists(sp, texts, dtype)
+        assert got is not None
+        assert got[0].dtype == want[0].dtype == dtype
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_same_bytes_through_sentencepiece_lists(
+    data: dict, sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the public-API path, taken when the private buffer entry point is missing or differs
+    monkeypatch.setattr(shard, "_buffers_usable", lambda sp: False)
+    _shard(data, tmp_path / "lists")
+    assert _files(tmp_path / "lists") == _files(sharded)
+    # and the per-batch fallback, taken if the eos count ever disagrees
+    monkeypatch.setattr(shard, "_buffers_usable", lambda sp: True)
+    monkeypatch.setattr(shard, "_encode_via_buffers", lambda sp, texts, dtype: None)
+    _shard(data, tmp_path / "fallback")
+    assert _files(tmp_path / "fallback") == _files(sharded)
+
+
+def test_buffers_unused_without_the_private_entry_point() -> None:
+    class Stub:
+        def eos_id(self) -> int:
+            return 3
+
+    assert not shard._buffers_usable(Stub())
+
+
+def test_collector_paused_only_while_a_chunk_is_processed(
+    data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enabled_while_writing: list[bool] = []
+    original = ShardWriter.add_sample
+
+    def spy(self: ShardWriter, meta: dict, *, payload: bytes, ext: str) -> None:
+        enabled_while_writing.append(gc.isenabled())
+        original(self, meta, payload=payload, ext=ext)
+
+    monkeypatch.setattr(ShardWriter, "add_sample", spy)
+    _shard(data, tmp_path)
+    assert enabled_while_writing and not any(enabled_while_writing)
+    assert gc.isenabled()
 
 
 def test_verify_names_the_faulty_shard(
