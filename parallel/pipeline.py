@@ -212,8 +212,9 @@ def pipeline_step(
 
 def pipeline_loss(losses: list[torch.Tensor], *, info: PipelineInfo, dims: ParallelDims):
     """The step's loss on every pp rank: mean of the last stage's microbatch losses (plain
-    tensors, or replicated DTensors under ``loss_parallel``), sent over ``pp`` (a plain fp32
-    scalar)."""
+    tensors, or replicated DTensors under ``loss_parallel``; each ``sum * M / N`` from
+    ``pipeline_step``, so the mean is the batch's per-token mean), sent over ``pp`` (a plain
+    fp32 scalar)."""
     import torch.distributed as dist
 
     from parallel.parallelize import local_value

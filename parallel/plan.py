@@ -9,7 +9,8 @@ Nothing is materialised and nothing is computed.
 Memory estimate per rank (bytes): parameters and gradients in the parameter dtype (fp32 master
 weights under FSDP2 mixed precision), AdamW's two fp32 states. Activations are not estimated.
 Grouped experts count what FSDP2 leaves after sharding them over ``ep`` x ``dp_shard_mod_ep``
-(x ``tp``); the other parameters over ``dp_shard`` (x ``tp``).
+(x ``tp``, except with ``parallel.ep_over_tp``, where ep already spans tp and experts are whole);
+the other parameters over ``dp_shard`` (x ``tp``).
 """
 
 from __future__ import annotations
