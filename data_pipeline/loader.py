@@ -57,6 +57,7 @@ of the current pass is lost or repeated.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -470,6 +471,13 @@ class _SlotRunner:
         self.joined: dict[str, tuple] = {}  # source -> (position, joined arrays, meta)
         self.bad_shards: set[str] = set()
         self.special_V = ds.vocab.special_mask_V()
+        self.min_carry, self.track_docs = ds.min_carry_tokens, ds.track_docs
+        self.mono_queue = self._queue(ds.mono_p)
+        self.pair_queue = self._queue(ds.pair_p)
+        B, T = ds.batch_size, ds.seq_len
+        # constant [B, T] arrays, copied into each batch (a copy is cheaper than building)
+        self.arange_BT = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+        self.ones_BT = np.ones((B, T), dtype=np.int64)
 
     def state(self) -> dict:
         return {
@@ -526,8 +534,10 @@ class _SlotRunner:
         eos = self.ds.vocab.eos_id
         meta = (sample["source"], int(sample["first_doc"]), g // source.num_samples)
         if source.kind == "mono":
-            ids, start = join_mono(sample["tokens"], sample["doc_offsets"], eos_id=eos)
-            return {"ids": ids, "start": start, "starts": np.flatnonzero(start), "meta": meta}
+            offsets = sample["doc_offsets"]
+            ids, start = join_mono(sample["tokens"], offsets, eos_id=eos)
+            starts = offsets[:-1].astype(np.int64) + np.arange(len(offsets) - 1)  # where True
+            return {"ids": ids, "start": start, "starts": starts, "meta": meta}
         src_lang, tgt_lang = self.ds.pair_langs[source.name]
         ids, lang, pos, seg = join_pairs(
             sample["src_tokens"],
@@ -548,46 +558,68 @@ class _SlotRunner:
 
     # --- rows ----------------------------------------------------------------------------------
 
-    def _choose(self, probs: Mapping[str, float]) -> str:
-        best, best_time = "", math.inf
-        for name, p in probs.items():
-            if p > 0:
-                t = self.emitted[name] / p
-                if t < best_time:
-                    best, best_time = name, t
-        return best
+    def _queue(self, probs: Mapping[str, float]) -> list[tuple[float, int, str, float]]:
+        """Stride-scheduling queue: a heap of ``(emitted / p, order, source, p)`` over sources
+        with p > 0; its head is the source to emit next (the first in order on ties)."""
+        queue = [
+            (self.emitted[name] / p, i, name, p)
+            for i, (name, p) in enumerate(probs.items())
+            if p > 0
+        ]
+        heapq.heapify(queue)
+        return queue
 
-    def _mono_row(self, name: str, ids_T: np.ndarray, start_T: np.ndarray) -> int:
-        """Fill one row from mono source ``name``; return the documents started in it."""
-        stream = self.streams[name]
+    def _emit(self, queue: list, entry: tuple, tokens: float) -> None:
+        """Count ``tokens`` emitted by the source of ``entry`` (popped off ``queue``); requeue
+        the source."""
+        _, i, name, p = entry
+        emitted = self.emitted[name] + tokens
+        self.emitted[name] = emitted
+        heapq.heappush(queue, (emitted / p, i, name, p))
+
+    def _mono_row(self, name: str, ids_T: np.ndarray, start_T: np.ndarray) -> None:
+        """Fill one row (``ids_T``, and ``start_T`` True at document starts) from mono source
+        ``name``."""
+        partials = self.streams[name].partials
         T = len(ids_T)
-        filled, docs, at_row_start = 0, 0, True
+        filled, row_start = 0, True
         while filled < T:
-            partial, j = self._current(name)
-            cursor = partial[1]
-            size = len(j["ids"])
-            if at_row_start and self.ds.min_carry_tokens and cursor and not j["start"][cursor]:
-                k = int(np.searchsorted(j["starts"], cursor))
-                nxt = int(j["starts"][k]) if k < len(j["starts"]) else size
-                if nxt - cursor < self.ds.min_carry_tokens:
-                    self.counters["dropped_tokens"] += nxt - cursor
-                    cursor = nxt
-            at_row_start = False
-            take = min(T - filled, size - cursor)
-            ids_T[filled : filled + take] = j["ids"][cursor : cursor + take]
-            start_T[filled : filled + take] = j["start"][cursor : cursor + take]
-            first = int(np.searchsorted(j["starts"], cursor))
-            last = int(np.searchsorted(j["starts"], cursor + take))
-            docs += last - first
-            if self.ds.track_docs:
-                self._log_docs(name, j, first, last)
-            filled += take
-            cursor += take
-            if cursor >= size:
-                stream.partials.pop(0)
+            hit = self.joined.get(name)
+            if partials and hit is not None and hit[0] == partials[0][0]:
+                partial, j = partials[0], hit[1]
             else:
-                partial[1] = cursor
-        return docs
+                partial, j = self._current(name)
+            cursor = partial[1]
+            ids, start = j["ids"], j["start"]
+            size = len(ids)
+            if row_start and cursor and self.min_carry and not start[cursor]:
+                cursor = self._drop_short_remainder(j, cursor)
+            row_start = False
+            end = cursor + T - filled
+            if end < size:
+                ids_T[filled:] = ids[cursor:end]
+                start_T[filled:] = start[cursor:end]
+                partial[1] = end
+            else:
+                end = size
+                ids_T[filled : filled + end - cursor] = ids[cursor:]
+                start_T[filled : filled + end - cursor] = start[cursor:]
+                partials.pop(0)
+            if self.track_docs:
+                first = int(np.searchsorted(j["starts"], cursor))
+                self._log_docs(name, j, first, int(np.searchsorted(j["starts"], end)))
+            filled += end - cursor
+
+    def _drop_short_remainder(self, j: dict, cursor: int) -> int:
+        """The cursor past the current document when fewer than min_carry_tokens remain of it
+        (counted in dropped_tokens), else ``cursor``."""
+        starts = j["starts"]
+        k = int(np.searchsorted(starts, cursor))
+        nxt = int(starts[k]) if k < len(starts) else len(j["ids"])
+        if nxt - cursor < self.min_carry:
+            self.counters["dropped_tokens"] += nxt - cursor
+            return nxt
+        return cursor
 
     def _pair_row(self, name: str, row: dict, b: int) -> int:
         """Pack whole pairs of source ``name`` into row ``b``; return the pairs in it."""
@@ -651,11 +683,14 @@ class _SlotRunner:
             self.batches * ds.tlm_share * B
         )
         self.batches += 1
-        ids_BT = np.empty((B, T), dtype=np.int64)
-        start_BT = np.zeros((B, T), dtype=bool)
-        lang_BT = np.empty((B, T), dtype=np.int64)
         num_langs = len(ds.languages)
-        docs_L = np.zeros(num_langs, dtype=np.int64)
+        lang_index = ds.lang_index
+        ids_BT = np.empty((B, T), dtype=np.int64)
+        lang_BT = np.empty((B, T), dtype=np.int64)
+        # mono rows write every position of their row; pair rows only mark their pair starts
+        start_BT = np.zeros((B, T), dtype=bool) if num_tlm else np.empty((B, T), dtype=bool)
+        tokens_L = [0] * num_langs
+        docs_L = [0] * num_langs
         pair_rows = None
         if num_tlm:
             pair_rows = {
@@ -665,26 +700,36 @@ class _SlotRunner:
                 "start": start_BT,
                 "valid": np.zeros((B, T), dtype=bool),
             }
-            pair_rows["ids"][:num_tlm] = ds.vocab.pad_id
+            ids_BT[:num_tlm] = ds.vocab.pad_id
             for b in range(num_tlm):
-                name = self._choose(ds.pair_p)
+                entry = heapq.heappop(self.pair_queue)
+                name = entry[2]
                 pairs = self._pair_row(name, pair_rows, b)
-                docs_L[ds.lang_index[ds.pair_langs[name][0]]] += pairs
-                self.emitted[name] += float(pair_rows["valid"][b].sum())
+                docs_L[lang_index[ds.pair_langs[name][0]]] += pairs
+                self._emit(self.pair_queue, entry, float(pair_rows["valid"][b].sum()))
+        queue = self.mono_queue
+        row_lang = []
         for b in range(num_tlm, B):
-            name = self._choose(ds.mono_p)
-            docs_L[ds.lang_index[name]] += self._mono_row(name, ids_BT[b], start_BT[b])
-            lang_BT[b] = ds.lang_index[name]
-            self.emitted[name] += T
+            entry = heapq.heappop(queue)
+            name = entry[2]
+            start_T = start_BT[b]
+            self._mono_row(name, ids_BT[b], start_T)
+            lang = lang_index[name]
+            row_lang.append(lang)
+            docs_L[lang] += int(np.count_nonzero(start_T))
+            tokens_L[lang] += T
+            self._emit(queue, entry, T)
+        if row_lang:
+            lang_BT[num_tlm:] = np.array(row_lang, dtype=np.int64)[:, None]
 
         if ds.reset_position_ids or num_tlm:
             position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
             if not ds.reset_position_ids:
-                position_BT[num_tlm:] = np.arange(T)
+                position_BT[num_tlm:] = self.arange_BT[num_tlm:]
         else:  # continuous positions: only the document numbering is needed
-            start_BT[:, 0] = True
-            doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64) - 1
-            position_BT = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+            start_BT[:, 0] = False  # the row's first document is number 0 whatever starts there
+            doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64)
+            position_BT = self.arange_BT.copy()
         valid_BT = None
         if pair_rows is not None:
             valid_BT = np.ones((B, T), dtype=bool)
@@ -695,6 +740,10 @@ class _SlotRunner:
             lang_BT[:num_tlm] = np.where(
                 valid_BT[:num_tlm], lang_BT[:num_tlm], lang_BT[:num_tlm, :1]
             )
+            pair_tokens_L = np.bincount(
+                lang_BT[:num_tlm][valid_BT[:num_tlm]], minlength=num_langs
+            ).tolist()
+            tokens_L = [a + b for a, b in zip(tokens_L, pair_tokens_L)]
         if ds.objective == "mlm":
             input_BT, labels_BT = mask_tokens(
                 ids_BT,
@@ -706,15 +755,13 @@ class _SlotRunner:
             )
         else:
             input_BT, labels_BT = ids_BT, ids_BT.copy()
-        if valid_BT is None:
-            tokens_L = np.bincount(lang_BT[:, 0], minlength=num_langs) * T
-            mask_BT = np.ones((B, T), dtype=np.int64)
-        else:
-            tokens_L = np.bincount(lang_BT[valid_BT], minlength=num_langs)
-            mask_BT = valid_BT.astype(np.int64)
+        mask_BT = self.ones_BT.copy() if valid_BT is None else valid_BT.astype(np.int64)
+        counted_tokens, counted_docs = self.counters["tokens"], self.counters["documents"]
         for i, lang in enumerate(ds.languages):
-            self.counters["tokens"][lang] += int(tokens_L[i])
-            self.counters["documents"][lang] += int(docs_L[i])
+            if tokens_L[i]:
+                counted_tokens[lang] += tokens_L[i]
+            if docs_L[i]:
+                counted_docs[lang] += docs_L[i]
         return {
             "input_ids": torch.from_numpy(input_BT),
             "labels": torch.from_numpy(labels_BT),
@@ -722,8 +769,8 @@ class _SlotRunner:
             "doc_ids": torch.from_numpy(doc_ids_BT),
             "lang_ids": torch.from_numpy(lang_BT),
             "attention_mask": torch.from_numpy(mask_BT),
-            "tokens_per_lang": torch.from_numpy(tokens_L.astype(np.int64)),
-            "docs_per_lang": torch.from_numpy(docs_L),
+            "tokens_per_lang": torch.from_numpy(np.array(tokens_L, dtype=np.int64)),
+            "docs_per_lang": torch.from_numpy(np.array(docs_L, dtype=np.int64)),
         }
 
 

@@ -109,7 +109,12 @@ def encode_pair_payload(
 
 
 def _check_offsets(offsets: np.ndarray, total: int, *, where: str) -> None:
-    if offsets[0] != 0 or offsets[-1] != total or np.any(offsets[1:] < offsets[:-1]):
+    if (
+        not len(offsets)
+        or offsets[0] != 0
+        or offsets[-1] != total
+        or (offsets[1:] < offsets[:-1]).any()
+    ):
         raise ValueError(f"{where}: document offsets must rise from 0 to {total}")
 
 

@@ -28,8 +28,8 @@ and the regular dealing restarts at ``G0`` with stride ``S'``; buffered referenc
 round-robin; an old slot's partly consumed samples (its packing remainder) go to new slot
 ``old % S'``.
 
-Random access: a shard's member offsets are found once per process by reading the 512-byte tar
-headers (seeking over the data); a sample is then one seek and one read.
+Random access: a shard's member offsets are found once per reader (one per slot) by reading the
+512-byte tar headers (seeking over the data); a sample is then one seek and one read.
 """
 
 from __future__ import annotations
@@ -73,20 +73,10 @@ def _padded(size: int) -> int:
     return (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
-def index_shard(path: str | os.PathLike) -> np.ndarray:
-    """Byte ranges of a shard's samples, from its tar headers alone.
-
-    Returns:
-        int64 ``[num_samples, 2]``: start (the ``.json`` header) and end (past the padded
-        payload) of each sample.
-
-    Raises:
-        OSError: the file cannot be read.
-        ValueError: the shard's name and the fault (truncated, bad header, members out of pairs).
-    """
-    path = Path(path)
+def _index_members(path: Path) -> list[tuple[int, int, int, int, str]]:
+    """Per sample ``(start, stop, metadata size, payload size, payload extension)``."""
     where = f"shard {path.name}"
-    spans = []
+    members = []
     with open(path, "rb") as f:
         end = f.seek(0, io.SEEK_END)
         pos = 0
@@ -107,34 +97,61 @@ def index_shard(path: str | os.PathLike) -> np.ndarray:
             stop = pos + _BLOCK + _padded(size) + _BLOCK + _padded(payload_size)
             if stop > end:
                 raise ValueError(f"{where}: truncated inside member {payload_name!r}")
-            spans.append((pos, stop))
+            members.append((pos, stop, size, payload_size, payload_name.partition(".")[2]))
             pos = stop
+    return members
+
+
+def index_shard(path: str | os.PathLike) -> np.ndarray:
+    """Byte ranges of a shard's samples, from its tar headers alone.
+
+    Returns:
+        int64 ``[num_samples, 2]``: start (the ``.json`` header) and end (past the padded
+        payload) of each sample.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the shard's name and the fault (truncated, bad header, members out of pairs).
+    """
+    spans = [m[:2] for m in _index_members(Path(path))]
     return np.array(spans, dtype=np.int64).reshape(-1, 2)
 
 
 class ShardReader:
-    """Reads single samples of shards by (shard path, sample index), keeping a few files open."""
+    """Reads single samples of shards by (shard path, sample index), keeping some files open.
 
-    def __init__(self, *, max_open: int = 8) -> None:
-        self._indexes: dict[str, np.ndarray] = {}
+    Each shard's tar headers are read (and checked) once, on its first sample; a sample is then
+    one seek and one read, and its payload is decompressed straight from that read.
+    """
+
+    def __init__(self, *, max_open: int = 64) -> None:
+        self._indexes: dict[str, list[tuple[int, int, int, int, str]]] = {}
+        self._names: dict[str, str] = {}
         self._files: OrderedDict[str, io.BufferedReader] = OrderedDict()
         self._max_open = max_open
         self._zstd = zstandard.ZstdDecompressor()
 
     def _file(self, path: str) -> io.BufferedReader:
-        f = self._files.pop(path, None)
-        if f is None:
-            f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed in close()
-            while len(self._files) >= self._max_open:
-                self._files.popitem(last=False)[1].close()
+        f = self._files.get(path)
+        if f is not None:
+            self._files.move_to_end(path)
+            return f
+        f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed in close()
+        while len(self._files) >= self._max_open:
+            self._files.popitem(last=False)[1].close()
         self._files[path] = f
         return f
 
+    def _members(self, path: str) -> list[tuple[int, int, int, int, str]]:
+        members = self._indexes.get(path)
+        if members is None:
+            members = self._indexes[path] = _index_members(Path(path))
+            self._names[path] = Path(path).name
+        return members
+
     def num_samples(self, path: str) -> int:
         """Samples in the shard (reads its headers once)."""
-        if path not in self._indexes:
-            self._indexes[path] = index_shard(path)
-        return len(self._indexes[path])
+        return len(self._members(path))
 
     def read(self, path: str, index: int) -> dict:
         """Decode sample ``index`` of the shard at ``path`` (see ``shard_format.decode_sample``).
@@ -144,25 +161,24 @@ class ShardReader:
             ValueError: the shard's name and the fault (index out of range, bad member, bad
                 payload).
         """
-        name = Path(path).name
-        if index >= self.num_samples(path):
-            raise ValueError(f"shard {name}: has no sample {index}")
-        start, stop = self._indexes[path][index]
+        members = self._members(path)
+        if not 0 <= index < len(members):
+            raise ValueError(f"shard {Path(path).name}: has no sample {index}")
+        start, stop, meta_size, payload_size, ext = members[index]
+        if ext != MONO_EXT and ext != PAIR_EXT:
+            raise ValueError(
+                f"shard {Path(path).name}: sample {index} payload .{ext} is not a token payload"
+            )
         f = self._file(path)
-        f.seek(int(start))
-        raw = f.read(int(stop - start))
+        f.seek(start)
+        raw = f.read(stop - start)
         if len(raw) != stop - start:
-            raise ValueError(f"shard {name}: truncated at sample {index}")
-        meta_name, meta_size = _parse_header(raw[:_BLOCK], where=f"shard {name}")
-        at = _BLOCK + _padded(meta_size)
-        payload_name, payload_size = _parse_header(raw[at : at + _BLOCK], where=f"shard {name}")
-        ext = payload_name.partition(".")[2]
-        if ext not in (MONO_EXT, PAIR_EXT):
-            raise ValueError(f"shard {name}: sample {index} payload .{ext} is not a token payload")
+            raise ValueError(f"shard {Path(path).name}: truncated at sample {index}")
+        at = _BLOCK + _padded(meta_size) + _BLOCK
         return decode_sample(
             raw[_BLOCK : _BLOCK + meta_size],
-            payload=raw[at + _BLOCK : at + _BLOCK + payload_size],
-            where=f"shard {name} sample {index}",
+            payload=memoryview(raw)[at : at + payload_size],
+            where=f"shard {self._names[path]} sample {index}",
             decompressor=self._zstd,
         )
 
@@ -210,12 +226,13 @@ class Source:
         if hit is not None:
             return hit
         rng = np.random.default_rng([seed, source_seed(self.name), pass_index])
-        shards, samples = [], []
-        for shard in rng.permutation(len(self.paths)):
-            count = self.samples_per_shard[shard]
-            shards.append(np.full(count, shard, dtype=np.int64))
-            samples.append(rng.permutation(count))
-        hit = (np.concatenate(shards), np.concatenate(samples))
+        shards = rng.permutation(len(self.paths))
+        counts = [self.samples_per_shard[shard] for shard in shards]
+        samples = [rng.permutation(count) for count in counts]
+        hit = (
+            np.repeat(shards.astype(np.int64), counts),
+            samples[0] if len(samples) == 1 else np.concatenate(samples),
+        )
         self._orders[pass_index] = hit
         if len(self._orders) > 8:
             self._orders.popitem(last=False)

@@ -119,19 +119,23 @@ def join_mono(tokens_N: np.ndarray, doc_offsets: np.ndarray, *, eos_id: int) -> 
         doc_offsets: ``[D + 1]`` rising offsets, ``doc_offsets[0] == 0``, last ``== N``.
 
     Returns:
-        ``(ids [N + D] int64, doc_start [N + D] bool)``: ``doc_start`` is True at each
+        ``(ids [N + D], doc_start [N + D] bool)``: ``ids`` keeps the dtype of ``tokens_N`` (the
+        packers widen once, when they copy into a batch); ``doc_start`` is True at each
         document's first position (at its eos for an empty document).
     """
     num_docs = len(doc_offsets) - 1
-    starts_D = doc_offsets[:-1].astype(np.int64) + np.arange(num_docs)
+    total = len(tokens_N) + num_docs
     eos_D = doc_offsets[1:].astype(np.int64) + np.arange(num_docs)
-    ids = np.empty(len(tokens_N) + num_docs, dtype=np.int64)
-    keep = np.ones(len(ids), dtype=bool)
-    keep[eos_D] = False
-    ids[keep] = tokens_N
+    is_eos = np.zeros(total, dtype=bool)
+    is_eos[eos_D] = True
+    ids = np.empty(total, dtype=np.result_type(tokens_N.dtype, np.min_scalar_type(eos_id)))
+    ids[~is_eos] = tokens_N
     ids[eos_D] = eos_id
-    doc_start = np.zeros(len(ids), dtype=bool)
-    doc_start[starts_D] = True
+    # a document starts at 0 and right after each eos (the last eos ends the sample)
+    doc_start = np.empty(total, dtype=bool)
+    if total:
+        doc_start[0] = True
+        doc_start[1:] = is_eos[:-1]
     return ids, doc_start
 
 
