@@ -10,11 +10,15 @@ corpus shards (all 12 languages, 6 en-X pair sets):
 - ``loader tlm``: TLM batches (``tlm_share = 1``), pair shards, padded rows (non-pad tokens
   counted).
 
-Each figure is the best of ``--repeats`` runs of at least ``--seconds`` seconds. Goals (issue 5):
-packed CLM >= 0.7x plain and >= 5 M tokens/s per core.
+Each figure is the best of ``--repeats`` runs of at least ``--seconds`` seconds; the runs are
+interleaved (plain, clm, mlm, tlm, plain, ...), so that load from other jobs on a shared machine
+falls on every reader alike. Loader figures are steady-state: building the dataset (manifest,
+tokenizer) and a few warm-up batches are not timed. Goals (issue 5): packed CLM >= 0.7x plain
+and >= 5 M tokens/s per core.
 
 Usage: python bench/bench_loader.py [--shards DIR] [--seq-len 2048] [--batch-size 8] [--json]
-(without --shards, a tokenizer is trained and the sample corpus sharded first, about 40 s).
+(without --shards, a tokenizer is trained and the sample corpus sharded first, about 40 s, into a
+temporary directory, or into ``--build DIR`` to keep them for later ``--shards DIR/shards``).
 """
 
 from __future__ import annotations
@@ -69,18 +73,16 @@ def _build_shards(out: Path, *, sample_tokens: int) -> Path:
     return out / "shards"
 
 
-def _best(run, *, seconds: float, repeats: int) -> float:
-    """Best tokens/s of ``repeats`` timed runs of ``run(deadline) -> tokens``."""
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = run(start + seconds)
-        rates.append(tokens / (time.perf_counter() - start))
-    return max(rates)
+def _timed(run, *, seconds: float) -> float:
+    """Tokens/s of one timed run of ``run(deadline) -> tokens``."""
+    start = time.perf_counter()
+    tokens = run(start + seconds)
+    return tokens / (time.perf_counter() - start)
 
 
-def plain_rate(shards: Path, *, seconds: float, repeats: int) -> float:
-    """webdataset iteration + zstd decode of every mono shard, repeated until the deadline."""
+def plain_run(shards: Path):
+    """``run(deadline) -> tokens``: webdataset iteration + zstd decode of every mono shard,
+    repeated until the deadline."""
     manifest = load_manifest(shards)
     urls = [str(shards / e["path"]) for e in manifest["shards"] if e["kind"] == "mono"]
     decompress = zstandard.ZstdDecompressor().decompress
@@ -95,38 +97,45 @@ def plain_rate(shards: Path, *, seconds: float, repeats: int) -> float:
                 tokens += len(ids)
         return tokens
 
-    return _best(run, seconds=seconds, repeats=repeats)
+    return run
 
 
-def loader_rate(
-    shards: Path, *, kind: str, seq_len: int, batch_size: int, seconds: float, repeats: int
-) -> float:
-    """Non-padding tokens/s of the loader's batches of ``kind`` (clm | mlm | tlm), one process."""
+def loader_run(shards: Path, *, kind: str, seq_len: int, batch_size: int):
+    """``run(deadline) -> tokens``: non-padding tokens of the loader's batches of ``kind``
+    (clm | mlm | tlm), one process. The dataset is built (manifest, tokenizer) and warmed up
+    (a few batches) untimed; successive runs continue the same stream."""
     objective = "clm" if kind == "clm" else "mlm"
     masking = MaskingConfig(tlm_share=1.0 if kind == "tlm" else 0.0)
+    ds = StreamingDataset(
+        shards,
+        dp_rank=0,
+        dp_world_size=1,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        objective=objective,
+        masking=masking,
+    )
+    it = iter(ds)
+    for _ in range(8):
+        next(it)
 
     def run(deadline: float) -> int:
-        ds = StreamingDataset(
-            shards,
-            dp_rank=0,
-            dp_world_size=1,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            objective=objective,
-            masking=masking,
-        )
-        it = iter(ds)
         tokens = 0
         while time.perf_counter() < deadline:
             tokens += int(next(it)["attention_mask"].sum())
         return tokens
 
-    return _best(run, seconds=seconds, repeats=repeats)
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", help="shard directory (default: build from the sample corpus)")
+    parser.add_argument(
+        "--build",
+        metavar="DIR",
+        help="build the shards into DIR (kept; DIR/shards is then reusable with --shards)",
+    )
     parser.add_argument("--sample-tokens", type=int, default=32768, help="when building shards")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -137,22 +146,25 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        shards = (
-            Path(args.shards)
-            if args.shards
-            else _build_shards(Path(tmp), sample_tokens=args.sample_tokens)
-        )
+        if args.shards:
+            shards = Path(args.shards)
+        else:
+            shards = _build_shards(Path(args.build or tmp), sample_tokens=args.sample_tokens)
         manifest = load_manifest(shards)
         mono = [e for e in manifest["shards"] if e["kind"] == "mono"]
         tokens_per_sample = sum(e["tokens"] for e in mono) / sum(e["samples"] for e in mono)
-        timing = {"seconds": args.seconds, "repeats": args.repeats}
-        plain = plain_rate(shards, **timing)
-        rates = {
-            kind: loader_rate(
-                shards, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size, **timing
+        runs = {"plain": plain_run(shards)}
+        for kind in ("clm", "mlm", "tlm"):
+            runs[kind] = loader_run(
+                shards, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size
             )
-            for kind in ("clm", "mlm", "tlm")
-        }
+        # rounds interleave the readers, so that load from other jobs hits them alike
+        best = dict.fromkeys(runs, 0.0)
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                best[name] = max(best[name], _timed(run, seconds=args.seconds))
+        plain = best.pop("plain")
+        rates = best
     result = {
         "machine": _cpu_model(),
         "cores_used": 1,
@@ -162,11 +174,15 @@ def main() -> None:
         "plain_wds_zstd_tokens_per_s": plain,
         **{f"loader_{k}_tokens_per_s": v for k, v in rates.items()},
         "clm_vs_plain": rates["clm"] / plain,
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"machine: {result['machine']}, 1 core; {tokens_per_sample:,.0f} tokens per sample")
+    print(
+        f"machine: {result['machine']}, 1 core; {tokens_per_sample:,.0f} tokens per sample; "
+        f"load average {result['load_average_1min']}"
+    )
     print(f"{'reader':<22}{'M tokens/s':>12}{'vs plain':>10}")
     print(f"{'plain wds+zstd':<22}{plain / 1e6:>12.2f}{1.0:>10.2f}")
     for kind, rate in rates.items():
