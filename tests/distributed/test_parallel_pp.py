@@ -178,6 +178,15 @@ def test_pp2_with_dp2_tp2_ep2_world_4_matches_the_reference():
                 moe,
                 {"pp": 2, "ep": 2, "pp_schedule": "1F1B", "microbatches": 2},
             ),
+            # Reference: accumulation over the 2 dp x 2 microbatch slices.
+            "PP2 x EP2 (FSDP2 x2) 1F1B MoE aux+z": (
+                _moe_with_aux(),
+                {"pp": 2, "ep": 2, "pp_schedule": "1F1B", "microbatches": 2},
+            ),
+            "PP2 x TP2 x EP2 over tp 1F1B MoE": (
+                moe,
+                {"pp": 2, "tp": 2, "ep": 2, "ep_over_tp": True, "microbatches": 2},
+            ),
         },
     )
 
