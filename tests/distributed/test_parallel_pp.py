@@ -3,8 +3,9 @@ the unsharded reference; MoE aux/z losses and per-token loss normalisation acros
 
 References: the whole batch in one process; with MoE aux/z losses, gradient accumulation over the
 same microbatches in one process (a load-balancing loss is a per-forward statistic, so that is
-what pipelining computes: ``parallel.pipeline``). Encoder runs use MLM-like targets (most
-positions ignored, a different count in each microbatch) to check per-token normalisation.
+what pipelining computes: ``parallel.pipeline``). Encoder runs on one dp rank use MLM-like
+targets (most positions ignored, a different count in each microbatch) to check per-token
+normalisation.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def _untied_encoder(*, moe: bool = False):
     return dataclasses.replace(tiny_config("encoder", moe=moe), num_layers=4, tie_embeddings=False)
 
 
-def _data(cfg) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``batches(cfg)``; for the encoder with MLM-like targets: about 30% of the positions
-    predicted, a different count in each row."""
+def _data(cfg, *, dp: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches(cfg)``; for the encoder on one dp rank with MLM-like targets: about 30% of the
+    positions predicted, a different count in each row. (With dp > 1 every position is a
+    target: data parallel averages each rank's per-token mean, as the trainer does, which is the
+    batch's per-token mean only when the ranks hold equal target counts.)"""
     data = batches(cfg)
-    if cfg.family != "encoder":
+    if cfg.family != "encoder" or dp > 1:
         return data
     gen = torch.Generator().manual_seed(11)
     out = []
@@ -85,7 +88,7 @@ def _pp_run(rank: int, world_size: int, cfg, par: dict) -> dict:
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
     losses_out, norms = [], []
-    for tokens, targets in _data(cfg):
+    for tokens, targets in _data(cfg, dp=dims.dp):
         tokens = tokens.chunk(dims.dp)[dims.dp_rank]
         targets = targets.chunk(dims.dp)[dims.dp_rank]
         opt.zero_grad()
@@ -120,13 +123,11 @@ def _check(world_size: int, cases: dict[str, dict | tuple]) -> None:
         cfg, par = cases[label]
         # With aux/z losses the reference accumulates over the same (dp x microbatch) slices.
         aux = cfg.moe.num_experts > 0 and (cfg.moe.aux_loss_coef or cfg.moe.z_loss_coef)
-        micro = 1
-        if aux:
-            dp = world_size // (par.get("pp", 1) * par.get("tp", 1))
-            micro = dp * par.get("microbatches", par.get("pp", 1))
-        key = (id(cfg), micro)
+        dp = world_size // (par.get("pp", 1) * par.get("tp", 1))
+        micro = dp * par.get("microbatches", par.get("pp", 1)) if aux else 1
+        key = (id(cfg), micro, dp > 1)
         if key not in refs:
-            refs[key] = reference(cfg, microbatches=micro, data=_data(cfg))
+            refs[key] = reference(cfg, microbatches=micro, data=_data(cfg, dp=dp))
         ref = refs[key]
         per_case = [per_rank[index] for per_rank in results]
         merged: dict[str, torch.Tensor] = {}
@@ -156,6 +157,13 @@ def test_pp2_schedules_match_the_reference():
                 "stages_per_rank": 2,
                 "microbatches": 4,
             },
+            "PP2 GPipe": {"pp": 2, "pp_schedule": "GPipe", "microbatches": 4},
+            "PP2 LoopedBFS": {
+                "pp": 2,
+                "pp_schedule": "LoopedBFS",
+                "stages_per_rank": 2,
+                "microbatches": 4,
+            },
             "PP2 DualPipeV": {
                 "pp": 2,
                 "pp_schedule": "DualPipeV",
@@ -182,6 +190,10 @@ def test_pp2_with_dp2_tp2_ep2_world_4_matches_the_reference():
             "PP2 x EP2 (FSDP2 x2) 1F1B MoE aux+z": (
                 _moe_with_aux(),
                 {"pp": 2, "ep": 2, "pp_schedule": "1F1B", "microbatches": 2},
+            ),
+            "PP2 x FSDP2 1F1B untied encoder": (
+                _untied_encoder(),
+                {"pp": 2, "pp_schedule": "1F1B", "microbatches": 2},
             ),
             "PP2 x TP2 x EP2 over tp 1F1B MoE": (
                 moe,
