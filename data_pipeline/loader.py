@@ -471,7 +471,12 @@ class _SlotRunner:
         self.joined: dict[str, tuple] = {}  # source -> (position, joined arrays, meta)
         self.bad_shards: set[str] = set()
         self.special_V = ds.vocab.special_mask_V()
+        self.normal_ids = np.flatnonzero(~self.special_V)
         self.min_carry, self.track_docs = ds.min_carry_tokens, ds.track_docs
+        self.pair_lang_index = {
+            name: (ds.lang_index[src], ds.lang_index[tgt])
+            for name, (src, tgt) in ds.pair_langs.items()
+        }
         self.mono_queue = self._queue(ds.mono_p)
         self.pair_queue = self._queue(ds.pair_p)
         B, T = ds.batch_size, ds.seq_len
@@ -548,8 +553,18 @@ class _SlotRunner:
             src_lang=self.ds.lang_index[src_lang],
             tgt_lang=self.ds.lang_index[tgt_lang],
         )
-        src_len = np.diff(sample["src_offsets"]).astype(np.int64) + 1
-        return {"ids": ids, "lang": lang, "pos": pos, "seg": seg, "src_len": src_len, "meta": meta}
+        src_len = np.diff(sample["src_offsets"].astype(np.int64)) + 1
+        src_cum = np.zeros(len(src_len) + 1, dtype=np.int64)  # source tokens before each pair
+        np.cumsum(src_len, out=src_cum[1:])
+        return {
+            "ids": ids,
+            "lang": lang,
+            "pos": pos,
+            "seg": seg,
+            "src_len": src_len,
+            "src_cum": src_cum,
+            "meta": meta,
+        }
 
     def _log_docs(self, name: str, joined: dict, first: int, last: int) -> None:
         source_file, first_doc, pass_index = joined["meta"]
@@ -621,10 +636,14 @@ class _SlotRunner:
             return nxt
         return cursor
 
-    def _pair_row(self, name: str, row: dict, b: int) -> int:
-        """Pack whole pairs of source ``name`` into row ``b``; return the pairs in it."""
-        stream = self.streams[name]
+    def _pair_row(self, name: str, b: int, rows: dict, tokens_L: list[int]) -> tuple[int, int]:
+        """Pack whole pairs of source ``name`` into row ``b`` of ``rows`` (ids, lang, pos,
+        start); count their tokens per language in ``tokens_L``. Returns ``(pairs, tokens)``:
+        the row holds tokens at ``[0, tokens)`` and is padded by the caller."""
+        partials = self.streams[name].partials
+        src_lang, tgt_lang = self.pair_lang_index[name]
         T = self.ds.seq_len
+        ids_T, lang_T, pos_T, start_T = (rows[k][b] for k in ("ids", "lang", "pos", "start"))
         filled, pairs = 0, 0
         while filled < T:
             partial, j = self._current(name)
@@ -634,7 +653,12 @@ class _SlotRunner:
             # segments i .. k-1 fit entirely in the room left
             k = int(np.searchsorted(seg, cursor + T - filled, side="right")) - 1
             if k > i:
-                idx = np.arange(cursor, int(seg[k]))
+                end = int(seg[k])
+                n = end - cursor
+                ids_T[filled : filled + n] = j["ids"][cursor:end]
+                lang_T[filled : filled + n] = j["lang"][cursor:end]
+                pos_T[filled : filled + n] = j["pos"][cursor:end]
+                num_src = int(j["src_cum"][k] - j["src_cum"][i])
             elif filled == 0:  # one pair longer than a row: cut both sides, keep their eos
                 src_len = int(j["src_len"][i])
                 seg_len = int(seg[i + 1] - seg[i])
@@ -650,30 +674,25 @@ class _SlotRunner:
                     ]
                 )
                 self.counters["truncated_tokens"] += seg_len - T
-                k = i + 1
+                k, n, end, num_src = i + 1, T, int(seg[i + 1]), keep_src
+                ids_T[:] = j["ids"][idx]
+                lang_T[:] = j["lang"][idx]
+                pos_T[:keep_src] = np.arange(keep_src)
+                pos_T[keep_src:] = np.arange(keep_tgt)
             else:
                 break
-            n = len(idx)
-            row["ids"][b, filled : filled + n] = j["ids"][idx]
-            row["lang"][b, filled : filled + n] = j["lang"][idx]
-            if k == i + 1 and n < seg[k] - seg[i]:
-                keep_src = int(np.sum(idx < cursor + int(j["src_len"][i])))
-                row["pos"][b, filled : filled + n] = np.concatenate(
-                    [np.arange(keep_src), np.arange(n - keep_src)]
-                )
-            else:
-                row["pos"][b, filled : filled + n] = j["pos"][idx]
-            row["start"][b, filled + seg[i:k] - cursor] = True
-            row["valid"][b, filled : filled + n] = True
+            start_T[filled + seg[i:k] - cursor] = True
+            tokens_L[src_lang] += num_src
+            tokens_L[tgt_lang] += n - num_src
             pairs += k - i
-            if self.ds.track_docs:
+            if self.track_docs:
                 self._log_docs(name, j, i, k)
             filled += n
             if k >= len(seg) - 1:
-                stream.partials.pop(0)
+                partials.pop(0)
             else:
-                partial[1] = int(seg[k])
-        return pairs
+                partial[1] = end
+        return pairs, filled
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The slot's next batch (contract in the module docstring)."""
@@ -687,26 +706,24 @@ class _SlotRunner:
         lang_index = ds.lang_index
         ids_BT = np.empty((B, T), dtype=np.int64)
         lang_BT = np.empty((B, T), dtype=np.int64)
-        # mono rows write every position of their row; pair rows only mark their pair starts
-        start_BT = np.zeros((B, T), dtype=bool) if num_tlm else np.empty((B, T), dtype=bool)
+        start_BT = np.empty((B, T), dtype=bool)  # mono rows write every position of their row
         tokens_L = [0] * num_langs
         docs_L = [0] * num_langs
-        pair_rows = None
+        fill_R = []  # tokens in each TLM row (the rest is padding)
         if num_tlm:
-            pair_rows = {
-                "ids": ids_BT,
-                "lang": lang_BT,
-                "pos": np.zeros((B, T), dtype=np.int64),
-                "start": start_BT,
-                "valid": np.zeros((B, T), dtype=bool),
-            }
-            ids_BT[:num_tlm] = ds.vocab.pad_id
+            start_BT[:num_tlm] = False
+            pair_pos_RT = np.zeros((num_tlm, T), dtype=np.int64)
+            rows = {"ids": ids_BT, "lang": lang_BT, "pos": pair_pos_RT, "start": start_BT}
             for b in range(num_tlm):
                 entry = heapq.heappop(self.pair_queue)
                 name = entry[2]
-                pairs = self._pair_row(name, pair_rows, b)
-                docs_L[lang_index[ds.pair_langs[name][0]]] += pairs
-                self._emit(self.pair_queue, entry, float(pair_rows["valid"][b].sum()))
+                pairs, filled = self._pair_row(name, b, rows, tokens_L)
+                docs_L[self.pair_lang_index[name][0]] += pairs
+                self._emit(self.pair_queue, entry, float(filled))
+                fill_R.append(filled)
+                # padding carries its row's first language, so that lang_ids stay valid indices
+                ids_BT[b, filled:] = ds.vocab.pad_id
+                lang_BT[b, filled:] = lang_BT[b, 0]
         queue = self.mono_queue
         row_lang = []
         for b in range(num_tlm, B):
@@ -722,28 +739,19 @@ class _SlotRunner:
         if row_lang:
             lang_BT[num_tlm:] = np.array(row_lang, dtype=np.int64)[:, None]
 
-        if ds.reset_position_ids or num_tlm:
+        if ds.reset_position_ids:
             position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
-            if not ds.reset_position_ids:
-                position_BT[num_tlm:] = self.arange_BT[num_tlm:]
         else:  # continuous positions: only the document numbering is needed
             start_BT[:, 0] = False  # the row's first document is number 0 whatever starts there
             doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64)
             position_BT = self.arange_BT.copy()
         valid_BT = None
-        if pair_rows is not None:
+        if num_tlm:
+            position_BT[:num_tlm] = pair_pos_RT
+            for b, filled in enumerate(fill_R):
+                doc_ids_BT[b, filled:] = -1
             valid_BT = np.ones((B, T), dtype=bool)
-            valid_BT[:num_tlm] = pair_rows["valid"][:num_tlm]
-            position_BT[:num_tlm] = np.where(valid_BT[:num_tlm], pair_rows["pos"][:num_tlm], 0)
-            doc_ids_BT[~valid_BT] = -1
-            # padding carries its row's first language, so that lang_ids stay valid indices
-            lang_BT[:num_tlm] = np.where(
-                valid_BT[:num_tlm], lang_BT[:num_tlm], lang_BT[:num_tlm, :1]
-            )
-            pair_tokens_L = np.bincount(
-                lang_BT[:num_tlm][valid_BT[:num_tlm]], minlength=num_langs
-            ).tolist()
-            tokens_L = [a + b for a, b in zip(tokens_L, pair_tokens_L)]
+            valid_BT[:num_tlm] = self.arange_BT[0] < np.array(fill_R)[:, None]
         if ds.objective == "mlm":
             input_BT, labels_BT = mask_tokens(
                 ids_BT,
@@ -752,6 +760,7 @@ class _SlotRunner:
                 rng=self.rng,
                 valid_BT=valid_BT,
                 special_V=self.special_V,
+                normal_ids=self.normal_ids,
             )
         else:
             input_BT, labels_BT = ids_BT, ids_BT.copy()

@@ -152,12 +152,12 @@ def join_pairs(
     """Join a pair sample into segments ``src </s> tgt </s>``, one per pair.
 
     Returns:
-        ``(ids [M] int64, lang [M] int64, pos [M] int64, seg_offsets [D + 1] int64)`` with
-        ``M = S + G + 2 D``; ``pos`` restarts at 0 at each source and each target;
-        ``seg_offsets`` bound the pair segments.
+        ``(ids [M], lang [M] int64, pos [M] int64, seg_offsets [D + 1] int64)`` with
+        ``M = S + G + 2 D``; ``ids`` keeps the token dtype; ``pos`` restarts at 0 at each source
+        and each target; ``seg_offsets`` bound the pair segments.
     """
-    src_len_D = np.diff(src_offsets).astype(np.int64) + 1
-    tgt_len_D = np.diff(tgt_offsets).astype(np.int64) + 1
+    src_len_D = np.diff(src_offsets.astype(np.int64)) + 1
+    tgt_len_D = np.diff(tgt_offsets.astype(np.int64)) + 1
     num_pairs = len(src_len_D)
     # interleave [src_0+eos, tgt_0+eos, src_1+eos, ...] as 2D parts
     part_len = np.empty(2 * num_pairs, dtype=np.int64)
@@ -166,17 +166,26 @@ def join_pairs(
     part_start = np.zeros(2 * num_pairs + 1, dtype=np.int64)
     np.cumsum(part_len, out=part_start[1:])
     total = int(part_start[-1])
-    is_src_part = np.zeros(2 * num_pairs, dtype=bool)
-    is_src_part[0::2] = True
-    part_of = np.repeat(np.arange(2 * num_pairs), part_len)
-    pos = np.arange(total, dtype=np.int64) - part_start[part_of]
-    is_eos = pos == part_len[part_of] - 1
-    from_src = is_src_part[part_of]
-    ids = np.empty(total, dtype=np.int64)
-    ids[is_eos] = eos_id
-    ids[~is_eos & from_src] = src_N
-    ids[~is_eos & ~from_src] = tgt_N
-    lang = np.where(from_src, src_lang, tgt_lang).astype(np.int64)
+    # positions: a running count that steps back to 0 at each part start
+    step = np.ones(total, dtype=np.int64)
+    if total:
+        step[0] = 0
+        step[part_start[1:-1]] = 1 - part_len[:-1]
+    pos = np.cumsum(step, out=step)
+    part_lang = np.empty(2 * num_pairs, dtype=np.int64)
+    part_lang[0::2] = src_lang
+    part_lang[1::2] = tgt_lang
+    lang = np.repeat(part_lang, part_len)
+    from_src = np.repeat(np.arange(2 * num_pairs) % 2 == 0, part_len)
+    eos_at = part_start[1:] - 1
+    is_token = np.ones(total, dtype=bool)
+    is_token[eos_at] = False
+    ids = np.empty(
+        total, dtype=np.result_type(src_N.dtype, tgt_N.dtype, np.min_scalar_type(eos_id))
+    )
+    ids[is_token & from_src] = src_N
+    ids[is_token & ~from_src] = tgt_N
+    ids[eos_at] = eos_id
     return ids, lang, pos, part_start[0::2].copy()
 
 
@@ -213,6 +222,7 @@ def mask_tokens(
     rng: np.random.Generator,
     valid_BT: np.ndarray | None = None,
     special_V: np.ndarray | None = None,
+    normal_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking: select, then replace by mask / random id / keep.
 
@@ -223,6 +233,7 @@ def mask_tokens(
         rng: the only source of randomness (its state is part of the loader's state).
         valid_BT: bool ``[B, T]``, False on padding; None means all valid.
         special_V: cached ``vocab.special_mask_V()``.
+        normal_ids: cached ``np.flatnonzero(~special_V)`` (the random replacements).
 
     Returns:
         ``(input_ids [B, T], labels [B, T])`` int64; ``labels`` is ``IGNORE_INDEX`` except at
@@ -247,17 +258,20 @@ def mask_tokens(
         selected_BT = chosen_W[word_of_BT] & maskable_BT
     else:
         selected_BT = (rng.random(ids_BT.shape) < cfg.mask_prob) & maskable_BT
-    action_BT = rng.random(ids_BT.shape)
-    to_mask_BT = selected_BT & (action_BT < cfg.replace_prob)
-    to_random_BT = (
-        selected_BT
-        & (action_BT >= cfg.replace_prob)
-        & (action_BT < cfg.replace_prob + cfg.random_prob)
-    )
-    labels_BT = np.where(selected_BT, ids_BT, IGNORE_INDEX)
-    inputs_BT = np.where(to_mask_BT, vocab.mask_id, ids_BT)
-    num_random = int(to_random_BT.sum())
-    if num_random:
-        normal_ids = np.flatnonzero(~special_V)
-        inputs_BT[to_random_BT] = normal_ids[rng.integers(0, len(normal_ids), num_random)]
+    # only the selected positions (about mask_prob of them) draw an action and are written
+    selected_S = np.flatnonzero(selected_BT)
+    action_S = rng.random(len(selected_S))
+    ids_N = ids_BT.reshape(-1)
+    labels_BT = np.full(ids_BT.shape, IGNORE_INDEX, dtype=np.int64)
+    labels_BT.reshape(-1)[selected_S] = ids_N[selected_S]
+    inputs_BT = ids_BT.astype(np.int64, copy=True)
+    inputs_N = inputs_BT.reshape(-1)
+    inputs_N[selected_S[action_S < cfg.replace_prob]] = vocab.mask_id
+    to_random_R = selected_S[
+        (action_S >= cfg.replace_prob) & (action_S < cfg.replace_prob + cfg.random_prob)
+    ]
+    if len(to_random_R):
+        if normal_ids is None:
+            normal_ids = np.flatnonzero(~special_V)
+        inputs_N[to_random_R] = normal_ids[rng.integers(0, len(normal_ids), len(to_random_R))]
     return inputs_BT, labels_BT
