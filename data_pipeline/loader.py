@@ -539,10 +539,8 @@ class _SlotRunner:
         eos = self.ds.vocab.eos_id
         meta = (sample["source"], int(sample["first_doc"]), g // source.num_samples)
         if source.kind == "mono":
-            offsets = sample["doc_offsets"]
-            ids, start = join_mono(sample["tokens"], offsets, eos_id=eos)
-            starts = offsets[:-1].astype(np.int64) + np.arange(len(offsets) - 1)  # where True
-            return {"ids": ids, "start": start, "starts": starts, "meta": meta}
+            ids, start = join_mono(sample["tokens"], sample["doc_offsets"], eos_id=eos)
+            return {"ids": ids, "start": start, "meta": meta}  # + "starts" when asked for
         src_lang, tgt_lang = self.ds.pair_langs[source.name]
         ids, lang, pos, seg = join_pairs(
             sample["src_tokens"],
@@ -621,14 +619,23 @@ class _SlotRunner:
                 start_T[filled : filled + end - cursor] = start[cursor:]
                 partials.pop(0)
             if self.track_docs:
-                first = int(np.searchsorted(j["starts"], cursor))
-                self._log_docs(name, j, first, int(np.searchsorted(j["starts"], end)))
+                starts = self._starts(j)
+                first = int(np.searchsorted(starts, cursor))
+                self._log_docs(name, j, first, int(np.searchsorted(starts, end)))
             filled += end - cursor
+
+    @staticmethod
+    def _starts(j: dict) -> np.ndarray:
+        """Document start positions of a joined mono sample (found on first use)."""
+        starts = j.get("starts")
+        if starts is None:
+            starts = j["starts"] = np.flatnonzero(j["start"])
+        return starts
 
     def _drop_short_remainder(self, j: dict, cursor: int) -> int:
         """The cursor past the current document when fewer than min_carry_tokens remain of it
         (counted in dropped_tokens), else ``cursor``."""
-        starts = j["starts"]
+        starts = self._starts(j)
         k = int(np.searchsorted(starts, cursor))
         nxt = int(starts[k]) if k < len(starts) else len(j["ids"])
         if nxt - cursor < self.min_carry:
