@@ -170,3 +170,35 @@ def test_tlm_pair_share_follows_p_and_counters_add_up(corpus) -> None:
     emitted = ds.state_dict()["slots"][0]["emitted"]
     total = emitted["en-de"] + emitted["en-ja"]
     assert abs(emitted["en-de"] / total - ds.pair_p["en-de"]) < 0.01
+
+
+def test_counters_and_batch_tensors_agree_for_mixed_mlm_tlm_batches(corpus) -> None:
+    root, _ = corpus
+    masking = MaskingConfig(tlm_share=0.5)
+    ds = _ds(root, objective="mlm", masking=masking, batch_size=6, seq_len=80)
+    it = iter(ds)
+    tokens = np.zeros(len(ds.languages), dtype=np.int64)
+    for _ in range(30):
+        batch = next(it)
+        mask = batch["attention_mask"].numpy().astype(bool)
+        lang = batch["lang_ids"].numpy()
+        counted = np.bincount(lang[mask], minlength=len(ds.languages))
+        assert batch["tokens_per_lang"].numpy().tolist() == counted.tolist()
+        # TLM rows are padded at the end only; the mono rows are full
+        assert (mask[:, :-1] >= mask[:, 1:]).all() and mask[3:].all()
+        assert (batch["position_ids"].numpy()[~mask] == 0).all()
+        tokens += counted
+    assert tokens.tolist() == [ds.counters["tokens"][lang] for lang in ds.languages]
+
+
+def test_shard_headers_are_read_once_per_shard(corpus, monkeypatch) -> None:
+    from data_pipeline import streams
+
+    calls = []
+    index = streams._index_members
+    monkeypatch.setattr(streams, "_index_members", lambda path: calls.append(path) or index(path))
+    root, _ = corpus
+    it = iter(_ds(root, seq_len=64, batch_size=8))
+    for _ in range(40):
+        next(it)
+    assert len(calls) == len(set(calls)) > 1

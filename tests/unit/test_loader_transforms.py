@@ -23,6 +23,7 @@ def test_join_mono_puts_eos_after_every_document() -> None:
     ids, start = join_mono(tokens, np.array([0, 3, 4, 4, 6]), eos_id=3)
     assert ids.tolist() == [11, 12, 13, 3, 21, 3, 3, 31, 32, 3]
     assert np.flatnonzero(start).tolist() == [0, 4, 6, 7]  # the empty document starts at its eos
+    assert ids.dtype == np.uint16  # widened only when copied into a batch
 
 
 def test_join_pairs_restarts_positions_at_the_target() -> None:
@@ -39,6 +40,22 @@ def test_join_pairs_restarts_positions_at_the_target() -> None:
     assert lang.tolist() == [0, 0, 0, 1, 1, 0, 0, 1, 1, 1]
     assert pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 0, 1, 2]
     assert seg.tolist() == [0, 5, 10]
+
+
+def test_join_pairs_handles_empty_sides() -> None:
+    ids, lang, pos, seg = join_pairs(
+        np.array([11], dtype=np.uint16),
+        np.array([0, 0, 1]),
+        np.array([51, 52], dtype=np.uint16),
+        np.array([0, 2, 2]),
+        eos_id=3,
+        src_lang=0,
+        tgt_lang=1,
+    )
+    assert ids.tolist() == [3, 51, 52, 3, 11, 3, 3]
+    assert lang.tolist() == [0, 1, 1, 1, 0, 0, 1]
+    assert pos.tolist() == [0, 0, 1, 2, 0, 1, 0]
+    assert seg.tolist() == [0, 4, 7]
 
 
 def test_boundaries_reset_positions_and_number_documents() -> None:
