@@ -1,19 +1,23 @@
-"""Export time and peak memory (RSS) of ``export-hf`` for the 1.1B dense preset.
+"""Export and import time and peak memory (RSS) of ``export-hf`` / ``import-hf`` for the 1.1B
+dense preset.
 
 Builds a random-init checkpoint of configs/decoder_1b.yaml with CheckpointManager (model
 materialised on CPU in fp32; no optimizer state is needed by export, so a plain SGD with no
 state keeps the checkpoint at model size) in one child process, then runs ``export-hf`` in
 another under :mod:`checkpoints_tools.memwatch`, which measures the export's peak memory inside
-that process: exact peak RSS (``VmHWM``) and sampled peak anonymous / file-backed RSS.
+that process: exact peak RSS (``VmHWM``) and sampled peak anonymous / file-backed RSS. Then
+``import-hf`` reads the exported directory back into a new checkpoint (model plus fresh Adam
+moments, 3x the model on disk) in a third child, measured the same way (``--no-import`` skips
+it; ``--verify`` adds the export's logit check to the export step).
 
-Both steps are children because the parent's ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is not a
+Each step is a child because the parent's ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is not a
 child's own peak: Linux folds the pre-exec image's high-water mark (here, the parent that had
 built and saved the 1.1B model) into the child's ``maxrss``. The first version of this bench built
-in-process and so reported 8.5 GiB for an export that peaks at 0.8 GiB. ``child_ru_maxrss_gib``
-(the export child's ``wait4`` rusage) is still printed, from a parent that never held the
-model, as a cross-check.
+in-process and so reported 8.5 GiB for an export that peaks at 0.8 GiB. ``*_child_ru_maxrss_gib``
+(each child's ``wait4`` rusage) is still printed, from a parent that never held the model, as a
+cross-check.
 
-    python bench/bench_export.py --work /tmp/bench_export [--dtype bf16]
+    python bench/bench_export.py --work /tmp/bench_export [--dtype bf16] [--verify] [--no-import]
 """
 
 from __future__ import annotations
@@ -56,11 +60,29 @@ def build_checkpoint(work: Path, *, tokenizer: Path) -> Path:
     return ckpt
 
 
+def _measured(argv: list[str], *, report: Path) -> tuple[dict, float, float]:
+    """Run ``python -m checkpoints_tools.memwatch REPORT -- ARGV`` as a child; returns its memory
+    report, wall seconds and the child's own ``wait4`` ru_maxrss in GiB."""
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "checkpoints_tools.memwatch", str(report), "--", *argv], cwd=REPO
+    )
+    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would also count earlier children)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
+    if child.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed: exit code {child.returncode}")
+    seconds = time.perf_counter() - start
+    return json.loads(report.read_text()), seconds, round(usage.ru_maxrss / 2**20, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/bench_export")
     parser.add_argument("--tokenizer", default=str(REPO / "demo_out" / "tokenizer"))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--verify", action="store_true", help="export with --verify")
+    parser.add_argument("--no-import", action="store_true", help="skip the import-hf step")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
@@ -85,52 +107,47 @@ def main() -> None:
     ckpt = work / "run" / "checkpoints" / "step_0"
     out = work / f"hf_{args.dtype}"
     shutil.rmtree(out, ignore_errors=True)
-    report = work / "export_memory.json"
-    start = time.perf_counter()
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "checkpoints_tools.memwatch",
-            str(report),
-            "--",
-            "export-hf",
-            str(ckpt),
-            "--out",
-            str(out),
-            "--dtype",
-            args.dtype,
-        ],
-        cwd=REPO,
+    argv = ["export-hf", str(ckpt), "--out", str(out), "--dtype", args.dtype]
+    memory, export_s, export_maxrss = _measured(
+        argv + (["--verify"] if args.verify else []), report=work / "export_memory.json"
     )
-    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would also count the build child)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
-    if child.returncode != 0:
-        raise SystemExit(f"export-hf failed: exit code {child.returncode}")
-    export_s = time.perf_counter() - start
-    memory = json.loads(report.read_text())
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    ckpt_size = sum(p.stat().st_size for p in ckpt.iterdir())
     import torch
 
-    print(
-        json.dumps(
+    result = {
+        "dtype": args.dtype,
+        "verify": args.verify,
+        "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir()),
+        "export_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
+        "build_checkpoint_s": round(build_s, 1),
+        "export_s": round(export_s, 1),
+        "export_inside_s": memory["seconds"],
+        "export_peak_rss_gib": memory["peak_rss_gib"],
+        "export_peak_anon_gib": memory["peak_anon_gib"],
+        "export_peak_file_gib": memory["peak_file_gib"],
+        "export_start_rss_gib": memory["start_rss_gib"],
+        "export_child_ru_maxrss_gib": export_maxrss,
+        "torch": torch.__version__,
+    }
+    if not args.no_import:
+        imported = work / "imported"
+        shutil.rmtree(imported, ignore_errors=True)
+        memory, import_s, import_maxrss = _measured(
+            ["import-hf", str(out), "--out", str(imported)], report=work / "import_memory.json"
+        )
+        result.update(
             {
-                "dtype": args.dtype,
-                "checkpoint_bytes": ckpt_size,
-                "export_bytes": size,
-                "build_checkpoint_s": round(build_s, 1),
-                "export_s": round(export_s, 1),
-                "export_peak_rss_gib": memory["peak_rss_gib"],
-                "export_peak_anon_gib": memory["peak_anon_gib"],
-                "export_peak_file_gib": memory["peak_file_gib"],
-                "export_start_rss_gib": memory["start_rss_gib"],
-                "child_ru_maxrss_gib": round(usage.ru_maxrss / 2**20, 2),
-                "torch": torch.__version__,
+                "import_bytes": sum(p.stat().st_size for p in imported.iterdir()),
+                "import_files": len(list(imported.iterdir())),
+                "import_s": round(import_s, 1),
+                "import_inside_s": memory["seconds"],
+                "import_peak_rss_gib": memory["peak_rss_gib"],
+                "import_peak_anon_gib": memory["peak_anon_gib"],
+                "import_peak_file_gib": memory["peak_file_gib"],
+                "import_start_rss_gib": memory["start_rss_gib"],
+                "import_child_ru_maxrss_gib": import_maxrss,
             }
         )
-    )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
