@@ -239,6 +239,19 @@ def test_pp2_untied_encoder_matches_the_reference():
         2,
         {
             "PP2 1F1B encoder": (_untied_encoder(), {"pp": 2, "pp_schedule": "1F1B"}),
+            "PP2 GPipe encoder": (_untied_encoder(), {"pp": 2, "pp_schedule": "GPipe"}),
+            **{
+                f"PP2 {schedule} encoder": (
+                    _untied_encoder(),
+                    {"pp": 2, "pp_schedule": schedule, "stages_per_rank": 2, "microbatches": 4},
+                )
+                for schedule in (
+                    "InterleavedZeroBubble",
+                    "ZBVZeroBubble",
+                    "LoopedBFS",
+                    "DualPipeV",
+                )
+            },
             "PP2 Interleaved1F1B MoE encoder aux+z": (
                 _moe_with_aux("encoder"),
                 {
