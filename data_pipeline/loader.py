@@ -695,10 +695,10 @@ class _SlotRunner:
             if self.track_docs:
                 self._log_docs(name, j, i, k)
             filled += n
-            if k >= len(seg) - 1:
-                partials.pop(0)
-            else:
+            if k < len(seg) - 1:  # pair k does not fit: the row is done
                 partial[1] = end
+                break
+            partials.pop(0)
         return pairs, filled
 
     def next_batch(self) -> dict[str, torch.Tensor]:
