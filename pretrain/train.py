@@ -80,6 +80,7 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
         "world_size": world_size,
         "mesh": {axis: degrees[axis] for axis in ("pp", "dp_replicate", "dp_shard", "tp")},
         "ep": degrees["ep"],
+        "ep_over_tp": cfg.parallel.ep_over_tp,
         "family": cfg.model.family,
         "objective": dict(cfg.objective.weights) or {cfg.objective.name: 1.0},
         "seq_len": cfg.data.seq_len,
@@ -115,7 +116,8 @@ def _print_plan(result: dict, *, as_json: bool) -> None:
         print(json.dumps(result, indent=2))
         return
     mesh = " x ".join(f"{axis} {size}" for axis, size in result["mesh"].items())
-    print(f"world size {result['world_size']}: {mesh} (ep {result['ep']})")
+    ep = f"ep {result['ep']}" + (", drawn from dp_shard x tp" if result["ep_over_tp"] else "")
+    print(f"world size {result['world_size']}: {mesh} ({ep})")
     print(f"data parallel: {result['data_parallel']}; pipeline schedule: {result['pp_schedule']}")
     print(f"family {result['family']}, objective {result['objective']}")
     print(

@@ -120,6 +120,7 @@ def test_ep_over_tp_layout_plans_in_one_process():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["mesh"] == {"pp": 4, "dp_replicate": 2, "dp_shard": 32, "tp": 4}
+    assert plan["ep"] == 8 and plan["ep_over_tp"] is True
     # Stage 1's 6 layers of whole experts: Shard(0) over ep 8, FSDP2 over dp_shard_mod_ep 16.
     expert_local = 6 * 3 * 8 * 2816 * 2048 // (8 * 16)
     assert plan["per_rank"][1]["params_local_experts"] == expert_local
