@@ -130,6 +130,7 @@ def build_pipeline(
         has_last=num_stages - 1 in stage_ids,
         microbatches=microbatches,
         loss_fn=loss_fn,
+        device=torch.device(device),
     )
     return schedule, models, info
 
@@ -163,6 +164,8 @@ class PipelineInfo:
     microbatches: int
     loss_fn: BatchTokenMeanLoss
     """The schedule's loss (``pipeline_step`` sets its target count each step)."""
+    device: torch.device = torch.device("cpu")
+    """Where the stages run (and the step's loss is reduced over ``pp``)."""
 
 
 class BatchTokenMeanLoss:
@@ -201,12 +204,33 @@ def pipeline_step(
         The batch's per-token mean loss, on every pp rank (``pipeline_loss``). Gradients are
         those of that mean plus each MoE layer's per-microbatch-mean aux loss.
     """
+    return _run(schedule.step, info=info, dims=dims, inputs=inputs, targets=targets,
+                ignore_index=ignore_index)  # fmt: skip
+
+
+def pipeline_eval(
+    schedule: Any,
+    *,
+    info: PipelineInfo,
+    dims: ParallelDims,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Forward only (``schedule.eval``: no backward, no gradients) through every stage: the
+    batch's per-token mean loss on every pp rank, as :func:`pipeline_step` computes it."""
+    with torch.no_grad():
+        return _run(schedule.eval, info=info, dims=dims, inputs=inputs, targets=targets,
+                    ignore_index=ignore_index)  # fmt: skip
+
+
+def _run(method, *, info, dims, inputs, targets, ignore_index) -> torch.Tensor:
     losses: list[torch.Tensor] = []
     if info.has_last:
         info.loss_fn.num_targets = (targets != ignore_index).sum().clamp(min=1).float()
     args = (inputs,) if info.has_first else ()
     kwargs = {"target": targets, "losses": losses} if info.has_last else {}
-    schedule.step(*args, **kwargs)
+    method(*args, **kwargs)
     return pipeline_loss(losses, info=info, dims=dims)
 
 
@@ -219,9 +243,10 @@ def pipeline_loss(losses: list[torch.Tensor], *, info: PipelineInfo, dims: Paral
 
     from parallel.parallelize import local_value
 
-    value = torch.zeros((), dtype=torch.float32)
+    value = torch.zeros((), dtype=torch.float32, device=info.device)
     if info.has_last:
         value = torch.stack([local_value(loss.detach()).float() for loss in losses]).mean()
+        value = value.to(info.device)
     if dims.pp > 1:
         dist.all_reduce(value, group=dims["pp"].get_group())
     return value

@@ -37,7 +37,7 @@ from parallel.parallelize import (
     parallelize_model,
     reduce_metric,
 )
-from parallel.pipeline import build_pipeline, pipeline_step
+from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step
 from pretrain.checkpoint import (
     CheckpointManager,
     TrainState,
@@ -228,6 +228,18 @@ class Trainer:
                 inputs=input_ids,
                 targets=labels,
                 ignore_index=IGNORE_INDEX,
+            )
+
+    def _pipeline_eval(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward only through the stages: the batch's mean loss on every pp rank."""
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        with self._autocast():
+            return pipeline_eval(
+                self.pipeline,
+                info=self.pipeline_info,
+                dims=self.dims,
+                inputs=input_ids,
+                targets=self._shifted_labels(batch),
             )
 
     def _autocast(self):
@@ -425,28 +437,34 @@ class Trainer:
         )
 
     def _validate(self) -> dict[str, float]:
-        """Mean validation loss per language over ``train.eval_batches`` held-out batches."""
+        """Mean validation loss per language over ``train.eval_batches`` held-out batches
+        (through every pipeline stage, forward only, under pipeline parallel)."""
         valid = build_valid_loaders(
             self.cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
         )
-        if not valid or self.pipeline is not None:
-            return {}  # validation through pipeline stages is not wired yet
-        self.model.eval()
+        if not valid:
+            return {}
+        for part in self.parts:
+            part.eval()
         result = {}
         with torch.no_grad():
             for lang, batches in sorted(valid.items()):
-                total = torch.zeros((), dtype=torch.float32)
-                count = torch.zeros((), dtype=torch.float32)
+                total = torch.zeros((), dtype=torch.float32, device=self.device)
+                count = torch.zeros((), dtype=torch.float32, device=self.device)
                 for batch in batches:
-                    with loss_context(self.dims):
-                        loss, _ = self._forward_loss(batch)
-                    targets = float((batch["labels"] != IGNORE_INDEX).sum())
-                    total += float(local_value(loss)) * targets
+                    targets = (self._shifted_labels(batch) != IGNORE_INDEX).sum().float()
+                    if self.pipeline is not None:
+                        loss = self._pipeline_eval(batch)
+                    else:
+                        with loss_context(self.dims):
+                            loss, _ = self._forward_loss(batch)
+                    total += local_value(loss).float() * targets
                     count += targets
                 total = reduce_metric(total, dims=self.dims, axis="dp", op="sum")
                 count = reduce_metric(count, dims=self.dims, axis="dp", op="sum")
                 result[lang] = float(total / count.clamp(min=1))
-        self.model.train()
+        for part in self.parts:
+            part.train()
         return result
 
     def _memory_gib(self) -> float:

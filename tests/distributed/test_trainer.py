@@ -153,8 +153,7 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(
     assert [s for s, _ in complete_checkpoints(split_dir / "checkpoints")] == [4, 8]
     last = json.loads((full_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(last["tokens_per_lang"]) >= {"en", "de"}
-    if extra != PP2:  # validation is not wired through pipeline stages yet
-        assert "valid_loss" in last and math.isfinite(last["valid_loss"])
+    assert "valid_loss" in last and math.isfinite(last["valid_loss"])
     assert (full_dir / "loss.png").is_file()
     if "encoder" in preset:
         assert set(last["loss_per_objective"]) == {"mlm", "tlm"}
@@ -294,6 +293,19 @@ def test_pipeline_parallel_matches_one_process(shards, tmp_path: Path):
     assert sorted(one) == sorted(pp) == list(range(1, 9))
     for step in one:
         assert pp[step] == pytest.approx(one[step], rel=1e-5), step
+    # Validation runs forward-only through both stages and gives the same per-language losses.
+    from pretrain.plots import read_metrics
+
+    valid_one, valid_pp = (
+        {r["step"]: r["valid_loss_per_lang"] for r in read_metrics(d / "metrics.jsonl")
+         if "valid_loss_per_lang" in r}
+        for d in (tmp_path / "one", tmp_path / "pp")
+    )  # fmt: skip
+    assert sorted(valid_one) == sorted(valid_pp) == [4, 8]
+    for step, per_lang in valid_one.items():
+        assert set(valid_pp[step]) == set(per_lang) == set(LANGS)
+        for lang, value in per_lang.items():
+            assert valid_pp[step][lang] == pytest.approx(value, rel=1e-5), (step, lang)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
