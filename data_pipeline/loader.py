@@ -3,23 +3,33 @@
 Shape legend: ``B`` sequences per batch (``batch_size``), ``T`` tokens per sequence (``seq_len``),
 ``L`` languages (``dataset.languages``).
 
-Batch contract (every objective; a dict of CPU torch tensors, int64 unless said)::
+Batch contract (every objective; a dict of CPU torch tensors)::
 
-    input_ids       [B, T]  model input: CLM the packed ids; MLM/TLM after masking
-    labels          [B, T]  CLM: == input_ids (the model shifts internally), -100 on padding;
-                            MLM/TLM: the original id at masked positions, -100 elsewhere
-    position_ids    [B, T]  CLM/MLM: 0..T-1, or restarting at each document when
-                            reset_position_ids (and at 0 of every row); TLM: restarting at the
-                            source and at the target of every pair; 0 on padding
-    doc_ids         [B, T]  0, 1, 2, ... per document (TLM: per pair) within each row, for
-                            per-document attention masks (equal id = same document); -1 on
-                            padding
-    lang_ids        [B, T]  index into dataset.languages of each token's language (XLM
-                            language embeddings; TLM: source and target languages)
-    attention_mask  [B, T]  1 on tokens, 0 on padding (CLM and mono MLM rows have no padding)
-    tokens_per_lang [L]     non-padding tokens of each language in this batch
-    docs_per_lang   [L]     documents starting in this batch per language (TLM: pairs, counted
-                            under the source language)
+    input_ids       [B, T]  int32  model input: CLM the packed ids; MLM/TLM after masking
+    labels          [B, T]  int32  CLM: the input_ids tensor itself (the model shifts
+                                   internally; CLM rows have no padding); MLM/TLM: the
+                                   original id at masked positions, -100 elsewhere
+    position_ids    [B, T]  int32  CLM/MLM: 0..T-1, or restarting at each document when
+                                   reset_position_ids (and at 0 of every row); TLM: restarting
+                                   at the source and at the target of every pair; 0 on padding
+    doc_ids         [B, T]  int32  0, 1, 2, ... per document (TLM: per pair) within each row,
+                                   for per-document attention masks (equal id = same
+                                   document); -1 on padding
+    lang_ids        [B, T]  int32  index into dataset.languages of each token's language (XLM
+                                   language embeddings; TLM: source and target languages)
+    attention_mask  [B, T]  bool   True on tokens, False on padding (CLM and mono MLM rows have
+                                   no padding)
+    tokens_per_lang [L]     int64  non-padding tokens of each language in this batch
+    docs_per_lang   [L]     int64  documents starting in this batch per language (TLM: pairs,
+                                   counted under the source language)
+
+Per-token tensors are int32, half the bytes of int64 to build and to copy (every id, position
+and count fits): embedding lookups, RoPE and comparisons take int32 on CPU and CUDA, but
+cross-entropy needs int64 targets, so consumers widen ``labels`` with ``.long()`` on their
+device, after the copy (``pretrain.trainer`` does). Batch tensors are read-only to consumers:
+a CLM batch's ``labels`` is its ``input_ids`` tensor, and every batch without position resets
+and padding (CLM and mono MLM by default) carries the same ``position_ids`` and
+``attention_mask`` tensors as the slot's other such batches.
 
 Documents are joined with eos (``doc </s> doc </s> ...``) and cut into rows of exactly ``T``
 tokens: no token is lost, except that a document's remainder shorter than
@@ -72,6 +82,7 @@ from data_pipeline.manifest import load_manifest, manifest_path
 from data_pipeline.sampling import check_alpha, language_probabilities
 from data_pipeline.streams import ShardReader, Source, StreamState, redistribute
 from data_pipeline.transforms import (
+    ID_DTYPE,
     IGNORE_INDEX,
     MaskingConfig,
     Vocab,
@@ -480,9 +491,11 @@ class _SlotRunner:
         self.mono_queue = self._queue(ds.mono_p)
         self.pair_queue = self._queue(ds.pair_p)
         B, T = ds.batch_size, ds.seq_len
-        # constant [B, T] arrays, copied into each batch (a copy is cheaper than building)
-        self.arange_BT = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
-        self.ones_BT = np.ones((B, T), dtype=np.int64)
+        self.arange_BT = np.broadcast_to(np.arange(T, dtype=ID_DTYPE), (B, T)).copy()
+        # position_ids and attention_mask of every batch without position resets and padding
+        # (all CLM and mono MLM batches by default): one tensor each, shared by those batches
+        self.positions_BT = torch.from_numpy(self.arange_BT.copy())
+        self.all_tokens_BT = torch.ones((B, T), dtype=torch.bool)
 
     def state(self) -> dict:
         return {
@@ -711,15 +724,15 @@ class _SlotRunner:
         self.batches += 1
         num_langs = len(ds.languages)
         lang_index = ds.lang_index
-        ids_BT = np.empty((B, T), dtype=np.int64)
-        lang_BT = np.empty((B, T), dtype=np.int64)
+        ids_BT = np.empty((B, T), dtype=ID_DTYPE)
+        lang_BT = np.empty((B, T), dtype=ID_DTYPE)
         start_BT = np.empty((B, T), dtype=bool)  # mono rows write every position of their row
         tokens_L = [0] * num_langs
         docs_L = [0] * num_langs
         fill_R = []  # tokens in each TLM row (the rest is padding)
         if num_tlm:
             start_BT[:num_tlm] = False
-            pair_pos_RT = np.zeros((num_tlm, T), dtype=np.int64)
+            pair_pos_RT = np.zeros((num_tlm, T), dtype=ID_DTYPE)
             rows = {"ids": ids_BT, "lang": lang_BT, "pos": pair_pos_RT, "start": start_BT}
             for b in range(num_tlm):
                 entry = heapq.heappop(self.pair_queue)
@@ -740,18 +753,22 @@ class _SlotRunner:
             self._mono_row(name, ids_BT[b], start_T)
             lang = lang_index[name]
             row_lang.append(lang)
-            docs_L[lang] += int(np.count_nonzero(start_T))
             tokens_L[lang] += T
             self._emit(queue, entry, T)
         if row_lang:
-            lang_BT[num_tlm:] = np.array(row_lang, dtype=np.int64)[:, None]
+            lang_BT[num_tlm:] = np.array(row_lang, dtype=ID_DTYPE)[:, None]
+            first_R = start_BT[num_tlm:, 0].tolist()  # read before column 0 is cleared below
 
         if ds.reset_position_ids:
             position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
         else:  # continuous positions: only the document numbering is needed
             start_BT[:, 0] = False  # the row's first document is number 0 whatever starts there
-            doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64)
-            position_BT = self.arange_BT.copy()
+            doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=ID_DTYPE)
+            position_BT = self.arange_BT.copy() if num_tlm else None  # None: the shared one
+        if row_lang:
+            # a mono row's documents: one per start after t = 0 (its last doc id) + one at t = 0
+            for lang, last, first in zip(row_lang, doc_ids_BT[num_tlm:, -1].tolist(), first_R):
+                docs_L[lang] += last + first
         valid_BT = None
         if num_tlm:
             position_BT[:num_tlm] = pair_pos_RT
@@ -770,21 +787,26 @@ class _SlotRunner:
                 normal_ids=self.normal_ids,
             )
         else:
-            input_BT, labels_BT = ids_BT, ids_BT.copy()
-        mask_BT = self.ones_BT.copy() if valid_BT is None else valid_BT.astype(np.int64)
+            input_BT = labels_BT = ids_BT
         counted_tokens, counted_docs = self.counters["tokens"], self.counters["documents"]
         for i, lang in enumerate(ds.languages):
             if tokens_L[i]:
                 counted_tokens[lang] += tokens_L[i]
             if docs_L[i]:
                 counted_docs[lang] += docs_L[i]
+        input_ids = torch.from_numpy(input_BT)
         return {
-            "input_ids": torch.from_numpy(input_BT),
-            "labels": torch.from_numpy(labels_BT),
-            "position_ids": torch.from_numpy(position_BT),
+            "input_ids": input_ids,
+            # CLM: the input tensor itself (the values are equal; batches are read-only)
+            "labels": input_ids if labels_BT is input_BT else torch.from_numpy(labels_BT),
+            "position_ids": (
+                self.positions_BT if position_BT is None else torch.from_numpy(position_BT)
+            ),
             "doc_ids": torch.from_numpy(doc_ids_BT),
             "lang_ids": torch.from_numpy(lang_BT),
-            "attention_mask": torch.from_numpy(mask_BT),
+            "attention_mask": (
+                self.all_tokens_BT if valid_BT is None else torch.from_numpy(valid_BT)
+            ),
             "tokens_per_lang": torch.from_numpy(np.array(tokens_L, dtype=np.int64)),
             "docs_per_lang": torch.from_numpy(np.array(docs_L, dtype=np.int64)),
         }

@@ -191,6 +191,10 @@ class ShardReader:
 # --- pass orders -----------------------------------------------------------------------------
 
 
+_ONE_SAMPLE_ORDER = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+"""The order of every pass of a one-sample source (what the permutations of one element give)."""
+
+
 def source_seed(name: str) -> int:
     """A stable (process- and platform-independent) integer for a source name."""
     return zlib.crc32(name.encode("utf-8"))
@@ -225,6 +229,8 @@ class Source:
         hit = self._orders.get(pass_index)
         if hit is not None:
             return hit
+        if self.num_samples == 1:  # every pass visits the one sample: no generator to seed
+            return _ONE_SAMPLE_ORDER
         rng = np.random.default_rng([seed, source_seed(self.name), pass_index])
         shards = rng.permutation(len(self.paths))
         counts = [self.samples_per_shard[shard] for shard in shards]

@@ -21,6 +21,9 @@ import numpy as np
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (PyTorch cross-entropy's default ignore_index)."""
+ID_DTYPE = np.int32
+"""dtype of the loader's per-token outputs (ids, labels, positions, document and language ids):
+int32 holds every vocabulary id and position and halves the bytes of int64."""
 WORD_START = "\u2581"
 """Sentencepiece's word-boundary mark: a piece starting with it begins a word."""
 
@@ -200,15 +203,16 @@ def boundaries_from_starts(start_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray
             row counts as a start whatever it holds.
 
     Returns:
-        ``(position_ids [B, T], doc_ids [B, T])``, int64; ``doc_ids`` count segments from 0 in
-        each row (equal ids attend to each other under per-document masking).
+        ``(position_ids [B, T], doc_ids [B, T])``, ``ID_DTYPE`` (int32); ``doc_ids`` count
+        segments from 0 in each row (equal ids attend to each other under per-document masking).
     """
     start_BT = start_BT.copy()
     start_BT[:, 0] = True
-    t_T = np.arange(start_BT.shape[1], dtype=np.int64)
+    t_T = np.arange(start_BT.shape[1], dtype=ID_DTYPE)
     last_start_BT = np.maximum.accumulate(np.where(start_BT, t_T, 0), axis=1)
-    doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=np.int64) - 1
-    return t_T - last_start_BT, doc_ids_BT
+    doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=ID_DTYPE)
+    doc_ids_BT -= 1
+    return np.subtract(t_T, last_start_BT, out=last_start_BT), doc_ids_BT
 
 
 # --- masking ---------------------------------------------------------------------------------
@@ -227,7 +231,7 @@ def mask_tokens(
     """BERT masking: select, then replace by mask / random id / keep.
 
     Args:
-        ids_BT: int64 ``[B, T]`` token ids (not modified).
+        ids_BT: ``[B, T]`` token ids of a signed integer dtype (not modified).
         vocab: special ids and, for whole-word masking, the word-start table.
         cfg: probabilities and whole-word switch.
         rng: the only source of randomness (its state is part of the loader's state).
@@ -236,8 +240,9 @@ def mask_tokens(
         normal_ids: cached ``np.flatnonzero(~special_V)`` (the random replacements).
 
     Returns:
-        ``(input_ids [B, T], labels [B, T])`` int64; ``labels`` is ``IGNORE_INDEX`` except at
-        selected positions, where it holds the original id. Special ids are never selected.
+        ``(input_ids [B, T], labels [B, T])`` of the dtype of ``ids_BT``; ``labels`` is
+        ``IGNORE_INDEX`` except at selected positions, where it holds the original id. Special
+        ids are never selected.
 
     Raises:
         ValueError: whole-word masking without a word-start table.
@@ -262,9 +267,9 @@ def mask_tokens(
     selected_S = np.flatnonzero(selected_BT)
     action_S = rng.random(len(selected_S))
     ids_N = ids_BT.reshape(-1)
-    labels_BT = np.full(ids_BT.shape, IGNORE_INDEX, dtype=np.int64)
+    labels_BT = np.full(ids_BT.shape, IGNORE_INDEX, dtype=ids_BT.dtype)
     labels_BT.reshape(-1)[selected_S] = ids_N[selected_S]
-    inputs_BT = ids_BT.astype(np.int64, copy=True)
+    inputs_BT = ids_BT.copy()
     inputs_N = inputs_BT.reshape(-1)
     inputs_N[selected_S[action_S < cfg.replace_prob]] = vocab.mask_id
     to_random_R = selected_S[

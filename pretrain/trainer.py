@@ -206,7 +206,9 @@ class Trainer:
         )
 
     def _shifted_labels(self, batch: dict[str, Any]) -> torch.Tensor:
-        labels = batch["labels"].to(self.device, non_blocking=True)
+        # The loader's labels are int32; cross-entropy wants int64 targets: widened on the
+        # device, after the copy, so the host moves half the bytes.
+        labels = batch["labels"].to(self.device, non_blocking=True).long()
         if self.cfg.model.family == "decoder":
             # Position t predicts token t + 1; the last position predicts nothing.
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.loader import StreamingDataset
 from data_pipeline.sampling import language_probabilities
@@ -54,6 +55,34 @@ def test_clm_rows_are_the_pass_order_stream_with_no_token_lost(corpus) -> None:
         got += batch["input_ids"].flatten().tolist()
     assert got[: len(expected)] == expected
     assert ds.counters["documents"]["ja"] >= DOCS["ja"]
+
+
+def test_batch_dtypes_and_shared_tensors(corpus) -> None:
+    # The batch contract: per-token tensors int32 (half the bytes of int64; the trainer widens
+    # labels on its device), attention_mask bool, per-language counts int64.
+    root, _ = corpus
+    int32 = ("input_ids", "labels", "position_ids", "doc_ids", "lang_ids")
+    for kw in ({}, {"reset_position_ids": True}, {"objective": "mlm"}, {"objective": "mlm",
+               "masking": MaskingConfig(tlm_share=0.5)}):  # fmt: skip
+        a, b = _take(iter(_ds(root, **kw)), 2)
+        for batch in (a, b):
+            assert {k: batch[k].dtype for k in int32} == dict.fromkeys(int32, torch.int32)
+            assert batch["attention_mask"].dtype == torch.bool
+            assert batch["tokens_per_lang"].dtype == batch["docs_per_lang"].dtype == torch.int64
+        if kw.get("objective", "clm") == "clm":
+            assert a["labels"] is a["input_ids"]  # CLM labels are the inputs (no copy)
+        else:
+            assert a["labels"] is not a["input_ids"]
+        # batches without padding (TLM rows) share one read-only attention_mask tensor, and
+        # one position_ids tensor unless positions restart at documents
+        no_padding = "masking" not in kw
+        assert (a["attention_mask"] is b["attention_mask"]) == no_padding
+        shared = no_padding and not kw.get("reset_position_ids")
+        assert (a["position_ids"] is b["position_ids"]) == shared
+
+
+def _take(it, n: int) -> list[dict]:
+    return [next(it) for _ in range(n)]
 
 
 def test_reset_positions_and_doc_ids_follow_eos(corpus) -> None:
@@ -202,3 +231,16 @@ def test_shard_headers_are_read_once_per_shard(corpus, monkeypatch) -> None:
     for _ in range(40):
         next(it)
     assert len(calls) == len(set(calls)) > 1
+
+
+def test_one_sample_sources_skip_the_generator_with_the_same_order() -> None:
+    # A one-sample source starts a pass at every load; its order is the permutation of one
+    # element, returned without seeding a generator (the values any seed would give).
+    from data_pipeline.streams import Source
+
+    src = Source("xx", "mono", ["/nowhere"], [1], 10)
+    for pass_index in range(3):
+        shard_of, sample_of = src.order(pass_index, seed=pass_index)
+        rng = np.random.default_rng([pass_index, 0, pass_index])
+        assert shard_of.tolist() == rng.permutation(1).tolist() == [0]
+        assert sample_of.tolist() == rng.permutation(1).tolist() == [0]

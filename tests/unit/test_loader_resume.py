@@ -72,8 +72,18 @@ def test_ranks_differ_and_seeds_matter(root: Path) -> None:
     assert not _same(a, b) and not _same(a, c)
 
 
-def test_worker_processes_give_the_in_process_batches_and_resume(root: Path) -> None:
-    kw = {"num_workers": 2, "objective": "mlm", "masking": MaskingConfig(tlm_share=0.5)}
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"objective": "mlm", "masking": MaskingConfig(tlm_share=0.5)},
+        # CLM batches share their position_ids / attention_mask tensors: they must cross the
+        # worker boundary unchanged batch after batch
+        {"objective": "clm"},
+    ],
+    ids=["mlm_tlm", "clm"],
+)
+def test_worker_processes_give_the_in_process_batches_and_resume(root: Path, kw: dict) -> None:
+    kw = {"num_workers": 2, **kw}
     reference = _take(iter(_ds(root, **kw)), 9)
     loader = StreamingLoader(_ds(root, **kw))
     it = iter(loader)
