@@ -527,7 +527,8 @@ def reshard(
     values (validated for the new world size), and the per-rank loader states are re-dealt for
     the new data-parallel layout: every new rank gets ``rank_<r>.pt`` whose loader state is what
     the loader's elastic resume computes from all old ranks' states for that rank's dp
-    coordinate (and old rank 0's RNG state). The trainer then takes the exact-resume path.
+    coordinate (and old rank 0's RNG state). The trainer then takes the exact-resume path. An
+    imported checkpoint (``import-hf``: weights only, no rank states) gets the new config only.
 
     Args:
         overrides: ``parallel.<key>=<value>`` strings (nothing else may change).
@@ -560,11 +561,11 @@ def reshard(
         int(f.stem.split("_")[1]): torch.load(f, map_location="cpu", weights_only=True)
         for f in sorted(ckpt.path.glob("rank_*.pt"))
     }
-    if not old_states:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r} has no rank_*.pt loader states")
+    # An imported checkpoint (import-hf) has weights only: no rank states to re-deal, and the
+    # trainer starts its data from the beginning whatever the layout.
     dp_world = degrees["dp_replicate"] * degrees["dp_shard"]
     loaders: dict[int, dict] = {}
-    for dp_rank in range(dp_world):
+    for dp_rank in range(dp_world if old_states else 0):
         loader = build_train_loader(new_cfg, dp_rank=dp_rank, dp_world_size=dp_world)
         loader.load_state_dict([old_states[r]["loader"] for r in sorted(old_states)])
         loaders[dp_rank] = loader.state_dict()
@@ -577,8 +578,8 @@ def reshard(
             except OSError:
                 shutil.copy2(file, tmp / file.name)
         (tmp / "config.yaml").write_text(config_to_yaml(new_cfg), encoding="utf-8")
-        rng = old_states[min(old_states)]["rng"]
-        for rank in range(world_size):
+        rng = old_states[min(old_states)]["rng"] if old_states else None
+        for rank in range(world_size if old_states else 0):
             state = {"rng": rng, "loader": loaders[mesh_dp_rank(rank, degrees)]}
             torch.save(state, tmp / f"rank_{rank}.pt")
     return {"out": str(out), "world_size": world_size, "parallel": degrees}

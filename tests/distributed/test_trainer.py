@@ -343,6 +343,18 @@ def test_continue_pretraining_from_an_imported_hf_model(shards, tmp_path: Path):
     # Starting from the trained weights, not from a fresh init (whose first loss is ~ln V).
     assert resumed[1] < trained[1] - 0.1, (resumed[1], trained[1])
 
+    # Resharded to TP2 (weights only: no rank states), it continues on 2 ranks with the same
+    # first loss as on one (same weights, same data from the start).
+    from checkpoints_tools.convert import reshard
+
+    reshard(tmp_path / "imported", out=tmp_path / "imported_tp2",
+            overrides=["parallel.tp=2", "parallel.dp_shard=1"])  # fmt: skip
+    assert not list((tmp_path / "imported_tp2").glob("rank_*.pt"))
+    tp2 = _cfg("tiny_decoder.yaml", shards, tmp_path / "c", *extra, "parallel.tp=2",
+               f"train.resume={tmp_path / 'imported_tp2'}")  # fmt: skip
+    assert run_distributed(_run, world_size=2, args=(tp2, None)) == [0, 0]
+    assert _losses(tmp_path / "c")[1] == pytest.approx(resumed[1], rel=1e-5)
+
 
 def test_gradient_accumulation_matches_the_larger_batch(shards, tmp_path: Path):
     """2 micro-batches of 4 rows per step follow 1 batch of 8 (full CLM rows: equal weights)."""
