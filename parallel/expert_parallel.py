@@ -234,10 +234,7 @@ class TpSummedGateMixin:
     tp_group: dist.ProcessGroup
 
     def gate_weight(self) -> torch.Tensor:
-        weight = super().gate_weight()
-        if isinstance(weight, DTensor):  # Replicate over tp: its gradient is a replica too
-            weight = weight.to_local()
-        return _CopyToGroup.apply(weight, self.tp_group)
+        return _CopyToGroup.apply(super().gate_weight(), self.tp_group)
 
 
 def _redistribute(x: torch.Tensor, mesh: DeviceMesh, src, dst) -> torch.Tensor:
@@ -349,13 +346,6 @@ def _apply_ep_over_tp(
         moe.tp_mesh, moe.sequence_parallel = tp_mesh, sequence_parallel
         moe.router.__class__ = _parallel_class(type(moe.router), TpSummedGateMixin)
         moe.router.tp_group = tp_mesh.get_group()
-        gate = moe.router.gate
-        if not isinstance(gate.weight, DTensor):
-            # A tp replica like every other replicated weight under TP: one optimizer group
-            # may not mix plain tensors and DTensors (foreach AdamW), and checkpoints and
-            # clipping count it once.
-            replica = DTensor.from_local(gate.weight.data, tp_mesh, [Replicate()], run_check=False)
-            gate.weight = nn.Parameter(replica)
         for name, param in list(module.named_parameters(recurse=False)):
             if name not in _TP_DIM:
                 raise ValueError(f"expert parameter {path}.{name} has no expert-parallel layout")

@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import (
+    DTensor,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -64,7 +70,7 @@ def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
         "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
         # q/k norms act on local heads (dim 2): replicated weights whose grads are partial sums.
         "replicate_heads": SequenceParallel(sequence_dim=2, use_local_output=True),
-        "replicate": None,
+        "replicate": None,  # applied in ``apply_tp``: parameters become Replicate DTensors
         "experts": None,
         "output": None,
     }
@@ -107,6 +113,13 @@ def apply_tp(
             raise ValueError(f"tp plan style ({style_name!r}) for {pattern} is not supported")
         if style_name == "replicate" and pattern.endswith(("q_norm", "k_norm")):
             style_name = "replicate_heads"
+        if style_name == "replicate":
+            # Weights applied to a replicated activation (the router gate, which reads its
+            # weight as a local tensor): tp-replicated DTensors like every other weight under
+            # TP, so that checkpoints, clipping and the optimizer see one kind of parameter.
+            for name in matching_modules(model, [pattern]):
+                distribute_module(model.get_submodule(name), tp_mesh)
+            continue
         style = styles[style_name]
         if style is None:
             continue

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from pretrain.models.config import ModelConfig
 
@@ -121,9 +122,11 @@ class TopKRouter(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)
 
     def gate_weight(self) -> torch.Tensor:
-        """``W_g`` ``[E, D]`` as the forward uses it (``parallel/`` may wrap it, e.g. to sum its
-        gradient over ranks that route different tokens)."""
-        return self.gate.weight
+        """``W_g`` ``[E, D]`` as the forward uses it: a local tensor (under tensor parallel the
+        weight is a tp-replicated DTensor applied to replicated tokens; ``parallel/`` may wrap
+        this, e.g. to sum its gradient over ranks that route different tokens)."""
+        weight = self.gate.weight
+        return weight.to_local() if isinstance(weight, DTensor) else weight
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
         """Route ``x_ND``. Jitter and random routing apply only in training (global RNG)."""

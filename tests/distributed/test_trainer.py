@@ -109,6 +109,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
         ("tiny_decoder.yaml", 1, ("checkpoint.async=true",)),
         ("tiny_moe.yaml", 2, ("parallel.ep=2", "model.moe.dropless=true")),
         ("tiny_decoder.yaml", 2, ("parallel.tp=2",)),
+        # A tp-replicated router gate beside the TP shards in one AdamW group.
+        ("tiny_moe.yaml", 2, ("parallel.tp=2", "model.moe.dropless=true")),
         ("tiny_encoder.yaml", 1, ("objective.tlm_share=0.25",)),
         ("tiny_decoder.yaml", 2, PP2),
         (
@@ -126,6 +128,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
         "decoder-async-ckpt",
         "moe-ep2",
         "decoder-tp2",
+        "moe-tp2",
         "encoder-mlm-tlm",
         "decoder-pp2",
         "moe-tp2-ep2-over-tp",
