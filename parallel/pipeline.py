@@ -192,8 +192,10 @@ def pipeline_step(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = -100,
+    backward: bool = True,
 ) -> torch.Tensor:
-    """One schedule step (forward and backward of every microbatch) on this dp rank's batch.
+    """One schedule step (forward and backward of every microbatch) on this dp rank's batch;
+    with ``backward=False`` forward only (``schedule.eval``, no gradients: validation).
 
     Args:
         inputs: ``tokens_BT`` (read on the rank holding the first stage).
@@ -204,33 +206,16 @@ def pipeline_step(
         The batch's per-token mean loss, on every pp rank (``pipeline_loss``). Gradients are
         those of that mean plus each MoE layer's per-microbatch-mean aux loss.
     """
-    return _run(schedule.step, info=info, dims=dims, inputs=inputs, targets=targets,
-                ignore_index=ignore_index)  # fmt: skip
-
-
-def pipeline_eval(
-    schedule: Any,
-    *,
-    info: PipelineInfo,
-    dims: ParallelDims,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Forward only (``schedule.eval``: no backward, no gradients) through every stage: the
-    batch's per-token mean loss on every pp rank, as :func:`pipeline_step` computes it."""
-    with torch.no_grad():
-        return _run(schedule.eval, info=info, dims=dims, inputs=inputs, targets=targets,
-                    ignore_index=ignore_index)  # fmt: skip
-
-
-def _run(method, *, info, dims, inputs, targets, ignore_index) -> torch.Tensor:
     losses: list[torch.Tensor] = []
     if info.has_last:
         info.loss_fn.num_targets = (targets != ignore_index).sum().clamp(min=1).float()
     args = (inputs,) if info.has_first else ()
     kwargs = {"target": targets, "losses": losses} if info.has_last else {}
-    method(*args, **kwargs)
+    if backward:
+        schedule.step(*args, **kwargs)
+    else:
+        with torch.no_grad():
+            schedule.eval(*args, **kwargs)
     return pipeline_loss(losses, info=info, dims=dims)
 
 

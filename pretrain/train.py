@@ -17,8 +17,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from parallel.dist import destroy_distributed, init_distributed
 from pretrain.config import RunConfig, config_to_yaml, load_config, save_config, validate_config
 
@@ -143,19 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             _print_plan(plan(cfg, world_size=args.world_size or 1), as_json=args.json)
             return 0
-        # The device train.device names (auto: CUDA when there is one) picks NCCL beside gloo.
-        cuda = cfg.train.device == "cuda" or (
-            cfg.train.device == "auto" and torch.cuda.is_available()
-        )
-        rank, world_size = init_distributed(device_type="cuda" if cuda else "cpu")
+        from pretrain.trainer import device_type, train
+
+        # On CUDA the process group adds NCCL beside gloo.
+        rank, world_size = init_distributed(device_type=device_type(cfg.train.device))
         try:
             validate_config(cfg, world_size=world_size)
             if rank == 0:
                 print(config_to_yaml(cfg), end="")
                 save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
                 print(f"resolved config saved to {Path(cfg.train.run_dir) / 'config.yaml'}")
-            from pretrain.trainer import train
-
             code = train(cfg, rank=rank, world_size=world_size)
         finally:
             destroy_distributed()

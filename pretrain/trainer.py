@@ -37,7 +37,7 @@ from parallel.parallelize import (
     parallelize_model,
     reduce_metric,
 )
-from parallel.pipeline import build_pipeline, pipeline_eval, pipeline_step
+from parallel.pipeline import build_pipeline, pipeline_step
 from pretrain.checkpoint import (
     CheckpointManager,
     TrainState,
@@ -63,9 +63,17 @@ from pretrain.plots import plot_losses
 from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, PreemptionHandler
 
 
+def device_type(name: str) -> str:
+    """The kind of device ``train.device`` names: ``cuda``, or ``cpu`` (``auto``: CUDA when
+    this machine has it)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return "cuda"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> this rank's CUDA device when there is one, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if device_type(name) == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"train.device ({name!r}) needs CUDA, and this machine has none")
@@ -166,6 +174,8 @@ class Trainer:
         self.languages = list(self.loader.dataset.languages)
         # Row kinds the loss is reported by: CLM rows, or MLM and TLM rows of an encoder batch.
         self.objective_names = ["clm", "clm"] if cfg.model.family == "decoder" else ["mlm", "tlm"]
+        # Loss groups: objective index * languages + language index (``_forward_loss``).
+        self.num_groups = len(self.objective_names) * len(self.languages)
         self.state = TrainState(self.parts, self.optimizers, self.schedulers, step=0)
         self.checkpoints = CheckpointManager(
             self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -214,34 +224,22 @@ class Trainer:
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
         return labels
 
-    def _pipeline_forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """One schedule step over the batch's microbatches; the mean loss on every pp rank.
+    def _pipeline_loss(self, batch: dict[str, Any], *, backward: bool) -> torch.Tensor:
+        """One schedule step over the batch's microbatches (forward only without ``backward``);
+        the mean loss on every pp rank.
 
         Stages see only token ids / hidden states: positions are 0..T-1 and attention spans
         the whole row (no per-document masks) under pipeline parallel.
         """
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        labels = self._shifted_labels(batch)
         with self._autocast():
             return pipeline_step(
                 self.pipeline,
                 info=self.pipeline_info,
                 dims=self.dims,
-                inputs=input_ids,
-                targets=labels,
-                ignore_index=IGNORE_INDEX,
-            )
-
-    def _pipeline_eval(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward only through the stages: the batch's mean loss on every pp rank."""
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        with self._autocast():
-            return pipeline_eval(
-                self.pipeline,
-                info=self.pipeline_info,
-                dims=self.dims,
-                inputs=input_ids,
+                inputs=batch["input_ids"].to(self.device, non_blocking=True),
                 targets=self._shifted_labels(batch),
+                ignore_index=IGNORE_INDEX,
+                backward=backward,
             )
 
     def _autocast(self):
@@ -308,7 +306,6 @@ class Trainer:
                 group_N[targets_M],
             )
             valid_N = valid_N[targets_M]
-        num_groups = len(self.objective_names) * len(self.languages)
         with self._autocast():
             sums_G = chunked_cross_entropy(
                 hidden_ND,
@@ -318,9 +315,9 @@ class Trainer:
                 chunk_tokens=cfg.objective.loss_chunk_tokens,
                 reduction="sum",
                 group_N=group_N,
-                num_groups=num_groups,
+                num_groups=self.num_groups,
             )
-        groups_G = torch.arange(num_groups, device=group_N.device)
+        groups_G = torch.arange(self.num_groups, device=group_N.device)
         counts_G = ((group_N[:, None] == groups_G) & valid_N[:, None]).sum(0).float()
         num_targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
         return sums_G.sum() / num_targets, (sums_G.detach(), counts_G)
@@ -337,15 +334,14 @@ class Trainer:
         for part in self.parts:
             if hasattr(part, "set_moe_aux_loss_scale"):
                 part.set_moe_aux_loss_scale(1.0 / accum)
-        num_groups = len(self.objective_names) * len(self.languages)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        group_sums = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
-        group_counts = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
+        group_sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
+        group_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         tokens = 0
         for batch in batches:
             tokens += int(batch["input_ids"].numel())
             if self.pipeline is not None:
-                loss_sum += self._pipeline_forward_backward(batch).float().to(self.device)
+                loss_sum += self._pipeline_loss(batch, backward=True).float().to(self.device)
                 continue
             with loss_context(self.dims):
                 loss, groups = self._forward_loss(batch)
@@ -456,7 +452,7 @@ class Trainer:
                 for batch in batches:
                     targets = (self._shifted_labels(batch) != IGNORE_INDEX).sum().float()
                     if self.pipeline is not None:
-                        loss = self._pipeline_eval(batch)
+                        loss = self._pipeline_loss(batch, backward=False)
                     else:
                         with loss_context(self.dims):
                             loss, _ = self._forward_loss(batch)
@@ -517,9 +513,8 @@ class Trainer:
         exit_code = 0
         batches = iter(self.loader)
         window_tokens, window_start = 0, time.perf_counter()
-        num_groups = len(self.objective_names) * len(self.languages)
-        window_sums = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
-        window_counts = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
+        window_sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
+        window_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         window_lang_tokens: dict[str, int] = defaultdict(int)
         pending = None  # the previous step's output, read once this step's work is queued
         try:

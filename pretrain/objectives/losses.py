@@ -26,19 +26,12 @@ def _chunk_loss_sum(
     labels_C: torch.Tensor,
     weight_VD: torch.Tensor,
     bias_V: torch.Tensor | None,
+    onehot_CG: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The chunk's summed loss, or its ``[G]`` sums per group given the groups one-hot."""
     logits_CV = F.linear(hidden_CD, weight_VD, bias_V).float()
-    return F.cross_entropy(logits_CV, labels_C, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _chunk_group_sums(
-    hidden_CD: torch.Tensor,
-    labels_C: torch.Tensor,
-    weight_VD: torch.Tensor,
-    bias_V: torch.Tensor | None,
-    onehot_CG: torch.Tensor,
-) -> torch.Tensor:
-    logits_CV = F.linear(hidden_CD, weight_VD, bias_V).float()
+    if onehot_CG is None:
+        return F.cross_entropy(logits_CV, labels_C, ignore_index=IGNORE_INDEX, reduction="sum")
     loss_C = F.cross_entropy(logits_CV, labels_C, ignore_index=IGNORE_INDEX, reduction="none")
     # A matrix product, not index_add_: deterministic on CUDA and no host sync.
     return loss_C @ onehot_CG
@@ -78,61 +71,27 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_tokens ({chunk_tokens}) must be >= 1")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction ({reduction!r}) must be one of mean, sum")
-    if group_N is not None:
-        if reduction != "sum" or num_groups < 1:
-            raise ValueError(
-                f"group_N needs reduction='sum' ({reduction!r}) and num_groups >= 1 ({num_groups})"
-            )
-        return _grouped_sums(
-            hidden_ND, labels_N, weight_VD, bias_V, chunk_tokens, group_N, num_groups
+    if group_N is not None and (reduction != "sum" or num_groups < 1):
+        raise ValueError(
+            f"group_N needs reduction='sum' ({reduction!r}) and num_groups >= 1 ({num_groups})"
         )
-    total = hidden_ND.new_zeros((), dtype=torch.float32)
+    groups_G = None if group_N is None else torch.arange(num_groups, device=group_N.device)
+    total = hidden_ND.new_zeros((num_groups,) if groups_G is not None else (), dtype=torch.float32)
     for start in range(0, hidden_ND.shape[0], chunk_tokens):
-        hidden_CD = hidden_ND[start : start + chunk_tokens]
-        labels_C = labels_N[start : start + chunk_tokens]
+        end = start + chunk_tokens
+        chunk_args = (hidden_ND[start:end], labels_N[start:end], weight_VD, bias_V)
+        if groups_G is not None:
+            chunk_args += ((group_N[start:end, None] == groups_G).float(),)
         if torch.is_grad_enabled():
-            chunk = checkpoint(
-                _chunk_loss_sum, hidden_CD, labels_C, weight_VD, bias_V, use_reentrant=False
-            )
+            chunk = checkpoint(_chunk_loss_sum, *chunk_args, use_reentrant=False)
         else:
-            chunk = _chunk_loss_sum(hidden_CD, labels_C, weight_VD, bias_V)
+            chunk = _chunk_loss_sum(*chunk_args)
         total = total + chunk
     if reduction == "sum":
         return total
     # A device-side count: no host sync, and 0 / 1 = 0 for a batch without targets.
     count = (labels_N != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
-
-
-def _grouped_sums(
-    hidden_ND: torch.Tensor,
-    labels_N: torch.Tensor,
-    weight_VD: torch.Tensor,
-    bias_V: torch.Tensor | None,
-    chunk_tokens: int,
-    group_N: torch.Tensor,
-    num_groups: int,
-) -> torch.Tensor:
-    groups_G = torch.arange(num_groups, device=group_N.device)
-    total_G = hidden_ND.new_zeros((num_groups,), dtype=torch.float32)
-    for start in range(0, hidden_ND.shape[0], chunk_tokens):
-        hidden_CD = hidden_ND[start : start + chunk_tokens]
-        labels_C = labels_N[start : start + chunk_tokens]
-        onehot_CG = (group_N[start : start + chunk_tokens, None] == groups_G).float()
-        if torch.is_grad_enabled():
-            chunk_G = checkpoint(
-                _chunk_group_sums,
-                hidden_CD,
-                labels_C,
-                weight_VD,
-                bias_V,
-                onehot_CG,
-                use_reentrant=False,
-            )
-        else:
-            chunk_G = _chunk_group_sums(hidden_CD, labels_C, weight_VD, bias_V, onehot_CG)
-        total_G = total_G + chunk_G
-    return total_G
 
 
 def clm_loss(
