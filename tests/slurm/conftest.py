@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import zstandard
+
+from tests.distributed.test_trainer import _lines  # the bundled sample's first lines
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data_pipeline" / "sample"
@@ -397,22 +398,16 @@ class ClusterShards:
     """What ``launch.preprocess shard --submit`` said on stderr (array and merge job ids)."""
 
 
-def _sample_lines(path: Path, count: int) -> str:
-    with open(path, "rb") as handle:
-        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), "utf-8")
-        return "".join(line for _, line in zip(range(count), text))
-
-
 def write_corpus(root: Path) -> tuple[str, ...]:
     """4 languages x 300 lines and 200 en-de pairs from the bundled sample, as plain files
     under ``root``; returns the ``--input`` / ``--parallel`` arguments naming them."""
     args: list[str] = []
     for lang in LANGS:
         path = root / f"{lang}.txt"
-        path.write_text(_sample_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", LINES))
+        path.write_text("\n".join(_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", LINES)) + "\n")
         args += ["--input", f"{lang}={path}"]
     tsv = root / "en-de.tsv"
-    tsv.write_text(_sample_lines(SAMPLE / "parallel" / "en-de.train.tsv.zst", 200))
+    tsv.write_text("\n".join(_lines(SAMPLE / "parallel" / "en-de.train.tsv.zst", 200)) + "\n")
     args += ["--parallel", f"en-de={tsv}"]
     return tuple(args)
 

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-import zstandard
 
-from data_pipeline.readers import MonoInput
-from data_pipeline.shard import ShardSettings, run_shard_job
-from data_pipeline.tokenizer import train_tokenizer
+from tests.distributed.test_trainer import shards  # noqa: F401 - the trainer tests' shards
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "torchrun.sh"
-SAMPLE = REPO / "data_pipeline" / "sample"
 TINY = REPO / "configs" / "tiny_decoder.yaml"
 
 
@@ -50,36 +45,14 @@ def test_mistakes_are_one_line_exit_2(args, message):
     assert (done.returncode, done.stderr) == (2, message)
 
 
-def _tiny_shards(root: Path) -> Path:
-    """2 languages x 200 lines of the bundled sample, a 1000-piece tokenizer, 512-token samples."""
-    mono = []
-    for lang in ("en", "de"):
-        with open(SAMPLE / "mono" / f"{lang}.train.txt.zst", "rb") as handle:
-            text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), "utf-8")
-            lines = "".join(line for _, line in zip(range(200), text))
-        path = root / f"{lang}.txt"
-        path.write_text(lines)
-        mono.append(MonoInput(lang, (path,)))
-    train_tokenizer(mono, vocab_size=1000, out=root / "tok", seed=0, num_threads=1)
-    run_shard_job(
-        mono,
-        tokenizer=root / "tok",
-        out=root / "shards",
-        workers=1,
-        settings=ShardSettings(sample_tokens=512),
-    )
-    return root / "shards"
-
-
-def test_two_local_processes_train(tmp_path):
-    shards = _tiny_shards(tmp_path)
+def test_two_local_processes_train(shards, tmp_path):  # noqa: F811 - fixture
     run_dir = tmp_path / "run"
     overrides = [
         "train.device=cpu",
         f"train.run_dir={run_dir}",
-        f"data.manifest={shards}",
+        f"data.manifest={shards['shards']}",
         "data.valid_manifest=",
-        "model.vocab_size=1000",
+        "model.vocab_size=2000",
         "data.seq_len=32",
         "data.batch_size=4",
         "train.steps=4",
