@@ -233,7 +233,8 @@ def _breakdown_task(task, worker, steps: dict[str, float], clock) -> None:
         steps["parse"] += clock() - start
         batches = [docs.texts] + ([docs.tgt_texts] if docs.tgt_texts is not None else [])
         start = clock()
-        encoded = [worker.encode(texts) for texts in batches]
+        mono = docs.tgt_texts is None  # as in the job: mono samples store eos
+        encoded = [worker.encode(texts, eos=mono) for texts in batches]
         steps["encode_to_numpy"] += clock() - start
         if docs.texts:
             start = clock()
@@ -247,6 +248,7 @@ def _breakdown_task(task, worker, steps: dict[str, float], clock) -> None:
                 chunk=chunk,
                 dtype=worker.dtype,
                 sample_tokens=worker.settings.sample_tokens,
+                eos_id=worker.tokenizer.sp.eos_id(),
             )
             steps["pack_write"] += clock() - start
     for texts in batches:

@@ -31,9 +31,12 @@ a CLM batch's ``labels`` is its ``input_ids`` tensor, and every batch without po
 and padding (CLM and mono MLM by default) carries the same ``position_ids`` and
 ``attention_mask`` tensors as the slot's other such batches.
 
-Documents are joined with eos (``doc </s> doc </s> ...``) and cut into rows of exactly ``T``
-tokens: no token is lost, except that a document's remainder shorter than
+Documents are joined with eos (``doc </s> doc </s> ...``: mono samples are stored that way, see
+``data_pipeline.shard_format``; older samples are joined on read) and cut into rows of exactly
+``T`` tokens: no token is lost, except that a document's remainder shorter than
 ``min_carry_tokens`` is dropped instead of opening the next row (counted in ``dropped_tokens``).
+A row's document starts are the positions after its eos ids (and its first position when a
+document starts there).
 TLM rows are whole pairs ``src </s> tgt </s>`` packed greedily and padded; a pair longer than
 ``T`` is cut, both sides keeping their eos (counted in ``truncated_tokens``).
 
@@ -484,6 +487,8 @@ class _SlotRunner:
         self.special_V = ds.vocab.special_mask_V()
         self.normal_ids = np.flatnonzero(~self.special_V)
         self.min_carry, self.track_docs = ds.min_carry_tokens, ds.track_docs
+        self.plain_rows = not (self.min_carry or self.track_docs)  # _mono_row's fast path
+        self.eos = ds.vocab.eos_id
         self.pair_lang_index = {
             name: (ds.lang_index[src], ds.lang_index[tgt])
             for name, (src, tgt) in ds.pair_langs.items()
@@ -540,8 +545,11 @@ class _SlotRunner:
         if path in self.bad_shards:
             self.counters["bad_samples"] += 1
             return None
+        eos = self.ds.vocab.eos_id
         try:
             sample = self.reader.read(path, index)
+            if sample.get("eos", eos) != eos:
+                raise ValueError(f"sample {index}: eos {sample['eos']} != the tokenizer's {eos}")
         except (OSError, ValueError) as err:
             if self.ds.on_bad_shard == "raise":
                 raise ValueError(f"shard {Path(path).name}: {err}") from None
@@ -549,11 +557,13 @@ class _SlotRunner:
             self.bad_shards.add(path)
             self.counters["bad_samples"] += 1
             return None
-        eos = self.ds.vocab.eos_id
         meta = (sample["source"], int(sample["first_doc"]), g // source.num_samples)
         if source.kind == "mono":
-            ids, start = join_mono(sample["tokens"], sample["doc_offsets"], eos_id=eos)
-            return {"ids": ids, "start": start, "meta": meta}  # + "starts" when asked for
+            # stored as the stream rows are cut from: documents each followed by eos
+            ids, offsets = sample["tokens"], sample["doc_offsets"]
+            if "eos" not in sample:  # written before the sharding job stored eos
+                ids, offsets = join_mono(ids, offsets, eos_id=eos)
+            return {"ids": ids, "offsets": offsets, "meta": meta}
         src_lang, tgt_lang = self.ds.pair_langs[source.name]
         ids, lang, pos, seg = join_pairs(
             sample["src_tokens"],
@@ -603,12 +613,26 @@ class _SlotRunner:
         self.emitted[name] = emitted
         heapq.heappush(queue, (emitted / p, i, name, p))
 
-    def _mono_row(self, name: str, ids_T: np.ndarray, start_T: np.ndarray) -> None:
-        """Fill one row (``ids_T``, and ``start_T`` True at document starts) from mono source
-        ``name``."""
+    def _mono_row(self, name: str, ids_T: np.ndarray) -> int:
+        """Fill one row ``ids_T`` from mono source ``name``.
+
+        Returns the correction to "documents starting in the row = positions after an eos in
+        it": +1 when a document starts at the first position; -1 for each sample continued
+        mid-document after another sample's final eos (partials dealt by an elastic resume).
+        """
         partials = self.streams[name].partials
         T = len(ids_T)
-        filled, row_start = 0, True
+        eos = self.eos
+        hit = self.joined.get(name)
+        if self.plain_rows and partials and hit is not None and hit[0] == partials[0][0]:
+            partial = partials[0]
+            cursor = partial[1]
+            ids = hit[1]["ids"]
+            if cursor + T < len(ids):  # the common case: the row within the current sample
+                ids_T[:] = ids[cursor : cursor + T]
+                partial[1] = cursor + T
+                return 1 if not cursor or ids[cursor - 1] == eos else 0
+        filled, row_start, docs = 0, True, 0
         while filled < T:
             hit = self.joined.get(name)
             if partials and hit is not None and hit[0] == partials[0][0]:
@@ -616,34 +640,35 @@ class _SlotRunner:
             else:
                 partial, j = self._current(name)
             cursor = partial[1]
-            ids, start = j["ids"], j["start"]
+            ids = j["ids"]
             size = len(ids)
-            if row_start and cursor and self.min_carry and not start[cursor]:
+            # mid-document: the position before the cursor is not an eos
+            if row_start and cursor and self.min_carry and ids[cursor - 1] != eos:
                 cursor = self._drop_short_remainder(j, cursor)
             row_start = False
+            if cursor and ids[cursor - 1] != eos:  # continues a document
+                docs -= 1 if filled else 0
+            elif not filled:
+                docs += 1
             end = cursor + T - filled
             if end < size:
                 ids_T[filled:] = ids[cursor:end]
-                start_T[filled:] = start[cursor:end]
                 partial[1] = end
             else:
                 end = size
                 ids_T[filled : filled + end - cursor] = ids[cursor:]
-                start_T[filled : filled + end - cursor] = start[cursor:]
                 partials.pop(0)
             if self.track_docs:
                 starts = self._starts(j)
-                first = int(np.searchsorted(starts, cursor))
-                self._log_docs(name, j, first, int(np.searchsorted(starts, end)))
+                lo, hi = np.searchsorted(starts, (cursor, end)).tolist()
+                self._log_docs(name, j, lo, hi)
             filled += end - cursor
+        return docs
 
     @staticmethod
     def _starts(j: dict) -> np.ndarray:
-        """Document start positions of a joined mono sample (found on first use)."""
-        starts = j.get("starts")
-        if starts is None:
-            starts = j["starts"] = np.flatnonzero(j["start"])
-        return starts
+        """Document start positions of a mono sample."""
+        return j["offsets"][:-1]
 
     def _drop_short_remainder(self, j: dict, cursor: int) -> int:
         """The cursor past the current document when fewer than min_carry_tokens remain of it
@@ -726,7 +751,7 @@ class _SlotRunner:
         lang_index = ds.lang_index
         ids_BT = np.empty((B, T), dtype=ID_DTYPE)
         lang_BT = np.empty((B, T), dtype=ID_DTYPE)
-        start_BT = np.empty((B, T), dtype=bool)  # mono rows write every position of their row
+        start_BT = np.empty((B, T), dtype=bool)  # True at document starts (all set below)
         tokens_L = [0] * num_langs
         docs_L = [0] * num_langs
         fill_R = []  # tokens in each TLM row (the rest is padding)
@@ -745,19 +770,20 @@ class _SlotRunner:
                 ids_BT[b, filled:] = ds.vocab.pad_id
                 lang_BT[b, filled:] = lang_BT[b, 0]
         queue = self.mono_queue
-        row_lang = []
+        row_lang, docs_R = [], []
         for b in range(num_tlm, B):
             entry = heapq.heappop(queue)
             name = entry[2]
-            start_T = start_BT[b]
-            self._mono_row(name, ids_BT[b], start_T)
+            docs_R.append(self._mono_row(name, ids_BT[b]))
             lang = lang_index[name]
+            lang_BT[b] = lang
             row_lang.append(lang)
             tokens_L[lang] += T
             self._emit(queue, entry, T)
         if row_lang:
-            lang_BT[num_tlm:] = np.array(row_lang, dtype=ID_DTYPE)[:, None]
-            first_R = start_BT[num_tlm:, 0].tolist()  # read before column 0 is cleared below
+            # a document starts after each eos (column 0 is set below; docs_R counts it);
+            # compared whole and then shifted: a ufunc over strided views is ~10x slower
+            start_BT[num_tlm:, 1:] = np.equal(ids_BT[num_tlm:], ds.vocab.eos_id)[:, :-1]
 
         if ds.reset_position_ids:
             position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
@@ -766,9 +792,9 @@ class _SlotRunner:
             doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=ID_DTYPE)
             position_BT = self.arange_BT.copy() if num_tlm else None  # None: the shared one
         if row_lang:
-            # a mono row's documents: one per start after t = 0 (its last doc id) + one at t = 0
-            for lang, last, first in zip(row_lang, doc_ids_BT[num_tlm:, -1].tolist(), first_R):
-                docs_L[lang] += last + first
+            # a mono row's documents: one per start after t = 0 (its last doc id), corrected
+            for lang, last, docs in zip(row_lang, doc_ids_BT[num_tlm:, -1].tolist(), docs_R):
+                docs_L[lang] += last + docs
         valid_BT = None
         if num_tlm:
             position_BT[:num_tlm] = pair_pos_RT

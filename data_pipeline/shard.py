@@ -62,7 +62,7 @@ DEFAULT_SHARD_TEXT_MB = 64
 _SEGMENT_BYTES = 4 << 20
 SHARD_NAME_RE = re.compile(r"^(mono_[A-Za-z0-9_]+|pair_[A-Za-z0-9_]+-[A-Za-z0-9_]+)_\d{5}\.tar$")
 _TMP_RE = re.compile(r"^\.(mono|pair)_.*\.tar\.tmp-\d+$")
-_FINGERPRINT_VERSION = 1
+_FINGERPRINT_VERSION = 2
 
 
 def default_workers() -> int:
@@ -148,14 +148,15 @@ class _Worker:
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         self.buffers = _buffers_usable(self.tokenizer.sp)
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Concatenated ids of ``texts`` (``self.dtype``) and cumulative offsets from 0."""
+    def encode(self, texts: list[str], *, eos: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Concatenated ids of ``texts`` (``self.dtype``; each ending with eos when ``eos``)
+        and cumulative offsets from 0."""
         sp = self.tokenizer.sp
         if self.buffers:
-            encoded = _encode_via_buffers(sp, texts, self.dtype)
+            encoded = _encode_via_buffers(sp, texts, self.dtype, eos=eos)
             if encoded is not None:
                 return encoded
-        return _encode_via_lists(sp, texts, self.dtype)
+        return _encode_via_lists(sp, texts, self.dtype, eos=eos)
 
 
 _WORKER: _Worker | None = None
@@ -237,14 +238,15 @@ def _flatten(ids: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndar
 
 
 def _encode_via_lists(
-    sp: spm.SentencePieceProcessor, texts: list[str], dtype: np.dtype
+    sp: spm.SentencePieceProcessor, texts: list[str], dtype: np.dtype, *, eos: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of ``texts`` through sentencepiece's public ``encode``: one Python list per text."""
-    return _flatten(sp.encode(texts, num_threads=1), dtype)
+    """Ids of ``texts`` (each ending with eos when ``eos``) through sentencepiece's public
+    ``encode``: one Python list per text."""
+    return _flatten(sp.encode(texts, num_threads=1, add_eos=eos), dtype)
 
 
 def _encode_via_buffers(
-    sp: spm.SentencePieceProcessor, texts: list[str], dtype: np.dtype
+    sp: spm.SentencePieceProcessor, texts: list[str], dtype: np.dtype, *, eos: bool
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Ids of ``texts`` as :func:`_encode_via_lists` gives them, without a Python int per id.
 
@@ -254,18 +256,22 @@ def _encode_via_buffers(
     a few whole-array operations replace per-text Python work. None when the eos count does
     not match (then the caller falls back to the public path).
     """
-    eos = sp.eos_id()
+    eos_id = sp.eos_id()
     # positional: texts, num_threads, thread_pool, enable_sampling, nbest_size, alpha,
     # add_bos, add_eos, reverse (checked against the public path by _buffers_usable)
     buffers = sp._processor._EncodeAsBufferBatch(texts, 1, None, False, -1, 0.0, False, True, False)
     ids = np.frombuffer(b"".join(buffers), dtype=np.intc)
     del buffers
-    ends = np.flatnonzero(ids == eos)
-    if len(ends) != len(texts) or (len(ids) and ids[-1] != eos):
+    is_eos = ids == eos_id
+    ends = np.flatnonzero(is_eos)
+    if len(ends) != len(texts) or (len(ids) and ids[-1] != eos_id):
         return None
     cum = np.zeros(len(texts) + 1, dtype=np.int64)
+    if eos:
+        cum[1:] = ends + 1
+        return ids.astype(dtype), cum
     cum[1:] = ends - np.arange(len(texts))  # ids before text i's eos, minus the i earlier eos
-    return ids[ids != eos].astype(dtype), cum
+    return ids[~is_eos].astype(dtype), cum
 
 
 _PROBE_TEXTS = ["Rosetta: 12 ids, «δοκιμή» テスト 测试 — ok?", "x", "  two  spaces  "]
@@ -283,12 +289,15 @@ def _buffers_usable(sp: spm.SentencePieceProcessor) -> bool:
     if eos < 0 or not sp.is_control(eos):
         return False
     wide = np.dtype("<u4")
-    try:
-        got = _encode_via_buffers(sp, _PROBE_TEXTS, wide)
-    except (TypeError, ValueError, RuntimeError):  # another signature in another version
-        return False
-    want = _encode_via_lists(sp, _PROBE_TEXTS, wide)
-    return got is not None and all(np.array_equal(g, w) for g, w in zip(got, want))
+    for eos_too in (False, True):
+        try:
+            got = _encode_via_buffers(sp, _PROBE_TEXTS, wide, eos=eos_too)
+        except (TypeError, ValueError, RuntimeError):  # another signature in another version
+            return False
+        want = _encode_via_lists(sp, _PROBE_TEXTS, wide, eos=eos_too)
+        if got is None or not all(np.array_equal(g, w) for g, w in zip(got, want)):
+            return False
+    return True
 
 
 def _sample_bounds(
@@ -385,9 +394,10 @@ def _process_chunk(task: _Task) -> ShardResult:
             src_tokens=0,
             rejected=rejected,
         )
-    encoded = [worker.encode(docs.texts)]
-    if docs.tgt_texts is not None:
-        encoded.append(worker.encode(docs.tgt_texts))
+    mono = docs.tgt_texts is None
+    encoded = [worker.encode(docs.texts, eos=mono)]  # mono samples store eos (shard_format)
+    if not mono:
+        encoded.append(worker.encode(docs.tgt_texts, eos=False))
     return _write_shard(
         path,
         task,
@@ -398,6 +408,7 @@ def _process_chunk(task: _Task) -> ShardResult:
         chunk=chunk,
         dtype=worker.dtype,
         sample_tokens=worker.settings.sample_tokens,
+        eos_id=worker.tokenizer.sp.eos_id(),
     )
 
 
@@ -412,11 +423,13 @@ def _write_shard(
     chunk: str,
     dtype: np.dtype,
     sample_tokens: int,
+    eos_id: int,
 ) -> ShardResult:
     """Pack a chunk's encoded documents into samples, write its shard and describe it.
 
-    ``encoded`` holds ``(ids, offsets)`` from ``_Worker.encode``: of the documents, or of the
-    source then the target sides of pairs.
+    ``encoded`` holds ``(ids, offsets)`` from ``_Worker.encode``: of the documents each ending
+    with ``eos_id``, or of the source then the target sides of pairs (no eos). A mono sample
+    holds at most ``sample_tokens`` ids, eos included (or one longer document).
     """
     src_total = tgt_total = 0
     with ShardWriter(path, dtype=dtype) as writer:
@@ -429,7 +442,8 @@ def _write_shard(
                     "source": source,
                     "first_doc": docs.ordinals[a],
                     "num_docs": b - a,
-                    "num_tokens": int(cum[b] - cum[a]),
+                    "num_tokens": int(cum[b] - cum[a]) - (b - a),  # without the eos ids
+                    "eos": eos_id,
                     "dtype": dtype_name(dtype),
                     "chunk": chunk,
                 }
@@ -439,7 +453,7 @@ def _write_shard(
                     tokens[cum[a] : cum[b]], doc_offsets=cum[a : b + 1] - cum[a]
                 )
                 writer.add_sample(meta, payload=payload, ext=MONO_EXT)
-            src_total = int(cum[-1])
+            src_total = int(cum[-1]) - len(docs.texts)
         else:
             (src, src_cum), (tgt, tgt_cum) = encoded
             src_lang, tgt_lang = task.name.split("-")

@@ -21,11 +21,16 @@ the next one would pass the target sample size (a document longer than the targe
 of its own). Metadata::
 
     {"kind": "mono", "lang": "en", "source": "<input file name>", "first_doc": <int>,
-     "num_docs": D, "num_tokens": T, "dtype": "uint16", "chunk": "<16 hex>"}
+     "num_docs": D, "num_tokens": T, "eos": <eos id>, "dtype": "uint16", "chunk": "<16 hex>"}
 
-Payload: ``uint32 doc_offsets[D + 1]`` (``doc_offsets[0] == 0``, ``doc_offsets[D] == T``,
-non-decreasing), then ``dtype tokens[T]``. Document ``i`` is ``tokens[doc_offsets[i]:
-doc_offsets[i + 1]]``; ids are raw sentencepiece ids, with no bos/eos/language tag added.
+Payload: ``uint32 doc_offsets[D + 1]`` (``doc_offsets[0] == 0``, ``doc_offsets[D] == T + D``,
+rising), then ``dtype ids[T + D]``: each document's raw sentencepiece ids followed by the eos id
+``eos`` (no bos or language tag), the documents back to back. Document ``i`` is
+``ids[doc_offsets[i] : doc_offsets[i + 1] - 1]`` and ``ids[doc_offsets[i + 1] - 1] == eos``;
+``T`` counts the documents' ids without their eos. This is the stream a packing loader cuts
+into rows as it is, with no join (sentencepiece never encodes text to a control symbol, so eos
+appears only at document ends). Samples written before eos was stored have no ``eos`` key and
+hold ``doc_offsets[D] == T`` and ``tokens[T]`` without it; readers still take them.
 
 Pair sample: ``D`` aligned (source, target) pairs of one language pair. Metadata::
 
@@ -90,7 +95,8 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 def encode_mono_payload(tokens: np.ndarray, *, doc_offsets: np.ndarray) -> bytes:
-    """Uncompressed mono payload: offsets then tokens (see module docstring)."""
+    """Uncompressed mono payload: offsets then ids (each document ending with eos; see the
+    module docstring)."""
     return doc_offsets.astype(OFFSET_DTYPE, copy=False).tobytes() + tokens.tobytes()
 
 
@@ -108,12 +114,14 @@ def encode_pair_payload(
     )
 
 
-def _check_offsets(offsets: np.ndarray, total: int, *, where: str) -> None:
+def _check_offsets(offsets: np.ndarray, total: int, *, where: str, strict: bool = False) -> None:
+    """Offsets from 0 to ``total``, never falling (``strict``: always rising)."""
+    falls = np.less_equal if strict else np.less
     if (
         not len(offsets)
         or offsets[0] != 0
         or offsets[-1] != total
-        or (offsets[1:] < offsets[:-1]).any()
+        or np.count_nonzero(falls(offsets[1:], offsets[:-1]))
     ):
         raise ValueError(f"{where}: document offsets must rise from 0 to {total}")
 
@@ -129,14 +137,16 @@ def decode_sample(
     """Decode one sample from its ``.json`` member and its compressed payload member.
 
     Returns (arrays are read-only views of one decompressed buffer):
-        mono: ``{"kind": "mono", "lang", "source", "first_doc", "num_docs", "tokens" [T],
-        "doc_offsets" [D + 1]}``; pair: ``{"kind": "pair", "src", "tgt", "source", "first_doc",
+        mono: ``{"kind": "mono", "lang", "source", "first_doc", "num_docs", "eos", "tokens"
+        [T + D], "doc_offsets" [D + 1]}`` (samples without eos: no ``"eos"``, ``"tokens"
+        [T]``); pair: ``{"kind": "pair", "src", "tgt", "source", "first_doc",
         "num_docs", "src_tokens" [S], "src_offsets" [D + 1], "tgt_tokens" [G], "tgt_offsets"
         [D + 1]}``.
 
     Raises:
         ValueError: ``where`` and what is wrong: bad JSON, a failed zstd frame or checksum, a
-            payload size or offsets that disagree with the metadata.
+            payload size or offsets that disagree with the metadata, a document not ending with
+            eos.
     """
     if not isinstance(meta, dict):
         try:
@@ -159,6 +169,11 @@ def decode_sample(
             raise ValueError(f"{where}: kind {kind!r} must be mono or pair")
     except (KeyError, TypeError) as err:
         raise ValueError(f"{where}: metadata lacks or mistypes {err}") from None
+    eos = meta.get("eos") if kind == "mono" else None
+    if eos is not None:  # stored with an eos after every document
+        if not isinstance(eos, int) or eos < 0:
+            raise ValueError(f"{where}: eos {eos!r} must be a token id")
+        sizes = (sizes[0], sizes[1] + num_docs)
     dtypes = (OFFSET_DTYPE,) * (len(sizes) // 2) + (dtype,) * (len(sizes) // 2)
     expected = sum(n * d.itemsize for n, d in zip(sizes, dtypes))
     if len(raw) != expected:
@@ -170,9 +185,12 @@ def decode_sample(
         offset += n * d.itemsize
     out = {k: v for k, v in meta.items() if k not in ("num_tokens", "src_tokens", "tgt_tokens")}
     if kind == "mono":
-        out["doc_offsets"], out["tokens"] = arrays
+        offsets, ids = out["doc_offsets"], out["tokens"] = arrays
         if check:
-            _check_offsets(out["doc_offsets"], sizes[1], where=where)
+            _check_offsets(offsets, sizes[1], where=where, strict=eos is not None)
+            # rising offsets from 0: every document has at least one id, its last
+            if eos is not None and np.count_nonzero(ids[offsets[1:].astype(np.intp) - 1] != eos):
+                raise ValueError(f"{where}: a document does not end with eos {eos}")
     else:
         out["src_offsets"], out["tgt_offsets"], out["src_tokens"], out["tgt_tokens"] = arrays
         if check:
@@ -340,11 +358,12 @@ def iter_shard_samples(path: str | os.PathLike, *, check: bool = True) -> Iterat
 
 
 def iter_documents_of_sample(sample: dict) -> Iterator[np.ndarray]:
-    """Yield each document's token array of a decoded mono sample."""
+    """Yield each document's token array of a decoded mono sample (without its eos)."""
     offsets = sample["doc_offsets"]
     tokens = sample["tokens"]
+    end = 1 if "eos" in sample else 0
     for i in range(len(offsets) - 1):
-        yield tokens[offsets[i] : offsets[i + 1]]
+        yield tokens[offsets[i] : offsets[i + 1] - end]
 
 
 def iter_pairs_of_sample(sample: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:

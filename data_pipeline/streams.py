@@ -130,6 +130,7 @@ class ShardReader:
         self._files: OrderedDict[str, io.BufferedReader] = OrderedDict()
         self._max_open = max_open
         self._zstd = zstandard.ZstdDecompressor()
+        self._buffer = bytearray(0)
 
     def _file(self, path: str) -> io.BufferedReader:
         f = self._files.get(path)
@@ -171,13 +172,15 @@ class ShardReader:
             )
         f = self._file(path)
         f.seek(start)
-        raw = f.read(stop - start)
-        if len(raw) != stop - start:
+        if len(self._buffer) < stop - start:  # one buffer reused: the payload is decompressed
+            self._buffer = bytearray(stop - start)  # out of it, nothing keeps a view
+        raw = memoryview(self._buffer)[: stop - start]
+        if f.readinto(raw) != stop - start:
             raise ValueError(f"shard {Path(path).name}: truncated at sample {index}")
         at = _BLOCK + _padded(meta_size) + _BLOCK
         return decode_sample(
-            raw[_BLOCK : _BLOCK + meta_size],
-            payload=memoryview(raw)[at : at + payload_size],
+            bytes(raw[_BLOCK : _BLOCK + meta_size]),
+            payload=raw[at : at + payload_size],
             where=f"shard {self._names[path]} sample {index}",
             decompressor=self._zstd,
         )
@@ -309,7 +312,8 @@ class StreamState:
             self.buffer.append(g)
         if not self.buffer:
             raise ValueError("stream exhausted: no ranges and an empty buffer")
-        i = int(rng.integers(len(self.buffer)))
+        # uniform over the buffer (random() has 53 bits; integers() costs ~3x per call)
+        i = int(rng.random() * len(self.buffer))
         # swap-remove: O(1), and the order stays a function of the rng alone
         self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
         return self.buffer.pop()

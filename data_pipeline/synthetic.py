@@ -27,6 +27,7 @@ from data_pipeline.transforms import Vocab
 
 NUM_SPECIAL = 10
 """Ids 0..9 are special in synthetic data: pad 0, unk 1, bos 2, eos 3, mask 4, the rest tags."""
+SYNTHETIC_EOS = 3
 
 
 def synthetic_vocab(size: int = 512) -> Vocab:
@@ -35,7 +36,7 @@ def synthetic_vocab(size: int = 512) -> Vocab:
     return Vocab(
         size=size,
         pad_id=0,
-        eos_id=3,
+        eos_id=SYNTHETIC_EOS,
         mask_id=4,
         special_ids=tuple(range(NUM_SPECIAL)),
         word_start_V=word_start_V,
@@ -69,6 +70,7 @@ def write_synthetic_shards(
     max_doc_len: int = 60,
     vocab_size: int = 512,
     seed: int = 0,
+    store_eos: bool = True,
 ) -> dict:
     """Write mono (and pair) shards of random ids and their manifest under ``out``.
 
@@ -78,6 +80,8 @@ def write_synthetic_shards(
         pairs: pairs per language pair, e.g. ``{"en-de": 100}``.
         sample_tokens: target tokens per sample; samples_per_shard: samples per shard.
         max_doc_len: documents (and each side of a pair) have 1..max_doc_len tokens.
+        store_eos: mono samples as the sharding job writes them (each document followed by
+            eos); False writes the earlier layout without eos, which readers still take.
 
     Returns:
         ``{"mono": {lang: [doc ids array, ...]}, "pairs": {name: [(src, tgt), ...]}}``: the
@@ -115,19 +119,25 @@ def write_synthetic_shards(
         lengths = [len(d) for d in doc_list]
 
         def make_mono(lo: int, hi: int, doc_list=doc_list, lang=lang) -> tuple:
-            offsets = np.concatenate([[0], np.cumsum([len(d) for d in doc_list[lo:hi]])])
-            tokens = np.concatenate(doc_list[lo:hi])
+            # each document followed by eos, as the sharding job stores them
+            eos = np.array([SYNTHETIC_EOS] if store_eos else [], dtype=dtype)
+            ids = np.concatenate([part for d in doc_list[lo:hi] for part in (d, eos)])
+            lengths = [len(d) + len(eos) for d in doc_list[lo:hi]]
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            num_tokens = sum(len(d) for d in doc_list[lo:hi])
             meta = {
                 "kind": "mono",
                 "lang": lang,
                 "source": f"{lang}.txt",
                 "first_doc": lo,
                 "num_docs": hi - lo,
-                "num_tokens": len(tokens),
+                "num_tokens": num_tokens,
                 "dtype": dtype_name(dtype),
                 "chunk": "0" * 16,
             }
-            return meta, encode_mono_payload(tokens, doc_offsets=offsets), len(tokens)
+            if store_eos:
+                meta["eos"] = SYNTHETIC_EOS
+            return meta, encode_mono_payload(ids, doc_offsets=offsets), num_tokens
 
         groups = _groups(lengths, sample_tokens=sample_tokens)
         n = flush(lang, "mono", groups, make_mono)

@@ -115,31 +115,30 @@ class MaskingConfig:
 
 
 def join_mono(tokens_N: np.ndarray, doc_offsets: np.ndarray, *, eos_id: int) -> tuple:
-    """Join a mono sample's documents, each followed by eos.
+    """Join the documents of a mono sample stored without eos, each followed by eos: the
+    layout the sharding job stores now (``data_pipeline.shard_format``).
 
     Args:
         tokens_N: ``[N]`` ids of the sample's documents back to back.
         doc_offsets: ``[D + 1]`` rising offsets, ``doc_offsets[0] == 0``, last ``== N``.
 
     Returns:
-        ``(ids [N + D], doc_start [N + D] bool)``: ``ids`` keeps the dtype of ``tokens_N`` (the
-        packers widen once, when they copy into a batch); ``doc_start`` is True at each
-        document's first position (at its eos for an empty document).
+        ``(ids [N + D], offsets [D + 1])``: ``ids`` keeps the dtype of ``tokens_N`` (the
+        packers widen once, when they copy into a batch); document ``i`` is
+        ``ids[offsets[i] : offsets[i + 1]]``, its eos last.
     """
     num_docs = len(doc_offsets) - 1
     total = len(tokens_N) + num_docs
-    eos_D = doc_offsets[1:].astype(np.int64) + np.arange(num_docs)
+    offsets = np.zeros(num_docs + 1, dtype=np.int64)
+    offsets[1:] = doc_offsets[1:]
+    offsets[1:] += np.arange(1, num_docs + 1)
+    ends = offsets[1:] - 1
     is_eos = np.zeros(total, dtype=bool)
-    is_eos[eos_D] = True
+    is_eos[ends] = True
     ids = np.empty(total, dtype=np.result_type(tokens_N.dtype, np.min_scalar_type(eos_id)))
     ids[~is_eos] = tokens_N
-    ids[eos_D] = eos_id
-    # a document starts at 0 and right after each eos (the last eos ends the sample)
-    doc_start = np.empty(total, dtype=bool)
-    if total:
-        doc_start[0] = True
-        doc_start[1:] = is_eos[:-1]
-    return ids, doc_start
+    ids[ends] = eos_id
+    return ids, offsets
 
 
 def join_pairs(

@@ -47,6 +47,10 @@ def _check_shard(path: Path, entry: dict, *, vocab_size: int, dtype: str) -> str
                 if ids.size and int(np.max(ids)) >= vocab_size:
                     return f"{where}: token id {int(np.max(ids))} >= vocab size {vocab_size}"
                 tokens += ids.size
+            if "eos" in sample:  # stored after every document, and nowhere else
+                if np.count_nonzero(sample["tokens"] == sample["eos"]) != sample["num_docs"]:
+                    return f"{where}: eos {sample['eos']} inside a document"
+                tokens -= sample["num_docs"]
             samples += 1
             documents += sample["num_docs"]
     except ValueError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -254,10 +255,12 @@ def test_buffer_encoding_matches_sentencepiece_lists(data: dict) -> None:
     texts += [t for pairs in data["pair_texts"].values() for pair in pairs for t in pair]
     texts += ["</s> <s> <pad> literal control pieces", "x", "\u00a0\u3000 odd spaces"]
     assert shard._buffers_usable(sp)
-    for dtype in (np.dtype("<u2"), np.dtype("<u4")):
-        got = shard._encode_via_buffers(sp, texts, dtype)
-        want = shard._encode_via_lists(sp, texts, dtype)
+    for dtype, eos in itertools.product((np.dtype("<u2"), np.dtype("<u4")), (False, True)):
+        got = shard._encode_via_buffers(sp, texts, dtype, eos=eos)
+        want = shard._encode_via_lists(sp, texts, dtype, eos=eos)
         assert got is not None
+        # with eos: each text's ids end with it, and the literal "</s>" text is not it
+        assert np.count_nonzero(got[0] == sp.eos_id()) == (len(texts) if eos else 0)
         assert got[0].dtype == want[0].dtype == dtype
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
@@ -272,7 +275,7 @@ def test_same_bytes_through_sentencepiece_lists(
     assert _files(tmp_path / "lists") == _files(sharded)
     # and the per-batch fallback, taken if the eos count ever disagrees
     monkeypatch.setattr(shard, "_buffers_usable", lambda sp: True)
-    monkeypatch.setattr(shard, "_encode_via_buffers", lambda sp, texts, dtype: None)
+    monkeypatch.setattr(shard, "_encode_via_buffers", lambda sp, texts, dtype, eos: None)
     _shard(data, tmp_path / "fallback")
     assert _files(tmp_path / "fallback") == _files(sharded)
 
@@ -388,6 +391,33 @@ def test_decode_sample_rejects_inconsistent_payloads() -> None:
         decode_sample(meta, payload=zstd.compress(bad_offsets), where="s")
     with pytest.raises(ValueError, match=r"^s: payload does not decompress"):
         decode_sample(meta, payload=b"junk", where="s")
+
+
+def test_mono_samples_store_eos_after_every_document(sharded: Path) -> None:
+    zstd = zstandard.ZstdCompressor(write_checksum=True)
+    meta = {"kind": "mono", "dtype": "uint16", "num_docs": 2, "num_tokens": 3, "eos": 3}
+
+    def payload(ids: list[int], offsets: list[int]) -> bytes:
+        raw = encode_mono_payload(np.array(ids, np.uint16), doc_offsets=np.array(offsets))
+        return zstd.compress(raw)
+
+    sample = decode_sample(meta, payload=payload([7, 8, 3, 9, 3], [0, 3, 5]))
+    assert sample["eos"] == 3 and sample["tokens"].tolist() == [7, 8, 3, 9, 3]
+    assert [d.tolist() for d in iter_documents_of_sample(sample)] == [[7, 8], [9]]
+    with pytest.raises(ValueError, match=r"^s: a document does not end with eos 3$"):
+        decode_sample(meta, payload=payload([7, 8, 9, 3, 3], [0, 3, 5]), where="s")
+    with pytest.raises(ValueError, match=r"^s: document offsets must rise from 0 to 5$"):
+        decode_sample(meta, payload=payload([7, 8, 3, 9, 3], [0, 0, 5]), where="s")
+    # T + D ids: the metadata's 3 tokens and 2 eos
+    with pytest.raises(ValueError, match=r"^s: payload is 18 bytes, metadata implies 22$"):
+        decode_sample(meta, payload=payload([7, 8, 3], [0, 3, 3]), where="s")
+    # the job's samples: every document ends with the tokenizer's eos, and eos is nowhere else
+    for shard_path in sorted(sharded.glob("mono_*.tar")):
+        for s in iter_shard_samples(shard_path):
+            ends = s["doc_offsets"][1:] - 1
+            assert s["eos"] == 3 and (s["tokens"][ends] == 3).all()
+            assert np.count_nonzero(s["tokens"] == 3) == s["num_docs"]
+            assert len(s["tokens"]) <= SETTINGS.sample_tokens or s["num_docs"] == 1
 
 
 def test_cli_errors_are_one_line_with_exit_2(

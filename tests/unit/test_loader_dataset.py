@@ -35,16 +35,16 @@ def test_clm_rows_are_the_pass_order_stream_with_no_token_lost(corpus) -> None:
     ds = _ds(root, language_weights={"ja": 1.0}, shuffle_buffer=1, seq_len=50, batch_size=3)
     src = ds.sources["ja"]
     shard_of, sample_of = src.order(0, seed=7)
-    # expected stream: samples in pass order, documents joined with eos
+    # expected stream: the documents as generated, samples in pass order, each doc + eos
     from data_pipeline.streams import ShardReader
 
     reader = ShardReader()
     expected = []
     for shard, index in zip(shard_of, sample_of):
         sample = reader.read(src.paths[shard], int(index))
-        offsets = sample["doc_offsets"]
-        for d in range(len(offsets) - 1):
-            expected += sample["tokens"][offsets[d] : offsets[d + 1]].tolist() + [3]
+        first = sample["first_doc"]
+        for doc in written["mono"]["ja"][first : first + sample["num_docs"]]:
+            expected += doc.tolist() + [3]
     it = iter(ds)
     got = []
     while len(got) < len(expected):
@@ -244,3 +244,27 @@ def test_one_sample_sources_skip_the_generator_with_the_same_order() -> None:
         rng = np.random.default_rng([pass_index, 0, pass_index])
         assert shard_of.tolist() == rng.permutation(1).tolist() == [0]
         assert sample_of.tolist() == rng.permutation(1).tolist() == [0]
+
+
+def test_samples_stored_without_eos_give_the_same_batches(tmp_path: Path) -> None:
+    # shards written before the job stored eos are joined on read: the same stream, the same
+    # batches (positions reset and min carry too, which read the document starts)
+    for store_eos in (True, False):
+        write_synthetic_shards(
+            tmp_path / str(store_eos),
+            docs={"en": 300, "de": 120},
+            sample_tokens=200,
+            store_eos=store_eos,
+        )
+    for kw in ({}, {"reset_position_ids": True, "min_carry_tokens": 5}, {"objective": "mlm"}):
+        runs = []
+        for store_eos in (True, False):
+            ds = _ds(tmp_path / str(store_eos), seq_len=64, batch_size=4, **kw)
+            it = iter(ds)
+            runs.append(([next(it) for _ in range(30)], ds.counters))
+        (new, new_counters), (old, old_counters) = runs
+        for a, b in zip(new, old):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+        assert new_counters == old_counters

@@ -20,9 +20,9 @@ VOCAB = synthetic_vocab(512)
 
 def test_join_mono_puts_eos_after_every_document() -> None:
     tokens = np.array([11, 12, 13, 21, 31, 32], dtype=np.uint16)
-    ids, start = join_mono(tokens, np.array([0, 3, 4, 4, 6]), eos_id=3)
+    ids, offsets = join_mono(tokens, np.array([0, 3, 4, 4, 6]), eos_id=3)
     assert ids.tolist() == [11, 12, 13, 3, 21, 3, 3, 31, 32, 3]
-    assert np.flatnonzero(start).tolist() == [0, 4, 6, 7]  # the empty document starts at its eos
+    assert offsets.tolist() == [0, 4, 6, 7, 10]  # the empty document is its eos alone
     assert ids.dtype == np.uint16  # widened only when copied into a batch
 
 
