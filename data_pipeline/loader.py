@@ -789,7 +789,8 @@ class _SlotRunner:
             position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
         else:  # continuous positions: only the document numbering is needed
             start_BT[:, 0] = False  # the row's first document is number 0 whatever starts there
-            doc_ids_BT = np.cumsum(start_BT, axis=1, dtype=ID_DTYPE)
+            doc_ids_BT = start_BT.astype(ID_DTYPE)  # then summed in place: ~30% less than
+            np.add.accumulate(doc_ids_BT, axis=1, out=doc_ids_BT)  # np.cumsum's casting pass
             position_BT = self.arange_BT.copy() if num_tlm else None  # None: the shared one
         if row_lang:
             # a mono row's documents: one per start after t = 0 (its last doc id), corrected

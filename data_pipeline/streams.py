@@ -4,6 +4,9 @@ A *source* is one language (mono shards) or one language pair (pair shards). Its
 (every sample of every shard of the source, from the manifest) are visited in *passes*; pass
 ``p`` visits them in an order drawn from ``(seed, source, p)`` alone: the shards permuted, then
 the samples of each shard permuted (a slot reads one shard at a time, the page cache is shared).
+Passes come in chunks of ``max(1, ORDER_CHUNK_SAMPLES // n)``: one generator, seeded with
+``(seed, source, p // chunk)``, draws the chunk's passes in turn (a small source would otherwise
+seed a generator every few samples).
 Concatenating the passes gives an endless sequence of *positions* ``g = 0, 1, 2, ...``: position
 ``g`` is sample ``order_p[g % n]`` of pass ``p = g // n``.
 
@@ -194,6 +197,9 @@ class ShardReader:
 # --- pass orders -----------------------------------------------------------------------------
 
 
+ORDER_CHUNK_SAMPLES = 4096
+"""Passes of a source are drawn in chunks of about this many samples (see the module docstring)."""
+
 _ONE_SAMPLE_ORDER = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
 """The order of every pass of a one-sample source (what the permutations of one element give)."""
 
@@ -221,6 +227,7 @@ class Source:
     samples_per_shard: list[int]
     tokens: int
     _orders: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _chunks: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -232,19 +239,30 @@ class Source:
         hit = self._orders.get(pass_index)
         if hit is not None:
             return hit
-        if self.num_samples == 1:  # every pass visits the one sample: no generator to seed
+        n = self.num_samples
+        if n == 1:  # every pass visits the one sample: no generator to seed
             return _ONE_SAMPLE_ORDER
-        rng = np.random.default_rng([seed, source_seed(self.name), pass_index])
-        shards = rng.permutation(len(self.paths))
-        counts = [self.samples_per_shard[shard] for shard in shards]
-        samples = [rng.permutation(count) for count in counts]
-        hit = (
-            np.repeat(shards.astype(np.int64), counts),
-            samples[0] if len(samples) == 1 else np.concatenate(samples),
-        )
-        self._orders[pass_index] = hit
-        if len(self._orders) > 8:
-            self._orders.popitem(last=False)
+        chunk = max(1, ORDER_CHUNK_SAMPLES // n)
+        key = pass_index // chunk
+        state = self._chunks.get(key)
+        if state is None or state[1] > pass_index:  # (re)start the chunk at its first pass
+            state = (np.random.default_rng([seed, source_seed(self.name), key]), key * chunk)
+        rng, p = state
+        while p <= pass_index:
+            shards = rng.permutation(len(self.paths))
+            counts = [self.samples_per_shard[shard] for shard in shards]
+            samples = [rng.permutation(count) for count in counts]
+            hit = (
+                np.repeat(shards.astype(np.int64), counts),
+                samples[0] if len(samples) == 1 else np.concatenate(samples),
+            )
+            self._orders[p] = hit
+            if len(self._orders) > max(8, 2 * chunk):  # at most ~2 chunks of small passes
+                self._orders.popitem(last=False)
+            p += 1
+        self._chunks[key] = (rng, p)
+        if len(self._chunks) > 2:
+            self._chunks.popitem(last=False)
         return hit
 
     def locate(self, position: int, *, seed: int) -> tuple[int, int]:
