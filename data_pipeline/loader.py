@@ -646,10 +646,11 @@ class _SlotRunner:
             if row_start and cursor and self.min_carry and ids[cursor - 1] != eos:
                 cursor = self._drop_short_remainder(j, cursor)
             row_start = False
-            if cursor and ids[cursor - 1] != eos:  # continues a document
-                docs -= 1 if filled else 0
-            elif not filled:
-                docs += 1
+            mid_document = cursor and ids[cursor - 1] != eos
+            if not filled and not mid_document:
+                docs += 1  # a document starts at the row's first position
+            elif filled and mid_document:
+                docs -= 1  # after the previous sample's final eos, yet no document start
             end = cursor + T - filled
             if end < size:
                 ids_T[filled:] = ids[cursor:end]
