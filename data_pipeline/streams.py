@@ -157,8 +157,9 @@ class ShardReader:
         """Samples in the shard (reads its headers once)."""
         return len(self._members(path))
 
-    def read(self, path: str, index: int) -> dict:
-        """Decode sample ``index`` of the shard at ``path`` (see ``shard_format.decode_sample``).
+    def read(self, path: str, index: int, *, check: bool | str = True) -> dict:
+        """Decode sample ``index`` of the shard at ``path`` (see ``shard_format.decode_sample``,
+        which takes ``check``).
 
         Raises:
             OSError: the file cannot be read.
@@ -185,6 +186,7 @@ class ShardReader:
             bytes(raw[_BLOCK : _BLOCK + meta_size]),
             payload=raw[at : at + payload_size],
             where=f"shard {self._names[path]} sample {index}",
+            check=check,
             decompressor=self._zstd,
         )
 

@@ -408,6 +408,11 @@ def test_mono_samples_store_eos_after_every_document(sharded: Path) -> None:
         decode_sample(meta, payload=payload([7, 8, 9, 3, 3], [0, 3, 5]), where="s")
     with pytest.raises(ValueError, match=r"^s: document offsets must rise from 0 to 5$"):
         decode_sample(meta, payload=payload([7, 8, 3, 9, 3], [0, 0, 5]), where="s")
+    # "stream": what a reader cutting the ids at eos needs, the offsets left unread
+    bad_offsets = payload([7, 8, 3, 9, 3], [0, 0, 5])
+    assert decode_sample(meta, payload=bad_offsets, check="stream")["tokens"][-1] == 3
+    with pytest.raises(ValueError, match=r"^s: a document does not end with eos 3$"):
+        decode_sample(meta, payload=payload([7, 8, 3, 9, 4], [0, 3, 5]), where="s", check="stream")
     # T + D ids: the metadata's 3 tokens and 2 eos
     with pytest.raises(ValueError, match=r"^s: payload is 18 bytes, metadata implies 22$"):
         decode_sample(meta, payload=payload([7, 8, 3], [0, 3, 3]), where="s")
