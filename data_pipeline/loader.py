@@ -487,10 +487,9 @@ class _SlotRunner:
         self.special_V = ds.vocab.special_mask_V()
         self.normal_ids = np.flatnonzero(~self.special_V)
         self.min_carry, self.track_docs = ds.min_carry_tokens, ds.track_docs
-        self.plain_rows = not (self.min_carry or self.track_docs)  # _mono_row's fast path
         # rows are cut at eos ids; the document offsets are read only for min carry and the
         # document log (and to join samples stored without eos), and checked only then
-        self.check = "stream" if self.plain_rows else True
+        self.check = True if self.min_carry or self.track_docs else "stream"
         self.eos = ds.vocab.eos_id
         self.pair_lang_index = {
             name: (ds.lang_index[src], ds.lang_index[tgt])
@@ -548,7 +547,7 @@ class _SlotRunner:
         if path in self.bad_shards:
             self.counters["bad_samples"] += 1
             return None
-        eos = self.ds.vocab.eos_id
+        eos = self.eos
         try:
             sample = self.reader.read(path, index, check=self.check)
             if sample.get("eos", eos) != eos:
@@ -626,15 +625,6 @@ class _SlotRunner:
         partials = self.streams[name].partials
         T = len(ids_T)
         eos = self.eos
-        hit = self.joined.get(name)
-        if self.plain_rows and partials and hit is not None and hit[0] == partials[0][0]:
-            partial = partials[0]
-            cursor = partial[1]
-            ids = hit[1]["ids"]
-            if cursor + T < len(ids):  # the common case: the row within the current sample
-                ids_T[:] = ids[cursor : cursor + T]
-                partial[1] = cursor + T
-                return 1 if not cursor or ids[cursor - 1] == eos else 0
         filled, row_start, docs = 0, True, 0
         while filled < T:
             hit = self.joined.get(name)
@@ -787,7 +777,7 @@ class _SlotRunner:
         if row_lang:
             # a document starts after each eos (column 0 is set below; docs_R counts it);
             # compared whole and then shifted: a ufunc over strided views is ~10x slower
-            start_BT[num_tlm:, 1:] = np.equal(ids_BT[num_tlm:], ds.vocab.eos_id)[:, :-1]
+            start_BT[num_tlm:, 1:] = np.equal(ids_BT[num_tlm:], self.eos)[:, :-1]
 
         if ds.reset_position_ids:
             position_BT, doc_ids_BT = boundaries_from_starts(start_BT)
