@@ -195,8 +195,8 @@ class ParallelExpertsMixin:
 
 class TokenSplitMoEMixin:
     """``ep_over_tp``: the MoE layer on this tp rank's sequence chunk (module docstring). Mixed
-    into the MoE layer's class (``pretrain.models.moe.MoE``: ``forward``, ``_aux_losses``,
-    ``num_experts``) by ``apply_experts_parallel``."""
+    into the MoE layer's class (``pretrain.models.moe.MoE``: ``forward``, ``_routing_totals``) by
+    ``apply_experts_parallel``."""
 
     tp_mesh: DeviceMesh
     sequence_parallel: bool
@@ -210,21 +210,19 @@ class TokenSplitMoEMixin:
             y_BTD = _redistribute(y_BTD, self.tp_mesh, Shard(1), Replicate())
         return y_BTD
 
-    def _aux_losses(self, routing, *, counts_E: torch.Tensor):
-        """The layer's aux and z losses over every tp rank's tokens (equal chunks): the same
-        formulas as ``MoE._aux_losses`` on summed statistics. The sums pass their gradient
-        through unchanged, so each rank backpropagates its own tokens' share once."""
+    def _routing_totals(self, counts_E, probs_E, z_sum, num_tokens: int):
+        """The routing statistics over every tp rank's tokens (equal chunks), so that the aux
+        and z losses equal the unsplit layer's. The float sums pass their gradient through
+        unchanged: each rank backpropagates its own tokens' share once."""
         group = self.tp_mesh.get_group()
-        tp = self.tp_mesh.size()
         counts_E = counts_E.clone()
         dist.all_reduce(counts_E, group=group)
-        num_tokens = routing.probs_NE.shape[0] * tp
-        f_E = counts_E.float() / counts_E.sum().clamp(min=1).float()
-        p_E = _ReduceFromGroup.apply(routing.probs_NE.sum(dim=0), group) / num_tokens
-        aux_loss = self.num_experts * (f_E * p_E).sum()
-        z_sum = torch.logsumexp(routing.logits_NE, dim=-1).pow(2).sum()
-        z_loss = _ReduceFromGroup.apply(z_sum, group) / num_tokens
-        return aux_loss, z_loss
+        return (
+            counts_E,
+            _ReduceFromGroup.apply(probs_E, group),
+            _ReduceFromGroup.apply(z_sum, group),
+            num_tokens * self.tp_mesh.size(),
+        )
 
 
 class TpSummedGateMixin:

@@ -290,11 +290,24 @@ class MoE(nn.Module):
     def _aux_losses(
         self, routing: Routing, *, counts_E: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        counts_E, probs_E, z_sum, num_tokens = self._routing_totals(
+            counts_E,
+            routing.probs_NE.sum(dim=0),
+            torch.logsumexp(routing.logits_NE, dim=-1).pow(2).sum(),
+            routing.probs_NE.shape[0],
+        )
         f_E = counts_E.float() / counts_E.sum().clamp(min=1).float()
-        p_E = routing.probs_NE.mean(dim=0)
+        p_E = probs_E / num_tokens
         aux_loss = self.num_experts * (f_E * p_E).sum()
-        z_loss = torch.logsumexp(routing.logits_NE, dim=-1).pow(2).mean()
-        return aux_loss, z_loss
+        return aux_loss, z_sum / num_tokens
+
+    def _routing_totals(
+        self, counts_E: torch.Tensor, probs_E: torch.Tensor, z_sum: torch.Tensor, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The routing statistics the aux and z losses are taken over (tokens per expert,
+        router probability sums, squared-logsumexp sum, tokens): this layer's own tokens; a
+        layer whose tokens are split over ranks sums them (``parallel.expert_parallel``)."""
+        return counts_E, probs_E, z_sum, num_tokens
 
     def _dropless(
         self,
