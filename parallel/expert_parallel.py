@@ -13,8 +13,9 @@ init is unchanged) whose forward is:
       -> [ep] all-to-all with variable splits: rows for expert e go to the ep rank owning e;
          the received rows are regrouped from (source rank, local expert) to (local expert,
          source rank)
-      -> grouped matmuls with the local expert weights (F-sharded under tp)
-      -> [tp] all-reduce of the partial output (gradient passes unchanged), then ``b2``
+      -> the module's own forward on the local experts (its ``expert_weights`` hook gives the
+         local shards, F-sharded under tp; ``complete_output`` all-reduces the partial output
+         over tp before ``b2``, the gradient passing unchanged)
       -> [ep] the reverse all-to-all, back to the source rows.
 
 Because the expert output is complete before it leaves, everything outside the experts (router,
@@ -49,29 +50,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from parallel.tensor_parallel import matching_modules
-
-
-def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """Rows ``offs[e-1]:offs[e]`` of ``x_MD`` times ``w_EDF[e]`` (int32 end offsets)."""
-    align = 16 // x_MD.element_size()
-    if (
-        hasattr(torch, "_grouped_mm")
-        and x_MD.shape[0] > 0
-        and x_MD.shape[-1] % align == 0
-        and w_EDF.shape[-1] % align == 0
-    ):
-        return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
-    # Unaligned widths (tp-sharded F) or no rows: a segment loop (reads the sizes on the host).
-    sizes = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
-    parts = [seg @ w_EDF[e] for e, seg in enumerate(torch.split(x_MD, sizes))]
-    return torch.cat(parts) if parts else x_MD.new_zeros(0, w_EDF.shape[-1])
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -128,6 +112,15 @@ class ParallelExpertsMixin:
     """``1 / (data-parallel ranks in an ep group)``: ``1 / ep``, or ``tp / ep`` with
     ``ep_over_tp``."""
 
+    def expert_weights(self) -> tuple[torch.Tensor | None, ...]:
+        """This rank's local shards of ``(w1, w2, w3, b1, b2)``, gradients scaled by
+        ``grad_scale``."""
+        return tuple(self._local(p) for p in (self.w1, self.w2, self.w3, self.b1, self.b2))
+
+    def complete_output(self, y_MD: torch.Tensor) -> torch.Tensor:
+        """Sum the F shards' partial products over tp."""
+        return _ReduceFromGroup.apply(y_MD, self.tp_group) if self.tp > 1 else y_MD
+
     def _local(self, param: torch.Tensor | None) -> torch.Tensor | None:
         if param is None:
             return None
@@ -135,25 +128,6 @@ class ParallelExpertsMixin:
         if self.grad_scale != 1.0:
             local = _ScaleGrad.apply(local, self.grad_scale)
         return local
-
-    def _compute(
-        self, x_MD: torch.Tensor, *, offs_L: torch.Tensor, row_experts_M: torch.Tensor | None
-    ) -> torch.Tensor:
-        w1, w2, w3 = self._local(self.w1), self._local(self.w2), self._local(self.w3)
-        b1, b2 = self._local(self.b1), self._local(self.b2)
-        h_MF = grouped_mm(x_MD, w1.transpose(-2, -1), offs_L)
-        if b1 is not None:
-            h_MF = h_MF + b1[row_experts_M]
-        if w3 is not None:
-            h_MF = F.silu(h_MF) * grouped_mm(x_MD, w3.transpose(-2, -1), offs_L)
-        else:
-            h_MF = F.gelu(h_MF)
-        y_MD = grouped_mm(h_MF, w2.transpose(-2, -1), offs_L)
-        if self.tp > 1:
-            y_MD = _ReduceFromGroup.apply(y_MD, self.tp_group)
-        if b2 is not None:
-            y_MD = y_MD + b2[row_experts_M]
-        return y_MD
 
     def forward(
         self,
@@ -166,7 +140,7 @@ class ParallelExpertsMixin:
         if self.tp > 1:
             x_MD = _CopyToGroup.apply(x_MD, self.tp_group)
         if self.ep == 1:
-            return self._compute(x_MD, offs_L=offs_E, row_experts_M=row_experts_M)
+            return super().forward(x_MD, offs_E=offs_E, row_experts_M=row_experts_M)
 
         num_local = offs_E.numel() // self.ep
         counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1, dtype=torch.int64))
@@ -188,7 +162,7 @@ class ParallelExpertsMixin:
         rows_L = torch.repeat_interleave(
             torch.arange(num_local, device=x_MD.device), local_counts_L
         )
-        y_local = self._compute(x_recv[order], offs_L=offs_L, row_experts_M=rows_L)
+        y_local = super().forward(x_recv[order], offs_E=offs_L, row_experts_M=rows_L)
         y_recv = y_local[torch.argsort(order)]
         return all_to_all_single_autograd(y_recv, in_splits, out_splits, self.ep_group)
 

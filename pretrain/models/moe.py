@@ -148,9 +148,10 @@ class TopKRouter(nn.Module):
 
 
 def _grouped_mm_ok(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    # torch._grouped_mm needs 16-byte aligned strides and one dtype; its CUDA kernel takes bf16
-    # only (CPU: any float dtype). Anything else takes the fallback.
-    if not hasattr(torch, "_grouped_mm") or x_MD.dtype != w_EDF.dtype:
+    # torch._grouped_mm needs 16-byte aligned strides (a tp-sharded F may break them), one dtype
+    # and at least one row (an ep rank may receive none); its CUDA kernel takes bf16 only (CPU:
+    # any float dtype). Anything else takes the fallback.
+    if not hasattr(torch, "_grouped_mm") or x_MD.dtype != w_EDF.dtype or x_MD.shape[0] == 0:
         return False
     if x_MD.device.type == "cuda" and x_MD.dtype != torch.bfloat16:
         return False
@@ -210,16 +211,27 @@ class GroupedExperts(nn.Module):
             offs_E: int32 end offsets, ``offs_E[-1] == M``.
             row_experts_M: expert of each row; needed only with biases.
         """
-        h_MF = grouped_mm(x_MD, self.w1.transpose(-2, -1), offs_E=offs_E)
-        if self.b1 is not None:
-            h_MF = h_MF + self.b1[row_experts_M]
-        if self.w3 is not None:
-            h_MF = F.silu(h_MF) * grouped_mm(x_MD, self.w3.transpose(-2, -1), offs_E=offs_E)
+        w1, w2, w3, b1, b2 = self.expert_weights()
+        h_MF = grouped_mm(x_MD, w1.transpose(-2, -1), offs_E=offs_E)
+        if b1 is not None:
+            h_MF = h_MF + b1[row_experts_M]
+        if w3 is not None:
+            h_MF = F.silu(h_MF) * grouped_mm(x_MD, w3.transpose(-2, -1), offs_E=offs_E)
         else:
             h_MF = F.gelu(h_MF)
-        y_MD = grouped_mm(h_MF, self.w2.transpose(-2, -1), offs_E=offs_E)
-        if self.b2 is not None:
-            y_MD = y_MD + self.b2[row_experts_M]
+        y_MD = self.complete_output(grouped_mm(h_MF, w2.transpose(-2, -1), offs_E=offs_E))
+        if b2 is not None:
+            y_MD = y_MD + b2[row_experts_M]
+        return y_MD
+
+    def expert_weights(self) -> tuple[torch.Tensor | None, ...]:
+        """``(w1, w2, w3, b1, b2)`` as the forward uses them (expert parallel: this rank's
+        local experts)."""
+        return self.w1, self.w2, self.w3, self.b1, self.b2
+
+    def complete_output(self, y_MD: torch.Tensor) -> torch.Tensor:
+        """The down projection's output before ``b2``: complete here (tensor parallel inside the
+        experts sums the partial products of the F shards)."""
         return y_MD
 
 
