@@ -352,7 +352,9 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, dim = x_ND.shape
         capacity = expert_capacity(self.cfg, num_tokens=num_tokens)
-        onehot_AE = F.one_hot(experts_A, self.num_experts) * valid_A[:, None]
+        # A comparison, not F.one_hot: off CUDA that reads the ids' min and max on the host.
+        experts_E = torch.arange(self.num_experts, device=x_ND.device)
+        onehot_AE = ((experts_A[:, None] == experts_E) & valid_A[:, None]).long()
         # Position of each assignment in its expert's queue, in slot-major (priority) order.
         position_A = (onehot_AE.cumsum(dim=0) - 1).gather(1, experts_A[:, None]).squeeze(1)
         kept_A = valid_A & (position_A < capacity)
