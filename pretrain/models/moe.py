@@ -149,11 +149,14 @@ class TopKRouter(nn.Module):
 
 def _grouped_mm_ok(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     # torch._grouped_mm needs 16-byte aligned strides (a tp-sharded F may break them), one dtype
-    # and at least one row (an ep rank may receive none); its CUDA kernel takes bf16 only (CPU:
-    # any float dtype). Anything else takes the fallback.
+    # and at least one row (an ep rank may receive none). Its CUDA kernel, and its meta kernel
+    # (what torch.compile traces with, on any device), take bf16 only; eager CPU takes any float
+    # dtype. Anything else takes the fallback.
     if not hasattr(torch, "_grouped_mm") or x_MD.dtype != w_EDF.dtype or x_MD.shape[0] == 0:
         return False
-    if x_MD.device.type == "cuda" and x_MD.dtype != torch.bfloat16:
+    if x_MD.dtype != torch.bfloat16 and (
+        x_MD.device.type == "cuda" or torch.compiler.is_compiling()
+    ):
         return False
     align = 16 // x_MD.element_size()
     return x_MD.shape[-1] % align == 0 and w_EDF.shape[-1] % align == 0
@@ -162,14 +165,22 @@ def _grouped_mm_ok(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, *, offs_E: torch.Tensor) -> torch.Tensor:
     """Rows ``offs[e-1]:offs[e]`` of ``x_MD`` times ``w_EDF[e]``, all groups in one product.
 
+    Under autocast both operands are cast to its dtype first, as autocast does for ``mm``
+    (``torch._grouped_mm`` is not on autocast's lists: fp32 weights would otherwise keep the
+    product in fp32, off the bf16 kernel).
+
     Args:
         x_MD: rows grouped by expert, ``offs_E[-1] == M``.
         w_EDF: per-expert weights (any strides).
         offs_E: int32 end offsets (cumulative group sizes).
 
     Returns:
-        ``y_MF``.
+        ``y_MF`` (the autocast dtype under autocast).
     """
+    device = x_MD.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x_MD, w_EDF = x_MD.to(dtype), w_EDF.to(dtype)
     if _grouped_mm_ok(x_MD, w_EDF):
         return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
     # Fallback: one segment per expert (a host sync to read the sizes); not the main path.

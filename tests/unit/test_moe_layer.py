@@ -281,6 +281,42 @@ def test_eval_mode_has_no_jitter() -> None:
     assert torch.equal(a, moe(x_BTD))
 
 
+@pytest.mark.parametrize("dropless", [True, False], ids=["dropless", "capacity"])
+def test_experts_follow_autocast_into_one_bf16_grouped_product(dropless: bool) -> None:
+    # The trainer's bf16 is autocast over fp32 weights. torch._grouped_mm is not on autocast's
+    # lists, so without the cast the expert products would stay fp32: on CUDA that is the
+    # per-expert fallback with a host sync. Every grouped product must see bf16 operands, and
+    # the layer must not read anything on the host (pretrain.host_sync).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.host_sync import HostSyncRecorder
+
+    class GroupedDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._grouped_mm.default:
+                self.seen.append((args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    moe_cfg = dataclasses.replace(BASE.moe, dropless=dropless, capacity_factor=1.0)
+    moe = _moe(dataclasses.replace(BASE, moe=moe_cfg))
+    x_BTD = _x()
+    with HostSyncRecorder() as syncs, GroupedDtypes() as grouped:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_BTD = moe(x_BTD)
+        _dense_grad_loss(y_BTD.float()).backward()
+    assert syncs.calls == []
+    assert len(grouped.seen) >= 3 * 2  # w1, w3, w2 forward; their gradients backward
+    assert set(grouped.seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert moe.experts.w1.grad is not None and moe.experts.w1.grad.dtype == torch.float32
+    if dropless:
+        ref_BTD = _reference(moe, x_BTD.detach())
+        torch.testing.assert_close(y_BTD.float(), ref_BTD, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.gpu
 def test_dropless_forward_has_no_host_sync_on_cuda() -> None:
     moe = _moe().to("cuda", torch.bfloat16)
