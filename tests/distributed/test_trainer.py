@@ -438,6 +438,59 @@ def test_step_makes_no_host_sync_checked_on_cpu(shards, tmp_path: Path):
     assert [call.split(" at ")[0] for call in out["mlm"]["syncs"]] == ["aten.nonzero.default"] * 2
 
 
+def _eager_and_compiled_losses(rank: int, world_size: int, cfgs: dict) -> dict:
+    import torch._dynamo
+
+    from pretrain.trainer import Trainer
+
+    result = {}
+    for label, (eager_cfg, compiled_cfg) in cfgs.items():
+        losses = []
+        for cfg in (eager_cfg, compiled_cfg):
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            trainer = Trainer(cfg, rank=rank, world_size=world_size)
+            batches = iter(trainer.loader)
+            outs = [trainer._step([next(batches)]) for _ in range(3)]
+            for out in outs:
+                trainer._settle(out)
+            losses.append([out["loss"] for out in outs])
+        result[label] = {
+            "eager": losses[0],
+            "compiled": losses[1],
+            "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]),
+            "frames": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        }
+    return result
+
+
+def test_compiled_blocks_train_like_eager(shards, tmp_path: Path):
+    # Issue 11's "compiled blocks" lever on the CPU (inductor): three steps with
+    # parallel.compile=true give the eager losses, and the bf16 MoE block (autocast, one
+    # grouped bf16 product per projection) compiles without a graph break.
+    runs = {
+        "dense fp32": ("tiny_decoder.yaml", ["train.precision=fp32"]),
+        "moe dropless bf16": (
+            "tiny_moe.yaml",
+            ["train.precision=bf16", "model.moe.dropless=true", "optim.fused=true"],
+        ),
+    }
+    cfgs = {
+        label: tuple(
+            _cfg(preset, shards, tmp_path / f"{i}{j}", *extra, f"parallel.compile={flag}")
+            for j, flag in enumerate(("false", "true"))
+        )
+        for i, (label, (preset, extra)) in enumerate(runs.items())
+    }
+    out = run_distributed(_eager_and_compiled_losses, world_size=1, args=(cfgs,))[0]
+    assert out["dense fp32"]["compiled"] == pytest.approx(out["dense fp32"]["eager"], rel=1e-4)
+    moe = out["moe dropless bf16"]
+    assert moe["compiled"] == pytest.approx(moe["eager"], rel=2e-2)
+    assert moe["graph_breaks"] == {}
+    assert moe["frames"] >= 1
+    assert all(math.isfinite(loss) for loss in moe["compiled"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["tiny_decoder.yaml", "tiny_moe.yaml"])
 def test_cuda_step_makes_no_host_sync(shards, tmp_path: Path, preset: str):
