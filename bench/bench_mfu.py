@@ -17,8 +17,15 @@ ratios ours / transformers and our MoE / our dense.
 so the loader does not blur it) and prints each variant's tokens/s against the full path:
 ``no-compile`` (eager blocks), ``unfused-adamw`` (foreach AdamW, which also brings back the
 host syncs of the NaN guard), ``unchunked-loss`` (one chunk: whole-batch logits),
-``math-attention`` (SDPA's math kernel instead of flash/cuDNN), ``loader-in-main`` (the real
-loader with ``data.num_workers=0``; real batches).
+``sdpa-document-mask`` (the document mask as a dense SDPA mask instead of FlexAttention's block
+mask), ``math-attention`` (that, on SDPA's math kernel), ``no-grouped-gemm`` (MoE only: one
+product per expert, which reads the group sizes on the host), ``loader-in-main`` (the real
+loader with ``data.num_workers=0``; real batches). ``no-document-masking`` is not a lever but
+the like-for-like row: attention over the whole row with SDPA's causal (flash) kernel, what the
+transformers twin computes.
+
+Each path also reports its host syncs per step: on CUDA the synchronizing calls
+``torch.cuda.set_sync_debug_mode("warn")`` reports, on the CPU ``pretrain.host_sync``.
 
 On a GPU: ``python bench/bench_mfu.py --shards demo_out/shards`` (presets decoder_1b and
 moe_8x_top2, seq 2048). On a CPU the default is tiny shapes for a correctness run; its figures
@@ -128,7 +135,9 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
         trainer._step([batch])
     _sync(device)
     synthetic = {"tokens_per_s": tokens / (time.perf_counter() - start)}
+    syncs = count_host_syncs(device, lambda: trainer._step([held[0]]))
     return {
+        "host_syncs_per_step": syncs,
         "real": real,
         "synthetic": synthetic,
         "flops_per_token": trainer.flops_per_token,
@@ -175,6 +184,7 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
 
     for _ in range(warmup):
         one_step()
+    syncs = count_host_syncs(device, one_step)
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
@@ -187,6 +197,7 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
         "peak_memory_gib": _peak_memory_gib(device),
         "loss": float(loss.detach()),
         "class": cls.__name__,
+        "host_syncs_per_step": syncs,
     }
 
 
@@ -194,23 +205,54 @@ LEVERS = {
     "no-compile": ["parallel.compile=false"],
     "unfused-adamw": ["optim.fused=false"],
     "unchunked-loss": ["objective.loss_chunk_tokens=1000000000"],
-    "math-attention": [],
+    "sdpa-document-mask": ["model.attention=sdpa"],
+    "math-attention": ["model.attention=sdpa"],
+    "no-grouped-gemm": [],
+    "no-document-masking": ["model.document_masking=false"],
     "loader-in-main": ["data.num_workers=0"],
 }
 
 
 def bench_lever(cfg, lever: str, *, steps: int, warmup: int) -> float:
     """Our step's tokens/s with ``lever`` taken away (see the module docstring)."""
-    from contextlib import nullcontext
+    from contextlib import ExitStack
+    from unittest import mock
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    context = sdpa_kernel(SDPBackend.MATH) if lever == "math-attention" else nullcontext()
-    with context:
+    with ExitStack() as stack:
+        if lever == "math-attention":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if lever == "no-grouped-gemm":
+            stack.enter_context(
+                mock.patch("pretrain.models.moe._grouped_mm_ok", lambda *args: False)
+            )
         result = bench_rosetta(cfg, steps=steps, warmup=warmup)
     if lever == "loader-in-main":
         return result["real"]["tokens_per_s"]
     return result["synthetic"]["tokens_per_s"]
+
+
+def count_host_syncs(device: torch.device, step) -> int:
+    """Host syncs one call of ``step()`` makes: CUDA's sync debug warnings on a GPU,
+    ``pretrain.host_sync`` on the CPU."""
+    if device.type == "cuda":
+        import warnings
+
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+    from pretrain.host_sync import HostSyncRecorder
+
+    with HostSyncRecorder() as syncs:
+        step()
+    return len(syncs.calls)
 
 
 class _null:
@@ -287,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             "rosetta_mfu": mfu_ours,
             "rosetta_peak_memory_gib": ours["real"]["peak_memory_gib"],
             "data_wait_share": ours["real"]["data_wait_share"],
+            "rosetta_host_syncs_per_step": ours["host_syncs_per_step"],
+            "hf_host_syncs_per_step": hf["host_syncs_per_step"],
             "hf_class": hf["class"],
             "hf_tokens_per_s": hf["tokens_per_s"],
             "hf_mfu": mfu_hf,
@@ -298,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             base = ours["synthetic"]["tokens_per_s"]
             table = {"full (in-memory batches)": {"tokens_per_s": base, "vs_full": 1.0}}
             for lever, extra in LEVERS.items():
+                if lever == "no-grouped-gemm" and name != "moe":
+                    continue
                 variant = _run_config(preset, args.shards, [*common, *overrides, *extra])
                 rate_off = bench_lever(variant, lever, steps=steps, warmup=warmup)
                 table[lever] = {"tokens_per_s": rate_off, "vs_full": rate_off / base}

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from pretrain.models.config import ModelConfig
+from pretrain.models.precision import autocast_operands
 
 
 class RMSNorm(nn.Module):
@@ -106,12 +108,15 @@ class AttentionInputs:
     Attributes:
         rope: ``(cos_BTHd, sin_BTHd)`` or None with learned positions.
         mask_B1TS: boolean mask (True = may attend) or None.
-        is_causal: use SDPA's causal mask (only when ``mask_B1TS`` is None).
+        is_causal: use SDPA's causal mask (only when neither mask is given).
+        block_mask: FlexAttention's block-sparse document mask (``document_block_mask``),
+            used instead of ``mask_B1TS`` when given.
     """
 
     rope: tuple[torch.Tensor, torch.Tensor] | None
     mask_B1TS: torch.Tensor | None
     is_causal: bool
+    block_mask: BlockMask | None = None
 
 
 def document_positions(document_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -146,6 +151,45 @@ def attention_mask(document_ids_BT: torch.Tensor | None, *, causal: bool) -> tor
             mask_BTS & torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BT.device).tril()
         )
     return mask_BTS[:, None]
+
+
+def document_block_mask(document_ids_BT: torch.Tensor, *, causal: bool) -> BlockMask:
+    """:func:`attention_mask` as FlexAttention's block-sparse mask: tiles of 128 x 128 that lie
+    outside every document (or above the diagonal) are skipped, whole tiles inside one run
+    without a mask. Built once per forward and shared by the layers."""
+    batch, seq = document_ids_BT.shape
+
+    def same_document(b, h, q_idx, kv_idx):
+        return document_ids_BT[b, q_idx] == document_ids_BT[b, kv_idx]
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return same_document(b, h, q_idx, kv_idx) & (q_idx >= kv_idx)
+
+    mask_mod = same_document_causal if causal else same_document
+    return create_block_mask(mask_mod, batch, None, seq, seq, device=document_ids_BT.device)
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention(q_BHTHd, k_BKSHd, v_BKSHd, *, block_mask: BlockMask, scale: float):
+    """FlexAttention, compiled (its eager form is an unfused reference); inside an already
+    compiled block it is traced as part of that graph. Operands follow autocast."""
+    global _compiled_flex_attention
+    q_BHTHd, k_BKSHd, v_BKSHd = autocast_operands(q_BHTHd, k_BKSHd, v_BKSHd)
+    fn = flex_attention
+    if not torch.compiler.is_compiling():
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex_attention
+    return fn(
+        q_BHTHd,
+        k_BKSHd,
+        v_BKSHd,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q_BHTHd.shape[1] != k_BKSHd.shape[1],
+    )
 
 
 class Attention(nn.Module):
@@ -195,6 +239,15 @@ class Attention(nn.Module):
         q_BHTHd = q_BTHHd.transpose(1, 2)
         k_BKSHd = k_BSKHd.transpose(1, 2)
         v_BKSHd = v_BSKHd.transpose(1, 2)
+        if inputs.block_mask is not None and kv_source_BSD is None:
+            out_BHTHd = _flex_attention(
+                q_BHTHd,
+                k_BKSHd,
+                v_BKSHd,
+                block_mask=inputs.block_mask,
+                scale=1.0 / math.sqrt(self.head_dim),
+            )
+            return self.wo(out_BHTHd.transpose(1, 2).reshape(batch, seq, -1))
         out_BHTHd = F.scaled_dot_product_attention(
             q_BHTHd,
             k_BKSHd,

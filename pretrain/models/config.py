@@ -15,6 +15,7 @@ POSITIONS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("swiglu", "gelu")
+ATTENTIONS = ("sdpa", "flex", "auto")
 
 
 @dataclass
@@ -100,6 +101,12 @@ class ModelConfig:
     document_masking: bool = True
     """Attention stays inside each packed document (block-causal for the decoder, block-diagonal
     for the encoder; padding isolated), from the loader's per-token document ids."""
+    attention: str = "sdpa"
+    """Kernel for document-masked attention: ``sdpa`` (a dense boolean mask; SDPA then uses its
+    memory-efficient or math kernel, not flash), ``flex`` (FlexAttention with a block-sparse
+    mask: blocks outside every document are skipped; compiled; no dropout; CUDA for training,
+    FlexAttention has no CPU backward), ``auto`` (flex on CUDA without dropout, else sdpa).
+    Without document masking attention is SDPA's causal/full kernel (flash) either way."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
 
@@ -125,6 +132,7 @@ def validate_model(cfg: ModelConfig) -> None:
     _check_choice("model.norm", cfg.norm, NORMS)
     _check_choice("model.norm_position", cfg.norm_position, NORM_POSITIONS)
     _check_choice("model.mlp", cfg.mlp, MLPS)
+    _check_choice("model.attention", cfg.attention, ATTENTIONS)
     for key in (
         "vocab_size",
         "hidden_size",
@@ -139,6 +147,11 @@ def validate_model(cfg: ModelConfig) -> None:
         _check_positive(f"model.{key}", getattr(cfg, key))
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout ({cfg.dropout}) must be in [0, 1)")
+    if cfg.attention == "flex" and cfg.dropout > 0:
+        raise ValueError(
+            f"model.dropout ({cfg.dropout}) must be 0 with model.attention=flex "
+            "(FlexAttention has no attention dropout)"
+        )
     if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
         raise ValueError(
             f"model.pad_token_id ({cfg.pad_token_id}) must be in [0, model.vocab_size "

@@ -42,6 +42,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from pretrain.models.config import ModelConfig
+from pretrain.models.precision import autocast_operands
 
 
 @dataclass
@@ -165,9 +166,8 @@ def _grouped_mm_ok(x_MD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, *, offs_E: torch.Tensor) -> torch.Tensor:
     """Rows ``offs[e-1]:offs[e]`` of ``x_MD`` times ``w_EDF[e]``, all groups in one product.
 
-    Under autocast both operands are cast to its dtype first, as autocast does for ``mm``
-    (``torch._grouped_mm`` is not on autocast's lists: fp32 weights would otherwise keep the
-    product in fp32, off the bf16 kernel).
+    Under autocast both operands are cast to its dtype first (``pretrain.models.precision``:
+    fp32 weights would otherwise keep the product in fp32, off the bf16 kernel).
 
     Args:
         x_MD: rows grouped by expert, ``offs_E[-1] == M``.
@@ -177,10 +177,7 @@ def grouped_mm(x_MD: torch.Tensor, w_EDF: torch.Tensor, *, offs_E: torch.Tensor)
     Returns:
         ``y_MF`` (the autocast dtype under autocast).
     """
-    device = x_MD.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x_MD, w_EDF = x_MD.to(dtype), w_EDF.to(dtype)
+    x_MD, w_EDF = autocast_operands(x_MD, w_EDF)
     if _grouped_mm_ok(x_MD, w_EDF):
         return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
     # Fallback: one segment per expert (a host sync to read the sizes); not the main path.

@@ -27,6 +27,7 @@ from pretrain.models.blocks import (
     RMSNorm,
     attention_mask,
     build_norm,
+    document_block_mask,
     document_positions,
     head_dim_of,
     rope_cos_sin,
@@ -122,6 +123,13 @@ class Transformer(nn.Module):
             return self.tok_embeddings.weight, self.output_bias
         return None, None
 
+    def _flex_attention(self, device: torch.device) -> bool:
+        """Whether document masks go to FlexAttention (``model.attention``)."""
+        mode = self.cfg.attention
+        return mode == "flex" or (
+            mode == "auto" and device.type == "cuda" and self.cfg.dropout == 0.0
+        )
+
     def forward(
         self,
         inputs: torch.Tensor,
@@ -167,10 +175,14 @@ class Transformer(nn.Module):
                 theta=self.cfg.rope_theta,
                 dtype=x_BTD.dtype,
             )
+        mask_B1TS = block_mask = None
+        if document_ids_BT is not None:
+            if self._flex_attention(document_ids_BT.device):
+                block_mask = document_block_mask(document_ids_BT, causal=self.causal)
+            else:
+                mask_B1TS = attention_mask(document_ids_BT, causal=self.causal)
         attn_inputs = AttentionInputs(
-            rope=rope,
-            mask_B1TS=attention_mask(document_ids_BT, causal=self.causal),
-            is_causal=self.causal,
+            rope=rope, mask_B1TS=mask_B1TS, is_causal=self.causal, block_mask=block_mask
         )
         for layer in self.layers.values():
             x_BTD = layer(x_BTD, inputs=attn_inputs)

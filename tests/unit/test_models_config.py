@@ -64,8 +64,19 @@ def _moe(**kwargs) -> ModelConfig:
             dataclasses.replace(OK, pad_token_id=64),
             "model.pad_token_id (64) must be in [0, model.vocab_size (64))",
         ),
+        (
+            dataclasses.replace(OK, attention="flash"),
+            "model.attention ('flash') must be one of sdpa, flex, auto",
+        ),
+        (
+            dataclasses.replace(OK, attention="flex", dropout=0.1),
+            "model.dropout (0.1) must be 0 with model.attention=flex (FlexAttention has no "
+            "attention dropout)",
+        ),
     ],
     ids=[
+        "attention",
+        "flex-dropout",
         "kv-heads",
         "head-dim-divisible",
         "head-dim-even",

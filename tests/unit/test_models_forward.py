@@ -87,11 +87,12 @@ MOE_ENCODER = dataclasses.replace(
 )
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize(
     "cfg", [DECODER, ENCODER, MOE, MOE_ENCODER], ids=["decoder", "encoder", "moe", "moe-encoder"]
 )
-def test_document_masking_equals_separate_documents(cfg: ModelConfig) -> None:
-    model = _model(cfg)
+def test_document_masking_equals_separate_documents(cfg: ModelConfig, attention: str) -> None:
+    model = _model(dataclasses.replace(cfg, attention=attention))
     docs = [_tokens(1, 5, seed=1), _tokens(1, 4, seed=2), _tokens(1, 3, seed=3)]
     packed_BT = torch.cat(docs, dim=1)
     document_ids_BT = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3])
@@ -99,6 +100,60 @@ def test_document_masking_equals_separate_documents(cfg: ModelConfig) -> None:
         packed_BTV = model(packed_BT, document_ids_BT=document_ids_BT)
         separate_BTV = torch.cat([model(doc) for doc in docs], dim=1)
     torch.testing.assert_close(packed_BTV, separate_BTV, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [DECODER, ENCODER], ids=["decoder", "encoder"])
+def test_flex_block_mask_equals_the_dense_document_mask(cfg: ModelConfig) -> None:
+    # Rows of 300 tokens (three 128-token tiles, the last one partial) with documents that
+    # cross tile edges and one spanning whole tiles: FlexAttention (compiled on the CPU,
+    # forward only: it has no CPU backward) gives SDPA-with-the-dense-mask's logits, in fp32
+    # and under bf16 autocast. "auto" keeps SDPA on the CPU.
+    cfg = dataclasses.replace(cfg, max_seq_len=512)
+    gen = torch.Generator().manual_seed(4)
+    tokens_BT = torch.randint(1, V, (2, 300), generator=gen)
+    lengths = [[7, 140, 1, 90, 62], [300]]
+    document_ids_BT = torch.stack(
+        [torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths]
+    )
+    sdpa, flex = _model(cfg), _model(dataclasses.replace(cfg, attention="flex"))
+    assert not _model(dataclasses.replace(cfg, attention="auto"))._flex_attention(
+        torch.device("cpu")
+    )
+    assert flex._flex_attention(torch.device("cpu"))
+    with torch.no_grad():
+        want_BTV = sdpa(tokens_BT, document_ids_BT=document_ids_BT)
+        got_BTV = flex(tokens_BT, document_ids_BT=document_ids_BT)
+        torch.testing.assert_close(got_BTV, want_BTV, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_bf16 = sdpa(tokens_BT, document_ids_BT=document_ids_BT).float()
+            got_bf16 = flex(tokens_BT, document_ids_BT=document_ids_BT).float()
+    torch.testing.assert_close(got_bf16, want_bf16, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got_bf16, want_BTV, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.gpu
+def test_flex_attention_trains_like_the_dense_mask_on_cuda() -> None:
+    # On CUDA FlexAttention also runs backward: logits and every gradient of a bf16-autocast
+    # decoder step match SDPA with the dense document mask.
+    cfg = dataclasses.replace(DECODER, max_seq_len=1024, hidden_size=128, num_heads=4)
+    gen = torch.Generator().manual_seed(5)
+    tokens_BT = torch.randint(1, V, (2, 1024), generator=gen).cuda()
+    lengths = [[100, 400, 3, 300, 221], [1024]]
+    document_ids_BT = torch.stack(
+        [torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths]
+    ).cuda()
+    results = []
+    for attention in ("sdpa", "flex"):
+        model = _model(dataclasses.replace(cfg, attention=attention)).cuda().train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits_BTV = model(tokens_BT, document_ids_BT=document_ids_BT)
+        logits_BTV.float().logsumexp(-1).mean().backward()
+        grads = {name: p.grad.float().cpu() for name, p in model.named_parameters()}
+        results.append((logits_BTV.float().cpu(), grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=0.1, atol=1e-3, msg=name)
 
 
 def test_document_positions_restart_at_each_document() -> None:
