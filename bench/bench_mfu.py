@@ -7,7 +7,7 @@ it trains ``--steps`` timed steps (after ``--warmup`` untimed ones) of forward, 
   fused on CUDA, the run's precision, chunked cross-entropy, MoE aux losses);
 - ``rosetta-synthetic``: the same step on batches held in memory, to measure the data wait;
 - ``hf``: the identical shapes as ``LlamaForCausalLM`` / ``MixtralForCausalLM`` (sdpa attention,
-  ``torch.compile`` with ``--compile-hf``, fused AdamW on CUDA, the same autocast).
+  ``torch.compile`` with ``--compile-hf``, fused AdamW, the same autocast).
 
 It prints tokens/s, MFU = tokens/s * (6 N + 12 L H T) / the matmul rate it measures on this
 device (bf16 on CUDA, fp32 on the CPU), peak memory, the data-wait share of step time, and the
@@ -25,11 +25,13 @@ the like-for-like row: attention over the whole row with SDPA's causal (flash) k
 transformers twin computes.
 
 Each path also reports its host syncs per step: on CUDA the synchronizing calls
-``torch.cuda.set_sync_debug_mode("warn")`` reports, on the CPU ``pretrain.host_sync``.
+``torch.cuda.set_sync_debug_mode("warn")`` reports, on the CPU ``pretrain.host_sync`` (under
+which compiled code runs eagerly: it counts the eager step's).
 
 On a GPU: ``python bench/bench_mfu.py --shards demo_out/shards`` (presets decoder_1b and
-moe_8x_top2, seq 2048). On a CPU the default is tiny shapes for a correctness run; its figures
-are not the issue's goals.
+moe_8x_top2, seq 2048). On a CPU the default is tiny fp32 shapes with the fused AdamW, for a
+correctness run; its figures are not the issue's goals (and a compiled fp32 MoE takes the
+per-expert products: ``torch._grouped_mm`` compiles in bf16 only).
 """
 
 from __future__ import annotations
@@ -162,10 +164,7 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
     cls = getattr(transformers, hf_config.architectures[0])
     model = cls(hf_config).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, fused=device.type == "cuda",
-        foreach=None if device.type == "cuda" else True,
-    )  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=True)
     step_fn = torch.compile(model) if compile_model else model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     gen = torch.Generator().manual_seed(0)
@@ -293,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         models = [("dense", "decoder_1b.yaml", []), ("moe", "moe_8x_top2.yaml", [])]
         common = ["data.batch_size=4", "data.seq_len=2048", "data.num_workers=2"]
     else:
+        # Tiny shapes, fp32 (this CPU has no fast bf16 matmul), the fused (sync-free) AdamW.
         tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
                 "model.num_kv_heads=2", "model.ffn_hidden_size=176", "model.vocab_size=8000",
-                "train.precision=fp32"]  # fmt: skip
+                "train.precision=fp32", "optim.fused=true"]  # fmt: skip
         models = [
             ("dense", "decoder_1b.yaml", tiny),
             ("moe", "moe_8x_top2.yaml", [*tiny, "model.moe.expert_ffn_hidden_size=88"]),

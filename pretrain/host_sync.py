@@ -9,7 +9,8 @@ shape depends on the data (``nonzero``, boolean-mask indexing, ``masked_select``
 records the dispatcher-level ones through a ``TorchDispatchMode`` (it sees the ops autograd runs
 in backward too) and the Python-level reads by wrapping the ``torch.Tensor`` methods for its
 duration. ``torch.cuda.set_sync_debug_mode("error")`` remains the check on a GPU; this one
-runs in every CI.
+runs in every CI. Code compiled with ``torch.compile`` runs eagerly while the recorder is active
+(dynamo steps aside for a dispatch mode): the recorder checks the eager form of a step.
 
 Usage::
 

@@ -113,6 +113,12 @@ class Trainer:
         self.world_size = world_size
         self.run_dir = Path(cfg.train.run_dir)
         self.device = resolve_device(cfg.train.device)
+        if cfg.model.attention == "flex" and self.device.type != "cuda":
+            raise ValueError(
+                f"model.attention (flex) needs a CUDA device to train on (train.device is "
+                f"{cfg.train.device!r}, resolved to {self.device.type}): FlexAttention has no CPU "
+                "backward; use auto or sdpa"
+            )
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)

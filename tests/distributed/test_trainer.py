@@ -438,6 +438,25 @@ def test_step_makes_no_host_sync_checked_on_cpu(shards, tmp_path: Path):
     assert [call.split(" at ")[0] for call in out["mlm"]["syncs"]] == ["aten.nonzero.default"] * 2
 
 
+def _trainer_error(rank: int, world_size: int, cfg) -> str:
+    from pretrain.trainer import Trainer
+
+    try:
+        Trainer(cfg, rank=rank, world_size=world_size)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def test_flex_attention_on_the_cpu_is_refused_in_one_line(shards, tmp_path: Path):
+    cfg = _cfg("tiny_decoder.yaml", shards, tmp_path, "model.attention=flex")
+    message = run_distributed(_trainer_error, world_size=1, args=(cfg,))[0]
+    assert message == (
+        "model.attention (flex) needs a CUDA device to train on (train.device is 'auto', "
+        "resolved to cpu): FlexAttention has no CPU backward; use auto or sdpa"
+    )
+
+
 def _eager_and_compiled_losses(rank: int, world_size: int, cfgs: dict) -> dict:
     import torch._dynamo
 
