@@ -74,6 +74,18 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _release(device: torch.device) -> None:
+    """Free what the previous model left (its graphs, cached blocks, optimizer state) so that
+    each model starts clean and compiled code is not reused across configs (dynamo's
+    recompile limit would otherwise turn later variants eager)."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -103,6 +115,7 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
     """Timed steps through ``pretrain.trainer.Trainer``: real loader, then in-memory batches."""
     from pretrain.trainer import Trainer
 
+    _release(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     trainer = Trainer(cfg, rank=0, world_size=1)
     device = trainer.device
     batches = iter(trainer.loader)
@@ -138,7 +151,7 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
     _sync(device)
     synthetic = {"tokens_per_s": tokens / (time.perf_counter() - start)}
     syncs = count_host_syncs(device, lambda: trainer._step([held[0]]))
-    return {
+    result = {
         "host_syncs_per_step": syncs,
         "real": real,
         "synthetic": synthetic,
@@ -147,6 +160,7 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
         "device": device,
         "precision": trainer.precision,
     }
+    return result  # the next phase's _release frees this one's model
 
 
 def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: str,
@@ -156,6 +170,8 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
 
     from checkpoints_tools.adapters import to_hf
     from pretrain.models import build_model
+
+    _release(device)
 
     with torch.device("meta"):
         ours = build_model(cfg.model)
@@ -191,13 +207,14 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
         loss = one_step()
     _sync(device)
     elapsed = time.perf_counter() - start
-    return {
+    result = {
         "tokens_per_s": steps * inputs.numel() / elapsed,
         "peak_memory_gib": _peak_memory_gib(device),
         "loss": float(loss.detach()),
         "class": cls.__name__,
         "host_syncs_per_step": syncs,
     }
+    return result
 
 
 LEVERS = {
@@ -276,8 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-hf", action="store_true", help="torch.compile the HF model")
     parser.add_argument("--compile", action="store_true", help="parallel.compile=true for ours")
     parser.add_argument(
-        "--levers", action="store_true", help="also measure each lever taken away (ours only)"
-    )
+        "--models", nargs="+", choices=("dense", "moe"), default=["dense", "moe"],
+        help="which models to run (a GPU command has 10 minutes: split the run)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--levers", nargs="*", choices=list(LEVERS), default=None,
+        help="also measure these levers taken away (ours only; no names: all)",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -315,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for name, preset, overrides in models:
+        if name not in args.models:
+            continue
         cfg = _run_config(preset, args.shards, [*common, *overrides])
         ours = bench_rosetta(cfg, steps=steps, warmup=warmup)
         hf = bench_hf(cfg, steps=steps, warmup=warmup, device=ours["device"],
@@ -338,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             "ours_over_hf": ours["real"]["tokens_per_s"] / hf["tokens_per_s"],
             "final_loss": {"rosetta": ours["real"]["loss"], "hf": hf["loss"]},
         }
-        if args.levers:
+        if args.levers is not None:
             base = ours["synthetic"]["tokens_per_s"]
             table = {"full (in-memory batches)": {"tokens_per_s": base, "vs_full": 1.0}}
-            for lever, extra in LEVERS.items():
+            for lever in args.levers or list(LEVERS):
+                extra = LEVERS[lever]
                 if lever == "no-grouped-gemm" and name != "moe":
                     continue
                 variant = _run_config(preset, args.shards, [*common, *overrides, *extra])

@@ -519,3 +519,38 @@ def test_cuda_step_makes_no_host_sync(shards, tmp_path: Path, preset: str):
     out = run_distributed(_steps_without_host_sync, world_size=1, args=(cfg,))[0]
     assert out["sync_free"] is True
     assert all(math.isfinite(loss) for loss in out["losses"])
+
+
+def test_bench_mfu_runs_on_the_cpu_and_reports_consistent_figures(shards, tmp_path: Path):
+    # Issue 11 without a GPU: the benchmark runs end to end on tiny shapes (ours from real
+    # shards, the transformers twins, two levers) and its figures hang together. No speed goal.
+    import subprocess
+    import sys
+
+    out = tmp_path / "mfu.json"
+    command = [
+        sys.executable, str(REPO / "bench" / "bench_mfu.py"), "--shards", str(shards["shards"]),
+        "--steps", "2", "--warmup", "1", "--json", str(out),
+        "--levers", "no-grouped-gemm", "no-document-masking",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["shapes"] == "tiny" and result["matmul_rate_tflops"] > 0
+    dense, moe = result["models"]["dense"], result["models"]["moe"]
+    assert (dense["hf_class"], moe["hf_class"]) == ("LlamaForCausalLM", "MixtralForCausalLM")
+    # Same active parameters (8 experts of half the FFN, top-2), within the router's share.
+    assert moe["params_active"] == pytest.approx(dense["params_active"], rel=0.01)
+    for model in (dense, moe):
+        assert model["ours_over_hf"] == pytest.approx(
+            model["rosetta_tokens_per_s"] / model["hf_tokens_per_s"]
+        )
+        assert model["rosetta_mfu"] / model["hf_mfu"] == pytest.approx(model["ours_over_hf"])
+        assert 0.0 <= model["data_wait_share"] < 1.0
+        assert model["rosetta_host_syncs_per_step"] == 0  # the fused AdamW's sync-free step
+        assert all(math.isfinite(loss) for loss in model["final_loss"].values())
+    assert "no-grouped-gemm" in moe["levers"] and "no-grouped-gemm" not in dense["levers"]
+    assert moe["levers"]["no-document-masking"]["tokens_per_s"] > 0
+    assert result["moe_over_dense"] == pytest.approx(
+        moe["rosetta_tokens_per_s"] / dense["rosetta_tokens_per_s"]
+    )
