@@ -131,6 +131,27 @@ def test_flex_block_mask_equals_the_dense_document_mask(cfg: ModelConfig) -> Non
     torch.testing.assert_close(got_bf16, want_BTV, rtol=0.1, atol=0.1)
 
 
+def test_a_new_document_mask_per_batch_does_not_recompile() -> None:
+    # Every batch brings new document ids, so a new BlockMask (and mask_mod closure): the
+    # compiled blocks must reuse one graph, or dynamo's recompile limit turns them eager.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(dataclasses.replace(DECODER, attention="flex", max_seq_len=256))
+    for block in model.layers.values():
+        block.compile()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _ in range(3):
+            tokens_BT = torch.randint(1, V, (2, 256), generator=gen)
+            starts_BT = torch.rand(2, 256, generator=gen) < 0.03
+            model(tokens_BT, document_ids_BT=starts_BT.long().cumsum(1))
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_flex_attention_trains_like_the_dense_mask_on_cuda() -> None:
     # On CUDA FlexAttention also runs backward: logits and every gradient of a bf16-autocast
