@@ -221,10 +221,19 @@ class Trainer:
             reduction="sum",
         )
 
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the training device. On CUDA the copy goes through pinned memory:
+        a copy from pageable memory first waits for the stream's queued work (a hidden host
+        sync that would stop the host running ahead of the GPU); from pinned memory it is
+        queued like a kernel. The caller's CPU tensor is left as it is."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
     def _shifted_labels(self, batch: dict[str, Any]) -> torch.Tensor:
         # The loader's labels are int32; cross-entropy wants int64 targets: widened on the
         # device, after the copy, so the host moves half the bytes.
-        labels = batch["labels"].to(self.device, non_blocking=True).long()
+        labels = self._on_device(batch["labels"]).long()
         if self.cfg.model.family == "decoder":
             # Position t predicts token t + 1; the last position predicts nothing.
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
@@ -242,7 +251,7 @@ class Trainer:
                 self.pipeline,
                 info=self.pipeline_info,
                 dims=self.dims,
-                inputs=batch["input_ids"].to(self.device, non_blocking=True),
+                inputs=self._on_device(batch["input_ids"]),
                 targets=self._shifted_labels(batch),
                 ignore_index=IGNORE_INDEX,
                 backward=backward,
@@ -263,7 +272,7 @@ class Trainer:
         ``loss_context`` (the caller runs backward inside it too).
         """
         cfg = self.cfg
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        input_ids = self._on_device(batch["input_ids"])
         labels = self._shifted_labels(batch)
         kwargs = {}
         for key, arg in (
@@ -272,7 +281,7 @@ class Trainer:
             ("lang_ids", "lang_ids_BT"),
         ):
             if key in batch and batch[key] is not None:
-                kwargs[arg] = batch[key].to(self.device, non_blocking=True)
+                kwargs[arg] = self._on_device(batch[key])
         if cfg.model.num_languages == 0:
             kwargs.pop("lang_ids_BT", None)
         if not cfg.model.document_masking:
@@ -291,8 +300,8 @@ class Trainer:
         # Sums per (objective, language) from one pass: each target token's language (TLM rows
         # hold two) and its row's objective (a TLM row mixes languages; the rest are
         # monolingual); only positions with a target are projected.
-        lang_ids = batch["lang_ids"].to(self.device)
-        tokens_mask = batch["attention_mask"].to(self.device).bool()
+        lang_ids = self._on_device(batch["lang_ids"])
+        tokens_mask = self._on_device(batch["attention_mask"]).bool()
         is_tlm_B = ((lang_ids != lang_ids[:, :1]) & tokens_mask).any(dim=1)
         if cfg.model.family == "decoder":
             lang_ids = torch.cat([lang_ids[:, 1:], lang_ids[:, -1:]], dim=1)
