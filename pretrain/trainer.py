@@ -274,18 +274,17 @@ class Trainer:
         cfg = self.cfg
         input_ids = self._on_device(batch["input_ids"])
         labels = self._shifted_labels(batch)
-        kwargs = {}
-        for key, arg in (
-            ("position_ids", "position_ids_BT"),
-            ("doc_ids", "document_ids_BT"),
-            ("lang_ids", "lang_ids_BT"),
-        ):
-            if key in batch and batch[key] is not None:
-                kwargs[arg] = self._on_device(batch[key])
-        if cfg.model.num_languages == 0:
-            kwargs.pop("lang_ids_BT", None)
-        if not cfg.model.document_masking:
-            kwargs.pop("document_ids_BT", None)
+        # Only what the model takes goes to the device, each tensor once.
+        wanted = {"position_ids": "position_ids_BT"}
+        if cfg.model.document_masking:
+            wanted["doc_ids"] = "document_ids_BT"
+        if cfg.model.num_languages:
+            wanted["lang_ids"] = "lang_ids_BT"
+        kwargs = {
+            arg: self._on_device(batch[key])
+            for key, arg in wanted.items()
+            if batch.get(key) is not None
+        }
         with self._autocast():
             if self.dims.tp > 1:
                 logits_BTV = self.model(input_ids, **kwargs)
@@ -300,7 +299,9 @@ class Trainer:
         # Sums per (objective, language) from one pass: each target token's language (TLM rows
         # hold two) and its row's objective (a TLM row mixes languages; the rest are
         # monolingual); only positions with a target are projected.
-        lang_ids = self._on_device(batch["lang_ids"])
+        lang_ids = kwargs.get("lang_ids_BT")
+        if lang_ids is None:
+            lang_ids = self._on_device(batch["lang_ids"])
         tokens_mask = self._on_device(batch["attention_mask"]).bool()
         is_tlm_B = ((lang_ids != lang_ids[:, :1]) & tokens_mask).any(dim=1)
         if cfg.model.family == "decoder":
