@@ -239,25 +239,22 @@ class Attention(nn.Module):
         q_BHTHd = q_BTHHd.transpose(1, 2)
         k_BKSHd = k_BSKHd.transpose(1, 2)
         v_BKSHd = v_BSKHd.transpose(1, 2)
+        scale = 1.0 / math.sqrt(self.head_dim)
         if inputs.block_mask is not None and kv_source_BSD is None:
             out_BHTHd = _flex_attention(
+                q_BHTHd, k_BKSHd, v_BKSHd, block_mask=inputs.block_mask, scale=scale
+            )
+        else:
+            out_BHTHd = F.scaled_dot_product_attention(
                 q_BHTHd,
                 k_BKSHd,
                 v_BKSHd,
-                block_mask=inputs.block_mask,
-                scale=1.0 / math.sqrt(self.head_dim),
+                attn_mask=inputs.mask_B1TS,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=inputs.is_causal and inputs.mask_B1TS is None,
+                scale=scale,
+                enable_gqa=q_BHTHd.shape[1] != k_BKSHd.shape[1],
             )
-            return self.wo(out_BHTHd.transpose(1, 2).reshape(batch, seq, -1))
-        out_BHTHd = F.scaled_dot_product_attention(
-            q_BHTHd,
-            k_BKSHd,
-            v_BKSHd,
-            attn_mask=inputs.mask_B1TS,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=inputs.is_causal and inputs.mask_B1TS is None,
-            scale=1.0 / math.sqrt(self.head_dim),
-            enable_gqa=q_BHTHd.shape[1] != k_BKSHd.shape[1],
-        )
         return self.wo(out_BHTHd.transpose(1, 2).reshape(batch, seq, -1))
 
 

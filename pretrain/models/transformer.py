@@ -123,7 +123,7 @@ class Transformer(nn.Module):
             return self.tok_embeddings.weight, self.output_bias
         return None, None
 
-    def _flex_attention(self, device: torch.device) -> bool:
+    def _uses_flex_attention(self, device: torch.device) -> bool:
         """Whether document masks go to FlexAttention (``model.attention``)."""
         mode = self.cfg.attention
         return mode == "flex" or (
@@ -177,7 +177,7 @@ class Transformer(nn.Module):
             )
         mask_B1TS = block_mask = None
         if document_ids_BT is not None:
-            if self._flex_attention(document_ids_BT.device):
+            if self._uses_flex_attention(document_ids_BT.device):
                 block_mask = document_block_mask(document_ids_BT, causal=self.causal)
             else:
                 mask_B1TS = attention_mask(document_ids_BT, causal=self.causal)

@@ -116,10 +116,10 @@ def test_flex_block_mask_equals_the_dense_document_mask(cfg: ModelConfig) -> Non
         [torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths]
     )
     sdpa, flex = _model(cfg), _model(dataclasses.replace(cfg, attention="flex"))
-    assert not _model(dataclasses.replace(cfg, attention="auto"))._flex_attention(
+    assert not _model(dataclasses.replace(cfg, attention="auto"))._uses_flex_attention(
         torch.device("cpu")
     )
-    assert flex._flex_attention(torch.device("cpu"))
+    assert flex._uses_flex_attention(torch.device("cpu"))
     with torch.no_grad():
         want_BTV = sdpa(tokens_BT, document_ids_BT=document_ids_BT)
         got_BTV = flex(tokens_BT, document_ids_BT=document_ids_BT)
