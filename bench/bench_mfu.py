@@ -40,6 +40,7 @@ import argparse
 import json
 import resource
 import time
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -188,7 +189,7 @@ def bench_hf(cfg, *, steps: int, warmup: int, device: torch.device, precision: s
     inputs = torch.randint(0, cfg.model.vocab_size, shape, generator=gen).to(device)
 
     def one_step() -> float:
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else _null()
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
         with ctx:
             loss = step_fn(input_ids=inputs, labels=inputs).loss
         loss.backward()
@@ -231,7 +232,6 @@ LEVERS = {
 
 def bench_lever(cfg, lever: str, *, steps: int, warmup: int) -> float:
     """Our step's tokens/s with ``lever`` taken away (see the module docstring)."""
-    from contextlib import ExitStack
     from unittest import mock
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -269,14 +269,6 @@ def count_host_syncs(device: torch.device, step) -> int:
     with HostSyncRecorder() as syncs:
         step()
     return len(syncs.calls)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
