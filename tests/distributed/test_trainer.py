@@ -3,11 +3,13 @@ and resumes to exactly the loss curve of an uninterrupted run (fp32, CPU), also 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -372,35 +374,32 @@ def test_gradient_accumulation_matches_the_larger_batch(shards, tmp_path: Path):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
 
 
-def _steps_without_host_sync(rank: int, world_size: int, cfg) -> dict:
-    from pretrain.trainer import Trainer
-
-    trainer = Trainer(cfg, rank=rank, world_size=world_size)
-    batches = iter(trainer.loader)
-    trainer._step([next(batches)])  # first step: lazy state, allocator warm-up
-    held = [next(batches) for _ in range(2)]
+@contextlib.contextmanager
+def _cuda_syncs_raise():
+    """CUDA's own check: any synchronizing call raises inside (nothing is left to record)."""
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        outs = [trainer._step([batch]) for batch in held]
+        yield SimpleNamespace(calls=[])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for out in outs:
-        trainer._settle(out)
-    return {"sync_free": trainer.sync_free, "losses": [out["loss"] for out in outs]}
 
 
-def _steps_recording_host_syncs(rank: int, world_size: int, cfgs: dict) -> dict:
+def _watched_steps(rank: int, world_size: int, cfgs: dict, cuda: bool = False) -> dict:
+    """Per config: two steps (after a first one: lazy optimizer state, allocator warm-up) under
+    the host-sync check (``pretrain.host_sync`` on the CPU, CUDA's sync debug mode with
+    ``cuda``), their losses and what the check recorded."""
     from pretrain.host_sync import HostSyncRecorder
     from pretrain.trainer import Trainer
 
+    watch = _cuda_syncs_raise if cuda else HostSyncRecorder
     result = {}
     for label, cfg in cfgs.items():
         trainer = Trainer(cfg, rank=rank, world_size=world_size)
         batches = iter(trainer.loader)
-        trainer._step([next(batches)])  # first step: lazy optimizer state
+        trainer._step([next(batches)])
         held = [next(batches) for _ in range(2)]
-        with HostSyncRecorder() as syncs:
+        with watch() as syncs:
             outs = [trainer._step([batch]) for batch in held]
         for out in outs:
             trainer._settle(out)
@@ -426,7 +425,7 @@ def test_step_makes_no_host_sync_checked_on_cpu(shards, tmp_path: Path):
         "dense unfused": _cfg("tiny_decoder.yaml", shards, tmp_path / "d", "optim.fused=false"),
         "mlm": _cfg("tiny_encoder.yaml", shards, tmp_path / "e", "optim.fused=true"),
     }
-    out = run_distributed(_steps_recording_host_syncs, world_size=1, args=(cfgs,))[0]
+    out = run_distributed(_watched_steps, world_size=1, args=(cfgs,))[0]
     for label in ("dense", "moe capacity", "moe dropless"):
         assert out[label]["sync_free"] is True, label
         assert out[label]["syncs"] == [], (label, out[label]["syncs"])
@@ -516,7 +515,7 @@ def test_cuda_step_makes_no_host_sync(shards, tmp_path: Path, preset: str):
     # Issue 11's lever: the step queues forward, backward, clipping and the fused AdamW without
     # waiting for the GPU (no .item()/.cpu()/nonzero, MoE token counts included).
     cfg = _cfg(preset, shards, tmp_path, "train.device=cuda", "train.precision=bf16")
-    out = run_distributed(_steps_without_host_sync, world_size=1, args=(cfg,))[0]
+    out = run_distributed(_watched_steps, world_size=1, args=({preset: cfg}, True))[0][preset]
     assert out["sync_free"] is True
     assert all(math.isfinite(loss) for loss in out["losses"])
 
