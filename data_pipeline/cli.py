@@ -1,7 +1,8 @@
 """``python -m data_pipeline``: the data engineer's commands, thin wrappers over the API.
 
-Exit codes: 0 done; 2 bad input (one line on stderr, no traceback) or, for ``verify``, a
-faulty shard directory (one line per fault).
+Exit codes: 0 done; 2 bad input (one line on stderr, no traceback: a bad option, a truncated or
+corrupt ``.zst``/``.gz`` file, a TSV without tabs, line-aligned files of different lengths, an
+``--out`` that is a file) or, for ``verify``, a faulty shard directory (one line per fault).
 """
 
 from __future__ import annotations
@@ -52,10 +53,21 @@ def _add_reader_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parallel",
+        action="append",
+        metavar="SRC-TGT=PATH.tsv",
+        help="parallel text: TSV (source<TAB>target), SRC-TGT=SRC_FILE,TGT_FILE (line-aligned), "
+        "or a TSV PATH with {src} and {tgt}; repeatable",
+    )
+
+
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     meta = train_tokenizer(
-        parse_mono_specs(args.input),
+        parse_mono_specs(args.input or []),
+        pairs=parse_pair_specs(args.parallel or []),
         vocab_size=args.vocab_size,
         out=args.out,
         alpha=args.alpha,
@@ -159,15 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         "train-tokenizer",
         help="train a sentencepiece tokenizer on an alpha-smoothed language sample",
         description="Train a sentencepiece tokenizer (byte fallback, identity normalisation) with "
-        "Rosetta's special tokens on an alpha-smoothed sample of the input languages.",
+        "Rosetta's special tokens on an alpha-smoothed sample of the input languages. Both sides "
+        "of --parallel pairs count as text of their languages, so a language seen only in pairs "
+        "is a language of the tokenizer.",
     )
     p.add_argument(
         "--input",
         action="append",
-        required=True,
         metavar="LANG=PATH",
         help="a language's text: file or glob (.gz/.zst ok); or a PATH with {lang}; repeatable",
     )
+    _add_parallel_arg(p)
     p.add_argument("--vocab-size", type=int, required=True, help="pieces in the vocabulary")
     p.add_argument("--out", required=True, help="tokenizer directory to write")
     p.add_argument("--alpha", type=float, default=0.3, help="language smoothing (default: 0.3)")
@@ -203,13 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LANG=PATH",
         help="a language's text: file or glob (.gz/.zst ok); or a PATH with {lang}; repeatable",
     )
-    p.add_argument(
-        "--parallel",
-        action="append",
-        metavar="SRC-TGT=PATH.tsv",
-        help="parallel text: TSV (source<TAB>target), SRC-TGT=SRC_FILE,TGT_FILE (line-aligned), "
-        "or a TSV PATH with {src} and {tgt}; repeatable",
-    )
+    _add_parallel_arg(p)
     p.add_argument("--out", required=True, help="shard directory to write")
     p.add_argument(
         "--workers",

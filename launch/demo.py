@@ -2,7 +2,8 @@
 
 Steps (each one a real CLI command, printed before it runs; finished steps are reused):
 
-1. train a sentencepiece tokenizer on the alpha-smoothed sample languages;
+1. train a sentencepiece tokenizer on the alpha-smoothed sample languages (monolingual text and
+   both sides of the en-X pairs);
 2. shard the training and validation text (and the en-X parallel pairs) into webdataset shards;
 3. verify and inspect the shards;
 4. plan the tiny MoE run for 2 processes (``pretrain.train --dry-run``), then train it with
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(tokenizer.glob("*.json")):
         _run(
             [py, "-m", "data_pipeline", "train-tokenizer", *_inputs("train"),
-             "--vocab-size", str(DEMO_VOCAB), "--sample-chars", "3000000", "--alpha", "0.3",
-             "--out", str(tokenizer)]
+             *_parallel("train"), "--vocab-size", str(DEMO_VOCAB), "--sample-chars", "3000000",
+             "--alpha", "0.3", "--out", str(tokenizer)]
         )  # fmt: skip
     else:
         print(f"reusing tokenizer {tokenizer}")

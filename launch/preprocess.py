@@ -24,7 +24,9 @@ An array task runs ``python -m launch.preprocess run-task PLAN`` and picks its t
 ``--submit`` prints the id of the job that finishes the output (the merge job, else the array
 job) on stdout, for the next stage's ``--after``; with a merge, the line ``array job A, merge job
 M`` goes to stderr. Tokenizer training is one task (``--array 1``); ``--after JOBID`` starts the
-job when that job succeeded, and Slurm cancels it when that job failed.
+job when that job succeeded, and Slurm cancels it when that job failed. Its ``--parallel``
+pairs go to tokenizer training too: both sides count as text of their languages, so a language
+seen only in pairs gets its place in the tokenizer.
 
 Exit codes: 0 done; 2 bad arguments or inputs (one line on stderr); otherwise the data command's.
 """
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from data_pipeline.readers import MonoInput, PairInput, parse_mono_specs, parse_pair_specs
 from launch.env import read_array_task
-from launch.sbatch import submit, time_limit_seconds
+from launch.sbatch import output_pattern_literal, sbatch_value, submit, time_limit_seconds
 
 EXIT_BAD_INPUT = 2
 COMMANDS = ("shard", "train-tokenizer")
@@ -120,11 +122,6 @@ def make_plan(
         raise ValueError(f"--array ({num_tasks}) must be >= 1")
     if command == "train-tokenizer" and num_tasks != 1:
         raise ValueError(f"--array ({num_tasks}) must be 1 for train-tokenizer (one sample)")
-    if command == "train-tokenizer" and parallel:
-        # data_pipeline train-tokenizer samples monolingual text only and refuses --parallel.
-        raise ValueError(
-            f"--parallel ({parallel[0]!r}): train-tokenizer takes monolingual --input only"
-        )
     if not inputs and not parallel:
         raise ValueError("--input or --parallel: give at least one input")
     groups = _groups(parse_mono_specs(list(inputs)), parse_pair_specs(list(parallel)))
@@ -215,7 +212,14 @@ def _script(
     if after is not None and not after.isdigit():
         raise ValueError(f"--after ({after!r}) must be a job id")
     directives = [f"--job-name={name}", *extra, "--ntasks=1", f"--cpus-per-task={cpus}"]
-    directives += [f"--output={output}", "--open-mode=append", f"--chdir={workdir}"]
+    # sbatch splits #SBATCH lines shell-like: a path with spaces (or "#") is quoted; the
+    # directory part of --output is literal there ("%" doubled), the file name a pattern
+    output_arg = f"{output_pattern_literal(str(output.parent))}/{output.name}"
+    directives += [
+        f"--output={sbatch_value(output_arg)}",
+        "--open-mode=append",
+        f"--chdir={sbatch_value(str(workdir))}",
+    ]
     if partition:
         directives.append(f"--partition={partition}")
     if time:

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from data_pipeline.readers import MonoInput
+from data_pipeline.readers import MonoInput, PairInput
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample" / "mono"
@@ -126,7 +126,9 @@ def test_training_errors_are_one_line(corpus: list[MonoInput], tmp_path: Path) -
         train_tokenizer(corpus, out=tmp_path, vocab_size=1000, alpha=0)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match=r"^--input xx: no usable document in 1 file\(s\)$"):
+    with pytest.raises(
+        ValueError, match=r"^--input xx: no usable document in 1 file\(s\) \(2 empty\)$"
+    ):
         train_tokenizer([MonoInput("xx", (empty,))], out=tmp_path, vocab_size=1000)
     assert not (tmp_path / "spm.json").exists()
 
@@ -138,3 +140,69 @@ def test_load_rejects_a_replaced_model(tok_dir: Path, tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"^--tokenizer '.*nope': no such directory$"):
         load_tokenizer(tmp_path / "nope")
+
+
+def _byte_share(tok, texts: list[str]) -> float:
+    ids = [i for row in tok.encode(texts) for i in row]
+    return sum(tok.sp.is_byte(i) for i in ids) / len(ids)
+
+
+def test_a_language_seen_only_in_pairs_is_a_language_of_the_tokenizer(tmp_path: Path) -> None:
+    # mono {en, de} and pairs {en-ko}: the sample has no en-ko pair set, so the pairs are built
+    # from real English and Korean training paragraphs (alignment does not matter for sampling)
+    mono = []
+    for lang in ("en", "de"):
+        path = tmp_path / f"{lang}.txt"
+        path.write_text("\n".join(_sample_lines(lang, "train", 600)) + "\n", encoding="utf-8")
+        mono.append(MonoInput(lang, (path,)))
+    english = _sample_lines("en", "train", 1200)[600:]
+    korean = _sample_lines("ko", "train", 600)
+    tsv = tmp_path / "en-ko.tsv"
+    tsv.write_text("".join(f"{e}\t{k}\n" for e, k in zip(english, korean)), encoding="utf-8")
+    small = dict(vocab_size=2000, num_sentinels=8, num_threads=2)
+    meta = train_tokenizer(mono, pairs=[PairInput("en", "ko", (tsv,))], out=tmp_path / "t", **small)
+    assert meta["languages"] == ["de", "en", "ko"] and meta["parallel"] == ["en-ko"]
+    sample = meta["sample"]["languages"]
+    # both sides count like mono text: n_en is the mono text plus the English side
+    mono_en = sum(len(line) for line in _sample_lines("en", "train", 600))
+    assert sample["en"]["n"] == mono_en + sum(map(len, english))
+    assert sample["ko"]["n"] == sum(map(len, korean)) and sample["ko"]["pair_documents"] == 600
+    assert sample["ko"]["sampled"] > 0
+
+    tok = load_tokenizer(tmp_path / "t")
+    assert "ko" in tok.lang_ids
+    held_out = {lang: _sample_lines(lang, "valid", 100) for lang in ("en", "de", "ko")}
+    shares = {lang: _byte_share(tok, texts) for lang, texts in held_out.items()}
+    assert shares["ko"] < 0.05 and max(shares["en"], shares["de"]) < 0.02, shares
+    # without the pairs, held-out Korean is mostly bytes
+    train_tokenizer(mono, out=tmp_path / "mono", **small)
+    assert _byte_share(load_tokenizer(tmp_path / "mono"), held_out["ko"]) > 0.5
+
+
+def test_a_failed_training_leaves_no_directory_and_says_why(tmp_path: Path) -> None:
+    text = tmp_path / "en.txt"
+    text.write_text("".join(f"a document of more than twenty bytes {i}\n" for i in range(50)))
+    out = tmp_path / "new" / "tok"
+    with pytest.raises(ValueError) as err:
+        train_tokenizer([MonoInput("en", (text,))], out=out, vocab_size=1000, max_doc_bytes=20)
+    assert str(err.value) == (
+        "--input en: no usable document in 1 file(s) (50 longer than --max-doc-bytes (20))"
+    )
+    with pytest.raises(ValueError, match=r"^--vocab-size \(5000\) does not fit this input"):
+        train_tokenizer([MonoInput("en", (text,))], out=out, vocab_size=5000, num_threads=1)
+    assert not (tmp_path / "new").exists()  # before: an empty directory stayed behind
+    tsv = tmp_path / "en-de.tsv"
+    tsv.write_text("one\t\n\ttwo\n")
+    with pytest.raises(
+        ValueError, match=r"^--parallel en-de: no usable pair in 1 file\(s\) \(2 em"
+    ):
+        train_tokenizer([], pairs=[PairInput("en", "de", (tsv,))], out=out, vocab_size=1000)
+    twice = [MonoInput("en", (text,)), MonoInput("en", (text,))]
+    with pytest.raises(ValueError, match=r"^--input en: the language is given twice"):
+        train_tokenizer(twice, out=out, vocab_size=1000)
+    out.parent.mkdir()
+    out.write_text("a file")
+    with pytest.raises(ValueError, match=r"^--out '.*tok' is a file, not a directory$"):
+        train_tokenizer([MonoInput("en", (text,))], out=out, vocab_size=1000)
+    with pytest.raises(ValueError, match=r"^--out '.*tok/sub': cannot create it"):
+        train_tokenizer([MonoInput("en", (text,))], out=out / "sub", vocab_size=1000)

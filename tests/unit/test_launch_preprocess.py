@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from launch.preprocess import _Group, deal_groups, main, make_plan, task_index
 
@@ -96,15 +97,60 @@ def test_train_tokenizer_is_one_task(tmp_path, monkeypatch, capsys):
     args = ["train-tokenizer", "--input", "en=en.txt", "--input", "de=de.txt", "--out", "tok"]
     assert main([*args, "--array", "2", "--dry-run"]) == 2
     assert "must be 1 for train-tokenizer" in capsys.readouterr().err
-    (tmp_path / "en-de.tsv").write_text("a\tb\n")
-    assert main([*args, "--parallel", "en-de=en-de.tsv", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err == (
-        "error: --parallel ('en-de=en-de.tsv'): train-tokenizer takes monolingual --input only\n"
-    )
     assert main([*args, "--vocab-size", "400", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out.split("#!/bin/bash")[0])
     assert plan["tasks"][0]["argv"][3:] == [
         "train-tokenizer", "--input=de=de.txt", "--input=en=en.txt", "--out=tok",
         "--vocab-size", "400",
     ]  # fmt: skip
+
+
+def test_train_tokenizer_takes_the_pairs_too(tmp_path, monkeypatch, capsys):
+    # before: refused ("train-tokenizer takes monolingual --input only"), so a language seen
+    # only in pairs could not be sharded
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path, {"en": 2})
+    (tmp_path / "en-ko.tsv").write_text("a\tb\n")
+    (tmp_path / "x.en").write_text("a\n")
+    (tmp_path / "x.de").write_text("b\n")
+    args = ["train-tokenizer", "--input", "en=en.txt", "--parallel", "en-ko=en-ko.tsv"]
+    args += ["--parallel", "en-de=x.en,x.de", "--out", "tok", "--vocab-size", "400"]
+    assert main([*args, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.split("#!/bin/bash")[0])
+    assert plan["tasks"][0]["groups"] == ["en", "en-de", "en-ko"]
+    assert plan["tasks"][0]["argv"][3:] == [
+        "train-tokenizer", "--input=en=en.txt", "--parallel=en-de=x.en,x.de",
+        "--parallel=en-ko=en-ko.tsv", "--out=tok", "--vocab-size", "400",
+    ]  # fmt: skip
+
+
+def test_a_truncated_input_fails_the_local_task_with_exit_2(tmp_path, monkeypatch, capfd):
+    # the data command's one line and exit code come through launch.preprocess
+    monkeypatch.chdir(tmp_path)
+    text = "".join(f"document {i}\n" for i in range(5000)).encode()
+    data = zstandard.ZstdCompressor().compress(text)
+    (tmp_path / "en.txt.zst").write_bytes(data[: len(data) // 2])
+    argv = ["train-tokenizer", "--input", "en=en.txt.zst", "--out", "tok", "--vocab-size", "400"]
+    assert main([*argv, "--local"]) == 2
+    err = capfd.readouterr().err
+    assert "error: input 'en.txt.zst': truncated zstd data" in err
+    assert not (tmp_path / "tok").exists()
+
+
+def test_array_and_merge_scripts_quote_paths_with_spaces_and_hash(tmp_path, monkeypatch, capsys):
+    from test_launch_slurm import _sbatch_split  # the test copy of sbatch's line parser
+
+    work = tmp_path / "my data #1 at 100%"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _corpus(work, {"en": 4})
+    args = ["shard", "--tokenizer", "tok", "--input", "en=en.txt", "--out", "sh", "--array", "1"]
+    code = main([*args, "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    lines = [line.removeprefix("#SBATCH") for line in out.splitlines() if line.startswith("#SB")]
+    parsed = [arg for line in lines for arg in _sbatch_split(line)]
+    assert len(parsed) == len(lines)  # one argument per line, nothing cut at a "#"
+    logs = str(work / "sh.jobs" / "logs").replace("%", "%%")
+    assert f"--output={logs}/shard-%A_%a.out" in parsed
+    assert f"--chdir={work}" in parsed
