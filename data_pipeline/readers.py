@@ -13,8 +13,11 @@ Formats of monolingual files:
 Parallel files: a TSV with ``source<TAB>target`` per line, or two line-aligned files given as
 ``SRC-TGT=SRC_PATH,TGT_PATH``.
 
-Bad input never stops a job: documents that are not valid UTF-8, empty (only whitespace) or longer
-than the byte limit are skipped and counted in a :class:`Rejects`.
+Bad records never stop a job: documents that are not valid UTF-8, empty (only whitespace) or
+longer than the byte limit are skipped and counted in a :class:`Rejects`. A bad *file* does, with
+an :class:`InputError` naming it: a truncated or corrupt ``.zst``/``.gz`` file (with the byte
+offset), a TSV without tabs, line-aligned files of different lengths. A UTF-8 byte order mark at
+the start of a file is dropped.
 
 Reading has two halves, so that one process can feed many: :func:`iter_raw_segments` cuts a
 (decompressed) file into pieces of about a target size at record boundaries with C-level
@@ -32,6 +35,7 @@ import itertools
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,18 +195,146 @@ def parse_pair_specs(specs: list[str]) -> list[PairInput]:
     return [pairs[k] for k in sorted(pairs)]
 
 
+class InputError(ValueError):
+    """Input that cannot be read as it claims to be: a job stops on it, naming the file.
+
+    Unlike a bad record (skipped and counted in :class:`Rejects`), the whole input is suspect:
+    a truncated or corrupt compressed file, a TSV without tabs, line-aligned files of different
+    lengths. ``input_name`` is the language or pair (``en``, ``en-de``) the file was given for,
+    when known, so that a job can drop what it already wrote for it.
+    """
+
+    def __init__(self, message: str, *, path: Path, input_name: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.input_name = input_name
+
+
+class CorruptInputError(InputError):
+    """A ``.zst`` or ``.gz`` input that is truncated or corrupt.
+
+    ``offset`` is the compressed byte where decoding stopped: the file's size when it ends
+    inside a zstd frame or gzip member; for corrupt data, the start of the block (128 KiB at
+    most) in which zstd found the fault, or how far gzip had read when it found it.
+    """
+
+    def __init__(self, path: Path, *, offset: int, reason: str) -> None:
+        super().__init__(
+            f"input {str(path)!r}: {reason} at byte {offset:,} of the compressed file",
+            path=path,
+        )
+        self.offset = offset
+
+
+_ZSTD_READ = 1 << 17
+"""Compressed bytes fed to zstd per call: small enough that an error's offset is close."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file's decompressed bytes (one or more frames), that raises on a cut.
+
+    zstandard's ``stream_reader`` returns what it decoded so far and then end-of-file when the
+    input ends inside a frame, so a truncated file reads "successfully" up to the cut; here a
+    frame that is not finished at the end of the input is a :class:`CorruptInputError`.
+    """
+
+    def __init__(self, raw: BinaryIO, path: Path) -> None:
+        self._raw = raw
+        self._path = path
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = None  # the decompressor of the frame being read
+        self._out = b""
+        self._pos = 0
+        self._offset = 0  # compressed bytes consumed
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+    def _feed(self, data: bytes) -> list[bytes]:
+        out = []
+        while data:
+            if self._dobj is None:
+                self._dobj = self._dctx.decompressobj()
+            try:
+                out.append(self._dobj.decompress(data))
+            except zstandard.ZstdError as err:
+                raise CorruptInputError(
+                    self._path, offset=self._offset, reason=f"corrupt zstd data ({err})"
+                ) from None
+            if not self._dobj.eof:
+                break
+            data = self._dobj.unused_data  # a further frame follows in the same block
+            self._dobj = None
+        return out
+
+    def readinto(self, buffer) -> int:
+        while self._pos >= len(self._out):
+            if self._done:
+                return 0
+            block = self._raw.read(_ZSTD_READ)
+            if not block:
+                self._done = True
+                if self._dobj is not None:
+                    raise CorruptInputError(
+                        self._path,
+                        offset=self._offset,
+                        reason="truncated zstd data (the file ends inside a frame)",
+                    )
+                return 0
+            self._out, self._pos = b"".join(self._feed(block)), 0
+            self._offset += len(block)
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+class _GzipReader(io.RawIOBase):
+    """A ``.gz`` file's decompressed bytes; truncation, a bad CRC, corrupt deflate data or a
+    file that is not gzip raise :class:`CorruptInputError` rather than EOFError/OSError."""
+
+    def __init__(self, raw: BinaryIO, path: Path) -> None:
+        self._raw = raw
+        self._path = path
+        self._gzip = gzip.GzipFile(fileobj=raw)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._gzip.close()
+            self._raw.close()
+        super().close()
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._gzip.readinto(buffer)
+        except EOFError:
+            reason = "truncated gzip data (the file ends inside a member)"
+        except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            reason = f"corrupt gzip data ({err})"
+        raise CorruptInputError(self._path, offset=self._raw.tell(), reason=reason)
+
+
 def open_binary(path: Path) -> BinaryIO:
     """Open ``path`` for reading bytes, decompressing ``.gz`` and ``.zst`` transparently.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CorruptInputError: (while reading) a truncated or corrupt compressed file.
     """
     raw = open(path, "rb")  # noqa: SIM115 - handed to the caller, who closes it
     if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw)
+        return io.BufferedReader(_GzipReader(raw, path), buffer_size=_READ_CHUNK)
     if path.suffix == ".zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.BufferedReader(reader, buffer_size=_READ_CHUNK)
+        return io.BufferedReader(_ZstdReader(raw, path), buffer_size=_READ_CHUNK)
     return raw
 
 
@@ -231,7 +363,8 @@ class Rejects:
     too_long: int = 0
     bad_json: int = 0
     malformed: int = 0
-    """TSV lines without exactly one tab, or aligned files of different lengths."""
+    """TSV lines without exactly one tab; lines of one aligned file past the other's end
+    (blank ones only: different numbers of non-blank lines are an :class:`InputError`)."""
 
     def add(self, reason: str, count: int = 1) -> None:
         setattr(self, reason, getattr(self, reason) + count)
@@ -295,6 +428,20 @@ class Segment:
 
 # --- cutting files into segments (cheap: no decoding) -----------------------------------------
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _iter_blocks(stream: BinaryIO) -> Iterator[bytes]:
+    """The stream's bytes in blocks of ``_READ_CHUNK``, without a UTF-8 byte order mark at the
+    start (editors on Windows write one; it is no part of the first document)."""
+    first = stream.read(_READ_CHUNK)
+    if first.startswith(_BOM):
+        first = first[len(_BOM) :]
+    if first:
+        yield first
+    yield from iter(lambda: stream.read(_READ_CHUNK), b"")
+
+
 _BLANK_RUN = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 
 
@@ -344,7 +491,7 @@ def iter_raw_segments(
     buf = bytearray()
     skipping = False  # inside an over-long record: drop bytes up to its end
     with open_binary(path) as stream:
-        for block in iter(lambda: stream.read(_READ_CHUNK), b""):
+        for block in _iter_blocks(stream):
             if skipping:
                 # a blank-line run may straddle blocks: keep a little of the previous tail
                 buf += block
@@ -387,17 +534,45 @@ def iter_raw_segments(
         yield Segment(source, line, bytes(buf), fmt=concrete)
 
 
+def _count_lines(path: Path) -> int:
+    """Lines of a file up to its last one that is not blank (trailing blank lines and a missing
+    final newline do not count as a difference between line-aligned files)."""
+    lines = content = 0
+    with open_binary(path) as stream:
+        for block in iter(lambda: stream.read(_READ_CHUNK), b""):
+            stripped = block.rstrip()
+            if stripped:
+                content = lines + stripped.count(b"\n") + 1
+            lines += block.count(b"\n")
+    return content
+
+
 def iter_raw_aligned_segments(
     pair: PairInput, *, target_bytes: int, rejects: Rejects
 ) -> Iterator[Segment]:
     """Cut two line-aligned files into segments holding the same lines of both.
 
+    Both files are counted first (one cheap pass), so that files of different lengths stop the
+    job before anything is cut.
+
     Raises:
         FileNotFoundError: an input file does not exist.
+        InputError: the files have different numbers of lines (trailing blank lines aside), or
+            one is a truncated or corrupt compressed file.
     """
     src_path, tgt_path = pair.paths
     source = f"{src_path.name},{tgt_path.name}"
+    counts = [_count_lines(path) for path in pair.paths]
+    if counts[0] != counts[1]:
+        raise InputError(
+            f"--parallel {pair.name}: {str(src_path)!r} has {counts[0]:,} lines but "
+            f"{str(tgt_path)!r} has {counts[1]:,}: line-aligned files must have one line per "
+            "pair in each",
+            path=src_path,
+            input_name=pair.name,
+        )
     with open_binary(tgt_path) as tgt_stream:
+        tgt_blocks = _iter_blocks(tgt_stream)
         tgt_buf = bytearray()
         for seg in iter_raw_segments(
             src_path,
@@ -411,7 +586,7 @@ def iter_raw_aligned_segments(
             for _ in range(need):
                 i = tgt_buf.find(b"\n", end)
                 while i < 0:
-                    block = tgt_stream.read(_READ_CHUNK)
+                    block = next(tgt_blocks, b"")
                     if not block:
                         break
                     tgt_buf += block
@@ -421,11 +596,11 @@ def iter_raw_aligned_segments(
                     break
                 end = i + 1
             if not seg.data.endswith(b"\n"):  # the source's last line: the rest of the target
-                tgt_buf += tgt_stream.read()
+                tgt_buf += b"".join(tgt_blocks)
                 end = len(tgt_buf)
             yield Segment(source, seg.first_line, seg.data, bytes(tgt_buf[:end]))
             del tgt_buf[:end]
-        rest = bytes(tgt_buf) + tgt_stream.read()
+        rest = bytes(tgt_buf) + b"".join(tgt_blocks)
         if rest:  # target lines with no source line
             yield Segment(source, -1, b"", rest)
 
@@ -763,18 +938,32 @@ def iter_pair_segments(
 
     Raises:
         FileNotFoundError: an input file does not exist.
+        InputError: a TSV file with no tab in its first segment, line-aligned files of different
+            lengths, a truncated or corrupt compressed file.
     """
     if pair.aligned:
         yield from iter_raw_aligned_segments(pair, target_bytes=target_bytes, rejects=rejects)
         return
     for path in pair.paths:
-        yield from iter_raw_segments(
+        segments = iter_raw_segments(
             path,
             fmt="lines",
             target_bytes=target_bytes,
             max_doc_bytes=2 * max_doc_bytes,
             rejects=rejects,
         )
+        for index, segment in enumerate(segments):
+            if index == 0 and b"\t" not in segment.data and segment.data.strip():
+                # every line would be malformed: a wrong file or format, not bad lines
+                lines = segment.data.count(b"\n") + (not segment.data.endswith(b"\n"))
+                raise InputError(
+                    f"--parallel {pair.name}: {str(path)!r} has no tab in its first "
+                    f"{lines:,} line(s): a TSV holds source<TAB>target per "
+                    "line (two line-aligned files are given as SRC-TGT=SRC_FILE,TGT_FILE)",
+                    path=path,
+                    input_name=pair.name,
+                )
+            yield segment
 
 
 def iter_pairs(

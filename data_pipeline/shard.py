@@ -7,6 +7,11 @@ feeds many workers). Each chunk becomes one shard, parsed, tokenized and written
 Chunk boundaries depend on the inputs and settings only, and nothing random happens, so the
 bytes written are the same for any number of workers.
 
+An input that turns out bad part-way (``readers.InputError``: a truncated or corrupt ``.zst`` or
+``.gz`` file, a TSV without tabs, line-aligned files of different lengths) stops the job: the
+shards this run wrote for that input are removed and no manifest is written, so nothing made from
+the first part of a damaged file passes for the whole.
+
 A shard is written under a temporary name and renamed when complete. Every sample records the
 fingerprint of its chunk (its raw input bytes, the tokenizer and the settings); a re-run that
 finds a shard under its final name with the same fingerprint keeps it instead of redoing it.
@@ -36,6 +41,7 @@ from data_pipeline.manifest import MANIFEST_FORMAT, write_manifest
 from data_pipeline.readers import (
     DEFAULT_MAX_DOC_BYTES,
     DocBatch,
+    InputError,
     MonoInput,
     PairInput,
     Rejects,
@@ -529,7 +535,13 @@ def _tasks(
                 rejects=rejects[item.lang],
             )
         )
-        yield from _chunks(segments, kind="mono", name=item.lang, limit=settings.shard_text_bytes)
+        try:
+            yield from _chunks(
+                segments, kind="mono", name=item.lang, limit=settings.shard_text_bytes
+            )
+        except InputError as err:
+            err.input_name = item.lang
+            raise
     for pair in pairs:
         segments = iter_pair_segments(
             pair,
@@ -537,7 +549,13 @@ def _tasks(
             max_doc_bytes=settings.max_doc_bytes,
             rejects=rejects[pair.name],
         )
-        yield from _chunks(segments, kind="pair", name=pair.name, limit=settings.shard_text_bytes)
+        try:
+            yield from _chunks(
+                segments, kind="pair", name=pair.name, limit=settings.shard_text_bytes
+            )
+        except InputError as err:
+            err.input_name = pair.name
+            raise
 
 
 def _run(tasks: Iterator[_Task], workers: int, init_args: tuple) -> Iterator[ShardResult]:
@@ -558,6 +576,48 @@ def _run(tasks: Iterator[_Task], workers: int, init_args: tuple) -> Iterator[Sha
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def _shard_stamps(out: Path) -> dict[str, tuple[int, int]]:
+    """Shard name -> (inode, mtime in ns) of the shards in ``out``."""
+    stamps = {}
+    for path in out.iterdir():
+        if SHARD_NAME_RE.match(path.name):
+            st = path.stat()
+            stamps[path.name] = (st.st_ino, st.st_mtime_ns)
+    return stamps
+
+
+def _drop_written_for(out: Path, name: str, before: dict[str, tuple[int, int]]) -> list[str]:
+    """Remove the shards of input ``name`` (a language or pair) that this run wrote, i.e. that
+    were not in ``out`` as they are now when it started; return their names.
+
+    Called when that input turned out to be bad part-way: what came from its first part must
+    not be mistaken for the whole input (shards of an earlier run stay, as its manifest lists
+    them).
+    """
+    kind = "pair" if "-" in name else "mono"
+    prefix = f"{kind}_{name}_"
+    removed = []
+    for old, stamp in sorted(_shard_stamps(out).items()):
+        if old.startswith(prefix) and before.get(old) != stamp:
+            (out / old).unlink(missing_ok=True)
+            removed.append(old)
+    return removed
+
+
+def _check_out_dir(out: Path) -> None:
+    """Create the output directory ``out``.
+
+    Raises:
+        ValueError: ``out`` is an existing file, or cannot be created (one line).
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r}: cannot create it ({err.strerror})") from None
 
 
 def _copy_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
@@ -589,7 +649,10 @@ def run_shard_job(
 
     Raises:
         ValueError: nothing to shard, a setting out of range, ``workers`` < 1, a language the
-            tokenizer was not trained for, or a bad tokenizer directory.
+            tokenizer was not trained for, a bad tokenizer directory, or ``out`` is a file.
+        InputError: a truncated or corrupt compressed input, a TSV without tabs, line-aligned
+            files of different lengths; the shards this run wrote for that input are removed
+            and no manifest is written.
         FileNotFoundError: the tokenizer directory or an input file is missing.
     """
     # shards are numbered in this order, so it must not depend on how the caller listed inputs
@@ -612,7 +675,7 @@ def run_shard_job(
             )
     log = log or (lambda line: print(line, file=sys.stderr))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out)
     for stale in out.iterdir():  # temporary files of an interrupted run
         if _TMP_RE.match(stale.name):
             stale.unlink()
@@ -621,15 +684,29 @@ def run_shard_job(
     rejects = {m.lang: Rejects() for m in mono} | {p.name: Rejects() for p in pairs}
     init_args = (str(tok.directory), str(out), settings)
     results: list[ShardResult] = []
-    for result in _run(_tasks(mono, pairs, settings, rejects), workers, init_args):
-        rejects[result.name].merge(result.rejected)
-        if not result.path:
-            continue
-        results.append(result)
-        log(
-            f"{result.path}: {'kept (finished earlier)' if result.kept else 'written'}, "
-            f"{result.samples} samples, {result.documents} documents, {result.tokens} tokens"
-        )
+    before = _shard_stamps(out)
+    try:
+        for result in _run(_tasks(mono, pairs, settings, rejects), workers, init_args):
+            rejects[result.name].merge(result.rejected)
+            if not result.path:
+                continue
+            results.append(result)
+            log(
+                f"{result.path}: {'kept (finished earlier)' if result.kept else 'written'}, "
+                f"{result.samples} samples, {result.documents} documents, {result.tokens} tokens"
+            )
+    except InputError as err:
+        # the pool is gone (its workers are stopped when _run's generator closes), so every
+        # shard of that input is final or an orphaned temporary file now
+        for stale in out.iterdir():
+            if _TMP_RE.match(stale.name):
+                stale.unlink(missing_ok=True)
+        if err.input_name:
+            removed = _drop_written_for(out, err.input_name, before)
+            if removed:
+                log(f"removed {len(removed)} shard(s) of {err.input_name} written before the fault")
+        err.args = (f"{err}; nothing written for {err.input_name or 'it'}, no manifest written",)
+        raise
     written = {r.path for r in results}
     for old in sorted(out.iterdir()):
         # shards of an earlier run over more input would be picked up by a directory glob

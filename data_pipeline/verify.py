@@ -11,7 +11,7 @@ import zstandard
 from data_pipeline.manifest import load_manifest, manifest_path
 from data_pipeline.shard import SHARD_NAME_RE
 from data_pipeline.shard_format import MONO_EXT, PAIR_EXT, decode_sample, iter_raw_samples
-from data_pipeline.tokenizer import MODEL_FILE, sha256_file
+from data_pipeline.tokenizer import load_tokenizer, sha256_file
 
 
 def _check_shard(path: Path, entry: dict, *, vocab_size: int, dtype: str) -> str | None:
@@ -62,7 +62,8 @@ def _check_shard(path: Path, entry: dict, *, vocab_size: int, dtype: str) -> str
 
 
 def verify_directory(directory: str | os.PathLike) -> tuple[list[str], dict]:
-    """Check every shard of a directory: sha256, every sample decodes, counts match.
+    """Check a shard directory: its tokenizer (present, loads, the manifest's sha256 and vocab
+    size), and every shard: sha256, every sample decodes, counts match.
 
     Returns:
         ``(problems, manifest)``: one line per fault found (empty when all is well).
@@ -75,9 +76,23 @@ def verify_directory(directory: str | os.PathLike) -> tuple[list[str], dict]:
     root = manifest_path(directory).parent
     problems: list[str] = []
     tok = manifest.get("tokenizer", {})
-    model = root / tok.get("dir", "tokenizer") / MODEL_FILE
-    if model.is_file() and sha256_file(model) != tok.get("model_sha256"):
-        problems.append(f"tokenizer {model}: sha256 differs from the manifest's")
+    tok_dir = root / tok.get("dir", "tokenizer")
+    # the trainer loads the tokenizer from here: a directory without it cannot be trained on
+    try:
+        loaded = load_tokenizer(tok_dir)
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(str(err) if tok_dir.is_dir() else f"tokenizer {tok_dir}: missing")
+    else:
+        if loaded.model_sha256 != tok.get("model_sha256"):
+            problems.append(
+                f"tokenizer {tok_dir}: model sha256 {loaded.model_sha256[:16]} != manifest "
+                f"{str(tok.get('model_sha256'))[:16]}"
+            )
+        if loaded.vocab_size != tok.get("vocab_size"):
+            problems.append(
+                f"tokenizer {tok_dir}: vocab size {loaded.vocab_size} != manifest "
+                f"{tok.get('vocab_size')}"
+            )
     vocab_size = int(tok.get("vocab_size", 1 << 32))
     listed = set()
     for entry in manifest["shards"]:

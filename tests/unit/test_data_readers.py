@@ -1,4 +1,6 @@
-"""Input specs and raw readers: formats, compression, bad input counted (never raised)."""
+"""Input specs and raw readers: formats, compression, bad records counted (never raised), bad
+files (truncated or corrupt compression, a TSV without tabs, aligned files of different lengths)
+raised naming the file."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import pytest
 import zstandard
 
 from data_pipeline.readers import (
+    CorruptInputError,
+    InputError,
     MonoInput,
     PairInput,
     Rejects,
@@ -100,12 +104,120 @@ def test_tsv_pairs_and_aligned_files(tmp_path: Path) -> None:
     assert pairs == [("en-de.tsv", 0, "Hello", "Hallo"), ("en-de.tsv", 4, "Yes", "Ja")]
     assert (rejects.malformed, rejects.invalid_utf8) == (2, 1)
 
-    (tmp_path / "x.en").write_text("one\ntwo\nthree\n")
-    (tmp_path / "x.de").write_text("eins\nzwei\n")
+    (tmp_path / "x.en").write_text("one\ntwo\n\nfour")
+    (tmp_path / "x.de").write_text("eins\nzwei\ndrei\nvier\n\n\n")  # trailing blank lines
     rejects = Rejects()
     pair = PairInput("en", "de", (tmp_path / "x.en", tmp_path / "x.de"), aligned=True)
-    assert [p[2:] for p in iter_pairs(pair, rejects=rejects)] == [("one", "eins"), ("two", "zwei")]
-    assert rejects.malformed == 1
+    assert [p[1:] for p in iter_pairs(pair, rejects=rejects)] == [
+        (0, "one", "eins"),
+        (1, "two", "zwei"),
+        (3, "four", "vier"),
+    ]
+    assert rejects.empty == 1
+
+
+def test_aligned_files_of_different_lengths_are_an_error(tmp_path: Path) -> None:
+    # before: the unmatched line was counted as malformed and the job exited 0
+    (tmp_path / "x.en").write_text("one\ntwo\nthree\n")
+    (tmp_path / "x.de").write_text("eins\nzwei\n")
+    pair = PairInput("en", "de", (tmp_path / "x.en", tmp_path / "x.de"), aligned=True)
+    with pytest.raises(InputError, match=r"x.en' has 3 lines but .*x.de' has 2: line-aligned"):
+        next(iter_pairs(pair, rejects=Rejects()))
+    pair = PairInput("en", "de", (tmp_path / "x.de", tmp_path / "x.en"), aligned=True)
+    with pytest.raises(InputError, match=r"x.de' has 2 lines but .*x.en' has 3") as err:
+        next(iter_pairs(pair, rejects=Rejects()))
+    assert err.value.input_name == "en-de"
+
+
+def test_tsv_without_tabs_is_an_error(tmp_path: Path) -> None:
+    # before: every line counted as malformed, exit 0 with nothing sharded
+    tsv = tmp_path / "en-de.tsv"
+    tsv.write_text("Hello Hallo\nYes Ja\n")
+    with pytest.raises(InputError, match=r"en-de: '.*en-de.tsv' has no tab in its first 2 line"):
+        list(iter_pairs(PairInput("en", "de", (tsv,)), rejects=Rejects()))
+    tsv.write_text("\n \n")  # only blank lines: empty, not a wrong format
+    rejects = Rejects()
+    assert list(iter_pairs(PairInput("en", "de", (tsv,)), rejects=rejects)) == []
+    assert rejects.empty == 2
+
+
+def _cut_and_flipped(data: bytes) -> dict[str, bytes]:
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    return {"truncated": data[: len(data) // 2], "bit flip": bytes(flipped)}
+
+
+@pytest.mark.parametrize("case", ["truncated", "bit flip"])
+@pytest.mark.parametrize("suffix", [".zst", ".gz"])
+def test_truncated_or_corrupt_compressed_input_is_an_error(
+    tmp_path: Path, suffix: str, case: str
+) -> None:
+    # before: a truncated .zst was read up to the cut (13,530 of 31,011 documents, 0 rejected)
+    text = "".join(
+        f"document {i} with some words in it, {i * 7919 % 10007}\n" for i in range(30000)
+    )
+    if suffix == ".zst":  # with a checksum, as the zstd tool writes by default
+        data = zstandard.ZstdCompressor(write_checksum=True).compress(text.encode())
+    else:
+        data = gzip.compress(text.encode())
+    path = tmp_path / f"en.txt{suffix}"
+    path.write_bytes(_cut_and_flipped(data)[case])
+    kind = {".zst": "zstd", ".gz": "gzip"}[suffix]
+    word = "truncated" if case == "truncated" else "corrupt"
+    with pytest.raises(CorruptInputError, match=rf"^input '.*en.txt{suffix}': {word} {kind} data"):
+        _docs(path)
+    with pytest.raises(CorruptInputError) as err:
+        list(iter_raw_segments(path, target_bytes=1 << 16, rejects=Rejects()))
+    assert err.value.path == path and 0 < err.value.offset <= len(path.read_bytes())
+    assert f"at byte {err.value.offset:,} of the compressed file" in str(err.value)
+    if case == "truncated":
+        assert err.value.offset == len(path.read_bytes())
+
+
+def test_not_gzip_and_truncated_sample_file(tmp_path: Path) -> None:
+    path = tmp_path / "en.txt.gz"
+    path.write_bytes(b"plain text, not gzip\n")
+    with pytest.raises(CorruptInputError, match=r"en.txt.gz': corrupt gzip data \(Not a gzip"):
+        _docs(path)
+    # the issue's case: the sample's English file cut in half (written without a checksum)
+    sample = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample" / "mono"
+    data = (sample / "en.train.txt.zst").read_bytes()
+    path = tmp_path / "en.train.txt.zst"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CorruptInputError, match=rf"truncated zstd data .* at byte {len(data) // 2:,}"
+    ):
+        _docs(path)
+    pair = PairInput("en", "de", (path,))
+    with pytest.raises(CorruptInputError):
+        list(iter_pairs(pair, rejects=Rejects()))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path: Path) -> None:
+    # before: the first document started with U+FEFF (and a JSONL file's first line was bad JSON)
+    bom = b"\xef\xbb\xbf"
+    for name, data in (
+        ("a.txt", bom + b"first\nsecond\n"),
+        ("a.txt.zst", zstandard.ZstdCompressor().compress(bom + b"first\nsecond\n")),
+        ("a.txt.gz", gzip.compress(bom + b"first\nsecond\n")),
+    ):
+        (tmp_path / name).write_bytes(data)
+        assert _docs(tmp_path / name)[0] == [(0, "first"), (1, "second")], name
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n')
+    assert _docs(tmp_path / "a.jsonl") == ([(0, "first")], Rejects())
+    (tmp_path / "b.txt").write_bytes(bom + b"\nfirst\n")  # a BOM alone on the first line
+    assert _docs(tmp_path / "b.txt") == ([(1, "first")], Rejects(empty=1))
+    (tmp_path / "p.tsv").write_bytes(bom + b"one\teins\n")
+    assert [
+        p[2:] for p in iter_pairs(PairInput("en", "de", (tmp_path / "p.tsv",)), rejects=Rejects())
+    ] == [("one", "eins")]
+    (tmp_path / "x.en").write_bytes(bom + b"one\ntwo\n")
+    (tmp_path / "x.de").write_bytes(bom + b"eins\nzwei\n")
+    pair = PairInput("en", "de", (tmp_path / "x.en", tmp_path / "x.de"), aligned=True)
+    assert [p[2:] for p in iter_pairs(pair, rejects=Rejects())] == [
+        ("one", "eins"),
+        ("two", "zwei"),
+    ]
 
 
 def test_specs_globs_and_placeholders(tmp_path: Path) -> None:
@@ -221,7 +333,7 @@ def test_blank_format_segments_end_at_blank_lines(tmp_path: Path) -> None:
 
 def test_aligned_segments_keep_lines_together(tmp_path: Path) -> None:
     (tmp_path / "x.en").write_text("".join(f"english {i}\n" for i in range(100)))
-    (tmp_path / "x.de").write_text("".join(f"deutsch {i}\n" for i in range(103)))
+    (tmp_path / "x.de").write_text("".join(f"deutsch {i}\n" for i in range(100)))
     pair = PairInput("en", "de", (tmp_path / "x.en", tmp_path / "x.de"), aligned=True)
     rejects = Rejects()
     got = []
@@ -230,4 +342,4 @@ def test_aligned_segments_keep_lines_together(tmp_path: Path) -> None:
         batch = parse_segment(segment, kind="pair", rejects=rejects)
         got += zip(batch.ordinals, batch.texts, batch.tgt_texts)
     assert got == [(i, f"english {i}", f"deutsch {i}") for i in range(100)]
-    assert rejects.malformed == 3
+    assert rejects.total == 0
