@@ -26,6 +26,39 @@ ID_DTYPE = np.int32
 int32 holds every vocabulary id and position and halves the bytes of int64."""
 WORD_START = "\u2581"
 """Sentencepiece's word-boundary mark: a piece starting with it begins a word."""
+_CJK_RANGES = (
+    (0x1100, 0x11FF),  # Hangul Jamo
+    (0x3000, 0x303F),  # CJK Symbols and Punctuation
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3130, 0x318F),  # Hangul Compatibility Jamo
+    (0x31F0, 0x31FF),  # Katakana Phonetic Extensions
+    (0x3400, 0x4DBF),  # CJK Unified Ideographs Extension A
+    (0x4E00, 0x9FFF),  # CJK Unified Ideographs
+    (0xA960, 0xA97F),  # Hangul Jamo Extended-A
+    (0xAC00, 0xD7FF),  # Hangul Syllables, Jamo Extended-B
+    (0xF900, 0xFAFF),  # CJK Compatibility Ideographs
+    (0xFF00, 0xFF9F),  # Fullwidth forms (CJK punctuation, digits, letters), Halfwidth Katakana
+    (0x20000, 0x3134F),  # CJK Unified Ideographs Extensions B-G, Compatibility Supplement
+)
+
+
+_CJK_LEAD_BYTES = {f"<0x{b:02X}>" for b in range(0xE3, 0xEE)}
+"""Byte-fallback pieces that start the UTF-8 form of a character in U+3000-U+DFFF: CJK
+punctuation, kana, ideographs, Hangul (and a few rare scripts in U+A000-U+ABFF)."""
+
+
+def is_cjk_char(char: str) -> bool:
+    """Whether ``char`` is a CJK ideograph, a kana, a Hangul syllable (or jamo), or CJK
+    punctuation (which BERT splits off as a word too)."""
+    code = ord(char)
+    return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
+
+
+def is_cjk_piece(piece: str) -> bool:
+    """Whether a piece holds a CJK ideograph, kana or Hangul character: such a piece is a word
+    of its own for whole-word masking (BERT's Chinese rule, which splits text around every CJK
+    character; a sentencepiece piece of several such characters stays one word)."""
+    return any(map(is_cjk_char, piece))
 
 
 @dataclass(frozen=True)
@@ -39,6 +72,10 @@ class Vocab:
             bos, eos, mask, cls, sep, language tags, sentinels).
         word_start_V: bool per id, True where the piece starts a word (whole-word masking);
             None when unknown (whole-word masking then raises).
+        cjk_V: bool per id, True for pieces of CJK ideographs, kana, Hangul or CJK punctuation
+            (:func:`is_cjk_piece`): each is a word of its own, and the piece after it starts a
+            word; None: no such rule (scripts with spaces only). ``from_tokenizer`` also marks
+            the first byte piece of a byte-spelled CJK character in ``word_start_V``.
     """
 
     size: int
@@ -47,6 +84,7 @@ class Vocab:
     mask_id: int
     special_ids: tuple[int, ...]
     word_start_V: np.ndarray | None = None
+    cjk_V: np.ndarray | None = None
 
     @classmethod
     def from_tokenizer(cls, directory: str) -> Vocab:
@@ -61,7 +99,13 @@ class Vocab:
         ids = tok.special_ids
         specials = set(ids.values()) | set(tok.lang_ids.values()) | set(tok.sentinel_ids)
         pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
-        word_start_V = np.array([p.startswith(WORD_START) for p in pieces], dtype=bool)
+        cjk_V = np.array([is_cjk_piece(p) for p in pieces], dtype=bool)
+        cjk_V[list(specials)] = False
+        # a rare CJK character spelled in byte pieces is a word too: its first byte starts one
+        word_start_V = np.array(
+            [p.startswith(WORD_START) or p in _CJK_LEAD_BYTES for p in pieces], dtype=bool
+        )
+        word_start_V |= cjk_V
         return cls(
             size=tok.vocab_size,
             pad_id=ids["pad"],
@@ -69,6 +113,7 @@ class Vocab:
             mask_id=ids["mask"],
             special_ids=tuple(sorted(specials)),
             word_start_V=word_start_V,
+            cjk_V=cjk_V,
         )
 
     def special_mask_V(self) -> np.ndarray:
@@ -87,8 +132,12 @@ class MaskingConfig:
         replace_prob: of the selected, the share replaced by the mask id.
         random_prob: of the selected, the share replaced by a random non-special id; the rest
             keep their id.
-        whole_word: select whole words (a word starts at a piece with the word-start mark, at a
-            special token and after one) rather than single pieces.
+        whole_word: select whole words rather than single pieces (see :func:`word_starts`: a
+            word starts at a piece with the word-start mark, at a special token and after one,
+            at every CJK piece and after one).
+        max_word_pieces: with ``whole_word``, a word of more pieces is cut into words of at most
+            this many (text without spaces, long numbers or URLs would else be masked in one
+            piece; >= 1).
         tlm_share: share of the sequences of each MLM batch taken from parallel pairs (TLM).
     """
 
@@ -97,6 +146,7 @@ class MaskingConfig:
     random_prob: float = 0.1
     whole_word: bool = False
     tlm_share: float = 0.0
+    max_word_pieces: int = 8
 
     def check(self) -> None:
         """Raises: ValueError naming the value and the rule."""
@@ -104,6 +154,12 @@ class MaskingConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"masking.{name} ({value}) must be in [0, 1]")
+        if isinstance(self.max_word_pieces, bool) or not (
+            isinstance(self.max_word_pieces, int) and self.max_word_pieces >= 1
+        ):
+            raise ValueError(
+                f"masking.max_word_pieces ({self.max_word_pieces!r}) must be an integer >= 1"
+            )
         if self.replace_prob + self.random_prob > 1.0:
             raise ValueError(
                 f"masking.replace_prob + random_prob ({self.replace_prob} + {self.random_prob}) "
@@ -217,6 +273,41 @@ def boundaries_from_starts(start_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray
 # --- masking ---------------------------------------------------------------------------------
 
 
+def word_starts(
+    ids_BT: np.ndarray,
+    *,
+    vocab: Vocab,
+    max_word_pieces: int,
+    special_BT: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bool ``[B, T]``: True where a word starts, for whole-word masking.
+
+    A word starts at ``t = 0`` of every row, at a piece with the word-start mark, at a special
+    token and right after one, at every CJK piece (ideograph, kana, Hangul: ``vocab.cjk_V``) and
+    right after one; a run of more than ``max_word_pieces`` pieces between starts is cut into
+    words of ``max_word_pieces`` pieces (the last one shorter).
+
+    Raises:
+        ValueError: ``vocab`` has no word-start table.
+    """
+    if vocab.word_start_V is None:
+        raise ValueError("masking.whole_word needs the tokenizer's word-start table")
+    if special_BT is None:
+        special_BT = vocab.special_mask_V()[ids_BT]
+    start_BT = vocab.word_start_V[ids_BT] | special_BT
+    start_BT[:, 1:] |= special_BT[:, :-1]
+    if vocab.cjk_V is not None:
+        cjk_BT = vocab.cjk_V[ids_BT]
+        start_BT |= cjk_BT
+        start_BT[:, 1:] |= cjk_BT[:, :-1]
+    start_BT[:, 0] = True
+    start_N = start_BT.reshape(-1)  # every row starts a word, so no run crosses rows
+    t_N = np.arange(start_N.size)
+    since_start_N = t_N - np.maximum.accumulate(np.where(start_N, t_N, 0))
+    start_N |= since_start_N % max_word_pieces == 0
+    return start_N.reshape(start_BT.shape)
+
+
 def mask_tokens(
     ids_BT: np.ndarray,
     *,
@@ -251,12 +342,9 @@ def mask_tokens(
     special_BT = special_V[ids_BT]
     maskable_BT = ~special_BT if valid_BT is None else (~special_BT & valid_BT)
     if cfg.whole_word:
-        if vocab.word_start_V is None:
-            raise ValueError("masking.whole_word needs the tokenizer's word-start table")
-        # a word starts at a marked piece, at a special token, right after one, and at t = 0
-        start_BT = vocab.word_start_V[ids_BT] | special_BT
-        start_BT[:, 1:] |= special_BT[:, :-1]
-        start_BT[:, 0] = True
+        start_BT = word_starts(
+            ids_BT, vocab=vocab, max_word_pieces=cfg.max_word_pieces, special_BT=special_BT
+        )
         word_of_BT = np.cumsum(start_BT.ravel()).reshape(ids_BT.shape) - 1
         chosen_W = rng.random(int(word_of_BT[-1, -1]) + 1) < cfg.mask_prob
         selected_BT = chosen_W[word_of_BT] & maskable_BT

@@ -1,19 +1,30 @@
-"""Loader transforms in numpy: joining, boundaries, BERT masking (rates, specials, whole words)."""
+"""Loader transforms in numpy: joining, boundaries, BERT masking (rates, specials, whole words,
+words in scripts without spaces)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import zstandard
 
+from data_pipeline.readers import MonoInput
 from data_pipeline.synthetic import synthetic_vocab
+from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from data_pipeline.transforms import (
     IGNORE_INDEX,
     MaskingConfig,
+    Vocab,
     boundaries_from_starts,
+    is_cjk_piece,
     join_mono,
     join_pairs,
     mask_tokens,
+    word_starts,
 )
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample" / "mono"
 
 VOCAB = synthetic_vocab(512)
 
@@ -98,7 +109,10 @@ def test_whole_word_masking_selects_whole_words() -> None:
     rng = np.random.default_rng(2)
     ids = rng.integers(10, 512, (16, 256))
     inputs, labels = mask_tokens(
-        ids, vocab=VOCAB, cfg=MaskingConfig(whole_word=True), rng=np.random.default_rng(3)
+        ids,
+        vocab=VOCAB,
+        cfg=MaskingConfig(whole_word=True, max_word_pieces=10_000),  # no word is cut
+        rng=np.random.default_rng(3),
     )
     selected = labels != IGNORE_INDEX
     word_start = VOCAB.word_start_V[ids]
@@ -110,8 +124,81 @@ def test_whole_word_masking_selects_whole_words() -> None:
     assert 0.08 < selected.mean() < 0.22
 
 
+def _sample_lines(lang: str, split: str, n: int) -> list[str]:
+    raw = zstandard.ZstdDecompressor().decompress((SAMPLE / f"{lang}.{split}.txt.zst").read_bytes())
+    return raw.decode("utf-8").splitlines()[:n]
+
+
+@pytest.fixture(scope="module")
+def cjk_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sentencepiece tokenizer on en/zh/ja/ko text of the sample corpus."""
+    root = tmp_path_factory.mktemp("cjk")
+    inputs = []
+    for lang in ("en", "zh", "ja", "ko"):
+        path = root / f"{lang}.txt"
+        path.write_text("\n".join(_sample_lines(lang, "train", 400)) + "\n", encoding="utf-8")
+        inputs.append(MonoInput(lang, (path,)))
+    out = root / "tok"
+    train_tokenizer(
+        inputs, out=out, vocab_size=3000, num_sentinels=4, character_coverage=0.98, num_threads=2
+    )
+    return out
+
+
+def _rows(ids: list[list[int]], eos: int, width: int) -> np.ndarray:
+    flat = np.concatenate([np.array([*row, eos]) for row in ids])
+    rows = len(flat) // width
+    return flat[: rows * width].reshape(rows, width).astype(np.int64)
+
+
+def _runs(selected_BT: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of consecutive selected positions, row by row."""
+    padded = np.zeros((selected_BT.shape[0], selected_BT.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = selected_BT
+    edges = np.diff(padded, axis=1)
+    return np.flatnonzero(edges.ravel() == -1) - np.flatnonzero(edges.ravel() == 1)
+
+
+def test_is_cjk_piece() -> None:
+    assert all(map(is_cjk_piece, ["数据", "▁の", "カタカナ", "한국어", "\U00020000", "。", "「"]))
+    assert not any(map(is_cjk_piece, ["▁word", "Ελ", "हिन्दी", ".", "<0xE4>", "▁"]))
+
+
+@pytest.mark.parametrize("lang", ["zh", "ja", "ko"])
+def test_whole_word_masking_in_scripts_without_spaces(cjk_tok: Path, lang: str) -> None:
+    # before: a word ran from one word-boundary mark to the next, so a Chinese or Japanese
+    # paragraph (no spaces) was one word, masked at once (runs of 50+ pieces)
+    tok = load_tokenizer(cjk_tok)
+    vocab = Vocab.from_tokenizer(str(cjk_tok))
+    ids_BT = _rows(tok.encode(_sample_lines(lang, "valid", 250)), vocab.eos_id, 128)
+    assert ids_BT.size > 4000
+    cfg = MaskingConfig(whole_word=True)
+    starts_BT = word_starts(ids_BT, vocab=vocab, max_word_pieces=cfg.max_word_pieces)
+    assert _runs(~starts_BT).max(initial=0) < cfg.max_word_pieces  # no word over 8 pieces
+    cjk_BT = vocab.cjk_V[ids_BT]
+    assert cjk_BT.mean() > 0.3  # the text is mostly CJK pieces, each a word of its own
+    assert starts_BT[cjk_BT].all() and starts_BT[:, 1:][cjk_BT[:, :-1]].all()
+
+    maskable_BT = ~vocab.special_mask_V()[ids_BT]
+    rates, longest, p99 = [], [], []
+    for seed in range(20):
+        _, labels = mask_tokens(ids_BT, vocab=vocab, cfg=cfg, rng=np.random.default_rng(seed))
+        chosen_BT = labels != IGNORE_INDEX
+        rates.append(chosen_BT[maskable_BT].mean())
+        # each masked word is at most 8 pieces: runs of chosen pieces cut at word starts
+        assert _runs(chosen_BT & ~starts_BT).max(initial=0) < cfg.max_word_pieces
+        # maximal masked spans (neighbouring words chosen together) stay short
+        runs = _runs(chosen_BT)
+        longest.append(runs.max())
+        p99.append(np.percentile(runs, 99))
+    assert max(p99) <= cfg.max_word_pieces and max(longest) <= 4 * cfg.max_word_pieces
+    assert abs(np.mean(rates) - cfg.mask_prob) < 0.01, rates
+
+
 def test_masking_config_rules() -> None:
     with pytest.raises(ValueError, match=r"masking.mask_prob \(1.5\) must be in \[0, 1\]"):
         MaskingConfig(mask_prob=1.5).check()
     with pytest.raises(ValueError, match="replace_prob \\+ random_prob"):
         MaskingConfig(replace_prob=0.9, random_prob=0.2).check()
+    with pytest.raises(ValueError, match=r"masking.max_word_pieces \(0\) must be an integer >= 1"):
+        MaskingConfig(max_word_pieces=0).check()
