@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.sbatch import submit, time_limit_seconds
+from launch.sbatch import output_pattern_literal, sbatch_value, submit, time_limit_seconds
 from pretrain.config import RunConfig, load_config, save_config, validate_config
 
 EXIT_BAD_INPUT = 2
@@ -102,15 +102,22 @@ class SlurmJob:
 
     @property
     def log_path(self) -> Path:
+        """Where the job's log goes; ``%j`` is the job id (an sbatch filename pattern)."""
         return self.run_dir / "logs" / "slurm-%j.out"
+
+    @property
+    def output_pattern(self) -> str:
+        """``--output``'s value: :attr:`log_path` with the run directory's own ``%`` doubled."""
+        return output_pattern_literal(str(self.run_dir / "logs")) + "/slurm-%j.out"
 
 
 def check_job(job: SlurmJob) -> None:
     """Check the Slurm side of a job.
 
     Raises:
-        ValueError: nodes or processes < 1, a bad module or job name, a bad time limit, or a
-            grace period that does not fit in the time limit.
+        ValueError: nodes or processes < 1, a bad module or job name, a bad time limit, a
+            grace period that does not fit in the time limit, or a run or work directory with
+            a line break.
     """
     if job.nodes < 1:
         raise ValueError(f"--nodes ({job.nodes}) must be >= 1")
@@ -124,6 +131,9 @@ def check_job(job: SlurmJob) -> None:
         raise ValueError(f"--partition ({job.partition!r}) must be letters, digits and _.+-")
     if job.grace_s < 1:
         raise ValueError(f"--grace ({job.grace_s}) must be >= 1 second")
+    for name, path in (("train.run_dir", job.run_dir), ("--workdir", job.workdir)):
+        if "\n" in str(path) or "\r" in str(path):
+            raise ValueError(f"{name} ({str(path)!r}) must not hold a line break (sbatch script)")
     if job.time is not None:
         limit = time_limit_seconds(job.time)
         if job.grace_s >= limit:
@@ -149,13 +159,14 @@ def render_sbatch(job: SlurmJob) -> str:
     if job.partition:
         directives.append(f"--partition={job.partition}")
     if job.time:
-        directives.append(f"--time={job.time}")
+        directives.append(f"--time={job.time.strip()}")
     directives += [
-        f"--output={job.log_path}",
+        # sbatch splits #SBATCH lines shell-like: a path with spaces (or "#") is quoted
+        f"--output={sbatch_value(job.output_pattern)}",
         "--open-mode=append",
         "--requeue",
         f"--signal=B:USR1@{job.grace_s}",
-        f"--chdir={job.workdir}",
+        f"--chdir={sbatch_value(str(job.workdir))}",
     ]
     kind = "GPUs" if job.gpus else "CPU processes"
     header = f"""#!/bin/bash
@@ -282,7 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-node", type=int, required=True, help="GPUs (CPU: processes) per node"
     )
     parser.add_argument("--partition", default=None, help="Slurm partition")
-    parser.add_argument("--time", default=None, help="time limit (Slurm --time forms)")
+    parser.add_argument(
+        "--time",
+        default=None,
+        help="time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+        "(seconds and minutes < 60, hours < 24 after days)",
+    )
     parser.add_argument(
         "--grace",
         type=int,

@@ -225,3 +225,86 @@ def test_preempted_exit_code_matches_the_trainer():
             assert trainer_code == EXIT_PREEMPTED
             return
     pytest.skip("the trainer defines no EXIT_PREEMPTED yet")
+
+
+def _sbatch_split(line: str, *, legacy: bool = False) -> list[str]:
+    """The arguments sbatch reads from the text after ``#SBATCH`` (src/sbatch/opt.c,
+    ``_get_argument``): whitespace separates unless quoted, an unescaped ``#`` ends the line,
+    a backslash escapes the next character (inside quotes too). ``legacy``: releases before
+    17.x, where only double quotes quote and any unescaped ``#`` ends the line."""
+    args: list[str] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i].isspace():
+            i += 1
+        if i >= n:
+            return args
+        arg, quote, escape, comment = [], "", False, False
+        while i < n and (quote or not line[i].isspace()):
+            c = line[i]
+            i += 1
+            if escape:
+                escape = False
+            elif c == "\\":
+                escape = True
+                continue
+            elif c == "#" and (legacy or not quote):
+                comment = True
+                break
+            elif quote and c == quote:
+                quote = ""
+                continue
+            elif not quote and (c == '"' or (c == "'" and not legacy)):
+                quote = c
+                continue
+            arg.append(c)
+        assert not quote, f"unmatched quote in {line!r}"
+        if arg:
+            args.append("".join(arg))
+        if comment:
+            return args
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_sbatch_paths_with_spaces_hash_and_quotes_are_quoted(tmp_path, legacy):
+    run_dir = tmp_path / "runs dir" / "it's #1 at 100%"
+    workdir = Path('/my "repo" \\ here')
+    text = render_sbatch(_job(tmp_path, run_dir=run_dir, workdir=workdir))
+    lines = [line.removeprefix("#SBATCH") for line in text.splitlines() if line.startswith("#SB")]
+    parsed = [arg for line in lines for arg in _sbatch_split(line, legacy=legacy)]
+    logs = str(run_dir / "logs").replace("%", "%%")  # "%" is a filename-pattern symbol
+    assert f"--output={logs}/slurm-%j.out" in parsed
+    assert f"--chdir={workdir}" in parsed
+    assert len(parsed) == len(lines)  # one argument per line, nothing cut at a "#"
+    # plain paths stay unquoted
+    assert "--chdir=/repo" in _directives(render_sbatch(_job(tmp_path)))
+
+
+def test_a_run_dir_with_a_line_break_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^train.run_dir \(.*\) must not hold a line break"):
+        render_sbatch(_job(tmp_path, run_dir=tmp_path / "a\nb"))
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ("99:99", "seconds (99) must be < 60"),
+        ("1:60:00", "minutes (60) must be < 60"),
+        ("1:00:60", "seconds (60) must be < 60"),
+        ("1-24", "hours (24) must be < 24"),
+        ("1-23:60", "minutes (60) must be < 60"),
+        ("2-00:00:75", "seconds (75) must be < 60"),
+    ],
+)
+def test_time_fields_out_of_range_are_one_line_exit_2(tmp_path, capsys, monkeypatch, value, field):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(TINY), "--nodes", "1", "--gpus-per-node", "1", "--time", value]
+    assert main([*args, "train.run_dir=r"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --time ({value!r}): {field}") and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("36:00:00", 129600), ("120:30", 7230)])
+def test_time_first_field_may_be_any_size(value, seconds):
+    assert time_limit_seconds(value) == seconds
