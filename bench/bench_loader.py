@@ -16,6 +16,10 @@ falls on every reader alike. Loader figures are steady-state: building the datas
 tokenizer) and a few warm-up batches are not timed. Goals (issue 5): packed CLM >= 0.7x plain
 and >= 5 M tokens/s per core.
 
+``--dp-world-size N`` measures rank 0 of N data-parallel ranks (the global language schedule
+then deals each step's N x B rows over the ranks); ``--tlm-swap-prob P`` sets the TLM pair
+direction draw (default: the loader's, 0.5).
+
 Usage: python bench/bench_loader.py [--shards DIR] [--seq-len 2048] [--batch-size 8] [--json]
 (without --shards, a tokenizer is trained and the sample corpus sharded first, about 40 s, into a
 temporary directory, or into ``--build DIR`` to keep them for later ``--shards DIR/shards``).
@@ -100,20 +104,30 @@ def plain_run(shards: Path):
     return run
 
 
-def loader_run(shards: Path, *, kind: str, seq_len: int, batch_size: int):
+def loader_run(
+    shards: Path,
+    *,
+    kind: str,
+    seq_len: int,
+    batch_size: int,
+    dp_world_size: int = 1,
+    tlm_swap_prob: float | None = None,
+):
     """``run(deadline) -> tokens``: non-padding tokens of the loader's batches of ``kind``
     (clm | mlm | tlm), one process. The dataset is built (manifest, tokenizer) and warmed up
     (a few batches) untimed; successive runs continue the same stream."""
     objective = "clm" if kind == "clm" else "mlm"
     masking = MaskingConfig(tlm_share=1.0 if kind == "tlm" else 0.0)
+    extra = {} if tlm_swap_prob is None else {"tlm_swap_prob": tlm_swap_prob}
     ds = StreamingDataset(
         shards,
         dp_rank=0,
-        dp_world_size=1,
+        dp_world_size=dp_world_size,
         seq_len=seq_len,
         batch_size=batch_size,
         objective=objective,
         masking=masking,
+        **extra,
     )
     it = iter(ds)
     for _ in range(8):
@@ -147,6 +161,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dp-world-size", type=int, default=1, help="measure rank 0 of N")
+    parser.add_argument("--tlm-swap-prob", type=float, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -162,7 +178,12 @@ def main() -> None:
         runs = {"plain": plain_run(shards)}
         for kind in ("clm", "mlm", "tlm"):
             runs[kind] = loader_run(
-                shards, kind=kind, seq_len=args.seq_len, batch_size=args.batch_size
+                shards,
+                kind=kind,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                dp_world_size=args.dp_world_size,
+                tlm_swap_prob=args.tlm_swap_prob,
             )
         # rounds interleave the readers, so that load from other jobs hits them alike
         best = dict.fromkeys(runs, 0.0)
@@ -176,6 +197,7 @@ def main() -> None:
         "cores_used": 1,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
+        "dp_world_size": args.dp_world_size,
         "tokens_per_sample": round(tokens_per_sample),
         "plain_wds_zstd_tokens_per_s": plain,
         **{f"loader_{k}_tokens_per_s": v for k, v in rates.items()},

@@ -41,6 +41,9 @@ class DataConfig:
     """Drop a document remainder shorter than this instead of opening a row with it (0: none)."""
     on_bad_shard: str = "skip"
     """A shard failing to read mid-stream: skip (logged by name and counted) | raise."""
+    tlm_swap_prob: float = 0.5
+    """Probability that a TLM pair puts its target side first (per pair; XLM trains both
+    directions, en-fr and fr-en)."""
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -68,5 +71,7 @@ def validate_data(cfg: DataConfig) -> None:
             raise ValueError(f"data.pair_weights.{pair} ({weight}) must be >= 0")
     if cfg.min_carry_tokens < 0:
         raise ValueError(f"data.min_carry_tokens ({cfg.min_carry_tokens}) must be >= 0")
+    if not 0.0 <= cfg.tlm_swap_prob <= 1.0:
+        raise ValueError(f"data.tlm_swap_prob ({cfg.tlm_swap_prob}) must be in [0, 1]")
     if cfg.on_bad_shard not in ("skip", "raise"):
         raise ValueError(f"data.on_bad_shard ({cfg.on_bad_shard!r}) must be skip or raise")
