@@ -23,6 +23,14 @@ the M per-microbatch aux losses, the same as gradient accumulation over those M 
 with ``aux_loss_scale = 1 / M``. (A load-balancing loss is a product of per-batch statistics, so
 a microbatch's value differs from the whole batch's; Megatron also takes it per microbatch.)
 
+Per-token inputs (``pipeline_step``'s ``stage_kwargs``: document ids, position ids, language
+ids). Stages pass only hidden states to each other, so these go to every stage from outside:
+``schedule.step(..., **stage_kwargs)`` splits them along dim 0 like the token ids and calls each
+stage's forward on microbatch i with microbatch i's slices (torch's pipelining hands ``step``
+keyword arguments to every stage). Every stage then builds the same document mask and RoPE
+positions as the unsplit model: document masking, position resets and TLM rows work under
+pipeline parallel.
+
 Tied embeddings cannot be split over stages (the embedding table and the output projection
 would live on different ranks): ``model.tie_embeddings`` must be false with ``parallel.pp > 1``
 (checked by ``pretrain.config.validate_config``).
@@ -191,6 +199,7 @@ def pipeline_step(
     dims: ParallelDims,
     inputs: torch.Tensor,
     targets: torch.Tensor,
+    stage_kwargs: dict[str, torch.Tensor] | None = None,
     ignore_index: int = -100,
     backward: bool = True,
 ) -> torch.Tensor:
@@ -201,6 +210,12 @@ def pipeline_step(
         inputs: ``tokens_BT`` (read on the rank holding the first stage).
         targets: ``targets_BT`` with ``ignore_index`` where nothing is predicted (read on the
             rank holding the last stage; every rank may pass them).
+        stage_kwargs: keyword arguments of every stage's ``forward``, per-token ``[B, T]``
+            tensors of the whole batch (``document_ids_BT``, ``position_ids_BT``,
+            ``lang_ids_BT``): the schedule splits them along dim 0 like ``inputs`` and hands
+            microbatch i's slices to every stage with microbatch i, so each stage builds the
+            same document masks and positions as the unsplit model. Pass them on every pp
+            rank (each holds the same batch).
 
     Returns:
         The batch's per-token mean loss, on every pp rank (``pipeline_loss``). Gradients are
@@ -210,7 +225,9 @@ def pipeline_step(
     if info.has_last:
         info.loss_fn.num_targets = (targets != ignore_index).sum().clamp(min=1).float()
     args = (inputs,) if info.has_first else ()
-    kwargs = {"target": targets, "losses": losses} if info.has_last else {}
+    kwargs = dict(stage_kwargs or {})
+    if info.has_last:
+        kwargs.update(target=targets, losses=losses)
     if backward:
         schedule.step(*args, **kwargs)
     else:
