@@ -280,10 +280,16 @@ def reduce_metric(
     """Reduce a per-rank metric over ``axis`` (``dp``, ``pp``, ``tp``, ``ep``, ...):
     ``mean``, ``sum`` or ``max``. Without a layout the value is returned as a tensor.
 
+    Reduced in fp32, except a float64 or int64 tensor, which keeps its dtype (counts such as
+    tokens per language summed over many ranks stay exact past fp32's 2**24).
+
     Raises:
         ValueError: an unknown ``op``.
     """
-    tensor = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float64, torch.int64):
+        tensor = value.detach().clone()
+    else:
+        tensor = torch.as_tensor(value, dtype=torch.float32).detach().clone()
     if op not in ("mean", "sum", "max"):
         raise ValueError(f"metric reduction ({op!r}) must be mean, sum or max")
     if dims is None:

@@ -170,6 +170,61 @@ def latest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What makes checkpoint ``path`` unloadable, found without loading it: its DCP metadata
+    unreadable, a shard file it names missing or shorter than the bytes it indexes, a rank
+    state that ``torch.load(weights_only=True)`` refuses. None when it looks whole.
+
+    The metadata is unpickled (DCP checkpoints are trusted run output).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # a torn write shows as any unpickling error
+        return f"{path / '.metadata'}: unreadable ({type(err).__name__}: {err})"
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size < size:
+            return f"{file}: truncated ({file.stat().st_size} of {size} bytes)"
+    for file in sorted(path.glob("rank_*.pt")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            return f"{file}: unreadable ({type(err).__name__}: {err})"
+    return None
+
+
+def holds_earlier_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds metrics or checkpoints (complete or partial) of a run."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    return (run_dir / "metrics.jsonl").exists() or (root.is_dir() and any(root.iterdir()))
+
+
+def move_run_dir_aside(run_dir: str | os.PathLike) -> Path:
+    """Rename ``run_dir`` to ``<run_dir>.old-<UTC time>`` (``-2``, ``-3``, ... when taken) and
+    return the new name; nothing is deleted."""
+    import time
+
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 2
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+        n += 1
+    os.replace(run_dir, target)
+    return target
+
+
 class CheckpointManager:
     """Saves and loads the run's checkpoints; every rank calls every method.
 

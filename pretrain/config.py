@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -54,7 +55,12 @@ class ObjectiveConfig:
     mask_random_prob: float = 0.1
     """Of the selected tokens, the share replaced by a random token (the rest are kept)."""
     whole_word: bool = False
-    """Mask whole words (sentencepiece pieces starting with the word-boundary mark)."""
+    """Mask whole words (sentencepiece pieces starting with the word-boundary mark; each CJK
+    ideograph, kana or Hangul piece is a word of its own, as in BERT's Chinese rule)."""
+    max_word_pieces: int = 8
+    """Whole-word masking: a longer run of pieces without a word start counts as several words
+    of at most this many pieces (so a run of text in a script without spaces is never masked
+    at once)."""
     tlm_share: float = 0.0
     """Share of TLM (parallel-pair) sequences in each encoder batch."""
     loss_chunk_tokens: int = 4096
@@ -103,7 +109,13 @@ class TrainConfig:
     """Checkpoint and exit 0 after this step (a job's time slice); 0 runs to train.steps. The
     LR schedule still spans train.steps."""
     resume: str = "none"
-    """none | auto (latest complete checkpoint in run_dir) | a checkpoint directory."""
+    """none | auto (latest complete checkpoint in run_dir; a corrupt latest one is named and
+    the previous complete one taken) | a checkpoint directory. DCP checkpoints are trusted
+    input: their metadata is a pickle, so resume only from checkpoints you or your team wrote."""
+    overwrite: bool = False
+    """With train.resume=none, start afresh in a run_dir that holds checkpoints or metrics by
+    first moving its contents aside to ``<run_dir>.old-<UTC time>`` (never deleted); without it
+    such a start is refused."""
     deterministic: bool = False
     """Deterministic algorithms (bit-for-bit reproducible on CPU)."""
     precision: str = "auto"
@@ -208,6 +220,10 @@ def _check_keys(tree: Any, cls: type, prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{path} ({value!r}) must be a mapping of {sub.__name__} keys")
             _check_keys(value, sub, f"{path}.")
+        elif _is_mapping_field(cls, key) and not isinstance(value, dict):
+            raise ValueError(
+                f"{_yaml_name(path)} ({value!r}) must be a mapping, e.g. {{en: 2, de: 1}}"
+            )
 
 
 def _section_type(cls: type, name: str) -> type | None:
@@ -218,6 +234,12 @@ def _section_type(cls: type, name: str) -> type | None:
         if dataclasses.is_dataclass(made):
             return type(made)
     return None
+
+
+def _is_mapping_field(cls: type, name: str) -> bool:
+    """Whether field ``name`` of ``cls`` holds a plain dict (weights by name)."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return spec.default_factory is dict
 
 
 def _dotlist_to_tree(overrides: Sequence[str]) -> dict:
@@ -255,6 +277,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"config file {str(path)!r} is a directory; --config takes a YAML file"
+            )
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
         try:
@@ -375,21 +401,9 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
             f"model.tie_embeddings (True) must be false with parallel.pp ({par.pp}) > 1: the "
             "embedding table and the output projection are on different pipeline stages"
         )
-    if par.pp > 1 and model.document_masking:
-        raise ValueError(
-            f"model.document_masking (True) must be false with parallel.pp ({par.pp}) > 1: "
-            "pipeline stages pass only hidden states"
-        )
-    if par.pp > 1 and cfg.data.reset_position_ids:
-        raise ValueError(
-            f"data.reset_position_ids (True) must be false with parallel.pp ({par.pp}) > 1: "
-            "pipeline stages pass only hidden states"
-        )
-    if par.pp > 1 and cfg.objective.tlm_share > 0:
-        raise ValueError(
-            f"objective.tlm_share ({cfg.objective.tlm_share}) must be 0 with parallel.pp "
-            f"({par.pp}) > 1: TLM rows need their own positions, which stages do not pass"
-        )
+    # Document masks, position resets and TLM rows work under pipeline parallel: document,
+    # position and language ids go to every stage beside the hidden states
+    # (parallel.pipeline.pipeline_step's stage_kwargs).
     if par.pp > 1 and cfg.train.grad_accum != 1:
         raise ValueError(
             f"train.grad_accum ({cfg.train.grad_accum}) must be 1 with parallel.pp ({par.pp}) "
@@ -437,9 +451,15 @@ def _validate_objective(cfg: RunConfig) -> None:
         )
     if obj.loss_chunk_tokens < 1:
         raise ValueError(f"objective.loss_chunk_tokens ({obj.loss_chunk_tokens}) must be >= 1")
+    if obj.max_word_pieces < 1:
+        raise ValueError(f"objective.max_word_pieces ({obj.max_word_pieces}) must be >= 1")
 
 
 def _validate_optim(optim: OptimConfig) -> None:
+    for key in ("lr", "min_lr_ratio", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
+        value = getattr(optim, key)
+        if not math.isfinite(value):
+            raise ValueError(f"optim.{key} ({value}) must be a finite number")
     if optim.lr <= 0:
         raise ValueError(f"optim.lr ({optim.lr}) must be > 0")
     if not 0.0 <= optim.min_lr_ratio <= 1.0:
@@ -502,6 +522,113 @@ def _validate_train(cfg: RunConfig) -> None:
         raise ValueError(f"logging.every ({cfg.logging.every}) must be >= 1")
     if cfg.logging.peak_tflops is not None and cfg.logging.peak_tflops <= 0:
         raise ValueError(f"logging.peak_tflops ({cfg.logging.peak_tflops}) must be > 0")
+
+
+def starts_afresh(train: TrainConfig) -> bool:
+    """Whether a run with ``train`` starts a new run in ``train.run_dir`` rather than continuing
+    the one there: ``train.resume=none``, or a checkpoint from outside the run directory (an
+    imported model)."""
+    if train.resume == "auto":
+        return False
+    if train.resume == "none":
+        return True
+    own = Path(train.run_dir).resolve() / "checkpoints"
+    return own not in Path(train.resume).resolve().parents
+
+
+def _read_manifest(key: str, value: str) -> dict:
+    from data_pipeline.manifest import load_manifest
+
+    if not value:
+        raise ValueError(f"{key} ('') must name a shard directory or its manifest.json")
+    try:
+        return load_manifest(value)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{key} ({value!r}): {err}") from None
+
+
+def check_run_inputs(cfg: RunConfig) -> None:
+    """Check what a run reads and where it writes, before anything is built or written.
+
+    - ``train.run_dir`` is not a file; a fresh start (:func:`starts_afresh`) into a run
+      directory that holds checkpoints or metrics needs ``train.overwrite=true``;
+    - ``data.manifest`` and ``data.valid_manifest`` are readable shard manifests made with one
+      tokenizer, and ``model.vocab_size`` covers its vocabulary;
+    - ``data.tokenizer``, when set, is that tokenizer (same model sha256): one tokenizer per
+      run, the one the shards were made with (``""`` takes the manifest's);
+    - ``train.resume`` names a complete, readable checkpoint of this model, or is none, or
+      auto (with at least one readable checkpoint when there are any).
+
+    Raises:
+        ValueError: one line naming the key, its value and the rule broken.
+    """
+    from pretrain.checkpoint import (
+        check_compatible,
+        checkpoint_problem,
+        complete_checkpoints,
+        holds_earlier_run,
+    )
+
+    train = cfg.train
+    run_dir = Path(train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.run_dir ({train.run_dir!r}) is a file; it must name a directory")
+    if train.resume not in RESUME_MODES:
+        checkpoint = Path(train.resume)
+        if not (checkpoint / ".metadata").is_file():
+            raise ValueError(
+                f"train.resume ({train.resume!r}) must be none, auto or a complete checkpoint "
+                "directory (one holding .metadata)"
+            )
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ValueError(f"train.resume ({train.resume!r}) is corrupt: {problem}")
+        check_compatible(checkpoint, config_to_dict(cfg)["model"])
+    if train.resume == "auto":
+        found = complete_checkpoints(run_dir / "checkpoints")
+        if found and all(checkpoint_problem(path) for _, path in found):
+            raise ValueError(
+                f"train.resume (auto): no loadable checkpoint in {run_dir / 'checkpoints'}; "
+                f"the newest, {found[-1][1].name}, is corrupt: {checkpoint_problem(found[-1][1])}"
+            )
+    if starts_afresh(train) and not train.overwrite and holds_earlier_run(run_dir):
+        raise ValueError(
+            f"train.run_dir ({train.run_dir!r}) holds checkpoints or metrics of an earlier run: "
+            "continue it with train.resume=auto, choose a new train.run_dir, or set "
+            "train.overwrite=true to move its contents aside"
+        )
+    data = cfg.data
+    manifest = _read_manifest("data.manifest", data.manifest)
+    tokenizer = manifest.get("tokenizer") or {}
+    sha = tokenizer.get("model_sha256")
+    if data.valid_manifest:
+        valid = _read_manifest("data.valid_manifest", data.valid_manifest)
+        valid_sha = (valid.get("tokenizer") or {}).get("model_sha256")
+        if sha and valid_sha and valid_sha != sha:
+            raise ValueError(
+                f"data.valid_manifest ({data.valid_manifest!r}) was made with another tokenizer "
+                f"than data.manifest ({data.manifest!r}) (model sha256 {valid_sha[:12]} != "
+                f"{sha[:12]})"
+            )
+    vocab = tokenizer.get("vocab_size")
+    if isinstance(vocab, int) and cfg.model.vocab_size < vocab:
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) must be >= the vocabulary of the "
+            f"tokenizer of data.manifest ({vocab})"
+        )
+    if data.tokenizer:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        try:
+            ours = load_tokenizer(data.tokenizer).model_sha256
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"data.tokenizer ({data.tokenizer!r}): {err}") from None
+        if sha and ours != sha:
+            raise ValueError(
+                f"data.tokenizer ({data.tokenizer!r}) is not the tokenizer data.manifest "
+                f"({data.manifest!r}) was made with (model sha256 {ours[:12]} != {sha[:12]}); "
+                "leave data.tokenizer empty to use the manifest's"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

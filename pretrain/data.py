@@ -4,11 +4,19 @@ Objectives map onto the loader's two kinds of batch: ``clm`` -> packed causal-LM
 and ``tlm`` -> BERT-masked rows, with a share of TLM (parallel-pair) rows. A weighted mix
 ``objective.weights = {mlm: a, tlm: b}`` becomes a TLM share of b / (a + b) of every batch
 unless ``objective.tlm_share`` is set; ``objective.name = tlm`` alone means TLM rows only.
+
+Loader states in checkpoints are kept per data-parallel rank: every rank saves its loader's
+state with its dp coordinate (:func:`loader_rank_state`), tensor / pipeline / expert-parallel
+peers of one dp rank save the same state, and a resume hands the loader one state per old dp
+rank (:func:`loader_resume_state`): its own when the dp layout (dp size, workers per rank) is
+unchanged, else all of them for the loader's elastic re-dealing, whatever the world size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from data_pipeline.loader import StreamingLoader, build_loader, masking_from_objective
 from pretrain.config import RunConfig
@@ -112,3 +120,94 @@ def _valid_data_cfg(cfg: RunConfig, *, weights: dict[str, float]):
         num_workers=0,
         shuffle_buffer=1,
     )
+
+
+def check_num_languages(cfg: RunConfig, languages: list[str]) -> None:
+    """With language embeddings on, ``model.num_languages`` must cover the run's language index.
+
+    Args:
+        languages: the run's language index (the tokenizer's language list, as the loader's
+            ``dataset.languages`` holds it).
+
+    Raises:
+        ValueError: ``model.num_languages`` is positive and smaller than ``len(languages)``.
+    """
+    count = cfg.model.num_languages
+    if 0 < count < len(languages):
+        raise ValueError(
+            f"model.num_languages ({count}) must be >= the run's languages ({len(languages)}: "
+            f"{', '.join(languages)}), which index the language embeddings"
+        )
+
+
+def loader_rank_state(
+    loader: StreamingLoader, *, dp_rank: int, dp_world_size: int, num_workers: int
+) -> dict[str, Any]:
+    """The loader part of a rank's checkpoint state: ``{"loader": state, "dp": {"rank",
+    "world_size", "num_workers"}}`` (the dp coordinate lets a resume keep one state per dp
+    rank)."""
+    return {
+        "loader": loader.state_dict(),
+        "dp": {"rank": dp_rank, "world_size": dp_world_size, "num_workers": num_workers},
+    }
+
+
+def _dp_of(state: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(dp rank, dp world size, workers)`` a saved rank state belongs to. Checkpoints from
+    before ``"dp"`` was saved: the loader state's own fields."""
+    if "dp" in state:
+        dp = state["dp"]
+        return int(dp["rank"]), int(dp["world_size"]), int(dp["num_workers"])
+    loader = state["loader"]
+    return int(loader["dp_rank"]), int(loader["dp_world_size"]), int(loader["num_workers"])
+
+
+def loader_states_by_dp_rank(
+    rank_states: Mapping[int, Mapping[str, Any]],
+) -> tuple[tuple[int, int], dict[int, dict]]:
+    """One loader state per old dp rank from every saved rank's state (the lowest global rank
+    of each dp rank: its tp/pp/ep peers hold the same state).
+
+    Returns:
+        ``((old dp world size, old workers per rank), {dp rank: loader state})``.
+
+    Raises:
+        ValueError: the ranks disagree on the dp layout, or some old dp rank has no state.
+    """
+    layouts, states = set(), {}
+    for rank in sorted(rank_states):
+        dp_rank, dp_world, workers = _dp_of(rank_states[rank])
+        layouts.add((dp_world, workers))
+        states.setdefault(dp_rank, rank_states[rank]["loader"])
+    if len(layouts) != 1:
+        raise ValueError(f"checkpoint rank states disagree on the dp layout: {sorted(layouts)}")
+    (layout,) = layouts
+    if sorted(states) != list(range(layout[0])):
+        raise ValueError(
+            f"checkpoint holds loader states of dp ranks {sorted(states)} of dp world size "
+            f"{layout[0]}: a resume needs every old dp rank's state"
+        )
+    return layout, states
+
+
+def loader_resume_state(
+    rank_states: Mapping[int, Mapping[str, Any]],
+    *,
+    dp_rank: int,
+    dp_world_size: int,
+    num_workers: int,
+) -> dict | list[dict] | None:
+    """What this rank's loader resumes from (``loader.load_state_dict``): its own dp rank's
+    state when the dp layout (dp world size, workers per rank) is the one saved (exact resume),
+    else one state per old dp rank (elastic: the loader re-deals the pass's remaining
+    documents); None without saved rank states (an imported model: data from the start).
+
+    Raises:
+        ValueError: as :func:`loader_states_by_dp_rank`.
+    """
+    if not rank_states:
+        return None
+    layout, states = loader_states_by_dp_rank(rank_states)
+    if layout == (dp_world_size, num_workers):
+        return states[dp_rank]
+    return [states[r] for r in sorted(states)]

@@ -6,7 +6,15 @@ config -> mesh -> model -> parallelize -> loader -> optimizer -> loop.
 ``--dry-run --world-size N [--json]`` validates the config and the parallel layout for N ranks in
 one process without building anything on a device.
 
-Exit codes: 0 done, 2 bad config or input (one line on stderr, no traceback).
+Before anything is built or written, the config is validated and what the run reads is checked
+(``pretrain.config.check_run_inputs``: manifests, tokenizer, vocabulary, ``train.resume``, the
+run directory); the run directory is written only once the run is built.
+
+Exit codes: 0 done, 2 bad config or input (one line on stderr, no traceback), 3 stopped on
+NaN/Inf (too many non-finite losses in a row, or non-finite weights at a save: nothing
+non-finite is ever saved), 75 stopped by SIGTERM/SIGUSR1 after checkpointing.
+
+DCP checkpoints (``train.resume``) are trusted input: their metadata is a pickle.
 """
 
 from __future__ import annotations
@@ -15,10 +23,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from parallel.dist import destroy_distributed, init_distributed
-from pretrain.config import RunConfig, config_to_yaml, load_config, save_config, validate_config
+from pretrain.config import RunConfig, check_run_inputs, load_config, validate_config
 
 EXIT_BAD_INPUT = 2
 
@@ -28,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.train",
         description="Pre-train a Rosetta model. Launch with torchrun for several processes.",
-        epilog="Overrides are section.key=value pairs after the options, e.g. "
-        "model.num_layers=2 parallel.tp=2 train.steps=100.",
+        epilog="Overrides are section.key=value pairs, before or after the options, e.g. "
+        "model.num_layers=2 parallel.tp=2 train.steps=100. A fresh start (train.resume=none) "
+        "into a run directory holding checkpoints or metrics is refused unless "
+        "train.overwrite=true (which moves them aside). DCP checkpoints (train.resume) are "
+        "trusted input: their metadata is a pickle, so resume only from checkpoints you trust. "
+        "Exit codes: 0 done, 2 bad config or input, 3 stopped on NaN/Inf (nothing non-finite "
+        "saved), 75 stopped by SIGTERM/SIGUSR1 after checkpointing.",
     )
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument(
@@ -131,12 +143,36 @@ def _print_plan(result: dict, *, as_json: bool) -> None:
         )
 
 
+def _check_inputs_on_every_rank(cfg: RunConfig) -> None:
+    """:func:`check_run_inputs` on every rank, agreed by all (a collective): a rank whose own
+    check passed stops too when another's failed (ranks on nodes that do not share a file
+    system may disagree), instead of waiting for it in the first collective."""
+    import torch
+    import torch.distributed as dist
+
+    error = None
+    try:
+        check_run_inputs(cfg)
+    except ValueError as err:
+        error = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and flag.item() > 0:
+            raise ValueError("another rank refused the start (its error names the input)")
+    if error is not None:
+        raise error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    # Intermixed: overrides may come before, between or after the options.
+    args = build_parser().parse_intermixed_args(argv)
     try:
         if args.world_size is not None and not args.dry_run:
             raise ValueError("--world-size is only used with --dry-run (torchrun sets it)")
+        if args.world_size is not None and args.world_size < 1:
+            raise ValueError(f"--world-size ({args.world_size}) must be >= 1")
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             _print_plan(plan(cfg, world_size=args.world_size or 1), as_json=args.json)
@@ -147,10 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank, world_size = init_distributed(device_type=device_type(cfg.train.device))
         try:
             validate_config(cfg, world_size=world_size)
-            if rank == 0:
-                print(config_to_yaml(cfg), end="")
-                save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
-                print(f"resolved config saved to {Path(cfg.train.run_dir) / 'config.yaml'}")
+            _check_inputs_on_every_rank(cfg)
+            # Builds the run, then writes the run directory (config.yaml first).
             code = train(cfg, rank=rank, world_size=world_size)
         finally:
             destroy_distributed()

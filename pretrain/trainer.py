@@ -7,7 +7,9 @@ mesh axis, AdamW and the LR schedule; every ``logging.every`` steps a metrics li
 at the end, and on SIGTERM/SIGUSR1) a checkpoint.
 
 Exit codes (``pretrain.train``): 0 done, 2 bad config or input, 3 stopped on too many NaN/Inf
-losses in a row (``EXIT_DIVERGED``), 75 stopped by SIGTERM/SIGUSR1 after checkpointing
+losses in a row, or at a save (periodic, final or on a signal) refused because the loss,
+parameters or optimizer state are not finite: nothing non-finite is ever saved
+(``EXIT_DIVERGED``), 75 stopped by SIGTERM/SIGUSR1 after checkpointing
 (``EXIT_PREEMPTED``; the SLURM script requeues the job, which resumes with ``train.resume=auto``).
 
 Loss normalisation: each micro-batch loss is the mean over its predicted tokens, divided by
@@ -42,12 +44,21 @@ from pretrain.checkpoint import (
     CheckpointManager,
     TrainState,
     check_compatible,
-    latest_checkpoint,
+    checkpoint_problem,
+    complete_checkpoints,
+    holds_earlier_run,
+    move_run_dir_aside,
     rng_state,
     set_rng_state,
 )
-from pretrain.config import RunConfig, config_to_dict, config_to_yaml
-from pretrain.data import build_train_loader, build_valid_loaders
+from pretrain.config import RunConfig, config_to_dict, config_to_yaml, save_config, starts_afresh
+from pretrain.data import (
+    build_train_loader,
+    build_valid_loaders,
+    check_num_languages,
+    loader_rank_state,
+    loader_resume_state,
+)
 from pretrain.flops import flops_per_token, mfu, peak_flops
 from pretrain.logger import RunLogger
 from pretrain.models import (
@@ -126,6 +137,13 @@ class Trainer:
 
         self.dims = ParallelDims.from_config(cfg.parallel, world_size=world_size)
         self.dims.build_mesh(device_type=self.device.type)
+        # The loader first (it reads the manifest and tokenizer, nothing more): the run's
+        # language index must fit the model before the model is built.
+        self.loader = build_train_loader(
+            cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
+        )
+        self.languages = list(self.loader.dataset.languages)
+        check_num_languages(cfg, self.languages)
         with torch.device("meta"):
             model = build_model(cfg.model)
         counts = param_counts(model)
@@ -174,10 +192,6 @@ class Trainer:
         self.sync_free = self.scaler is None and all(
             opt.defaults.get("fused") for opt in self.optimizers
         )
-        self.loader = build_train_loader(
-            cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
-        )
-        self.languages = list(self.loader.dataset.languages)
         # Row kinds the loss is reported by: CLM rows, or MLM and TLM rows of an encoder batch.
         self.objective_names = ["clm", "clm"] if cfg.model.family == "decoder" else ["mlm", "tlm"]
         # Loss groups: objective index * languages + language index (``_forward_loss``).
@@ -239,12 +253,40 @@ class Trainer:
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
         return labels
 
+    def _model_kwargs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's per-token model inputs beside the token ids, on the device: positions,
+        document ids (``model.document_masking``), language ids (``model.num_languages``).
+
+        Padding (TLM rows) is masked whatever ``model.document_masking`` says: without
+        document masking a padded batch still gets document ids, 0 on every token and -1 on
+        padding, so real tokens attend to the whole row but never to padding. (The check
+        reads the CPU batch: no device sync.)
+        """
+        cfg = self.cfg
+        # Only what the model takes goes to the device, each tensor once.
+        wanted = {"position_ids": "position_ids_BT"}
+        if cfg.model.document_masking:
+            wanted["doc_ids"] = "document_ids_BT"
+        if cfg.model.num_languages:
+            wanted["lang_ids"] = "lang_ids_BT"
+        kwargs = {
+            arg: self._on_device(batch[key])
+            for key, arg in wanted.items()
+            if batch.get(key) is not None
+        }
+        pad_mask = batch.get("attention_mask")
+        if "document_ids_BT" not in kwargs and pad_mask is not None and not bool(pad_mask.all()):
+            kwargs["document_ids_BT"] = self._on_device(
+                torch.where(pad_mask.bool(), 0, -1).to(torch.int32)
+            )
+        return kwargs
+
     def _pipeline_loss(self, batch: dict[str, Any], *, backward: bool) -> torch.Tensor:
         """One schedule step over the batch's microbatches (forward only without ``backward``);
         the mean loss on every pp rank.
 
-        Stages see only token ids / hidden states: positions are 0..T-1 and attention spans
-        the whole row (no per-document masks) under pipeline parallel.
+        Positions, document ids and language ids (:meth:`_model_kwargs`) go to every stage as
+        keyword arguments of ``schedule.step``, split into microbatches like the token ids.
         """
         with self._autocast():
             return pipeline_step(
@@ -253,6 +295,7 @@ class Trainer:
                 dims=self.dims,
                 inputs=self._on_device(batch["input_ids"]),
                 targets=self._shifted_labels(batch),
+                stage_kwargs=self._model_kwargs(batch),
                 ignore_index=IGNORE_INDEX,
                 backward=backward,
             )
@@ -274,17 +317,7 @@ class Trainer:
         cfg = self.cfg
         input_ids = self._on_device(batch["input_ids"])
         labels = self._shifted_labels(batch)
-        # Only what the model takes goes to the device, each tensor once.
-        wanted = {"position_ids": "position_ids_BT"}
-        if cfg.model.document_masking:
-            wanted["doc_ids"] = "document_ids_BT"
-        if cfg.model.num_languages:
-            wanted["lang_ids"] = "lang_ids_BT"
-        kwargs = {
-            arg: self._on_device(batch[key])
-            for key, arg in wanted.items()
-            if batch.get(key) is not None
-        }
+        kwargs = self._model_kwargs(batch)
         with self._autocast():
             if self.dims.tp > 1:
                 logits_BTV = self.model(input_ids, **kwargs)
@@ -422,31 +455,160 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "none":
             return
-        path = latest_checkpoint(self.run_dir / "checkpoints") if mode == "auto" else Path(mode)
+        path = self._latest_loadable() if mode == "auto" else Path(mode)
         if path is None:
             return
         if mode != "auto" and not (path / ".metadata").is_file():
             raise ValueError(f"train.resume ({mode!r}) is not a complete checkpoint directory")
         check_compatible(path, config_to_dict(self.cfg)["model"])
+        # The optimizer as this run's optim.* built it, before the checkpoint's groups land.
+        fresh_groups = [
+            [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+            for opt in self.optimizers
+        ]
         rank_states = self.checkpoints.load(path, self.state)
+        self._apply_optim_config(path, fresh_groups)
+        # One loader state per old dp rank (tp/pp/ep peers saved the same one): this dp
+        # rank's own when the dp layout is unchanged, else all of them for the loader to
+        # re-deal; none for an imported model (import-hf: weights only, data from the start).
+        loader_state = loader_resume_state(
+            rank_states,
+            dp_rank=self.dims.dp_rank,
+            dp_world_size=self.dims.dp_world_size,
+            num_workers=self.cfg.data.num_workers,
+        )
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
         own = rank_states.get(self.rank)
-        if not rank_states:
-            # An imported model (checkpoints_tools import-hf): weights only, data from the start.
-            pass
-        elif own is not None and len(rank_states) == self.world_size:
-            self.loader.load_state_dict(own["loader"])
+        if own is not None and len(rank_states) == self.world_size:
             set_rng_state(own["rng"])
-        else:
-            # Another world size: the loader deals every old rank's remaining work anew.
-            self.loader.load_state_dict([rank_states[r]["loader"] for r in sorted(rank_states)])
         self.resumed_from = path
 
-    def _save(self, step: int) -> None:
+    def _latest_loadable(self) -> Path | None:
+        """``train.resume=auto``: the newest complete checkpoint that looks whole; a corrupt
+        newer one is named in a note (logged at start) and passed over.
+
+        Raises:
+            ValueError: every complete checkpoint is corrupt.
+        """
+        found = complete_checkpoints(self.run_dir / "checkpoints")
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            self.resume_notes.append(
+                f"checkpoint {path} is corrupt ({problem}); falling back to the previous "
+                "complete checkpoint"
+            )
+        if found:
+            raise ValueError(
+                f"train.resume (auto): no loadable checkpoint in {self.run_dir / 'checkpoints'}; "
+                f"the newest, {found[-1][1].name}, is corrupt: {checkpoint_problem(found[-1][1])}"
+            )
+        return None
+
+    def _apply_optim_config(self, path: Path, fresh_groups: list[list[dict]]) -> None:
+        """Give the resumed optimizers and schedulers this run's ``optim.*``: the checkpoint
+        brings the moments, step counts and schedule position, the config every
+        hyper-parameter (lr, betas, eps, weight decay, fused) and the schedule itself; a note
+        names what differs from the checkpoint's config."""
+        import yaml
+
+        before = {
+            "optim.lr": self.optimizers[0].param_groups[0].get("initial_lr"),
+            "optim.weight_decay": self.optimizers[0].param_groups[0].get("weight_decay"),
+        }
+        for optimizer, scheduler, groups in zip(self.optimizers, self.schedulers, fresh_groups):
+            for group, hyper in zip(optimizer.param_groups, groups):
+                group.update(hyper)
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                for param in group["params"]:
+                    state = optimizer.state.get(param, {})
+                    if torch.is_tensor(state.get("step")):
+                        # Where the (possibly switched) fused/foreach kernel wants the count.
+                        device = param.device if on_device else torch.device("cpu")
+                        state["step"] = state["step"].to(device=device, dtype=torch.float32)
+            scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+            lrs = [
+                base * fn(scheduler.last_epoch)
+                for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+            ]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+        saved_cfg = path / "config.yaml"
+        ours = config_to_dict(self.cfg)["optim"]
+        if saved_cfg.is_file():
+            theirs = (yaml.safe_load(saved_cfg.read_text(encoding="utf-8")) or {}).get("optim", {})
+            changes = [
+                f"optim.{key} {theirs[key]} -> {value}"
+                for key, value in ours.items()
+                if key in theirs and theirs[key] != value
+            ]
+        else:
+            changes = [
+                f"{key} {value} -> {ours[key.split('.')[1]]}"
+                for key, value in before.items()
+                if value is not None and value != ours[key.split(".")[1]]
+            ]
+        if changes:
+            self.resume_notes.append(
+                f"optim.* differs from checkpoint {path}; this run uses its own: "
+                + ", ".join(changes)
+            )
+
+    @torch.no_grad()
+    def _nonfinite_state(self) -> str | None:
+        """What holds NaN/Inf on any rank: ``"parameters"``, ``"optimizer state"``, both, or
+        None (a collective over every rank: each checks its own shards).
+
+        Checked at every save, not only the last loss: with a finite loss a step's update can
+        still write NaN into the weights (a NaN weight decay, a NaN gradient of a finite loss).
+        """
+        from torch.distributed.tensor import DTensor
+
+        def bad(tensor: torch.Tensor) -> torch.Tensor:
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            return (~torch.isfinite(local)).any().float().to(self.device)
+
+        flags = torch.zeros(2, dtype=torch.float32, device=self.device)
+        for part in self.parts:
+            for param in part.parameters():
+                flags[0] += bad(param)
+        for optimizer in self.optimizers:
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        flags[1] += bad(value)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        names = [n for n, f in zip(("parameters", "optimizer state"), flags.tolist()) if f > 0]
+        return " and ".join(names) or None
+
+    def _save(self, step: int) -> str | None:
+        """Checkpoint ``step`` unless the state is not finite (every rank calls it).
+
+        Returns:
+            None when saved; else why nothing was saved (the last good checkpoint stays).
+        """
+        if self.guard.consecutive:
+            return f"the loss of step {step} was NaN/Inf"
+        bad = self._nonfinite_state()
+        if bad is not None:
+            return f"the {bad} hold NaN/Inf after step {step}"
         self.state.step = step
         self.checkpoints.save(
             step,
             self.state,
-            rank_state={"rng": rng_state(), "loader": self.loader.state_dict()},
+            rank_state={
+                "rng": rng_state(),
+                **loader_rank_state(
+                    self.loader,
+                    dp_rank=self.dims.dp_rank,
+                    dp_world_size=self.dims.dp_world_size,
+                    num_workers=self.cfg.data.num_workers,
+                ),
+            },
             config_yaml=config_to_yaml(self.cfg),
         )
 
@@ -510,6 +672,7 @@ class Trainer:
         """Train to ``train.steps``; returns the process exit code."""
         cfg = self.cfg
         self.resumed_from = None
+        self.resume_notes: list[str] = []  # corrupt checkpoints passed over, optim.* changes
         self._resume()
         start = self.state.step
         logger = RunLogger(
@@ -519,6 +682,8 @@ class Trainer:
             total_steps=cfg.train.steps,
             start_step=start,
         )
+        for note in self.resume_notes:
+            logger.info(note)
         if self.resumed_from is not None:
             logger.info(f"resumed from {self.resumed_from} at step {start}")
         logger.info(
@@ -533,6 +698,7 @@ class Trainer:
         window_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         window_lang_tokens: dict[str, int] = defaultdict(int)
         pending = None  # the previous step's output, read once this step's work is queued
+        saved_step = start  # the step of the newest checkpoint (a resumed one counts)
         try:
             step = start
             last = cfg.train.stop_at or cfg.train.steps
@@ -578,6 +744,15 @@ class Trainer:
                         "tokens_per_s": tokens_per_s,
                         "memory_gib": self._memory_gib(),
                         "skipped_steps": self.guard.total,
+                        # Samples of corrupt shards skipped so far (data.on_bad_shard=skip),
+                        # summed over dp ranks; 0 on clean data.
+                        "bad_samples": int(
+                            reduce_metric(
+                                float(self.loader.counters["bad_samples"]),
+                                dims=self.dims,
+                                op="sum",
+                            )
+                        ),
                     }
                     if self.peak_flops is not None:
                         metrics["mfu"] = mfu(
@@ -601,18 +776,32 @@ class Trainer:
                     window_lang_tokens.clear()
                 else:
                     logger.advance(step)
+                # No save of non-finite state, ever: a refused save stops the run (exit 3)
+                # with the last good checkpoint intact; inside a run of non-finite losses a
+                # periodic save waits for a good step.
+                refused = None
                 if periodic and self.guard.consecutive == 0:
-                    self._save(step)
+                    refused = self._save(step)
+                    saved_step = step if refused is None else saved_step
+                if stop and refused is None and saved_step != step:
+                    refused = self._save(step)
+                if refused is not None:
+                    logger.info(f"not saving step {step}: {refused}; stopping with the last good "
+                                "checkpoint intact")  # fmt: skip
+                    exit_code = EXIT_DIVERGED
+                    break
                 if stop:
-                    self._save(step)
                     self.checkpoints.close()
                     logger.info(f"stop signal received: checkpointed step {step}, exiting")
                     exit_code = EXIT_PREEMPTED
                     break
             else:
-                if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    self._save(step)
-                if last < cfg.train.steps:
+                refused = self._save(step) if saved_step != step else None
+                if refused is not None:
+                    logger.info(f"not saving step {step}: {refused}; stopping with the last good "
+                                "checkpoint intact")  # fmt: skip
+                    exit_code = EXIT_DIVERGED
+                if exit_code == 0 and last < cfg.train.steps:
                     logger.info(
                         f"train.stop_at reached: checkpointed step {step} of {cfg.train.steps}"
                     )
@@ -679,8 +868,26 @@ class Trainer:
 
 
 def train(cfg: RunConfig, *, rank: int, world_size: int) -> int:
-    """Build the run and train it; returns the process exit code (see module docstring)."""
+    """Build the run, prepare its directory and train it; returns the process exit code (see
+    module docstring).
+
+    Nothing is written before the run is built (a bad input leaves the run directory as it
+    was). Then rank 0 moves an earlier run aside (``train.overwrite`` on a fresh start; the
+    refusal without it is ``check_run_inputs``'s) and prints and saves the resolved config.
+    """
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    if dist.is_initialized():
+        dist.barrier()  # every rank built (and checked) before rank 0 writes
+    if rank == 0:
+        run_dir = Path(cfg.train.run_dir)
+        if cfg.train.overwrite and starts_afresh(cfg.train) and holds_earlier_run(run_dir):
+            moved = move_run_dir_aside(run_dir)
+            print(f"train.overwrite: moved the earlier run in {run_dir} aside to {moved}")
+        print(config_to_yaml(cfg), end="")
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"resolved config saved to {run_dir / 'config.yaml'}")
+    if dist.is_initialized():
+        dist.barrier()  # no rank writes into the run directory before it is ready
     code = trainer.fit()
     if rank == 0 and code == 0:
         print(f"run directory: {cfg.train.run_dir}")

@@ -96,6 +96,11 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
 # (overrides, world size, the exact one-line message)
 BAD_CONFIGS = [
     (
+        ["objective.max_word_pieces=0"],
+        None,
+        "objective.max_word_pieces (0) must be >= 1",
+    ),
+    (
         ["model.num_head=3"],
         None,
         "model.num_head: unknown key in model; did you mean model.num_heads?",
@@ -158,12 +163,6 @@ BAD_CONFIGS = [
         2,
         "parallel.ep (2) must be 1 for a dense model (model.moe.num_experts is 0)",
     ),
-    (
-        ["parallel.pp=2"],
-        2,
-        "model.document_masking (True) must be false with parallel.pp (2) > 1: pipeline stages "
-        "pass only hidden states",
-    ),
     (["parallel.ep_over_tp=true"], None, "parallel.ep_over_tp (True) needs parallel.tp (1) > 1"),
     (
         ["parallel.tp=2", "parallel.ep=3", "parallel.ep_over_tp=true"],
@@ -196,7 +195,7 @@ BAD_CONFIGS = [
         "table and the output projection are on different pipeline stages",
     ),
     (
-        ["parallel.pp=2", "model.document_masking=false", "train.grad_accum=2"],
+        ["parallel.pp=2", "train.grad_accum=2"],
         2,
         "train.grad_accum (2) must be 1 with parallel.pp (2) > 1; the pipeline's "
         "parallel.microbatches accumulate instead",
@@ -206,7 +205,31 @@ BAD_CONFIGS = [
         None,
         "objective.name ('mlm') needs model.family in encoder (got 'decoder')",
     ),
+    # NaN passes every `<` / `<=` range check: a NaN clip silently disabled clipping.
+    (["optim.lr=nan"], None, "optim.lr (nan) must be a finite number"),
+    (["optim.weight_decay=nan"], None, "optim.weight_decay (nan) must be a finite number"),
+    (["optim.grad_clip=.nan"], None, "optim.grad_clip (nan) must be a finite number"),
+    (["optim.lr=inf"], None, "optim.lr (inf) must be a finite number"),
+    (
+        ["data.language_weights=en"],
+        None,
+        "data.language_weights ('en') must be a mapping, e.g. {en: 2, de: 1}",
+    ),
+    (
+        ["data.language_weights=[1, 2]"],
+        None,
+        "data.language_weights ([1, 2]) must be a mapping, e.g. {en: 2, de: 1}",
+    ),
 ]
+
+
+def test_pipeline_parallel_takes_document_masks_position_resets_and_tlm():
+    # Document, position and language ids go to every stage (parallel.pipeline).
+    decoder = load_config(TINY, ["parallel.pp=2", "data.reset_position_ids=true"])
+    validate_config(decoder, world_size=2)
+    encoder = REPO / "configs" / "tiny_encoder.yaml"
+    overrides = ["parallel.pp=2", "model.tie_embeddings=false", "objective.tlm_share=0.25"]
+    validate_config(load_config(encoder, overrides), world_size=2)
 
 
 @pytest.mark.parametrize(("overrides", "world_size", "message"), BAD_CONFIGS)
@@ -270,3 +293,64 @@ def test_cli_dry_run_resolves_dp_shard(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     plan = yaml.safe_load(result.stdout)
     assert plan["mesh"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 2}
+
+
+def test_cli_takes_overrides_and_options_in_any_order(tmp_path: Path):
+    # An override before --config, and one after --dry-run and its options.
+    result = _cli("parallel.tp=2", "--config", str(TINY), "--dry-run", "--world-size", "8",
+                  "--json", "model.num_layers=3", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = yaml.safe_load(result.stdout)
+    assert plan["mesh"]["tp"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dry-run", "--world-size", "0"], "--world-size (0) must be >= 1"),
+        (["--dry-run", "--world-size", "-3"], "--world-size (-3) must be >= 1"),
+    ],
+)
+def test_cli_bad_world_size_is_one_line(tmp_path: Path, args, message):
+    result = _cli("--config", str(TINY), *args, cwd=tmp_path)
+    assert (result.returncode, result.stderr.strip()) == (2, f"error: {message}")
+
+
+def test_cli_config_that_is_a_directory_is_one_line(tmp_path: Path):
+    result = _cli("--config", str(REPO / "configs"), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: config file {str(REPO / 'configs')!r} is a directory; --config takes a YAML file"
+    )
+
+
+def test_help_says_checkpoints_are_trusted_input_and_names_the_exit_codes(tmp_path: Path):
+    from pretrain.config import TrainConfig
+
+    result = _cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "DCP checkpoints (train.resume) are trusted input: their metadata is a pickle" in text
+    assert "train.overwrite=true" in text and "3 stopped on NaN/Inf" in text
+    source = (REPO / "pretrain" / "config.py").read_text()
+    resume_doc = source.split("resume: str =")[1].split("overwrite: bool")[0]
+    assert "trusted" in resume_doc and "pickle" in resume_doc
+    assert TrainConfig().overwrite is False
+
+
+def test_tiny_presets_point_only_the_training_manifest_at_the_demo():
+    # A user overriding data.manifest must not train against the demo's tokenizer or
+    # validate on the demo's shards.
+    for name in ("tiny_decoder.yaml", "tiny_moe.yaml", "tiny_encoder.yaml"):
+        data = load_config(REPO / "configs" / name).data
+        assert (data.tokenizer, data.valid_manifest) == ("", ""), name
+
+
+def test_max_word_pieces_reaches_the_loaders_masking():
+    from data_pipeline.loader import masking_from_objective
+
+    encoder = REPO / "configs" / "tiny_encoder.yaml"
+    cfg = load_config(encoder, ["objective.whole_word=true", "objective.max_word_pieces=3"])
+    masking = masking_from_objective(cfg.objective)
+    assert (masking.whole_word, masking.max_word_pieces) == (True, 3)
+    assert masking_from_objective(load_config(encoder).objective).max_word_pieces == 8

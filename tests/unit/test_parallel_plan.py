@@ -31,7 +31,7 @@ def test_1024_rank_moe_layout_plans_in_one_process():
     result = _cli(
         "--config", "configs/moe_8x_top2.yaml", "--dry-run", "--world-size", "1024", "--json",
         "parallel.pp=4", "parallel.tp=8", "parallel.dp_replicate=2", "parallel.ep=8",
-        "model.num_kv_heads=8", "model.document_masking=false",
+        "model.num_kv_heads=8",  # the preset's document masking stays on under pp
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -115,7 +115,7 @@ def test_ep_over_tp_layout_plans_in_one_process():
     result = _cli(
         "--config", "configs/moe_8x_top2.yaml", "--dry-run", "--world-size", "1024", "--json",
         "parallel.pp=4", "parallel.tp=4", "parallel.dp_replicate=2", "parallel.ep=8",
-        "parallel.ep_over_tp=true", "model.num_kv_heads=8", "model.document_masking=false",
+        "parallel.ep_over_tp=true", "model.num_kv_heads=8",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
