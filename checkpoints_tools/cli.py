@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer directory (default: the run's data.tokenizer, else the one "
-        "its data.manifest names)",
+        help="tokenizer directory (default: the run's, the one its data.manifest records); "
+        "it must be that tokenizer (same model sha256), and is used unchecked, with a "
+        "warning, only when that manifest is not reachable",
     )
     p.add_argument(
         "--verify",

@@ -13,11 +13,12 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +34,9 @@ from checkpoints_tools.safetensors_stream import (
 )
 from pretrain.config import RunConfig, config_to_yaml, load_config
 from pretrain.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from data_pipeline.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -144,37 +148,96 @@ def format_inspect(info: dict[str, Any]) -> str:
 # tokenizer
 
 
-def find_tokenizer(cfg: RunConfig, *, override: str | os.PathLike | None = None) -> Path:
-    """The run's tokenizer directory: ``override``, else ``data.tokenizer``, else the one its
-    ``data.manifest`` names (``<manifest dir>/<tokenizer.dir>``).
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _manifest_tokenizer(cfg: RunConfig) -> tuple[Path, dict[str, Any]] | str:
+    """The run's manifest file and its ``"tokenizer"`` entry (``dir``, ``model_sha256``,
+    ``vocab_size``, as ``data_pipeline shard`` writes it), or why there is none."""
+    if not cfg.data.manifest:
+        return "the checkpoint's config has no data.manifest"
+    manifest = Path(cfg.data.manifest)
+    manifest = manifest / "manifest.json" if manifest.is_dir() else manifest
+    if not manifest.is_file():
+        return f"the checkpoint's data.manifest ({cfg.data.manifest!r}) is not reachable (moved?)"
+    try:
+        entry = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"the checkpoint's data.manifest ({str(manifest)!r}) is unreadable ({err})"
+    if not isinstance(entry, dict) or not entry.get("model_sha256"):
+        return f"the checkpoint's data.manifest ({str(manifest)!r}) records no tokenizer sha256"
+    return manifest, entry
+
+
+def _load(directory: Path) -> Tokenizer:
+    from data_pipeline.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(directory)
+    except (OSError, ValueError) as err:
+        raise ValueError(str(err).splitlines()[0]) from None
+
+
+def run_tokenizer(
+    cfg: RunConfig,
+    *,
+    override: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Tokenizer:
+    """The tokenizer a checkpoint's run trained on, loaded: one tokenizer per run, the one its
+    ``data.manifest`` was made with (that manifest records the model's sha256). ``data.tokenizer``
+    is not consulted (the trainer reads the manifest's).
+
+    - ``override`` (``--tokenizer DIR``) is used only if its model sha256 is the manifest's;
+    - without it, the tokenizer directory the manifest names (``<manifest dir>/<dir>``);
+    - when the manifest is not reachable (moved, or no ``data.manifest``), ``override`` is used
+      unchecked, with a warning line through ``log`` (default: stderr).
 
     Raises:
-        ValueError: none of them is a directory holding a tokenizer.
+        ValueError: ``override``'s sha256 differs from the manifest's; the manifest's tokenizer
+            directory is missing or was replaced; neither a reachable manifest nor ``override``;
+            an unloadable tokenizer directory.
     """
-    candidates: list[Path] = []
-    if override:
-        candidates = [Path(override)]
-    else:
-        if cfg.data.tokenizer:
-            candidates.append(Path(cfg.data.tokenizer))
-        if cfg.data.manifest:
-            manifest = Path(cfg.data.manifest)
-            manifest = manifest / "manifest.json" if manifest.is_dir() else manifest
-            if manifest.is_file():
-                meta = json.loads(manifest.read_text(encoding="utf-8"))
-                candidates.append(
-                    manifest.parent / meta.get("tokenizer", {}).get("dir", "tokenizer")
-                )
-    for candidate in candidates:
-        if (candidate / "spm.json").is_file():
-            return candidate
-    tried = (
-        ", ".join(repr(str(c)) for c in candidates)
-        or "none (data.tokenizer and data.manifest empty)"
-    )
-    raise ValueError(
-        f"tokenizer not found: tried {tried}; pass --tokenizer DIR (a directory with spm.json)"
-    )
+    log = log or _stderr
+    found = _manifest_tokenizer(cfg)
+    if isinstance(found, str):
+        if override is None:
+            raise ValueError(
+                f"tokenizer not found: {found}; pass --tokenizer DIR (the tokenizer the run's "
+                "shards were made with)"
+            )
+        log(
+            f"warning: {found}: exporting --tokenizer {str(override)!r} unchecked against the "
+            "run's tokenizer"
+        )
+        return _load(Path(override))
+    manifest, entry = found
+    expected = str(entry["model_sha256"])
+    if override is not None:
+        tok = _load(Path(override))
+        if tok.model_sha256 != expected:
+            raise ValueError(
+                f"--tokenizer ({str(override)!r}) is not the tokenizer of the checkpoint's run "
+                f"(model sha256 {tok.model_sha256[:12]} != {expected[:12]}, recorded in "
+                f"{str(manifest)!r}): one tokenizer per run; leave --tokenizer out to export "
+                "the manifest's"
+            )
+        return tok
+    directory = manifest.parent / str(entry.get("dir") or "tokenizer")
+    if not directory.is_dir():
+        raise ValueError(
+            f"tokenizer not found: {str(manifest)!r} names tokenizer {str(directory)!r} (model "
+            f"sha256 {expected[:12]}), which is missing; pass --tokenizer DIR with that tokenizer"
+        )
+    tok = _load(directory)
+    if tok.model_sha256 != expected:
+        raise ValueError(
+            f"tokenizer {str(directory)!r} has model sha256 {tok.model_sha256[:12]} but "
+            f"{str(manifest)!r} records {expected[:12]}: it was replaced after sharding; pass "
+            "--tokenizer DIR with the run's tokenizer"
+        )
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +268,7 @@ def export_hf(
     tokenizer: str | os.PathLike | None = None,
     verify: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Export checkpoint ``path`` (any parallel layout) to a transformers directory ``out``.
 
@@ -217,16 +281,20 @@ def export_hf(
         path: a complete checkpoint directory.
         out: the directory to create (must not exist).
         dtype: ``fp32`` or ``bf16`` for the saved weights.
-        tokenizer: the tokenizer directory, if not the run's own.
+        tokenizer: a tokenizer directory; default the run's (the one its ``data.manifest``
+            records). Given, it must be that tokenizer (same model sha256); see
+            :func:`run_tokenizer`.
         verify: after writing, load ``out`` with transformers and compare logits with our model
             (see :func:`verify_export`) before the directory is renamed into place.
         max_shard_bytes: the largest safetensors file (a bigger tensor gets one of its own).
+        log: where a warning line goes (default stderr).
 
     Returns:
         ``{"out", "architecture", "shards", "bytes", "seconds", "max_abs_diff" (with verify)}``.
 
     Raises:
-        ValueError: incomplete checkpoint, a family with no twin, missing tokenizer, existing
+        ValueError: incomplete checkpoint, a family with no twin, a missing tokenizer or one
+            the run did not use (another sha256, more pieces than ``model.vocab_size``), existing
             output, a bad dtype, or (with ``verify``) logits beyond tolerance.
     """
     start = time.perf_counter()
@@ -239,17 +307,11 @@ def export_hf(
     cfg = ckpt.model_cfg
     adapter = adapter_for(cfg)
     planned = _plan(ckpt, torch_dtype)
-    tok_dir = find_tokenizer(ckpt.cfg, override=tokenizer)
-    from data_pipeline.tokenizer import load_tokenizer
-
-    try:
-        tok = load_tokenizer(tok_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"tokenizer {str(tok_dir)!r}: {err}") from None
+    tok = run_tokenizer(ckpt.cfg, override=tokenizer, log=log)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(
-            f"tokenizer {str(tok_dir)!r} has {tok.vocab_size} pieces but model.vocab_size is "
-            f"{cfg.vocab_size}: another run's tokenizer?"
+            f"tokenizer {str(tok.directory)!r} has {tok.vocab_size} pieces but model.vocab_size "
+            f"is {cfg.vocab_size}: another run's tokenizer?"
         )
 
     result: dict[str, Any] = {"out": str(out), "architecture": adapter.hf_architecture}
@@ -379,15 +441,41 @@ def open_hf_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], Safetenso
     with JSON and safetensors only (no pickle, no remote code); no tensor is read yet.
 
     Raises:
-        ValueError: no config.json, a model_type we do not import, or no safetensors weights.
+        ValueError: no config.json, one that is not a JSON object with a model_type, a
+            model_type we do not import, or no (or malformed) safetensors weights.
     """
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ValueError(f"transformers directory {str(directory)!r} has no config.json")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{str(config_file)!r} must be a JSON object with a model_type string")
     adapter_for_hf(config)  # an unsupported family is named before any weight is looked for
     return config, SafetensorsDir(directory)
+
+
+def model_config_from_hf(hf_config: dict[str, Any], *, directory: str | os.PathLike) -> ModelConfig:
+    """Our ``ModelConfig`` of a ``config.json`` dict of a supported family.
+
+    Raises:
+        ValueError: a variant we do not import, or a field of the wrong type or missing.
+    """
+    try:
+        return adapter_for_hf(hf_config).config_from_hf(hf_config)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - config.json is untrusted input
+        # transformers' config classes reject a wrong field with assorted error types
+        # (TypeError, huggingface_hub's StrictDataclassFieldValidationError, ...)
+        detail = " ".join(str(err).split())[:300]  # one line, however the error is laid out
+        raise ValueError(
+            f"transformers directory {str(directory)!r}: config.json is not a valid "
+            f"{hf_config['model_type']} config ({type(err).__name__}: {detail})"
+        ) from None
 
 
 def import_hf(
@@ -422,7 +510,7 @@ def import_hf(
     if Path(out).exists():
         raise ValueError(f"output {str(out)!r} exists: choose a new path")
     hf_config, weights = open_hf_dir(directory)
-    model_cfg = adapter_for_hf(hf_config).config_from_hf(hf_config)
+    model_cfg = model_config_from_hf(hf_config, directory=directory)
     run_cfg = load_config(base_config or None, list(overrides or []))
     run_cfg = replace(run_cfg, model=model_cfg)
     # A round trip through YAML validates the assembled config like any run config.
@@ -526,8 +614,10 @@ def reshard(
     filesystem allows, else copies). What changes: ``config.yaml`` gets the new ``parallel.*``
     values (validated for the new world size), and the per-rank loader states are re-dealt for
     the new data-parallel layout: every new rank gets ``rank_<r>.pt`` whose loader state is what
-    the loader's elastic resume computes from all old ranks' states for that rank's dp
-    coordinate (and old rank 0's RNG state). The trainer then takes the exact-resume path. An
+    the loader's resume computes for that rank's dp coordinate from one state per old dp rank
+    (``pretrain.data.loader_resume_state``: the old state itself when the dp layout is
+    unchanged, else the elastic re-dealing), with that coordinate and old rank 0's RNG state.
+    The trainer then takes the exact-resume path. An
     imported checkpoint (``import-hf``: weights only, no rank states) gets the new config only.
 
     Args:
@@ -539,7 +629,7 @@ def reshard(
             world size, an incomplete checkpoint, an existing output.
     """
     from pretrain.config import validate_config
-    from pretrain.data import build_train_loader
+    from pretrain.data import build_train_loader, loader_rank_state, loader_resume_state
 
     for item in overrides:
         if not item.startswith("parallel.") or "=" not in item:
@@ -563,12 +653,21 @@ def reshard(
     }
     # An imported checkpoint (import-hf) has weights only: no rank states to re-deal, and the
     # trainer starts its data from the beginning whatever the layout.
+    # One loader state per old dp rank (tp/pp/ep peers saved the same one); the loader keeps
+    # it as it is when the dp layout is unchanged, else re-deals them (elastic).
     dp_world = degrees["dp_replicate"] * degrees["dp_shard"]
+    workers = new_cfg.data.num_workers
     loaders: dict[int, dict] = {}
     for dp_rank in range(dp_world if old_states else 0):
         loader = build_train_loader(new_cfg, dp_rank=dp_rank, dp_world_size=dp_world)
-        loader.load_state_dict([old_states[r]["loader"] for r in sorted(old_states)])
-        loaders[dp_rank] = loader.state_dict()
+        loader.load_state_dict(
+            loader_resume_state(
+                old_states, dp_rank=dp_rank, dp_world_size=dp_world, num_workers=workers
+            )
+        )
+        loaders[dp_rank] = loader_rank_state(
+            loader, dp_rank=dp_rank, dp_world_size=dp_world, num_workers=workers
+        )
     with atomic_dir(out) as tmp:
         for file in ckpt.path.iterdir():
             if file.name == "config.yaml" or file.name.startswith("rank_"):
@@ -580,6 +679,6 @@ def reshard(
         (tmp / "config.yaml").write_text(config_to_yaml(new_cfg), encoding="utf-8")
         rng = old_states[min(old_states)]["rng"] if old_states else None
         for rank in range(world_size if old_states else 0):
-            state = {"rng": rng, "loader": loaders[mesh_dp_rank(rank, degrees)]}
+            state = {"rng": rng, **loaders[mesh_dp_rank(rank, degrees)]}
             torch.save(state, tmp / f"rank_{rank}.pt")
     return {"out": str(out), "world_size": world_size, "parallel": degrees}

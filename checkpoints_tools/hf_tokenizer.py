@@ -5,14 +5,21 @@ same kind (Unigram with its log-probabilities, or BPE with merges rebuilt from p
 byte fallback, sentencepiece's dummy prefix and whitespace-as-``▁`` (a normaliser; no
 pre-tokenizer splits the text, as sentencepiece does not) and no normalisation (our models use
 the identity rule). Control symbols (``<pad>``, ``<mask>``, ``<lang:xx>``, ``<extra_id_N>``, ...)
-keep their ids and are not produced from text, as in sentencepiece: their scores are set far below
-any real piece and the tokenizer is saved with ``split_special_tokens=True``, so a literal "<mask>"
-in a document is spelled out, not matched. Known limits (text that spells our special pieces out):
-tokenizers penalises an unknown character from the lowest score in the vocabulary, so a literal
-"<mask>" next to a character the model does not cover still matches the control piece; and a
-literal byte-piece name ("<0x41>") matches that piece (byte fallback finds byte pieces by name).
-No post-processor: ``encode(text)`` gives exactly sentencepiece's ids; a caller adds
-``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
+keep their ids and are special added tokens (``special: true``, not normalised); their scores are
+set far below any real piece, so the model never produces them from ordinary text.
+
+Special tokens typed in text stay special, as in XLM-R's and Llama's transformers tokenizers
+(``split_special_tokens=False``, transformers' default): ``"Paris is the <mask> of France."``
+gives the ``<mask>`` id, so ``pipeline("fill-mask")`` works on typed text. This is where the
+export differs from our sentencepiece model, which spells a literal ``"<mask>"`` out (a document
+may contain that string): ``tok(text, split_special_tokens=True)`` (or
+``tok.encode(text, split_special_tokens=True)``) gives exactly sentencepiece's ids for any text.
+Known limits of that exact mode (text that spells our special pieces out): tokenizers penalises
+an unknown character from the lowest score in the vocabulary, so a literal "<mask>" next to a
+character the model does not cover still matches the control piece; and a literal byte-piece
+name ("<0x41>") matches that piece (byte fallback finds byte pieces by name).
+No post-processor: ``encode(text)`` of text without typed special tokens gives exactly
+sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
     Raises:
         ValueError: a sentencepiece model type or normaliser we cannot convert exactly.
     """
+    from tokenizers import AddedToken, decoders, models, normalizers
     from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
     proto = _model_proto(tok)
@@ -88,6 +95,13 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
 
     specials = tok.special_ids
     pieces = [p.piece for p in proto.pieces]
+
+    def special(piece: str) -> AddedToken:
+        # Typed in text, a special token takes the spaces around it: the text on either side is
+        # then encoded as sentencepiece encodes a text of its own (one dummy prefix), so
+        # "Hello <mask> world" gives ▁Hello <mask> ▁world, not stray ▁ pieces beside the mask.
+        return AddedToken(piece, lstrip=True, rstrip=True, normalized=False, special=True)
+
     named = {
         "pad_token": pieces[specials["pad"]],
         "unk_token": pieces[specials["unk"]],
@@ -101,11 +115,13 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
             sep_token=pieces[specials["sep"]],
         )
     extra = [p.piece for p in proto.pieces if p.type == _CONTROL and p.piece not in named.values()]
+    raw.add_special_tokens([special(piece) for piece in [*named.values(), *extra]])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         **named,
         extra_special_tokens=extra,
-        split_special_tokens=True,
+        # typed "<mask>", "<lang:xx>", ... stay special, as transformers users expect
+        split_special_tokens=False,
         padding_side="left" if family == "decoder" else "right",
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 30,
@@ -136,8 +152,8 @@ def _bpe_model(proto: Any, *, unk_id: int, byte_fallback: bool) -> Any:
 
 
 def save_tokenizer(tok: Tokenizer, out: str | os.PathLike, *, family: str) -> None:
-    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (and
-    a copy of the sentencepiece model and sidecar, for reference) into ``out``.
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (and a copy of the sentencepiece
+    model and sidecar, for reference) into ``out``.
 
     Raises:
         ValueError: see :func:`build_fast_tokenizer`.

@@ -109,17 +109,16 @@ class SafetensorsDir:
     time (no file is read whole or mapped; nothing is cached).
 
     Raises (on construction):
-        ValueError: neither ``model.safetensors.index.json`` nor ``model.safetensors``; a shard
-            the index names that is missing or is not safetensors; a tensor name found in two
-            files.
+        ValueError: neither ``model.safetensors.index.json`` nor ``model.safetensors``; an index
+            that is not JSON or names anything but file names in the directory; a shard the
+            index names that is missing or is not safetensors; a tensor name found in two files.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _index_files(index)
         elif (self.directory / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -172,6 +171,27 @@ class SafetensorsDir:
         return tensor
 
 
+def _index_files(index: Path) -> list[str]:
+    """The shard files ``model.safetensors.index.json`` names (plain names in its directory).
+
+    Raises:
+        ValueError: not JSON, no ``weight_map`` of tensor name -> file name, or a file name
+            that leaves the directory.
+    """
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{str(index)!r} is not a JSON object ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{str(index)!r} has no weight_map of tensor name -> file name")
+    for file in weight_map.values():
+        if Path(file).name != file or file in ("", ".", ".."):
+            raise ValueError(
+                f"{str(index)!r} names file {file!r}: only files of its own directory are read"
+            )
+    return sorted(set(weight_map.values()))
+
+
 _READ_DTYPES = {
     **{code: dtype for dtype, code in _DTYPES.items()},
     "F64": torch.float64,
@@ -212,15 +232,31 @@ def read_header(path: str | os.PathLike) -> dict[str, _Entry]:
             raise ValueError(f"{str(path)!r} is not a safetensors file") from None
     if sys.byteorder != "little":
         raise ValueError("safetensors files are little-endian; this machine is not")
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} is not a safetensors file (header not a JSON object)")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _READ_DTYPES:
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"{str(path)!r}: tensor {name!r} needs dtype, shape and data_offsets")
+        if not isinstance(info["dtype"], str) or info["dtype"] not in _READ_DTYPES:
             raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']!r}")
-        dtype, shape = _READ_DTYPES[info["dtype"]], torch.Size(info["shape"])
-        begin, end = info["data_offsets"]
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not _naturals(shape):
+            raise ValueError(f"{str(path)!r}: tensor {name!r} has shape {shape!r}")
+        if not _naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise ValueError(f"{str(path)!r}: tensor {name!r} has data_offsets {offsets!r}")
+        dtype, shape = _READ_DTYPES[info["dtype"]], torch.Size(shape)
+        begin, end = offsets
         if end - begin != shape.numel() * dtype.itemsize or 8 + length + end > size:
             raise ValueError(f"{str(path)!r}: tensor {name!r} has a bad byte range")
         entries[name] = _Entry(path, 8 + length + begin, shape, dtype)
     return entries
+
+
+def _naturals(value: object) -> bool:
+    """A list of ints >= 0 (bool is not an int here)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )

@@ -1,5 +1,6 @@
-"""Small builders shared by the checkpoint-tool tests: a tokenizer on every sample language and
-tiny checkpoints of each family saved in-process (no trainer, no process group)."""
+"""Small builders shared by the checkpoint-tool tests: a tokenizer on every sample language, a
+small shard directory made with it (the manifest that fixes a run's tokenizer) and tiny
+checkpoints of each family saved in-process (no trainer, no process group)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,25 @@ def make_tokenizer(root: Path, *, model_type: str = "unigram") -> Path:
     return out
 
 
+def shards_for(tokenizer: Path) -> Path:
+    """``<tokenizer>_shards``: a few English documents sharded with ``tokenizer`` (made on the
+    first call), whose manifest records that tokenizer's ``model_sha256`` as a run's does."""
+    from data_pipeline.readers import MonoInput
+    from data_pipeline.shard import run_shard_job
+
+    out = tokenizer.parent / f"{tokenizer.name}_shards"
+    if not (out / "manifest.json").is_file():
+        text = tokenizer.parent / f"{tokenizer.name}_shards.en.txt"
+        text.write_text("\n".join(sample_lines("en", count=20)) + "\n", encoding="utf-8")
+        run_shard_job(
+            [MonoInput("en", (text,))], tokenizer=tokenizer, out=out, workers=1, log=lambda _: None
+        )
+    return out
+
+
 def family_config(family: str, *, tokenizer: Path, run_dir: Path, extra: tuple[str, ...] = ()):
-    """The tiny run config of ``family`` (see ``FAMILIES``) with a 32-wide model."""
+    """The tiny run config of ``family`` (see ``FAMILIES``) with a 32-wide model, trained (as
+    its ``data.manifest`` says) on :func:`shards_for` ``tokenizer``."""
     from pretrain.config import load_config
 
     preset, overrides = FAMILIES[family]
@@ -81,8 +99,7 @@ def family_config(family: str, *, tokenizer: Path, run_dir: Path, extra: tuple[s
             "model.num_heads=4",
             "model.ffn_hidden_size=64",
             "model.max_seq_len=64",
-            f"data.tokenizer={tokenizer}",
-            "data.manifest=",
+            f"data.manifest={shards_for(tokenizer)}",
             "data.valid_manifest=",
             f"train.run_dir={run_dir}",
             *overrides,

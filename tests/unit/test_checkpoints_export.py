@@ -26,6 +26,7 @@ from checkpoints_tools.testing import (  # noqa: E402
     sample_languages,
     sample_lines,
     save_family_checkpoint,
+    shards_for,
 )
 
 
@@ -114,11 +115,36 @@ def test_tokenizer_encodes_every_language_as_sentencepiece(built, tmp_path: Path
     for lang in sample_languages():
         lines = sample_lines(lang, count=60) + tricky
         for line, expected in zip(lines, ours.encode(lines)):
-            got = theirs.encode(line, add_special_tokens=False)
+            # split_special_tokens=True: exactly sentencepiece, a typed "<mask>" spelled out
+            got = theirs.encode(line, add_special_tokens=False, split_special_tokens=True)
             assert got == expected, (lang, line[:40])
             assert theirs.decode(got) == ours.decode(expected) == line
+            if "<" not in line:  # the default differs only where a special token is typed
+                assert theirs.encode(line, add_special_tokens=False) == expected, line[:40]
     assert theirs.convert_tokens_to_ids("<lang:en>") == ours.lang_ids["en"]
     assert theirs.pad_token_id == 0 and theirs.eos_token_id == 3
+
+
+def test_typed_special_tokens_stay_special(built, tmp_path: Path):
+    """As XLM-R's tokenizer: a typed "<mask>" is the mask id, with the text on either side
+    encoded as sentencepiece encodes it alone (no stray "▁" beside the special token), so the
+    fill-mask pipeline works on the exported encoder."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    out = tmp_path / "hf"
+    convert.export_hf(built["ckpts"]["encoder"], out=out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ours = load_tokenizer(built["tok"])
+    mask = ours.special_ids["mask"]
+    left, right = ours.encode(["Paris is the", "of France."])
+    got = tokenizer.encode("Paris is the <mask> of France.", add_special_tokens=False)
+    assert got == [*left, mask, *right]
+    (lang,) = ours.encode(["bonjour"])
+    got = tokenizer.encode("<lang:fr> bonjour", add_special_tokens=False)
+    assert got == [ours.lang_ids["fr"], *lang]
+    fill_mask = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out))
+    predictions = fill_mask("Paris is the <mask> of France.", top_k=3)
+    assert len(predictions) == 3 and all(0.0 <= p["score"] <= 1.0 for p in predictions)
 
 
 def test_inspect_reads_metadata_only(built, capsys):
@@ -218,6 +244,99 @@ def test_import_reads_transformers_per_expert_layout(
         assert torch.equal(state[key], original[key]), key
 
 
+def _move_manifest(ckpt: Path, where: Path, *, tok: Path) -> None:
+    """Point the checkpoint's data.manifest somewhere that does not exist (shards moved)."""
+    text = (ckpt / "config.yaml").read_text()
+    assert str(shards_for(tok)) in text
+    (ckpt / "config.yaml").write_text(text.replace(str(shards_for(tok)), str(where)))
+
+
+def _other_tokenizer(built) -> Path:
+    """A tokenizer the runs did not use (1,000 pieces; made once per module)."""
+    other = built["root"] / "tok_other"
+    if not other.is_dir():
+        from data_pipeline.readers import MonoInput
+        from data_pipeline.tokenizer import train_tokenizer
+
+        text = built["root"] / "other.en.txt"
+        text.write_text("\n".join(sample_lines("en", split="train", count=300)) + "\n")
+        train_tokenizer(
+            [MonoInput("en", (text,))], vocab_size=1000, out=other, seed=0, num_threads=1
+        )
+    return other
+
+
+def test_export_uses_the_manifests_tokenizer_not_data_tokenizer(built, tmp_path: Path):
+    """One tokenizer per run, the one data.manifest records: a data.tokenizer naming another
+    (the trainer ignores it) does not ship with the model."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    other = _other_tokenizer(built)
+    cfg = family_config(
+        "encoder",
+        tokenizer=built["tok"],
+        run_dir=tmp_path / "run",
+        extra=(f"data.tokenizer={other}",),
+    )
+    ckpt = save_family_checkpoint(cfg)
+    convert.export_hf(ckpt, out=tmp_path / "hf")
+    shipped = json.loads((tmp_path / "hf" / "rosetta_spm.json").read_text())
+    assert shipped["model_sha256"] == load_tokenizer(built["tok"]).model_sha256
+    manifest = json.loads((shards_for(built["tok"]) / "manifest.json").read_text())
+    assert shipped["model_sha256"] == manifest["tokenizer"]["model_sha256"]
+
+
+def test_export_refuses_a_tokenizer_the_run_did_not_use(built, tmp_path: Path, capsys):
+    from data_pipeline.tokenizer import load_tokenizer
+
+    other = _other_tokenizer(built)
+    out = tmp_path / "hf"
+    argv = ["export-hf", str(built["ckpts"]["encoder"]), "--out", str(out)]
+    assert main([*argv, "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err
+    ours, theirs = load_tokenizer(built["tok"]).model_sha256, load_tokenizer(other).model_sha256
+    assert err.count("\n") == 1 and err.startswith("error: --tokenizer"), err
+    assert f"model sha256 {theirs[:12]} != {ours[:12]}" in err and "one tokenizer per run" in err
+    assert _leftovers(tmp_path, "hf") == []
+    # the run's own tokenizer, named explicitly (here: the manifest's copy), is fine
+    tok_copy = shards_for(built["tok"]) / "tokenizer"
+    assert main([*argv, "--tokenizer", str(tok_copy)]) == 0
+
+
+def test_export_when_the_manifest_moved(built, tmp_path: Path, capsys):
+    """Manifest not reachable: --tokenizer is used with a warning line; without it, refused."""
+    ckpt = tmp_path / "step_5"
+    shutil.copytree(built["ckpts"]["decoder"], ckpt)
+    _move_manifest(ckpt, tmp_path / "moved", tok=built["tok"])
+    out = tmp_path / "hf"
+    assert main(["export-hf", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer not found" in err and "not reachable" in err, err
+    assert _leftovers(tmp_path, "hf") == []
+    assert main(["export-hf", str(ckpt), "--out", str(out), "--tokenizer", str(built["tok"])]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "unchecked" in err, err
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(built, tmp_path: Path, capsys):
+    cfg = family_config(
+        "decoder",
+        tokenizer=built["tok"],
+        run_dir=tmp_path / "run",
+        extra=("model.vocab_size=2000",),
+    )
+    ckpt = save_family_checkpoint(cfg)
+    _move_manifest(
+        ckpt, tmp_path / "moved", tok=built["tok"]
+    )  # so that only the vocabulary check can refuse
+    out = tmp_path / "hf"
+    assert main(["export-hf", str(ckpt), "--out", str(out), "--tokenizer", str(built["tok"])]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "has 2500 pieces but model.vocab_size is 2000" in err, err
+    assert _leftovers(tmp_path, "hf") == []
+
+
 def _bad_input_cases(built, tmp_path: Path) -> dict[str, list[str]]:
     dense = built["ckpts"]["decoder"]
     incomplete = tmp_path / "step_9"
@@ -227,8 +346,7 @@ def _bad_input_cases(built, tmp_path: Path) -> dict[str, list[str]]:
     shutil.copytree(dense, partial)
     no_tok = tmp_path / "no_tok"
     shutil.copytree(dense, no_tok)
-    text = (no_tok / "config.yaml").read_text()
-    (no_tok / "config.yaml").write_text(text.replace(str(built["tok"]), str(tmp_path / "gone")))
+    _move_manifest(no_tok, tmp_path / "gone", tok=built["tok"])
     moe_encoder = family_config(
         "encoder",
         tokenizer=built["tok"],
