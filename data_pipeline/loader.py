@@ -596,7 +596,6 @@ class _SlotRunner:
             for name, (src, tgt) in ds.pair_langs.items()
         }
         self.mono_names, self.pair_names = list(ds.mono_p), list(ds.pair_p)
-        self.arange_M = np.zeros(0, dtype=np.int64)  # 0, 1, ... for pair swaps (grown as needed)
         self.mono_schedule = RowSchedule(list(ds.mono_p.values()))
         self.pair_schedule = RowSchedule(list(ds.pair_p.values()))
         B, T = ds.batch_size, ds.seq_len
@@ -669,6 +668,8 @@ class _SlotRunner:
                 ids, offsets = join_mono(ids, offsets, eos_id=eos)
             return {"ids": ids, "offsets": offsets, "meta": meta}
         src_lang, tgt_lang = self.ds.pair_langs[source.name]
+        src_len = np.diff(sample["src_offsets"].astype(np.int64)) + 1
+        swap = self._swaps(source, g, len(src_len))
         ids, lang, pos, seg = join_pairs(
             sample["src_tokens"],
             sample["src_offsets"],
@@ -677,18 +678,13 @@ class _SlotRunner:
             eos_id=eos,
             src_lang=self.ds.lang_index[src_lang],
             tgt_lang=self.ds.lang_index[tgt_lang],
+            swap_D=swap,
         )
-        src_len = np.diff(sample["src_offsets"].astype(np.int64)) + 1
         src_cum = np.zeros(len(src_len) + 1, dtype=np.int64)  # source tokens before each pair
         np.cumsum(src_len, out=src_cum[1:])
-        swap = self._swaps(source, g, len(src_len))
         first_len = src_len
         if swap is not None:
-            if len(self.arange_M) < len(ids):
-                self.arange_M = np.arange(2 * len(ids), dtype=np.int64)
-            ids, lang, pos, first_len = _swap_sides(
-                ids, lang, pos, seg, src_len, swap, self.arange_M
-            )
+            first_len = np.where(swap, np.diff(seg) - src_len, src_len)
         return {
             "ids": ids,
             "lang": lang,
@@ -982,36 +978,6 @@ class _SlotRunner:
             "tokens_per_lang": torch.from_numpy(np.array(tokens_L, dtype=np.int64)),
             "docs_per_lang": torch.from_numpy(np.array(docs_L, dtype=np.int64)),
         }
-
-
-def _swap_sides(
-    ids: np.ndarray,
-    lang: np.ndarray,
-    pos: np.ndarray,
-    seg: np.ndarray,
-    src_len: np.ndarray,
-    swap: np.ndarray,
-    arange: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A joined pair sample (``transforms.join_pairs``) with the two sides of the pairs marked
-    in ``swap`` exchanged (``tgt </s> src </s>``: each segment rotated by its source length;
-    token ids, language ids and positions alike); ``arange``: ``0, 1, ...`` at least as long as
-    ``ids`` (kept by the caller: a fresh large array costs page faults here, ~10x its fill).
-    Returns ``(ids, lang, pos, first_len)``."""
-    starts = seg[:-1]
-    tgt_len = np.diff(seg) - src_len
-    first_len = np.where(swap, tgt_len, src_len)
-    # the parts in their new order (first side, second side of every pair) and, for each, how
-    # far back in the old layout its tokens start: one gather index for the whole sample
-    part_len = np.empty(2 * len(starts), dtype=np.int64)
-    part_len[0::2] = first_len
-    part_len[1::2] = np.where(swap, src_len, tgt_len)
-    delta = np.empty(2 * len(starts), dtype=np.int64)
-    delta[0::2] = np.where(swap, src_len, 0)  # a swapped pair's target starts after its source
-    delta[1::2] = np.where(swap, -tgt_len, src_len - first_len)
-    idx = np.repeat(delta, part_len)
-    idx += arange[: len(ids)]
-    return ids[idx], lang[idx], pos[idx], first_len
 
 
 def masking_from_objective(objective: object) -> MaskingConfig:

@@ -206,8 +206,10 @@ def join_pairs(
     eos_id: int,
     src_lang: int,
     tgt_lang: int,
+    swap_D: np.ndarray | None = None,
 ) -> tuple:
-    """Join a pair sample into segments ``src </s> tgt </s>``, one per pair.
+    """Join a pair sample into segments ``src </s> tgt </s>``, one per pair (``tgt </s> src
+    </s>`` for the pairs marked in ``swap_D``).
 
     Returns:
         ``(ids [M], lang [M] int64, pos [M] int64, seg_offsets [D + 1] int64)`` with
@@ -217,10 +219,15 @@ def join_pairs(
     src_len_D = np.diff(src_offsets.astype(np.int64)) + 1
     tgt_len_D = np.diff(tgt_offsets.astype(np.int64)) + 1
     num_pairs = len(src_len_D)
-    # interleave [src_0+eos, tgt_0+eos, src_1+eos, ...] as 2D parts
+    # interleave [src_0+eos, tgt_0+eos, src_1+eos, ...] as 2D parts (a swapped pair's target
+    # part first); the source parts stay in pair order, so the masked writes below fill them
     part_len = np.empty(2 * num_pairs, dtype=np.int64)
-    part_len[0::2] = src_len_D
-    part_len[1::2] = tgt_len_D
+    if swap_D is None:
+        part_len[0::2] = src_len_D
+        part_len[1::2] = tgt_len_D
+    else:
+        part_len[0::2] = np.where(swap_D, tgt_len_D, src_len_D)
+        part_len[1::2] = np.where(swap_D, src_len_D, tgt_len_D)
     part_start = np.zeros(2 * num_pairs + 1, dtype=np.int64)
     np.cumsum(part_len, out=part_start[1:])
     total = int(part_start[-1])
@@ -230,11 +237,13 @@ def join_pairs(
         step[0] = 0
         step[part_start[1:-1]] = 1 - part_len[:-1]
     pos = np.cumsum(step, out=step)
-    part_lang = np.empty(2 * num_pairs, dtype=np.int64)
-    part_lang[0::2] = src_lang
-    part_lang[1::2] = tgt_lang
+    part_src = np.arange(2 * num_pairs) % 2 == 0  # which parts are source sides
+    if swap_D is not None:
+        part_src[0::2] = ~swap_D
+        part_src[1::2] = swap_D
+    part_lang = np.where(part_src, src_lang, tgt_lang).astype(np.int64)
     lang = np.repeat(part_lang, part_len)
-    from_src = np.repeat(np.arange(2 * num_pairs) % 2 == 0, part_len)
+    from_src = np.repeat(part_src, part_len)
     eos_at = part_start[1:] - 1
     is_token = np.ones(total, dtype=bool)
     is_token[eos_at] = False

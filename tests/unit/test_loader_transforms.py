@@ -53,6 +53,30 @@ def test_join_pairs_restarts_positions_at_the_target() -> None:
     assert seg.tolist() == [0, 5, 10]
 
 
+def test_join_pairs_puts_the_target_first_in_swapped_pairs() -> None:
+    rng = np.random.default_rng(0)
+    src_len, tgt_len = rng.integers(0, 6, 40), rng.integers(0, 6, 40)
+    src_off = np.concatenate([[0], np.cumsum(src_len)]).astype(np.int32)
+    tgt_off = np.concatenate([[0], np.cumsum(tgt_len)]).astype(np.int32)
+    src = rng.integers(10, 100, int(src_len.sum())).astype(np.uint16)
+    tgt = rng.integers(100, 200, int(tgt_len.sum())).astype(np.uint16)
+    swap = rng.random(40) < 0.5
+    ids, lang, pos, seg = join_pairs(
+        src, src_off, tgt, tgt_off, eos_id=2, src_lang=3, tgt_lang=5, swap_D=swap
+    )
+    # the rule written out pair by pair: each side with its eos, positions from 0 per side
+    want_ids, want_lang, want_pos, want_seg = [], [], [], [0]
+    for d in range(40):
+        sides = [(src[src_off[d] : src_off[d + 1]], 3), (tgt[tgt_off[d] : tgt_off[d + 1]], 5)]
+        for tokens, language in sides[::-1] if swap[d] else sides:
+            want_ids += [*tokens.tolist(), 2]
+            want_lang += [language] * (len(tokens) + 1)
+            want_pos += list(range(len(tokens) + 1))
+        want_seg.append(len(want_ids))
+    assert ids.tolist() == want_ids and lang.tolist() == want_lang
+    assert pos.tolist() == want_pos and seg.tolist() == want_seg
+
+
 def test_join_pairs_handles_empty_sides() -> None:
     ids, lang, pos, seg = join_pairs(
         np.array([11], dtype=np.uint16),
