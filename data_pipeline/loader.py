@@ -490,11 +490,12 @@ class StreamingDataset(IterableDataset):
     @property
     def counters(self) -> dict:
         """Totals of this rank so far: tokens and documents per language, dropped and
-        truncated tokens, bad samples skipped."""
-        self._sync()
+        truncated tokens, bad samples skipped (read off the live runners in process: no state
+        snapshot, so a per-log-step read stays cheap)."""
+        live = self._live
         out = _fresh_counters(self.languages)
-        for slot in self._slots:
-            _add_counters(out, slot["counters"])
+        for local, slot in enumerate(self._slots):
+            _add_counters(out, live[local].counters if live else slot["counters"])
         return out
 
     # --- iteration -----------------------------------------------------------------------------

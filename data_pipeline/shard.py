@@ -523,38 +523,42 @@ def _tasks(
 ) -> Iterator[_Task]:
     # segments are cut smaller than a shard, so a shard overshoots its size by one at most
     piece = min(settings.shard_text_bytes, _SEGMENT_BYTES)
-    for item in mono:
-        segments = (
-            segment
-            for path in item.paths
-            for segment in iter_raw_segments(
-                path,
-                fmt=settings.fmt,
+    inputs = [
+        (
+            "mono",
+            item.lang,
+            (
+                segment
+                for path in item.paths
+                for segment in iter_raw_segments(
+                    path,
+                    fmt=settings.fmt,
+                    target_bytes=piece,
+                    max_doc_bytes=settings.max_doc_bytes,
+                    rejects=rejects[item.lang],
+                )
+            ),
+        )
+        for item in mono
+    ]
+    inputs += [
+        (
+            "pair",
+            pair.name,
+            iter_pair_segments(
+                pair,
                 target_bytes=piece,
                 max_doc_bytes=settings.max_doc_bytes,
-                rejects=rejects[item.lang],
-            )
+                rejects=rejects[pair.name],
+            ),
         )
+        for pair in pairs
+    ]
+    for kind, name, segments in inputs:  # generators: nothing is read before its turn
         try:
-            yield from _chunks(
-                segments, kind="mono", name=item.lang, limit=settings.shard_text_bytes
-            )
+            yield from _chunks(segments, kind=kind, name=name, limit=settings.shard_text_bytes)
         except InputError as err:
-            err.input_name = item.lang
-            raise
-    for pair in pairs:
-        segments = iter_pair_segments(
-            pair,
-            target_bytes=piece,
-            max_doc_bytes=settings.max_doc_bytes,
-            rejects=rejects[pair.name],
-        )
-        try:
-            yield from _chunks(
-                segments, kind="pair", name=pair.name, limit=settings.shard_text_bytes
-            )
-        except InputError as err:
-            err.input_name = pair.name
+            err.input_name = name
             raise
 
 

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
 from parallel.parallelize import clip_grad_norm_, local_value, loss_context, parallelize_model
-from pretrain.models import ModelConfig, MoEConfig, build_model, tp_plan
+from parallel.pipeline import build_pipeline
+from pretrain.models import (
+    ModelConfig,
+    MoEConfig,
+    build_model,
+    pipeline_stage_layers,
+    prune_to_stage,
+    tp_plan,
+)
 from pretrain.models.transformer import canonical_name
 
 STEPS = 5
@@ -209,3 +217,30 @@ def check_cases(
             except AssertionError as err:
                 raise AssertionError(f"{label}, rank {rank}: {err}") from None
     return {label: [per_rank[index] for per_rank in results] for index, label in enumerate(labels)}
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy (the pipeline tests' loss; -100 targets ignored)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def pipeline_setup(world_size: int, cfg: ModelConfig, par: dict) -> tuple:
+    """``(dims, schedule, stage models, info)`` of a pipeline over ``cfg`` on this rank's mesh
+    (``par``: ParallelConfig fields), stages split as the trainer splits them."""
+    pcfg = ParallelConfig(**par)
+    dims = ParallelDims.from_config(pcfg, world_size=world_size)
+    dims.build_mesh()
+
+    def build_stage(stage: int, num_stages: int):
+        with torch.device("meta"):
+            model = build_model(copy.deepcopy(cfg))
+        keys = pipeline_stage_layers(cfg, num_stages=num_stages)
+        prune_to_stage(
+            model, layer_keys=keys[stage], first=stage == 0, last=stage == num_stages - 1
+        )
+        return model
+
+    schedule, models, info = build_pipeline(
+        build_stage, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED, loss_sum_fn=loss_sum
+    )
+    return dims, schedule, models, info

@@ -10,27 +10,22 @@ normalisation.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from test_parallel_common import (
     MAX_NORM,
-    SEED,
     assert_matches,
     batches,
     full_params,
+    pipeline_setup,
     reference,
     tiny_config,
 )
 
-from parallel.config import ParallelConfig
-from parallel.mesh import ParallelDims
 from parallel.parallelize import clip_grad_norm_
-from parallel.pipeline import build_pipeline, pipeline_step
+from parallel.pipeline import pipeline_step
 from parallel.testing import run_distributed
-from pretrain.models import build_model, pipeline_stage_layers, prune_to_stage, tp_plan
 
 
 def _config():
@@ -64,27 +59,8 @@ def _data(cfg, *, dp: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-
-
 def _pp_run(rank: int, world_size: int, cfg, par: dict) -> dict:
-    pcfg = ParallelConfig(**par)
-    dims = ParallelDims.from_config(pcfg, world_size=world_size)
-    dims.build_mesh()
-
-    def build_stage(stage: int, num_stages: int):
-        with torch.device("meta"):
-            model = build_model(copy.deepcopy(cfg))
-        keys = pipeline_stage_layers(cfg, num_stages=num_stages)
-        prune_to_stage(
-            model, layer_keys=keys[stage], first=stage == 0, last=stage == num_stages - 1
-        )
-        return model
-
-    schedule, models, info = build_pipeline(
-        build_stage, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED, loss_sum_fn=_loss_sum
-    )
+    dims, schedule, models, info = pipeline_setup(world_size, cfg, par)
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
     losses_out, norms = [], []

@@ -16,15 +16,20 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_parallel_common import MAX_NORM, SEED, assert_matches, full_params, tiny_config
+from test_parallel_common import (
+    MAX_NORM,
+    SEED,
+    assert_matches,
+    full_params,
+    loss_sum,
+    pipeline_setup,
+    tiny_config,
+)
 
-from parallel.config import ParallelConfig
-from parallel.mesh import ParallelDims
 from parallel.parallelize import clip_grad_norm_
-from parallel.pipeline import build_pipeline, pipeline_step
+from parallel.pipeline import pipeline_step
 from parallel.testing import run_distributed
-from pretrain.models import build_model, pipeline_stage_layers, prune_to_stage, tp_plan
+from pretrain.models import build_model
 from pretrain.models.transformer import canonical_name
 from tests.distributed.test_trainer import _cfg, _losses, _run, shards  # noqa: F401 - fixture
 
@@ -102,10 +107,6 @@ def _data(cfg) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
     return [make(gen, cfg.vocab_size) for _ in range(STEPS)]
 
 
-def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-
-
 def _grads(models) -> dict[str, torch.Tensor]:
     return {
         canonical_name(name): p.grad.detach().clone()
@@ -123,7 +124,7 @@ def _reference(cfg) -> dict:
     for tokens, kwargs, targets in _data(cfg):
         opt.zero_grad()
         logits = model(tokens, **kwargs)
-        loss = _loss_sum(logits, targets) / (targets != -100).sum()
+        loss = loss_sum(logits, targets) / (targets != -100).sum()
         loss.backward()
         norms.append(clip_grad_norm_(model, max_norm=MAX_NORM, dims=None).item())
         grads = grads if grads is not None else _grads([model])
@@ -133,22 +134,7 @@ def _reference(cfg) -> dict:
 
 
 def _pp_run(rank: int, world_size: int, cfg, par: dict) -> dict:
-    pcfg = ParallelConfig(**par)
-    dims = ParallelDims.from_config(pcfg, world_size=world_size)
-    dims.build_mesh()
-
-    def build_stage(stage: int, num_stages: int):
-        with torch.device("meta"):
-            model = build_model(copy.deepcopy(cfg))
-        keys = pipeline_stage_layers(cfg, num_stages=num_stages)
-        prune_to_stage(
-            model, layer_keys=keys[stage], first=stage == 0, last=stage == num_stages - 1
-        )
-        return model
-
-    schedule, models, info = build_pipeline(
-        build_stage, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED, loss_sum_fn=_loss_sum
-    )
+    dims, schedule, models, info = pipeline_setup(world_size, cfg, par)
     opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.5, momentum=0.9)
     losses, norms, grads = [], [], None
     for tokens, kwargs, targets in _data(cfg):
@@ -183,7 +169,7 @@ def test_pp2_with_document_masks_positions_and_languages_equals_one_process(fami
     model = build_model(plain)
     model.init_weights(SEED)
     tokens, kwargs, targets = _data(cfg)[0]
-    unmasked = _loss_sum(model(tokens), targets) / (targets != -100).sum()
+    unmasked = loss_sum(model(tokens), targets) / (targets != -100).sum()
     assert abs(unmasked.item() - ref["losses"][0]) > 1e-3
     for index, label in enumerate(labels):
         per_rank = [r[index] for r in results]
