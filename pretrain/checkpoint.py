@@ -202,6 +202,35 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def latest_loadable(checkpoint_root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """``train.resume=auto``: the newest complete checkpoint under ``checkpoint_root`` that
+    looks whole (:func:`checkpoint_problem`), and one note per corrupt newer one passed over.
+
+    Returns:
+        ``(path or None when there is no complete checkpoint, notes)``.
+
+    Raises:
+        ValueError: every complete checkpoint is corrupt (one line naming the newest).
+    """
+    found = complete_checkpoints(checkpoint_root)
+    notes = []
+    for _, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, notes
+        notes.append(
+            f"checkpoint {path} is corrupt ({problem}); falling back to the previous "
+            "complete checkpoint"
+        )
+        if len(notes) == 1:
+            newest = f"the newest, {path.name}, is corrupt: {problem}"
+    if found:
+        raise ValueError(
+            f"train.resume (auto): no loadable checkpoint in {checkpoint_root}; {newest}"
+        )
+    return None, notes
+
+
 def holds_earlier_run(run_dir: str | os.PathLike) -> bool:
     """Whether ``run_dir`` holds metrics or checkpoints (complete or partial) of a run."""
     run_dir = Path(run_dir)

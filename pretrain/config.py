@@ -565,8 +565,8 @@ def check_run_inputs(cfg: RunConfig) -> None:
     from pretrain.checkpoint import (
         check_compatible,
         checkpoint_problem,
-        complete_checkpoints,
         holds_earlier_run,
+        latest_loadable,
     )
 
     train = cfg.train
@@ -585,12 +585,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
             raise ValueError(f"train.resume ({train.resume!r}) is corrupt: {problem}")
         check_compatible(checkpoint, config_to_dict(cfg)["model"])
     if train.resume == "auto":
-        found = complete_checkpoints(run_dir / "checkpoints")
-        if found and all(checkpoint_problem(path) for _, path in found):
-            raise ValueError(
-                f"train.resume (auto): no loadable checkpoint in {run_dir / 'checkpoints'}; "
-                f"the newest, {found[-1][1].name}, is corrupt: {checkpoint_problem(found[-1][1])}"
-            )
+        latest_loadable(run_dir / "checkpoints")  # raises when every checkpoint is corrupt
     if starts_afresh(train) and not train.overwrite and holds_earlier_run(run_dir):
         raise ValueError(
             f"train.run_dir ({train.run_dir!r}) holds checkpoints or metrics of an earlier run: "

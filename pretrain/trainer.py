@@ -44,9 +44,8 @@ from pretrain.checkpoint import (
     CheckpointManager,
     TrainState,
     check_compatible,
-    checkpoint_problem,
-    complete_checkpoints,
     holds_earlier_run,
+    latest_loadable,
     move_run_dir_aside,
     rng_state,
     set_rng_state,
@@ -455,7 +454,11 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "none":
             return
-        path = self._latest_loadable() if mode == "auto" else Path(mode)
+        if mode == "auto":
+            path, notes = latest_loadable(self.run_dir / "checkpoints")
+            self.resume_notes += notes
+        else:
+            path = Path(mode)
         if path is None:
             return
         if mode != "auto" and not (path / ".metadata").is_file():
@@ -483,29 +486,6 @@ class Trainer:
         if own is not None and len(rank_states) == self.world_size:
             set_rng_state(own["rng"])
         self.resumed_from = path
-
-    def _latest_loadable(self) -> Path | None:
-        """``train.resume=auto``: the newest complete checkpoint that looks whole; a corrupt
-        newer one is named in a note (logged at start) and passed over.
-
-        Raises:
-            ValueError: every complete checkpoint is corrupt.
-        """
-        found = complete_checkpoints(self.run_dir / "checkpoints")
-        for _, path in reversed(found):
-            problem = checkpoint_problem(path)
-            if problem is None:
-                return path
-            self.resume_notes.append(
-                f"checkpoint {path} is corrupt ({problem}); falling back to the previous "
-                "complete checkpoint"
-            )
-        if found:
-            raise ValueError(
-                f"train.resume (auto): no loadable checkpoint in {self.run_dir / 'checkpoints'}; "
-                f"the newest, {found[-1][1].name}, is corrupt: {checkpoint_problem(found[-1][1])}"
-            )
-        return None
 
     def _apply_optim_config(self, path: Path, fresh_groups: list[list[dict]]) -> None:
         """Give the resumed optimizers and schedulers this run's ``optim.*``: the checkpoint
