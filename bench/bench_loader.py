@@ -13,7 +13,7 @@ corpus shards (all 12 languages, 6 en-X pair sets):
 Each figure is the best of ``--repeats`` runs of at least ``--seconds`` seconds; the runs are
 interleaved (plain, clm, mlm, tlm, plain, ...), so that load from other jobs on a shared machine
 falls on every reader alike. Loader figures are steady-state: building the dataset (manifest,
-tokenizer) and a few warm-up batches are not timed. Goals (issue 5): packed CLM >= 0.7x plain
+tokenizer) and a few warm-up batches are not timed. Goals: packed CLM >= 0.7x plain
 and >= 5 M tokens/s per core.
 
 ``--dp-world-size N`` measures rank 0 of N data-parallel ranks (the global language schedule
@@ -58,8 +58,8 @@ def _cpu_model() -> str:
 
 
 def _build_shards(out: Path, *, sample_tokens: int) -> Path:
-    from data_pipeline.readers import parse_mono_specs, parse_pair_specs
     from data_pipeline.shard import ShardSettings, run_shard_job
+    from data_pipeline.text_inputs import parse_mono_specs, parse_pair_specs
     from data_pipeline.tokenizer import train_tokenizer
 
     mono = [f"{p.name.split('.')[0]}={p}" for p in sorted((SAMPLE / "mono").glob("*.train.*"))]

@@ -38,8 +38,8 @@ import sentencepiece
 import zstandard
 
 from data_pipeline import shard
-from data_pipeline.readers import parse_mono_specs, parse_pair_specs
 from data_pipeline.shard import ShardSettings, default_workers, run_shard_job
+from data_pipeline.text_inputs import parse_mono_specs, parse_pair_specs
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data_pipeline" / "sample"
@@ -193,7 +193,7 @@ def _breakdown(
     chunks processed as the job does (cutting included). Each figure is the best of
     ``repeats`` passes.
     """
-    from data_pipeline.readers import Rejects
+    from data_pipeline.text_inputs import Rejects
 
     clock = time.process_time
     names = ("cut", "fingerprint", "parse", "plain_encode", "encode_to_numpy", "pack_write")

@@ -48,7 +48,7 @@ def sample_lines(lang: str, *, split: str = "valid", count: int = 100) -> list[s
 def make_tokenizer(root: Path, *, model_type: str = "unigram") -> Path:
     """A small tokenizer trained on every sample language (rare characters fall back to bytes
     ); returns its directory."""
-    from data_pipeline.readers import MonoInput
+    from data_pipeline.text_inputs import MonoInput
     from data_pipeline.tokenizer import train_tokenizer
 
     inputs = []
@@ -72,8 +72,8 @@ def make_tokenizer(root: Path, *, model_type: str = "unigram") -> Path:
 def shards_for(tokenizer: Path) -> Path:
     """``<tokenizer>_shards``: a few English documents sharded with ``tokenizer`` (made on the
     first call), whose manifest records that tokenizer's ``model_sha256`` as a run's does."""
-    from data_pipeline.readers import MonoInput
     from data_pipeline.shard import run_shard_job
+    from data_pipeline.text_inputs import MonoInput
 
     out = tokenizer.parent / f"{tokenizer.name}_shards"
     if not (out / "manifest.json").is_file():

@@ -15,9 +15,14 @@ from typing import NoReturn
 
 from data_pipeline.manifest import load_manifest, merge_manifests, summary_lines
 from data_pipeline.mix import add_mix_parser
-from data_pipeline.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, parse_mono_specs, parse_pair_specs
 from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
 from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
+from data_pipeline.text_inputs import (
+    DEFAULT_MAX_DOC_BYTES,
+    FORMATS,
+    parse_mono_specs,
+    parse_pair_specs,
+)
 from data_pipeline.tokenizer import (
     DEFAULT_SAMPLE_CHARS,
     DEFAULT_SENTINELS,

@@ -1,5 +1,17 @@
 """The streaming loader: language-mixed CLM / MLM / TLM batches from a shard manifest, resumable.
 
+What to call: ``build_loader(cfg.data, dp_rank=r, dp_world_size=n, objective=..., masking=...,
+seed=train.seed)`` (``cfg.data`` a ``data_pipeline.config.DataConfig``) gives rank ``r``'s
+:class:`StreamingLoader`; iterate it for batches (the contract below), and save / restore it
+with ``state_dict()`` / ``load_state_dict()``. ``StreamingDataset`` takes the same settings as
+keyword arguments, for tests and benchmarks.
+
+Guarantees: every batch follows the contract below; every global batch (all dp ranks' batches
+of one step) mixes languages by p_l within about one row, whatever the dp size; a resume with
+the rank's own state gives, bit for bit, the batches an uninterrupted run gives; an elastic
+resume (new dp size or worker count) neither loses nor repeats a document of the current pass.
+The sections below argue each point.
+
 Shape legend: ``B`` sequences per batch (``batch_size``), ``T`` tokens per sequence (``seq_len``),
 ``L`` languages (``dataset.languages``: the run's language index, the tokenizer's language list,
 so that a training and a validation manifest of one tokenizer map every language alike).
@@ -73,7 +85,7 @@ in one go: one sort of the keys of up to ``PLAN_ROWS`` global rows, or, when tha
 fewer than ``SPAN_MIN_STEPS`` of its steps (large W G), each of its rows looked up alone from
 the closed-form counts, so that the cost per batch is O(B L) whatever the dp size.
 
-Shards, slots and passes: see ``data_pipeline.streams``. A rank with ``num_workers`` W runs W
+Shards, slots and passes: see ``data_pipeline.slot_streams``. A rank with ``num_workers`` W runs W
 slots (one per DataLoader worker, or round-robin in process when W = 0 gives one slot), and
 batch ``k`` of the rank comes from local slot ``(next_worker + k) % W``: the same batches with
 or without worker processes.
@@ -91,7 +103,7 @@ State (``state_dict()``, plain Python values, picklable, JSON-able)::
 Exact resume: ``load_state_dict(own state)`` with the same dp world size and worker count gives
 the batches an uninterrupted run gives, bit for bit. Elastic resume: pass the list of every old
 rank's state (``load_state_dict([state_rank0, state_rank1, ...])``) to every new rank; the
-streams are pooled and dealt over the new slots (``streams.redistribute``) so that no document
+streams are pooled and dealt over the new slots (``slot_streams.redistribute``) so that no document
 of the current pass is lost or repeated, and a new generation starts at ``R0' = R0 + B x (the
 old slots' batches in the generation)``: the new layout continues the same global row sequence
 after the rows the old one consumed. A new batch size on the same layout does the same from
@@ -110,6 +122,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.config import DataConfig
 from data_pipeline.manifest import load_manifest, manifest_path
 from data_pipeline.sampling import (
     RowSchedule,
@@ -118,7 +131,8 @@ from data_pipeline.sampling import (
     language_probabilities,
     permuted_positions,
 )
-from data_pipeline.streams import ShardReader, Source, StreamState, redistribute, source_seed
+from data_pipeline.shard_format import ShardReader
+from data_pipeline.slot_streams import Source, StreamState, redistribute, source_seed
 from data_pipeline.transforms import (
     ID_DTYPE,
     IGNORE_INDEX,
@@ -996,7 +1010,7 @@ def masking_from_objective(objective: object) -> MaskingConfig:
 
 
 def build_loader(
-    cfg: object,
+    cfg: DataConfig,
     *,
     dp_rank: int,
     dp_world_size: int,
@@ -1006,15 +1020,18 @@ def build_loader(
     vocab: Vocab | None = None,
     languages: list[str] | None = None,
 ) -> StreamingLoader:
-    """A rank's :class:`StreamingLoader` from a ``DataConfig`` (``data.*``).
+    """A rank's :class:`StreamingLoader` from the ``data`` section of a run config.
 
     ``seed`` is used when ``cfg.seed`` is None (the trainer passes ``train.seed``).
     ``languages``: the run's language index (default: the manifest's tokenizer's languages);
     pass the training loader's ``dataset.languages`` to a validation loader to be explicit.
 
     Raises:
+        TypeError: ``cfg`` is not a :class:`~data_pipeline.config.DataConfig`.
         ValueError, FileNotFoundError: as :class:`StreamingDataset`.
     """
+    if not isinstance(cfg, DataConfig):
+        raise TypeError(f"build_loader: cfg ({type(cfg).__name__}) must be a DataConfig")
     ds = StreamingDataset(
         cfg.manifest,
         dp_rank=dp_rank,
@@ -1026,15 +1043,15 @@ def build_loader(
         masking=masking,
         alpha=cfg.alpha,
         language_weights=dict(cfg.language_weights),
-        pair_weights=dict(getattr(cfg, "pair_weights", {}) or {}),
+        pair_weights=dict(cfg.pair_weights),
         seed=seed if cfg.seed is None else cfg.seed,
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,
-        reset_position_ids=getattr(cfg, "reset_position_ids", False),
-        min_carry_tokens=getattr(cfg, "min_carry_tokens", 0),
-        on_bad_shard=getattr(cfg, "on_bad_shard", "skip"),
+        reset_position_ids=cfg.reset_position_ids,
+        min_carry_tokens=cfg.min_carry_tokens,
+        on_bad_shard=cfg.on_bad_shard,
         languages=languages,
-        tlm_swap_prob=getattr(cfg, "tlm_swap_prob", 0.5),
+        tlm_swap_prob=cfg.tlm_swap_prob,
     )
     return StreamingLoader(ds)
 

@@ -2,12 +2,12 @@
 
 The main process reads the inputs in order (sorted languages, then sorted pairs; each input's
 files sorted) and cuts them, without decoding, into chunks of about ``shard_text_bytes`` that
-end at record boundaries (``readers.iter_raw_segments``: C-level searches only, so one process
+end at record boundaries (``text_inputs.iter_raw_segments``: C-level searches only, so one process
 feeds many workers). Each chunk becomes one shard, parsed, tokenized and written by a worker.
 Chunk boundaries depend on the inputs and settings only, and nothing random happens, so the
 bytes written are the same for any number of workers.
 
-An input that turns out bad part-way (``readers.InputError``: a truncated or corrupt ``.zst`` or
+An input that turns out bad part-way (``text_inputs.InputError``: a truncated or corrupt ``.zst`` or
 ``.gz`` file, a TSV without tabs, line-aligned files of different lengths) stops the job: the
 shards this run wrote for that input are removed and no manifest is written, so nothing made from
 the first part of a damaged file passes for the whole.
@@ -38,7 +38,18 @@ import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.manifest import MANIFEST_FORMAT, write_manifest
-from data_pipeline.readers import (
+from data_pipeline.shard_format import (
+    DEFAULT_SAMPLE_TOKENS,
+    MONO_EXT,
+    PAIR_EXT,
+    ShardWriter,
+    dtype_name,
+    encode_mono_payload,
+    encode_pair_payload,
+    iter_raw_samples,
+    token_dtype,
+)
+from data_pipeline.text_inputs import (
     DEFAULT_MAX_DOC_BYTES,
     DocBatch,
     InputError,
@@ -50,17 +61,6 @@ from data_pipeline.readers import (
     iter_raw_segments,
     parse_segment,
     resolve_format,
-)
-from data_pipeline.shard_format import (
-    DEFAULT_SAMPLE_TOKENS,
-    MONO_EXT,
-    PAIR_EXT,
-    ShardWriter,
-    dtype_name,
-    encode_mono_payload,
-    encode_pair_payload,
-    iter_raw_samples,
-    token_dtype,
 )
 from data_pipeline.tokenizer import MODEL_FILE, SIDECAR_FILE, Tokenizer, load_tokenizer, sha256_file
 
@@ -88,7 +88,7 @@ class ShardSettings:
     shard_text_bytes: int = DEFAULT_SHARD_TEXT_MB << 20
     """A new shard starts after this many bytes of (decompressed) input text."""
     fmt: str = "auto"
-    """Monolingual input format: auto, lines, blank or jsonl (see ``data_pipeline.readers``)."""
+    """Monolingual input format: auto, lines, blank or jsonl (see ``data_pipeline.text_inputs``)."""
     text_field: str = "text"
     """JSONL field holding the document."""
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data_pipeline.readers import (
+from data_pipeline.sampling import check_alpha, language_probabilities
+from data_pipeline.text_inputs import (
     DEFAULT_MAX_DOC_BYTES,
     MonoInput,
     PairInput,
@@ -51,7 +52,6 @@ from data_pipeline.readers import (
     iter_documents,
     iter_pairs,
 )
-from data_pipeline.sampling import check_alpha, language_probabilities
 
 MODEL_FILE = "spm.model"
 SIDECAR_FILE = "spm.json"
@@ -283,7 +283,7 @@ def train_tokenizer(
             document (the message says why), or a vocab size sentencepiece cannot reach on this
             input.
         InputError: a truncated or corrupt compressed input, a TSV without tabs, line-aligned
-            pair files of different lengths (``readers.InputError``, a ValueError).
+            pair files of different lengths (``text_inputs.InputError``, a ValueError).
         FileNotFoundError: an input file is missing.
     """
     alpha = check_alpha(alpha, name="--alpha")

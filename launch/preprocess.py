@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.readers import MonoInput, PairInput, parse_mono_specs, parse_pair_specs
+from data_pipeline.text_inputs import MonoInput, PairInput, parse_mono_specs, parse_pair_specs
 from launch.env import read_array_task
 from launch.sbatch import output_pattern_literal, sbatch_value, submit, time_limit_seconds
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 import zstandard
 
-from data_pipeline.readers import MonoInput, PairInput
 from data_pipeline.shard import ShardSettings, run_shard_job
+from data_pipeline.text_inputs import MonoInput, PairInput
 from data_pipeline.tokenizer import train_tokenizer
 from parallel.testing import run_distributed
 from pretrain.checkpoint import complete_checkpoints

@@ -20,7 +20,6 @@ import zstandard
 
 from data_pipeline import shard
 from data_pipeline.cli import main
-from data_pipeline.readers import MonoInput, PairInput, parse_mono_specs
 from data_pipeline.shard import ShardSettings, run_shard_job
 from data_pipeline.shard_format import (
     ShardWriter,
@@ -31,6 +30,7 @@ from data_pipeline.shard_format import (
     iter_shard_samples,
     token_dtype,
 )
+from data_pipeline.text_inputs import MonoInput, PairInput, parse_mono_specs
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from data_pipeline.verify import verify_directory
 

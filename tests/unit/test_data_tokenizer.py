@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from data_pipeline.readers import MonoInput, PairInput
+from data_pipeline.text_inputs import MonoInput, PairInput
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample" / "mono"

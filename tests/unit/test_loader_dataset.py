@@ -37,7 +37,7 @@ def test_clm_rows_are_the_pass_order_stream_with_no_token_lost(corpus) -> None:
     src = ds.sources["ja"]
     shard_of, sample_of = src.order(0, seed=7)
     # expected stream: the documents as generated, samples in pass order, each doc + eos
-    from data_pipeline.streams import ShardReader
+    from data_pipeline.shard_format import ShardReader
 
     reader = ShardReader()
     expected = []
@@ -228,11 +228,13 @@ def test_counters_and_batch_tensors_agree_for_mixed_mlm_tlm_batches(corpus) -> N
 
 
 def test_shard_headers_are_read_once_per_shard(corpus, monkeypatch) -> None:
-    from data_pipeline import streams
+    from data_pipeline import shard_format
 
     calls = []
-    index = streams._index_members
-    monkeypatch.setattr(streams, "_index_members", lambda path: calls.append(path) or index(path))
+    index = shard_format._index_members
+    monkeypatch.setattr(
+        shard_format, "_index_members", lambda path: calls.append(path) or index(path)
+    )
     root, _ = corpus
     it = iter(_ds(root, seq_len=64, batch_size=8))
     for _ in range(40):
@@ -243,7 +245,7 @@ def test_shard_headers_are_read_once_per_shard(corpus, monkeypatch) -> None:
 def test_one_sample_sources_skip_the_generator_with_the_same_order() -> None:
     # A one-sample source starts a pass at every load; its order is the permutation of one
     # element, returned without seeding a generator (the values any seed would give).
-    from data_pipeline.streams import Source
+    from data_pipeline.slot_streams import Source
 
     src = Source("xx", "mono", ["/nowhere"], [1], 10)
     for pass_index in range(3):
@@ -280,7 +282,7 @@ def test_samples_stored_without_eos_give_the_same_batches(tmp_path: Path) -> Non
 def test_pass_orders_depend_on_seed_source_and_pass_alone() -> None:
     # small sources draw passes in chunks from one generator: any access order (slots at
     # different passes, a resume far into the stream) must see the same orders
-    from data_pipeline.streams import Source
+    from data_pipeline.slot_streams import Source
 
     def source() -> Source:
         return Source(name="el", kind="mono", paths=["a", "b"], samples_per_shard=[1, 2], tokens=9)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_pipeline.readers import MonoInput
 from data_pipeline.synthetic import synthetic_vocab
+from data_pipeline.text_inputs import MonoInput
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from data_pipeline.transforms import (
     IGNORE_INDEX,

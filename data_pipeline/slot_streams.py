@@ -1,4 +1,21 @@
-"""Endless, resumable per-language sample streams over a shard manifest, dealt to loader slots.
+"""Per-source sample streams dealt to loader slots: which sample each slot reads next.
+
+What to call (the streaming loader, ``data_pipeline.loader``, is the one user):
+
+- ``Source(name, kind, paths, samples_per_shard, tokens)``: one language or language pair of a
+  manifest; ``source.locate(g, seed=...)`` is the ``(shard index, sample index)`` at stream
+  position ``g``;
+- ``StreamState.fresh(slot=s, num_slots=S)``: slot ``s``'s stream of one source at the start of
+  training; ``state.next_position(capacity=..., rng=...)`` draws its next position through the
+  shuffle buffer; ``to_dict()`` / ``from_dict()`` round-trip it as plain lists and ints;
+- ``redistribute(old_states, num_slots=S', samples=...)``: the streams of ``S`` old slots dealt
+  over ``S'`` new ones (elastic resume).
+
+Guarantees: the sample order is a pure function of ``(seed, source, position)``; within a pass
+every sample goes to exactly one slot; an elastic resume neither loses nor repeats a position
+any old slot had not consumed. Reading the samples themselves is ``shard_format.ShardReader``'s.
+
+How:
 
 A *source* is one language (mono shards) or one language pair (pair shards). Its ``n`` samples
 (every sample of every shard of the source, from the manifest) are visited in *passes*; pass
@@ -30,170 +47,18 @@ sub-ranges (one per new slot) up to the end ``G0`` of the furthest pass any old 
 and the regular dealing restarts at ``G0`` with stride ``S'``; buffered references are dealt
 round-robin; an old slot's partly consumed samples (its packing remainder) go to new slot
 ``old % S'``.
-
-Random access: a shard's member offsets are found once per reader (one per slot) by reading the
-512-byte tar headers (seeking over the data); a sample is then one seek and one read.
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import zstandard
 
-from data_pipeline.shard_format import MONO_EXT, PAIR_EXT, decode_sample
-
-log = logging.getLogger(__name__)
-
-_BLOCK = 512
 ENDLESS = -1
-
-
-# --- random access to shard samples ----------------------------------------------------------
-
-
-def _parse_header(header: bytes, *, where: str) -> tuple[str, int]:
-    if len(header) < _BLOCK:
-        raise ValueError(f"{where}: truncated inside a header")
-    try:
-        size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
-    except ValueError:
-        raise ValueError(f"{where}: corrupt tar header") from None
-    stored = header[148:156].rstrip(b"\0 ")
-    if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
-        raise ValueError(f"{where}: tar header checksum mismatch")
-    return header[0:100].rstrip(b"\0").decode("utf-8", "replace"), size
-
-
-def _padded(size: int) -> int:
-    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
-def _index_members(path: Path) -> list[tuple[int, int, int, int, str]]:
-    """Per sample ``(start, stop, metadata size, payload size, payload extension)``."""
-    where = f"shard {path.name}"
-    members = []
-    with open(path, "rb") as f:
-        end = f.seek(0, io.SEEK_END)
-        pos = 0
-        while True:
-            f.seek(pos)
-            header = f.read(_BLOCK)
-            if len(header) == 0:
-                raise ValueError(f"{where}: truncated (no end-of-archive marker)")
-            if header == b"\0" * _BLOCK:
-                break
-            name, size = _parse_header(header, where=where)
-            if not name.endswith(".json"):
-                raise ValueError(f"{where}: member {name!r} where a .json was expected")
-            f.seek(pos + _BLOCK + _padded(size))
-            payload_name, payload_size = _parse_header(f.read(_BLOCK), where=where)
-            if payload_name.partition(".")[0] != name.partition(".")[0]:
-                raise ValueError(f"{where}: sample {name!r} has no payload member")
-            stop = pos + _BLOCK + _padded(size) + _BLOCK + _padded(payload_size)
-            if stop > end:
-                raise ValueError(f"{where}: truncated inside member {payload_name!r}")
-            members.append((pos, stop, size, payload_size, payload_name.partition(".")[2]))
-            pos = stop
-    return members
-
-
-def index_shard(path: str | os.PathLike) -> np.ndarray:
-    """Byte ranges of a shard's samples, from its tar headers alone.
-
-    Returns:
-        int64 ``[num_samples, 2]``: start (the ``.json`` header) and end (past the padded
-        payload) of each sample.
-
-    Raises:
-        OSError: the file cannot be read.
-        ValueError: the shard's name and the fault (truncated, bad header, members out of pairs).
-    """
-    spans = [m[:2] for m in _index_members(Path(path))]
-    return np.array(spans, dtype=np.int64).reshape(-1, 2)
-
-
-class ShardReader:
-    """Reads single samples of shards by (shard path, sample index), keeping some files open.
-
-    Each shard's tar headers are read (and checked) once, on its first sample; a sample is then
-    one seek and one read, and its payload is decompressed straight from that read.
-    """
-
-    def __init__(self, *, max_open: int = 64) -> None:
-        self._indexes: dict[str, list[tuple[int, int, int, int, str]]] = {}
-        self._names: dict[str, str] = {}
-        self._files: OrderedDict[str, io.BufferedReader] = OrderedDict()
-        self._max_open = max_open
-        self._zstd = zstandard.ZstdDecompressor()
-        self._buffer = bytearray(0)
-
-    def _file(self, path: str) -> io.BufferedReader:
-        f = self._files.get(path)
-        if f is not None:
-            self._files.move_to_end(path)
-            return f
-        f = open(path, "rb")  # noqa: SIM115 - kept open across calls, closed in close()
-        while len(self._files) >= self._max_open:
-            self._files.popitem(last=False)[1].close()
-        self._files[path] = f
-        return f
-
-    def _members(self, path: str) -> list[tuple[int, int, int, int, str]]:
-        members = self._indexes.get(path)
-        if members is None:
-            members = self._indexes[path] = _index_members(Path(path))
-            self._names[path] = Path(path).name
-        return members
-
-    def num_samples(self, path: str) -> int:
-        """Samples in the shard (reads its headers once)."""
-        return len(self._members(path))
-
-    def read(self, path: str, index: int, *, check: bool | str = True) -> dict:
-        """Decode sample ``index`` of the shard at ``path`` (see ``shard_format.decode_sample``,
-        which takes ``check``).
-
-        Raises:
-            OSError: the file cannot be read.
-            ValueError: the shard's name and the fault (index out of range, bad member, bad
-                payload).
-        """
-        members = self._members(path)
-        if not 0 <= index < len(members):
-            raise ValueError(f"shard {Path(path).name}: has no sample {index}")
-        start, stop, meta_size, payload_size, ext = members[index]
-        if ext != MONO_EXT and ext != PAIR_EXT:
-            raise ValueError(
-                f"shard {Path(path).name}: sample {index} payload .{ext} is not a token payload"
-            )
-        f = self._file(path)
-        f.seek(start)
-        if len(self._buffer) < stop - start:  # one buffer reused: the payload is decompressed
-            self._buffer = bytearray(stop - start)  # out of it, nothing keeps a view
-        raw = memoryview(self._buffer)[: stop - start]
-        if f.readinto(raw) != stop - start:
-            raise ValueError(f"shard {Path(path).name}: truncated at sample {index}")
-        at = _BLOCK + _padded(meta_size) + _BLOCK
-        return decode_sample(
-            bytes(raw[_BLOCK : _BLOCK + meta_size]),
-            payload=raw[at : at + payload_size],
-            where=f"shard {self._names[path]} sample {index}",
-            check=check,
-            decompressor=self._zstd,
-        )
-
-    def close(self) -> None:
-        """Close every open file."""
-        while self._files:
-            self._files.popitem()[1].close()
+"""``stop`` of a range that never ends (the regular dealing of a slot)."""
 
 
 # --- pass orders -----------------------------------------------------------------------------

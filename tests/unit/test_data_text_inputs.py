@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_pipeline.readers import (
+from data_pipeline.text_inputs import (
     CorruptInputError,
     InputError,
     MonoInput,
@@ -261,14 +261,14 @@ def test_spec_errors_are_one_line(tmp_path: Path) -> None:
 def test_block_boundaries_do_not_change_what_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
 ) -> None:
-    import data_pipeline.readers as readers
+    import data_pipeline.text_inputs as text_inputs
 
     path = tmp_path / "mixed.txt"
     path.write_bytes(
         b"alpha\r\n\xff bad\n" + b"z" * 40 + b"\n\n  \nbeta \xc3\xa9\nx" + b"q" * 30 + b"\nend"
     )
     want, want_rejects = _docs(path, max_doc_bytes=20)
-    monkeypatch.setattr(readers, "_READ_CHUNK", block)
+    monkeypatch.setattr(text_inputs, "_READ_CHUNK", block)
     got, rejects = _docs(path, max_doc_bytes=20)
     assert got == want == [(0, "alpha"), (5, "beta é"), (7, "end")]
     assert rejects.as_dict() == want_rejects.as_dict()
@@ -300,16 +300,16 @@ def test_huge_record_straddling_a_cut_is_dropped_and_counted(tmp_path: Path) -> 
     path = tmp_path / "a.txt"
     path.write_bytes(b"a" * 10 + b"\n" + b"b" * 5000 + b"\n" + b"c" * 10 + b"\n")
     for block in (7, 1 << 20):
-        import data_pipeline.readers as readers
+        import data_pipeline.text_inputs as text_inputs
 
-        old, readers._READ_CHUNK = readers._READ_CHUNK, block
+        old, text_inputs._READ_CHUNK = text_inputs._READ_CHUNK, block
         try:
             rejects = Rejects()
             segments = list(
                 iter_raw_segments(path, target_bytes=5, max_doc_bytes=100, rejects=rejects)
             )
         finally:
-            readers._READ_CHUNK = old
+            text_inputs._READ_CHUNK = old
         got = []
         for segment in segments:
             batch = parse_segment(segment, kind="mono", max_doc_bytes=100, rejects=rejects)

@@ -1,4 +1,22 @@
-"""Input specifications and raw-document readers for the data jobs.
+"""Text inputs of the preprocessing jobs (tokenizer training, sharding): specs, files, documents.
+
+What to call:
+
+- ``parse_mono_specs(["en=corpus/en.txt.zst", ...])`` -> ``[MonoInput]`` and
+  ``parse_pair_specs(["en-de=corpus/en-de.tsv", ...])`` -> ``[PairInput]``: command-line input
+  specs checked and expanded to files (a bad spec raises ``ValueError`` naming it);
+- ``iter_documents(path, fmt=..., rejects=...)`` (one file of a ``MonoInput``) /
+  ``iter_pairs(pair_input, rejects=...)``: the documents (pairs), in file order, with their
+  ordinals;
+- ``iter_raw_segments`` / ``iter_pair_segments`` then ``parse_segment``: the same, cut in two
+  halves so that one process can feed many workers (the sharding job).
+
+Guarantees: a bad *record* never stops a job (it is skipped and counted in a :class:`Rejects`);
+a bad *file* always does, with an :class:`InputError` naming it; the documents read do not
+depend on how the input is cut into segments or read blocks. The shard side (token shards, not
+text) is ``data_pipeline.shard_format``.
+
+How:
 
 An input names one language (``LANG=PATH``) or a language pair (``SRC-TGT=PATH``); ``PATH`` is a
 file or a glob, and may instead carry the language in a ``{lang}`` (``{src}``, ``{tgt}``)
