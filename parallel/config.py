@@ -55,6 +55,10 @@ class ParallelConfig:
     """none | full (every block) | selective (every other block)."""
     compile: bool = False
     """torch.compile each block."""
+    cpu_offload: bool = False
+    """FSDP2 CPU offload (``CPUOffloadPolicy``): sharded parameters, gradients and optimizer
+    state live on the host and the optimizer steps there (AdamW unfused); each FSDP unit's
+    parameters are copied to the device for its compute. Needs parallel.dp_shard > 1."""
 
 
 def _positive(key: str, value: int) -> None:
@@ -154,6 +158,11 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
             )
         if not cfg.ep_over_tp and dp_shard % cfg.ep != 0:
             raise ValueError(f"parallel.ep ({cfg.ep}) must divide parallel.dp_shard ({dp_shard})")
+    if cfg.cpu_offload and dp_shard == 1:
+        # Offload moves FSDP2's shards to the host: without sharding there is no FSDP unit.
+        raise ValueError(
+            "parallel.cpu_offload (True) needs FSDP: parallel.dp_shard (1) must be > 1"
+        )
     return {
         "pp": cfg.pp,
         "dp_replicate": cfg.dp_replicate,

@@ -19,13 +19,16 @@ tokens.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from parallel.config import ParallelConfig
 from parallel.expert_parallel import apply_experts_parallel
@@ -55,6 +58,11 @@ def parallelize_model(
         seed: ``init_weights`` seed; every layout gives the unsharded model's values.
         param_dtype, reduce_dtype: FSDP2 mixed precision (None: the parameters' dtype).
 
+    With ``cfg.cpu_offload`` (FSDP2's ``CPUOffloadPolicy``) the sharded parameters, their
+    gradients and so the optimizer state live on the host: the model is materialised on the CPU
+    and only its buffers move to ``device``; FSDP2 copies each unit's parameters to the device
+    for its forward and backward.
+
     Returns:
         ``model`` itself (FSDP2 and ``replicate`` keep module identity and parameter names).
 
@@ -69,6 +77,14 @@ def parallelize_model(
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
     )
+    if cfg.cpu_offload:
+        model.to_empty(device="cpu")
+        model.init_weights(seed)
+        # Buffers (rotary tables, ...) are not FSDP-managed: they stay on the compute device.
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
+        return model
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
@@ -116,6 +132,7 @@ def apply_parallelism(
         expert_modules=expert_modules,
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
+        cpu_offload=cfg.cpu_offload,
     )
 
 
@@ -146,10 +163,16 @@ def _apply_data_parallel(
     expert_modules: list[nn.Module],
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None,
+    cpu_offload: bool = False,
 ) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mode = dims.data_parallel_mode
+    if cpu_offload and mode != "fsdp":
+        # validate_parallel refuses this first; an internal caller that skipped it lands here.
+        raise ValueError(
+            f"parallel.cpu_offload (True) needs FSDP: parallel.dp_shard ({dims.dp_shard}) > 1"
+        )
     if mode == "none":
         return
     if mode == "ddp":
@@ -159,19 +182,25 @@ def _apply_data_parallel(
         return
     dp_mesh = dims["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims["dp_shard"]
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy: dict = {}
+    if cpu_offload:
+        # Pinned host memory needs an accelerator; a CPU-only torch cannot pin.
+        policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     experts = {id(module) for module in expert_modules}
     for block in model.layers.values():
         for module in block.modules():
             if id(module) in experts:
                 # The inner FSDP unit first: the block's fully_shard then skips its parameters.
-                _shard_experts(module, dims=dims, mp_policy=mp)
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+                _shard_experts(module, dims=dims, mp_policy=mp, policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, **policy)
     # The root keeps its parameters (embeddings, output) unsharded after forward: backward
     # needs them next.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, **policy)
 
 
-def _shard_experts(module: nn.Module, *, dims: ParallelDims, mp_policy) -> None:
+def _shard_experts(
+    module: nn.Module, *, dims: ParallelDims, mp_policy, policy: dict | None = None
+) -> None:
     """FSDP2 on an expert-parallel module over the expert data-parallel axis (torchtitan's
     ``dp_mod_ep`` mesh): ``dp_shard_mod_ep`` shards, ``dp_replicate`` replicates (HSDP).
 
@@ -194,7 +223,13 @@ def _shard_experts(module: nn.Module, *, dims: ParallelDims, mp_policy) -> None:
             return Shard(1)
         return Shard(0)
 
-    fully_shard(module, mesh=edp_mesh, mp_policy=mp_policy, shard_placement_fn=placement)
+    fully_shard(
+        module,
+        mesh=edp_mesh,
+        mp_policy=mp_policy,
+        shard_placement_fn=placement,
+        **(policy or {}),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +261,118 @@ def _unique_params(parts: Iterable[nn.Module]) -> list[nn.Parameter]:
     return params
 
 
+def _is_shard(placement: Placement) -> bool:
+    # _StridedShard (FSDP2 over tensor parallel) is not a Shard subclass.
+    return isinstance(placement, (Shard, _StridedShard))
+
+
+def _group_over_mesh(mesh: DeviceMesh, dims: ParallelDims | None) -> dist.ProcessGroup | None:
+    """A process group over exactly the ranks of ``mesh`` (an N-D DTensor mesh): the world, or
+    one of the flattened views of ``dims``; None when there is none."""
+    ranks = sorted(mesh.mesh.flatten().tolist())
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    if dims is not None and dims.mesh is not None:
+        for axis in ("dp", "dp_shard", "edp", "ep"):
+            view = dims[axis]
+            if sorted(view.mesh.flatten().tolist()) == ranks:
+                return view.get_group()
+    return None
+
+
+def _local_stat(tensors: list[torch.Tensor], *, inf: bool, device: torch.device) -> torch.Tensor:
+    """Sum of squares (max of absolute values when ``inf``) of ``tensors`` in fp32."""
+    stat = torch.zeros((), dtype=torch.float32, device=device)
+    for tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        if inf:
+            stat = torch.maximum(stat, tensor.detach().abs().max().float().to(device))
+        else:
+            norm = torch.linalg.vector_norm(tensor.detach(), 2.0, dtype=torch.float32)
+            stat = stat + norm.to(device) ** 2
+    return stat
+
+
+def grad_norm_stat(
+    params: Iterable[nn.Parameter],
+    *,
+    dims: ParallelDims | None,
+    norm_type: float = 2.0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """The squared 2-norm (the max-norm when ``norm_type`` is inf) of the gradients of
+    ``params`` over every axis but ``pp``: a plain fp32 scalar on ``device``, equal on the
+    ranks of one pipeline stage.
+
+    Gradients are grouped by ``(device mesh, placements)``, as torchtitan's
+    ``clip_grad_norm_`` groups them: each group's local sum of squares is one number, summed over
+    its ``Shard`` axes and counted once on its ``Replicate`` axes; a group with ``Partial``
+    axes (sequence-parallel norms without FSDP) first sums its gradients, concatenated, with one
+    all-reduce per partial axis. Groups that reduce over the same process group share one
+    all-reduce, so there is at most one collective per group (plus one per partial axis).
+    Plain gradients are replicas: no collective.
+    """
+    inf = norm_type == float("inf")
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    plain: list[torch.Tensor] = []
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            key = (grad.device_mesh, tuple(grad.placements))
+            groups.setdefault(key, []).append(grad.to_local())
+        else:
+            plain.append(grad)
+        if device is None:
+            device = (grad.to_local() if isinstance(grad, DTensor) else grad).device
+    device = torch.device("cpu") if device is None else device
+    total = _local_stat(plain, inf=inf, device=device)
+    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+    # process group -> this rank's part of the groups reduced over it
+    pending: dict[dist.ProcessGroup, torch.Tensor] = {}
+    for (mesh, placements), locals_ in groups.items():
+        partial_axes = [i for i, p in enumerate(placements) if p.is_partial()]
+        if partial_axes:
+            flat = torch.cat([t.detach().reshape(-1).float() for t in locals_])
+            for axis in partial_axes:
+                reduce_op = placements[axis].reduce_op
+                assert reduce_op in ("sum", "avg"), f"partial gradient reduced by {reduce_op}"
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=mesh.get_group(axis))
+                if reduce_op == "avg":
+                    flat /= mesh.size(axis)
+            locals_ = [flat]
+        stat = _local_stat(locals_, inf=inf, device=device)
+        shard_axes = [i for i, p in enumerate(placements) if _is_shard(p)]
+        if not shard_axes:
+            group, copies = None, 1
+        elif len(shard_axes) == 1:
+            group, copies = mesh.get_group(shard_axes[0]), 1
+        else:
+            group = _group_over_mesh(mesh, dims)
+            # Summed over the whole mesh: a shard is held once per coordinate of the other axes.
+            copies = mesh.size() // math.prod(mesh.size(i) for i in shard_axes)
+            if group is None:  # no group spans the mesh: reduce axis by axis
+                for axis in shard_axes:
+                    dist.all_reduce(stat, op=op, group=mesh.get_group(axis))
+                group, copies = None, 1
+        if group is None:
+            total = torch.maximum(total, stat) if inf else total + stat
+            continue
+        if copies > 1 and not inf:
+            stat = stat / copies
+        if group in pending:
+            previous = pending[group]
+            pending[group] = torch.maximum(previous, stat) if inf else previous + stat
+        else:
+            pending[group] = stat
+    for group, stat in pending.items():
+        dist.all_reduce(stat, op=op, group=group)
+        total = torch.maximum(total, stat) if inf else total + stat
+    return total
+
+
 @torch.no_grad()
 def clip_grad_norm_(
     parts: nn.Module | Iterable[nn.Module],
@@ -238,9 +385,10 @@ def clip_grad_norm_(
     ``max_norm`` and return the total norm before clipping (a plain fp32 scalar on the
     gradients' device, equal on every rank). No host sync: the norm stays on the device.
 
-    Each DTensor gradient's norm is taken over its own mesh (FSDP shards, TP shards, ``Partial``
-    sums of sequence-parallel norms, EP expert shards), so a value replicated on an axis is
-    counted once; plain gradients are replicas. Stage norms are then summed over ``pp``.
+    The norm is taken over every mesh axis with one all-reduce per group of gradients sharing
+    a device mesh and placements (:func:`grad_norm_stat`: FSDP shards, TP shards, ``Partial``
+    sums of sequence-parallel norms, EP expert shards; a value replicated on an axis is counted
+    once; plain gradients are replicas), then one over ``pp`` for the stages.
 
     Raises:
         ValueError: ``norm_type`` other than 2 or inf.
@@ -249,24 +397,20 @@ def clip_grad_norm_(
         raise ValueError(f"norm_type ({norm_type}) must be 2 or inf")
     parts = [parts] if isinstance(parts, nn.Module) else list(parts)
     params = _unique_params(parts)
-    device = params[0].grad.device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for param in params:
-        grad = param.grad
-        norm = torch.linalg.vector_norm(grad, norm_type)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        norm = norm.float().to(device)
-        total = torch.maximum(total, norm) if norm_type == float("inf") else total + norm**2
+    inf = norm_type == float("inf")
+    total = grad_norm_stat(params, dims=dims, norm_type=norm_type)
     if dims is not None and dims.pp > 1:
-        op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+        op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
         dist.all_reduce(total, op=op, group=dims["pp"].get_group())
-    total_norm = total if norm_type == float("inf") else total.sqrt()
+    total_norm = total if inf else total.sqrt()
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
     for param in params:
         grad = param.grad
         local = grad.to_local() if isinstance(grad, DTensor) else grad
-        local.mul_(coef.to(device=local.device, dtype=local.dtype))
+        by_kind.setdefault((local.device, local.dtype), []).append(local)
+    for (device, dtype), tensors in by_kind.items():
+        torch._foreach_mul_(tensors, coef.to(device=device, dtype=dtype))
     return total_norm
 
 
@@ -280,18 +424,25 @@ def reduce_metric(
     """Reduce a per-rank metric over ``axis`` (``dp``, ``pp``, ``tp``, ``ep``, ...):
     ``mean``, ``sum`` or ``max``. Without a layout the value is returned as a tensor.
 
-    Reduced in fp32, except a float64 or int64 tensor, which keeps its dtype (counts such as
-    tokens per language summed over many ranks stay exact past fp32's 2**24).
+    Dtypes: a Python int or float, and an integer tensor other than int64, are reduced in
+    float64 (exact counts up to 2**53); an int64 tensor keeps int64 for ``sum`` / ``max``
+    (its ``mean`` is float64); a float64 tensor stays float64; other floating tensors are
+    reduced in fp32.
 
     Raises:
         ValueError: an unknown ``op``.
     """
-    if isinstance(value, torch.Tensor) and value.dtype in (torch.float64, torch.int64):
-        tensor = value.detach().clone()
-    else:
-        tensor = torch.as_tensor(value, dtype=torch.float32).detach().clone()
     if op not in ("mean", "sum", "max"):
         raise ValueError(f"metric reduction ({op!r}) must be mean, sum or max")
+    if isinstance(value, torch.Tensor):
+        if value.dtype in (torch.float64, torch.int64):
+            tensor = value.detach().clone()
+        elif not value.dtype.is_floating_point:
+            tensor = value.detach().to(torch.float64)
+        else:
+            tensor = value.detach().to(torch.float32, copy=True)
+    else:
+        tensor = torch.tensor(value, dtype=torch.float64)
     if dims is None:
         return tensor
     mesh = dims[axis]
@@ -302,4 +453,8 @@ def reduce_metric(
         op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
         group=mesh.get_group(),
     )
-    return tensor / mesh.size() if op == "mean" else tensor
+    if op != "mean":
+        return tensor
+    if not tensor.dtype.is_floating_point:
+        tensor = tensor.to(torch.float64)
+    return tensor / mesh.size()

@@ -10,7 +10,11 @@ Memory estimate per rank (bytes): parameters and gradients in the parameter dtyp
 weights under FSDP2 mixed precision), AdamW's two fp32 states. Activations are not estimated.
 Grouped experts count what FSDP2 leaves after sharding them over ``ep`` x ``dp_shard_mod_ep``
 (x ``tp``, except with ``parallel.ep_over_tp``, where ep already spans tp and experts are whole);
-the other parameters over ``dp_shard`` (x ``tp``).
+the other parameters over ``dp_shard`` (x ``tp``). With ``parallel.cpu_offload`` (FSDP2 CPU
+offload) the sharded parameters, their gradients and the optimizer state are all on the host:
+``host`` counts them and ``device`` (what stays on the accelerator of that state) drops by as
+much; the unsharded parameters of the FSDP unit being computed, like activations, are not
+estimated.
 """
 
 from __future__ import annotations
@@ -47,16 +51,26 @@ def local_expert_count(model: nn.Module, tp_plan: dict[str, str]) -> int:
 
 
 def memory_estimate(
-    num_params: int, *, param_bytes: int = 4, grad_bytes: int = 4, optim_bytes: int = 8
+    num_params: int,
+    *,
+    param_bytes: int = 4,
+    grad_bytes: int = 4,
+    optim_bytes: int = 8,
+    cpu_offload: bool = False,
 ) -> dict[str, int]:
-    """``{"params", "grads", "optimizer", "total"}`` in bytes for ``num_params`` local
-    elements (defaults: fp32 parameters and gradients, AdamW's two fp32 states)."""
+    """``{"params", "grads", "optimizer", "total", "host", "device"}`` in bytes for
+    ``num_params`` local elements (defaults: fp32 parameters and gradients, AdamW's two fp32
+    states). ``total`` is the sum of the three; ``host`` the part of it kept in host memory
+    (all of it with ``cpu_offload``, else 0) and ``device`` the rest, so that with offload the
+    device saves ``host`` bytes."""
     out = {
         "params": num_params * param_bytes,
         "grads": num_params * grad_bytes,
         "optimizer": num_params * optim_bytes,
     }
     out["total"] = sum(out.values())
+    out["host"] = out["total"] if cpu_offload else 0
+    out["device"] = out["total"] - out["host"]
     return out
 
 
@@ -75,10 +89,10 @@ def plan_layout(
         tp_plan: the family's TP plan.
 
     Returns:
-        ``{"degrees", "mesh", "dp", "edp", "per_pp_rank": [{"pp_rank", "stages",
-        "params_local", "params_local_experts", "memory_bytes"}], "params_local_max",
-        "memory_bytes_max"}`` (``params_local_experts`` is the part of ``params_local`` in
-        grouped experts).
+        ``{"degrees", "mesh", "dp", "edp", "data_parallel", "cpu_offload", "per_pp_rank":
+        [{"pp_rank", "stages", "params_local", "params_local_experts", "memory_bytes"}],
+        "params_local_max", "memory_bytes_max"}`` (``params_local_experts`` is the part of
+        ``params_local`` in grouped experts; ``memory_bytes`` as :func:`memory_estimate`).
 
     Raises:
         ValueError: the layout is invalid for ``world_size`` (one line).
@@ -113,7 +127,7 @@ def plan_layout(
                 "stages": stages,
                 "params_local": params_local,
                 "params_local_experts": sum(stage_experts[s] for s in stages),
-                "memory_bytes": memory_estimate(params_local),
+                "memory_bytes": memory_estimate(params_local, cpu_offload=cfg.cpu_offload),
             }
         )
     worst = max(per_rank, key=lambda r: r["params_local"])
@@ -128,6 +142,7 @@ def plan_layout(
         "dp": dims.dp,
         "edp": dims.edp,
         "data_parallel": dims.data_parallel_mode,
+        "cpu_offload": cfg.cpu_offload,
         "per_pp_rank": per_rank,
         "params_local_max": worst["params_local"],
         "memory_bytes_max": worst["memory_bytes"],

@@ -52,13 +52,28 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     return groups
 
 
+def params_on_host(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` (its local shard, for a DTensor) lives in host memory:
+    a CPU run, or FSDP2 CPU offload (``parallel.cpu_offload``) on an accelerator."""
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.device.type == "cpu":
+            return True
+    return False
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, *, device_type: str = "cpu"
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; fused on CUDA unless ``cfg.fused`` says otherwise."""
+    """AdamW over :func:`param_groups`.
+
+    Fused by default on CUDA when the parameters are on the device; unfused (foreach, the host
+    implementation) when they live on the CPU, as under FSDP2 CPU offload, where the optimizer
+    state and step stay on the host. ``cfg.fused`` set explicitly is kept.
+    """
     fused: bool | None = cfg.fused
     if fused is None:
-        fused = device_type == "cuda"
+        fused = device_type == "cuda" and not params_on_host(model)
     return torch.optim.AdamW(
         param_groups(model, weight_decay=cfg.weight_decay),
         lr=cfg.lr,

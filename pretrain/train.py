@@ -140,6 +140,12 @@ def _print_plan(result: dict, *, as_json: bool) -> None:
             f"pp rank {row['pp_rank']} (stages {row['stages']}): {row['params_local']:,} params"
             f"/rank; params {format_bytes(mem['params'])}, grads {format_bytes(mem['grads'])}, "
             f"optimizer {format_bytes(mem['optimizer'])}, total {format_bytes(mem['total'])}"
+            + (
+                f"; on the host {format_bytes(mem['host'])} (parallel.cpu_offload), on the "
+                f"device {format_bytes(mem['device'])}"
+                if mem.get("host")
+                else ""
+            )
         )
 
 

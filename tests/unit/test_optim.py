@@ -5,10 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from pretrain.config import OptimConfig
-from pretrain.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from pretrain.optim import (
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    param_groups,
+    params_on_host,
+)
 
 
 class _Toy(nn.Module):
@@ -39,6 +46,22 @@ def test_optimizer_uses_config():
     opt = build_optimizer(_Toy(), cfg)
     assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_fused_default_is_off_for_host_parameters():
+    # Parameters on the CPU (a CPU run, or FSDP2 CPU offload on CUDA): the host AdamW.
+    model = _Toy()
+    assert build_optimizer(model, OptimConfig(), device_type="cuda").defaults["fused"] is False
+    assert build_optimizer(model, OptimConfig(), device_type="cpu").defaults["fused"] is False
+    assert params_on_host(model)
+    explicit = build_optimizer(model, OptimConfig(fused=True), device_type="cuda")
+    assert explicit.defaults["fused"] is True
+
+
+def test_params_on_host_is_false_off_the_cpu():
+    with torch.device("meta"):
+        model = _Toy()
+    assert not params_on_host(model)
 
 
 def _factors(schedule: str, **kw) -> list[float]:

@@ -130,3 +130,43 @@ def test_stage_ids_of_rank():
     assert stage_ids_of_rank(1, pp=4, stages_per_rank=1, schedule="1F1B") == [1]
     assert stage_ids_of_rank(1, pp=4, stages_per_rank=2, schedule="Interleaved1F1B") == [1, 5]
     assert stage_ids_of_rank(0, pp=2, stages_per_rank=2, schedule="ZBVZeroBubble") == [0, 3]
+
+
+def test_cpu_offload_plan_moves_params_grads_and_optimizer_to_the_host():
+    base = ("--config", "configs/tiny_decoder.yaml", "--dry-run", "--world-size", "4", "--json")
+    plain = _cli(*base, "parallel.tp=2")
+    offload = _cli(*base, "parallel.tp=2", "parallel.cpu_offload=true")
+    assert plain.returncode == 0, plain.stderr
+    assert offload.returncode == 0, offload.stderr
+    plain, offload = json.loads(plain.stdout), json.loads(offload.stdout)
+    params = offload["params_per_rank_max"]
+    assert params == plain["params_per_rank_max"] > 0
+    # fp32 parameters (4 bytes) + fp32 gradients (4) + AdamW's two fp32 moments (8) per element
+    mem, mem_plain = offload["memory_per_rank_bytes"], plain["memory_per_rank_bytes"]
+    assert mem["host"] == (4 + 4 + 8) * params and mem["device"] == 0
+    assert mem_plain["host"] == 0 and mem_plain["device"] == (4 + 4 + 8) * params
+    assert mem_plain["device"] - mem["device"] == mem["host"]
+    for row in offload["per_rank"]:
+        assert row["memory_bytes"]["host"] == 16 * row["params_local"]
+
+
+def test_cpu_offload_without_fsdp_is_one_line_and_exit_2():
+    result = _cli(
+        "--config", "configs/tiny_decoder.yaml", "--dry-run", "--world-size", "2",
+        "parallel.tp=2", "parallel.cpu_offload=true",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: parallel.cpu_offload (True) needs FSDP: parallel.dp_shard (1) must be > 1"
+    )
+
+
+def test_memory_estimate_offload_formula():
+    from parallel.plan import memory_estimate
+
+    assert memory_estimate(10, cpu_offload=True) == {
+        "params": 40, "grads": 40, "optimizer": 80, "total": 160, "host": 160, "device": 0,
+    }  # fmt: skip
+    assert memory_estimate(10, param_bytes=2, grad_bytes=2) == {
+        "params": 20, "grads": 20, "optimizer": 80, "total": 120, "host": 0, "device": 120,
+    }  # fmt: skip
