@@ -1,27 +1,41 @@
 """Sharded, atomic training checkpoints with torch.distributed.checkpoint (DCP).
 
+Call :class:`CheckpointManager` ``save`` / ``load`` / ``close`` on every rank. Guarantee: a
+checkpoint named ``step_<N>`` is complete (every rank's shards and state on disk); a reader never
+sees a half-written one.
+
 Layout of ``<run_dir>/checkpoints/``::
 
     step_<N>/            a complete checkpoint (only complete ones carry this name)
         .metadata        DCP metadata (a pickle: checkpoints are trusted run output)
         __<r>_0.distcp   DCP shards: model, optimizer, scheduler, step
         rank_<r>.pt      per-rank state: RNG states and the data loader's state
+        rank_<r>.done    marker: rank r's DCP write has finished
+        rank_index.json  world size and each rank's small index entry (its dp coordinate), so
+                         that a resuming rank reads only the rank files it needs
         config.yaml      the resolved run config (model and layout it was saved with)
-    .step_<N>.partial/   a save in progress, or one a killed run left behind (never loaded)
+    .step_<N>.partial/   a save in progress, or one a killed run left behind
 
-A save writes into ``.step_<N>.partial``; once every rank has finished (a barrier), rank 0
-renames it to ``step_<N>`` — a directory rename is atomic — and deletes all but the newest
-``keep`` complete checkpoints. ``latest_checkpoint`` therefore never returns a half-written one.
-With ``async_save`` the DCP write runs in the background and the rename happens when the next
-save starts or when the manager is closed.
+A save writes into ``.step_<N>.partial``. A synchronous save ends with a barrier, after which
+rank 0 renames it to ``step_<N>`` (a directory rename is atomic) and deletes all but the newest
+``keep`` complete checkpoints. With ``async_save`` the DCP write runs in the background on a
+process group of its own; when a rank's write finishes, a callback (file operations only, no
+collectives) writes that rank's ``rank_<r>.done``, and the callback that finds ``.metadata``
+and every rank's marker renames the directory: the checkpoint is complete as soon as it is on
+disk, not at the next save. A run killed between the last marker and the rename leaves a
+partial directory that is fully written; :meth:`CheckpointManager.recover` (run by
+``train.resume=auto``) completes it. Pruning happens at the next save or at ``close``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -41,6 +55,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_PARTIAL_RE = re.compile(r"^\.step_(\d+)\.partial$")
+RANK_INDEX = "rank_index.json"
 
 
 class TrainState(Stateful):
@@ -254,13 +270,105 @@ def move_run_dir_aside(run_dir: str | os.PathLike) -> Path:
     return target
 
 
+def read_rank_index(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The rank index a checkpoint was saved with: ``{"world_size": W, "ranks": {rank:
+    entry}}`` (each entry as that rank passed it to :meth:`CheckpointManager.save`).
+
+    None for a checkpoint without one (saved before the index existed, or rewritten by a tool
+    that does not write it) or whose index does not match its ``rank_*.pt`` files: the caller
+    then reads every rank file.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads((path / RANK_INDEX).read_text(encoding="utf-8"))
+        index = {
+            "world_size": int(raw["world_size"]),
+            "ranks": {int(rank): entry for rank, entry in raw["ranks"].items()},
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    on_disk = sorted(int(f.stem.split("_")[1]) for f in path.glob("rank_*.pt"))
+    if sorted(index["ranks"]) != list(range(index["world_size"])) or on_disk != sorted(
+        index["ranks"]
+    ):
+        return None
+    return index
+
+
+def rank_zero_result(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` computed on rank 0 only and handed to every rank (collective when a
+    process group is up): e.g. :func:`latest_loadable`, which reads every rank file of its
+    candidates, so that the run reads them once rather than once per rank.
+
+    Raises:
+        ValueError: the one ``fn`` raised on rank 0, raised on every rank.
+    """
+    found: list[Any] = [None, None]
+    if _rank() == 0:
+        try:
+            found = [fn(*args), None]
+        except ValueError as err:
+            found = [None, str(err)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    result, error = found
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def read_rank_states(
+    path: str | os.PathLike, *, ranks: list[int] | None = None
+) -> dict[int, dict[str, Any]]:
+    """The saved ``rank_<r>.pt`` states of checkpoint ``path`` by rank (``weights_only``).
+
+    Args:
+        ranks: the saved ranks to read (those whose file exists); None: every one.
+    """
+    path = Path(path)
+    if ranks is None:
+        files = sorted(path.glob("rank_*.pt"))
+    else:
+        files = [path / f"rank_{r}.pt" for r in sorted(set(ranks))]
+    rank_states = {}
+    for file in files:
+        if file.is_file():
+            rank = int(file.stem.split("_")[1])
+            rank_states[rank] = torch.load(file, map_location="cpu", weights_only=True)
+    return rank_states
+
+
+def _fully_written(directory: Path) -> bool:
+    """``.metadata``, the rank index and every indexed rank's done-marker exist."""
+    if not (directory / ".metadata").is_file():
+        return False
+    index = read_rank_index(directory)
+    if index is None:
+        return False
+    return all((directory / f"rank_{r}.done").is_file() for r in range(index["world_size"]))
+
+
+def _promote(partial: Path, final: Path) -> bool:
+    """Rename a fully written ``partial`` to ``final`` unless ``final`` exists (a re-save of a
+    step is left to the main thread). Any rank may call it: of concurrent callers one rename
+    wins and the others find ``partial`` gone."""
+    if final.exists() or not _fully_written(partial):
+        return False
+    try:
+        os.rename(partial, final)
+    except OSError:  # another rank's callback renamed it first
+        return False
+    return True
+
+
 class CheckpointManager:
     """Saves and loads the run's checkpoints; every rank calls every method.
 
     Args:
         run_dir: the run directory; checkpoints live in ``<run_dir>/checkpoints``.
         keep: complete checkpoints kept (older ones are deleted after a successful save).
-        async_save: write DCP shards in the background.
+        async_save: write DCP shards in the background (on a gloo process group of the
+            manager's own, so that the training loop's collectives never interleave with it).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, keep: int, async_save: bool = False) -> None:
@@ -269,7 +377,11 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.async_save = async_save
-        self._pending: tuple[int, Path, Future] | None = None
+        self._group = (
+            dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        )
+        self._pending: tuple[int, Path, Future, threading.Event] | None = None
+        self._callback_error: BaseException | None = None
 
     def save(
         self,
@@ -278,11 +390,25 @@ class CheckpointManager:
         *,
         rank_state: dict[str, Any],
         config_yaml: str | None = None,
+        index_entry: dict[str, Any] | None = None,
     ) -> None:
         """Save ``state`` (collective) and this rank's ``rank_state`` as checkpoint ``step``,
-        with the resolved run config beside it."""
+        with the resolved run config beside it.
+
+        Args:
+            rank_state: this rank's ``rank_<r>.pt`` (loadable with ``weights_only``).
+            index_entry: a small JSON-serializable description of this rank's state (e.g. its
+                dp coordinate); rank 0 writes every rank's entry to ``rank_index.json`` so that
+                a resume can choose which rank files to read.
+        """
         self.wait()
         partial = self.root / f".step_{step}.partial"
+        entry = dict(index_entry or {})
+        if dist.is_initialized():
+            entries: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(entries, entry)
+        else:
+            entries = [entry]
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if partial.exists():
@@ -290,29 +416,67 @@ class CheckpointManager:
             partial.mkdir()
             if config_yaml is not None:
                 (partial / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            index = {"world_size": len(entries), "ranks": dict(enumerate(entries))}
+            tmp = partial / f".{RANK_INDEX}.tmp"
+            tmp.write_text(json.dumps(index, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, partial / RANK_INDEX)
         _barrier()
         _write_rank_state(partial, rank_state)
         if self.async_save:
-            future = dcp.async_save({"train": state}, checkpoint_id=str(partial))
-            self._pending = (step, partial, future)
+            done = threading.Event()
+            future = dcp.async_save(
+                {"train": state}, checkpoint_id=str(partial), process_group=self._group
+            )
+            final = self.root / f"step_{step}"
+            rank = _rank()
+            future.add_done_callback(
+                lambda fut: self._on_written(fut, partial, final, rank=rank, done=done)
+            )
+            self._pending = (step, partial, future, done)
         else:
             dcp.save({"train": state}, checkpoint_id=str(partial))
+            _mark_written(partial, _rank())
             self._finish(step, partial)
 
+    def _on_written(
+        self, future: Future, partial: Path, final: Path, *, rank: int, done: threading.Event
+    ) -> None:
+        """Runs in DCP's writer thread once this rank's write ends: mark it, and complete the
+        checkpoint when every rank has. File operations only: collectives from this thread
+        would interleave with the main thread's."""
+        try:
+            if future.exception() is None:
+                _mark_written(partial, rank)
+                _promote(partial, final)
+        except BaseException as err:  # raised to the main thread by wait()
+            self._callback_error = err
+        finally:
+            done.set()
+
     def wait(self) -> None:
-        """Finish a background save, if one is running (collective)."""
+        """Finish a background save, if one is running (collective): wait for it, then prune.
+
+        Raises:
+            What the background write or its completion raised on this rank.
+        """
         if self._pending is None:
             return
-        step, partial, future = self._pending
+        step, partial, future, done = self._pending
         self._pending = None
         future.result()
+        done.wait()
+        if self._callback_error is not None:
+            err, self._callback_error = self._callback_error, None
+            raise err
         self._finish(step, partial)
 
     def _finish(self, step: int, partial: Path) -> None:
         _barrier()
         if _rank() == 0:
             final = self.root / f"step_{step}"
-            if final.exists():
+            if not partial.exists():
+                pass  # completed by the writer callback of an async save
+            elif final.exists():
                 stale = self.root / f".step_{step}.replaced"
                 shutil.rmtree(stale, ignore_errors=True)
                 os.replace(final, stale)
@@ -324,11 +488,39 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
 
-    def load(self, path: str | os.PathLike, state: TrainState) -> dict[int, dict[str, Any]]:
-        """Load checkpoint ``path`` into ``state`` (collective, resharding as DCP allows).
+    def recover(self) -> list[int]:
+        """Complete every partial checkpoint that is fully written (``.metadata``, rank index
+        and every rank's done-marker: a run killed between an async write's end and its
+        rename) unless a complete one of that step exists (collective; rank 0 renames).
 
         Returns:
-            Every saved rank's state by rank (for an elastic resume a rank may need them all).
+            The steps completed, oldest first.
+        """
+        recovered = []
+        if _rank() == 0 and self.root.is_dir():
+            for child in sorted(self.root.iterdir()):
+                match = _PARTIAL_RE.match(child.name)
+                if match and child.is_dir():
+                    if _promote(child, self.root / f"step_{match.group(1)}"):
+                        recovered.append(int(match.group(1)))
+        _barrier()
+        return sorted(recovered)
+
+    def load(
+        self,
+        path: str | os.PathLike,
+        state: TrainState,
+        *,
+        ranks: list[int] | None = None,
+    ) -> dict[int, dict[str, Any]]:
+        """Load checkpoint ``path`` into ``state`` (collective, resharding as DCP allows).
+
+        Args:
+            ranks: as :func:`read_rank_states` (``[]``: none; a resume reads what it needs
+                with ``pretrain.data.read_resume_states``).
+
+        Returns:
+            The saved states of ``ranks`` by rank.
 
         Raises:
             ValueError: ``path`` is not a complete checkpoint.
@@ -337,11 +529,7 @@ class CheckpointManager:
         if not (path / ".metadata").is_file():
             raise ValueError(f"checkpoint {str(path)!r} is incomplete or not a DCP checkpoint")
         dcp.load({"train": state}, checkpoint_id=str(path))
-        rank_states = {}
-        for file in sorted(path.glob("rank_*.pt")):
-            rank = int(file.stem.split("_")[1])
-            rank_states[rank] = torch.load(file, map_location="cpu", weights_only=True)
-        return rank_states
+        return read_rank_states(path, ranks=ranks)
 
     def close(self) -> None:
         """Finish any background save."""
@@ -412,3 +600,8 @@ def _write_rank_state(directory: Path, rank_state: dict[str, Any]) -> None:
     tmp = directory / f".rank_{_rank()}.pt.tmp"
     torch.save(rank_state, tmp)
     os.replace(tmp, final)
+
+
+def _mark_written(directory: Path, rank: int) -> None:
+    """This rank's done-marker: its DCP write has finished."""
+    (directory / f"rank_{rank}.done").touch()

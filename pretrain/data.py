@@ -9,11 +9,15 @@ Loader states in checkpoints are kept per data-parallel rank: every rank saves i
 state with its dp coordinate (:func:`loader_rank_state`), tensor / pipeline / expert-parallel
 peers of one dp rank save the same state, and a resume hands the loader one state per old dp
 rank (:func:`loader_resume_state`): its own when the dp layout (dp size, workers per rank) is
-unchanged, else all of them for the loader's elastic re-dealing, whatever the world size.
+unchanged, else all of them for the loader's elastic re-dealing, whatever the world size. A
+checkpoint's rank index (every rank's dp coordinate) tells a resuming rank which rank files
+hold those states (:func:`loader_state_ranks`): one file for an exact resume, one per old dp
+rank for an elastic one.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -162,6 +166,31 @@ def _dp_of(state: Mapping[str, Any]) -> tuple[int, int, int]:
     return int(loader["dp_rank"]), int(loader["dp_world_size"]), int(loader["num_workers"])
 
 
+def _dp_holders(
+    entries: Mapping[int, Mapping[str, Any]],
+) -> tuple[tuple[int, int], dict[int, int]]:
+    """``((old dp world size, old workers per rank), {dp rank: lowest global rank holding it}``
+    from every saved rank's state or rank-index entry (anything :func:`_dp_of` reads).
+
+    Raises:
+        ValueError: the ranks disagree on the dp layout, or some old dp rank has no state.
+    """
+    layouts, holders = set(), {}
+    for rank in sorted(entries):
+        dp_rank, dp_world, workers = _dp_of(entries[rank])
+        layouts.add((dp_world, workers))
+        holders.setdefault(dp_rank, rank)
+    if len(layouts) != 1:
+        raise ValueError(f"checkpoint rank states disagree on the dp layout: {sorted(layouts)}")
+    (layout,) = layouts
+    if sorted(holders) != list(range(layout[0])):
+        raise ValueError(
+            f"checkpoint holds loader states of dp ranks {sorted(holders)} of dp world size "
+            f"{layout[0]}: a resume needs every old dp rank's state"
+        )
+    return layout, holders
+
+
 def loader_states_by_dp_rank(
     rank_states: Mapping[int, Mapping[str, Any]],
 ) -> tuple[tuple[int, int], dict[int, dict]]:
@@ -174,20 +203,32 @@ def loader_states_by_dp_rank(
     Raises:
         ValueError: the ranks disagree on the dp layout, or some old dp rank has no state.
     """
-    layouts, states = set(), {}
-    for rank in sorted(rank_states):
-        dp_rank, dp_world, workers = _dp_of(rank_states[rank])
-        layouts.add((dp_world, workers))
-        states.setdefault(dp_rank, rank_states[rank]["loader"])
-    if len(layouts) != 1:
-        raise ValueError(f"checkpoint rank states disagree on the dp layout: {sorted(layouts)}")
-    (layout,) = layouts
-    if sorted(states) != list(range(layout[0])):
-        raise ValueError(
-            f"checkpoint holds loader states of dp ranks {sorted(states)} of dp world size "
-            f"{layout[0]}: a resume needs every old dp rank's state"
-        )
-    return layout, states
+    layout, holders = _dp_holders(rank_states)
+    return layout, {dp: rank_states[rank]["loader"] for dp, rank in holders.items()}
+
+
+def loader_state_ranks(
+    index: Mapping[int, Mapping[str, Any]],
+    *,
+    dp_rank: int,
+    dp_world_size: int,
+    num_workers: int,
+) -> list[int]:
+    """The saved ranks whose ``rank_<r>.pt`` hold the loader state(s) this rank resumes from,
+    read from a checkpoint's rank index (``{rank: {"dp": {...}}}``, written at save): the one
+    holding this dp rank's state when the dp layout is unchanged (exact resume), else one per
+    old dp rank (elastic) — never one per old rank. The same ranks
+    :func:`loader_states_by_dp_rank` takes its states from.
+
+    Raises:
+        ValueError: as :func:`loader_states_by_dp_rank`.
+    """
+    if not index:
+        return []
+    layout, holders = _dp_holders(index)
+    if layout == (dp_world_size, num_workers):
+        return [holders[dp_rank]]
+    return [holders[r] for r in sorted(holders)]
 
 
 def loader_resume_state(
@@ -196,18 +237,72 @@ def loader_resume_state(
     dp_rank: int,
     dp_world_size: int,
     num_workers: int,
+    index: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> dict | list[dict] | None:
     """What this rank's loader resumes from (``loader.load_state_dict``): its own dp rank's
     state when the dp layout (dp world size, workers per rank) is the one saved (exact resume),
     else one state per old dp rank (elastic: the loader re-deals the pass's remaining
     documents); None without saved rank states (an imported model: data from the start).
 
+    Args:
+        rank_states: saved rank states by rank: every rank's, or (with ``index``) at least
+            those of :func:`loader_state_ranks`.
+        index: the checkpoint's rank index entries (``{rank: {"dp": {...}}}``), which give the
+            dp layout without every rank's state; None: ``rank_states`` holds every rank.
+
     Raises:
-        ValueError: as :func:`loader_states_by_dp_rank`.
+        ValueError: as :func:`loader_states_by_dp_rank`; a rank :func:`loader_state_ranks`
+            names missing from ``rank_states``.
     """
     if not rank_states:
         return None
-    layout, states = loader_states_by_dp_rank(rank_states)
-    if layout == (dp_world_size, num_workers):
-        return states[dp_rank]
-    return [states[r] for r in sorted(states)]
+    if index is None:
+        layout, states = loader_states_by_dp_rank(rank_states)
+        if layout == (dp_world_size, num_workers):
+            return states[dp_rank]
+        return [states[r] for r in sorted(states)]
+    layout, holders = _dp_holders(index)
+    exact = layout == (dp_world_size, num_workers)
+    ranks = [holders[dp_rank]] if exact else [holders[r] for r in sorted(holders)]
+    missing = [r for r in ranks if r not in rank_states]
+    if missing:
+        raise ValueError(f"checkpoint rank states of ranks {missing} are needed but not read")
+    if exact:
+        return rank_states[ranks[0]]["loader"]
+    return [rank_states[r]["loader"] for r in ranks]
+
+
+def read_resume_rank_states(
+    path: str | os.PathLike,
+    *,
+    rank: int,
+    world_size: int,
+    dp_rank: int,
+    dp_world_size: int,
+    num_workers: int,
+) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]] | None, bool]:
+    """The saved rank states a resuming rank needs from checkpoint ``path``, reading only
+    those files: with a rank index (``pretrain.checkpoint.read_rank_index``) its own
+    ``rank_<rank>.pt`` when the world size is unchanged (its RNG states) plus the files of
+    :func:`loader_state_ranks` (one for an exact resume, one per old dp rank for an elastic
+    one); without one (an older checkpoint) every rank file.
+
+    Returns:
+        ``(rank states by rank, the index entries or None, whether the world size is the saved
+        one)``; hand the first two to :func:`loader_resume_state` (``index=``).
+
+    Raises:
+        ValueError: as :func:`loader_state_ranks`.
+    """
+    from pretrain.checkpoint import read_rank_index, read_rank_states
+
+    index = read_rank_index(path)
+    if index is None:
+        rank_states = read_rank_states(path)
+        return rank_states, None, len(rank_states) == world_size
+    same_world = index["world_size"] == world_size
+    needed = loader_state_ranks(
+        index["ranks"], dp_rank=dp_rank, dp_world_size=dp_world_size, num_workers=num_workers
+    )
+    rank_states = read_rank_states(path, ranks=[*needed, rank] if same_world else needed)
+    return rank_states, index["ranks"], same_world

@@ -154,3 +154,117 @@ def test_checkpoint_of_another_model_is_refused_with_one_line(tmp_path: Path):
         f"checkpoint '{ckpt}' holds model.family='encoder' but this run has "
         "model.family='decoder'; a different model cannot resume it"
     )
+
+
+# --- async saves complete on their own; per-rank reads on resume ------------------------------
+
+
+def _async_completes_case(rank: int, world_size: int, run_dir: str) -> dict:
+    import time
+
+    model, opt, sched = _setup(True)
+    manager = CheckpointManager(run_dir, keep=2, async_save=True)
+    _train(model, opt, sched, range(2), rank)
+    manager.save(2, TrainState(model, opt, sched, step=2), rank_state={"rank": rank})
+    root = Path(run_dir) / "checkpoints"
+    deadline = time.monotonic() + 60
+    while latest_checkpoint(root) is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # no further save, no close: the write's end completes it
+    seen = [s for s, _ in complete_checkpoints(root)]
+    manager.close()
+    return {"seen": seen, "after_close": [s for s, _ in complete_checkpoints(root)]}
+
+
+def test_async_save_is_complete_once_written_without_a_next_save(tmp_path: Path):
+    results = run_distributed(_async_completes_case, world_size=2, args=(str(tmp_path),))
+    assert [r["seen"] for r in results] == [[2], [2]]
+    assert [r["after_close"] for r in results] == [[2], [2]]
+    step_2 = tmp_path / "checkpoints" / "step_2"
+    assert sorted(p.name for p in step_2.glob("rank_*")) == [
+        "rank_0.done",
+        "rank_0.pt",
+        "rank_1.done",
+        "rank_1.pt",
+        "rank_index.json",
+    ]
+    assert not list((tmp_path / "checkpoints").glob(".step_*"))
+
+
+def test_recover_completes_only_fully_written_partials(tmp_path: Path):
+    model, opt, sched = _setup(False)
+    manager = CheckpointManager(tmp_path, keep=3)
+    for step in (1, 2):
+        manager.save(step, TrainState(model, opt, sched, step=step), rank_state={"r": 0})
+    root = tmp_path / "checkpoints"
+    # Killed between the last done-marker and the rename: fully written, still partial.
+    (root / "step_2").rename(root / ".step_2.partial")
+    # Killed before rank 0's write ended: no marker.
+    manager.save(3, TrainState(model, opt, sched, step=3), rank_state={"r": 0})
+    (root / "step_3" / "rank_0.done").unlink()
+    (root / "step_3").rename(root / ".step_3.partial")
+    assert [s for s, _ in complete_checkpoints(root)] == [1]
+    assert manager.recover() == [2]
+    assert [s for s, _ in complete_checkpoints(root)] == [1, 2]
+    assert (root / ".step_3.partial").is_dir()
+    assert manager.recover() == []
+
+
+def _rank_reads_case(rank: int, world_size: int, run_dir: str) -> dict:
+    """Save as a dp 2 x tp 2 run would (peers of a dp rank share a loader state), then resume
+    on every rank with a counting ``torch.load``: exactly and elastically (dp 4)."""
+    import json
+
+    from pretrain.checkpoint import read_rank_states
+    from pretrain.data import loader_resume_state, read_resume_rank_states
+
+    model, opt, sched = _setup(True)
+    manager = CheckpointManager(run_dir, keep=1)
+    dp_rank = rank // 2
+    coordinate = {"rank": dp_rank, "world_size": 2, "num_workers": 0}
+    manager.save(
+        1,
+        TrainState(model, opt, sched, step=1),
+        rank_state={"rng": {"of": rank}, "loader": {"dp": dp_rank}, "dp": coordinate},
+        index_entry={"dp": coordinate},
+    )
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    every = read_rank_states(path)  # the reference: all of them, as before the index
+    opened: list[str] = []
+    load = torch.load
+
+    def counting_load(file, *args, **kwargs):
+        opened.append(Path(file).name)
+        return load(file, *args, **kwargs)
+
+    out: dict = {"index": json.loads((path / "rank_index.json").read_text())}
+    torch.load = counting_load
+    try:
+        for name, dp in (
+            ("exact", {"dp_rank": dp_rank, "dp_world_size": 2, "num_workers": 0}),
+            ("elastic", {"dp_rank": rank, "dp_world_size": 4, "num_workers": 0}),
+        ):
+            opened.clear()
+            states, index, same_world = read_resume_rank_states(
+                path, rank=rank, world_size=world_size, **dp
+            )
+            out[name] = {
+                "files": sorted(opened),
+                "matches": loader_resume_state(states, **dp, index=index)
+                == loader_resume_state(every, **dp),
+                "rng": states[rank]["rng"] if same_world else None,
+            }
+    finally:
+        torch.load = load
+    return out
+
+
+def test_each_rank_reads_only_the_rank_files_it_needs_at_four_ranks(tmp_path: Path):
+    results = run_distributed(_rank_reads_case, world_size=4, args=(str(tmp_path),))
+    dp = [{"dp": {"num_workers": 0, "rank": r // 2, "world_size": 2}} for r in range(4)]
+    for rank, out in enumerate(results):
+        assert out["index"] == {"world_size": 4, "ranks": {str(r): dp[r] for r in range(4)}}
+        holder = 2 * (rank // 2)
+        assert out["exact"]["files"] == sorted({f"rank_{rank}.pt", f"rank_{holder}.pt"})
+        assert out["elastic"]["files"] == sorted({f"rank_{rank}.pt", "rank_0.pt", "rank_2.pt"})
+        for name in ("exact", "elastic"):
+            assert out[name]["matches"] and out[name]["rng"] == {"of": rank}, (rank, name)

@@ -259,7 +259,7 @@ def test_corrupt_latest_checkpoint_is_named_and_the_previous_one_resumed(shards,
 
 @pytest.fixture(scope="module")
 def other_tokenizer(tmp_path_factory: pytest.TempPathFactory, shards) -> Path:
-    from data_pipeline.readers import MonoInput
+    from data_pipeline.text_inputs import MonoInput
     from data_pipeline.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("other_tok")
@@ -340,8 +340,8 @@ def test_bad_valid_manifest_fails_at_start_without_writing(shards, tmp_path: Pat
 
 
 def test_skipped_corrupt_samples_are_counted_in_metrics(shards, tmp_path: Path):
-    from data_pipeline.readers import MonoInput
     from data_pipeline.shard import ShardSettings, run_shard_job
+    from data_pipeline.text_inputs import MonoInput
 
     # Several shards per language (a skipped shard leaves others to read), some corrupt.
     root = shards["tok"].parent
@@ -416,3 +416,57 @@ def test_every_checkpoint_corrupt_under_resume_auto_is_one_line(shards, tmp_path
         "unreadable ("
     )
     assert (tmp_path / "config.yaml").read_text() == first_config  # nothing written
+
+
+# --- an async checkpoint is complete once written ------------------------------------------
+
+
+def _run_killed_after_async_write(rank: int, world_size: int, cfg, kill_at: int, saved: int):
+    """Train; at step ``kill_at`` wait until the async checkpoint of step ``saved`` is complete
+    on disk (its write has ended: no later save, no close), then SIGKILL this process."""
+    import os
+    import time
+
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    step_fn, calls = trainer._step, {"n": 0}
+    final = trainer.run_dir / "checkpoints" / f"step_{saved}"
+
+    def step(batches):
+        out = step_fn(batches)
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            deadline = time.monotonic() + 60
+            while not final.is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    trainer._step = step
+    return trainer.fit()
+
+
+def test_run_killed_after_an_async_write_resumes_from_that_checkpoint(shards, tmp_path: Path):
+    from parallel.testing import DistributedTestError
+
+    extra = (*QUICK, "checkpoint.every=2", "checkpoint.async=true", "train.steps=6")
+    full = _cfg("tiny_decoder.yaml", shards, tmp_path / "full", *extra)
+    assert run_distributed(_run, world_size=2, args=(full, None)) == [0, 0]
+
+    run = tmp_path / "run"
+    killed = _cfg("tiny_decoder.yaml", shards, run, *extra)
+    with pytest.raises(DistributedTestError, match=r"rank [01]"):
+        run_distributed(_run_killed_after_async_write, world_size=2, args=(killed, 3, 2))
+    # Both processes died after the write of step 2 and before the save of step 4.
+    assert _steps(run) == [2]
+    assert not list((run / "checkpoints").glob(".step_*"))
+
+    resumed = _cfg("tiny_decoder.yaml", shards, run, *extra, "train.resume=auto")
+    assert run_distributed(_run, world_size=2, args=(resumed, None)) == [0, 0]
+    assert f"resumed from {run / 'checkpoints' / 'step_2'} at step 2" in _log(run)
+    reference = _losses(tmp_path / "full")
+    assert {s: v for s, v in _losses(run).items() if s > 2} == {
+        s: reference[s] for s in range(3, 7)
+    }
+    assert _steps(run) == [4, 6]
