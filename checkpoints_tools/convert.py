@@ -314,6 +314,10 @@ def export_hf(
             f"is {cfg.vocab_size}: another run's tokenizer?"
         )
 
+    note = moe_export_difference(cfg, architecture=adapter.hf_architecture)
+    if note is not None:
+        (log or _stderr)(note)
+
     result: dict[str, Any] = {"out": str(out), "architecture": adapter.hf_architecture}
     with atomic_dir(out) as tmp:
         _, hf_config = adapter.to_hf(_meta_state(ckpt), cfg)
@@ -364,6 +368,43 @@ def export_hf(
     return result
 
 
+def hf_moe_routing(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the MoE routing the export target evaluates with: every MoE twin
+    (``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``) runs dropless, so ours is evaluated
+    dropless too (a target with an expert capacity would set it here)."""
+    if not cfg.moe.num_experts:
+        return cfg
+    return replace(cfg, moe=replace(cfg.moe, dropless=True))
+
+
+def moe_export_difference(cfg: ModelConfig, *, architecture: str) -> str | None:
+    """One warning line naming what the export target's MoE cannot express of the training
+    routing (expert capacity, Switch-type aux loss with k > 1, router jitter, random second
+    expert), or None when it expresses all of it (or the model is dense)."""
+    moe = cfg.moe
+    if not moe.num_experts:
+        return None
+    lost = []
+    if not moe.dropless:
+        lost.append(
+            f"expert capacity (model.moe.capacity_factor={moe.capacity_factor}, "
+            f"eval_capacity_factor={moe.eval_capacity_factor}): it routes dropless"
+        )
+    if moe.aux_loss_type == "switch" and moe.top_k > 1:
+        lost.append("model.moe.aux_loss_type=switch: its aux loss counts all top-k choices")
+    if moe.jitter > 0:
+        lost.append(f"router jitter (model.moe.jitter={moe.jitter})")
+    if moe.random_second_expert:
+        lost.append("model.moe.random_second_expert")
+    if not lost:
+        return None
+    return (
+        f"warning: {architecture} does not express the training MoE routing: "
+        + "; ".join(lost)
+        + " (--verify compares with our model routed the same way)"
+    )
+
+
 def _meta_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     # to_hf builds the transformers config; meta tensors keep it from touching any weight
     return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in ckpt.model_shapes().items()}
@@ -382,7 +423,8 @@ def fixed_batch(cfg: ModelConfig, *, avoid: int | None) -> torch.Tensor:
 def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtype) -> float:
     """Load ``out`` with transformers (fp32) and compare its logits with our model's on
     :func:`fixed_batch`; our weights are rounded to ``dtype`` first, so a bf16 export is
-    compared exactly too. MoE layers run dropless, as transformers runs them.
+    compared exactly too. MoE layers route as the target does (:func:`hf_moe_routing`:
+    dropless, as transformers runs Mixtral and Qwen3-MoE), whatever the training capacity.
 
     Memory: one model at a time, not both. Ours is built on the meta device and takes the
     tensors as read (``assign``, no second copy); its logits are kept and it is freed before
@@ -401,9 +443,7 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
 
     from pretrain.models import build_model
 
-    cfg = ckpt.model_cfg
-    if cfg.moe.num_experts:
-        cfg = replace(cfg, moe=replace(cfg.moe, dropless=True))
+    cfg = hf_moe_routing(ckpt.model_cfg)
     hf_config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
     avoid = hf_config.get("pad_token_id") if cfg.family == "encoder" else None
     tokens_BT = fixed_batch(cfg, avoid=avoid)

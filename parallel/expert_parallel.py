@@ -39,8 +39,15 @@ it the replicated input is sliced to the chunk and the output all-gathered. Expe
 above with ``tp = 1``. What the MoE computes from all of a rank's tokens is summed over tp: the
 router gate's gradient (each tp rank routes different tokens), and the load-balancing and z
 losses, whose statistics (tokens per expert, probability and squared-logsumexp sums) are
-all-reduced so they equal the unsplit layer's. Expert gradients are scaled by ``tp / ep`` in
-backward: an ep group holds ``ep / tp`` data-parallel ranks' tokens.
+all-reduced so they equal the unsplit layer's. With an expert capacity the queues are the
+unsplit layer's too: the ranks' expert choices are all-gathered (a few integers per token) and
+queued in the whole sequence's order, capacity taken from the whole sequence. The token mask
+(padding) and language ids are cut to the chunk like the tokens. Expert gradients are scaled by
+``tp / ep`` in backward: an ep group holds ``ep / tp`` data-parallel ranks' tokens.
+
+Plain expert parallel keeps each rank's MoE call on its own tokens (its own batch slice), so
+capacity is what the unsharded layer computes for that rank's tokens; the all-to-all moves the
+``E * C`` capacity rows as they are.
 
 Shape legend: M grouped rows, D model width, F expert FFN width, E experts, L local experts,
 B batch, T sequence (t: this tp rank's chunk), N tokens.
@@ -169,34 +176,66 @@ class ParallelExpertsMixin:
 
 class TokenSplitMoEMixin:
     """``ep_over_tp``: the MoE layer on this tp rank's sequence chunk (module docstring). Mixed
-    into the MoE layer's class (``pretrain.models.moe.MoE``: ``forward``, ``_routing_totals``) by
-    ``apply_experts_parallel``."""
+    into the MoE layer's class (``pretrain.models.moe.MoE``: ``forward``, ``_routing_totals``,
+    ``_queue_positions``) by ``apply_experts_parallel``."""
 
     tp_mesh: DeviceMesh
     sequence_parallel: bool
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """``x_BtD -> y_BtD`` under sequence parallel; else ``x_BTD -> y_BTD`` (replicated)."""
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        token_mask_BT: torch.Tensor | None = None,
+        lang_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x_BtD -> y_BtD`` under sequence parallel; else ``x_BTD -> y_BTD`` (replicated). The
+        token mask and language ids (whole sequences on every rank) are cut to the chunk."""
         if not self.sequence_parallel:
             x_BTD = _redistribute(x_BTD, self.tp_mesh, Replicate(), Shard(1))
-        y_BTD = super().forward(x_BTD)
+        if token_mask_BT is not None:
+            token_mask_BT = _redistribute(token_mask_BT, self.tp_mesh, Replicate(), Shard(1))
+        if lang_ids_BT is not None:
+            lang_ids_BT = _redistribute(lang_ids_BT, self.tp_mesh, Replicate(), Shard(1))
+        y_BTD = super().forward(x_BTD, token_mask_BT=token_mask_BT, lang_ids_BT=lang_ids_BT)
         if not self.sequence_parallel:
             y_BTD = _redistribute(y_BTD, self.tp_mesh, Shard(1), Replicate())
         return y_BTD
 
-    def _routing_totals(self, counts_E, probs_E, z_sum, num_tokens: int):
-        """The routing statistics over every tp rank's tokens (equal chunks), so that the aux
-        and z losses equal the unsplit layer's. The float sums pass their gradient through
-        unchanged: each rank backpropagates its own tokens' share once."""
+    def _routing_totals(self, counts_E, probs_E, z_sum, num_tokens: torch.Tensor):
+        """The routing statistics over every tp rank's tokens, so that the aux and z losses
+        equal the unsplit layer's. The float sums pass their gradient through unchanged: each
+        rank backpropagates its own tokens' share once."""
         group = self.tp_mesh.get_group()
         counts_E = counts_E.clone()
         dist.all_reduce(counts_E, group=group)
+        num_tokens = num_tokens.detach().clone()
+        dist.all_reduce(num_tokens, group=group)
         return (
             counts_E,
             _ReduceFromGroup.apply(probs_E, group),
             _ReduceFromGroup.apply(z_sum, group),
-            num_tokens * self.tp_mesh.size(),
+            num_tokens,
         )
+
+    def _queue_positions(self, experts_A: torch.Tensor, valid_A: torch.Tensor, *, batch: int):
+        """Queue places as the unsplit layer gives them: every tp rank's assignments (expert
+        ids, -1 where invalid; a few integers per token) are all-gathered and queued in the
+        unsplit slot-major order (slot, batch row, position in the whole sequence); capacity
+        from the whole sequence's tokens. Needs equal chunks (the sequence divisible by tp)."""
+        group = self.tp_mesh.get_group()
+        tp, rank = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
+        ids_A = torch.where(valid_A, experts_A, -1).contiguous()
+        gathered = ids_A.new_empty(tp * ids_A.numel())
+        dist.all_gather_into_tensor(gathered, ids_A, group=group)
+        # [tp, K, B, t] -> [K, B, tp, t]: the unsplit layer's order of assignments.
+        ids_KBRT = gathered.view(tp, self.top_k, batch, -1).permute(1, 2, 0, 3)
+        all_A = ids_KBRT.reshape(-1)
+        experts_E = torch.arange(self.num_experts, device=all_A.device)
+        onehot_AE = (all_A[:, None] == experts_E).long()  # all zero where invalid (-1)
+        place_A = (onehot_AE.cumsum(dim=0) - 1).gather(1, all_A.clamp(min=0)[:, None])
+        mine_A = place_A.view(self.top_k, batch, tp, -1)[:, :, rank].reshape(-1)
+        return mine_A, tp * experts_A.numel() // self.top_k
 
 
 class TpSummedGateMixin:

@@ -8,7 +8,7 @@ device, let ``parallel/`` apply its plans (``pretrain.models.plans``), then ``to
 from __future__ import annotations
 
 from pretrain.models.config import ModelConfig, MoEConfig, validate_model
-from pretrain.models.moe import MoEMetrics
+from pretrain.models.moe import MoEMetrics, MoEStats
 from pretrain.models.plans import (
     TP_STYLES,
     param_counts,
@@ -43,6 +43,7 @@ __all__ = [
     "TP_STYLES",
     "MoEConfig",
     "MoEMetrics",
+    "MoEStats",
     "ModelConfig",
     "Transformer",
     "build_model",

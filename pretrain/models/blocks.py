@@ -319,8 +319,14 @@ class Block(nn.Module):
         inputs: AttentionInputs,
         memory_BSD: torch.Tensor | None = None,
         memory_inputs: AttentionInputs | None = None,
+        token_mask_BT: torch.Tensor | None = None,
+        lang_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x_BTD -> y_BTD``; ``memory_BSD`` feeds the cross-attention when there is one."""
+        """``x_BTD -> y_BTD``; ``memory_BSD`` feeds the cross-attention when there is one.
+
+        ``token_mask_BT`` (bool, False at padding) and ``lang_ids_BT`` go to the MoE (padding is
+        not routed; languages feed its statistics); a dense feed-forward ignores them.
+        """
         x_BTD = self._residual(x_BTD, self.attention_norm, self.attention, inputs=inputs)
         if self.cross_attention is not None:
             assert memory_BSD is not None and memory_inputs is not None
@@ -331,5 +337,8 @@ class Block(nn.Module):
                 inputs=memory_inputs,
                 kv_source_BSD=memory_BSD,
             )
-        ffn = self.moe if self.moe is not None else self.feed_forward
-        return self._residual(x_BTD, self.ffn_norm, ffn)
+        if self.moe is None:
+            return self._residual(x_BTD, self.ffn_norm, self.feed_forward)
+        return self._residual(
+            x_BTD, self.ffn_norm, self.moe, token_mask_BT=token_mask_BT, lang_ids_BT=lang_ids_BT
+        )

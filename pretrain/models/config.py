@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 ROUTERS = ("switch", "gshard", "topk")
+AUX_LOSS_TYPES = ("topk", "switch")
 POSITIONS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
@@ -34,6 +35,9 @@ class MoEConfig:
     """Hidden size of each expert's FFN; None takes model.ffn_hidden_size."""
     capacity_factor: float = 1.25
     """Expert capacity = capacity_factor * tokens * top_k / num_experts (ignored when dropless)."""
+    eval_capacity_factor: float | None = None
+    """capacity_factor in eval mode (Switch uses 2.0); None: dropless at eval, as the exported
+    Mixtral/Qwen3-MoE models run (ignored when dropless)."""
     dropless: bool = False
     """Route every token (no capacity limit, no dropping)."""
     normalize_gates: bool | None = None
@@ -42,6 +46,12 @@ class MoEConfig:
     """GShard: send to the second expert with probability proportional to its gate."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss E * sum_i f_i * P_i."""
+    aux_loss_type: str = "topk"
+    """f_i of the load-balancing loss: ``topk`` (default), the fraction of all k choices that
+    go to expert i (Mixtral / transformers' load_balancing_loss_func, up to its factor k);
+    ``switch``, the fraction of tokens whose first choice is expert i (Switch eq. 4-6, GShard).
+    Top-1 routers give the same value. Default topk: every choice loads an expert, it is what
+    the exported models compute, and earlier runs' numerics stay."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss mean(logsumexp(logits)^2)."""
     jitter: float = 0.0
@@ -201,8 +211,11 @@ def validate_model(cfg: ModelConfig) -> None:
         )
     if moe.expert_ffn_hidden_size is not None:
         _check_positive("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
+    _check_choice("model.moe.aux_loss_type", moe.aux_loss_type, AUX_LOSS_TYPES)
     if not moe.dropless:
         _check_positive("model.moe.capacity_factor", moe.capacity_factor)
+        if moe.eval_capacity_factor is not None:
+            _check_positive("model.moe.eval_capacity_factor", moe.eval_capacity_factor)
     for key in ("aux_loss_coef", "z_loss_coef", "jitter"):
         if getattr(moe, key) < 0:
             raise ValueError(f"model.moe.{key} ({getattr(moe, key)}) must be >= 0")

@@ -1,5 +1,12 @@
 """Mixture-of-Experts feed-forward: routers, capacity/dropless dispatch, grouped experts.
 
+Call ``MoE(cfg)(x_BTD, token_mask_BT=..., lang_ids_BT=...) -> y_BTD``. Guarantees: tokens
+outside ``token_mask_BT`` (padding) are not routed: they take no capacity, count in no loss or
+statistic, and their output is 0 (the block's residual carries them); ``MoE.metrics`` holds the
+last forward's ``MoEMetrics``; ``MoE.stats(reset=...)`` the ``MoEStats`` summed over every
+training forward since the last reset (a forward recomputed by activation checkpointing counts
+once). No host sync on the capacity path, nor on the dropless path with ``torch._grouped_mm``.
+
 Routing (``TopKRouter``): fp32 logits ``x W_g^T``, softmax probabilities, top-k experts.
     switch: top-1, gate = softmax probability (unnormalised);
     gshard: top-2, gates renormalised to sum to 1, optionally a random second expert (kept with
@@ -10,25 +17,36 @@ Dispatch (``MoE``), assignments in slot-major order (every token's first choice 
 second choice, as in GShard/Switch, so overflow drops second choices first):
     capacity: each expert takes at most C = ceil(capacity_factor * N * k / E) assignments into a
               zero-padded ``[E * C, D]`` buffer; overflow assignments are dropped, i.e. they add
-              nothing and the token rides the residual connection. Static shapes, no host sync.
+              nothing and the token rides the residual connection. Static shapes, no host sync:
+              N counts every position, padding included (padding takes no place in a queue,
+              but C does not shrink with it). In eval mode ``moe.eval_capacity_factor`` replaces
+              ``capacity_factor`` (None: dropless at eval).
     dropless: assignments sorted by expert, group offsets from a device-side count; no host sync.
 Both feed one grouped matrix product over all experts (``torch._grouped_mm`` with int32 end
 offsets); where it is missing, the widths are not 16-byte aligned, or on CUDA in a dtype other
 than bf16 (its CUDA kernel's only one), a segment loop over the groups is the fallback (it syncs
 once to read the group sizes).
 
-Auxiliary losses: ``aux_loss = E * sum_i f_i * P_i`` with f_i the fraction of the N * k routed
-assignments that chose expert i (before dropping; sum_i f_i = 1, so a perfect balance gives 1)
-and P_i the mean router probability of expert i; ``z_loss = mean_n logsumexp(logits_n)^2``.
-Their weighted sum ``aux_loss_coef * aux_loss + z_loss_coef * z_loss`` is attached to the
-layer's output by an identity autograd function whose backward adds ``aux_loss_scale`` times
-its gradient (Megatron's MoEAuxLossAutoScaler): the trainer's loss and every pipeline schedule
-backpropagate it without plumbing. Each layer keeps its last ``MoEMetrics`` (detached tensors,
-no host sync) for logging.
+Auxiliary losses over the R real (unmasked) tokens: ``aux_loss = E * sum_i f_i * P_i`` with
+P_i the mean router probability of expert i and f_i, by ``moe.aux_loss_type``:
+    topk (default): the fraction of the routed assignments (all k choices, before dropping;
+        sum_i f_i = 1, so a perfect balance gives 1) that chose expert i: Mixtral's and
+        transformers' ``load_balancing_loss_func``, whose value is k times this one (its f_i
+        is divided by R, not R * k);
+    switch: the fraction of tokens whose first choice is expert i (Switch eq. 4-6, GShard).
+Top-1 routers give the same value for both. The default is ``topk``: every choice carries
+expert load (a second choice fills capacity like a first one), it is what the exported
+Mixtral/Qwen3-MoE models compute, and it keeps the numerics of earlier runs.
+``z_loss = mean_n logsumexp(logits_n)^2``. Their weighted sum
+``aux_loss_coef * aux_loss + z_loss_coef * z_loss`` is attached to the layer's output by an
+identity autograd function whose backward adds ``aux_loss_scale`` times its gradient
+(Megatron's MoEAuxLossAutoScaler): the trainer's loss and every pipeline schedule backpropagate
+it without plumbing.
 
 Shape legend:
     B batch, T sequence, N tokens (B*T), D model width, E experts, F expert FFN width,
-    K top-k slots, A assignments (K*N, slot-major), C expert capacity, M grouped rows.
+    K top-k slots, A assignments (K*N, slot-major), C expert capacity, M grouped rows,
+    L tracked languages.
 """
 
 from __future__ import annotations
@@ -50,10 +68,10 @@ class MoEMetrics:
     """What one MoE layer reports for its last forward (all detached, on the layer's device).
 
     Attributes:
-        tokens_per_expert_E: routed assignments per expert before dropping (sums to N * K,
-            less GShard's randomly skipped second choices).
+        tokens_per_expert_E: routed assignments per expert before dropping (sums to R * K for
+            R real tokens, less GShard's randomly skipped second choices).
         dropped_fraction: dropped / routed assignments (0 when dropless).
-        aux_loss: load-balancing loss E * sum_i f_i P_i (unweighted).
+        aux_loss: load-balancing loss E * sum_i f_i P_i (unweighted; ``moe.aux_loss_type``).
         z_loss: router z-loss (unweighted).
     """
 
@@ -61,6 +79,67 @@ class MoEMetrics:
     dropped_fraction: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+
+
+@dataclass
+class MoEStats:
+    """One MoE layer's routing statistics summed over training forwards (detached tensors on
+    the layer's device; no host sync). Counts are over this rank's tokens (padding excluded);
+    under data parallel, and with ``parallel.ep_over_tp`` over tp, ranks see different tokens
+    and their counts add up. The loss sums are the layer's loss values, already global over
+    tp with ``ep_over_tp``.
+
+    Attributes:
+        tokens_per_expert_E: routed assignments per expert before dropping (int64).
+        num_routed: routed assignments (int64 scalar; ``tokens_per_expert_E.sum()``).
+        num_dropped: of those, dropped by expert capacity (int64 scalar; 0 when dropless).
+        aux_loss_sum: sum of the unweighted load-balancing losses (fp32 scalar).
+        z_loss_sum: sum of the unweighted z-losses (fp32 scalar).
+        num_forwards: forwards summed (int64 scalar): ``aux_loss_sum / num_forwards`` is the
+            mean loss.
+        load_by_lang_LE: routed assignments per language x expert (int64), or None when no
+            languages are tracked (``Transformer.track_moe_languages``) or no forward had
+            language ids. Ids outside ``[0, L)`` are not counted.
+    """
+
+    tokens_per_expert_E: torch.Tensor
+    num_routed: torch.Tensor
+    num_dropped: torch.Tensor
+    aux_loss_sum: torch.Tensor
+    z_loss_sum: torch.Tensor
+    num_forwards: torch.Tensor
+    load_by_lang_LE: torch.Tensor | None = None
+
+    def __add__(self, other: MoEStats) -> MoEStats:
+        """Field-wise sum (a missing per-language table counts as zeros)."""
+        mine, theirs = self.load_by_lang_LE, other.load_by_lang_LE
+        if mine is None or theirs is None:
+            by_lang = mine if theirs is None else theirs
+        else:
+            by_lang = mine + theirs
+        return MoEStats(
+            tokens_per_expert_E=self.tokens_per_expert_E + other.tokens_per_expert_E,
+            num_routed=self.num_routed + other.num_routed,
+            num_dropped=self.num_dropped + other.num_dropped,
+            aux_loss_sum=self.aux_loss_sum + other.aux_loss_sum,
+            z_loss_sum=self.z_loss_sum + other.z_loss_sum,
+            num_forwards=self.num_forwards + other.num_forwards,
+            load_by_lang_LE=by_lang,
+        )
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        """``num_dropped / num_routed`` (fp32 scalar; 0 with nothing routed)."""
+        return self.num_dropped.float() / self.num_routed.clamp(min=1).float()
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward: activation checkpointing recomputing it
+    (non-reentrant checkpointing recomputes in the autograd engine). Always False while
+    torch.compile traces: a compiled region's recompute does not rerun Python."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -85,10 +164,25 @@ def gates_normalized(cfg: ModelConfig) -> bool:
     return cfg.moe.router != "switch"
 
 
-def expert_capacity(cfg: ModelConfig, *, num_tokens: int) -> int:
-    """Assignments each expert accepts: ceil(capacity_factor * N * K / E), at least 1."""
+def expert_capacity(
+    cfg: ModelConfig, *, num_tokens: int, capacity_factor: float | None = None
+) -> int:
+    """Assignments each expert accepts: ceil(capacity_factor * N * K / E), at least 1
+    (``capacity_factor`` default: ``moe.capacity_factor``)."""
     moe = cfg.moe
-    return max(1, math.ceil(moe.capacity_factor * num_tokens * moe.top_k / moe.num_experts))
+    factor = moe.capacity_factor if capacity_factor is None else capacity_factor
+    return max(1, math.ceil(factor * num_tokens * moe.top_k / moe.num_experts))
+
+
+def queue_positions(
+    experts_A: torch.Tensor, valid_A: torch.Tensor, *, num_experts: int
+) -> torch.Tensor:
+    """0-based place of each assignment in its expert's queue, in the given (priority) order;
+    invalid assignments take no place (their own value is meaningless)."""
+    # A comparison, not F.one_hot: off CUDA that reads the ids' min and max on the host.
+    experts_E = torch.arange(num_experts, device=experts_A.device)
+    onehot_AE = ((experts_A[:, None] == experts_E) & valid_A[:, None]).long()
+    return (onehot_AE.cumsum(dim=0) - 1).gather(1, experts_A[:, None]).squeeze(1)
 
 
 @dataclass
@@ -246,10 +340,13 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Token-choice MoE feed-forward: ``router`` (TopKRouter) and ``experts`` (GroupedExperts).
 
-    ``forward(x_BTD) -> y_BTD`` where dropped assignments contribute zero (the enclosing block's
-    residual carries the token). After each forward ``self.metrics`` holds a ``MoEMetrics``.
-    ``aux_loss_scale`` (default 1.0) multiplies the auxiliary gradient: set it to the factor the
-    trainer applies to its main loss (e.g. 1 / gradient-accumulation steps).
+    ``forward(x_BTD, *, token_mask_BT=None, lang_ids_BT=None) -> y_BTD`` where dropped
+    assignments and masked (padding) tokens contribute zero (the enclosing block's residual
+    carries the token). After each forward ``self.metrics`` holds a ``MoEMetrics``; training
+    forwards also add to the ``MoEStats`` that ``stats()`` returns. ``aux_loss_scale`` (default
+    1.0) multiplies the auxiliary gradient: set it to the factor the trainer applies to its main
+    loss (e.g. 1 / gradient-accumulation steps). ``num_tracked_languages`` (default 0) sizes
+    the per-language load table of the stats.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -258,76 +355,198 @@ class MoE(nn.Module):
         self.num_experts = cfg.moe.num_experts
         self.top_k = cfg.moe.top_k
         self.dropless = cfg.moe.dropless
+        self.aux_loss_type = cfg.moe.aux_loss_type
         self.aux_loss_coef = cfg.moe.aux_loss_coef
         self.z_loss_coef = cfg.moe.z_loss_coef
         self.aux_loss_scale = 1.0
+        self.num_tracked_languages = 0
         self.router = TopKRouter(cfg)
         self.experts = GroupedExperts(cfg)
         self.metrics: MoEMetrics | None = None
+        self._stats: MoEStats | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """``x_BTD -> y_BTD`` (see the class docstring)."""
+    def capacity_factor(self) -> float | None:
+        """The capacity factor this mode routes with; None: dropless (``moe.dropless``, or
+        eval mode with ``moe.eval_capacity_factor`` None)."""
+        if self.dropless:
+            return None
+        if self.training:
+            return self.cfg.moe.capacity_factor
+        return self.cfg.moe.eval_capacity_factor
+
+    def stats(self, *, reset: bool = True) -> MoEStats | None:
+        """The ``MoEStats`` summed since the last reset (None: no training forward since);
+        ``reset`` starts a new sum."""
+        stats = self._stats
+        if reset:
+            self._stats = None
+        return stats
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        token_mask_BT: torch.Tensor | None = None,
+        lang_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x_BTD -> y_BTD`` (see the class docstring).
+
+        Args:
+            x_BTD: the normalised residual stream.
+            token_mask_BT: bool, False at padding (not routed, output 0); None: all real.
+            lang_ids_BT: language of each token, for the per-language load of the stats.
+        """
         batch, seq, dim = x_BTD.shape
         x_ND = x_BTD.reshape(-1, dim)
         num_tokens = x_ND.shape[0]
         routing = self.router(x_ND)
+        mask_N = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
+        valid_NK = routing.valid_NK if mask_N is None else routing.valid_NK & mask_N[:, None]
 
         # Slot-major flattening: assignment a = k * N + n.
         experts_A = routing.experts_NK.t().reshape(-1)
+        valid_A = valid_NK.t().reshape(-1)
         gates_A = routing.gates_NK.t().reshape(-1)
-        valid_A = routing.valid_NK.t().reshape(-1)
+        if mask_N is not None:
+            gates_A = gates_A * valid_A
         tokens_A = torch.arange(num_tokens, device=x_ND.device).repeat(self.top_k)
         counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_ND.device)
         counts_E = counts_E.scatter_add(0, experts_A, valid_A.long())
 
-        if self.dropless:
+        factor = self.capacity_factor()
+        if factor is None:
             y_AD = self._dropless(x_ND, experts_A=experts_A, tokens_A=tokens_A, counts_E=counts_E)
-            dropped_fraction = x_ND.new_zeros((), dtype=torch.float32)
+            kept_A = valid_A
         else:
             y_AD, kept_A = self._with_capacity(
-                x_ND, experts_A=experts_A, tokens_A=tokens_A, valid_A=valid_A
+                x_ND,
+                experts_A=experts_A,
+                tokens_A=tokens_A,
+                valid_A=valid_A,
+                capacity_factor=factor,
+                batch=batch,
             )
             gates_A = gates_A * kept_A
-            dropped_fraction = 1.0 - kept_A.sum() / valid_A.sum().clamp(min=1)
+        num_routed = valid_A.sum()
+        num_dropped = num_routed - kept_A.sum()
 
         # Sum over slots in a fixed order (deterministic, unlike a scatter-add of k rows).
         weighted_AD = y_AD * gates_A[:, None].to(y_AD.dtype)
         out_ND = weighted_AD.view(self.top_k, num_tokens, dim).sum(dim=0)
         out_BTD = out_ND.view(batch, seq, dim)
 
-        aux_loss, z_loss = self._aux_losses(routing, counts_E=counts_E)
-        self.metrics = MoEMetrics(
-            tokens_per_expert_E=counts_E.detach(),
-            dropped_fraction=dropped_fraction.detach().float(),
-            aux_loss=aux_loss.detach(),
-            z_loss=z_loss.detach(),
+        aux_loss, z_loss = self._aux_losses(
+            routing, valid_NK=valid_NK, mask_N=mask_N, counts_E=counts_E
         )
+        if not recomputing():
+            # A recomputed forward (activation checkpointing) repeats the original's values.
+            self.metrics = MoEMetrics(
+                tokens_per_expert_E=counts_E.detach(),
+                dropped_fraction=(num_dropped.float() / num_routed.clamp(min=1).float()).detach(),
+                aux_loss=aux_loss.detach(),
+                z_loss=z_loss.detach(),
+            )
+            if self.training:
+                self._accumulate(
+                    counts_E=counts_E,
+                    num_routed=num_routed,
+                    num_dropped=num_dropped,
+                    aux_loss=aux_loss,
+                    z_loss=z_loss,
+                    experts_A=experts_A,
+                    valid_A=valid_A,
+                    lang_ids_BT=lang_ids_BT,
+                )
         weighted = self.aux_loss_coef * aux_loss + self.z_loss_coef * z_loss
         if torch.is_grad_enabled() and weighted.requires_grad:
             out_BTD = _AttachAuxLoss.apply(out_BTD, weighted, self.aux_loss_scale)
         return out_BTD
 
-    def _aux_losses(
-        self, routing: Routing, *, counts_E: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        counts_E, probs_E, z_sum, num_tokens = self._routing_totals(
-            counts_E,
-            routing.probs_NE.sum(dim=0),
-            torch.logsumexp(routing.logits_NE, dim=-1).pow(2).sum(),
-            routing.probs_NE.shape[0],
+    def _accumulate(
+        self,
+        *,
+        counts_E: torch.Tensor,
+        num_routed: torch.Tensor,
+        num_dropped: torch.Tensor,
+        aux_loss: torch.Tensor,
+        z_loss: torch.Tensor,
+        experts_A: torch.Tensor,
+        valid_A: torch.Tensor,
+        lang_ids_BT: torch.Tensor | None,
+    ) -> None:
+        by_lang = None
+        num_langs = self.num_tracked_languages
+        if num_langs > 0 and lang_ids_BT is not None:
+            lang_A = lang_ids_BT.reshape(-1).to(experts_A.device).repeat(self.top_k)
+            ok_A = valid_A & (lang_A >= 0) & (lang_A < num_langs)
+            index_A = lang_A.clamp(0, num_langs - 1) * self.num_experts + experts_A
+            by_lang = torch.zeros(
+                num_langs * self.num_experts, dtype=torch.int64, device=experts_A.device
+            )
+            by_lang = by_lang.scatter_add(0, index_A, ok_A.long()).view(num_langs, -1)
+        step = MoEStats(
+            tokens_per_expert_E=counts_E.detach(),
+            num_routed=num_routed.detach(),
+            num_dropped=num_dropped.detach(),
+            aux_loss_sum=aux_loss.detach().float(),
+            z_loss_sum=z_loss.detach().float(),
+            num_forwards=torch.ones((), dtype=torch.int64, device=counts_E.device),
+            load_by_lang_LE=by_lang,
         )
-        f_E = counts_E.float() / counts_E.sum().clamp(min=1).float()
-        p_E = probs_E / num_tokens
-        aux_loss = self.num_experts * (f_E * p_E).sum()
-        return aux_loss, z_sum / num_tokens
+        self._stats = step if self._stats is None else self._stats + step
+
+    def _aux_losses(
+        self,
+        routing: Routing,
+        *,
+        valid_NK: torch.Tensor,
+        mask_N: torch.Tensor | None,
+        counts_E: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.aux_loss_type == "switch":
+            first_N = valid_NK[:, 0].long()
+            f_counts_E = torch.zeros_like(counts_E).scatter_add(
+                0, routing.experts_NK[:, 0], first_N
+            )
+        else:
+            f_counts_E = counts_E
+        probs_NE = routing.probs_NE
+        lse2_N = torch.logsumexp(routing.logits_NE, dim=-1).pow(2)
+        if mask_N is None:
+            real = probs_NE.new_full((), probs_NE.shape[0])
+        else:
+            probs_NE = torch.where(mask_N[:, None], probs_NE, 0.0)
+            lse2_N = torch.where(mask_N, lse2_N, 0.0)
+            real = mask_N.sum().to(probs_NE.dtype)
+        f_counts_E, probs_E, z_sum, num_real = self._routing_totals(
+            f_counts_E, probs_NE.sum(dim=0), lse2_N.sum(), real
+        )
+        f_E = f_counts_E.float() / f_counts_E.sum().clamp(min=1).float()
+        num_real = num_real.clamp(min=1)
+        aux_loss = self.num_experts * (f_E * (probs_E / num_real)).sum()
+        return aux_loss, z_sum / num_real
 
     def _routing_totals(
-        self, counts_E: torch.Tensor, probs_E: torch.Tensor, z_sum: torch.Tensor, num_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The routing statistics the aux and z losses are taken over (tokens per expert,
-        router probability sums, squared-logsumexp sum, tokens): this layer's own tokens; a
-        layer whose tokens are split over ranks sums them (``parallel.expert_parallel``)."""
+        self,
+        counts_E: torch.Tensor,
+        probs_E: torch.Tensor,
+        z_sum: torch.Tensor,
+        num_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing statistics the aux and z losses are taken over (the f_i counts per
+        expert, router probability sums, squared-logsumexp sum, real tokens as an fp32 scalar
+        tensor): this layer's own tokens; a layer whose tokens are split over ranks sums them
+        (``parallel.expert_parallel``)."""
         return counts_E, probs_E, z_sum, num_tokens
+
+    def _queue_positions(
+        self, experts_A: torch.Tensor, valid_A: torch.Tensor, *, batch: int
+    ) -> tuple[torch.Tensor, int]:
+        """Each assignment's place in its expert's queue and the token count the capacity is
+        computed from: this layer's own tokens in slot-major order; a layer whose tokens are
+        split over ranks queues them as the unsplit layer would (``parallel.expert_parallel``)."""
+        positions_A = queue_positions(experts_A, valid_A, num_experts=self.num_experts)
+        return positions_A, experts_A.numel() // self.top_k
 
     def _dropless(
         self,
@@ -357,14 +576,15 @@ class MoE(nn.Module):
         experts_A: torch.Tensor,
         tokens_A: torch.Tensor,
         valid_A: torch.Tensor,
+        capacity_factor: float,
+        batch: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, dim = x_ND.shape
-        capacity = expert_capacity(self.cfg, num_tokens=num_tokens)
-        # A comparison, not F.one_hot: off CUDA that reads the ids' min and max on the host.
-        experts_E = torch.arange(self.num_experts, device=x_ND.device)
-        onehot_AE = ((experts_A[:, None] == experts_E) & valid_A[:, None]).long()
         # Position of each assignment in its expert's queue, in slot-major (priority) order.
-        position_A = (onehot_AE.cumsum(dim=0) - 1).gather(1, experts_A[:, None]).squeeze(1)
+        position_A, capacity_tokens = self._queue_positions(experts_A, valid_A, batch=batch)
+        capacity = expert_capacity(
+            self.cfg, num_tokens=capacity_tokens, capacity_factor=capacity_factor
+        )
         kept_A = valid_A & (position_A < capacity)
         trash = self.num_experts * capacity
         slot_A = torch.where(kept_A, experts_A * capacity + position_A, trash)

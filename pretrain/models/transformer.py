@@ -33,7 +33,7 @@ from pretrain.models.blocks import (
     rope_cos_sin,
 )
 from pretrain.models.config import ModelConfig
-from pretrain.models.moe import MoE, MoEMetrics
+from pretrain.models.moe import MoE, MoEMetrics, MoEStats
 
 # Wrapper segments that parallel/ may add to parameter names (activation checkpointing,
 # torch.compile, FSDP); seeds are taken from the name without them.
@@ -147,9 +147,12 @@ class Transformer(nn.Module):
             position_ids_BT: positions for RoPE / learned positions; default: positions within
                 each document when ``document_ids_BT`` is given, else 0..T-1.
             document_ids_BT: per-token document ids of packed sequences; attention stays inside
-                a document (contiguous runs of one id). Padding can be given its own id.
+                a document (contiguous runs of one id). Padding has id -1: MoE layers do not
+                route it (``document_ids_BT >= 0`` is their token mask; without document ids
+                every token is routed).
             lang_ids_BT: per-token language ids for the XLM language embeddings (ignored
-                without ``model.num_languages``).
+                without ``model.num_languages``) and the MoE per-language load
+                (``track_moe_languages``).
             return_hidden: return the hidden states that enter the output projection (after the
                 final norm / MLM head), for the chunked losses of ``pretrain.objectives``.
 
@@ -184,8 +187,11 @@ class Transformer(nn.Module):
         attn_inputs = AttentionInputs(
             rope=rope, mask_B1TS=mask_B1TS, is_causal=self.causal, block_mask=block_mask
         )
+        token_mask_BT = None if document_ids_BT is None else document_ids_BT >= 0
         for layer in self.layers.values():
-            x_BTD = layer(x_BTD, inputs=attn_inputs)
+            x_BTD = layer(
+                x_BTD, inputs=attn_inputs, token_mask_BT=token_mask_BT, lang_ids_BT=lang_ids_BT
+            )
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         if self.head is not None:
@@ -211,6 +217,30 @@ class Transformer(nn.Module):
         return {
             name: moe.metrics for name, moe in self.moe_layers().items() if moe.metrics is not None
         }
+
+    def moe_stats(self, reset: bool = True) -> dict[str, MoEStats]:
+        """Each MoE layer's ``MoEStats`` summed over the training forwards (every micro-batch)
+        since the last reset, keyed ``layers.{i}.moe`` (global layer index: pipeline stages give
+        disjoint keys); layers without a training forward since are left out. Detached device
+        tensors, no host sync. ``reset`` starts new sums."""
+        out = {}
+        for name, moe in self.moe_layers().items():
+            stats = moe.stats(reset=reset)
+            if stats is not None:
+                out[name] = stats
+        return out
+
+    def track_moe_languages(self, num_languages: int) -> None:
+        """Keep routed assignments per language x expert (``MoEStats.load_by_lang_LE``, L =
+        ``num_languages``) from the ``lang_ids_BT`` given to forward; 0 stops it.
+
+        Raises:
+            ValueError: ``num_languages`` < 0.
+        """
+        if num_languages < 0:
+            raise ValueError(f"num_languages ({num_languages}) must be >= 0")
+        for moe in self.moe_layers().values():
+            moe.num_tracked_languages = num_languages
 
     def set_moe_aux_loss_scale(self, scale: float) -> None:
         """Scale of the auxiliary-loss gradient in every MoE layer (match the main loss's)."""

@@ -255,7 +255,7 @@ def _other_tokenizer(built) -> Path:
     """A tokenizer the runs did not use (1,000 pieces; made once per module)."""
     other = built["root"] / "tok_other"
     if not other.is_dir():
-        from data_pipeline.readers import MonoInput
+        from data_pipeline.text_inputs import MonoInput
         from data_pipeline.tokenizer import train_tokenizer
 
         text = built["root"] / "other.en.txt"
@@ -410,3 +410,45 @@ def test_help_says_checkpoints_are_trusted(capsys):
     with pytest.raises(SystemExit):
         main(["export-hf", "--help"])
     assert "trusted run output" in capsys.readouterr().out
+
+
+def test_export_of_a_capacity_moe_warns_once_and_verifies_dropless(built, tmp_path: Path):
+    # Trained with an expert capacity small enough to drop on the verification batch; the
+    # Mixtral target runs dropless: one warning line, and --verify compares our model routed
+    # dropless (a capacity-routed model would differ beyond tolerance).
+    from dataclasses import replace
+
+    from pretrain.models import build_model
+
+    cfg = family_config(
+        "moe",
+        tokenizer=built["tok"],
+        run_dir=tmp_path / "run",
+        extra=(
+            "model.moe.dropless=false",
+            "model.moe.capacity_factor=0.25",
+            "model.moe.eval_capacity_factor=0.25",
+        ),
+    )
+    ckpt = save_family_checkpoint(cfg)
+    lines: list[str] = []
+    result = convert.export_hf(ckpt, out=tmp_path / "hf", verify=True, log=lines.append)
+    assert result["max_abs_diff"] <= 1e-4
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: MixtralForCausalLM does not express the training MoE")
+    assert "model.moe.capacity_factor=0.25" in lines[0] and "dropless" in lines[0]
+    # What an unlike comparison would have seen: the eval capacity drops on this batch.
+    state = open_checkpoint(ckpt).load_model_state()
+    tokens_BT = convert.fixed_batch(cfg.model, avoid=None)
+    logits = {}
+    for dropless in (True, False):
+        model = build_model(replace(cfg.model, moe=replace(cfg.model.moe, dropless=dropless)))
+        model.load_state_dict(state)
+        with torch.no_grad():
+            logits[dropless] = model.eval()(tokens_BT)
+    assert float((logits[True] - logits[False]).abs().max()) > 1e-3
+
+
+def test_dropless_moe_export_has_no_routing_warning(built):
+    cfg = built["cfgs"]["moe"].model
+    assert convert.moe_export_difference(cfg, architecture="MixtralForCausalLM") is None

@@ -146,3 +146,34 @@ def test_moe_presets_share_the_dense_1b_active_size() -> None:
         moe_active = param_counts(build_model(moe))["params_active"]
     # Same active FFN width (2 x 2816 = 5632); only the routers differ.
     assert moe_active - dense_active == moe.num_layers * moe.hidden_size * moe.moe.num_experts
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (
+            _moe(top_k=2, eval_capacity_factor=0.0),
+            "model.moe.eval_capacity_factor (0.0) must be > 0",
+        ),
+        (
+            _moe(top_k=2, eval_capacity_factor=-2.0),
+            "model.moe.eval_capacity_factor (-2.0) must be > 0",
+        ),
+        (
+            _moe(top_k=2, aux_loss_type="gshard"),
+            "model.moe.aux_loss_type ('gshard') must be one of topk, switch",
+        ),
+    ],
+    ids=["eval-capacity-zero", "eval-capacity-negative", "aux-loss-type"],
+)
+def test_bad_moe_routing_config_is_one_line(cfg: ModelConfig, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        build_model(cfg)
+
+
+def test_eval_capacity_factor_defaults_to_dropless_and_takes_null() -> None:
+    assert MoEConfig().eval_capacity_factor is None
+    assert MoEConfig().aux_loss_type == "topk"
+    validate_model(_moe(top_k=2, eval_capacity_factor=None))
+    validate_model(_moe(top_k=2, eval_capacity_factor=2.0))
+    validate_model(_moe(top_k=2, dropless=True, eval_capacity_factor=0.0))  # ignored

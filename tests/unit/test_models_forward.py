@@ -346,3 +346,50 @@ def test_moe_metrics_and_aux_scale_are_exposed() -> None:
     assert int(metrics["layers.1.moe"].tokens_per_expert_E.sum()) == 2 * 12 * 2
     model.set_moe_aux_loss_scale(0.25)
     assert model.layers["1"].moe.aux_loss_scale == 0.25
+
+
+def test_moe_does_not_route_padding_documents() -> None:
+    # Padding (document id -1) in trailing positions and a whole padding row: the real tokens'
+    # logits and every MoE statistic equal those of the real tokens alone.
+    cfg = dataclasses.replace(
+        MOE, moe=dataclasses.replace(MOE.moe, aux_loss_coef=0.1, z_loss_coef=0.01)
+    )
+    real_BT = _tokens(2, 8)
+    docs_BT = torch.tensor([[0] * 5 + [1] * 3, [0] * 8])
+    tokens_BT = torch.cat([real_BT, _tokens(2, 4, seed=3)], dim=1)
+    tokens_BT = torch.cat([tokens_BT, _tokens(1, 12, seed=4)])
+    padded_docs_BT = torch.full((3, 12), -1)
+    padded_docs_BT[:2, :8] = docs_BT
+    ref, model = _model(cfg).train(), _model(cfg).train()
+    with torch.no_grad():
+        want_BTV = ref(real_BT, document_ids_BT=docs_BT)
+        got_BTV = model(tokens_BT, document_ids_BT=padded_docs_BT)
+    torch.testing.assert_close(got_BTV[:2, :8], want_BTV, rtol=1e-5, atol=1e-5)
+    want, got = ref.moe_stats()["layers.1.moe"], model.moe_stats()["layers.1.moe"]
+    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
+    assert int(got.num_routed) == 2 * 16
+    assert got.aux_loss_sum.item() == pytest.approx(want.aux_loss_sum.item(), rel=1e-5)
+    assert got.z_loss_sum.item() == pytest.approx(want.z_loss_sum.item(), rel=1e-5)
+
+
+def test_moe_stats_are_keyed_by_global_layer_and_count_languages() -> None:
+    cfg = dataclasses.replace(DECODER, num_layers=4, moe=dataclasses.replace(MOE.moe, every=2))
+    model = _model(cfg).train()
+    lang_BT = torch.tensor([[0] * 12, [1] * 6 + [7] * 6])  # 7: outside the tracked 2
+    model(_tokens(), lang_ids_BT=lang_BT)
+    untracked = model.moe_stats()
+    assert len(untracked) == 2 and all(s.load_by_lang_LE is None for s in untracked.values())
+    model.track_moe_languages(2)
+    model(_tokens(), lang_ids_BT=lang_BT)
+    model(_tokens(seed=1), lang_ids_BT=lang_BT)
+    stats = model.moe_stats()
+    assert list(stats) == ["layers.1.moe", "layers.3.moe"]
+    for layer in stats.values():
+        assert int(layer.num_forwards) == 2
+        assert layer.load_by_lang_LE.shape == (2, 4)
+        # Language 0: 12 tokens x 2 choices x 2 forwards; language 1: 6 x 2 x 2.
+        assert layer.load_by_lang_LE.sum(1).tolist() == [48, 24]
+        assert int(layer.tokens_per_expert_E.sum()) == 2 * 24 * 2
+    assert model.moe_stats() == {}
+    with pytest.raises(ValueError, match=r"^num_languages \(-1\) must be >= 0$"):
+        model.track_moe_languages(-1)

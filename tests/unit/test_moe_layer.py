@@ -330,3 +330,258 @@ def test_dropless_forward_has_no_host_sync_on_cuda() -> None:
     torch.testing.assert_close(y_BTD.float().cpu(), ref_BTD, rtol=5e-2, atol=5e-2)
     _dense_grad_loss(y_BTD.float().cpu()).backward()
     assert x_BTD.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# padding, aux-loss type, eval capacity, statistics over a step
+
+
+def _padded(x_real_BTD: torch.Tensor, *, pad_front: int, pad_back: int, seed: int = 5):
+    """``x_real_BTD`` with ``pad_front``/``pad_back`` padding positions around each row and one
+    extra all-padding row (random large values: routed, they would crowd the experts).
+    Returns ``(x_BTD, mask_BT)``."""
+    batch, seq, dim = x_real_BTD.shape
+    gen = torch.Generator().manual_seed(seed)
+    total = pad_front + seq + pad_back
+    x_BTD = 3.0 * torch.randn(batch + 1, total, dim, generator=gen)
+    x_BTD[:batch, pad_front : pad_front + seq] = x_real_BTD
+    mask_BT = torch.zeros(batch + 1, total, dtype=torch.bool)
+    mask_BT[:batch, pad_front : pad_front + seq] = True
+    return x_BTD, mask_BT
+
+
+@pytest.mark.parametrize("aux_loss_type", ["topk", "switch"])
+@pytest.mark.parametrize("dropless", [True, False], ids=["dropless", "capacity"])
+def test_padding_is_not_routed(dropless: bool, aux_loss_type: str) -> None:
+    x_real_BTD = _x(2, 6).detach()  # N = 12 real tokens
+    x_BTD, mask_BT = _padded(x_real_BTD, pad_front=3, pad_back=2)  # N = 3 * 11 = 33
+    # Capacity C = ceil(cf * N * K / E) counts every position: the padded layer's factor is
+    # chosen so that both layers get C = 3 (12 * 2 * 0.5 / 4 = 3; 33 * 2 * 0.18 / 4 = 2.97).
+    moe_cfg = dataclasses.replace(
+        BASE.moe, dropless=dropless, aux_loss_type=aux_loss_type, capacity_factor=0.5
+    )
+    ref = _moe(dataclasses.replace(BASE, moe=moe_cfg))
+    padded = _moe(dataclasses.replace(BASE, moe=dataclasses.replace(moe_cfg, capacity_factor=0.18)))
+    if not dropless:
+        assert expert_capacity(ref.cfg, num_tokens=12) == expert_capacity(padded.cfg, num_tokens=33)
+    with torch.no_grad():
+        out_ref_BTD = ref(x_real_BTD)
+        out_BTD = padded(x_BTD, token_mask_BT=mask_BT)
+    torch.testing.assert_close(out_BTD[mask_BT], out_ref_BTD.reshape(-1, D), rtol=1e-6, atol=1e-6)
+    assert torch.all(out_BTD[~mask_BT] == 0)
+    got, want = padded.metrics, ref.metrics
+    assert torch.equal(got.tokens_per_expert_E, want.tokens_per_expert_E)
+    assert got.dropped_fraction.item() == pytest.approx(want.dropped_fraction.item())
+    assert got.aux_loss.item() == pytest.approx(want.aux_loss.item(), rel=1e-6)
+    assert got.z_loss.item() == pytest.approx(want.z_loss.item(), rel=1e-6)
+    if not dropless:
+        assert want.dropped_fraction.item() > 0, "the test must overflow an expert"
+        # The same padded batch with the padding routed drops other real assignments.
+        with torch.no_grad():
+            unmasked_BTD = padded(x_BTD)
+        assert not torch.allclose(unmasked_BTD[mask_BT], out_ref_BTD.reshape(-1, D))
+
+
+def _hand_logits_moe(logits_NE: torch.Tensor, *, top_k: int, router: str, aux_loss_type: str):
+    """A layer whose router gives ``logits_NE`` for the basis inputs ``x_n = e_n``."""
+    moe_cfg = MoEConfig(
+        num_experts=E, top_k=top_k, router=router, dropless=True, aux_loss_type=aux_loss_type
+    )
+    moe = _moe(dataclasses.replace(BASE, moe=moe_cfg))
+    num_tokens = logits_NE.shape[0]
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[:, :num_tokens] = logits_NE.T
+    x_BTD = torch.eye(D)[:num_tokens].reshape(1, num_tokens, D)
+    return moe, x_BTD
+
+
+LOGITS_NE = torch.tensor(
+    [
+        [2.0, 1.0, 0.0, -1.0],
+        [2.5, 0.0, 1.5, 0.0],
+        [0.0, 3.0, 2.0, 1.0],
+        [1.0, 0.0, 0.5, 2.0],
+        [2.0, -1.0, 1.0, 0.0],
+        [0.0, 0.5, 1.0, 3.0],
+    ]
+)
+
+
+def test_aux_loss_types_follow_their_papers() -> None:
+    probs_NE = LOGITS_NE.softmax(-1)
+    num_tokens = probs_NE.shape[0]
+    # Top-2 choices by hand: first = argmax, second = argmax with the first removed.
+    first_N = [int(row.argmax()) for row in probs_NE]
+    second_N = []
+    for row, first in zip(probs_NE, first_N, strict=True):
+        rest = row.clone()
+        rest[first] = -1.0
+        second_N.append(int(rest.argmax()))
+    p_E = probs_NE.mean(0)
+    # Switch eq. 4-6: f_i = (1/N) sum_n 1[argmax p_n = i]; loss = E sum_i f_i P_i.
+    f_switch = [sum(1 for e in first_N if e == i) / num_tokens for i in range(E)]
+    switch_loss = E * sum(f * float(p) for f, p in zip(f_switch, p_E, strict=True))
+    # transformers' load_balancing_loss_func: E sum_{k,i} mean_n 1[choice_k(n) = i] P_i; ours
+    # divides by k (f_i over the N * k assignments).
+    hf_loss = E * sum(
+        (sum(1 for e in first_N if e == i) + sum(1 for e in second_N if e == i))
+        / num_tokens
+        * float(p_E[i])
+        for i in range(E)
+    )
+    assert first_N != second_N and abs(switch_loss - hf_loss / 2) > 1e-3  # types differ here
+    for aux_loss_type, expected in (("switch", switch_loss), ("topk", hf_loss / 2)):
+        moe, x_BTD = _hand_logits_moe(
+            LOGITS_NE, top_k=2, router="gshard", aux_loss_type=aux_loss_type
+        )
+        with torch.no_grad():
+            moe(x_BTD)
+        assert moe.metrics.aux_loss.item() == pytest.approx(expected, rel=1e-6), aux_loss_type
+    # Top-1: both types are Switch's loss.
+    for aux_loss_type in ("switch", "topk"):
+        moe, x_BTD = _hand_logits_moe(
+            LOGITS_NE, top_k=1, router="switch", aux_loss_type=aux_loss_type
+        )
+        with torch.no_grad():
+            moe(x_BTD)
+        assert moe.metrics.aux_loss.item() == pytest.approx(switch_loss, rel=1e-6)
+
+
+def test_eval_mode_routes_with_the_eval_capacity_factor() -> None:
+    x_BTD = _x(2, 8).detach()
+    train_cfg = dataclasses.replace(BASE.moe, dropless=False, capacity_factor=0.5)
+    with torch.no_grad():
+        # Reference for eval_capacity_factor=1.5: a training-mode layer with that capacity.
+        wide = _moe(
+            dataclasses.replace(BASE, moe=dataclasses.replace(train_cfg, capacity_factor=1.5))
+        )
+        expected_BTD = wide(x_BTD)
+        moe = _moe(
+            dataclasses.replace(BASE, moe=dataclasses.replace(train_cfg, eval_capacity_factor=1.5))
+        )
+        train_BTD = moe(x_BTD)
+        train_dropped = moe.metrics.dropped_fraction.item()
+        eval_BTD = moe.eval()(x_BTD)
+        assert torch.equal(eval_BTD, expected_BTD)
+        assert train_dropped > moe.metrics.dropped_fraction.item()
+        assert not torch.allclose(train_BTD, eval_BTD)
+        # eval_capacity_factor None: dropless at eval (the token-by-token definition).
+        dropless_eval = _moe(dataclasses.replace(BASE, moe=train_cfg)).eval()
+        torch.testing.assert_close(
+            dropless_eval(x_BTD), _reference(dropless_eval, x_BTD), rtol=1e-5, atol=1e-6
+        )
+        assert dropless_eval.metrics.dropped_fraction.item() == 0.0
+
+
+def _stats_fields(stats) -> dict[str, torch.Tensor]:
+    return {
+        f.name: getattr(stats, f.name)
+        for f in dataclasses.fields(stats)
+        if getattr(stats, f.name) is not None
+    }
+
+
+def test_stats_sum_every_training_forward_until_read() -> None:
+    cfg = dataclasses.replace(
+        BASE,
+        moe=dataclasses.replace(BASE.moe, dropless=False, capacity_factor=0.75, aux_loss_coef=0.1),
+    )
+    x1_BTD, x2_BTD = _x(2, 8, seed=1), _x(2, 8, seed=2)
+    mask_BT = torch.ones(2, 8, dtype=torch.bool)
+    mask_BT[1, 5:] = False
+    lang_BT = torch.tensor([[0] * 8, [2] * 4 + [1] * 4])
+    singles = []
+    for x_BTD in (x1_BTD, x2_BTD):
+        moe = _moe(cfg)
+        moe.num_tracked_languages = 3
+        moe(x_BTD, token_mask_BT=mask_BT, lang_ids_BT=lang_BT)
+        singles.append(moe.stats())
+        # Reference counts by hand from the router's choices.
+        with torch.no_grad():
+            experts_NK = moe.router(x_BTD.reshape(-1, D)).experts_NK
+        real_N = mask_BT.reshape(-1)
+        counts = torch.zeros(E, dtype=torch.int64)
+        by_lang = torch.zeros(3, E, dtype=torch.int64)
+        for n in range(16):
+            for k in range(2):
+                if real_N[n]:
+                    counts[experts_NK[n, k]] += 1
+                    by_lang[lang_BT.reshape(-1)[n], experts_NK[n, k]] += 1
+        assert torch.equal(singles[-1].tokens_per_expert_E, counts)
+        assert torch.equal(singles[-1].load_by_lang_LE, by_lang)
+        assert int(singles[-1].num_routed) == 2 * 13 and int(singles[-1].num_forwards) == 1
+        assert singles[-1].aux_loss_sum.item() == pytest.approx(moe.metrics.aux_loss.item())
+    assert moe.stats() is None  # read with reset
+
+    moe = _moe(cfg)
+    moe.num_tracked_languages = 3
+    for x_BTD in (x1_BTD, x2_BTD):
+        moe(x_BTD, token_mask_BT=mask_BT, lang_ids_BT=lang_BT)
+    with torch.no_grad():
+        moe.eval()(x1_BTD)  # eval forwards are not accumulated
+    moe.train()
+    peek = moe.stats(reset=False)
+    total = moe.stats()
+    assert peek is total and moe.stats() is None
+    expected = _stats_fields(singles[0] + singles[1])
+    got = _stats_fields(total)
+    assert got.keys() == expected.keys() and "load_by_lang_LE" in got
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-6, atol=0, msg=name)
+    assert int(total.num_forwards) == 2
+    assert total.dropped_fraction.item() == pytest.approx(
+        int(total.num_dropped) / int(total.num_routed)
+    )
+
+
+@pytest.mark.parametrize("how", ["utils.checkpoint", "checkpoint_wrapper"])
+def test_recomputed_forward_counts_once(how: str) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = dataclasses.replace(BASE, moe=dataclasses.replace(BASE.moe, aux_loss_coef=0.1))
+    inputs = AttentionInputs(rope=None, mask_B1TS=None, is_causal=True)
+
+    def block() -> Block:
+        torch.manual_seed(0)
+        made = Block(cfg, use_moe=True)
+        for param in made.parameters():
+            torch.nn.init.normal_(param, std=0.3)
+        return made
+
+    plain, checkpointed = block(), block()
+    x_BTD = _x(2, 8)
+    plain(x_BTD, inputs=inputs).square().sum().backward()
+    if how == "checkpoint_wrapper":
+        wrapped = checkpoint_wrapper(checkpointed, preserve_rng_state=True)
+        out_BTD = wrapped(x_BTD, inputs=inputs)
+    else:
+        out_BTD = torch.utils.checkpoint.checkpoint(
+            checkpointed, x_BTD, inputs=inputs, use_reentrant=False
+        )
+    out_BTD.square().sum().backward()  # recomputes the block's forward
+    want, got = plain.moe.stats(), checkpointed.moe.stats()
+    assert int(got.num_forwards) == 1
+    for name, value in _stats_fields(want).items():
+        torch.testing.assert_close(_stats_fields(got)[name], value, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(
+        checkpointed.moe.router.gate.weight.grad, plain.moe.router.gate.weight.grad
+    )
+
+
+def test_masked_capacity_forward_with_stats_has_no_host_sync() -> None:
+    from pretrain.host_sync import HostSyncRecorder
+
+    moe_cfg = dataclasses.replace(BASE.moe, dropless=False, capacity_factor=0.75)
+    moe = _moe(dataclasses.replace(BASE, moe=moe_cfg))
+    moe.num_tracked_languages = 2
+    x_BTD, mask_BT = _padded(_x(2, 6).detach(), pad_front=1, pad_back=1)
+    x_BTD.requires_grad_()
+    lang_BT = torch.zeros(x_BTD.shape[:2], dtype=torch.int64)
+    with HostSyncRecorder() as syncs:
+        for _ in range(2):
+            moe(x_BTD, token_mask_BT=mask_BT, lang_ids_BT=lang_BT).square().sum().backward()
+        stats = moe.stats()
+        _ = stats.dropped_fraction
+    assert syncs.calls == []
+    assert int(stats.num_forwards) == 2 and int(stats.load_by_lang_LE.sum()) == 2 * 2 * 12
