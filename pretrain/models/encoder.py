@@ -34,7 +34,8 @@ class MLMHead(nn.Module):
 class Encoder(Transformer):
     """Bidirectional Transformer with an MLM head: ``forward(tokens_BT, ...) -> logits_BTV``.
 
-    Padding: give pad tokens their own ``document_ids_BT`` value so real tokens never see them.
+    Padding: give pad tokens the ``document_ids_BT`` value -1, so that real tokens never see
+    them and MoE layers do not route them.
     """
 
     causal = False
