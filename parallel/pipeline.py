@@ -9,19 +9,32 @@ holds the embeddings, the last the final norm and output projection). Stage -> r
     V schedules (ZBVZeroBubble, DualPipeV)          rank r: stages r and 2 pp - 1 - r, so the
                                                     last stage (the loss) is on rank 0
 
-Loss normalisation (``pipeline_step``). The schedule calls the loss on each microbatch and, with
-``scale_grads`` (torch's default), divides every gradient by the microbatch count M. The loss of
-microbatch i is therefore ``sum_i * M / N``: its summed per-token loss over N, the number of
-targets (not ``ignore_index``) in this rank's whole batch. The gradient is then that of the batch's
-per-token mean, as without pipelining, even when microbatches hold different numbers of targets
-(MLM masks, padding), and the mean of the M returned losses is the batch's per-token mean loss.
+Loss normalisation (``pipeline_step``). The schedules are built with ``scale_grads=False``:
+torch's default divides every gradient by the microbatch count M at the end of each
+``schedule.step``, the gradients accumulated by earlier steps included, which would shrink all
+but the last gradient-accumulation micro-batch of an optimizer step. The loss of microbatch i
+is ``sum_i * grad_scale / N`` instead: its summed per-token loss over N, a target count the
+caller gives (``num_targets``). The training loop passes the global count of the optimizer step
+(every gradient-accumulation micro-batch, every dp rank) and ``grad_scale = dp`` (the
+data-parallel engines average gradients over dp): the gradient is then that of one process on
+the concatenated global batch, even when pipeline microbatches, accumulation micro-batches and
+dp ranks hold different numbers of targets (MLM masks, padding). Without ``num_targets`` N is
+this rank's batch count (its per-token mean). ``pipeline_step`` returns ``sum / N`` over the
+batch on every pp rank.
+
+Per-group sums (``pipeline_step``'s ``groups_BT``): the schedule splits only what it is handed,
+so the group of every target (the trainer's objective index * languages + language index)
+travels in the target tensor itself, ``[B, T, 2]`` = (label, group), and the last stage's loss
+adds each microbatch's per-token losses and target counts into ``num_groups`` bins; the sums then
+reach every pp rank (zeros from the other stages, summed over pp).
 
 MoE auxiliary losses need no plumbing across stages: each MoE layer attaches its weighted
-aux/z loss to its output, and a stage's backward adds ``aux_loss_scale`` (1 under pipeline
-parallel) times its gradient. After ``scale_grads`` the aux term of the gradient is the mean of
-the M per-microbatch aux losses, the same as gradient accumulation over those M microbatches
-with ``aux_loss_scale = 1 / M``. (A load-balancing loss is a product of per-batch statistics, so
-a microbatch's value differs from the whole batch's; Megatron also takes it per microbatch.)
+aux/z loss to its output, and a stage's backward adds ``aux_loss_scale`` times its gradient.
+``build_pipeline`` sets ``aux_loss_scale = 1 / M`` on every stage (the trainer sets ``1 / (M *
+grad_accum)``), so the aux term of the gradient is the mean of the M per-microbatch aux losses,
+the same as gradient accumulation over those M microbatches. (A load-balancing loss is a
+product of per-batch statistics, so a microbatch's value differs from the whole batch's;
+Megatron also takes it per microbatch.)
 
 Per-token inputs (``pipeline_step``'s ``stage_kwargs``: document ids, position ids, language
 ids). Stages pass only hidden states to each other, so these go to every stage from outside:
@@ -38,6 +51,7 @@ would live on different ranks): ``model.tie_embeddings`` must be false with ``pa
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +91,8 @@ def build_pipeline(
     cfg: ParallelConfig,
     tp_plan: dict[str, str],
     seed: int,
-    loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    token_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Any, list[nn.Module], PipelineInfo]:
     """Build this rank's stages (each parallelized with ``parallelize_model``) and the schedule.
@@ -86,24 +101,30 @@ def build_pipeline(
         build_stage: ``(stage, num_stages) -> model`` on the meta device, pruned to the stage
             (``pretrain.models.prune_to_stage``).
         loss_sum_fn: ``(logits, targets) -> summed per-token loss`` of one microbatch (e.g.
-            ``F.cross_entropy(..., reduction="sum")``); ``pipeline_step`` normalises it over the
-            whole batch (module docstring). Under ``tp > 1`` the logits are a ``Shard(2)``
+            ``F.cross_entropy(..., reduction="sum")``); ``pipeline_step`` divides it by a target
+            count (module docstring). Under ``tp > 1`` the logits are a ``Shard(2)``
             DTensor over the vocabulary and ``schedule.step`` runs inside ``loss_parallel()``,
             so a plain ``F.cross_entropy`` works on them (the losses it returns are replicated
             DTensors; ``pipeline_loss`` reads them).
+        token_loss_fn: instead of ``loss_sum_fn``, ``(logits, targets) -> per-token losses``
+            ``[B * T]`` (0 at ``ignore_index``; e.g. ``reduction="none"``): the loss is their sum,
+            and ``pipeline_step`` can also sum them per group (``groups_BT``).
 
     Returns:
         ``(schedule, stage_models, info)``. Run a step with ``pipeline_step(schedule, info=info,
         ...)`` on this dp rank's batch; it is split into ``parallel.microbatches`` along dim 0.
 
     Raises:
-        ValueError: an unknown schedule name.
+        ValueError: an unknown schedule name; not exactly one of ``loss_sum_fn`` and
+            ``token_loss_fn``.
     """
     import torch.distributed.pipelining as pipelining
     from torch.distributed.pipelining import PipelineStage
 
     from parallel.parallelize import parallelize_model
 
+    if (loss_sum_fn is None) == (token_loss_fn is None):
+        raise ValueError("build_pipeline needs exactly one of loss_sum_fn and token_loss_fn")
     if not hasattr(pipelining, f"Schedule{cfg.pp_schedule}"):
         raise ValueError(f"parallel.pp_schedule ({cfg.pp_schedule!r}) is not in this torch")
     schedule_cls = getattr(pipelining, f"Schedule{cfg.pp_schedule}")
@@ -122,16 +143,25 @@ def build_pipeline(
             )
         )
     microbatches = cfg.microbatches if cfg.microbatches is not None else dims.pp
-    loss_fn = BatchTokenMeanLoss(loss_sum_fn, microbatches=microbatches)
+    loss_fn = BatchTokenMeanLoss(
+        loss_sum_fn, token_loss_fn=token_loss_fn, microbatches=microbatches, device=device
+    )
+    for model in models:
+        if hasattr(model, "set_moe_aux_loss_scale"):
+            model.set_moe_aux_loss_scale(1.0 / microbatches)
     if dims.tp > 1:
         # The last stage's logits are vocabulary-sharded (Shard(2)): the loss and the backward
         # the schedule runs from it must both be inside loss_parallel (torchtitan enters it
         # around the whole step too).
         schedule_cls = _loss_parallel_class(schedule_cls)
     if cfg.pp_schedule in SINGLE_STAGE_SCHEDULES:
-        schedule = schedule_cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+        stages_arg = stages[0]
     else:
-        schedule = schedule_cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
+        stages_arg = stages
+    # scale_grads=False: the loss is normalised by the caller's count (module docstring).
+    schedule = schedule_cls(
+        stages_arg, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False
+    )
     info = PipelineInfo(
         stage_ids=stage_ids,
         has_first=0 in stage_ids,
@@ -177,19 +207,78 @@ class PipelineInfo:
 
 
 class BatchTokenMeanLoss:
-    """A schedule's per-microbatch loss ``loss_sum_fn(out, target) * microbatches /
-    num_targets`` with ``num_targets`` the target count of the whole batch (module
-    docstring); ``pipeline_step`` sets it before each step."""
+    """A schedule's per-microbatch loss ``sum * grad_scale / num_targets``, with
+    ``sum`` the microbatch's summed per-token loss and ``num_targets`` / ``grad_scale`` set by
+    ``pipeline_step`` before each step (module docstring).
+
+    Targets are ``[b, T]`` labels, or ``[b, T, 2]`` (label, group) when ``pipeline_step`` got
+    ``groups_BT``; then (``token_loss_fn`` only) each call's per-token losses and target counts
+    are binned per group, and :meth:`collect_groups` adds those of the calls whose losses the
+    schedule returned into ``group_sums_G`` / ``group_counts_G`` (``[num_groups]`` fp32). (The
+    schedule also calls the loss while it infers the stages' metadata, on its first step, on
+    tensors that are no microbatch: those calls must not count.)
+    """
 
     def __init__(
-        self, loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, microbatches
+        self,
+        loss_sum_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        *,
+        token_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        microbatches: int,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.loss_sum_fn = loss_sum_fn
+        self.token_loss_fn = token_loss_fn
         self.microbatches = microbatches
+        self.device = torch.device(device)
         self.num_targets: torch.Tensor | float = 1.0
+        self.grad_scale: float = 1.0
+        self.ignore_index = -100
+        self.group_sums_G = torch.zeros(0, device=self.device)
+        self.group_counts_G = torch.zeros(0, device=self.device)
+        self._calls: list[tuple[weakref.ref, torch.Tensor, torch.Tensor]] = []
+
+    def reset_groups(self, num_groups: int) -> None:
+        """Zero the per-group sums (``num_groups`` bins; 0: no group accounting)."""
+        self.group_sums_G = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
+        self.group_counts_G = torch.zeros(num_groups, dtype=torch.float32, device=self.device)
+        self._calls.clear()
+
+    def collect_groups(self, losses: list[torch.Tensor]) -> None:
+        """Add the per-group sums of the calls that returned one of ``losses`` (the schedule's
+        microbatch losses) into ``group_sums_G`` / ``group_counts_G``; forget every call."""
+        for ref, sums_G, counts_G in self._calls:
+            loss = ref()
+            if loss is not None and any(loss is returned for returned in losses):
+                self.group_sums_G += sums_G
+                self.group_counts_G += counts_G
+        self._calls.clear()
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_sum_fn(outputs, targets) * (self.microbatches / self.num_targets)
+        groups = None
+        if targets.dim() == 3:
+            targets, groups = targets[..., 0], targets[..., 1]
+        if self.token_loss_fn is None:
+            total = self.loss_sum_fn(outputs, targets)
+        else:
+            from parallel.parallelize import local_value
+
+            loss_N = self.token_loss_fn(outputs, targets)
+            total = loss_N.sum()
+        loss = total * (self.grad_scale / self.num_targets)
+        if groups is not None and self.token_loss_fn is not None and self.group_sums_G.numel():
+            group_N = groups.flatten().to(self.group_sums_G.device)
+            valid_N = (targets.flatten() != self.ignore_index).float().to(group_N.device)
+            per_token = local_value(loss_N.detach()).float().to(group_N.device)
+            zeros_G = torch.zeros_like(self.group_sums_G)
+            self._calls.append(
+                (
+                    weakref.ref(loss),
+                    zeros_G.index_add(0, group_N, per_token),
+                    zeros_G.index_add(0, group_N, valid_N),
+                )
+            )
+        return loss
 
 
 def pipeline_step(
@@ -202,6 +291,10 @@ def pipeline_step(
     stage_kwargs: dict[str, torch.Tensor] | None = None,
     ignore_index: int = -100,
     backward: bool = True,
+    num_targets: torch.Tensor | float | None = None,
+    grad_scale: float = 1.0,
+    groups_BT: torch.Tensor | None = None,
+    num_groups: int = 0,
 ) -> torch.Tensor:
     """One schedule step (forward and backward of every microbatch) on this dp rank's batch;
     with ``backward=False`` forward only (``schedule.eval``, no gradients: validation).
@@ -216,39 +309,69 @@ def pipeline_step(
             microbatch i's slices to every stage with microbatch i, so each stage builds the
             same document masks and positions as the unsplit model. Pass them on every pp
             rank (each holds the same batch).
+        num_targets: N, the count each microbatch's summed loss is divided by (a scalar, a
+            tensor on the stages' device): the training loop's global count of the optimizer
+            step. None: this batch's own target count (a per-token mean over this rank's batch).
+        grad_scale: multiplies each microbatch's loss (not the returned value): the dp degree
+            the data-parallel engines average gradients over, when ``num_targets`` is global.
+        groups_BT: ``[B, T]`` int64 group index of every target, in ``[0, num_groups)``
+            (``build_pipeline`` with ``token_loss_fn``): the step's per-group loss sums and
+            target counts are then ``info.loss_fn.group_sums_G`` / ``group_counts_G``, on every
+            pp rank.
 
     Returns:
-        The batch's per-token mean loss, on every pp rank (``pipeline_loss``). Gradients are
-        those of that mean plus each MoE layer's per-microbatch-mean aux loss.
+        The batch's summed per-token loss over N (with N None: the batch's per-token mean), a
+        plain fp32 scalar on every pp rank (``pipeline_loss``). Gradients are those of that
+        value times ``grad_scale``, plus each MoE layer's per-microbatch-mean aux loss.
     """
     losses: list[torch.Tensor] = []
-    if info.has_last:
-        info.loss_fn.num_targets = (targets != ignore_index).sum().clamp(min=1).float()
+    loss_fn = info.loss_fn
+    loss_fn.ignore_index = ignore_index
+    loss_fn.grad_scale = grad_scale
+    loss_fn.reset_groups(num_groups if groups_BT is not None else 0)
+    if num_targets is None:
+        num_targets = (targets != ignore_index).sum().clamp(min=1).float()
+    loss_fn.num_targets = num_targets
     args = (inputs,) if info.has_first else ()
     kwargs = dict(stage_kwargs or {})
     if info.has_last:
+        if groups_BT is not None:
+            targets = torch.stack([targets, groups_BT.to(targets.device, targets.dtype)], dim=-1)
         kwargs.update(target=targets, losses=losses)
     if backward:
         schedule.step(*args, **kwargs)
     else:
         with torch.no_grad():
             schedule.eval(*args, **kwargs)
-    return pipeline_loss(losses, info=info, dims=dims)
+    loss_fn.collect_groups(losses)
+    return pipeline_loss(losses, info=info, dims=dims, with_groups=groups_BT is not None)
 
 
-def pipeline_loss(losses: list[torch.Tensor], *, info: PipelineInfo, dims: ParallelDims):
-    """The step's loss on every pp rank: mean of the last stage's microbatch losses (plain
-    tensors, or replicated DTensors under ``loss_parallel``; each ``sum * M / N`` from
-    ``pipeline_step``, so the mean is the batch's per-token mean), sent over ``pp`` (a plain
-    fp32 scalar)."""
+def pipeline_loss(
+    losses: list[torch.Tensor], *, info: PipelineInfo, dims: ParallelDims, with_groups=False
+) -> torch.Tensor:
+    """The step's loss on every pp rank: the last stage's microbatch losses (plain tensors, or
+    replicated DTensors under ``loss_parallel``; each ``sum * grad_scale / N`` from
+    ``pipeline_step``) summed and divided by ``grad_scale``, i.e. the batch's summed loss
+    over N, sent over ``pp`` (a plain fp32 scalar). ``with_groups``: the loss function's
+    per-group sums and counts travel in the same all-reduce and land on every pp rank."""
     import torch.distributed as dist
 
     from parallel.parallelize import local_value
 
+    loss_fn = info.loss_fn
     value = torch.zeros((), dtype=torch.float32, device=info.device)
     if info.has_last:
-        value = torch.stack([local_value(loss.detach()).float() for loss in losses]).mean()
-        value = value.to(info.device)
+        value = torch.stack([local_value(loss.detach()).float() for loss in losses]).sum()
+        value = value.to(info.device) / loss_fn.grad_scale
     if dims.pp > 1:
-        dist.all_reduce(value, group=dims["pp"].get_group())
+        if with_groups:
+            packed = torch.cat([value.reshape(1), loss_fn.group_sums_G, loss_fn.group_counts_G])
+            dist.all_reduce(packed, group=dims["pp"].get_group())
+            num_groups = loss_fn.group_sums_G.numel()
+            value = packed[0]
+            loss_fn.group_sums_G = packed[1 : 1 + num_groups]
+            loss_fn.group_counts_G = packed[1 + num_groups :]
+        else:
+            dist.all_reduce(value, group=dims["pp"].get_group())
     return value

@@ -547,8 +547,13 @@ def _read_manifest(key: str, value: str) -> dict:
         raise ValueError(f"{key} ({value!r}): {err}") from None
 
 
-def check_run_inputs(cfg: RunConfig) -> None:
+def check_run_inputs(cfg: RunConfig, *, read_checkpoints: bool = True) -> None:
     """Check what a run reads and where it writes, before anything is built or written.
+
+    ``read_checkpoints=False`` skips reading the checkpoints' rank files and metadata (the
+    ``train.resume`` checks below except the ``.metadata`` file's presence): with many ranks,
+    one rank reads them and the others wait for its verdict (``pretrain.train``), instead of
+    every rank reading every rank's file.
 
     - ``train.run_dir`` is not a file; a fresh start (:func:`starts_afresh`) into a run
       directory that holds checkpoints or metrics needs ``train.overwrite=true``;
@@ -580,11 +585,12 @@ def check_run_inputs(cfg: RunConfig) -> None:
                 f"train.resume ({train.resume!r}) must be none, auto or a complete checkpoint "
                 "directory (one holding .metadata)"
             )
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint) if read_checkpoints else None
         if problem is not None:
             raise ValueError(f"train.resume ({train.resume!r}) is corrupt: {problem}")
-        check_compatible(checkpoint, config_to_dict(cfg)["model"])
-    if train.resume == "auto":
+        if read_checkpoints:
+            check_compatible(checkpoint, config_to_dict(cfg)["model"])
+    if train.resume == "auto" and read_checkpoints:
         latest_loadable(run_dir / "checkpoints")  # raises when every checkpoint is corrupt
     if starts_afresh(train) and not train.overwrite and holds_earlier_run(run_dir):
         raise ValueError(

@@ -152,13 +152,16 @@ def _print_plan(result: dict, *, as_json: bool) -> None:
 def _check_inputs_on_every_rank(cfg: RunConfig) -> None:
     """:func:`check_run_inputs` on every rank, agreed by all (a collective): a rank whose own
     check passed stops too when another's failed (ranks on nodes that do not share a file
-    system may disagree), instead of waiting for it in the first collective."""
+    system may disagree), instead of waiting for it in the first collective. Only rank 0 reads
+    the checkpoints' rank files (they are shared by every rank; reading them everywhere would
+    be world x world file reads)."""
     import torch
     import torch.distributed as dist
 
     error = None
+    rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        check_run_inputs(cfg)
+        check_run_inputs(cfg, read_checkpoints=rank == 0)
     except ValueError as err:
         error = err
     if dist.is_initialized() and dist.get_world_size() > 1:

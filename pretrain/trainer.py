@@ -12,9 +12,19 @@ parameters or optimizer state are not finite: nothing non-finite is ever saved
 (``EXIT_DIVERGED``), 75 stopped by SIGTERM/SIGUSR1 after checkpointing
 (``EXIT_PREEMPTED``; the SLURM script requeues the job, which resumes with ``train.resume=auto``).
 
-Loss normalisation: each micro-batch loss is the mean over its predicted tokens, divided by
-``grad_accum``; data-parallel engines average gradients over ``dp``. MoE auxiliary losses reach
-the gradient through the layers themselves, scaled by the same ``1 / grad_accum``.
+Loss normalisation: one rule for every layout. Before the backward, each step counts N, the
+predicted tokens (labels other than ``IGNORE_INDEX``) of all its micro-batches on all dp ranks,
+from the CPU batches' labels (no device sync) and one all-reduce over ``dp``. Each micro-batch
+loss is its summed per-token loss over N, times ``dp`` (the data-parallel engines, FSDP2, HSDP
+and DDP, average gradients over ``dp``), so the gradient is that of one process on the
+concatenated global batch whatever the split into micro-batches, ranks and pipeline
+microbatches, even when their target counts differ (MLM masks, TLM padding). Under tensor
+parallel the summed cross-entropy runs inside ``loss_parallel``; under pipeline parallel the
+schedule's loss gets N and the ``dp`` factor (``parallel.pipeline.pipeline_step``). The logged
+loss is the same token-weighted mean over the step; train loss per language and objective
+comes from the same per-token losses under every layout. MoE auxiliary losses reach the
+gradient through the layers themselves, per forward, scaled by ``1 / grad_accum`` (times ``1 /
+parallel.microbatches`` under pipeline parallel).
 """
 
 from __future__ import annotations
@@ -162,7 +172,7 @@ class Trainer:
                 cfg=cfg.parallel,
                 tp_plan=tp_plan(cfg.model),
                 seed=cfg.train.seed,
-                loss_sum_fn=self._pipeline_loss_sum,
+                token_loss_fn=self._token_losses,
                 device=self.device,
             )
         else:
@@ -224,15 +234,40 @@ class Trainer:
         prune_to_stage(model, layer_keys=keys, first=stage == 0, last=stage == num_stages - 1)
         return model
 
-    def _pipeline_loss_sum(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Summed loss of one pipeline microbatch (labels already shifted for CLM);
-        ``pipeline_step`` divides it by the batch's target count."""
+    def _token_losses(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Per-token loss ``[B * T]`` (0 where nothing is predicted; labels already shifted for
+        CLM). Under tensor parallel the logits are a vocabulary-sharded DTensor and this runs
+        inside ``loss_parallel`` (a replicated DTensor comes back)."""
         return F.cross_entropy(
             logits_BTV.flatten(0, 1).float(),
             labels_BT.flatten(),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            reduction="none",
         )
+
+    def _num_targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Predicted tokens of a batch, from its CPU labels (an int64 CPU scalar: no device
+        sync); CLM's last position predicts nothing."""
+        labels = batch["labels"]
+        if self.cfg.model.family == "decoder":
+            labels = labels[:, 1:]
+        return (labels != IGNORE_INDEX).sum()
+
+    def _target_groups(
+        self, batch: dict[str, Any], kwargs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``[B, T]`` int64 loss group of every position's target on the device: objective
+        index * languages + language index. Each target token's language (TLM rows hold two)
+        and its row's objective (a TLM row mixes languages; the rest are monolingual)."""
+        lang_ids = kwargs.get("lang_ids_BT")
+        if lang_ids is None:
+            lang_ids = self._on_device(batch["lang_ids"])
+        tokens_mask = self._on_device(batch["attention_mask"]).bool()
+        is_tlm_B = ((lang_ids != lang_ids[:, :1]) & tokens_mask).any(dim=1)
+        if self.cfg.model.family == "decoder":
+            lang_ids = torch.cat([lang_ids[:, 1:], lang_ids[:, -1:]], dim=1)
+        objective_BT = is_tlm_B.long()[:, None].expand_as(lang_ids)
+        return objective_BT * len(self.languages) + lang_ids.long()
 
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A batch tensor on the training device. On CUDA the copy goes through pinned memory:
@@ -280,13 +315,25 @@ class Trainer:
             )
         return kwargs
 
-    def _pipeline_loss(self, batch: dict[str, Any], *, backward: bool) -> torch.Tensor:
+    def _pipeline_loss(
+        self,
+        batch: dict[str, Any],
+        *,
+        backward: bool,
+        num_targets: torch.Tensor | float,
+        grad_scale: float = 1.0,
+        groups: bool = False,
+    ) -> torch.Tensor:
         """One schedule step over the batch's microbatches (forward only without ``backward``);
-        the mean loss on every pp rank.
+        the batch's summed loss over ``num_targets`` on every pp rank (each microbatch's loss
+        also times ``grad_scale``: ``parallel.pipeline.pipeline_step``). With ``groups`` the
+        per-group loss sums and target counts are ``self.pipeline_info.loss_fn.group_sums_G``
+        / ``group_counts_G`` afterwards, on every pp rank.
 
         Positions, document ids and language ids (:meth:`_model_kwargs`) go to every stage as
         keyword arguments of ``schedule.step``, split into microbatches like the token ids.
         """
+        kwargs = self._model_kwargs(batch)
         with self._autocast():
             return pipeline_step(
                 self.pipeline,
@@ -294,9 +341,13 @@ class Trainer:
                 dims=self.dims,
                 inputs=self._on_device(batch["input_ids"]),
                 targets=self._shifted_labels(batch),
-                stage_kwargs=self._model_kwargs(batch),
+                stage_kwargs=kwargs,
                 ignore_index=IGNORE_INDEX,
                 backward=backward,
+                num_targets=num_targets,
+                grad_scale=grad_scale,
+                groups_BT=self._target_groups(batch, kwargs) if groups else None,
+                num_groups=self.num_groups,
             )
 
     def _autocast(self):
@@ -305,44 +356,38 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=dtype)
         return nullcontext()
 
-    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, tuple]]:
-        """Mean loss of one micro-batch and, per (objective, language) group, the loss sums and
-        predicted-token counts as ``[groups]`` device tensors (group = objective index *
-        languages + language index); None under tensor parallel.
+    def _forward_loss(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Summed loss of one micro-batch over its predicted tokens (the caller normalises it)
+        and, per (objective, language) group, the loss sums and predicted-token counts as
+        ``[groups]`` fp32 device tensors (group = objective index * languages + language
+        index: :meth:`_target_groups`).
 
         Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
-        ``loss_context`` (the caller runs backward inside it too).
+        ``loss_context`` (the caller runs backward inside it too): per-token losses with
+        ``reduction="none"`` (a replicated DTensor), summed for the loss and binned per group.
         """
         cfg = self.cfg
         input_ids = self._on_device(batch["input_ids"])
         labels = self._shifted_labels(batch)
         kwargs = self._model_kwargs(batch)
+        group_N = self._target_groups(batch, kwargs).flatten()
+        labels_N = labels.flatten()
+        valid_N = labels_N != IGNORE_INDEX
+        zeros_G = torch.zeros(self.num_groups, dtype=torch.float32, device=labels.device)
         with self._autocast():
             if self.dims.tp > 1:
                 logits_BTV = self.model(input_ids, **kwargs)
-                loss = F.cross_entropy(
-                    logits_BTV.flatten(0, 1).float(),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                )
-                return loss, None
+                loss_N = self._token_losses(logits_BTV, labels)
+                sums_G = zeros_G.index_add(0, group_N, local_value(loss_N.detach()).float())
+                counts_G = zeros_G.index_add(0, group_N, valid_N.float())
+                return loss_N.sum(), (sums_G, counts_G)
             hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
             weight_VD, bias_V = self.model.output_projection()
-        # Sums per (objective, language) from one pass: each target token's language (TLM rows
-        # hold two) and its row's objective (a TLM row mixes languages; the rest are
-        # monolingual); only positions with a target are projected.
-        lang_ids = kwargs.get("lang_ids_BT")
-        if lang_ids is None:
-            lang_ids = self._on_device(batch["lang_ids"])
-        tokens_mask = self._on_device(batch["attention_mask"]).bool()
-        is_tlm_B = ((lang_ids != lang_ids[:, :1]) & tokens_mask).any(dim=1)
-        if cfg.model.family == "decoder":
-            lang_ids = torch.cat([lang_ids[:, 1:], lang_ids[:, -1:]], dim=1)
-        objective_BT = is_tlm_B.long()[:, None].expand_as(lang_ids)
-        group_N = (objective_BT * len(self.languages) + lang_ids).flatten()
+        # Sums per (objective, language) from one pass; only positions with a target are
+        # projected.
         hidden_ND = hidden_BTD.flatten(0, 1)
-        labels_N = labels.flatten()
-        valid_N = labels_N != IGNORE_INDEX
         if cfg.model.family == "encoder":
             # MLM predicts ~15% of the positions: project only those (one host sync for the
             # count). CLM predicts nearly every position, so the decoder projects all of them
@@ -365,10 +410,8 @@ class Trainer:
                 group_N=group_N,
                 num_groups=self.num_groups,
             )
-        groups_G = torch.arange(self.num_groups, device=group_N.device)
-        counts_G = ((group_N[:, None] == groups_G) & valid_N[:, None]).sum(0).float()
-        num_targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return sums_G.sum() / num_targets, (sums_G.detach(), counts_G)
+        counts_G = zeros_G.index_add(0, group_N, valid_N.float())
+        return sums_G.sum(), (sums_G.detach(), counts_G)
 
     def _step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step over the micro-batches.
@@ -379,9 +422,23 @@ class Trainer:
         ``found_inf``), and :meth:`_settle` reads them later. Otherwise the step settles itself.
         """
         accum = len(batches)
+        # Each forward's aux loss weighs 1 / (its share of the step's forwards): pipeline
+        # microbatches count too (the schedule does not scale gradients).
+        forwards = accum * (self.pipeline_info.microbatches if self.pipeline is not None else 1)
         for part in self.parts:
             if hasattr(part, "set_moe_aux_loss_scale"):
-                part.set_moe_aux_loss_scale(1.0 / accum)
+                part.set_moe_aux_loss_scale(1.0 / forwards)
+        # N: the step's predicted tokens over every micro-batch and dp rank, from the CPU
+        # labels and one all-reduce (module docstring). Each micro-batch's summed loss is
+        # divided by N and multiplied by dp, which the data-parallel engines divide by.
+        dp = self.dims.dp
+        num_targets = reduce_metric(
+            sum(self._num_targets(batch) for batch in batches), dims=self.dims, op="sum"
+        )
+        num_targets = num_targets.clamp(min=1)
+        inv_targets = self._on_device((1.0 / num_targets.double()).float())
+        if self.pipeline is not None:
+            num_targets = self._on_device(num_targets.float())
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         group_sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         group_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
@@ -389,19 +446,26 @@ class Trainer:
         for batch in batches:
             tokens += int(batch["input_ids"].numel())
             if self.pipeline is not None:
-                loss_sum += self._pipeline_loss(batch, backward=True).float().to(self.device)
+                loss_sum += self._pipeline_loss(
+                    batch,
+                    backward=True,
+                    num_targets=num_targets,
+                    grad_scale=float(dp),
+                    groups=True,
+                ).float()
+                group_sums += self.pipeline_info.loss_fn.group_sums_G
+                group_counts += self.pipeline_info.loss_fn.group_counts_G
                 continue
             with loss_context(self.dims):
                 loss, groups = self._forward_loss(batch)
-                scaled = loss / accum
+                scaled = loss * (inv_targets * dp)
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
-            loss_sum += local_value(loss).detach().float() / accum
-            if groups is not None:
-                group_sums += groups[0]
-                group_counts += groups[1]
-        loss = reduce_metric(loss_sum, dims=self.dims, axis="dp")
+            loss_sum += local_value(loss).detach().float() * inv_targets
+            group_sums += groups[0]
+            group_counts += groups[1]
+        loss = reduce_metric(loss_sum, dims=self.dims, axis="dp", op="sum")
         if self.scaler is not None:
             for optimizer in self.optimizers:
                 self.scaler.unscale_(optimizer)
@@ -451,11 +515,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
+        from pretrain.checkpoint import rank_zero_result
+        from pretrain.data import read_resume_rank_states
+
         mode = self.cfg.train.resume
         if mode == "none":
             return
         if mode == "auto":
-            path, notes = latest_loadable(self.run_dir / "checkpoints")
+            # An async save whose write finished before a crash is completed first; rank 0
+            # alone checks the candidates (reading each rank file once) and tells the others.
+            self.checkpoints.recover()
+            path, notes = rank_zero_result(latest_loadable, self.run_dir / "checkpoints")
             self.resume_notes += notes
         else:
             path = Path(mode)
@@ -469,21 +539,26 @@ class Trainer:
             [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
             for opt in self.optimizers
         ]
-        rank_states = self.checkpoints.load(path, self.state)
+        self.checkpoints.load(path, self.state, ranks=[])
         self._apply_optim_config(path, fresh_groups)
         # One loader state per old dp rank (tp/pp/ep peers saved the same one): this dp
         # rank's own when the dp layout is unchanged, else all of them for the loader to
         # re-deal; none for an imported model (import-hf: weights only, data from the start).
-        loader_state = loader_resume_state(
-            rank_states,
-            dp_rank=self.dims.dp_rank,
-            dp_world_size=self.dims.dp_world_size,
-            num_workers=self.cfg.data.num_workers,
+        # Each rank reads only the rank files it needs (its own for the RNG, the holders of
+        # those loader states) when the checkpoint has a rank index.
+        dp = {
+            "dp_rank": self.dims.dp_rank,
+            "dp_world_size": self.dims.dp_world_size,
+            "num_workers": self.cfg.data.num_workers,
+        }
+        rank_states, index, same_world = read_resume_rank_states(
+            path, rank=self.rank, world_size=self.world_size, **dp
         )
+        loader_state = loader_resume_state(rank_states, **dp, index=index)
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
         own = rank_states.get(self.rank)
-        if own is not None and len(rank_states) == self.world_size:
+        if own is not None and same_world:
             set_rng_state(own["rng"])
         self.resumed_from = path
 
@@ -577,19 +652,18 @@ class Trainer:
         if bad is not None:
             return f"the {bad} hold NaN/Inf after step {step}"
         self.state.step = step
+        loader_state = loader_rank_state(
+            self.loader,
+            dp_rank=self.dims.dp_rank,
+            dp_world_size=self.dims.dp_world_size,
+            num_workers=self.cfg.data.num_workers,
+        )
         self.checkpoints.save(
             step,
             self.state,
-            rank_state={
-                "rng": rng_state(),
-                **loader_rank_state(
-                    self.loader,
-                    dp_rank=self.dims.dp_rank,
-                    dp_world_size=self.dims.dp_world_size,
-                    num_workers=self.cfg.data.num_workers,
-                ),
-            },
+            rank_state={"rng": rng_state(), **loader_state},
             config_yaml=config_to_yaml(self.cfg),
+            index_entry={"dp": loader_state["dp"]},
         )
 
     def _validate(self) -> dict[str, float]:
@@ -608,14 +682,14 @@ class Trainer:
                 total = torch.zeros((), dtype=torch.float32, device=self.device)
                 count = torch.zeros((), dtype=torch.float32, device=self.device)
                 for batch in batches:
-                    targets = (self._shifted_labels(batch) != IGNORE_INDEX).sum().float()
+                    # Summed losses and target counts: a token-weighted mean per language.
                     if self.pipeline is not None:
-                        loss = self._pipeline_loss(batch, backward=False)
+                        loss = self._pipeline_loss(batch, backward=False, num_targets=1.0)
                     else:
                         with loss_context(self.dims):
                             loss, _ = self._forward_loss(batch)
-                    total += local_value(loss).float() * targets
-                    count += targets
+                    total += local_value(loss).float()
+                    count += self._num_targets(batch).float().to(self.device)
                 total = reduce_metric(total, dims=self.dims, axis="dp", op="sum")
                 count = reduce_metric(count, dims=self.dims, axis="dp", op="sum")
                 result[lang] = float(total / count.clamp(min=1))
