@@ -138,7 +138,7 @@ def build_pipeline(
         parallelize_model(model, dims=dims, cfg=cfg, tp_plan=tp_plan, seed=seed, device=device)
         models.append(model)
         stages.append(
-            PipelineStage(
+            _stage_class(PipelineStage)(
                 model, stage_id, num_stages, torch.device(device), group=dims["pp"].get_group()
             )
         )
@@ -174,6 +174,26 @@ def build_pipeline(
 
 
 _LOSS_PARALLEL_CLASSES: dict[type, type] = {}
+
+
+def _stage_class(cls: type) -> type:
+    """``PipelineStage`` whose first-step metadata inference (torch runs one extra forward of
+    each stage, on the first microbatch, to learn the shapes it sends) runs in eval mode: that
+    forward is not a training forward, so it must not count in what layers accumulate over
+    training forwards (MoE routing statistics) nor draw training randomness (dropout)."""
+    if not hasattr(cls, "_forward_metadata_inference"):
+        return cls
+
+    class EvalMetadataStage(cls):
+        def _forward_metadata_inference(self, *args, **kwargs):
+            training = self.submod.training
+            self.submod.train(False)
+            try:
+                return super()._forward_metadata_inference(*args, **kwargs)
+            finally:
+                self.submod.train(training)
+
+    return EvalMetadataStage
 
 
 def _loss_parallel_class(cls: type) -> type:

@@ -128,10 +128,55 @@ def apply_tp(
     _install_vocab_parallel_output(
         model, tp_mesh=tp_mesh, sequence_parallel=sequence_parallel, plan=plan
     )
+    _replicate_the_rest(model, plan, tp_mesh=tp_mesh)
     if sequence_parallel and getattr(model, "tok_embeddings", None) is None:
         # A later pipeline stage receives this rank's sequence chunk x_B(T/tp)D, but RoPE
         # positions must span the whole sequence (attention gathers it).
         model.register_forward_pre_hook(_full_sequence_positions(tp_mesh.size()), with_kwargs=True)
+
+
+def _replicate_the_rest(model: nn.Module, plan: dict[str, str], *, tp_mesh: DeviceMesh) -> None:
+    """Every parameter the plan left a plain tensor (the norms without sequence parallel, the
+    encoder's MLM head) becomes a tp-replicated DTensor, and its module computes on
+    replicated DTensors (plain inputs wrapped, outputs unwrapped): the optimizer, clipping and
+    checkpoints then see one kind of parameter (a foreach AdamW refuses a mix). Grouped
+    experts are left to ``parallel.expert_parallel``."""
+    experts = matching_modules(model, [p for p, style in plan.items() if style == "experts"])
+
+    def own_params_only(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if name:  # submodules get their own pass
+            return
+        for key, param in list(module.named_parameters(recurse=False)):
+            if param is not None and not isinstance(param, DTensor):
+                replicated = distribute_tensor(param.data, mesh, [Replicate()])
+                module.register_parameter(
+                    key, nn.Parameter(replicated, requires_grad=param.requires_grad)
+                )
+
+    def wrap_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        return tuple(
+            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+            if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
+            else x
+            for x in inputs
+        )
+
+    def unwrap_output(module: nn.Module, output, mesh: DeviceMesh):
+        return output.to_local() if isinstance(output, DTensor) else output
+
+    for name, module in model.named_modules():
+        if not name or any(name == e or name.startswith(e + ".") for e in experts):
+            continue
+        if any(
+            p is not None and not isinstance(p, DTensor) for p in module.parameters(recurse=False)
+        ):
+            distribute_module(
+                module,
+                tp_mesh,
+                partition_fn=own_params_only,
+                input_fn=wrap_inputs,
+                output_fn=unwrap_output,
+            )
 
 
 def _full_sequence_positions(tp: int):

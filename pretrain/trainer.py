@@ -77,9 +77,10 @@ from pretrain.models import (
     prune_to_stage,
     tp_plan,
 )
+from pretrain.models.transformer import is_moe_layer
 from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.plots import plot_losses
+from pretrain.plots import plot_run
 from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, PreemptionHandler
 
 
@@ -215,6 +216,15 @@ class Trainer:
         )
         self.peak_flops = peak
         self.guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
+        # Every MoE layer of the whole model (pipeline stages hold some of them).
+        self.moe_layer_names = [
+            f"layers.{i}.moe"
+            for i in range(cfg.model.num_layers)
+            if is_moe_layer(cfg.model, layer=i)
+        ]
+        for part in self.parts:
+            if hasattr(part, "track_moe_languages") and self.moe_layer_names:
+                part.track_moe_languages(len(self.languages))
         self.preemption = PreemptionHandler()
 
     # ------------------------------------------------------------------------------------------
@@ -301,7 +311,8 @@ class Trainer:
         wanted = {"position_ids": "position_ids_BT"}
         if cfg.model.document_masking:
             wanted["doc_ids"] = "document_ids_BT"
-        if cfg.model.num_languages:
+        if cfg.model.num_languages or self.moe_layer_names:
+            # Language embeddings, and MoE expert load by language.
             wanted["lang_ids"] = "lang_ids_BT"
         kwargs = {
             arg: self._on_device(batch[key])
@@ -703,24 +714,77 @@ class Trainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     def _moe_metrics(self) -> dict[str, Any]:
-        layers = {}
-        for part in self.parts:
-            if hasattr(part, "moe_metrics"):
-                layers.update(part.moe_metrics())
-        if not layers:
+        """MoE routing over the log window: every micro-batch of every step since the last log
+        line, every pipeline stage, every data-parallel rank (the layers' ``MoEStats``, read and
+        reset here). Padding is not routed, so it counts nowhere.
+
+        Keys: ``moe_aux_loss`` / ``moe_z_loss`` (mean over layers of each layer's mean
+        unweighted loss), ``moe_routed`` (routed assignments, all layers: tokens x top-k x MoE
+        layers, less GShard's skipped second choices), ``moe_dropped_fraction`` (dropped /
+        routed assignments, all layers),
+        ``moe_expert_load`` (share of routed assignments per expert, all layers) and
+        ``moe_load_by_lang`` (per layer, per language: the share of that language's routed
+        assignments sent to each expert).
+        """
+        names = self.moe_layer_names
+        if not names:
             return {}
-        aux = torch.stack([m.aux_loss.float() for m in layers.values()]).mean()
-        z = torch.stack([m.z_loss.float() for m in layers.values()]).mean()
-        dropped = torch.stack([m.dropped_fraction.float() for m in layers.values()]).mean()
-        load = torch.stack([m.tokens_per_expert_E.float() for m in layers.values()]).sum(0)
-        load = reduce_metric(load.cpu(), dims=self.dims, axis="dp", op="sum")
-        share = load / load.sum().clamp(min=1)
-        return {
-            "moe_aux_loss": float(reduce_metric(aux.cpu(), dims=self.dims)),
-            "moe_z_loss": float(reduce_metric(z.cpu(), dims=self.dims)),
-            "moe_dropped_fraction": float(reduce_metric(dropped.cpu(), dims=self.dims)),
-            "moe_expert_load": [round(float(x), 4) for x in share],
+        stats = {}
+        for part in self.parts:
+            if hasattr(part, "moe_stats"):
+                stats.update(part.moe_stats(reset=True))
+        num_experts = self.cfg.model.moe.num_experts
+        num_langs = len(self.languages)
+        # One float64 row per layer (a fixed table: every rank reduces the same shape):
+        # [tokens per expert (E) | routed, dropped, aux sum, z sum, forwards | by language (L*E)]
+        width = num_experts + 5 + num_langs * num_experts
+        rows = []
+        for name in names:
+            layer = stats.get(name)
+            if layer is None:  # on another pipeline stage, or no forward in the window
+                rows.append(torch.zeros(width, dtype=torch.float64, device=self.device))
+                continue
+            by_lang = layer.load_by_lang_LE
+            if by_lang is None:
+                by_lang = torch.zeros(num_langs, num_experts, device=self.device)
+            parts = [layer.tokens_per_expert_E, layer.num_routed, layer.num_dropped]
+            parts += [layer.aux_loss_sum, layer.z_loss_sum, layer.num_forwards, by_lang]
+            rows.append(torch.cat([t.reshape(-1).to(self.device, torch.float64) for t in parts]))
+        table = torch.stack(rows).cpu()
+        # Ranks with other tokens add up: dp always; tp where each tp rank routes its own chunk
+        # (ep_over_tp; the loss sums are then global on every tp rank, and the forward counts
+        # add up alike, so their ratio stays the mean); pp holds disjoint layers.
+        table = reduce_metric(table, dims=self.dims, axis="dp", op="sum")
+        if self.dims.ep_over_tp:
+            table = reduce_metric(table, dims=self.dims, axis="tp", op="sum")
+        if self.dims.pp > 1:
+            table = reduce_metric(table, dims=self.dims, axis="pp", op="sum")
+        experts = table[:, :num_experts]
+        routed, dropped, aux, z, forwards = table[:, num_experts : num_experts + 5].unbind(1)
+        seen = forwards > 0
+        if not bool(seen.any()):
+            return {}
+        load = experts.sum(0)
+        by_lang = table[:, num_experts + 5 :].reshape(len(names), num_langs, num_experts)
+        load_by_lang = {}
+        for index, name in enumerate(names):
+            shares = {}
+            for lang_index, lang in enumerate(self.languages):
+                counts = by_lang[index, lang_index]
+                if counts.sum() > 0:
+                    shares[lang] = [round(float(x), 4) for x in counts / counts.sum()]
+            if shares:
+                load_by_lang[name] = shares
+        out: dict[str, Any] = {
+            "moe_aux_loss": float((aux[seen] / forwards[seen]).mean()),
+            "moe_z_loss": float((z[seen] / forwards[seen]).mean()),
+            "moe_routed": int(routed.sum()),
+            "moe_dropped_fraction": float(dropped.sum() / routed.sum().clamp(min=1)),
+            "moe_expert_load": [round(float(x), 4) for x in load / load.sum().clamp(min=1)],
         }
+        if load_by_lang:
+            out["moe_load_by_lang"] = load_by_lang
+        return out
 
     def fit(self) -> int:
         """Train to ``train.steps``; returns the process exit code."""
@@ -864,7 +928,7 @@ class Trainer:
             self.preemption.uninstall()
             logger.close()
         if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
-            written = plot_losses(self.run_dir / "metrics.jsonl", self.run_dir)
+            written = plot_run(self.run_dir / "metrics.jsonl", self.run_dir)
             if exit_code == 0:
                 print(f"loss curves: {', '.join(str(p) for p in written)}")
         return exit_code

@@ -109,8 +109,7 @@ def _gradients(rank: int, world_size: int, cases: dict) -> dict:
     try:
         for label, (cfg, plan) in cases.items():
             trainer = trainer_module.Trainer(cfg, rank=rank, world_size=world_size)
-            # Only the gradient is under test: no update (under tp the encoder's MLM head
-            # keeps plain parameters beside DTensors, which a foreach AdamW step refuses).
+            # Only the gradient is under test: no update.
             for optimizer in trainer.optimizers:
                 optimizer.step = lambda *args, **kwargs: None
             micro = [_cat([_part(i) for i in parts]) for parts in plan[trainer.dims.dp_rank]]
