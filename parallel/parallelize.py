@@ -12,8 +12,10 @@ Data parallel: ``dp_shard > 1`` -> FSDP2 ``fully_shard`` per block then the root
 does not take DTensors). Expert-parallel modules (ep > 1) get their own inner FSDP2 unit over
 the expert data-parallel axis ``dp_shard_mod_ep`` (HSDP with ``dp_replicate``), as torchtitan
 does, so expert memory per rank drops by ``ep x dp_shard_mod_ep``. Every data-parallel engine
-averages gradients over ``dp``, so the loss each rank backpropagates is the mean over its own
-tokens.
+averages gradients over ``dp`` (experts: over ``dp_shard_mod_ep``, with the 1/ep backward scale
+of ``parallel.expert_parallel``, which together give the same mean): a caller that wants the
+gradient of a global token sum over N multiplies each rank's summed loss by ``dp / N``
+(``pretrain.trainer``).
 """
 
 from __future__ import annotations
