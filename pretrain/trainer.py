@@ -311,7 +311,7 @@ class Trainer:
         wanted = {"position_ids": "position_ids_BT"}
         if cfg.model.document_masking:
             wanted["doc_ids"] = "document_ids_BT"
-        if cfg.model.num_languages or self.moe_layer_names:
+        if cfg.model.num_languages or cfg.model.moe.num_experts:
             # Language embeddings, and MoE expert load by language.
             wanted["lang_ids"] = "lang_ids_BT"
         kwargs = {
