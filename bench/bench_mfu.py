@@ -25,12 +25,12 @@ the like-for-like row: attention over the whole row with SDPA's causal (flash) k
 transformers twin computes.
 
 Each path also reports its host syncs per step: on CUDA the synchronizing calls
-``torch.cuda.set_sync_debug_mode("warn")`` reports, on the CPU ``pretrain.host_sync`` (under
+``torch.cuda.set_sync_debug_mode("warn")`` reports, on the CPU ``tests.host_sync`` (under
 which compiled code runs eagerly: it counts the eager step's).
 
 On a GPU: ``python bench/bench_mfu.py --shards demo_out/shards`` (presets decoder_1b and
 moe_8x_top2, seq 2048). On a CPU the default is tiny fp32 shapes with the fused AdamW, for a
-correctness run; its figures are not the issue's goals (and a compiled fp32 MoE takes the
+correctness run; its figures are not the GPU targets (and a compiled fp32 MoE takes the
 per-expert products: ``torch._grouped_mm`` compiles in bf16 only).
 """
 
@@ -251,7 +251,7 @@ def bench_lever(cfg, lever: str, *, steps: int, warmup: int) -> float:
 
 def count_host_syncs(device: torch.device, step) -> int:
     """Host syncs one call of ``step()`` makes: CUDA's sync debug warnings on a GPU,
-    ``pretrain.host_sync`` on the CPU."""
+    ``tests.host_sync`` on the CPU."""
     if device.type == "cuda":
         import warnings
 
@@ -264,7 +264,7 @@ def count_host_syncs(device: torch.device, step) -> int:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
-    from pretrain.host_sync import HostSyncRecorder
+    from tests.host_sync import HostSyncRecorder
 
     with HostSyncRecorder() as syncs:
         step()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from checkpoints_tools.adapters import adapter_for, adapter_for_hf
-from checkpoints_tools.adapters.plan import export_items, import_items
+from checkpoints_tools.adapters.tensor_map import export_items, import_items
 from checkpoints_tools.dcp_io import MODEL_PREFIX, Checkpoint, open_checkpoint
 from checkpoints_tools.dcp_stream import save_streamed
 from checkpoints_tools.safetensors_stream import (

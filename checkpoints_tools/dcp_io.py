@@ -6,11 +6,12 @@ A checkpoint directory (``pretrain.checkpoint``) holds DCP shards of
 ``read_tensor`` allocates one global tensor and lets DCP fill it from however many chunks. The
 ``.metadata`` file is a pickle: checkpoints are trusted run output, never files from elsewhere.
 
-Memory of one read (measured, issue 10): DCP's ``FileSystemReader.read_data`` reads only the
-requested items' byte ranges, ``torch.load``s each chunk into a temporary and copies it into the
-target, so a read peaks at about twice the tensor and frees everything once the caller drops it.
-Time: ``dcp.load`` parses ``.metadata`` again on every call (36 ms of a 46 ms read for a
-24-layer model), so reads go through a reader that hands DCP the metadata parsed once at open.
+Memory of one read (measured: BENCHMARKS.md, "Checkpoint export"): DCP's
+``FileSystemReader.read_data`` reads only the requested items' byte ranges, ``torch.load``s each
+chunk into a temporary and copies it into the target, so a read peaks at about twice the tensor and
+frees everything once the caller drops it. Time: ``dcp.load`` parses ``.metadata`` again on every
+call (36 ms of a 46 ms read for a 24-layer model), so reads go through a reader that hands DCP the
+metadata parsed once at open.
 """
 
 from __future__ import annotations

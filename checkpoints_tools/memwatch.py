@@ -5,8 +5,9 @@
 Why inside the process: a parent's ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is not the child's
 own peak. On ``execve`` Linux folds the RSS high-water mark of the pre-exec image (the parent's
 address space, copied by fork or shared by vfork/posix_spawn) into the child's ``maxrss``, so a
-parent that held a 4 GB model reports 4+ GB for a child that never allocated it (issue 10's first
-benchmark read 8.5 GiB this way; the export itself peaked at 0.83 GiB).
+parent that held a 4 GB model reports 4+ GB for a child that never allocated it (the first export
+measurement read 8.5 GiB this way, the export itself peaked at 0.83 GiB: BENCHMARKS.md,
+"Checkpoint export").
 
 What is reported (GiB): ``peak_rss`` is the kernel's exact high-water mark (``VmHWM``, reset
 through ``/proc/self/clear_refs`` when the command starts); ``peak_anon`` / ``peak_file`` are

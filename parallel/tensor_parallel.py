@@ -51,8 +51,8 @@ from torch.distributed.tensor.parallel import (
 
 
 def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
-    """Style name of ``pretrain.models.plans.TP_STYLES`` -> ParallelStyle (None: nothing to do
-    here; ``experts`` and ``output`` are applied by their own code)."""
+    """Style name of ``pretrain.models.parallel_plan.TP_STYLES`` -> ParallelStyle (None: nothing
+    to do here; ``experts`` and ``output`` are applied by their own code)."""
     seq = Shard(1) if sequence_parallel else Replicate()
     return {
         "colwise": ColwiseParallel(),
@@ -100,7 +100,8 @@ def apply_tp(
     tp_mesh: DeviceMesh,
     sequence_parallel: bool,
 ) -> None:
-    """Apply ``plan`` (pattern -> style name, see ``pretrain.models.plans``) over ``tp_mesh``.
+    """Apply ``plan`` (pattern -> style name, see ``pretrain.models.parallel_plan``) over
+    ``tp_mesh``.
 
     Works on the meta device. Grouped experts are left to ``parallel.expert_parallel``.
 

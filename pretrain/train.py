@@ -61,14 +61,14 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
     """The layout of a run on ``world_size`` ranks, for ``--dry-run``: validated degrees, the
     mesh built on a fake process group, meta models of each pipeline stage parallelized as a
     real run would, ``params_total`` / ``params_active`` and per-rank memory estimates
-    (``parallel.plan``). Builds nothing on a device and computes nothing.
+    (``parallel.planner``). Builds nothing on a device and computes nothing.
 
     Raises:
         ValueError: the config or the layout is invalid for ``world_size``.
     """
     import torch
 
-    from parallel.plan import plan_layout
+    from parallel.planner import plan_layout
     from pretrain.models import build_model, param_counts, prune_to_stage, tp_plan
 
     degrees = validate_config(cfg, world_size=world_size)
@@ -120,7 +120,7 @@ def _stage_layer_keys(cfg: RunConfig, *, num_stages: int) -> list[list[str]]:
 
 
 def _print_plan(result: dict, *, as_json: bool) -> None:
-    from parallel.plan import format_bytes
+    from parallel.planner import format_bytes
 
     if as_json:
         print(json.dumps(result, indent=2))

@@ -1,15 +1,15 @@
 """Model families: a Llama-shaped decoder and an XLM-R-shaped encoder, dense or MoE.
 
 ``build_model(cfg)`` returns a plain ``nn.Module`` (no parallelism inside). Build it on the meta
-device, let ``parallel/`` apply its plans (``pretrain.models.plans``), then ``to_empty()`` and
-``init_weights(seed)``.
+device, let ``parallel/`` apply its plans (``pretrain.models.parallel_plan``), then
+``to_empty()`` and ``init_weights(seed)``.
 """
 
 from __future__ import annotations
 
 from pretrain.models.config import ModelConfig, MoEConfig, validate_model
 from pretrain.models.moe import MoEMetrics, MoEStats
-from pretrain.models.plans import (
+from pretrain.models.parallel_plan import (
     TP_STYLES,
     param_counts,
     pipeline_split_points,

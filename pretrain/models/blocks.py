@@ -1,8 +1,8 @@
 """Transformer building blocks shared by the decoder and encoder families.
 
 Plain ``nn.Module``s with no parallelism inside: ``parallel/`` shards them afterwards by submodule
-path (see ``pretrain.models.plans``). Attention reshapes with ``view(B, T, -1, head_dim)`` so that
-it runs unchanged on tensor-parallel shards holding only the local heads.
+path (see ``pretrain.models.parallel_plan``). Attention reshapes with ``view(B, T, -1, head_dim)``
+so that it runs unchanged on tensor-parallel shards holding only the local heads.
 
 Shape legend:
     B batch, T sequence (queries), S sequence (keys), D model width, H query heads,
@@ -197,7 +197,8 @@ class Attention(nn.Module):
 
     Submodules ``wq``, ``wk``, ``wv`` (column-parallel candidates) and ``wo`` (row-parallel);
     ``q_norm``/``k_norm`` (per-head RMSNorm over Hd, Qwen3 style) when ``cfg.qk_norm``.
-    Cross-attention (a later issue) reuses this class with keys/values from ``kv_source``.
+    Cross-attention (the encoder-decoder family, not built yet) reuses this class with
+    keys/values from ``kv_source``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -387,10 +387,10 @@ def _cuda_syncs_raise():
 
 def _watched_steps(rank: int, world_size: int, cfgs: dict, cuda: bool = False) -> dict:
     """Per config: two steps (after a first one: lazy optimizer state, allocator warm-up) under
-    the host-sync check (``pretrain.host_sync`` on the CPU, CUDA's sync debug mode with
+    the host-sync check (``tests.host_sync`` on the CPU, CUDA's sync debug mode with
     ``cuda``), their losses and what the check recorded."""
-    from pretrain.host_sync import HostSyncRecorder
     from pretrain.trainer import Trainer
+    from tests.host_sync import HostSyncRecorder
 
     watch = _cuda_syncs_raise if cuda else HostSyncRecorder
     result = {}
@@ -413,7 +413,7 @@ def _watched_steps(rank: int, world_size: int, cfgs: dict, cuda: bool = False) -
 
 def test_step_makes_no_host_sync_checked_on_cpu(shards, tmp_path: Path):
     # Issue 11's lever, checked in every CI: with the fused AdamW (CUDA's default; on the CPU
-    # asked for) the step has no device-to-host read (pretrain.host_sync), MoE token counts
+    # asked for) the step has no device-to-host read (tests.host_sync), MoE token counts
     # included, dropless and with capacity. The unfused step reads its loss for the NaN guard
     # and MLM compacts its targets (documented syncs): the check sees both.
     cfgs = {

@@ -1,4 +1,4 @@
-"""The trainer under faults and bad input (issue 17): nothing lost, nothing silent.
+"""The trainer under faults and bad input: nothing lost, nothing silent.
 
 A fresh start never prunes an earlier run's checkpoints; nothing non-finite is ever saved;
 ``optim.*`` overrides reach a resumed optimizer; a corrupt latest checkpoint is passed over by
@@ -151,8 +151,8 @@ def test_nonfinite_state_is_never_saved_and_exits_3(
 
 
 def test_nan_weight_decay_saves_nothing(shards, tmp_path: Path):
-    """The issue's repro: optim.weight_decay=nan (refused by the config check, so set behind
-    it here) makes the weights NaN after step 1 with a finite step-1 loss."""
+    """A divergence the loss does not show: optim.weight_decay=nan (refused by the config check,
+    so set behind it here) makes the weights NaN after step 1 with a finite step-1 loss."""
     cfg = _cfg("tiny_decoder.yaml", shards, tmp_path, "train.eval_every=0", "train.steps=3",
                "checkpoint.every=1", "checkpoint.keep=1")  # fmt: skip
     cfg.optim.weight_decay = float("nan")

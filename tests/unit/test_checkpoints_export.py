@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints_tools import convert  # noqa: E402 - after the importorskip
 from checkpoints_tools.adapters import to_hf  # noqa: E402
-from checkpoints_tools.adapters.plan import export_items  # noqa: E402
+from checkpoints_tools.adapters.tensor_map import export_items  # noqa: E402
 from checkpoints_tools.cli import main  # noqa: E402
 from checkpoints_tools.dcp_io import open_checkpoint  # noqa: E402
 from checkpoints_tools.testing import (  # noqa: E402
@@ -193,7 +193,7 @@ def test_import_plan_gives_exactly_from_hf(built, family: str, tmp_path: Path):
     from safetensors.torch import load_file
 
     from checkpoints_tools.adapters import adapter_for_hf, from_hf
-    from checkpoints_tools.adapters.plan import import_items
+    from checkpoints_tools.adapters.tensor_map import import_items
 
     hf_dir = tmp_path / "hf"
     convert.export_hf(built["ckpts"][family], out=hf_dir)

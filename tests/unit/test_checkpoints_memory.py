@@ -1,4 +1,4 @@
-"""export-hf and import-hf memory stays bounded by the largest tensor, not the model (issue 10).
+"""export-hf and import-hf memory stays bounded by the largest tensor, not the model.
 
 Each command runs on a ~100 MB fp32 decoder whose largest tensor (the 2500 x 256 embedding) is
 2.4 MiB, in a fresh subprocess under :mod:`checkpoints_tools.memwatch`, after an unmeasured

@@ -179,7 +179,7 @@ def test_not_gzip_and_truncated_sample_file(tmp_path: Path) -> None:
     path.write_bytes(b"plain text, not gzip\n")
     with pytest.raises(CorruptInputError, match=r"en.txt.gz': corrupt gzip data \(Not a gzip"):
         _docs(path)
-    # the issue's case: the sample's English file cut in half (written without a checksum)
+    # a truncated download: the sample's English file cut in half (written without a checksum)
     sample = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample" / "mono"
     data = (sample / "en.train.txt.zst").read_bytes()
     path = tmp_path / "en.train.txt.zst"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.host_sync import HostSyncRecorder
+from tests.host_sync import HostSyncRecorder
 
 X = torch.arange(-3.0, 5.0)
 MASK = X > 0

@@ -286,10 +286,10 @@ def test_experts_follow_autocast_into_one_bf16_grouped_product(dropless: bool) -
     # The trainer's bf16 is autocast over fp32 weights. torch._grouped_mm is not on autocast's
     # lists, so without the cast the expert products would stay fp32: on CUDA that is the
     # per-expert fallback with a host sync. Every grouped product must see bf16 operands, and
-    # the layer must not read anything on the host (pretrain.host_sync).
+    # the layer must not read anything on the host (tests.host_sync).
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pretrain.host_sync import HostSyncRecorder
+    from tests.host_sync import HostSyncRecorder
 
     class GroupedDtypes(TorchDispatchMode):
         def __init__(self) -> None:
@@ -570,7 +570,7 @@ def test_recomputed_forward_counts_once(how: str) -> None:
 
 
 def test_masked_capacity_forward_with_stats_has_no_host_sync() -> None:
-    from pretrain.host_sync import HostSyncRecorder
+    from tests.host_sync import HostSyncRecorder
 
     moe_cfg = dataclasses.replace(BASE.moe, dropless=False, capacity_factor=0.75)
     moe = _moe(dataclasses.replace(BASE, moe=moe_cfg))

@@ -162,7 +162,7 @@ def test_cpu_offload_without_fsdp_is_one_line_and_exit_2():
 
 
 def test_memory_estimate_offload_formula():
-    from parallel.plan import memory_estimate
+    from parallel.planner import memory_estimate
 
     assert memory_estimate(10, cpu_offload=True) == {
         "params": 40, "grads": 40, "optimizer": 80, "total": 160, "host": 160, "device": 0,

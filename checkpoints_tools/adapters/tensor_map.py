@@ -7,7 +7,7 @@ output tensor at a time, so that memory stays bounded by the largest tensor (an 
 ``export_items(cfg)`` lists, in a stable order, ``ExportItem(name, sources, combine)`` with
 ``combine(*tensors) -> tensor``; applied to every item it gives exactly ``to_hf``'s state dict,
 less the weights transformers ties and does not save (``lm_head.weight`` /
-``lm_head.decoder.weight`` when ``model.tie_embeddings``). tests/unit/test_checkpoints_plan.py
+``lm_head.decoder.weight`` when ``model.tie_embeddings``). tests/unit/test_checkpoints_export.py
 pins that equality for every family.
 
 ``import_items(cfg, hf_names)`` is the reverse, for an import that streams a transformers
