@@ -38,11 +38,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline.shard import ShardSettings, run_shard_job
-from data_pipeline.text_inputs import MonoInput, PairInput
-from data_pipeline.tokenizer import train_tokenizer
 from parallel.testing import run_distributed
-from tests.distributed.test_trainer import LANGS, REPO, SAMPLE, _lines
+from tests.distributed.test_trainer import REPO, build_sample_shards
 
 CURVES = REPO / "tests" / "distributed" / "curves"
 STEPS = 5
@@ -96,26 +93,10 @@ CASES: dict[str, Case] = {
 
 
 def build_shards(root: Path) -> Path:
-    """Train the tokenizer and write the shards (four languages' mono text and en-de pairs from
-    the sample) under ``root``, as ``tests/distributed/test_trainer.py``'s ``shards`` fixture
-    does; returns the shard directory."""
-    mono = []
-    for lang in LANGS:
-        path = root / f"{lang}.txt"
-        path.write_text("\n".join(_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", 300)) + "\n")
-        mono.append(MonoInput(lang, (path,)))
-    tsv = root / "en-de.tsv"
-    tsv.write_text("\n".join(_lines(SAMPLE / "parallel" / "en-de.train.tsv.zst", 200)) + "\n")
-    train_tokenizer(mono, vocab_size=2000, out=root / "tok", seed=0, num_threads=1)
-    run_shard_job(
-        mono,
-        pairs=[PairInput("en", "de", (tsv,))],
-        tokenizer=root / "tok",
-        out=root / "shards",
-        workers=1,
-        settings=ShardSettings(sample_tokens=512),
-    )
-    return root / "shards"
+    """The shards of ``tests/distributed/test_trainer.py``'s ``shards`` fixture (four languages'
+    mono text and en-de pairs from the sample), written under ``root``; returns their
+    directory."""
+    return build_sample_shards(root)["shards"]
 
 
 def case_overrides(name: str) -> list[str]:

@@ -142,14 +142,23 @@ def reference(cfg: ModelConfig, *, microbatches: int = 1, data=None) -> dict:
     return result
 
 
-def parallel_run(rank: int, world_size: int, cfg: ModelConfig, par: dict) -> dict:
-    """One rank of a parallel run of ``cfg`` with ``parallel.*`` settings ``par``."""
+def parallel_model(
+    cfg: ModelConfig, par: dict, *, world_size: int
+) -> tuple[torch.nn.Module, ParallelDims]:
+    """``cfg``'s model built on the meta device and parallelized with ``parallel.*`` settings
+    ``par`` over this rank's mesh (seeded init), and the layout."""
     pcfg = ParallelConfig(**par)
     dims = ParallelDims.from_config(pcfg, world_size=world_size)
     dims.build_mesh()
     with torch.device("meta"):
         model = build_model(copy.deepcopy(cfg))
     parallelize_model(model, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED)
+    return model, dims
+
+
+def parallel_run(rank: int, world_size: int, cfg: ModelConfig, par: dict) -> dict:
+    """One rank of a parallel run of ``cfg`` with ``parallel.*`` settings ``par``."""
+    model, dims = parallel_model(cfg, par, world_size=world_size)
     result = train(model, batches(cfg), dims=dims, dp_rank=dims.dp_rank, dp_size=dims.dp_world_size)
     result["expert_local"] = expert_elements(model, local=True)
     params = full_params(model)

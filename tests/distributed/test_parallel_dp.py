@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_parallel_common import SEED, batches, check_cases, tiny_config
+from test_parallel_common import SEED, batches, check_cases, parallel_model, tiny_config
 
 from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
-from parallel.parallelize import clip_grad_norm_, loss_context, parallelize_model
+from parallel.parallelize import clip_grad_norm_, loss_context
 from parallel.testing import run_distributed
-from pretrain.models import build_model, tp_plan
+from pretrain.models import build_model
 
 inf = float("inf")
 
@@ -57,12 +57,7 @@ def _norms_and_collectives(rank: int, world_size: int, cases: list[tuple]) -> li
 
     out = []
     for cfg, par in cases:
-        pcfg = ParallelConfig(**par)
-        dims = ParallelDims.from_config(pcfg, world_size=world_size)
-        dims.build_mesh()
-        with torch.device("meta"):
-            model = build_model(copy.deepcopy(cfg))
-        parallelize_model(model, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED)
+        model, dims = parallel_model(cfg, par, world_size=world_size)
         tokens, targets = batches(cfg)[0]
         tokens, targets = tokens.chunk(dims.dp)[dims.dp_rank], targets.chunk(dims.dp)[dims.dp_rank]
         logits = model(tokens)

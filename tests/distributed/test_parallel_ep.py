@@ -186,21 +186,9 @@ def _padded_step(model, cfg, *, dims=None) -> dict:
 
 
 def _padded_run(rank: int, world_size: int, cfg, par: dict) -> dict:
-    import copy
+    from test_parallel_common import parallel_model
 
-    from test_parallel_common import SEED
-
-    from parallel.config import ParallelConfig
-    from parallel.mesh import ParallelDims
-    from parallel.parallelize import parallelize_model
-    from pretrain.models import tp_plan
-
-    pcfg = ParallelConfig(**par)
-    dims = ParallelDims.from_config(pcfg, world_size=world_size)
-    dims.build_mesh()
-    with torch.device("meta"):
-        model = build_model(copy.deepcopy(cfg))
-    parallelize_model(model, dims=dims, cfg=pcfg, tp_plan=tp_plan(cfg), seed=SEED)
+    model, dims = parallel_model(cfg, par, world_size=world_size)
     return _padded_step(model, cfg, dims=dims)
 
 

@@ -35,9 +35,9 @@ def _lines(path: Path, count: int) -> list[str]:
         return [line.rstrip("\n") for _, line in zip(range(count), text)]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("trainer_data")
+def build_sample_shards(root: Path) -> dict[str, Path]:
+    """Train a tokenizer and write shards under ``root`` from the sample: four languages' mono
+    text and en-de pairs. Returns ``{"shards": DIR, "tok": DIR}``."""
     mono, pairs = [], []
     for lang in LANGS:
         path = root / f"{lang}.txt"
@@ -52,6 +52,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         mono, pairs=pairs, tokenizer=root / "tok", out=root / "shards", workers=1, settings=settings
     )
     return {"shards": root / "shards", "tok": root / "tok"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_sample_shards(tmp_path_factory.mktemp("trainer_data"))
 
 
 def _cfg(preset: str, shards: dict[str, Path], run_dir: Path, *extra: str):
