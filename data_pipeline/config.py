@@ -6,7 +6,11 @@ from the other Rosetta packages so that ``data_pipeline`` installs and runs alon
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 @dataclass
@@ -39,11 +43,40 @@ class DataConfig:
     """Restart position ids at each packed document (doc_ids are in every batch regardless)."""
     min_carry_tokens: int = 0
     """Drop a document remainder shorter than this instead of opening a row with it (0: none)."""
-    on_bad_shard: str = "skip"
+    on_bad_shard: Literal["skip", "raise"] = "skip"
     """A shard failing to read mid-stream: skip (logged by name and counted) | raise."""
     tlm_swap_prob: float = 0.5
     """Probability that a TLM pair puts its target side first (per pair; XLM trains both
     directions, en-fr and fr-en)."""
+
+
+@functools.cache
+def choices_of(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The choice fields of config dataclass ``cls``: field name -> the allowed values of its
+    ``Literal[...]`` type, in the order written."""
+    hints = typing.get_type_hints(cls)
+    return {
+        spec.name: typing.get_args(hints[spec.name])
+        for spec in dataclasses.fields(cls)
+        if typing.get_origin(hints[spec.name]) is Literal
+    }
+
+
+def check_choices(cfg: Any, section: str) -> None:
+    """Check every ``Literal[...]``-typed field of config dataclass ``cfg`` (not its nested
+    sections) against its allowed values: the one choice check of every config section (this
+    module imports nothing from the other packages, so each of them can use it).
+
+    Raises:
+        ValueError: ``"{section}.{key} ({value!r}) must be one of a, b, c"`` for the first field,
+            in field order, whose value is not one of its choices.
+    """
+    for name, choices in choices_of(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value not in choices:
+            raise ValueError(
+                f"{section}.{name} ({value!r}) must be one of {', '.join(map(str, choices))}"
+            )
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -52,6 +85,7 @@ def validate_data(cfg: DataConfig) -> None:
     Raises:
         ValueError: one line naming the key, its value and the rule broken.
     """
+    check_choices(cfg, "data")
     if cfg.alpha <= 0 or cfg.alpha > 1:
         raise ValueError(f"data.alpha ({cfg.alpha}) must be in (0, 1]")
     for lang, weight in cfg.language_weights.items():
@@ -73,5 +107,3 @@ def validate_data(cfg: DataConfig) -> None:
         raise ValueError(f"data.min_carry_tokens ({cfg.min_carry_tokens}) must be >= 0")
     if not 0.0 <= cfg.tlm_swap_prob <= 1.0:
         raise ValueError(f"data.tlm_swap_prob ({cfg.tlm_swap_prob}) must be in [0, 1]")
-    if cfg.on_bad_shard not in ("skip", "raise"):
-        raise ValueError(f"data.on_bad_shard ({cfg.on_bad_shard!r}) must be skip or raise")

@@ -10,8 +10,11 @@ tp ranks together, so it must be a multiple of ``tp`` and ``ep / tp`` must divid
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-PP_SCHEDULES = (
+from data_pipeline.config import check_choices
+
+PpSchedule = Literal[
     "1F1B",
     "GPipe",
     "Interleaved1F1B",
@@ -19,8 +22,11 @@ PP_SCHEDULES = (
     "InterleavedZeroBubble",
     "ZBVZeroBubble",
     "DualPipeV",
-)
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+]
+# Schedules with several stages per rank: looped ones (stages r, r + pp, ...) need >= 2,
+# V-shaped ones exactly 2 (stages r and 2 * pp - 1 - r).
+MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 
 
 @dataclass
@@ -40,7 +46,7 @@ class ParallelConfig:
     ep_over_tp: bool = False
     """Draw ep from the dp_shard and tp ranks together (ep a multiple of tp, ep / tp dividing
     dp_shard): tokens are split over tp inside the MoE and experts are not tp-sharded."""
-    pp_schedule: str = "1F1B"
+    pp_schedule: PpSchedule = "1F1B"
     """torch.distributed.pipelining schedule: 1F1B, GPipe, Interleaved1F1B, LoopedBFS,
     InterleavedZeroBubble, ZBVZeroBubble, DualPipeV."""
     microbatches: int | None = None
@@ -51,7 +57,7 @@ class ParallelConfig:
     """Layers per pipeline stage (length pp * stages_per_rank); None splits evenly."""
     sequence_parallel: bool = True
     """Shard norms and dropout over the sequence inside TP regions."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """none | full (every block) | selective (every other block)."""
     compile: bool = False
     """torch.compile each block."""
@@ -80,17 +86,9 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
         _positive(key, getattr(cfg, key))
     if cfg.dp_shard != -1 and cfg.dp_shard < 1:
         raise ValueError(f"parallel.dp_shard ({cfg.dp_shard}) must be >= 1, or -1 for the rest")
-    if cfg.pp_schedule not in PP_SCHEDULES:
-        raise ValueError(
-            f"parallel.pp_schedule ({cfg.pp_schedule!r}) must be one of {', '.join(PP_SCHEDULES)}"
-        )
-    if cfg.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(
-            f"parallel.activation_checkpointing ({cfg.activation_checkpointing!r}) must be one "
-            f"of {', '.join(ACTIVATION_CHECKPOINTING)}"
-        )
-    multi_stage = cfg.pp_schedule in ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
-    v_schedule = cfg.pp_schedule in ("ZBVZeroBubble", "DualPipeV")
+    check_choices(cfg, "parallel")
+    multi_stage = cfg.pp_schedule in MULTI_STAGE_SCHEDULES
+    v_schedule = cfg.pp_schedule in V_SCHEDULES
     if cfg.pp > 1 and v_schedule and cfg.stages_per_rank != 2:
         raise ValueError(
             f"parallel.stages_per_rank ({cfg.stages_per_rank}) must be 2 with "

@@ -89,27 +89,20 @@ class ParallelDims:
         return cls(**degrees, world_size=world_size, ep_over_tp=cfg.ep_over_tp)
 
     def __post_init__(self) -> None:
-        product = self.pp * self.dp_replicate * self.dp_shard * self.tp
-        if product != self.world_size:
-            raise ValueError(
-                f"parallel.pp x dp_replicate x dp_shard x tp ({product}) must equal the world "
-                f"size ({self.world_size})"
-            )
-        if self.ep_over_tp:
-            if self.tp == 1 or self.ep % self.tp != 0:
-                raise ValueError(
-                    f"parallel.ep ({self.ep}) must be a multiple of parallel.tp ({self.tp}) > 1 "
-                    "with parallel.ep_over_tp"
-                )
-            if self.dp_shard % self.dp_shard_in_ep != 0:
-                raise ValueError(
-                    f"parallel.ep ({self.ep}) / parallel.tp ({self.tp}) = {self.dp_shard_in_ep} "
-                    f"must divide parallel.dp_shard ({self.dp_shard}) with parallel.ep_over_tp"
-                )
-        elif self.dp_shard % self.ep != 0:
-            raise ValueError(
-                f"parallel.ep ({self.ep}) must divide parallel.dp_shard ({self.dp_shard})"
-            )
+        # Direct construction goes through the same degree rules as a config
+        # (parallel.config.validate_parallel owns them); from_config has already passed them.
+        degrees = validate_parallel(
+            ParallelConfig(
+                pp=self.pp,
+                dp_replicate=self.dp_replicate,
+                dp_shard=self.dp_shard,
+                tp=self.tp,
+                ep=self.ep,
+                ep_over_tp=self.ep_over_tp,
+            ),
+            world_size=self.world_size,
+        )
+        assert degrees["dp_shard"] == self.dp_shard, "dp_shard must be resolved (not -1)"
 
     # ----------------------------------------------------------------------------------------
     # degrees

@@ -59,24 +59,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.config import ParallelConfig
+from parallel.config import V_SCHEDULES, ParallelConfig
 from parallel.mesh import ParallelDims
-
-V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 
 
 def stage_ids_of_rank(pp_rank: int, *, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
-    """The pipeline stages held by ``pp_rank`` (see the module docstring).
-
-    Raises:
-        ValueError: a V schedule with ``stages_per_rank != 2``.
-    """
-    if schedule in V_SCHEDULES:
-        if stages_per_rank != 2:
-            raise ValueError(
-                f"parallel.stages_per_rank ({stages_per_rank}) must be 2 with "
-                f"parallel.pp_schedule={schedule}"
-            )
+    """The pipeline stages held by ``pp_rank`` (see the module docstring); ``stages_per_rank``
+    follows ``parallel.config.validate_parallel``'s rules (2 for a V schedule)."""
+    if schedule in V_SCHEDULES and pp > 1:
+        assert stages_per_rank == 2, "validate_parallel: a V schedule has 2 stages per rank"
         return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + k * pp for k in range(stages_per_rank)]
 

@@ -54,6 +54,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from pretrain.models.config import architecture_keys
+
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _PARTIAL_RE = re.compile(r"^\.step_(\d+)\.partial$")
 RANK_INDEX = "rank_index.json"
@@ -536,14 +538,10 @@ class CheckpointManager:
         self.wait()
 
 
-# What fixes a model's parameters and their meaning; other model keys (dropout, init, masking)
-# may change between a checkpoint and the run that resumes it.
-_ARCHITECTURE_KEYS = (
-    "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-    "ffn_hidden_size", "position", "norm", "norm_position", "mlp", "bias", "qk_norm",
-    "tie_embeddings", "num_languages", "moe.num_experts", "moe.top_k", "moe.router", "moe.every",
-    "moe.expert_ffn_hidden_size",
-)  # fmt: skip
+# What fixes a model's parameters and their meaning: the model fields marked as architecture in
+# their metadata. Other model keys (dropout, init, masking) may change between a checkpoint and
+# the run that resumes it.
+_ARCHITECTURE_KEYS = architecture_keys()
 
 
 def _architecture(model: dict[str, Any]) -> dict[str, Any]:

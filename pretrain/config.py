@@ -20,20 +20,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig, validate_data
+from data_pipeline.config import DataConfig, check_choices, choices_of, validate_data
 from parallel.config import ParallelConfig, validate_parallel
 from pretrain.models.config import ModelConfig, validate_model
 
-OBJECTIVES = ("clm", "mlm", "tlm")
+Objective = Literal["clm", "mlm", "tlm"]
+OBJECTIVES = get_args(Objective)
 OBJECTIVE_FAMILIES = {"clm": ("decoder",), "mlm": ("encoder",), "tlm": ("encoder",)}
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# train.resume also takes a checkpoint directory, so it is a str and not a Literal.
 RESUME_MODES = ("none", "auto")
 
 # YAML keys that are Python keywords live under another attribute name.
@@ -44,7 +44,7 @@ KEY_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
 class ObjectiveConfig:
     """Pre-training objective(s) (``objective.*``)."""
 
-    name: str = "clm"
+    name: Objective = "clm"
     """Objective: clm (decoder) | mlm (encoder, BERT 80/10/10) | tlm (encoder, XLM pairs)."""
     weights: dict[str, float] = field(default_factory=dict)
     """A weighted mix of objectives per step, e.g. {mlm: 1.0, tlm: 0.5}; empty means {name: 1}."""
@@ -85,7 +85,7 @@ class OptimConfig:
     """Decoupled weight decay (never on norms, biases and embeddings)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
     """cosine | wsd (warmup-stable-decay) | linear | constant, after linear warmup."""
     warmup_steps: int = 100
     """Linear warmup steps."""
@@ -118,11 +118,11 @@ class TrainConfig:
     such a start is refused."""
     deterministic: bool = False
     """Deterministic algorithms (bit-for-bit reproducible on CPU)."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master) | fp16 (+ scaling)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto | cpu | cuda."""
     eval_every: int = 0
     """Validation loss per language every N steps; 0 disables."""
@@ -316,10 +316,28 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     if match:
         expected = _TYPE_NAMES.get(match.group(2), match.group(2))
         return f"{key} ({match.group(1)!r}) must be {expected}"
+    match = re.match(r"Invalid value '(.*)', expected one of \[", msg)
+    choices = _choices_at(str(getattr(err, "full_key", None) or ""))
+    if match and choices:
+        # OmegaConf checks Literal fields while merging; say it as check_choices does.
+        return f"{key} ({match.group(1)!r}) must be one of {', '.join(map(str, choices))}"
     match = re.match(r"Value '(.*)' is not a valid (\w+)", msg)
     if match:
         return f"{key} ({match.group(1)!r}) must be a {match.group(2)}"
     return f"{key}: {msg}"
+
+
+def _choices_at(path: str) -> tuple[Any, ...] | None:
+    """The allowed values of the ``Literal`` field at dotted attribute ``path`` of the tree."""
+    cls: type | None = RunConfig
+    *sections, name = path.split(".")
+    for section in sections:
+        if cls is None or section not in _field_names(cls):
+            return None
+        cls = _section_type(cls, section)
+    if cls is None:
+        return None
+    return choices_of(cls).get(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,12 +360,14 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
     validate_model(cfg.model)
     degrees = validate_parallel(cfg.parallel, world_size=world_size)
     validate_data(cfg.data)
+    for section in ("objective", "optim", "train", "checkpoint", "logging"):
+        check_choices(getattr(cfg, section), section)
     _validate_objective(cfg)
     _validate_optim(cfg.optim)
     _validate_train(cfg)
 
     model, par = cfg.model, cfg.parallel
-    kv_heads = model.num_kv_heads if model.num_kv_heads is not None else model.num_heads
+    kv_heads = model.kv_heads
     if model.num_heads % par.tp != 0:
         raise ValueError(
             f"model.num_heads ({model.num_heads}) must be divisible by parallel.tp ({par.tp})"
@@ -421,8 +441,6 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
 def _validate_objective(cfg: RunConfig) -> None:
     obj = cfg.objective
     names = dict(obj.weights) if obj.weights else {obj.name: 1.0}
-    if obj.name not in OBJECTIVES:
-        raise ValueError(f"objective.name ({obj.name!r}) must be one of {', '.join(OBJECTIVES)}")
     for name, weight in names.items():
         if name not in OBJECTIVES:
             raise ValueError(
@@ -473,10 +491,6 @@ def _validate_optim(optim: OptimConfig) -> None:
         raise ValueError(f"optim.weight_decay ({optim.weight_decay}) must be >= 0")
     if optim.grad_clip < 0:
         raise ValueError(f"optim.grad_clip ({optim.grad_clip}) must be >= 0 (0 disables)")
-    if optim.schedule not in SCHEDULES:
-        raise ValueError(
-            f"optim.schedule ({optim.schedule!r}) must be one of {', '.join(SCHEDULES)}"
-        )
     if optim.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) must be >= 0")
     if not 0.0 <= optim.decay_fraction <= 1.0:
@@ -495,12 +509,6 @@ def _validate_train(cfg: RunConfig) -> None:
         )
     if train.seed < 0:
         raise ValueError(f"train.seed ({train.seed}) must be >= 0")
-    if train.precision not in PRECISIONS:
-        raise ValueError(
-            f"train.precision ({train.precision!r}) must be one of {', '.join(PRECISIONS)}"
-        )
-    if train.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device ({train.device!r}) must be one of auto, cpu, cuda")
     if train.grad_accum < 1:
         raise ValueError(f"train.grad_accum ({train.grad_accum}) must be >= 1")
     if train.eval_every < 0:

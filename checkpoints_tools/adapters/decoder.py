@@ -124,14 +124,13 @@ def _from_hf_state_dict(hf_state_dict: StateDict, cfg: ModelConfig) -> StateDict
 
 
 def _common_hf_kwargs(cfg: ModelConfig) -> dict[str, Any]:
-    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.hidden_size // cfg.num_heads
     return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads or cfg.num_heads,
-        "head_dim": head_dim,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.resolved_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
@@ -240,7 +239,7 @@ class MixtralAdapter:
         MixtralAdapter.check(cfg)
         hf_config = MixtralConfig(
             **_common_hf_kwargs(cfg),
-            intermediate_size=cfg.moe.expert_ffn_hidden_size or cfg.ffn_hidden_size,
+            intermediate_size=cfg.expert_ffn_width,
             num_local_experts=cfg.moe.num_experts,
             num_experts_per_tok=cfg.moe.top_k,
             router_aux_loss_coef=cfg.moe.aux_loss_coef,
@@ -309,7 +308,7 @@ class Qwen3MoeAdapter:
         hf_config = Qwen3MoeConfig(
             **_common_hf_kwargs(cfg),
             intermediate_size=cfg.ffn_hidden_size,
-            moe_intermediate_size=cfg.moe.expert_ffn_hidden_size or cfg.ffn_hidden_size,
+            moe_intermediate_size=cfg.expert_ffn_width,
             num_experts=cfg.moe.num_experts,
             num_experts_per_tok=cfg.moe.top_k,
             norm_topk_prob=gates_normalized(cfg),

@@ -87,14 +87,14 @@ class XLMRobertaAdapter:
             require(key, value=getattr(cfg, key), expected=expected, target=target)
         require(
             "num_kv_heads",
-            value=cfg.num_kv_heads or cfg.num_heads,
+            value=cfg.kv_heads,
             expected=cfg.num_heads,
             target=target,
         )
         default_head_dim = cfg.hidden_size // cfg.num_heads
         require(
             "head_dim",
-            value=cfg.head_dim or default_head_dim,
+            value=cfg.resolved_head_dim,
             expected=default_head_dim,
             target=target,
         )

@@ -54,16 +54,6 @@ def build_norm(cfg: ModelConfig, *, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def head_dim_of(cfg: ModelConfig) -> int:
-    """Per-head width: ``cfg.head_dim`` or ``hidden_size // num_heads``."""
-    return cfg.head_dim if cfg.head_dim is not None else cfg.hidden_size // cfg.num_heads
-
-
-def kv_heads_of(cfg: ModelConfig) -> int:
-    """Key/value heads: ``cfg.num_kv_heads`` or ``num_heads``."""
-    return cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_heads
-
-
 def rope_cos_sin(
     position_ids_BT: torch.Tensor, *, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,8 +193,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.head_dim = head_dim_of(cfg)
-        num_kv_heads = kv_heads_of(cfg)
+        self.head_dim = cfg.resolved_head_dim
+        num_kv_heads = cfg.kv_heads
         self.dropout = cfg.dropout
         self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.hidden_size, num_kv_heads * self.head_dim, bias=cfg.bias)

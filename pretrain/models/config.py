@@ -7,31 +7,30 @@ every ``model.*`` key.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
-ROUTERS = ("switch", "gshard", "topk")
-AUX_LOSS_TYPES = ("topk", "switch")
-POSITIONS = ("rope", "learned")
-NORMS = ("rmsnorm", "layernorm")
-NORM_POSITIONS = ("pre", "post")
-MLPS = ("swiglu", "gelu")
-ATTENTIONS = ("sdpa", "flex", "auto")
+from data_pipeline.config import check_choices
+
+# Fields that fix a model's parameters and their meaning carry this in their metadata: a
+# checkpoint resumes only into a model that agrees on every one (``architecture_keys``).
+ARCHITECTURE = {"architecture": True}
 
 
 @dataclass
 class MoEConfig:
     """Mixture-of-Experts feed-forward (``model.moe.*``). ``num_experts == 0`` means dense."""
 
-    num_experts: int = 0
+    num_experts: int = field(default=0, metadata=ARCHITECTURE)
     """Experts per MoE layer; 0 disables MoE."""
-    top_k: int = 2
+    top_k: int = field(default=2, metadata=ARCHITECTURE)
     """Experts each token is routed to (Switch: 1, GShard: 2)."""
-    router: str = "gshard"
+    router: Literal["switch", "gshard", "topk"] = field(default="gshard", metadata=ARCHITECTURE)
     """Router: switch (top-1, gate = softmax prob), gshard (top-2, normalized gates), topk."""
-    every: int = 1
+    every: int = field(default=1, metadata=ARCHITECTURE)
     """An MoE feed-forward in every k-th layer (layers k-1, 2k-1, ...); the rest are dense."""
-    expert_ffn_hidden_size: int | None = None
+    expert_ffn_hidden_size: int | None = field(default=None, metadata=ARCHITECTURE)
     """Hidden size of each expert's FFN; None takes model.ffn_hidden_size."""
     capacity_factor: float = 1.25
     """Expert capacity = capacity_factor * tokens * top_k / num_experts (ignored when dropless)."""
@@ -46,7 +45,7 @@ class MoEConfig:
     """GShard: send to the second expert with probability proportional to its gate."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss E * sum_i f_i * P_i."""
-    aux_loss_type: str = "topk"
+    aux_loss_type: Literal["topk", "switch"] = "topk"
     """f_i of the load-balancing loss: ``topk`` (default), the fraction of all k choices that
     go to expert i (Mixtral / transformers' load_balancing_loss_func, up to its factor k);
     ``switch``, the fraction of tokens whose first choice is expert i (Switch eq. 4-6, GShard).
@@ -62,44 +61,46 @@ class MoEConfig:
 class ModelConfig:
     """Transformer shape and flavour (``model.*``)."""
 
-    family: str = "decoder"
+    family: Literal["decoder", "encoder", "encoder_decoder"] = field(
+        default="decoder", metadata=ARCHITECTURE
+    )
     """decoder (CLM, Llama-shaped) | encoder (MLM, XLM-R-shaped) | encoder_decoder (later)."""
-    vocab_size: int = 32000
+    vocab_size: int = field(default=32000, metadata=ARCHITECTURE)
     """Rows of the embedding table (the tokenizer's vocab size, possibly padded)."""
-    hidden_size: int = 256
+    hidden_size: int = field(default=256, metadata=ARCHITECTURE)
     """Model width d."""
-    num_layers: int = 4
+    num_layers: int = field(default=4, metadata=ARCHITECTURE)
     """Transformer blocks (per stack for encoder_decoder)."""
-    num_heads: int = 4
+    num_heads: int = field(default=4, metadata=ARCHITECTURE)
     """Attention (query) heads."""
-    num_kv_heads: int | None = None
+    num_kv_heads: int | None = field(default=None, metadata=ARCHITECTURE)
     """Key/value heads for grouped-query attention; None means num_heads."""
-    head_dim: int | None = None
+    head_dim: int | None = field(default=None, metadata=ARCHITECTURE)
     """Per-head width; None means hidden_size // num_heads."""
-    ffn_hidden_size: int = 1024
+    ffn_hidden_size: int = field(default=1024, metadata=ARCHITECTURE)
     """Hidden width of the dense feed-forward."""
     max_seq_len: int = 2048
     """Longest sequence (size of learned position tables, RoPE cache)."""
-    position: str = "rope"
+    position: Literal["rope", "learned"] = field(default="rope", metadata=ARCHITECTURE)
     """Positions: rope | learned (absolute, XLM-R style)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    norm: str = "rmsnorm"
+    norm: Literal["rmsnorm", "layernorm"] = field(default="rmsnorm", metadata=ARCHITECTURE)
     """rmsnorm | layernorm."""
     norm_eps: float = 1e-5
     """Epsilon of the norms."""
-    norm_position: str = "pre"
+    norm_position: Literal["pre", "post"] = field(default="pre", metadata=ARCHITECTURE)
     """pre (Llama) | post (BERT/XLM-R) normalisation."""
-    mlp: str = "swiglu"
+    mlp: Literal["swiglu", "gelu"] = field(default="swiglu", metadata=ARCHITECTURE)
     """Dense feed-forward: swiglu | gelu."""
-    bias: bool = False
+    bias: bool = field(default=False, metadata=ARCHITECTURE)
     """Biases on the linear layers (XLM-R: true)."""
-    qk_norm: bool = False
+    qk_norm: bool = field(default=False, metadata=ARCHITECTURE)
     """Normalise queries and keys per head before attention."""
-    tie_embeddings: bool = False
+    tie_embeddings: bool = field(default=False, metadata=ARCHITECTURE)
     """Share the input embedding with the output projection (must be false with
     parallel.pp > 1: the two are on different pipeline stages)."""
-    num_languages: int = 0
+    num_languages: int = field(default=0, metadata=ARCHITECTURE)
     """Size of the XLM-style language-embedding table; 0 disables language embeddings."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches."""
@@ -111,7 +112,7 @@ class ModelConfig:
     document_masking: bool = True
     """Attention stays inside each packed document (block-causal for the decoder, block-diagonal
     for the encoder; padding isolated), from the loader's per-token document ids."""
-    attention: str = "sdpa"
+    attention: Literal["sdpa", "flex", "auto"] = "sdpa"
     """Kernel for document-masked attention: ``sdpa`` (a dense boolean mask; SDPA then uses its
     memory-efficient or math kernel, not flash), ``flex`` (FlexAttention with a block-sparse
     mask: blocks outside every document are skipped; compiled; no dropout; CUDA for training,
@@ -120,10 +121,44 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
 
+    # Derived values: the fields above keep what the user set (None allowed); these are the one
+    # place the defaults are resolved. Properties are not dataclass fields, so they never reach
+    # the saved config.
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} ({value!r}) must be one of {', '.join(choices)}")
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width: ``head_dim``, or ``hidden_size // num_heads`` when it is None."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``num_kv_heads``, or ``num_heads`` when it is None."""
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def expert_ffn_width(self) -> int:
+        """Hidden width of each expert's FFN: ``moe.expert_ffn_hidden_size``, or
+        ``ffn_hidden_size`` when it is None."""
+        width = self.moe.expert_ffn_hidden_size
+        return width if width is not None else self.ffn_hidden_size
+
+
+def architecture_keys(cls: type = ModelConfig, prefix: str = "") -> tuple[str, ...]:
+    """The ``model.*`` keys (without ``model.``, dotted below it: ``moe.top_k``) whose fields
+    carry ``ARCHITECTURE`` in their metadata, in field order, nested sections in place.
+
+    These are the keys a checkpoint and the run resuming it must agree on
+    (``pretrain.checkpoint.check_compatible``).
+    """
+    keys: list[str] = []
+    for spec in dataclasses.fields(cls):
+        if spec.metadata.get("architecture"):
+            keys.append(f"{prefix}{spec.name}")
+        elif spec.default_factory is not dataclasses.MISSING:
+            made = spec.default_factory()
+            if dataclasses.is_dataclass(made):
+                keys.extend(architecture_keys(type(made), f"{prefix}{spec.name}."))
+    return tuple(keys)
 
 
 def _check_positive(key: str, value: float) -> None:
@@ -137,12 +172,8 @@ def validate_model(cfg: ModelConfig) -> None:
     Raises:
         ValueError: one line naming the key, its value and the rule broken.
     """
-    _check_choice("model.family", cfg.family, FAMILIES)
-    _check_choice("model.position", cfg.position, POSITIONS)
-    _check_choice("model.norm", cfg.norm, NORMS)
-    _check_choice("model.norm_position", cfg.norm_position, NORM_POSITIONS)
-    _check_choice("model.mlp", cfg.mlp, MLPS)
-    _check_choice("model.attention", cfg.attention, ATTENTIONS)
+    check_choices(cfg, "model")
+    check_choices(cfg.moe, "model.moe")
     for key in (
         "vocab_size",
         "hidden_size",
@@ -169,7 +200,7 @@ def validate_model(cfg: ModelConfig) -> None:
         )
     if cfg.num_languages < 0:
         raise ValueError(f"model.num_languages ({cfg.num_languages}) must be >= 0")
-    kv_heads = cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_heads
+    kv_heads = cfg.kv_heads
     _check_positive("model.num_kv_heads", kv_heads)
     if cfg.num_heads % kv_heads != 0:
         raise ValueError(
@@ -182,10 +213,9 @@ def validate_model(cfg: ModelConfig) -> None:
                 f"model.hidden_size ({cfg.hidden_size}) must be divisible by "
                 f"model.num_heads ({cfg.num_heads}) when model.head_dim is not set"
             )
-        head_dim = cfg.hidden_size // cfg.num_heads
     else:
-        head_dim = cfg.head_dim
-        _check_positive("model.head_dim", head_dim)
+        _check_positive("model.head_dim", cfg.head_dim)
+    head_dim = cfg.resolved_head_dim
     if cfg.position == "rope" and head_dim % 2 != 0:
         raise ValueError(f"model.head_dim ({head_dim}) must be even with model.position=rope")
 
@@ -194,7 +224,6 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(f"model.moe.num_experts ({moe.num_experts}) must be >= 0")
     if moe.num_experts == 0:
         return
-    _check_choice("model.moe.router", moe.router, ROUTERS)
     _check_positive("model.moe.top_k", moe.top_k)
     if moe.top_k > moe.num_experts:
         raise ValueError(
@@ -211,7 +240,6 @@ def validate_model(cfg: ModelConfig) -> None:
         )
     if moe.expert_ffn_hidden_size is not None:
         _check_positive("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
-    _check_choice("model.moe.aux_loss_type", moe.aux_loss_type, AUX_LOSS_TYPES)
     if not moe.dropless:
         _check_positive("model.moe.capacity_factor", moe.capacity_factor)
         if moe.eval_capacity_factor is not None:

@@ -290,7 +290,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         num_experts = cfg.moe.num_experts
-        ffn = cfg.moe.expert_ffn_hidden_size or cfg.ffn_hidden_size
+        ffn = cfg.expert_ffn_width
         dim = cfg.hidden_size
         self.swiglu = cfg.mlp == "swiglu"
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn, dim))

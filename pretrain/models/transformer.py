@@ -29,7 +29,6 @@ from pretrain.models.blocks import (
     build_norm,
     document_block_mask,
     document_positions,
-    head_dim_of,
     rope_cos_sin,
 )
 from pretrain.models.config import ModelConfig
@@ -174,7 +173,7 @@ class Transformer(nn.Module):
         if self.cfg.position == "rope":
             rope = rope_cos_sin(
                 position_ids_BT,
-                head_dim=head_dim_of(self.cfg),
+                head_dim=self.cfg.resolved_head_dim,
                 theta=self.cfg.rope_theta,
                 dtype=x_BTD.dtype,
             )

@@ -354,3 +354,70 @@ def test_max_word_pieces_reaches_the_loaders_masking():
     masking = masking_from_objective(cfg.objective)
     assert (masking.whole_word, masking.max_word_pieces) == (True, 3)
     assert masking_from_objective(load_config(encoder).objective).max_word_pieces == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "parallel.pp_schedule=ZigZag",
+            "parallel.pp_schedule ('ZigZag') must be one of 1F1B, GPipe, Interleaved1F1B, "
+            "LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV",
+        ),
+        (
+            "parallel.activation_checkpointing=some",
+            "parallel.activation_checkpointing ('some') must be one of none, full, selective",
+        ),
+        ("data.on_bad_shard=ignore", "data.on_bad_shard ('ignore') must be one of skip, raise"),
+        ("objective.name=ctc", "objective.name ('ctc') must be one of clm, mlm, tlm"),
+        (
+            "optim.schedule=step",
+            "optim.schedule ('step') must be one of cosine, wsd, linear, constant",
+        ),
+        ("train.precision=fp8", "train.precision ('fp8') must be one of auto, fp32, bf16, fp16"),
+        ("train.device=tpu", "train.device ('tpu') must be one of auto, cpu, cuda"),
+        ("model.moe.router=hash", "model.moe.router ('hash') must be one of switch, gshard, topk"),
+    ],
+)
+def test_choice_fields_give_one_message_from_load_and_from_validate(override, message):
+    # From YAML or an override the loader refuses the value; a config built in Python meets
+    # the same check in validate_config.
+    with pytest.raises(ValueError) as info:
+        load_config(TINY_MOE, [override])
+    assert str(info.value) == message
+    cfg = load_config(TINY_MOE)
+    key, value = override.split("=")
+    *path, name = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, name, value)
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    assert str(info.value) == message
+
+
+def test_parallel_dims_built_directly_meet_the_config_rules():
+    from parallel.mesh import ParallelDims
+
+    dims = ParallelDims(pp=2, dp_replicate=1, dp_shard=2, tp=2, ep=2, world_size=8)
+    assert (dims.dp, dims.dp_shard_in_ep, dims.edp) == (2, 2, 1)
+    for kwargs, message in (
+        (
+            {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2, "ep": 1, "world_size": 8},
+            "parallel.dp_replicate (1) x parallel.dp_shard (2) x parallel.tp (2) x parallel.pp "
+            "(1) = 4 must equal the world size (8)",
+        ),
+        (
+            {"pp": 1, "dp_replicate": 1, "dp_shard": 6, "tp": 1, "ep": 4, "world_size": 6},
+            "parallel.ep (4) must divide parallel.dp_shard (6)",
+        ),
+        (
+            {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2, "ep": 3, "world_size": 4,
+             "ep_over_tp": True},
+            "parallel.ep (3) must be a multiple of parallel.tp (2) with parallel.ep_over_tp",
+        ),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            ParallelDims(**kwargs)
+        assert str(info.value) == message

@@ -177,3 +177,65 @@ def test_eval_capacity_factor_defaults_to_dropless_and_takes_null() -> None:
     validate_model(_moe(top_k=2, eval_capacity_factor=None))
     validate_model(_moe(top_k=2, eval_capacity_factor=2.0))
     validate_model(_moe(top_k=2, dropless=True, eval_capacity_factor=0.0))  # ignored
+
+
+def test_derived_values_resolve_the_none_defaults_and_stay_out_of_the_saved_config() -> None:
+    from pretrain.config import RunConfig, config_to_dict
+
+    dense = ModelConfig(hidden_size=96, num_heads=6, ffn_hidden_size=256)
+    assert (dense.resolved_head_dim, dense.kv_heads, dense.expert_ffn_width) == (16, 6, 256)
+    set_ = ModelConfig(
+        hidden_size=96,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=32,
+        ffn_hidden_size=256,
+        moe=MoEConfig(num_experts=4, expert_ffn_hidden_size=48),
+    )
+    assert (set_.resolved_head_dim, set_.kv_heads, set_.expert_ffn_width) == (32, 2, 48)
+    # The fields keep what the user set; the properties never reach a saved config.
+    assert (dense.head_dim, dense.num_kv_heads, dense.moe.expert_ffn_hidden_size) == (None,) * 3
+    derived = {"resolved_head_dim", "kv_heads", "expert_ffn_width"}
+    assert not derived & set(dataclasses.asdict(dense))
+    assert not derived & set(config_to_dict(RunConfig(model=dense))["model"])
+
+
+def test_architecture_keys_come_from_the_field_metadata() -> None:
+    from pretrain.checkpoint import _ARCHITECTURE_KEYS
+    from pretrain.models.config import architecture_keys
+
+    # The keys a checkpoint and the run resuming it must agree on, in the order checked.
+    expected = (
+        "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+        "head_dim", "ffn_hidden_size", "position", "norm", "norm_position", "mlp", "bias",
+        "qk_norm", "tie_embeddings", "num_languages", "moe.num_experts", "moe.top_k",
+        "moe.router", "moe.every", "moe.expert_ffn_hidden_size",
+    )  # fmt: skip
+    assert architecture_keys() == expected
+    assert _ARCHITECTURE_KEYS == expected
+
+
+def test_every_choice_field_is_checked_from_its_literal_type() -> None:
+    from data_pipeline.config import choices_of
+
+    assert choices_of(ModelConfig) == {
+        "family": ("decoder", "encoder", "encoder_decoder"),
+        "position": ("rope", "learned"),
+        "norm": ("rmsnorm", "layernorm"),
+        "norm_position": ("pre", "post"),
+        "mlp": ("swiglu", "gelu"),
+        "attention": ("sdpa", "flex", "auto"),
+    }
+    assert choices_of(MoEConfig) == {
+        "router": ("switch", "gshard", "topk"),
+        "aux_loss_type": ("topk", "switch"),
+    }
+    for key, value, choices in (
+        ("position", "alibi", "rope, learned"),
+        ("norm", "batchnorm", "rmsnorm, layernorm"),
+        ("norm_position", "sandwich", "pre, post"),
+        ("mlp", "relu", "swiglu, gelu"),
+    ):
+        with pytest.raises(ValueError) as info:
+            validate_model(dataclasses.replace(OK, **{key: value}))
+        assert str(info.value) == f"model.{key} ({value!r}) must be one of {choices}"
