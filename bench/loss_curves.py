@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from parallel.testing import run_distributed
-from tests.distributed.test_trainer import REPO, build_sample_shards
+from tests.sample_data import REPO, build_sample_shards
 
 CURVES = REPO / "tests" / "distributed" / "curves"
 STEPS = 5
@@ -93,9 +93,9 @@ CASES: dict[str, Case] = {
 
 
 def build_shards(root: Path) -> Path:
-    """The shards of ``tests/distributed/test_trainer.py``'s ``shards`` fixture (four languages'
-    mono text and en-de pairs from the sample), written under ``root``; returns their
-    directory."""
+    """The shards the tests' ``shards`` fixture uses (``tests.sample_data.build_sample_shards``:
+    four languages' mono text and en-de pairs from the sample), written under ``root``; returns
+    their directory."""
     return build_sample_shards(root)["shards"]
 
 

@@ -15,7 +15,7 @@ items into one file, so the default writer would end up holding the whole model.
 here splits the items into files of at most ``bucket_bytes`` (default: the largest tensor), so at
 most one bucket plus the tensor being produced is alive: about 2x the largest tensor. It relies on
 the writer's ``_write_data`` (a queue of ``(path, file name, items)``), which
-tests/unit/test_checkpoints_memory.py pins through the measured memory of an import.
+tests/cli/test_checkpoints_memory.py pins through the measured memory of an import.
 """
 
 from __future__ import annotations

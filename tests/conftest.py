@@ -1,9 +1,16 @@
-"""Shared pytest set-up: markers, determinism, thread count."""
+"""Shared pytest set-up: markers, determinism, thread count, and the fixtures several test
+directories use: ``shards`` (small real shards from the bundled sample) and ``clean``
+(uncorrupted synthetic shards)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from data_pipeline.synthetic import write_synthetic_shards
+from tests.sample_data import build_sample_shards
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,3 +30,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tokenizer and shards from the sample (``build_sample_shards``), built once per module:
+    ``{"shards": DIR, "tok": DIR}``."""
+    return build_sample_shards(tmp_path_factory.mktemp("trainer_data"))
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic shards, 300 en and 100 de documents of 200-token samples, built once per module
+    (the loader error tests copy and corrupt them)."""
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(root, docs={"en": 300, "de": 100}, sample_tokens=200)
+    return root

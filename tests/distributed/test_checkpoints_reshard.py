@@ -11,12 +11,14 @@ from checkpoints_tools import convert
 from checkpoints_tools.cli import main
 from parallel.testing import run_distributed
 from pretrain.config import load_config
-from tests.distributed.test_trainer import _cfg, _losses, _run, shards  # noqa: F401 - fixture
+from tests.distributed.trainer_runs import fit_rank as _run
+from tests.distributed.trainer_runs import logged_losses as _losses
+from tests.distributed.trainer_runs import trainer_config as _cfg
 
 pytest.importorskip("transformers")
 
 
-def test_reshard_1_to_tp2_resumes_the_same_curve(shards, tmp_path: Path):  # noqa: F811
+def test_reshard_1_to_tp2_resumes_the_same_curve(shards, tmp_path: Path):
     ref_dir = tmp_path / "ref"
     base = ("train.eval_every=0", "checkpoint.every=4", "checkpoint.keep=2")
     ref = _cfg("tiny_decoder.yaml", shards, ref_dir, *base)

@@ -19,7 +19,7 @@ import torch
 
 from parallel.testing import run_distributed
 from pretrain.config import load_config
-from tests.distributed.test_trainer import REPO, shards  # noqa: F401 - fixture
+from tests.sample_data import REPO
 
 ROWS = 4
 SEQ = 16
@@ -67,7 +67,7 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _cfg(shards, run_dir: Path, *extra: str):  # noqa: F811
+def _cfg(shards, run_dir: Path, *extra: str):
     return load_config(
         REPO / "configs" / "tiny_encoder.yaml",
         [
@@ -143,7 +143,7 @@ def _distance(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
-def test_every_layout_gives_the_global_batch_gradient(shards, tmp_path: Path):  # noqa: F811
+def test_every_layout_gives_the_global_batch_gradient(shards, tmp_path: Path):
     parts = [_part(i) for i in range(4)]
     counts = [int((p["labels"] != -100).sum()) for p in parts]
     assert len(set(counts)) == 4, counts  # unequal targets per micro-batch and per rank

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_parallel_common import SEED, batches, check_cases, parallel_model, tiny_config
 
 from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
 from parallel.parallelize import clip_grad_norm_, loss_context
 from parallel.testing import run_distributed
 from pretrain.models import build_model
+from tests.distributed.parallel_cases import SEED, batches, check_cases, parallel_model, tiny_config
 
 inf = float("inf")
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from test_parallel_common import check_cases, expert_elements, tiny_config
 
 from pretrain.models import build_model
+from tests.distributed.parallel_cases import check_cases, expert_elements, tiny_config
 
 
 def _assert_expert_shards(results: dict[str, list[dict]], cases: dict, shards: dict) -> None:
@@ -103,9 +103,8 @@ def test_capacity_with_expert_parallel_world_2_matches_the_reference():
     # half (gradient accumulation over the two halves). ep_over_tp: one dp rank whose sequence
     # is split over tp; the layer must queue and size capacity as the unsplit one does, so the
     # reference is the whole batch.
-    from test_parallel_common import assert_matches, reference, run_cases
-
     from parallel.testing import run_distributed
+    from tests.distributed.parallel_cases import assert_matches, reference, run_cases
 
     decoder = _with_capacity(tiny_config("decoder", moe=True))
     cases = {
@@ -186,7 +185,7 @@ def _padded_step(model, cfg, *, dims=None) -> dict:
 
 
 def _padded_run(rank: int, world_size: int, cfg, par: dict) -> dict:
-    from test_parallel_common import parallel_model
+    from tests.distributed.parallel_cases import parallel_model
 
     model, dims = parallel_model(cfg, par, world_size=world_size)
     return _padded_step(model, cfg, dims=dims)
@@ -196,9 +195,8 @@ def test_ep_over_tp_does_not_route_padding_world_2():
     # The token mask (document id -1) is cut to each tp rank's chunk like the tokens: logits,
     # router gradients, aux and z losses equal the single-process model's; the per-rank expert
     # counts (each rank's chunk) add up to the unsplit layer's.
-    from test_parallel_common import SEED
-
     from parallel.testing import run_distributed
+    from tests.distributed.parallel_cases import SEED
 
     cfg = _with_aux(_with_capacity(tiny_config("decoder", moe=True), factor=0.75))
     results = run_distributed(

@@ -8,13 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_parallel_common import (
-    SEED,
-    batches,
-    check_cases,
-    full_params,
-    tiny_config,
-)
 
 from parallel.config import ParallelConfig, validate_parallel
 from parallel.mesh import ParallelDims
@@ -23,6 +16,13 @@ from parallel.testing import run_distributed
 from pretrain.config import OptimConfig
 from pretrain.models import build_model, tp_plan
 from pretrain.optim import build_optimizer
+from tests.distributed.parallel_cases import (
+    SEED,
+    batches,
+    check_cases,
+    full_params,
+    tiny_config,
+)
 
 ADAMW_STEPS = 3
 

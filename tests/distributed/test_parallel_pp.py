@@ -13,7 +13,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from test_parallel_common import (
+
+from parallel.parallelize import clip_grad_norm_
+from parallel.pipeline import pipeline_step
+from parallel.testing import run_distributed
+from tests.distributed.parallel_cases import (
     MAX_NORM,
     assert_matches,
     batches,
@@ -22,10 +26,6 @@ from test_parallel_common import (
     reference,
     tiny_config,
 )
-
-from parallel.parallelize import clip_grad_norm_
-from parallel.pipeline import pipeline_step
-from parallel.testing import run_distributed
 
 
 def _config():

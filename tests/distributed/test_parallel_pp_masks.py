@@ -16,7 +16,13 @@ import dataclasses
 
 import pytest
 import torch
-from test_parallel_common import (
+
+from parallel.parallelize import clip_grad_norm_
+from parallel.pipeline import pipeline_step
+from parallel.testing import run_distributed
+from pretrain.models import build_model
+from pretrain.models.transformer import canonical_name
+from tests.distributed.parallel_cases import (
     MAX_NORM,
     SEED,
     assert_matches,
@@ -25,13 +31,9 @@ from test_parallel_common import (
     pipeline_setup,
     tiny_config,
 )
-
-from parallel.parallelize import clip_grad_norm_
-from parallel.pipeline import pipeline_step
-from parallel.testing import run_distributed
-from pretrain.models import build_model
-from pretrain.models.transformer import canonical_name
-from tests.distributed.test_trainer import _cfg, _losses, _run, shards  # noqa: F401 - fixture
+from tests.distributed.trainer_runs import fit_rank as _run
+from tests.distributed.trainer_runs import logged_losses as _losses
+from tests.distributed.trainer_runs import trainer_config as _cfg
 
 STEPS = 3
 BATCH = 4
@@ -202,7 +204,7 @@ def test_pp2_with_document_masks_positions_and_languages_equals_one_process(fami
     ],
     ids=["encoder-tlm", "decoder-position-resets"],
 )  # fmt: skip
-def test_trainer_pp2_follows_one_process(shards, tmp_path, preset: str, extra):  # noqa: F811
+def test_trainer_pp2_follows_one_process(shards, tmp_path, preset: str, extra):
     base = ("train.steps=4", "checkpoint.every=0", "train.eval_every=4", *extra)
     one = _cfg(preset, shards, tmp_path / "one", *base)
     assert run_distributed(_run, world_size=1, args=(one, None)) == [0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_parallel_common import check_cases, tiny_config
+from tests.distributed.parallel_cases import check_cases, tiny_config
 
 
 def test_tp2_both_families_match_the_reference():

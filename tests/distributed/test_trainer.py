@@ -4,7 +4,6 @@ and resumes to exactly the loss curve of an uninterrupted run (fp32, CPU), also 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import signal
@@ -13,101 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import zstandard
 
-from data_pipeline.shard import ShardSettings, run_shard_job
-from data_pipeline.text_inputs import MonoInput, PairInput
-from data_pipeline.tokenizer import train_tokenizer
 from parallel.testing import run_distributed
 from pretrain.checkpoint import complete_checkpoints
-from pretrain.config import load_config
 from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
+from tests.distributed.trainer_runs import fit_rank as _run
+from tests.distributed.trainer_runs import logged_losses as _losses
+from tests.distributed.trainer_runs import trainer_config as _cfg
+from tests.sample_data import LANGS, REPO
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "data_pipeline" / "sample"
-LANGS = ("en", "de", "ru", "ja")
 PP2 = ("parallel.pp=2", "parallel.microbatches=2", "model.document_masking=false")
-
-
-def _lines(path: Path, count: int) -> list[str]:
-    with open(path, "rb") as handle:
-        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(handle), "utf-8")
-        return [line.rstrip("\n") for _, line in zip(range(count), text)]
-
-
-def build_sample_shards(root: Path) -> dict[str, Path]:
-    """Train a tokenizer and write shards under ``root`` from the sample: four languages' mono
-    text and en-de pairs. Returns ``{"shards": DIR, "tok": DIR}``."""
-    mono, pairs = [], []
-    for lang in LANGS:
-        path = root / f"{lang}.txt"
-        path.write_text("\n".join(_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", 300)) + "\n")
-        mono.append(MonoInput(lang, (path,)))
-    tsv = root / "en-de.tsv"
-    tsv.write_text("\n".join(_lines(SAMPLE / "parallel" / "en-de.train.tsv.zst", 200)) + "\n")
-    pairs.append(PairInput("en", "de", (tsv,)))
-    train_tokenizer(mono, vocab_size=2000, out=root / "tok", seed=0, num_threads=1)
-    settings = ShardSettings(sample_tokens=512)
-    run_shard_job(
-        mono, pairs=pairs, tokenizer=root / "tok", out=root / "shards", workers=1, settings=settings
-    )
-    return {"shards": root / "shards", "tok": root / "tok"}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_sample_shards(tmp_path_factory.mktemp("trainer_data"))
-
-
-def _cfg(preset: str, shards: dict[str, Path], run_dir: Path, *extra: str):
-    return load_config(
-        REPO / "configs" / preset,
-        [
-            f"data.manifest={shards['shards']}",
-            f"data.valid_manifest={shards['shards']}",
-            f"train.run_dir={run_dir}",
-            "model.vocab_size=2000",
-            "model.num_layers=2",
-            "data.seq_len=32",
-            "data.batch_size=4",
-            "data.shuffle_buffer=8",
-            "train.steps=8",
-            "train.deterministic=true",
-            "optim.warmup_steps=2",
-            "logging.every=1",
-            "logging.tensorboard=false",
-            "checkpoint.every=4",
-            "train.eval_every=4",
-            "train.eval_batches=1",
-            *extra,
-        ],
-    )
-
-
-def _run(rank: int, world_size: int, cfg, stop_after: int | None) -> int:
-    from pretrain.trainer import Trainer
-
-    trainer = Trainer(cfg, rank=rank, world_size=world_size)
-    if stop_after is not None:
-        step_fn = trainer._step
-        calls = {"n": trainer.state.step}
-
-        def step_then_signal(batches):
-            out = step_fn(batches)
-            calls["n"] += 1
-            if calls["n"] == stop_after and rank == 0:
-                # As SLURM would: a signal on one rank; every rank must stop at this step.
-                trainer.preemption._handle(signal.SIGUSR1, None)
-            return out
-
-        trainer._step = step_then_signal
-    return trainer.fit()
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    from pretrain.plots import read_metrics
-
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ import torch
 from parallel.testing import run_distributed
 from pretrain.checkpoint import complete_checkpoints
 from pretrain.data import build_train_loader, loader_resume_state
-from tests.distributed.test_trainer import _cfg, _losses, shards  # noqa: F401 - fixture
+from tests.distributed.trainer_runs import logged_losses as _losses
+from tests.distributed.trainer_runs import trainer_config as _cfg
 
 BASE = ("checkpoint.every=0", "train.eval_every=0", "data.valid_manifest=")
 
@@ -52,7 +53,7 @@ def _run_logged(rank: int, world_size: int, cfg) -> dict:
     }
 
 
-def _phase(shards, run_dir: Path, world_size: int, *extra: str) -> list[dict]:  # noqa: F811
+def _phase(shards, run_dir: Path, world_size: int, *extra: str) -> list[dict]:
     cfg = _cfg("tiny_decoder.yaml", shards, run_dir, *BASE, *extra)
     results = run_distributed(_run_logged, world_size=world_size, args=(cfg,))
     assert [r["code"] for r in results] == [0] * world_size
@@ -81,7 +82,7 @@ def _first_pass(log: list[tuple]) -> Counter:
     return Counter(tuple(entry[:-1]) for entry in log if entry[-1] == 0)
 
 
-def _check_every_document_once(shards, run_dir: Path, phases: list[list[dict]]) -> None:  # noqa: F811
+def _check_every_document_once(shards, run_dir: Path, phases: list[list[dict]]) -> None:
     cfg = _cfg("tiny_decoder.yaml", shards, run_dir, *BASE)
     documents = _documents_per_language(cfg)
     log = [entry for results in phases for dp_log in _dp_logs(results) for entry in dp_log]
@@ -130,7 +131,7 @@ def _check_global_tokens(run_dir: Path, results: list[dict]) -> None:
         assert logged[index + 1] == expected, index + 1
 
 
-def test_tp2_resumes_on_dp2(shards, tmp_path: Path):  # noqa: F811
+def test_tp2_resumes_on_dp2(shards, tmp_path: Path):
     run_dir = tmp_path / "run"
     first = _phase(shards, run_dir, 2, "parallel.tp=2", "train.steps=6", "train.stop_at=3")
     _check_global_tokens(run_dir, first)  # tp peers: counted once
@@ -151,7 +152,7 @@ def test_tp2_resumes_on_dp2(shards, tmp_path: Path):  # noqa: F811
     assert states[0]["loader"] != states[1]["loader"]
 
 
-def test_pp2_with_document_masks_resumes_in_one_process(shards, tmp_path: Path):  # noqa: F811
+def test_pp2_with_document_masks_resumes_in_one_process(shards, tmp_path: Path):
     # The tiny preset as it is (document masking on) under PP2, then one process; its curve
     # follows an uninterrupted one-process run.
     run_dir = tmp_path / "run"
@@ -166,7 +167,7 @@ def test_pp2_with_document_masks_resumes_in_one_process(shards, tmp_path: Path):
         assert curve[step] == pytest.approx(one[step], rel=1e-4), step
 
 
-def test_dp2_dp1_dp2_resumes_and_logs_global_tokens(shards, tmp_path: Path):  # noqa: F811
+def test_dp2_dp1_dp2_resumes_and_logs_global_tokens(shards, tmp_path: Path):
     run_dir = tmp_path / "run"
     first = _phase(shards, run_dir, 2, "train.steps=6", "train.stop_at=2")
     _check_global_tokens(run_dir, first)  # the sum of both dp ranks' batches

@@ -17,17 +17,17 @@ import signal
 from pathlib import Path
 
 import pytest
-import test_trainer
 import torch
-from test_trainer import _cfg, _losses, _run
 
 from parallel.testing import run_distributed
 from pretrain.checkpoint import complete_checkpoints
 from pretrain.config import check_run_inputs, config_to_yaml, load_config
 from pretrain.preemption import EXIT_DIVERGED
+from tests.distributed.trainer_runs import fit_rank as _run
+from tests.distributed.trainer_runs import logged_losses as _losses
+from tests.distributed.trainer_runs import trainer_config as _cfg
 
 REPO = Path(__file__).resolve().parents[2]
-shards = test_trainer.shards  # the module fixture: small real shards and their tokenizer
 QUICK = ("train.eval_every=0", "checkpoint.keep=2")
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from parallel.testing import run_distributed
-from tests.distributed.test_trainer import REPO, shards  # noqa: F401 - fixture
+from tests.sample_data import REPO
 
 
-def _train(tmp_path: Path, shards, *overrides: str) -> subprocess.CompletedProcess:  # noqa: F811
+def _train(tmp_path: Path, shards, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pretrain.train", "--config", str(REPO / "configs" /
          "tiny_decoder.yaml"), f"data.manifest={shards['shards']}", "model.vocab_size=2000",
@@ -24,7 +24,7 @@ def _train(tmp_path: Path, shards, *overrides: str) -> subprocess.CompletedProce
     )  # fmt: skip
 
 
-def test_too_few_language_embeddings_is_one_line_exit_2(shards, tmp_path: Path):  # noqa: F811
+def test_too_few_language_embeddings_is_one_line_exit_2(shards, tmp_path: Path):
     result = _train(tmp_path, shards, "model.num_languages=3")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (
@@ -59,7 +59,7 @@ def _assert_same_metrics(got: dict, want: dict, label: str) -> None:
             assert got[key][name] == pytest.approx(value, rel=1e-5), (label, key, name)
 
 
-def test_per_language_train_loss_under_tp_and_pp_equals_one_process(shards, tmp_path: Path):  # noqa: F811
+def test_per_language_train_loss_under_tp_and_pp_equals_one_process(shards, tmp_path: Path):
     """``loss_per_lang``, ``loss_per_objective`` and ``tokens_per_lang`` of a log window (two
     steps of two micro-batches) under tp 2, pp 2 and pp 2 x tp 2 equal the one-process run's
     (same data, seed and global batch): MLM + TLM on the encoder under tp and pp, CLM on the
@@ -107,7 +107,7 @@ def test_per_language_train_loss_under_tp_and_pp_equals_one_process(shards, tmp_
         )
 
 
-def test_moe_routing_metrics_cover_every_micro_batch_and_stage(shards, tmp_path: Path):  # noqa: F811
+def test_moe_routing_metrics_cover_every_micro_batch_and_stage(shards, tmp_path: Path):
     """A dropless top-2 MoE decoder, a log window of two steps of two micro-batches: the
     routed assignments are every token's two choices in every MoE layer (a figure of the last
     micro-batch or one pipeline stage would be a fraction of it), and expert load, expert load

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_trainer import _lines  # the bundled sample's first lines
+from tests.sample_data import first_lines as _lines  # the bundled sample's first lines
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data_pipeline" / "sample"

@@ -6,10 +6,7 @@ import gc
 import hashlib
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -502,30 +499,6 @@ def test_cli_errors_are_one_line_with_exit_2(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tokenizer" in err and "--out" in err
-
-
-def test_module_entry_point_without_traceback(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_pipeline",
-            "train-tokenizer",
-            "--input",
-            f"en={tmp_path}/missing.txt",
-            "--vocab-size",
-            "1000",
-            "--out",
-            str(tmp_path / "tok"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.returncode == 2
-    assert proc.stderr == f"error: --input en '{tmp_path}/missing.txt': no such file\n"
 
 
 def test_cli_shard_and_inspect(

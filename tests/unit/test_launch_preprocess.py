@@ -138,7 +138,7 @@ def test_a_truncated_input_fails_the_local_task_with_exit_2(tmp_path, monkeypatc
 
 
 def test_array_and_merge_scripts_quote_paths_with_spaces_and_hash(tmp_path, monkeypatch, capsys):
-    from test_launch_slurm import _sbatch_split  # the test copy of sbatch's line parser
+    from tests.unit.sbatch_helpers import sbatch_split as _sbatch_split  # sbatch's line parser
 
     work = tmp_path / "my data #1 at 100%"
     work.mkdir()

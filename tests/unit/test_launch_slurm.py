@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from launch.slurm import (
     EXIT_PREEMPTED,
-    SlurmJob,
     main,
     render_sbatch,
     time_limit_seconds,
 )
 from pretrain.config import load_config
+from tests.unit.sbatch_helpers import sbatch_split as _sbatch_split
+from tests.unit.sbatch_helpers import slurm_job as _job
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_decoder.yaml"
-
-
-def _job(tmp_path: Path, **changes) -> SlurmJob:
-    fields = dict(
-        nodes=2,
-        procs_per_node=4,
-        gpus=True,
-        run_dir=tmp_path / "run",
-        python="/opt/venv/bin/python",
-        workdir=Path("/repo"),
-    )
-    fields.update(changes)
-    return SlurmJob(**fields)
 
 
 def _directives(text: str) -> list[str]:
@@ -84,16 +70,6 @@ def test_cpu_nodes_request_cpus_not_gpus(tmp_path):
     directives = _directives(render_sbatch(_job(tmp_path, gpus=False, procs_per_node=3)))
     assert "--cpus-per-task=3" in directives
     assert not any(d.startswith("--gpus") for d in directives)
-
-
-def test_script_is_deterministic_and_valid_bash(tmp_path):
-    job = _job(tmp_path, run_dir=tmp_path / "run dir with spaces")
-    text = render_sbatch(job)
-    assert text == render_sbatch(job)
-    assert f"RUN_DIR='{tmp_path / 'run dir with spaces'}'" in text
-    script = tmp_path / "job.sh"
-    script.write_text(text)
-    subprocess.run(["bash", "-n", str(script)], check=True)
 
 
 def test_main_writes_script_and_resolved_config(tmp_path, capsys, monkeypatch):
@@ -194,18 +170,6 @@ def test_submit_without_sbatch_is_one_line(tmp_path, capsys, monkeypatch):
     )
 
 
-def test_cli_process_exit_code_and_single_line(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "launch.slurm", "--config", str(tmp_path / "missing.yaml")]
-        + ["--nodes", "1", "--gpus-per-node", "1"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert done.returncode == 2
-    assert done.stderr == f"error: config file {str(tmp_path / 'missing.yaml')!r} does not exist\n"
-
-
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [("90", 5400), ("5:30", 330), ("1:00:05", 3605), ("2-3", 183600), ("1-00:01", 86460)],
@@ -225,44 +189,6 @@ def test_preempted_exit_code_matches_the_trainer():
             assert trainer_code == EXIT_PREEMPTED
             return
     pytest.skip("the trainer defines no EXIT_PREEMPTED yet")
-
-
-def _sbatch_split(line: str, *, legacy: bool = False) -> list[str]:
-    """The arguments sbatch reads from the text after ``#SBATCH`` (src/sbatch/opt.c,
-    ``_get_argument``): whitespace separates unless quoted, an unescaped ``#`` ends the line,
-    a backslash escapes the next character (inside quotes too). ``legacy``: releases before
-    17.x, where only double quotes quote and any unescaped ``#`` ends the line."""
-    args: list[str] = []
-    i, n = 0, len(line)
-    while True:
-        while i < n and line[i].isspace():
-            i += 1
-        if i >= n:
-            return args
-        arg, quote, escape, comment = [], "", False, False
-        while i < n and (quote or not line[i].isspace()):
-            c = line[i]
-            i += 1
-            if escape:
-                escape = False
-            elif c == "\\":
-                escape = True
-                continue
-            elif c == "#" and (legacy or not quote):
-                comment = True
-                break
-            elif quote and c == quote:
-                quote = ""
-                continue
-            elif not quote and (c == '"' or (c == "'" and not legacy)):
-                quote = c
-                continue
-            arg.append(c)
-        assert not quote, f"unmatched quote in {line!r}"
-        if arg:
-            args.append("".join(arg))
-        if comment:
-            return args
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -11,17 +11,10 @@ import pytest
 
 from data_pipeline.loader import StreamingDataset
 from data_pipeline.mix import add_mix_parser, language_mix, main
-from data_pipeline.synthetic import synthetic_vocab, write_synthetic_shards
+from data_pipeline.synthetic import synthetic_vocab
 from data_pipeline.transforms import MaskingConfig
 
 VOCAB = synthetic_vocab(512)
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(root, docs={"en": 300, "de": 100}, sample_tokens=200)
-    return root
 
 
 def _copy(clean: Path, tmp_path: Path) -> Path:
@@ -111,24 +104,3 @@ def test_mix_subparser_hooks_into_a_cli(clean: Path) -> None:
     assert args.func.__name__ == "main_mix"
     rows = language_mix(str(clean), alpha=1.0, tokens=640, seq_len=64)
     assert sum(r["realised"] for r in rows) == pytest.approx(1.0)
-
-
-def test_mix_is_a_subcommand_of_the_data_cli(clean: Path) -> None:
-    import json as _json
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline", "mix", str(clean), "--alpha", "0.5",
-         "--tokens", "640", "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = _json.loads(result.stdout)["languages"]
-    assert [r["lang"] for r in rows] == ["de", "en"]
-    assert set(rows[0]) == {"lang", "tokens", "q", "p", "realised"}
-    bad = subprocess.run(
-        [sys.executable, "-m", "data_pipeline", "mix", str(clean), "--alpha", "2"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

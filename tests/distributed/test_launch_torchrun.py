@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_trainer import shards  # noqa: F401 - the trainer tests' shards
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "torchrun.sh"
 TINY = REPO / "configs" / "tiny_decoder.yaml"
@@ -45,7 +43,7 @@ def test_mistakes_are_one_line_exit_2(args, message):
     assert (done.returncode, done.stderr) == (2, message)
 
 
-def test_two_local_processes_train(shards, tmp_path):  # noqa: F811 - fixture
+def test_two_local_processes_train(shards, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
         "train.device=cpu",
