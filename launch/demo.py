@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  run directory       {run_dir}")
     print(f"    config            {run_dir / 'config.yaml'}")
     print(f"    metrics           {run_dir / 'metrics.jsonl'}")
-    print(f"    loss curves       {run_dir / 'loss.png'} and loss_<lang>.png")
+    print(f"    loss curves       {run_dir / 'loss.png'}, loss_<lang>.png and loss_by_lang.png")
     saved = ", ".join(str(p) for _, p in complete_checkpoints(run_dir / "checkpoints"))
     print(f"    checkpoints       {saved}")
     print(f"    per-rank logs     {run_dir / 'logs'}")
