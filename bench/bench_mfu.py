@@ -124,7 +124,7 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         batch = next(batches)
         held.append(batch)
-        trainer._step([batch])
+        trainer.train_step([batch])
     _sync(device)
     _reset_peak(device)
     wait = 0.0
@@ -134,7 +134,7 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
         before = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - before
-        out = trainer._step([batch])
+        out = trainer.train_step([batch])
         tokens += out["tokens"]
     _sync(device)
     elapsed = time.perf_counter() - start
@@ -148,10 +148,10 @@ def bench_rosetta(cfg, *, steps: int, warmup: int) -> dict:
     held = (held * (steps // max(1, len(held)) + 1))[:steps]
     start = time.perf_counter()
     for batch in held:
-        trainer._step([batch])
+        trainer.train_step([batch])
     _sync(device)
     synthetic = {"tokens_per_s": tokens / (time.perf_counter() - start)}
-    syncs = count_host_syncs(device, lambda: trainer._step([held[0]]))
+    syncs = count_host_syncs(device, lambda: trainer.train_step([held[0]]))
     result = {
         "host_syncs_per_step": syncs,
         "real": real,

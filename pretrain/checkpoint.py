@@ -603,3 +603,37 @@ def _write_rank_state(directory: Path, rank_state: dict[str, Any]) -> None:
 def _mark_written(directory: Path, rank: int) -> None:
     """This rank's done-marker: its DCP write has finished."""
     (directory / f"rank_{rank}.done").touch()
+
+
+class CheckpointPolicy:
+    """When the training loop saves: every ``checkpoint.every`` steps while the loss is finite
+    (a periodic save inside a run of NaN/Inf losses waits for a good step, so the last
+    checkpoint is one taken after a good step), and when the run ends (its last step,
+    ``train.stop_at``, a stop signal) unless that step is saved already. A save at the end is
+    attempted even after a non-finite loss: the trainer refuses it and stops with exit 3.
+
+    Args:
+        every: ``checkpoint.every`` (0: only at the end).
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.saved_step: int | None = None
+
+    def periodic(self, step: int) -> bool:
+        return bool(self.every and step % self.every == 0)
+
+    def due(self, step: int, *, ending: bool) -> bool:
+        """Whether ``step`` may save (the loop reads the step's loss first)."""
+        return self.periodic(step) or ending
+
+    def should_save(self, step: int, *, ending: bool, finite: bool) -> bool:
+        """Whether to save ``step``: ``ending`` when the run stops after it, ``finite`` when
+        the recent losses were finite."""
+        if self.saved_step == step:
+            return False
+        return (self.periodic(step) and finite) or ending
+
+    def saved(self, step: int) -> None:
+        """Record that ``step`` is on disk (or is the step a run resumed from)."""
+        self.saved_step = step

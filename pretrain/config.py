@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -30,9 +30,6 @@ from data_pipeline.config import DataConfig, check_choices, choices_of, validate
 from parallel.config import ParallelConfig, validate_parallel
 from pretrain.models.config import ModelConfig, validate_model
 
-Objective = Literal["clm", "mlm", "tlm"]
-OBJECTIVES = get_args(Objective)
-OBJECTIVE_FAMILIES = {"clm": ("decoder",), "mlm": ("encoder",), "tlm": ("encoder",)}
 # train.resume also takes a checkpoint directory, so it is a str and not a Literal.
 RESUME_MODES = ("none", "auto")
 
@@ -44,10 +41,13 @@ KEY_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
 class ObjectiveConfig:
     """Pre-training objective(s) (``objective.*``)."""
 
-    name: Objective = "clm"
-    """Objective: clm (decoder) | mlm (encoder, BERT 80/10/10) | tlm (encoder, XLM pairs)."""
     weights: dict[str, float] = field(default_factory=dict)
-    """A weighted mix of objectives per step, e.g. {mlm: 1.0, tlm: 0.5}; empty means {name: 1}."""
+    """The objectives and their mix, e.g. {mlm: 3, tlm: 1} (objectives sharing a batch: each
+    weight is its share of the rows): clm (decoder), mlm (encoder, BERT 80/10/10), tlm (encoder,
+    XLM pairs); ``pretrain.objectives.OBJECTIVES`` lists them. Empty: the family's default (decoder
+    clm, encoder mlm)."""
+    name: str | None = None
+    """Deprecated: ``name: x`` is ``weights: {x: 1}`` (a FutureWarning says so)."""
     mask_prob: float = 0.15
     """Share of tokens selected for MLM prediction."""
     mask_replace_prob: float = 0.8
@@ -61,8 +61,9 @@ class ObjectiveConfig:
     """Whole-word masking: a longer run of pieces without a word start counts as several words
     of at most this many pieces (so a run of text in a script without spaces is never masked
     at once)."""
-    tlm_share: float = 0.0
-    """Share of TLM (parallel-pair) sequences in each encoder batch."""
+    tlm_share: float | None = None
+    """Deprecated: ``tlm_share: s`` is ``weights: {mlm: 1 - s, tlm: s}`` (a FutureWarning says
+    so)."""
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the output projection + cross-entropy (bounds logit memory)."""
 
@@ -303,7 +304,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     except OmegaConfBaseException as err:
         raise ValueError(_omegaconf_message(err)) from None
     assert isinstance(cfg, RunConfig)
+    _check_objective_name(cfg.objective)
     return cfg
+
+
+def _check_objective_name(obj: ObjectiveConfig) -> None:
+    # The deprecated objective.name is a registry name (checked where the choice fields are).
+    from pretrain.objectives import OBJECTIVES
+
+    if obj.name is not None and obj.name not in OBJECTIVES:
+        raise ValueError(f"objective.name ({obj.name!r}) must be one of {', '.join(OBJECTIVES)}")
 
 
 _TYPE_NAMES = {"Integer": "an int", "Float": "a float", "Boolean": "a bool", "String": "a string"}
@@ -439,8 +449,15 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
 
 
 def _validate_objective(cfg: RunConfig) -> None:
+    """Check the objectives (asking each registered objective for its families) and put the
+    resolved mix in ``objective.weights`` (deprecated keys cleared: one way to say it)."""
+    from pretrain.objectives import OBJECTIVES, ObjectiveMix, objective_weights
+
     obj = cfg.objective
-    names = dict(obj.weights) if obj.weights else {obj.name: 1.0}
+    _check_objective_name(obj)
+    if obj.tlm_share is not None and not 0.0 <= obj.tlm_share <= 1.0:
+        raise ValueError(f"objective.tlm_share ({obj.tlm_share}) must be in [0, 1]")
+    names, source = objective_weights(obj, family=cfg.model.family)
     for name, weight in names.items():
         if name not in OBJECTIVES:
             raise ValueError(
@@ -449,16 +466,18 @@ def _validate_objective(cfg: RunConfig) -> None:
             )
         if weight < 0:
             raise ValueError(f"objective.weights.{name} ({weight}) must be >= 0")
-        families = OBJECTIVE_FAMILIES[name]
+        families = OBJECTIVES[name].families
         if cfg.model.family not in families:
-            key = "objective.name" if not obj.weights else f"objective.weights.{name}"
+            key = "objective.name" if source == "objective.name" else f"objective.weights.{name}"
             raise ValueError(
                 f"{key} ({name!r}) needs model.family in {', '.join(families)} "
                 f"(got {cfg.model.family!r})"
             )
     if sum(names.values()) <= 0:
         raise ValueError(f"objective.weights ({names}) must have a positive sum")
-    for key in ("mask_prob", "mask_replace_prob", "mask_random_prob", "tlm_share"):
+    ObjectiveMix(names)  # the objectives must share one batch transform
+    obj.weights, obj.name, obj.tlm_share = names, None, None
+    for key in ("mask_prob", "mask_replace_prob", "mask_random_prob"):
         value = getattr(obj, key)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"objective.{key} ({value}) must be in [0, 1]")

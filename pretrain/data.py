@@ -1,9 +1,8 @@
 """The trainer's side of the data pipeline: run config -> streaming loaders.
 
-Objectives map onto the loader's two kinds of batch: ``clm`` -> packed causal-LM rows; ``mlm``
-and ``tlm`` -> BERT-masked rows, with a share of TLM (parallel-pair) rows. A weighted mix
-``objective.weights = {mlm: a, tlm: b}`` becomes a TLM share of b / (a + b) of every batch
-unless ``objective.tlm_share`` is set; ``objective.name = tlm`` alone means TLM rows only.
+The objectives say which of the loader's batch kinds they need (``pretrain.objectives``: ``clm``
+packed causal-LM rows; ``mlm`` BERT-masked rows with a share of TLM parallel-pair rows, e.g.
+``objective.weights = {mlm: a, tlm: b}`` -> a TLM share of b / (a + b) of every batch).
 
 Loader states in checkpoints are kept per data-parallel rank: every rank saves its loader's
 state with its dp coordinate (:func:`loader_rank_state`), tensor / pipeline / expert-parallel
@@ -22,24 +21,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from data_pipeline.loader import StreamingLoader, build_loader, masking_from_objective
+from data_pipeline.loader import StreamingLoader, build_loader
 from pretrain.config import RunConfig
 
 
-def loader_objective(cfg: RunConfig) -> str:
-    """The loader's batch kind for the run's objective(s)."""
-    names = set(cfg.objective.weights) if cfg.objective.weights else {cfg.objective.name}
-    return "clm" if names == {"clm"} else "mlm"
+def loader_settings(cfg: RunConfig):
+    """``(transform, masking)``: the loader's batch kind and masking for the run's objectives
+    (``pretrain.objectives.ObjectiveMix.loader_settings``)."""
+    from pretrain.objectives.mix import ObjectiveMix
 
-
-def tlm_share(cfg: RunConfig) -> float:
-    """Share of TLM rows in each masked batch."""
-    obj = cfg.objective
-    if obj.tlm_share > 0:
-        return obj.tlm_share
-    weights = dict(obj.weights) if obj.weights else {obj.name: 1.0}
-    total = weights.get("mlm", 0.0) + weights.get("tlm", 0.0)
-    return weights.get("tlm", 0.0) / total if total > 0 else 0.0
+    return ObjectiveMix.from_config(cfg).loader_settings(cfg.objective)
 
 
 def build_train_loader(cfg: RunConfig, *, dp_rank: int, dp_world_size: int) -> StreamingLoader:
@@ -50,12 +41,12 @@ def build_train_loader(cfg: RunConfig, *, dp_rank: int, dp_world_size: int) -> S
     """
     if not cfg.data.manifest:
         raise ValueError("data.manifest ('') must name a shard directory or its manifest.json")
-    masking = replace(masking_from_objective(cfg.objective), tlm_share=tlm_share(cfg))
+    transform, masking = loader_settings(cfg)
     return build_loader(
         cfg.data,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        objective=loader_objective(cfg),
+        objective=transform,
         masking=masking,
         seed=cfg.train.seed,
     )
@@ -78,6 +69,7 @@ _VALID_CACHE: dict[tuple, dict[str, list[dict]]] = {}
 
 
 def _valid_batches(cfg: RunConfig, dp_rank: int, dp_world_size: int) -> dict[str, list[dict]]:
+    transform, masking = loader_settings(cfg)
     key = (
         cfg.data.valid_manifest,
         cfg.data.seq_len,
@@ -85,17 +77,17 @@ def _valid_batches(cfg: RunConfig, dp_rank: int, dp_world_size: int) -> dict[str
         dp_rank,
         dp_world_size,
         cfg.train.eval_batches,
-        loader_objective(cfg),
+        transform,
     )
     if key in _VALID_CACHE:
         return _VALID_CACHE[key]
     # Validation per language: monolingual rows only.
-    masking = replace(masking_from_objective(cfg.objective), tlm_share=0.0)
+    masking = replace(masking, tlm_share=0.0)
     probe = build_loader(
         _valid_data_cfg(cfg, weights={}),
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        objective=loader_objective(cfg),
+        objective=transform,
         masking=masking,
         seed=cfg.train.seed,
     )
@@ -106,7 +98,7 @@ def _valid_batches(cfg: RunConfig, dp_rank: int, dp_world_size: int) -> dict[str
             _valid_data_cfg(cfg, weights={lang: 1.0}),
             dp_rank=dp_rank,
             dp_world_size=dp_world_size,
-            objective=loader_objective(cfg),
+            objective=transform,
             masking=masking,
             seed=cfg.train.seed,
         )

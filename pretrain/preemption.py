@@ -41,8 +41,13 @@ class PreemptionHandler:
             signal.signal(sig, previous)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def request_stop(self, signum: int = signal.SIGUSR1) -> None:
+        """Act as if ``signum`` had arrived (what the signal handler does): the run checkpoints
+        and stops at the end of the current step."""
         self.received = signum
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.request_stop(signum)
 
     def should_stop(self, *, device: torch.device | str = "cpu") -> bool:
         """Whether any rank received a stop signal (a collective when distributed)."""

@@ -66,22 +66,15 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
     Raises:
         ValueError: the config or the layout is invalid for ``world_size``.
     """
-    import torch
 
     from parallel.planner import plan_layout
-    from pretrain.models import build_model, param_counts, prune_to_stage, tp_plan
+    from pretrain.models import param_counts, tp_plan
+    from pretrain.stages import build_stage_model
 
     degrees = validate_config(cfg, world_size=world_size)
 
     def build_stage(stage: int, num_stages: int):
-        with torch.device("meta"):
-            model = build_model(cfg.model)
-        if num_stages > 1:
-            keys = _stage_layer_keys(cfg, num_stages=num_stages)
-            prune_to_stage(
-                model, layer_keys=keys[stage], first=stage == 0, last=stage == num_stages - 1
-            )
-        return model
+        return build_stage_model(cfg, stage, num_stages)
 
     layout = plan_layout(
         build_stage, cfg=cfg.parallel, tp_plan=tp_plan(cfg.model), world_size=world_size
@@ -92,7 +85,7 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
         "ep": degrees["ep"],
         "ep_over_tp": cfg.parallel.ep_over_tp,
         "family": cfg.model.family,
-        "objective": dict(cfg.objective.weights) or {cfg.objective.name: 1.0},
+        "objective": dict(cfg.objective.weights),
         "seq_len": cfg.data.seq_len,
         "global_batch_sequences": cfg.data.batch_size
         * degrees["dp_replicate"]
@@ -105,18 +98,6 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
         "params_per_rank_max": layout["params_local_max"],
         "memory_per_rank_bytes": layout["memory_bytes_max"],
     }
-
-
-def _stage_layer_keys(cfg: RunConfig, *, num_stages: int) -> list[list[str]]:
-    from pretrain.models import pipeline_stage_layers
-
-    if cfg.parallel.stage_layers is None:
-        return pipeline_stage_layers(cfg.model, num_stages=num_stages)
-    keys, start = [], 0
-    for count in cfg.parallel.stage_layers:
-        keys.append([str(i) for i in range(start, start + count)])
-        start += count
-    return keys
 
 
 def _print_plan(result: dict, *, as_json: bool) -> None:

@@ -1,5 +1,14 @@
 """The training loop: mesh -> model -> parallelize -> loader -> optimizer -> loop.
 
+What to call: ``train(cfg, rank=r, world_size=n)`` (what ``pretrain.train`` runs on every rank),
+or ``Trainer(cfg, rank=r, world_size=n).fit()``. Public seams for tools and tests:
+``Trainer.train_step(batches)`` (one optimizer step), ``Trainer.forward_loss(batch)`` (one
+micro-batch's summed loss and loss groups), ``Trainer.settle(result)``; the collaborators
+``self.mix`` (objectives: ``pretrain.objectives``), ``self.checkpoint_policy``
+(``pretrain.checkpoint.CheckpointPolicy``), ``self.validator`` (``pretrain.validation``), the
+metrics window (``pretrain.metrics``), ``self.preemption`` and ``self.guard``
+(``pretrain.preemption``).
+
 One step: ``train.grad_accum`` micro-batches (forward, loss, backward), a data-parallel loss
 reduction, a NaN/Inf guard (a non-finite step skips its update), gradient clipping over every
 mesh axis, AdamW and the LR schedule; every ``logging.every`` steps a metrics line; every
@@ -30,16 +39,12 @@ parallel.microbatches`` under pipeline parallel).
 from __future__ import annotations
 
 import math
-import resource
-import time
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from parallel.mesh import ParallelDims
 from parallel.parallelize import (
@@ -50,8 +55,10 @@ from parallel.parallelize import (
     reduce_metric,
 )
 from parallel.pipeline import build_pipeline, pipeline_step
+from pretrain.batches import model_inputs, to_device
 from pretrain.checkpoint import (
     CheckpointManager,
+    CheckpointPolicy,
     TrainState,
     check_compatible,
     holds_earlier_run,
@@ -63,25 +70,21 @@ from pretrain.checkpoint import (
 from pretrain.config import RunConfig, config_to_dict, config_to_yaml, save_config, starts_afresh
 from pretrain.data import (
     build_train_loader,
-    build_valid_loaders,
     check_num_languages,
     loader_rank_state,
     loader_resume_state,
 )
-from pretrain.flops import flops_per_token, mfu, peak_flops
+from pretrain.flops import flops_per_token, peak_flops
 from pretrain.logger import RunLogger
-from pretrain.models import (
-    build_model,
-    param_counts,
-    pipeline_stage_layers,
-    prune_to_stage,
-    tp_plan,
-)
+from pretrain.metrics import MetricsWindow
+from pretrain.models import build_model, param_counts, tp_plan
 from pretrain.models.transformer import is_moe_layer
-from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
+from pretrain.objectives import IGNORE_INDEX, ObjectiveMix
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plots import plot_run
 from pretrain.preemption import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, PreemptionHandler
+from pretrain.stages import build_stage_model
+from pretrain.validation import Validator
 
 
 def device_type(name: str) -> str:
@@ -147,6 +150,7 @@ class Trainer:
 
         self.dims = ParallelDims.from_config(cfg.parallel, world_size=world_size)
         self.dims.build_mesh(device_type=self.device.type)
+        self.mix = ObjectiveMix.from_config(cfg)
         # The loader first (it reads the manifest and tokenizer, nothing more): the run's
         # language index must fit the model before the model is built.
         self.loader = build_train_loader(
@@ -154,6 +158,8 @@ class Trainer:
         )
         self.languages = list(self.loader.dataset.languages)
         check_num_languages(cfg, self.languages)
+        # Loss groups: objective index * languages + language index (``ObjectiveMix``).
+        self.num_groups = self.mix.num_groups(len(self.languages))
         with torch.device("meta"):
             model = build_model(cfg.model)
         counts = param_counts(model)
@@ -168,12 +174,12 @@ class Trainer:
         self.pipeline = None
         if self.dims.pp > 1:
             self.pipeline, parts, self.pipeline_info = build_pipeline(
-                self._build_stage,
+                lambda stage, num_stages: build_stage_model(cfg, stage, num_stages),
                 dims=self.dims,
                 cfg=cfg.parallel,
                 tp_plan=tp_plan(cfg.model),
                 seed=cfg.train.seed,
-                token_loss_fn=self._token_losses,
+                token_loss_fn=self.mix.token_losses,
                 device=self.device,
             )
         else:
@@ -202,19 +208,14 @@ class Trainer:
         self.sync_free = self.scaler is None and all(
             opt.defaults.get("fused") for opt in self.optimizers
         )
-        # Row kinds the loss is reported by: CLM rows, or MLM and TLM rows of an encoder batch.
-        self.objective_names = ["clm", "clm"] if cfg.model.family == "decoder" else ["mlm", "tlm"]
-        # Loss groups: objective index * languages + language index (``_forward_loss``).
-        self.num_groups = len(self.objective_names) * len(self.languages)
         self.state = TrainState(self.parts, self.optimizers, self.schedulers, step=0)
         self.checkpoints = CheckpointManager(
             self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
-        peak = peak_flops(
+        self.peak_flops = peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             override_tflops=cfg.logging.peak_tflops,
         )
-        self.peak_flops = peak
         self.guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
         # Every MoE layer of the whole model (pipeline stages hold some of them).
         self.moe_layer_names = [
@@ -226,105 +227,193 @@ class Trainer:
             if hasattr(part, "track_moe_languages") and self.moe_layer_names:
                 part.track_moe_languages(len(self.languages))
         self.preemption = PreemptionHandler()
+        self.validator = Validator(
+            cfg,
+            dims=self.dims,
+            device=self.device,
+            batch_loss=self._valid_loss,
+            num_targets=lambda batch: self.mix.num_targets(batch["labels"]),
+        )
+        self.checkpoint_policy = CheckpointPolicy(cfg.checkpoint.every)
 
-    # ------------------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------
 
-    def _build_stage(self, stage: int, num_stages: int) -> torch.nn.Module:
-        """Pipeline stage ``stage`` of ``num_stages`` on the meta device (names kept)."""
+    def fit(self) -> int:
+        """Train to ``train.steps`` (or ``train.stop_at``); returns the process exit code."""
         cfg = self.cfg
-        with torch.device("meta"):
-            model = build_model(cfg.model)
-        if cfg.parallel.stage_layers is not None:
-            bounds = [0]
-            for count in cfg.parallel.stage_layers:
-                bounds.append(bounds[-1] + count)
-            keys = [str(i) for i in range(bounds[stage], bounds[stage + 1])]
-        else:
-            keys = pipeline_stage_layers(cfg.model, num_stages=num_stages)[stage]
-        prune_to_stage(model, layer_keys=keys, first=stage == 0, last=stage == num_stages - 1)
-        return model
+        logger = self._open_run()
+        step = self.state.step
+        last = cfg.train.stop_at or cfg.train.steps
+        policy = self.checkpoint_policy
+        policy.saved(step)  # a resumed step counts as saved
+        window = self._metrics_window()
+        batches = iter(self.loader)
+        pending = None  # the previous step's result, read once this step's work is queued
+        exit_code = None
+        self.preemption.install()
+        try:
+            while step < last:
+                micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+                out = self.train_step(micro)
+                step += 1
+                window.add(micro, out)
+                if pending is not None:
+                    self.settle(pending)
+                    if self._diverged(step - 1, logger):  # read a step late
+                        exit_code = EXIT_DIVERGED
+                        break
+                pending = out
+                log_now = step % cfg.logging.every == 0 or step == last
+                stopping = self.preemption.should_stop()
+                ending = stopping or step == last
+                if log_now or policy.due(step, ending=ending):
+                    self.settle(out)
+                if self._diverged(step, logger):
+                    exit_code = EXIT_DIVERGED
+                    break
+                if log_now:
+                    self._log(step, out, window, logger)
+                else:
+                    logger.advance(step)
+                # Nothing non-finite is ever saved: a refused save stops the run (exit 3) with
+                # the last good checkpoint intact.
+                if policy.should_save(step, ending=ending, finite=self.guard.consecutive == 0):
+                    refused = self._save(step)
+                    if refused is not None:
+                        logger.info(f"not saving step {step}: {refused}; stopping with the last "
+                                    "good checkpoint intact")  # fmt: skip
+                        exit_code = EXIT_DIVERGED
+                        break
+                    policy.saved(step)
+                if stopping:
+                    self.checkpoints.close()
+                    logger.info(f"stop signal received: checkpointed step {step}, exiting")
+                    exit_code = EXIT_PREEMPTED
+                    break
+            if exit_code is None:
+                exit_code = 0
+                if last < cfg.train.steps:
+                    logger.info(
+                        f"train.stop_at reached: checkpointed step {step} of {cfg.train.steps}"
+                    )
+            self.checkpoints.close()
+        finally:
+            self.preemption.uninstall()
+            logger.close()
+        if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
+            written = plot_run(self.run_dir / "metrics.jsonl", self.run_dir)
+            if exit_code == 0:
+                print(f"loss curves: {', '.join(str(p) for p in written)}")
+        return exit_code
 
-    def _token_losses(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Per-token loss ``[B * T]`` (0 where nothing is predicted; labels already shifted for
-        CLM). Under tensor parallel the logits are a vocabulary-sharded DTensor and this runs
-        inside ``loss_parallel`` (a replicated DTensor comes back)."""
-        return F.cross_entropy(
-            logits_BTV.flatten(0, 1).float(),
-            labels_BT.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
+    def _open_run(self) -> RunLogger:
+        """Resume (``train.resume``), open the run's logger and write the header lines."""
+        self.resumed_from = None
+        self.resume_notes: list[str] = []  # corrupt checkpoints passed over, optim.* changes
+        self._resume()
+        logger = RunLogger(
+            self.run_dir,
+            rank=self.rank,
+            cfg=self.cfg.logging,
+            total_steps=self.cfg.train.steps,
+            start_step=self.state.step,
+        )
+        for note in self.resume_notes:
+            logger.info(note)
+        if self.resumed_from is not None:
+            logger.info(f"resumed from {self.resumed_from} at step {self.state.step}")
+        logger.info(
+            f"model: {self.params_total:,} parameters ({self.params_active:,} active); "
+            f"layout {self.dims.degrees()}; device {self.device}; precision {self.precision}"
+        )
+        return logger
+
+    def _metrics_window(self) -> MetricsWindow:
+        return MetricsWindow(
+            dims=self.dims,
+            mix=self.mix,
+            languages=self.languages,
+            moe_layer_names=self.moe_layer_names,
+            num_experts=self.cfg.model.moe.num_experts,
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
+            device=self.device,
         )
 
-    def _num_targets(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Predicted tokens of a batch, from its CPU labels (an int64 CPU scalar: no device
-        sync); CLM's last position predicts nothing."""
-        labels = batch["labels"]
-        if self.cfg.model.family == "decoder":
-            labels = labels[:, 1:]
-        return (labels != IGNORE_INDEX).sum()
+    def _diverged(self, step: int, logger: RunLogger) -> bool:
+        """Whether the guard has seen too many non-finite losses in a row (logged once)."""
+        if self.guard.diverged:
+            logger.info(self.guard.message(step))
+        return self.guard.diverged
+
+    def _log(self, step: int, out: dict[str, Any], window: MetricsWindow, logger: RunLogger):
+        """The metrics line of ``step`` (a collective: every rank logs at the same steps), with
+        the validation loss when due; the next window starts after it."""
+        metrics = window.read(
+            out,
+            lr=self.schedulers[0].get_last_lr()[0],
+            skipped_steps=self.guard.total,
+            bad_samples=self.loader.counters["bad_samples"],
+            parts=self.parts,
+        )
+        if self.validator.due(step):
+            valid = self.validator.run(self.parts)
+            if valid:
+                metrics["valid_loss_per_lang"] = valid
+                metrics["valid_loss"] = sum(valid.values()) / len(valid)
+        logger.log(metrics, step)
+        window.reset()
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
 
     def _target_groups(
         self, batch: dict[str, Any], kwargs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """``[B, T]`` int64 loss group of every position's target on the device: objective
-        index * languages + language index. Each target token's language (TLM rows hold two)
-        and its row's objective (a TLM row mixes languages; the rest are monolingual)."""
+        """``[B, T]`` loss group of every position's target, on the device."""
         lang_ids = kwargs.get("lang_ids_BT")
         if lang_ids is None:
-            lang_ids = self._on_device(batch["lang_ids"])
-        tokens_mask = self._on_device(batch["attention_mask"]).bool()
-        is_tlm_B = ((lang_ids != lang_ids[:, :1]) & tokens_mask).any(dim=1)
-        if self.cfg.model.family == "decoder":
-            lang_ids = torch.cat([lang_ids[:, 1:], lang_ids[:, -1:]], dim=1)
-        objective_BT = is_tlm_B.long()[:, None].expand_as(lang_ids)
-        return objective_BT * len(self.languages) + lang_ids.long()
+            lang_ids = to_device(batch["lang_ids"], self.device)
+        tokens_mask = to_device(batch["attention_mask"], self.device)
+        return self.mix.target_groups(lang_ids, tokens_mask, num_languages=len(self.languages))
 
-    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A batch tensor on the training device. On CUDA the copy goes through pinned memory:
-        a copy from pageable memory first waits for the stream's queued work (a hidden host
-        sync that would stop the host running ahead of the GPU); from pinned memory it is
-        queued like a kernel. The caller's CPU tensor is left as it is."""
-        if self.device.type != "cuda":
-            return tensor.to(self.device)
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+    def forward_loss(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Summed loss of one micro-batch over its predicted tokens (the caller normalises it)
+        and, per loss group (``ObjectiveMix.target_groups``), the loss sums and predicted-token
+        counts as ``[groups]`` fp32 device tensors.
 
-    def _shifted_labels(self, batch: dict[str, Any]) -> torch.Tensor:
-        # The loader's labels are int32; cross-entropy wants int64 targets: widened on the
-        # device, after the copy, so the host moves half the bytes.
-        labels = self._on_device(batch["labels"]).long()
-        if self.cfg.model.family == "decoder":
-            # Position t predicts token t + 1; the last position predicts nothing.
-            labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        return labels
-
-    def _model_kwargs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The batch's per-token model inputs beside the token ids, on the device: positions,
-        document ids (``model.document_masking``), language ids (``model.num_languages``).
-
-        Padding (TLM rows) is masked whatever ``model.document_masking`` says: without
-        document masking a padded batch still gets document ids, 0 on every token and -1 on
-        padding, so real tokens attend to the whole row but never to padding. (The check
-        reads the CPU batch: no device sync.)
-        """
-        cfg = self.cfg
-        # Only what the model takes goes to the device, each tensor once.
-        wanted = {"position_ids": "position_ids_BT"}
-        if cfg.model.document_masking:
-            wanted["doc_ids"] = "document_ids_BT"
-        if cfg.model.num_languages or cfg.model.moe.num_experts:
-            # Language embeddings, and MoE expert load by language.
-            wanted["lang_ids"] = "lang_ids_BT"
-        kwargs = {
-            arg: self._on_device(batch[key])
-            for key, arg in wanted.items()
-            if batch.get(key) is not None
-        }
-        pad_mask = batch.get("attention_mask")
-        if "document_ids_BT" not in kwargs and pad_mask is not None and not bool(pad_mask.all()):
-            kwargs["document_ids_BT"] = self._on_device(
-                torch.where(pad_mask.bool(), 0, -1).to(torch.int32)
-            )
-        return kwargs
+        Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
+        ``loss_context`` (the caller runs backward inside it too)."""
+        input_ids = to_device(batch["input_ids"], self.device)
+        labels = self.mix.targets(to_device(batch["labels"], self.device))
+        kwargs = model_inputs(batch, self.cfg.model, self.device)
+        groups = self._target_groups(batch, kwargs)
+        with self._autocast():
+            if self.dims.tp > 1:
+                logits_BTV = self.model(input_ids, **kwargs)
+                loss, sums_G, counts_G = self.mix.loss_from_logits(
+                    logits_BTV, labels, groups, num_groups=self.num_groups, local=local_value
+                )
+                return loss, (sums_G, counts_G)
+            hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
+            weight_VD, bias_V = self.model.output_projection()
+        loss, sums_G, counts_G = self.mix.loss(
+            hidden_BTD,
+            weight_VD,
+            bias_V,
+            labels,
+            groups,
+            num_groups=self.num_groups,
+            autocast=self._autocast,
+        )
+        return loss, (sums_G, counts_G)
 
     def _pipeline_loss(
         self,
@@ -339,19 +428,16 @@ class Trainer:
         the batch's summed loss over ``num_targets`` on every pp rank (each microbatch's loss
         also times ``grad_scale``: ``parallel.pipeline.pipeline_step``). With ``groups`` the
         per-group loss sums and target counts are ``self.pipeline_info.loss_fn.group_sums_G``
-        / ``group_counts_G`` afterwards, on every pp rank.
-
-        Positions, document ids and language ids (:meth:`_model_kwargs`) go to every stage as
-        keyword arguments of ``schedule.step``, split into microbatches like the token ids.
-        """
-        kwargs = self._model_kwargs(batch)
+        / ``group_counts_G`` afterwards, on every pp rank. The model inputs beside the token ids
+        go to every stage as keyword arguments of ``schedule.step``."""
+        kwargs = model_inputs(batch, self.cfg.model, self.device)
         with self._autocast():
             return pipeline_step(
                 self.pipeline,
                 info=self.pipeline_info,
                 dims=self.dims,
-                inputs=self._on_device(batch["input_ids"]),
-                targets=self._shifted_labels(batch),
+                inputs=to_device(batch["input_ids"], self.device),
+                targets=self.mix.targets(to_device(batch["labels"], self.device)),
                 stage_kwargs=kwargs,
                 ignore_index=IGNORE_INDEX,
                 backward=backward,
@@ -361,76 +447,21 @@ class Trainer:
                 num_groups=self.num_groups,
             )
 
-    def _autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return nullcontext()
+    def _valid_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A held-out batch's summed loss, forward only (``Validator``)."""
+        if self.pipeline is not None:
+            return self._pipeline_loss(batch, backward=False, num_targets=1.0)
+        with loss_context(self.dims):
+            return self.forward_loss(batch)[0]
 
-    def _forward_loss(
-        self, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Summed loss of one micro-batch over its predicted tokens (the caller normalises it)
-        and, per (objective, language) group, the loss sums and predicted-token counts as
-        ``[groups]`` fp32 device tensors (group = objective index * languages + language
-        index: :meth:`_target_groups`).
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer step over the micro-batches ``batches``.
 
-        Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
-        ``loss_context`` (the caller runs backward inside it too): per-token losses with
-        ``reduction="none"`` (a replicated DTensor), summed for the loss and binned per group.
-        """
-        cfg = self.cfg
-        input_ids = self._on_device(batch["input_ids"])
-        labels = self._shifted_labels(batch)
-        kwargs = self._model_kwargs(batch)
-        group_N = self._target_groups(batch, kwargs).flatten()
-        labels_N = labels.flatten()
-        valid_N = labels_N != IGNORE_INDEX
-        zeros_G = torch.zeros(self.num_groups, dtype=torch.float32, device=labels.device)
-        with self._autocast():
-            if self.dims.tp > 1:
-                logits_BTV = self.model(input_ids, **kwargs)
-                loss_N = self._token_losses(logits_BTV, labels)
-                sums_G = zeros_G.index_add(0, group_N, local_value(loss_N.detach()).float())
-                counts_G = zeros_G.index_add(0, group_N, valid_N.float())
-                return loss_N.sum(), (sums_G, counts_G)
-            hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
-            weight_VD, bias_V = self.model.output_projection()
-        # Sums per (objective, language) from one pass; only positions with a target are
-        # projected.
-        hidden_ND = hidden_BTD.flatten(0, 1)
-        if cfg.model.family == "encoder":
-            # MLM predicts ~15% of the positions: project only those (one host sync for the
-            # count). CLM predicts nearly every position, so the decoder projects all of them
-            # and ignored positions add 0: no sync.
-            targets_M = valid_N.nonzero().squeeze(1)
-            hidden_ND, labels_N, group_N = (
-                hidden_ND[targets_M],
-                labels_N[targets_M],
-                group_N[targets_M],
-            )
-            valid_N = valid_N[targets_M]
-        with self._autocast():
-            sums_G = chunked_cross_entropy(
-                hidden_ND,
-                labels_N,
-                weight_VD,
-                bias_V=bias_V,
-                chunk_tokens=cfg.objective.loss_chunk_tokens,
-                reduction="sum",
-                group_N=group_N,
-                num_groups=self.num_groups,
-            )
-        counts_G = zeros_G.index_add(0, group_N, valid_N.float())
-        return sums_G.sum(), (sums_G.detach(), counts_G)
-
-    def _step(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
-        """One optimizer step over the micro-batches.
-
+        Returns ``{"loss", "grad_norm", "tokens", "group_sums", "group_counts", "settled"}``.
         Without host syncs when the optimizer is fused and there is no GradScaler
         (``self.sync_free``; CUDA's default): the loss, grad norm and group sums stay device
         tensors, a non-finite loss skips the update on the device (the fused AdamW's
-        ``found_inf``), and :meth:`_settle` reads them later. Otherwise the step settles itself.
+        ``found_inf``), and :meth:`settle` reads them later. Otherwise the step settles itself.
         """
         accum = len(batches)
         # Each forward's aux loss weighs 1 / (its share of the step's forwards): pipeline
@@ -444,12 +475,14 @@ class Trainer:
         # divided by N and multiplied by dp, which the data-parallel engines divide by.
         dp = self.dims.dp
         num_targets = reduce_metric(
-            sum(self._num_targets(batch) for batch in batches), dims=self.dims, op="sum"
+            sum(self.mix.num_targets(batch["labels"]) for batch in batches),
+            dims=self.dims,
+            op="sum",
         )
         num_targets = num_targets.clamp(min=1)
-        inv_targets = self._on_device((1.0 / num_targets.double()).float())
+        inv_targets = to_device((1.0 / num_targets.double()).float(), self.device)
         if self.pipeline is not None:
-            num_targets = self._on_device(num_targets.float())
+            num_targets = to_device(num_targets.float(), self.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         group_sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         group_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
@@ -468,7 +501,7 @@ class Trainer:
                 group_counts += self.pipeline_info.loss_fn.group_counts_G
                 continue
             with loss_context(self.dims):
-                loss, groups = self._forward_loss(batch)
+                loss, groups = self.forward_loss(batch)
                 scaled = loss * (inv_targets * dp)
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
@@ -481,11 +514,7 @@ class Trainer:
             for optimizer in self.optimizers:
                 self.scaler.unscale_(optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        out = {
-            "tokens": tokens,
-            "group_sums": group_sums,
-            "group_counts": group_counts,
-        }
+        out = {"tokens": tokens, "group_sums": group_sums, "group_counts": group_counts}
         if self.sync_free:
             # Clipping a non-finite step's gradients is harmless: its update is skipped.
             grad_norm = clip_grad_norm_(self.parts, max_norm=max_norm, dims=self.dims)
@@ -513,7 +542,7 @@ class Trainer:
             scheduler.step()
         return out
 
-    def _settle(self, out: dict[str, Any]) -> None:
+    def settle(self, out: dict[str, Any]) -> None:
         """Read a sync-free step's loss and grad norm (waiting for its work) and count it in the
         NaN guard; a step that settled itself is left alone. Steps settle in order."""
         if out["settled"]:
@@ -523,7 +552,7 @@ class Trainer:
         out["grad_norm"] = float(out["grad_norm"]) if self.guard.check(loss) else float("nan")
         out["settled"] = True
 
-    # ------------------------------------------------------------------------------------------
+    # -- resume and save -------------------------------------------------------------------
 
     def _resume(self) -> None:
         from pretrain.checkpoint import rank_zero_result
@@ -676,313 +705,6 @@ class Trainer:
             config_yaml=config_to_yaml(self.cfg),
             index_entry={"dp": loader_state["dp"]},
         )
-
-    def _validate(self) -> dict[str, float]:
-        """Mean validation loss per language over ``train.eval_batches`` held-out batches
-        (through every pipeline stage, forward only, under pipeline parallel)."""
-        valid = build_valid_loaders(
-            self.cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
-        )
-        if not valid:
-            return {}
-        for part in self.parts:
-            part.eval()
-        result = {}
-        with torch.no_grad():
-            for lang, batches in sorted(valid.items()):
-                total = torch.zeros((), dtype=torch.float32, device=self.device)
-                count = torch.zeros((), dtype=torch.float32, device=self.device)
-                for batch in batches:
-                    # Summed losses and target counts: a token-weighted mean per language.
-                    if self.pipeline is not None:
-                        loss = self._pipeline_loss(batch, backward=False, num_targets=1.0)
-                    else:
-                        with loss_context(self.dims):
-                            loss, _ = self._forward_loss(batch)
-                    total += local_value(loss).float()
-                    count += self._num_targets(batch).float().to(self.device)
-                total = reduce_metric(total, dims=self.dims, axis="dp", op="sum")
-                count = reduce_metric(count, dims=self.dims, axis="dp", op="sum")
-                result[lang] = float(total / count.clamp(min=1))
-        for part in self.parts:
-            part.train()
-        return result
-
-    def _memory_gib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-    def _moe_metrics(self) -> dict[str, Any]:
-        """MoE routing over the log window: every micro-batch of every step since the last log
-        line, every pipeline stage, every data-parallel rank (the layers' ``MoEStats``, read and
-        reset here). Padding is not routed, so it counts nowhere.
-
-        Keys: ``moe_aux_loss`` / ``moe_z_loss`` (mean over layers of each layer's mean
-        unweighted loss), ``moe_routed`` (routed assignments, all layers: tokens x top-k x MoE
-        layers, less GShard's skipped second choices), ``moe_dropped_fraction`` (dropped /
-        routed assignments, all layers),
-        ``moe_expert_load`` (share of routed assignments per expert, all layers) and
-        ``moe_load_by_lang`` (per layer, per language: the share of that language's routed
-        assignments sent to each expert).
-        """
-        names = self.moe_layer_names
-        if not names:
-            return {}
-        stats = {}
-        for part in self.parts:
-            if hasattr(part, "moe_stats"):
-                stats.update(part.moe_stats(reset=True))
-        num_experts = self.cfg.model.moe.num_experts
-        num_langs = len(self.languages)
-        # One float64 row per layer (a fixed table: every rank reduces the same shape):
-        # [tokens per expert (E) | routed, dropped, aux sum, z sum, forwards | by language (L*E)]
-        width = num_experts + 5 + num_langs * num_experts
-        rows = []
-        for name in names:
-            layer = stats.get(name)
-            if layer is None:  # on another pipeline stage, or no forward in the window
-                rows.append(torch.zeros(width, dtype=torch.float64, device=self.device))
-                continue
-            by_lang = layer.load_by_lang_LE
-            if by_lang is None:
-                by_lang = torch.zeros(num_langs, num_experts, device=self.device)
-            parts = [layer.tokens_per_expert_E, layer.num_routed, layer.num_dropped]
-            parts += [layer.aux_loss_sum, layer.z_loss_sum, layer.num_forwards, by_lang]
-            rows.append(torch.cat([t.reshape(-1).to(self.device, torch.float64) for t in parts]))
-        table = torch.stack(rows).cpu()
-        # Ranks with other tokens add up: dp always; tp where each tp rank routes its own chunk
-        # (ep_over_tp; the loss sums are then global on every tp rank, and the forward counts
-        # add up alike, so their ratio stays the mean); pp holds disjoint layers.
-        table = reduce_metric(table, dims=self.dims, axis="dp", op="sum")
-        if self.dims.ep_over_tp:
-            table = reduce_metric(table, dims=self.dims, axis="tp", op="sum")
-        if self.dims.pp > 1:
-            table = reduce_metric(table, dims=self.dims, axis="pp", op="sum")
-        experts = table[:, :num_experts]
-        routed, dropped, aux, z, forwards = table[:, num_experts : num_experts + 5].unbind(1)
-        seen = forwards > 0
-        if not bool(seen.any()):
-            return {}
-        load = experts.sum(0)
-        by_lang = table[:, num_experts + 5 :].reshape(len(names), num_langs, num_experts)
-        load_by_lang = {}
-        for index, name in enumerate(names):
-            shares = {}
-            for lang_index, lang in enumerate(self.languages):
-                counts = by_lang[index, lang_index]
-                if counts.sum() > 0:
-                    shares[lang] = [round(float(x), 4) for x in counts / counts.sum()]
-            if shares:
-                load_by_lang[name] = shares
-        out: dict[str, Any] = {
-            "moe_aux_loss": float((aux[seen] / forwards[seen]).mean()),
-            "moe_z_loss": float((z[seen] / forwards[seen]).mean()),
-            "moe_routed": int(routed.sum()),
-            "moe_dropped_fraction": float(dropped.sum() / routed.sum().clamp(min=1)),
-            "moe_expert_load": [round(float(x), 4) for x in load / load.sum().clamp(min=1)],
-        }
-        if load_by_lang:
-            out["moe_load_by_lang"] = load_by_lang
-        return out
-
-    def fit(self) -> int:
-        """Train to ``train.steps``; returns the process exit code."""
-        cfg = self.cfg
-        self.resumed_from = None
-        self.resume_notes: list[str] = []  # corrupt checkpoints passed over, optim.* changes
-        self._resume()
-        start = self.state.step
-        logger = RunLogger(
-            self.run_dir,
-            rank=self.rank,
-            cfg=cfg.logging,
-            total_steps=cfg.train.steps,
-            start_step=start,
-        )
-        for note in self.resume_notes:
-            logger.info(note)
-        if self.resumed_from is not None:
-            logger.info(f"resumed from {self.resumed_from} at step {start}")
-        logger.info(
-            f"model: {self.params_total:,} parameters ({self.params_active:,} active); "
-            f"layout {self.dims.degrees()}; device {self.device}; precision {self.precision}"
-        )
-        self.preemption.install()
-        exit_code = 0
-        batches = iter(self.loader)
-        window_tokens, window_start = 0, time.perf_counter()
-        window_sums = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
-        window_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
-        window_lang_tokens: dict[str, int] = defaultdict(int)
-        pending = None  # the previous step's output, read once this step's work is queued
-        saved_step = start  # the step of the newest checkpoint (a resumed one counts)
-        try:
-            step = start
-            last = cfg.train.stop_at or cfg.train.steps
-            while step < last:
-                micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-                for batch in micro:
-                    for index, count in enumerate(batch["tokens_per_lang"].tolist()):
-                        if count:
-                            window_lang_tokens[self.languages[index]] += int(count)
-                out = self._step(micro)
-                step += 1
-                window_tokens += out["tokens"]
-                window_sums += out["group_sums"]
-                window_counts += out["group_counts"]
-                if pending is not None:
-                    self._settle(pending)
-                    if self.guard.diverged:  # the previous step's loss, read a step late
-                        logger.info(self.guard.message(step - 1))
-                        exit_code = EXIT_DIVERGED
-                        break
-                pending = out
-                # Never checkpoint inside a run of non-finite losses: the last checkpoint
-                # stays one taken after a good step.
-                periodic = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                log_now = step % cfg.logging.every == 0 or step == last
-                stop = self.preemption.should_stop()
-                if periodic or log_now or stop or step == last:
-                    self._settle(out)
-                if self.guard.diverged:
-                    logger.info(self.guard.message(step))
-                    exit_code = EXIT_DIVERGED
-                    break
-                if log_now:
-                    elapsed = time.perf_counter() - window_start
-                    global_tokens = float(
-                        reduce_metric(float(window_tokens), dims=self.dims, op="sum")
-                    )
-                    tokens_per_s = global_tokens / max(elapsed, 1e-9)
-                    metrics: dict[str, Any] = {
-                        "loss": out["loss"],
-                        "lr": self.schedulers[0].get_last_lr()[0],
-                        "grad_norm": out["grad_norm"],
-                        "tokens_per_s": tokens_per_s,
-                        "memory_gib": self._memory_gib(),
-                        "skipped_steps": self.guard.total,
-                        # Samples of corrupt shards skipped so far (data.on_bad_shard=skip),
-                        # summed over dp ranks; 0 on clean data.
-                        "bad_samples": int(
-                            reduce_metric(
-                                float(self.loader.counters["bad_samples"]),
-                                dims=self.dims,
-                                op="sum",
-                            )
-                        ),
-                    }
-                    if self.peak_flops is not None:
-                        metrics["mfu"] = mfu(
-                            tokens_per_s / self.world_size,
-                            flops_per_token=self.flops_per_token,
-                            peak=self.peak_flops,
-                        )
-                    metrics.update(
-                        self._language_metrics(window_sums, window_counts, window_lang_tokens)
-                    )
-                    metrics.update(self._moe_metrics())
-                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                        valid = self._validate()
-                        if valid:
-                            metrics["valid_loss_per_lang"] = valid
-                            metrics["valid_loss"] = sum(valid.values()) / len(valid)
-                    logger.log(metrics, step)
-                    window_tokens, window_start = 0, time.perf_counter()
-                    window_sums.zero_()
-                    window_counts.zero_()
-                    window_lang_tokens.clear()
-                else:
-                    logger.advance(step)
-                # No save of non-finite state, ever: a refused save stops the run (exit 3)
-                # with the last good checkpoint intact; inside a run of non-finite losses a
-                # periodic save waits for a good step.
-                refused = None
-                if periodic and self.guard.consecutive == 0:
-                    refused = self._save(step)
-                    saved_step = step if refused is None else saved_step
-                if stop and refused is None and saved_step != step:
-                    refused = self._save(step)
-                if refused is not None:
-                    logger.info(f"not saving step {step}: {refused}; stopping with the last good "
-                                "checkpoint intact")  # fmt: skip
-                    exit_code = EXIT_DIVERGED
-                    break
-                if stop:
-                    self.checkpoints.close()
-                    logger.info(f"stop signal received: checkpointed step {step}, exiting")
-                    exit_code = EXIT_PREEMPTED
-                    break
-            else:
-                refused = self._save(step) if saved_step != step else None
-                if refused is not None:
-                    logger.info(f"not saving step {step}: {refused}; stopping with the last good "
-                                "checkpoint intact")  # fmt: skip
-                    exit_code = EXIT_DIVERGED
-                if exit_code == 0 and last < cfg.train.steps:
-                    logger.info(
-                        f"train.stop_at reached: checkpointed step {step} of {cfg.train.steps}"
-                    )
-            self.checkpoints.close()
-        finally:
-            self.preemption.uninstall()
-            logger.close()
-        if self.rank == 0 and (self.run_dir / "metrics.jsonl").exists():
-            written = plot_run(self.run_dir / "metrics.jsonl", self.run_dir)
-            if exit_code == 0:
-                print(f"loss curves: {', '.join(str(p) for p in written)}")
-        return exit_code
-
-    def _language_metrics(
-        self,
-        group_sums: torch.Tensor,
-        group_counts: torch.Tensor,
-        lang_tokens: dict[str, int],
-    ) -> dict[str, Any]:
-        """Train loss per language and per objective, and tokens per language, over the log
-        window, summed over dp ranks (a fixed table: every rank reduces the same shape).
-
-        ``group_sums`` / ``group_counts``: loss sums and predicted tokens per (objective index,
-        language index) group, as :meth:`_forward_loss` returns them.
-        """
-        objectives = sorted(set(self.objective_names))
-        keys = [(obj, lang) for obj in objectives for lang in self.languages]
-        num_langs = len(self.languages)
-        rows = torch.zeros(len(keys), 2, dtype=torch.float64)
-        sums, counts = group_sums.double().cpu(), group_counts.double().cpu()
-        for index, name in enumerate(self.objective_names):
-            at = objectives.index(name) * num_langs
-            rows[at : at + num_langs, 0] += sums[index * num_langs : (index + 1) * num_langs]
-            rows[at : at + num_langs, 1] += counts[index * num_langs : (index + 1) * num_langs]
-        lang_rows = torch.tensor(
-            [[float(lang_tokens.get(lang, 0)), 0.0] for lang in self.languages],
-            dtype=torch.float64,
-        )
-        table = reduce_metric(torch.cat([rows, lang_rows]), dims=self.dims, axis="dp", op="sum")
-        sums = {k: (float(table[i, 0]), float(table[i, 1])) for i, k in enumerate(keys)}
-        out: dict[str, Any] = {
-            "tokens_per_lang": {
-                lang: int(table[len(keys) + i, 0])
-                for i, lang in enumerate(self.languages)
-                if table[len(keys) + i, 0] > 0
-            }
-        }
-        per_lang, per_objective = {}, {}
-        for lang in self.languages:
-            loss = sum(sums[(obj, lang)][0] for obj in objectives)
-            count = sum(sums[(obj, lang)][1] for obj in objectives)
-            if count > 0:
-                per_lang[lang] = loss / count
-        for obj in objectives:
-            loss = sum(sums[(obj, lang)][0] for lang in self.languages)
-            count = sum(sums[(obj, lang)][1] for lang in self.languages)
-            if count > 0:
-                per_objective[obj] = loss / count
-        if per_lang:
-            out["loss_per_lang"] = per_lang
-        if per_objective:
-            out["loss_per_objective"] = per_objective
-        return out
 
 
 def train(cfg: RunConfig, *, rank: int, world_size: int) -> int:

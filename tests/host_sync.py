@@ -15,7 +15,7 @@ runs in every CI. Code compiled with ``torch.compile`` runs eagerly while the re
 Usage::
 
     with HostSyncRecorder() as syncs:
-        trainer._step([batch])
+        trainer.train_step([batch])
     assert not syncs.calls, syncs.calls
 """
 

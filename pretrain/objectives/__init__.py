@@ -1,12 +1,35 @@
-"""Pre-training losses computed from final hidden states in token chunks.
+"""Pre-training objectives: what each asks of the loader, its targets, its loss and its metrics.
 
-hidden_BTD = model(tokens_BT, return_hidden=True)
-weight_VD, bias_V = model.output_projection()
-loss = clm_loss(hidden_BTD, tokens_BT, weight_VD, bias_V=bias_V, chunk_tokens=4096)
+What to call: ``ObjectiveMix.from_config(cfg)`` (the run's objectives,
+``pretrain.objectives.mix``); ``OBJECTIVES`` / ``register`` (the registry,
+``pretrain.objectives.registry``); the chunked losses (``pretrain.objectives.losses``)::
+
+    hidden_BTD = model(tokens_BT, return_hidden=True)
+    weight_VD, bias_V = model.output_projection()
+    loss = clm_loss(hidden_BTD, tokens_BT, weight_VD, bias_V=bias_V, chunk_tokens=4096)
 """
 
 from __future__ import annotations
 
 from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy, clm_loss, mlm_loss
+from pretrain.objectives.mix import ObjectiveMix
+from pretrain.objectives.registry import (
+    DEFAULT_OBJECTIVE,
+    OBJECTIVES,
+    Objective,
+    objective_weights,
+    register,
+)
 
-__all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "clm_loss", "mlm_loss"]
+__all__ = [
+    "DEFAULT_OBJECTIVE",
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveMix",
+    "chunked_cross_entropy",
+    "clm_loss",
+    "mlm_loss",
+    "objective_weights",
+    "register",
+]

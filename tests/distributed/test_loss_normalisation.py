@@ -115,10 +115,10 @@ def _gradients(rank: int, world_size: int, cases: dict) -> dict:
             micro = [_cat([_part(i) for i in parts]) for parts in plan[trainer.dims.dp_rank]]
             seen.clear()
             try:
-                result = trainer._step(micro)
+                result = trainer.train_step(micro)
             except Exception as error:
                 raise RuntimeError(f"case {label}: {error}") from error
-            trainer._settle(result)
+            trainer.settle(result)
             out[label] = {"grads": dict(seen), "loss": result["loss"]}
     finally:
         trainer_module.clip_grad_norm_ = clip

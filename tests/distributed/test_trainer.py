@@ -120,7 +120,7 @@ def _run_with_nan(rank: int, world_size: int, cfg, nan_from: int) -> dict:
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
-    forward = trainer._forward_loss
+    forward = trainer.forward_loss
     calls = {"n": 0}
     weights = {}
 
@@ -133,7 +133,7 @@ def _run_with_nan(rank: int, world_size: int, cfg, nan_from: int) -> dict:
             loss = loss * float("nan")
         return loss, per_lang
 
-    trainer._forward_loss = poisoned
+    trainer.forward_loss = poisoned
     code = trainer.fit()
     return {
         "code": code,
@@ -316,12 +316,12 @@ def _watched_steps(rank: int, world_size: int, cfgs: dict, cuda: bool = False) -
     for label, cfg in cfgs.items():
         trainer = Trainer(cfg, rank=rank, world_size=world_size)
         batches = iter(trainer.loader)
-        trainer._step([next(batches)])
+        trainer.train_step([next(batches)])
         held = [next(batches) for _ in range(2)]
         with watch() as syncs:
-            outs = [trainer._step([batch]) for batch in held]
+            outs = [trainer.train_step([batch]) for batch in held]
         for out in outs:
-            trainer._settle(out)
+            trainer.settle(out)
         result[label] = {
             "sync_free": trainer.sync_free,
             "syncs": syncs.calls,
@@ -388,9 +388,9 @@ def _eager_and_compiled_losses(rank: int, world_size: int, cfgs: dict) -> dict:
             torch._dynamo.utils.counters.clear()
             trainer = Trainer(cfg, rank=rank, world_size=world_size)
             batches = iter(trainer.loader)
-            outs = [trainer._step([next(batches)]) for _ in range(3)]
+            outs = [trainer.train_step([next(batches)]) for _ in range(3)]
             for out in outs:
-                trainer._settle(out)
+                trainer.settle(out)
             losses.append([out["loss"] for out in outs])
         result[label] = {
             "eager": losses[0],

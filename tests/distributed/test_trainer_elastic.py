@@ -36,13 +36,13 @@ def _run_logged(rank: int, world_size: int, cfg) -> dict:
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
     trainer.loader.dataset.track_docs = True  # read when iteration starts (in fit)
-    step_fn, tokens = trainer._step, []
+    step_fn, tokens = trainer.train_step, []
 
     def step(batches):
         tokens.append([int(x) for x in sum(b["tokens_per_lang"] for b in batches).tolist()])
         return step_fn(batches)
 
-    trainer._step = step
+    trainer.train_step = step
     code = trainer.fit()
     return {
         "code": code,

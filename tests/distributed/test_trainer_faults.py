@@ -101,7 +101,7 @@ def _run_poisoned(rank: int, world_size: int, cfg, poison_after: int, what: str,
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
-    step_fn, calls = trainer._step, {"n": 0}
+    step_fn, calls = trainer.train_step, {"n": 0}
 
     def step(batches):
         out = step_fn(batches)
@@ -114,10 +114,10 @@ def _run_poisoned(rank: int, world_size: int, cfg, poison_after: int, what: str,
                 else:
                     trainer.optimizers[0].state[param]["exp_avg"].fill_(float("inf"))
         if calls["n"] == signal_at:
-            trainer.preemption._handle(signal.SIGUSR1, None)
+            trainer.preemption.request_stop(signal.SIGUSR1)
         return out
 
-    trainer._step = step
+    trainer.train_step = step
     return trainer.fit()
 
 
@@ -430,7 +430,7 @@ def _run_killed_after_async_write(rank: int, world_size: int, cfg, kill_at: int,
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
-    step_fn, calls = trainer._step, {"n": 0}
+    step_fn, calls = trainer.train_step, {"n": 0}
     final = trainer.run_dir / "checkpoints" / f"step_{saved}"
 
     def step(batches):
@@ -443,7 +443,7 @@ def _run_killed_after_async_write(rank: int, world_size: int, cfg, kill_at: int,
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
-    trainer._step = step
+    trainer.train_step = step
     return trainer.fit()
 
 

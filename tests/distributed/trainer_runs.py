@@ -49,7 +49,7 @@ def fit_rank(rank: int, world_size: int, cfg, stop_after: int | None) -> int:
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
     if stop_after is not None:
-        step_fn = trainer._step
+        step_fn = trainer.train_step
         calls = {"n": trainer.state.step}
 
         def step_then_signal(batches):
@@ -57,10 +57,10 @@ def fit_rank(rank: int, world_size: int, cfg, stop_after: int | None) -> int:
             calls["n"] += 1
             if calls["n"] == stop_after and rank == 0:
                 # As SLURM would: a signal on one rank; every rank must stop at this step.
-                trainer.preemption._handle(signal.SIGUSR1, None)
+                trainer.preemption.request_stop(signal.SIGUSR1)
             return out
 
-        trainer._step = step_then_signal
+        trainer.train_step = step_then_signal
     return trainer.fit()
 
 

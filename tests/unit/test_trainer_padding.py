@@ -1,6 +1,6 @@
 """Padding of TLM rows is masked whatever ``model.document_masking`` says: the model inputs the
-trainer builds from a padded batch (``Trainer._model_kwargs``) keep every real token's output
-independent of the padding."""
+trainer builds from a padded batch (``pretrain.batches.model_inputs``) keep every real token's
+output independent of the padding."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.batches import model_inputs
 from pretrain.config import load_config
 from pretrain.models import build_model
-from pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,15 +46,13 @@ def test_tlm_padding_never_changes_real_token_outputs(document_masking: bool) ->
         [f"model.document_masking={str(document_masking).lower()}", "model.num_languages=2",
          "model.dropout=0.0", "train.run_dir=unused"],
     )  # fmt: skip
-    trainer = Trainer.__new__(Trainer)  # only the batch -> model inputs part
-    trainer.cfg, trainer.device = cfg, torch.device("cpu")
     model = build_model(cfg.model)
     model.init_weights(0)
     model.eval()
     outputs = []
     for pad_token in (1, 77):
         batch = _batch(pad_token)
-        kwargs = trainer._model_kwargs(batch)
+        kwargs = model_inputs(batch, cfg.model, torch.device("cpu"))
         assert "document_ids_BT" in kwargs
         with torch.no_grad():
             outputs.append(model(batch["input_ids"], **kwargs))
@@ -73,8 +71,6 @@ def test_unpadded_batch_without_document_masking_gets_no_mask() -> None:
     # CLM rows have no padding: attention stays SDPA's own causal kernel.
     cfg = load_config(REPO / "configs" / "tiny_decoder.yaml",
                       ["model.document_masking=false", "train.run_dir=unused"])  # fmt: skip
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.device = cfg, torch.device("cpu")
     batch = _batch(1)
     batch["attention_mask"] = torch.ones(2, 16, dtype=torch.bool)
-    assert set(trainer._model_kwargs(batch)) == {"position_ids_BT"}
+    assert set(model_inputs(batch, cfg.model, torch.device("cpu"))) == {"position_ids_BT"}

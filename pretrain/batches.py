@@ -1,0 +1,54 @@
+"""Loader batches onto the training device: the token ids' companions the model takes.
+
+What to call: ``model_inputs(batch, model_cfg, device)`` -> the keyword arguments of
+``model(input_ids, **kwargs)`` (positions, document ids, language ids) on ``device``;
+``to_device(tensor, device)`` for any batch tensor. Guarantees: only what the model takes is
+copied, each tensor once, from the CPU batch (which is left as it is); on CUDA through pinned
+memory, so that the copy is queued like a kernel instead of waiting for the stream (a copy from
+pageable memory is a hidden host sync that would stop the host running ahead of the GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pretrain.models.config import ModelConfig
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on ``device`` (pinned and non-blocking on CUDA: module docstring)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def model_inputs(
+    batch: dict[str, Any], model_cfg: ModelConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The batch's per-token model inputs beside the token ids, on ``device``: positions,
+    document ids (``model.document_masking``), language ids (``model.num_languages``, and MoE
+    expert load by language).
+
+    Padding (TLM rows) is masked whatever ``model.document_masking`` says: without document
+    masking a padded batch still gets document ids, 0 on every token and -1 on padding, so real
+    tokens attend to the whole row but never to padding. (The check reads the CPU batch: no
+    device sync.)
+    """
+    wanted = {"position_ids": "position_ids_BT"}
+    if model_cfg.document_masking:
+        wanted["doc_ids"] = "document_ids_BT"
+    if model_cfg.num_languages or model_cfg.moe.num_experts:
+        wanted["lang_ids"] = "lang_ids_BT"
+    kwargs = {
+        arg: to_device(batch[key], device)
+        for key, arg in wanted.items()
+        if batch.get(key) is not None
+    }
+    pad_mask = batch.get("attention_mask")
+    if "document_ids_BT" not in kwargs and pad_mask is not None and not bool(pad_mask.all()):
+        kwargs["document_ids_BT"] = to_device(
+            torch.where(pad_mask.bool(), 0, -1).to(torch.int32), device
+        )
+    return kwargs
