@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback: a bad option, a truncated or
 corrupt ``.zst``/``.gz`` file, a TSV without tabs, line-aligned files of different lengths, an
-``--out`` that is a file) or, for ``verify``, a faulty shard directory (one line per fault).
+``--out`` that is a file, a bad Megatron ``.bin``/``.idx``) or, for ``verify``, a faulty shard
+directory (one line per fault).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import time
 from typing import NoReturn
 
 from data_pipeline.manifest import load_manifest, merge_manifests, summary_lines
+from data_pipeline.megatron_dataset import (
+    DEFAULT_SHARD_TOKENS,
+    TOKEN_DTYPE_NAMES,
+    export_megatron,
+    import_megatron,
+)
 from data_pipeline.mix import add_mix_parser
 from data_pipeline.shard import DEFAULT_SHARD_TEXT_MB, ShardSettings, default_workers, run_shard_job
 from data_pipeline.shard_format import DEFAULT_SAMPLE_TOKENS
@@ -163,12 +170,116 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_megatron(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    outputs = export_megatron(
+        args.shards,
+        out=args.out,
+        langs=args.lang,
+        merged=args.merged,
+        append_eod=args.append_eod,
+        dtype=args.dtype,
+        log=print,
+    )
+    for o in outputs:
+        print(
+            f"wrote {o['prefix']}.bin/.idx ({', '.join(o['langs'])}): {o['documents']:,} "
+            f"documents, {o['tokens']:,} tokens, {o['dtype']}"
+        )
+    print(f"exported {len(outputs)} dataset(s) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_import_megatron(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    manifest = import_megatron(
+        args.prefix,
+        lang=args.lang,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        sample_tokens=args.sample_tokens,
+        shard_tokens=args.shard_tokens,
+    )
+    print("\n".join(summary_lines(manifest)))
+    _print_rejects({args.lang: manifest["languages"][args.lang]["rejected"]})
+    print(f"wrote {args.out}/manifest.json in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _add_megatron_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-megatron",
+        help="write mono shards as Megatron indexed datasets (.bin + .idx)",
+        description="Write the mono documents of a shard directory as Megatron-LM indexed "
+        "datasets, one sequence per document: OUT_<lang>.bin/.idx per language, or a single "
+        "OUT.bin/.idx when one --lang is given or with --merged (languages in sorted order). "
+        "Pair shards are not exported. The tokenizer is copied to tokenizer/ beside OUT.",
+    )
+    p.add_argument("shards", help="shard directory (or its manifest.json)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="output path prefix")
+    p.add_argument(
+        "--lang",
+        action="append",
+        metavar="L",
+        help="export this language (repeatable; default: every language)",
+    )
+    p.add_argument(
+        "--merged", action="store_true", help="one dataset OUT over the chosen languages"
+    )
+    p.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="end each document with the tokenizer's eos (as Megatron's preprocess_data.py "
+        "--append-eod; GPT training on the files usually wants it)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=TOKEN_DTYPE_NAMES,
+        default=None,
+        help="id dtype (default: uint16 below 65,500 vocabulary entries, else int32, as "
+        "Megatron's preprocessing)",
+    )
+    p.set_defaults(func=_cmd_export_megatron)
+
+    p = sub.add_parser(
+        "import-megatron",
+        help="read a Megatron indexed dataset (.bin + .idx) into shards with a manifest",
+        description="Read PREFIX.bin/.idx (one language) into a new shard directory with its "
+        "manifest and tokenizer. A Megatron document (its sequences joined) becomes one "
+        "document; a trailing eos is dropped (shards store their own), empty documents are "
+        "skipped and counted. Ids must come from the tokenizer. Join directories with merge.",
+    )
+    p.add_argument("prefix", help="path prefix of the .bin and .idx files")
+    p.add_argument("--lang", required=True, help="the language of the documents")
+    p.add_argument("--out", required=True, help="shard directory to create (new or empty)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory the ids come from (default: tokenizer/ beside PREFIX, as "
+        "export-megatron leaves it)",
+    )
+    p.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=DEFAULT_SAMPLE_TOKENS,
+        help=f"target tokens per sample (default: {DEFAULT_SAMPLE_TOKENS})",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help=f"start a new shard after this many tokens (default: {DEFAULT_SHARD_TOKENS:,})",
+    )
+    p.set_defaults(func=_cmd_import_megatron)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m data_pipeline`` parser, one subcommand per job."""
     parser = _Parser(
         prog="python -m data_pipeline",
         description="Rosetta data jobs: tokenizer training, sharding, verification, inspection, "
-        "merging array-job parts, and the language mix a run will get.",
+        "merging array-job parts, the language mix a run will get, and Megatron indexed "
+        "datasets out and in.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -276,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the merged manifest.json")
     p.set_defaults(func=_cmd_merge)
     add_mix_parser(sub)
+    _add_megatron_parsers(sub)
     return parser
 
 
