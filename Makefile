@@ -35,6 +35,25 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q -e '.[hf,dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# megatron-core, a test-time dependency (rosetta[megatron]): `make test` installs it, `make setup`
+# does not; refreshed with the main set-up, else a timestamp check
+MEGATRON_STAMP := $(VENV)/.rosetta-megatron-installed
+$(MEGATRON_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[megatron]' --config-settings editable_mode=compat
+	touch $(MEGATRON_STAMP)
+test: $(MEGATRON_STAMP)
+
+# DeepSpeed, the optional engine (rosetta[deepspeed], parallel.engine=deepspeed): `make test`
+# installs it (ops not compiled at install) and builds the two C++ ops a CPU run uses (shared-
+# memory collectives, host Adam) once into .venv/torch_extensions (~2 min), so no test pays it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+DEEPSPEED_STAMP := $(VENV)/.rosetta-deepspeed-installed
+$(DEEPSPEED_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[deepspeed]' --config-settings editable_mode=compat
+	$(PY) -m parallel.deepspeed_engine
+	touch $(DEEPSPEED_STAMP)
+test: $(DEEPSPEED_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(RUFF_ARGS) $(RUFF_RULES) .
 	$(VENV)/bin/ruff format --check $(RUFF_ARGS) .

@@ -28,5 +28,10 @@ setup(
     extras_require={
         "hf": ["transformers>=4.46", "safetensors", "peft"],
         "dev": ["pytest", "pytest-timeout", "ruff", "tensorboard"],
+        # test-time only: the tests check our indexed-dataset files against megatron-core's own
+        # reader and builder; 0.16.1 is the newest release for Python 3.11 (0.17+ need 3.12)
+        "megatron": ["megatron-core==0.16.1"],
+        # the optional ZeRO engine (parallel.engine=deepspeed); 0.19.8 measured with torch 2.13
+        "deepspeed": ["deepspeed==0.19.8"],
     },
 )

@@ -64,7 +64,14 @@ class ParallelConfig:
     cpu_offload: bool = False
     """FSDP2 CPU offload (``CPUOffloadPolicy``): sharded parameters, gradients and optimizer
     state live on the host and the optimizer steps there (AdamW unfused); each FSDP unit's
-    parameters are copied to the device for its compute. Needs parallel.dp_shard > 1."""
+    parameters are copied to the device for its compute. Needs parallel.dp_shard > 1. With
+    engine=deepspeed: ZeRO-Offload (optimizer state on the host; stage 3 also parameters)."""
+    engine: Literal["torch", "deepspeed"] = "torch"
+    """Data-parallel engine: torch (FSDP2 / HSDP / DDP, with TP, PP and EP) | deepspeed (ZeRO,
+    data parallel only; the extra rosetta[deepspeed])."""
+    zero_stage: int = 2
+    """engine=deepspeed: ZeRO stage 1 (optimizer state sharded), 2 (+ gradients), 3 (+
+    parameters)."""
 
 
 def _positive(key: str, value: int) -> None:
@@ -156,7 +163,9 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
             )
         if not cfg.ep_over_tp and dp_shard % cfg.ep != 0:
             raise ValueError(f"parallel.ep ({cfg.ep}) must divide parallel.dp_shard ({dp_shard})")
-    if cfg.cpu_offload and dp_shard == 1:
+    if cfg.engine == "deepspeed":
+        _validate_deepspeed(cfg)
+    elif cfg.cpu_offload and dp_shard == 1:
         # Offload moves FSDP2's shards to the host: without sharding there is no FSDP unit.
         raise ValueError(
             "parallel.cpu_offload (True) needs FSDP: parallel.dp_shard (1) must be > 1"
@@ -168,3 +177,18 @@ def validate_parallel(cfg: ParallelConfig, *, world_size: int | None = None) -> 
         "tp": cfg.tp,
         "ep": cfg.ep,
     }
+
+
+def _validate_deepspeed(cfg: ParallelConfig) -> None:
+    """What DeepSpeed's ZeRO engine cannot combine with: our TP/PP/EP meshes and HSDP."""
+    if cfg.zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage ({cfg.zero_stage}) must be one of 1, 2, 3")
+    for key in ("tp", "pp", "ep", "dp_replicate"):
+        value = getattr(cfg, key)
+        if value != 1:
+            raise ValueError(
+                f"parallel.{key} ({value}) must be 1 with parallel.engine=deepspeed: ZeRO is "
+                "data parallel only (use engine=torch for TP/PP/EP/HSDP)"
+            )
+    if cfg.compile:
+        raise ValueError("parallel.compile (True) must be false with parallel.engine=deepspeed")

@@ -1,8 +1,25 @@
 """Sharded, atomic training checkpoints with torch.distributed.checkpoint (DCP).
 
-Call :class:`CheckpointManager` ``save`` / ``load`` / ``close`` on every rank. Guarantee: a
-checkpoint named ``step_<N>`` is complete (every rank's shards and state on disk); a reader never
-sees a half-written one.
+What to call (every rank calls every :class:`CheckpointManager` method; each is a collective):
+
+    manager = CheckpointManager(run_dir, keep=k, async_save=False)
+    state = TrainState(model_parts, optimizers, schedulers, step=step)
+    manager.save(step, state, rank_state=..., config_yaml=..., index_entry=...)
+    manager.recover()                        # train.resume=auto: complete fully written partials
+    rank_states = manager.load(path, state, ranks=[...])
+    manager.close()                          # finish a background save, prune
+
+Guarantee: a checkpoint named ``step_<N>`` is complete (every rank's shards and state on disk);
+a reader never sees a half-written one. ``TrainState`` keys are the unsplit model's parameter
+names, so one checkpoint loads into any pipeline, tensor, expert or data-parallel layout.
+Reading without loading (any rank, no collective): ``complete_checkpoints(root)`` /
+``latest_checkpoint(root)``; ``latest_loadable(root)``, the newest one that looks whole
+(``checkpoint_problem(path)``), raising ``ValueError`` when every one is corrupt;
+``read_rank_index(path)``, ``read_rank_states(path, ranks=...)``; ``check_compatible(path,
+model_cfg)`` raises ``ValueError`` naming the first architecture key that differs.
+``rank_zero_result(fn, *args)`` computes ``fn`` on rank 0 and hands it to every rank (a
+collective). ``rng_state()`` / ``set_rng_state(state)`` capture and restore this process's RNGs.
+``CheckpointPolicy(every)`` decides when the training loop saves.
 
 Layout of ``<run_dir>/checkpoints/``::
 
@@ -393,6 +410,7 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         config_yaml: str | None = None,
         index_entry: dict[str, Any] | None = None,
+        write_extra: Callable[[Path], None] | None = None,
     ) -> None:
         """Save ``state`` (collective) and this rank's ``rank_state`` as checkpoint ``step``,
         with the resolved run config beside it.
@@ -402,7 +420,12 @@ class CheckpointManager:
             index_entry: a small JSON-serializable description of this rank's state (e.g. its
                 dp coordinate); rank 0 writes every rank's entry to ``rank_index.json`` so that
                 a resume can choose which rank files to read.
+            write_extra: a collective writing more into the checkpoint directory (given its
+                path) before the DCP save (DeepSpeed's own engine checkpoint); synchronous
+                saves only.
         """
+        if write_extra is not None and self.async_save:
+            raise ValueError("write_extra needs a synchronous save (checkpoint.async_save false)")
         self.wait()
         partial = self.root / f".step_{step}.partial"
         entry = dict(index_entry or {})
@@ -424,6 +447,8 @@ class CheckpointManager:
             os.replace(tmp, partial / RANK_INDEX)
         _barrier()
         _write_rank_state(partial, rank_state)
+        if write_extra is not None:
+            write_extra(partial)
         if self.async_save:
             done = threading.Event()
             future = dcp.async_save(

@@ -401,6 +401,8 @@ def validate_config(cfg: RunConfig, *, world_size: int | None = None) -> dict[st
                 f"model.moe.num_experts ({model.moe.num_experts}) must be divisible by "
                 f"parallel.ep ({par.ep})"
             )
+    if par.engine == "deepspeed":
+        _validate_deepspeed_run(cfg)
     num_stages = par.pp * par.stages_per_rank
     if num_stages > model.num_layers:
         raise ValueError(
@@ -514,6 +516,25 @@ def _validate_optim(optim: OptimConfig) -> None:
         raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) must be >= 0")
     if not 0.0 <= optim.decay_fraction <= 1.0:
         raise ValueError(f"optim.decay_fraction ({optim.decay_fraction}) must be in [0, 1]")
+
+
+def _validate_deepspeed_run(cfg: RunConfig) -> None:
+    # What our features cannot do under DeepSpeed's engine (the degree rules are
+    # parallel.config's).
+    if cfg.model.moe.num_experts and cfg.parallel.zero_stage == 3:
+        raise ValueError(
+            f"parallel.zero_stage (3) must be 1 or 2 for an MoE model (model.moe.num_experts "
+            f"{cfg.model.moe.num_experts}) with parallel.engine=deepspeed"
+        )
+    if cfg.checkpoint.async_save:
+        raise ValueError(
+            "checkpoint.async (True) must be false with parallel.engine=deepspeed "
+            "(DeepSpeed saves synchronously)"
+        )
+    if cfg.train.precision == "fp16":
+        raise ValueError(
+            "train.precision (fp16) must be fp32 or bf16 with parallel.engine=deepspeed"
+        )
 
 
 def _validate_train(cfg: RunConfig) -> None:

@@ -92,12 +92,23 @@ def plan(cfg: RunConfig, *, world_size: int) -> dict:
         * degrees["dp_shard"]
         * cfg.train.grad_accum,
         **param_counts(build_stage(0, 1)),
-        "data_parallel": layout["data_parallel"],
+        "data_parallel": _data_parallel_engine(cfg, layout["data_parallel"]),
         "pp_schedule": cfg.parallel.pp_schedule if degrees["pp"] > 1 else None,
         "per_rank": layout["per_pp_rank"],
         "params_per_rank_max": layout["params_local_max"],
         "memory_per_rank_bytes": layout["memory_bytes_max"],
     }
+
+
+def _data_parallel_engine(cfg: RunConfig, torch_mode: str) -> str:
+    par = cfg.parallel
+    if par.engine != "deepspeed":
+        return torch_mode
+    offload = " with CPU offload" if par.cpu_offload else ""
+    return (
+        f"deepspeed ZeRO-{par.zero_stage}{offload} (memory below is the FSDP2 estimate; "
+        f"ZeRO-1/2 keep whole parameters on every rank)"
+    )
 
 
 def _print_plan(result: dict, *, as_json: bool) -> None:

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from parallel.mesh import ParallelDims
 from parallel.parallelize import (
+    apply_activation_checkpointing,
     clip_grad_norm_,
     local_value,
     loss_context,
@@ -172,7 +173,14 @@ class Trainer:
             seq_len=cfg.data.seq_len,
         )
         self.pipeline = None
-        if self.dims.pp > 1:
+        self.engine = None  # the DeepSpeed engine (parallel.engine=deepspeed)
+        if cfg.parallel.engine == "deepspeed":
+            # ZeRO wraps the plain model: materialised and initialised as one process would.
+            apply_activation_checkpointing(model, mode=cfg.parallel.activation_checkpointing)
+            model.to_empty(device=self.device)
+            model.init_weights(cfg.train.seed)
+            parts = [model]
+        elif self.dims.pp > 1:
             self.pipeline, parts, self.pipeline_info = build_pipeline(
                 lambda stage, num_stages: build_stage_model(cfg, stage, num_stages),
                 dims=self.dims,
@@ -200,15 +208,30 @@ class Trainer:
         self.optimizers = [
             build_optimizer(part, cfg.optim, device_type=self.device.type) for part in parts
         ]
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.cpu_offload:
+            from parallel.deepspeed_engine import host_adamw
+
+            self.optimizers = [host_adamw(opt) for opt in self.optimizers]
         self.schedulers = [
             build_scheduler(opt, cfg.optim, total_steps=cfg.train.steps) for opt in self.optimizers
         ]
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        if cfg.parallel.engine == "deepspeed":
+            from parallel.deepspeed_engine import DeepSpeedState, build_engine
+
+            self.engine = build_engine(
+                self.model, self.optimizers[0], cfg=cfg, precision=self.precision
+            )
+            self.model = self.engine  # forward through the engine (ZeRO-3 gathers there)
+            self.state = DeepSpeedState(self.engine, self.schedulers[0])
+        else:
+            self.state = TrainState(self.parts, self.optimizers, self.schedulers, step=0)
         # A fused AdamW skips a non-finite step's update on the device: no host sync needed.
-        self.sync_free = self.scaler is None and all(
-            opt.defaults.get("fused") for opt in self.optimizers
+        self.sync_free = (
+            self.engine is None
+            and self.scaler is None
+            and all(opt.defaults.get("fused") for opt in self.optimizers)
         )
-        self.state = TrainState(self.parts, self.optimizers, self.schedulers, step=0)
         self.checkpoints = CheckpointManager(
             self.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
@@ -396,7 +419,9 @@ class Trainer:
         kwargs = model_inputs(batch, self.cfg.model, self.device)
         groups = self._target_groups(batch, kwargs)
         with self._autocast():
-            if self.dims.tp > 1:
+            if self.dims.tp > 1 or self.engine is not None:
+                # Whole logits: vocabulary-sharded under TP; under DeepSpeed the projection
+                # runs inside the engine's forward (ZeRO-3 gathers its weight only there).
                 logits_BTV = self.model(input_ids, **kwargs)
                 loss, sums_G, counts_G = self.mix.loss_from_logits(
                     logits_BTV, labels, groups, num_groups=self.num_groups, local=local_value
@@ -503,9 +528,15 @@ class Trainer:
             with loss_context(self.dims):
                 loss, groups = self.forward_loss(batch)
                 scaled = loss * (inv_targets * dp)
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+                if self.engine is not None:
+                    # DeepSpeed averages over dp, as the torch engines do; it steps (and clips
+                    # at optim.grad_clip) at the last micro-batch of the step.
+                    self.engine.backward(scaled, scale_wrt_gas=False)
+                    self.engine.step()
+                else:
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    scaled.backward()
             loss_sum += local_value(loss).detach().float() * inv_targets
             group_sums += groups[0]
             group_counts += groups[1]
@@ -527,7 +558,11 @@ class Trainer:
             loss_value = float(loss)
             finite = self.guard.check(loss_value)
             grad_norm = float("nan")
-            if finite:
+            if self.engine is not None:
+                # DeepSpeed stepped already; it skips a step whose gradient norm is not finite.
+                norm = self.engine.get_global_grad_norm()
+                grad_norm = float(norm) if finite and norm is not None else float("nan")
+            elif finite:
                 grad_norm = float(clip_grad_norm_(self.parts, max_norm=max_norm, dims=self.dims))
                 for optimizer in self.optimizers:
                     if self.scaler is not None:
@@ -538,7 +573,8 @@ class Trainer:
                     self.scaler.update()
             out.update(loss=loss_value, grad_norm=grad_norm, settled=True)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-            optimizer.zero_grad(set_to_none=True)
+            if self.engine is None:  # DeepSpeed clears its own (ZeRO-Offload keeps buffers)
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         return out
 
@@ -579,7 +615,14 @@ class Trainer:
             [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
             for opt in self.optimizers
         ]
-        self.checkpoints.load(path, self.state, ranks=[])
+        if self.engine is not None:
+            # DCP brings the step and scheduler; DeepSpeed its weights and optimizer partitions.
+            self.state.loading = True
+            self.checkpoints.load(path, self.state, ranks=[])
+            self.state.loading = False
+            self.state.load_engine(path)
+        else:
+            self.checkpoints.load(path, self.state, ranks=[])
         self._apply_optim_config(path, fresh_groups)
         # One loader state per old dp rank (tp/pp/ep peers saved the same one): this dp
         # rank's own when the dp layout is unchanged, else all of them for the loader to
@@ -704,6 +747,7 @@ class Trainer:
             rank_state={"rng": rng_state(), **loader_state},
             config_yaml=config_to_yaml(self.cfg),
             index_entry={"dp": loader_state["dp"]},
+            write_extra=self.state.save_engine if self.engine is not None else None,
         )
 
 

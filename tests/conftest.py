@@ -4,6 +4,7 @@ directories use: ``shards`` (small real shards from the bundled sample) and ``cl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ from tests.sample_data import build_sample_shards
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # DeepSpeed's C++ ops (shared-memory comm, host Adam), built once by `make test`'s set-up:
+    # a test run reuses them instead of compiling them again (minutes on 2 cores).
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        str(Path(__file__).resolve().parents[1] / ".venv" / "torch_extensions"),
+    )
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
 
