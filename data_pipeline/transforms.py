@@ -10,7 +10,21 @@ A *joined* sample is the token stream the packers cut sequences from:
 - pair: every pair as one segment ``src </s> tgt </s>`` with per-token language ids and
   positions restarting at the target; segments are packed whole (TLM).
 
-Everything here is pure numpy on whole arrays: no Python loop over tokens.
+Objectives beyond BERT masking, each a function a loader calls per row, batch or document,
+with a numpy Generator as its only source of randomness:
+
+- T5 span corruption: :func:`t5_span_lengths` (raw row length for full packed rows),
+  :func:`random_spans_noise_mask`, :func:`span_corrupt` (``[B, L]`` -> inputs ``[B, I]``,
+  targets ``[B, G]``), sentinels from :func:`sentinel_ids_from_tokenizer`;
+- BART / mBART denoising of one document: :func:`denoise` with a :class:`DenoisingConfig`
+  (:data:`BART_DENOISING`, :data:`MBART_DENOISING`), built from :func:`permute_sentences`,
+  :func:`text_infill` and :func:`rotate_document`; sentence ends from
+  :func:`sentence_end_table`; :func:`decoder_inputs` for teacher forcing;
+- SpanBERT span masking: :func:`span_mask` with a :class:`SpanMaskingConfig` (spans from
+  :func:`select_spans`), outputs as :func:`mask_tokens`.
+
+Everything here is pure numpy on whole arrays: no Python loop over tokens (the span
+transforms loop over rows and spans only).
 """
 
 from __future__ import annotations
@@ -370,6 +384,708 @@ def mask_tokens(
     inputs_N[selected_S[action_S < cfg.replace_prob]] = vocab.mask_id
     to_random_R = selected_S[
         (action_S >= cfg.replace_prob) & (action_S < cfg.replace_prob + cfg.random_prob)
+    ]
+    if len(to_random_R):
+        if normal_ids is None:
+            normal_ids = np.flatnonzero(~special_V)
+        inputs_N[to_random_R] = normal_ids[rng.integers(0, len(normal_ids), len(to_random_R))]
+    return inputs_BT, labels_BT
+
+
+# --- T5 span corruption ----------------------------------------------------------------------
+# Shape legend here: ``L`` tokens of one row before corruption, ``I`` input tokens, ``G`` target
+# tokens, ``S`` noise spans.
+
+
+def t5_span_lengths(
+    inputs_length: int, *, noise_density: float = 0.15, mean_span: float = 3.0
+) -> tuple[int, int]:
+    """How many raw tokens to cut per row so that span corruption fills ``inputs_length``:
+    T5's ``random_spans_helper`` (one sentinel per span on each side, one eos on each side).
+
+    Returns:
+        ``(tokens_length, targets_length)``: rows of ``tokens_length`` raw tokens corrupt into
+        inputs of at most ``inputs_length`` and targets of ``targets_length`` ids, eos included
+        (exactly ``inputs_length`` for the lengths pre-training uses, e.g. 512 -> (568, 114)).
+
+    Raises:
+        ValueError: ``inputs_length`` < 2, ``noise_density`` outside (0, 1) or ``mean_span``
+            < 1.
+    """
+    _check_t5_args(noise_density, mean_span)
+    if isinstance(inputs_length, bool) or not (
+        isinstance(inputs_length, int) and inputs_length >= 2
+    ):
+        raise ValueError(f"span_corruption.inputs_length ({inputs_length!r}) must be an int >= 2")
+
+    def lengths(tokens_length: int) -> tuple[int, int]:
+        num_noise = int(round(tokens_length * noise_density))
+        num_spans = int(round(num_noise / mean_span))
+        return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    _, targets_length = lengths(tokens_length)
+    if noise_density == 0.5 and targets_length > inputs_length:  # T5's rounding fix-up
+        tokens_length -= 1
+        targets_length -= 1
+    return tokens_length, targets_length
+
+
+def _check_t5_args(noise_density: float, mean_span: float) -> None:
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(f"span_corruption.noise_density ({noise_density}) must be in (0, 1)")
+    if not mean_span >= 1.0:
+        raise ValueError(f"span_corruption.mean_span ({mean_span}) must be >= 1")
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """``[num_segments]`` positive lengths summing to ``num_items``, all such partitions equally
+    likely (T5's ``_random_segmentation``: shuffle ``num_segments - 1`` cut marks)."""
+    cuts = rng.permutation(np.arange(num_items - 1) < num_segments - 1)
+    segment_id = np.concatenate([[0], np.cumsum(cuts)])
+    return np.bincount(segment_id, minlength=num_segments)
+
+
+def random_spans_noise_mask(
+    length: int,
+    *,
+    rng: np.random.Generator,
+    noise_density: float = 0.15,
+    mean_span: float = 3.0,
+) -> np.ndarray:
+    """Bool ``[length]``: T5's ``random_spans_noise_mask``.
+
+    ``round(length * noise_density)`` noise tokens (at least 1, at most ``length - 1``) in
+    ``round(noise / mean_span)`` spans (at least 1); noise and non-noise spans alternate, starting
+    with non-noise (so the mask ends with a noise span); the lengths of both kinds are uniform
+    random partitions. Two ``rng`` draws (the noise, then the non-noise partition).
+
+    Raises:
+        ValueError: ``noise_density`` outside (0, 1) or ``mean_span`` < 1.
+    """
+    _check_t5_args(noise_density, mean_span)
+    orig_length = length
+    length = max(length, 2)  # T5 avoids degeneracy the same way
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = max(int(round(num_noise / mean_span)), 1)
+    noise_S = _random_segmentation(num_noise, num_spans, rng)
+    nonnoise_S = _random_segmentation(length - num_noise, num_spans, rng)
+    interleaved = np.stack([nonnoise_S, noise_S], axis=1).reshape(-1)
+    is_noise = np.repeat(np.tile(np.array([False, True]), num_spans), interleaved)
+    return is_noise[:orig_length]
+
+
+def _spans_to_sentinels(
+    tokens_BL: np.ndarray, drop_BL: np.ndarray, sentinel_ids: np.ndarray, dtype: np.dtype
+) -> np.ndarray:
+    """Every run of ``drop`` replaced by one sentinel, the k-th run of each row by
+    ``sentinel_ids[k]`` (T5's ``noise_span_to_unique_sentinel``); rows stay equally long."""
+    prev_BL = np.zeros_like(drop_BL)
+    prev_BL[:, 1:] = drop_BL[:, :-1]
+    first_BL = drop_BL & ~prev_BL
+    span_BL = np.cumsum(first_BL, axis=1) - 1
+    out_BL = np.where(first_BL, sentinel_ids[np.maximum(span_BL, 0)], tokens_BL).astype(dtype)
+    keep_BL = ~(drop_BL & prev_BL)
+    return out_BL[keep_BL].reshape(len(tokens_BL), -1)
+
+
+def span_corrupt(
+    tokens_BL: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    sentinel_ids: np.ndarray | list[int],
+    noise_density: float = 0.15,
+    mean_span: float = 3.0,
+    eos_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """T5 span corruption of a row (``[L]``) or of a batch of equally long rows (``[B, L]``).
+
+    Each row draws its own :func:`random_spans_noise_mask` (rows in order); every noise span is
+    replaced by one sentinel in the inputs, and the targets are the noise spans each preceded by
+    its sentinel (T5's ``noise_span_to_unique_sentinel`` / ``nonnoise_span_to_unique_sentinel``):
+    ``inputs = a <s0> c <s1> ...``, ``targets = <s0> b <s1> d ...`` for ``tokens = a b c d``.
+    Every row of one length gets the same number of spans, so a batch stays rectangular; rows
+    of :func:`t5_span_lengths`' ``tokens_length`` give exactly its ``inputs_length`` and
+    ``targets_length`` with ``eos_id``. Tokens are not treated specially (eos between joined
+    documents may be noise, as in T5).
+
+    Args:
+        tokens_BL: ``[L]`` or ``[B, L]`` token ids (not modified), ``L >= 1``.
+        rng: the only source of randomness.
+        sentinel_ids: ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in that order
+            (:func:`sentinel_ids_from_tokenizer`).
+        eos_id: appended to every input and target row when given.
+
+    Returns:
+        ``(inputs [I] or [B, I], targets [G] or [B, G])``; the dtype holds the tokens' dtype
+        and the sentinel ids.
+
+    Raises:
+        ValueError: bad density or span length; fewer sentinels than spans; no rows or tokens.
+    """
+    one_row = tokens_BL.ndim == 1
+    tokens_BL = np.atleast_2d(tokens_BL)
+    if tokens_BL.ndim != 2 or min(tokens_BL.shape) < 1:
+        raise ValueError(
+            f"span_corruption tokens (shape {tokens_BL.shape}) must be [L] or [B, L], B, L > 0"
+        )
+    sentinels = np.asarray(sentinel_ids, dtype=np.int64)
+    num_rows, length = tokens_BL.shape
+    noise_BL = np.empty(tokens_BL.shape, dtype=bool)
+    for row in range(num_rows):
+        noise_BL[row] = random_spans_noise_mask(
+            length, rng=rng, noise_density=noise_density, mean_span=mean_span
+        )
+    first_B = noise_BL[:1]  # every row has the same number of spans
+    num_spans = int(np.count_nonzero(first_B[:, 1:] & ~first_B[:, :-1]) + first_B[:, :1].sum())
+    if num_spans > len(sentinels):
+        raise ValueError(
+            f"span_corruption.sentinel_ids ({len(sentinels)}) must cover the {num_spans} noise "
+            f"spans of a {length}-token row"
+        )
+    top = [int(sentinels.max(initial=0))] + ([] if eos_id is None else [eos_id])
+    dtype = np.result_type(tokens_BL.dtype, *(np.min_scalar_type(v) for v in top))
+    inputs_BI = _spans_to_sentinels(tokens_BL, noise_BL, sentinels, dtype)
+    targets_BG = _spans_to_sentinels(tokens_BL, ~noise_BL, sentinels, dtype)
+    if eos_id is not None:
+        eos_B1 = np.full((num_rows, 1), eos_id, dtype=dtype)
+        inputs_BI = np.concatenate([inputs_BI, eos_B1], axis=1)
+        targets_BG = np.concatenate([targets_BG, eos_B1], axis=1)
+    if one_row:
+        return inputs_BI[0], targets_BG[0]
+    return inputs_BI, targets_BG
+
+
+def sentinel_ids_from_tokenizer(directory: str) -> np.ndarray:
+    """``int64 [num_sentinels]``: ids of ``<extra_id_0>``, ``<extra_id_1>``, ... of a Rosetta
+    tokenizer directory, in that order.
+
+    Raises:
+        FileNotFoundError, ValueError: as ``tokenizer.load_tokenizer``.
+    """
+    from data_pipeline.tokenizer import load_tokenizer
+
+    return np.asarray(load_tokenizer(directory).sentinel_ids, dtype=np.int64)
+
+
+# --- BART / mBART denoising ------------------------------------------------------------------
+# Shape legend here: ``N`` tokens of one document, ``M`` tokens of its noised source, ``K``
+# span lengths drawn (spans and insertions), ``S`` spans of at least one word, ``I`` insertions.
+
+SENTENCE_FINAL = frozenset(".!?\u2026\u3002\uff01\uff1f\uff0e\u0964\u061f")
+"""Characters that end a sentence: . ! ? ... and the CJK, Devanagari and Arabic forms."""
+
+
+@dataclass(frozen=True)
+class DenoisingConfig:
+    """BART / mBART denoising (fairseq's ``DenoisingDataset`` with ``mask_length=span-poisson``
+    and ``replace_length=1``).
+
+    Attributes:
+        mask_ratio: share of the document's words masked by text infilling (BART 0.3, mBART
+            0.35); 0 turns infilling off.
+        poisson_lambda: mean span length in words; a span of 0 words inserts a mask.
+        random_ratio: share of the span masks (and inserted masks) written as a random
+            non-special id instead of the mask id.
+        permute_ratio: share of the sentences permuted (1: all; 0: off).
+        rotate_prob: probability of rotating the document to start at a random token.
+        max_word_pieces: longest word in pieces (as :class:`MaskingConfig`).
+    """
+
+    mask_ratio: float = 0.3
+    poisson_lambda: float = 3.0
+    random_ratio: float = 0.0
+    permute_ratio: float = 1.0
+    rotate_prob: float = 0.0
+    max_word_pieces: int = 8
+
+    def check(self) -> None:
+        """Raises: ValueError naming the value and the rule."""
+        for name in ("mask_ratio", "random_ratio", "permute_ratio", "rotate_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"denoising.{name} ({value}) must be in [0, 1]")
+        if not self.poisson_lambda > 0.0:
+            raise ValueError(f"denoising.poisson_lambda ({self.poisson_lambda}) must be > 0")
+        if isinstance(self.max_word_pieces, bool) or not (
+            isinstance(self.max_word_pieces, int) and self.max_word_pieces >= 1
+        ):
+            raise ValueError(
+                f"denoising.max_word_pieces ({self.max_word_pieces!r}) must be an integer >= 1"
+            )
+
+
+BART_DENOISING = DenoisingConfig()
+"""BART's setting: 30% of words in Poisson(3) spans, all sentences permuted, no rotation."""
+MBART_DENOISING = DenoisingConfig(mask_ratio=0.35)
+"""mBART's setting: 35% of words, otherwise as BART."""
+
+
+@dataclass(frozen=True)
+class InfillSpans:
+    """What :func:`text_infill` did, in the coordinates of its input.
+
+    Attributes:
+        lengths_K: span lengths in words in draw order, trimmed to the budget (sum ==
+            ``ceil(words * mask_ratio)``); zeros are insertions.
+        start_S, end_S: token range ``[start, end)`` of each span of >= 1 word (spans in the
+            order of the non-zero lengths); the first token becomes one mask, the rest go.
+        insert_I: positions in the output of the inserted masks.
+    """
+
+    lengths_K: np.ndarray
+    start_S: np.ndarray
+    end_S: np.ndarray
+    insert_I: np.ndarray
+
+
+def sentence_end_table(pieces: list[str], *, eos_id: int) -> np.ndarray:
+    """Bool ``[V]``: True for eos and for pieces made only of sentence-final punctuation
+    (:data:`SENTENCE_FINAL`, after dropping the word-start mark), e.g. ``.``, ``▁?``, ``。``,
+    ``!!``; ``Mr.`` or ``3.5`` are not sentence ends."""
+    out = np.array(
+        [
+            bool(p.lstrip(WORD_START)) and set(p.lstrip(WORD_START)) <= SENTENCE_FINAL
+            for p in pieces
+        ],
+        dtype=bool,
+    )
+    out[eos_id] = True
+    return out
+
+
+def sentence_end_table_from_tokenizer(directory: str) -> np.ndarray:
+    """:func:`sentence_end_table` of a Rosetta tokenizer directory.
+
+    Raises:
+        FileNotFoundError, ValueError: as ``tokenizer.load_tokenizer``.
+    """
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(directory)
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    return sentence_end_table(pieces, eos_id=tok.special_ids["eos"])
+
+
+def _body_length(tokens_N: np.ndarray, eos_id: int | None) -> int:
+    """Tokens before a final eos (which stays last), or all of them."""
+    ends_in_eos = eos_id is not None and len(tokens_N) > 0 and tokens_N[-1] == eos_id
+    return len(tokens_N) - int(ends_in_eos)
+
+
+def permute_sentences(
+    tokens_N: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    sentence_end_N: np.ndarray,
+    ratio: float = 1.0,
+    eos_id: int | None = None,
+) -> np.ndarray:
+    """``[N]``: the document with ``ceil(sentences * ratio)`` of its sentences shuffled among
+    their places (fairseq's ``permute_sentences``).
+
+    A sentence ends after a token marked in ``sentence_end_N`` that is not followed by another
+    marked one (``?!`` or ``. </s>`` stay with their sentence), and at the end of the body; the
+    body is everything but a final ``eos_id``, which stays last.
+    """
+    body = _body_length(tokens_N, eos_id)
+    ends = sentence_end_N[:body].copy()
+    if body == 0:
+        return tokens_N.copy()
+    ends[:-1] &= ~ends[1:]
+    ends[-1] = True
+    end_P = np.flatnonzero(ends) + 1
+    start_P = np.concatenate([[0], end_P[:-1]])
+    num_sentences = len(end_P)
+    num_permuted = int(np.ceil(num_sentences * ratio))
+    chosen = rng.permutation(num_sentences)[:num_permuted]
+    order_P = np.arange(num_sentences)
+    order_P[chosen] = chosen[rng.permutation(num_permuted)]
+    length_P = (end_P - start_P)[order_P]
+    # gather index: the start of each placed sentence plus a count restarting at every sentence
+    offsets = np.concatenate([[0], np.cumsum(length_P)[:-1]])
+    index_N = np.arange(body) - np.repeat(offsets - start_P[order_P], length_P)
+    out = tokens_N.copy()
+    out[:body] = tokens_N[index_N]
+    return out
+
+
+def rotate_document(
+    tokens_N: np.ndarray, *, rng: np.random.Generator, eos_id: int | None = None
+) -> np.ndarray:
+    """``[N]``: the body (all but a final ``eos_id``) rotated to start at a uniform random token
+    other than its first (fairseq's ``add_rolling_noise``); bodies under 2 tokens stay."""
+    body = _body_length(tokens_N, eos_id)
+    out = tokens_N.copy()
+    if body >= 2:
+        offset = int(rng.integers(1, body))
+        out[:body] = np.roll(tokens_N[:body], -offset)
+    return out
+
+
+def text_infill(
+    tokens_N: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    word_start_N: np.ndarray,
+    maskable_N: np.ndarray,
+    mask_id: int,
+    mask_ratio: float = 0.3,
+    poisson_lambda: float = 3.0,
+    random_ratio: float = 0.0,
+    normal_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, InfillSpans]:
+    """BART text infilling (fairseq's ``add_whole_word_mask`` + ``add_insertion_noise``).
+
+    ``ceil(words * mask_ratio)`` words are masked, ``words`` counting the words that start at a
+    maskable token: span lengths ~ Poisson(``poisson_lambda``) are drawn until they reach that
+    budget and the last is cut to it; each span of ``n >= 1`` words starts at a distinct random
+    word and covers ``n`` words, stopping before a non-maskable token (eos, language tag) or at
+    the end; its first token becomes one mask and the rest are deleted (overlapping spans merge
+    into the mask of the first); each span of 0 words inserts one mask at a random place
+    (never after a final non-maskable token).
+
+    Args:
+        tokens_N: ``[N]`` ids of one document (not modified).
+        word_start_N: bool ``[N]``, True where a word starts (:func:`word_starts`).
+        maskable_N: bool ``[N]``, False on specials.
+        normal_ids: the random replacements (needed when ``random_ratio > 0``).
+
+    Returns:
+        ``(source [M], spans)``: the noised ids (dtype of ``tokens_N``) and the spans drawn.
+
+    Raises:
+        ValueError: ``random_ratio > 0`` without ``normal_ids``.
+    """
+    if random_ratio > 0.0 and normal_ids is None:
+        raise ValueError("denoising.random_ratio > 0 needs normal_ids (the random replacements)")
+    n = len(tokens_N)
+    empty = np.zeros(0, dtype=np.int64)
+    start_W = np.flatnonzero(word_start_N & maskable_N)
+    budget = int(np.ceil(len(start_W) * mask_ratio))
+    if budget == 0:
+        return tokens_N.copy(), InfillSpans(empty, empty, empty, empty)
+    lengths_K = rng.poisson(poisson_lambda, size=budget)
+    while lengths_K.sum() < budget:
+        lengths_K = np.concatenate([lengths_K, rng.poisson(poisson_lambda, size=budget)])
+    cum_K = np.cumsum(lengths_K)
+    last = int(np.searchsorted(cum_K, budget))
+    lengths_K = lengths_K[: last + 1].astype(np.int64)
+    lengths_K[last] = budget - (cum_K[last - 1] if last > 0 else 0)
+    span_len_S = lengths_K[lengths_K > 0]
+    num_inserts = len(lengths_K) - len(span_len_S)
+    start_S = start_W[rng.permutation(len(start_W))[: len(span_len_S)]]
+    mask_random_S = rng.random(len(span_len_S)) < random_ratio
+    # a span covers whole words: it ends where word (its first + n) starts, or at a stop
+    word_start_N = word_start_N.copy()
+    word_start_N[0] = True
+    all_starts = np.append(np.flatnonzero(word_start_N), n)
+    word_of_N = np.cumsum(word_start_N) - 1
+    stop_N = np.append(np.flatnonzero(~maskable_N), n)
+    next_stop_S = stop_N[np.searchsorted(stop_N, start_S)]
+    end_word_S = np.minimum(word_of_N[start_S] + span_len_S, len(all_starts) - 1)
+    end_S = np.minimum(all_starts[end_word_S], next_stop_S)
+    # a token inside a span after its first is deleted, even where another span starts there
+    depth = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(depth, start_S + 1, 1)
+    np.add.at(depth, end_S, -1)
+    interior_N = np.cumsum(depth[:n]) > 0
+    out = tokens_N.copy()
+    out[start_S] = mask_id
+    to_random = start_S[mask_random_S]
+    if len(to_random):
+        out[to_random] = normal_ids[rng.integers(0, len(normal_ids), len(to_random))]
+    out = out[~interior_N]
+    insert_I = empty
+    if num_inserts:
+        total = len(out) + num_inserts
+        ends_fixed = len(out) > 0 and not maskable_N[-1]
+        insert_I = rng.permutation(total - int(ends_fixed))[:num_inserts]
+        inserted = np.ones(total, dtype=bool)
+        inserted[insert_I] = False
+        result = np.empty(total, dtype=out.dtype)
+        result[inserted] = out
+        result[insert_I] = mask_id
+        num_random = int(np.ceil(num_inserts * random_ratio))
+        if num_random:
+            result[insert_I[:num_random]] = normal_ids[rng.integers(0, len(normal_ids), num_random)]
+        out = result
+    return out, InfillSpans(lengths_K, start_S.astype(np.int64), end_S.astype(np.int64), insert_I)
+
+
+def denoise(
+    tokens_N: np.ndarray,
+    *,
+    vocab: Vocab,
+    cfg: DenoisingConfig,
+    rng: np.random.Generator,
+    sentence_end_V: np.ndarray | None = None,
+    lang_id: int | None = None,
+    special_V: np.ndarray | None = None,
+    normal_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BART / mBART noising of one document, fairseq's order: sentence permutation, text
+    infilling (whole words, :func:`word_starts`), then rotation.
+
+    Args:
+        tokens_N: ``[N]`` ids of one document, normally ending in eos (which stays last).
+        sentence_end_V: bool ``[V]`` (:func:`sentence_end_table`); needed when
+            ``cfg.permute_ratio > 0``.
+        lang_id: mBART: the language tag appended to the source and to the target.
+        special_V, normal_ids: cached ``vocab.special_mask_V()`` and its non-special ids.
+
+    Returns:
+        ``(source [M], target [N (+1)])``: target is the document (+ ``lang_id``): mBART's
+        labels ``Y </s> <lang>``; the decoder reads :func:`decoder_inputs` of it (start: the
+        language tag for mBART, eos for BART).
+
+    Raises:
+        ValueError: a bad ``cfg``; permutation without ``sentence_end_V``; no word-start table.
+    """
+    cfg.check()
+    if special_V is None:
+        special_V = vocab.special_mask_V()
+    source = np.asarray(tokens_N).copy()
+    if cfg.permute_ratio > 0.0:
+        if sentence_end_V is None:
+            raise ValueError("denoising.permute_ratio > 0 needs the sentence-end table")
+        source = permute_sentences(
+            source,
+            rng=rng,
+            sentence_end_N=sentence_end_V[source],
+            ratio=cfg.permute_ratio,
+            eos_id=vocab.eos_id,
+        )
+    if cfg.mask_ratio > 0.0 and len(source):
+        special_N = special_V[source]
+        start_N = word_starts(
+            source[None],
+            vocab=vocab,
+            max_word_pieces=cfg.max_word_pieces,
+            special_BT=special_N[None],
+        )[0]
+        if normal_ids is None and cfg.random_ratio > 0.0:
+            normal_ids = np.flatnonzero(~special_V)
+        source, _ = text_infill(
+            source,
+            rng=rng,
+            word_start_N=start_N,
+            maskable_N=~special_N,
+            mask_id=vocab.mask_id,
+            mask_ratio=cfg.mask_ratio,
+            poisson_lambda=cfg.poisson_lambda,
+            random_ratio=cfg.random_ratio,
+            normal_ids=normal_ids,
+        )
+    if cfg.rotate_prob > 0.0 and rng.random() < cfg.rotate_prob:
+        source = rotate_document(source, rng=rng, eos_id=vocab.eos_id)
+    target = np.asarray(tokens_N)
+    if lang_id is not None:
+        source = np.append(source, lang_id).astype(source.dtype)
+        target = np.append(target, lang_id).astype(target.dtype)
+    return source, target.copy()
+
+
+def decoder_inputs(target_N: np.ndarray, *, start_id: int) -> np.ndarray:
+    """``[N]``: the target shifted right by one behind ``start_id`` (teacher forcing)."""
+    out = np.empty_like(target_N)
+    if len(out):
+        out[0] = start_id
+        out[1:] = target_N[:-1]
+    return out
+
+
+# --- SpanBERT span masking -------------------------------------------------------------------
+# Shape legend here: ``S`` spans selected in a batch.
+
+
+@dataclass(frozen=True)
+class SpanMaskingConfig:
+    """SpanBERT span masking (plain values).
+
+    Attributes:
+        mask_prob: share of each row's maskable tokens selected (``ceil`` of it, exactly).
+        geometric_p: span lengths in words ~ Geometric(p) on ``1..max_span``, truncated and
+            renormalised as SpanBERT's code does (mean 3.8 words for p = 0.2, max 10).
+        max_span: longest span in words.
+        replace_prob, random_prob: per span, the share whose tokens all become the mask id /
+            all random ids; the rest keep theirs.
+        max_word_pieces: longest word in pieces (as :class:`MaskingConfig`).
+    """
+
+    mask_prob: float = 0.15
+    geometric_p: float = 0.2
+    max_span: int = 10
+    replace_prob: float = 0.8
+    random_prob: float = 0.1
+    max_word_pieces: int = 8
+
+    def check(self) -> None:
+        """Raises: ValueError naming the value and the rule."""
+        for name in ("mask_prob", "replace_prob", "random_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"span_masking.{name} ({value}) must be in [0, 1]")
+        if not 0.0 < self.geometric_p <= 1.0:
+            raise ValueError(f"span_masking.geometric_p ({self.geometric_p}) must be in (0, 1]")
+        for name in ("max_span", "max_word_pieces"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"span_masking.{name} ({value!r}) must be an integer >= 1")
+        if self.replace_prob + self.random_prob > 1.0:
+            raise ValueError(
+                f"span_masking.replace_prob + random_prob ({self.replace_prob} + "
+                f"{self.random_prob}) must be <= 1"
+            )
+
+    def span_length_pmf(self) -> np.ndarray:
+        """``[max_span]``: probability of a span of ``1 .. max_span`` words."""
+        pmf = self.geometric_p * (1.0 - self.geometric_p) ** np.arange(self.max_span)
+        return pmf / pmf.sum()
+
+
+@dataclass(frozen=True)
+class MaskSpans:
+    """The spans :func:`select_spans` chose, in choice order.
+
+    Attributes:
+        row_S: batch row of each span.
+        start_S, end_S: its token range ``[start, end)`` (it may run over tokens an earlier span
+            selected; the budget counts each token once).
+        words_S: the length drawn, in words (the range is shorter where it met a special token,
+            the row end or the row's budget).
+    """
+
+    row_S: np.ndarray
+    start_S: np.ndarray
+    end_S: np.ndarray
+    words_S: np.ndarray
+
+
+def select_spans(
+    ids_BT: np.ndarray,
+    *,
+    vocab: Vocab,
+    cfg: SpanMaskingConfig,
+    rng: np.random.Generator,
+    valid_BT: np.ndarray | None = None,
+    special_V: np.ndarray | None = None,
+) -> tuple[np.ndarray, MaskSpans]:
+    """SpanBERT's span selection (its ``SpanMasking.mask``), row by row.
+
+    Until ``ceil(maskable * mask_prob)`` tokens of the row are selected: draw a length ``n``
+    from :meth:`SpanMaskingConfig.span_length_pmf` and an anchor among the maskable tokens;
+    an anchor already selected is skipped; otherwise the span starts at the anchor's word
+    start and takes ``n`` whole words, stopping before a non-maskable token, at the row end, or
+    at the token that meets the budget.
+
+    Returns:
+        ``(selected [B, T] bool, spans)``.
+
+    Raises:
+        ValueError: a bad ``cfg``; no word-start table.
+    """
+    cfg.check()
+    if special_V is None:
+        special_V = vocab.special_mask_V()
+    maskable_BT = ~special_V[ids_BT]
+    if valid_BT is not None:
+        maskable_BT &= valid_BT
+    start_BT = word_starts(
+        ids_BT, vocab=vocab, max_word_pieces=cfg.max_word_pieces, special_BT=~maskable_BT
+    )
+    pmf = cfg.span_length_pmf()
+    selected_BT = np.zeros(ids_BT.shape, dtype=bool)
+    num_cols = ids_BT.shape[1]
+    rows, starts, ends, words = [], [], [], []
+    for row in range(ids_BT.shape[0]):
+        maskable_T = maskable_BT[row]
+        anchors_A = np.flatnonzero(maskable_T)
+        budget = int(np.ceil(len(anchors_A) * cfg.mask_prob))
+        if budget == 0:
+            continue
+        word_start_T = np.append(np.flatnonzero(start_BT[row]), num_cols)
+        word_of_T = np.cumsum(start_BT[row]) - 1
+        stop_T = np.append(np.flatnonzero(~maskable_T), num_cols)
+        chosen_T = selected_BT[row]
+        count = 0
+        draws = max(8, budget)
+        while count < budget:
+            length_D = rng.choice(len(pmf), size=draws, p=pmf) + 1
+            anchor_D = anchors_A[rng.integers(0, len(anchors_A), size=draws)]
+            for length, anchor in zip(length_D.tolist(), anchor_D.tolist()):
+                if chosen_T[anchor]:
+                    continue
+                word = word_of_T[anchor]
+                start = int(word_start_T[word])
+                end = int(word_start_T[min(word + length, len(word_start_T) - 1)])
+                end = min(end, int(stop_T[np.searchsorted(stop_T, start)]))
+                new_cum = np.cumsum(~chosen_T[start:end])
+                if new_cum[-1] >= budget - count:
+                    end = start + int(np.searchsorted(new_cum, budget - count)) + 1
+                    count = budget
+                else:
+                    count += int(new_cum[-1])
+                chosen_T[start:end] = True
+                rows.append(row)
+                starts.append(start)
+                ends.append(end)
+                words.append(length)
+                if count >= budget:
+                    break
+    as_array = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
+    spans = MaskSpans(as_array(rows), as_array(starts), as_array(ends), as_array(words))
+    return selected_BT, spans
+
+
+def span_mask(
+    ids_BT: np.ndarray,
+    *,
+    vocab: Vocab,
+    cfg: SpanMaskingConfig,
+    rng: np.random.Generator,
+    valid_BT: np.ndarray | None = None,
+    special_V: np.ndarray | None = None,
+    normal_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SpanBERT masking: :func:`select_spans`, then one 80/10/10 draw per span for all its
+    tokens (mask id / random ids / kept; where spans overlap the later span decides).
+
+    Args:
+        ids_BT: ``[B, T]`` token ids of a signed integer dtype (not modified).
+        valid_BT: bool ``[B, T]``, False on padding; None means all valid.
+        special_V, normal_ids: cached ``vocab.special_mask_V()`` and its non-special ids.
+
+    Returns:
+        ``(input_ids [B, T], labels [B, T])`` of the dtype of ``ids_BT``; ``labels`` is
+        ``IGNORE_INDEX`` except at selected positions, where it holds the original id.
+
+    Raises:
+        ValueError: a bad ``cfg``; no word-start table.
+    """
+    if special_V is None:
+        special_V = vocab.special_mask_V()
+    selected_BT, spans = select_spans(
+        ids_BT, vocab=vocab, cfg=cfg, rng=rng, valid_BT=valid_BT, special_V=special_V
+    )
+    action_S = rng.random(len(spans.row_S))
+    # the span each selected token belongs to (the latest one covering it)
+    owner_BT = np.full(ids_BT.shape, -1, dtype=np.int64)
+    for index, (row, start, end) in enumerate(
+        zip(spans.row_S.tolist(), spans.start_S.tolist(), spans.end_S.tolist())
+    ):
+        owner_BT[row, start:end] = index
+    selected_N = np.flatnonzero(selected_BT)
+    action_N = action_S[owner_BT.reshape(-1)[selected_N]]
+    labels_BT = np.full(ids_BT.shape, IGNORE_INDEX, dtype=ids_BT.dtype)
+    labels_BT.reshape(-1)[selected_N] = ids_BT.reshape(-1)[selected_N]
+    inputs_BT = ids_BT.copy()
+    inputs_N = inputs_BT.reshape(-1)
+    inputs_N[selected_N[action_N < cfg.replace_prob]] = vocab.mask_id
+    to_random_R = selected_N[
+        (action_N >= cfg.replace_prob) & (action_N < cfg.replace_prob + cfg.random_prob)
     ]
     if len(to_random_R):
         if normal_ids is None:
