@@ -137,11 +137,13 @@ from data_pipeline.transforms import (
     ID_DTYPE,
     IGNORE_INDEX,
     MaskingConfig,
+    SpanMaskingConfig,
     Vocab,
     boundaries_from_starts,
     join_mono,
     join_pairs,
     mask_tokens,
+    span_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,10 @@ SPAN_MIN_STEPS = 32
 ~45 at dp 64, ~640 at dp 1024; lookups ~17 us at any dp)."""
 SPARSE_STEPS = 64
 """Steps a slot plans in one go when its rows are looked up alone."""
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "span")
+"""Batch kinds: ``clm`` packed causal rows; ``mlm`` BERT-masked rows (and TLM pair rows);
+``span`` SpanBERT span-masked rows (``transforms.span_mask``: whole-word spans, geometric
+lengths, 80/10/10 per span), packed like ``mlm``."""
 BAD_SHARD_POLICIES = ("skip", "raise")
 COUNTER_KEYS = ("dropped_tokens", "truncated_tokens", "bad_samples")
 
@@ -220,7 +225,8 @@ class StreamingDataset(IterableDataset):
         manifest: a shard directory's manifest.json, or the directory.
         dp_rank, dp_world_size: this rank and the data-parallel world size.
         seq_len: T. batch_size: B.
-        objective: ``clm`` (packed causal LM) or ``mlm`` (BERT masking, plus TLM rows from
+        objective: ``clm`` (packed causal LM), ``span`` (SpanBERT span masking, packed as
+            ``mlm``) or ``mlm`` (BERT masking, plus TLM rows from
             pair shards per ``masking.tlm_share``).
         vocab: special ids (and word starts); None reads the manifest's tokenizer directory.
         masking: MLM settings (default :class:`MaskingConfig`); ignored for clm.
@@ -360,6 +366,14 @@ class StreamingDataset(IterableDataset):
             pairs, alpha=alpha, weights=pair_weights or {}, what="pair_weights"
         )
         tlm_share = self.masking.tlm_share if objective == "mlm" else 0.0
+        if objective == "span":
+            self.span_masking = SpanMaskingConfig(
+                mask_prob=self.masking.mask_prob,
+                replace_prob=self.masking.replace_prob,
+                random_prob=self.masking.random_prob,
+                max_word_pieces=self.masking.max_word_pieces,
+            )
+            self.span_masking.check()
         self.tlm_share = tlm_share
         if tlm_share < 1.0 and not any(self.mono_p.values()):
             raise ValueError(f"manifest {str(file)!r} has no monolingual data for {objective}")
@@ -959,7 +973,17 @@ class _SlotRunner:
                 doc_ids_BT[b, filled:] = -1
             valid_BT = np.ones((B, T), dtype=bool)
             valid_BT[:num_tlm] = self.arange_BT[0] < np.array(fill_R)[:, None]
-        if ds.objective == "mlm":
+        if ds.objective == "span":
+            input_BT, labels_BT = span_mask(
+                ids_BT,
+                vocab=ds.vocab,
+                cfg=ds.span_masking,
+                rng=self.rng,
+                valid_BT=valid_BT,
+                special_V=self.special_V,
+                normal_ids=self.normal_ids,
+            )
+        elif ds.objective == "mlm":
             input_BT, labels_BT = mask_tokens(
                 ids_BT,
                 vocab=ds.vocab,
@@ -1005,7 +1029,7 @@ def masking_from_objective(objective: object) -> MaskingConfig:
         random_prob=objective.mask_random_prob,
         whole_word=objective.whole_word,
         max_word_pieces=getattr(objective, "max_word_pieces", MaskingConfig.max_word_pieces),
-        tlm_share=objective.tlm_share,
+        tlm_share=getattr(objective, "tlm_share", None) or 0.0,
     )
 
 

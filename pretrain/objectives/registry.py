@@ -107,6 +107,21 @@ class TranslationLM(Objective):
         return {"tlm_share": share}
 
 
+@register
+class SpanMasking(Objective):
+    """SpanBERT span masking on monolingual rows: whole-word spans with Geometric(0.2) lengths
+    clipped at 10 words until ``objective.mask_prob`` of the tokens are selected, one 80/10/10
+    choice per span (``objective.mask_replace_prob`` / ``mask_random_prob``); the loss is the
+    masked LM loss at the selected positions (the span-boundary objective is not built)."""
+
+    name = "span"
+    families = ("encoder",)
+    transform = "span"
+    rows = "mono"
+    sparse_targets = True
+    description = "span masking, SpanBERT (encoder)"
+
+
 def objective_weights(objective: Any, *, family: str) -> tuple[dict[str, float], str]:
     """The mix a config's ``objective`` section asks for, and the key that said it.
 

@@ -1,0 +1,69 @@
+"""An objective added through the registry trains end to end: SpanBERT span masking
+(``objective.weights={span: 1}``) reaches the loader as span-masked rows (whole-word spans, the
+masking rate of ``objective.mask_prob``) and the trainer, which logs it as its own objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_loader
+from data_pipeline.transforms import IGNORE_INDEX, MaskingConfig
+from parallel.testing import run_distributed
+from pretrain.plots import read_metrics
+from tests.distributed.trainer_runs import fit_rank, trainer_config
+
+
+def _runs(selected_T: np.ndarray) -> list[int]:
+    """Lengths of the runs of consecutive selected positions of one row."""
+    runs, length = [], 0
+    for flag in selected_T.tolist() + [False]:
+        if flag:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs
+
+
+def _selection(shards, objective: str):
+    cfg = DataConfig(manifest=str(shards["shards"]), seq_len=128, batch_size=8, num_workers=0)
+    loader = build_loader(
+        cfg, dp_rank=0, dp_world_size=1, objective=objective, masking=MaskingConfig(), seed=3
+    )
+    batches = iter(loader)
+    rows = [next(batches) for _ in range(4)]
+    labels = np.concatenate([b["labels"].numpy() for b in rows])
+    inputs = np.concatenate([b["input_ids"].numpy() for b in rows])
+    return labels != IGNORE_INDEX, labels, inputs
+
+
+def test_span_rows_select_whole_spans_at_the_masking_rate(shards):
+    span, labels, _ = _selection(shards, "span")
+    token, _, _ = _selection(shards, "mlm")
+    # The masking rate: ceil(15%) of each row's maskable tokens (at most 128).
+    rates = span.sum(axis=1) / span.shape[1]
+    assert np.all((rates >= 0.14) & (rates <= 0.17)), rates
+    # Spans, not tokens: SpanBERT's mean span is 3.8 words (more pieces), BERT's selection
+    # leaves mostly single positions.
+    span_mean = np.mean([r for row in span for r in _runs(row)])
+    token_mean = np.mean([r for row in token for r in _runs(row)])
+    assert span_mean > 2.5 and token_mean < 1.5, (span_mean, token_mean)
+    assert np.all(labels[span] >= 0)
+
+
+def test_the_span_objective_trains_and_is_logged_as_its_own(shards, tmp_path):
+    cfg = trainer_config(
+        "tiny_encoder.yaml", shards, tmp_path / "run", "objective.weights={span: 1.0}",
+        "train.precision=fp32", "checkpoint.every=0", "train.eval_every=0", "train.steps=6",
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(set(r["loss_per_objective"]) == {"span"} for r in records)
+    losses = [r["loss"] for r in records]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # The per-objective loss is the whole loss here (one objective, token-weighted).
+    for record in records:
+        assert record["loss_per_objective"]["span"] == pytest.approx(record["loss"], rel=1e-5)
