@@ -17,6 +17,7 @@ from pretrain.objectives.registry import (
     DEFAULT_OBJECTIVE,
     OBJECTIVES,
     Objective,
+    TokenPrediction,
     objective_weights,
     register,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "OBJECTIVES",
     "Objective",
     "ObjectiveMix",
+    "TokenPrediction",
     "chunked_cross_entropy",
     "clm_loss",
     "mlm_loss",

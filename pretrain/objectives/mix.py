@@ -30,10 +30,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
-from pretrain.objectives.registry import OBJECTIVES, Objective, objective_weights
+from pretrain.objectives.registry import OBJECTIVES, Objective, TokenPrediction, objective_weights
 
 
 class ObjectiveMix:
@@ -63,14 +61,18 @@ class ObjectiveMix:
                 f"transforms ({', '.join(transforms)}); one run's objectives share one"
             )
         self.transform = transforms[0]
+        # One batch, one loss: the objectives sharing it must place and score targets alike.
         first = self.objectives[0]
-        if any(
-            (o.shift_targets, o.sparse_targets) != (first.shift_targets, first.sparse_targets)
+        if not isinstance(first, TokenPrediction) or any(
+            getattr(type(o), "loss", None) is not type(first).loss
+            or (o.shift_targets, o.sparse_targets) != (first.shift_targets, first.sparse_targets)
             for o in self.objectives
         ):
-            raise ValueError(f"objective.weights ({', '.join(self.names)}) predict differently")
-        self.shift_targets = first.shift_targets
-        self.sparse_targets = first.sparse_targets
+            raise ValueError(
+                f"objective.weights ({', '.join(self.names)}) score one batch differently; "
+                "one run's objectives share one loss"
+            )
+        self.loss_owner: TokenPrediction = first
         self.chunk_tokens = chunk_tokens
         # The objective index of mono and pair rows.
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
@@ -115,20 +117,12 @@ class ObjectiveMix:
         return len(self.objectives) * num_languages
 
     def targets(self, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Targets of every position, int64 (widened here: the loader's labels are int32, so the
-        host moves half the bytes); CLM: position t predicts token t + 1, the last nothing."""
-        labels_BT = labels_BT.long()
-        if self.shift_targets:
-            ignore = torch.full_like(labels_BT[:, :1], IGNORE_INDEX)
-            labels_BT = torch.cat([labels_BT[:, 1:], ignore], dim=1)
-        return labels_BT
+        """The batch's targets (its objectives' shared ``TokenPrediction.targets``)."""
+        return self.loss_owner.targets(labels_BT)
 
     def num_targets(self, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Predicted tokens of a batch from its (CPU, unshifted) labels: an int64 scalar on the
-        labels' device (no device sync for CPU labels)."""
-        if self.shift_targets:
-            labels_BT = labels_BT[:, 1:]
-        return (labels_BT != IGNORE_INDEX).sum()
+        """The batch's predicted-token count from its CPU labels (no device sync)."""
+        return self.loss_owner.num_targets(labels_BT)
 
     def target_groups(
         self, lang_ids_BT: torch.Tensor, tokens_mask_BT: torch.Tensor, *, num_languages: int
@@ -137,7 +131,7 @@ class ObjectiveMix:
         + the target token's language (a pair row holds two languages)."""
         tokens_mask_BT = tokens_mask_BT.bool()
         is_pair_B = ((lang_ids_BT != lang_ids_BT[:, :1]) & tokens_mask_BT).any(dim=1)
-        if self.shift_targets:
+        if self.loss_owner.shift_targets:
             lang_ids_BT = torch.cat([lang_ids_BT[:, 1:], lang_ids_BT[:, -1:]], dim=1)
         mono, pair = self._row_index["mono"], self._row_index["pair"]
         if mono == pair:
@@ -149,33 +143,15 @@ class ObjectiveMix:
     # -- losses ------------------------------------------------------------------------------
 
     def token_losses(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Per-token loss ``[B * T]`` (0 where nothing is predicted). Under tensor parallel the
-        logits are a vocabulary-sharded DTensor and this runs inside ``loss_parallel``."""
-        return F.cross_entropy(
-            logits_BTV.flatten(0, 1).float(),
-            labels_BT.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
+        """Per-token losses ``[B * T]`` (the pipeline's last stage; ``TokenPrediction``)."""
+        return self.loss_owner.token_losses(logits_BTV, labels_BT)
 
-    def loss_from_logits(
-        self,
-        logits_BTV: torch.Tensor,
-        labels_BT: torch.Tensor,
-        groups_BT: torch.Tensor,
-        *,
-        num_groups: int,
-        local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(summed loss, sums_G, counts_G)`` from whole logits (``local`` turns a DTensor
-        into this rank's tensor for the group sums)."""
-        group_N = groups_BT.flatten()
-        valid_N = labels_BT.flatten() != IGNORE_INDEX
-        zeros_G = torch.zeros(num_groups, dtype=torch.float32, device=labels_BT.device)
-        loss_N = self.token_losses(logits_BTV, labels_BT)
-        sums_G = zeros_G.index_add(0, group_N, local(loss_N.detach()).float())
-        counts_G = zeros_G.index_add(0, group_N, valid_N.float())
-        return loss_N.sum(), sums_G, counts_G
+    def loss_from_logits(self, logits_BTV, labels_BT, groups_BT, *, num_groups, local=None):
+        """``(summed loss, sums_G, counts_G)`` from whole logits (``TokenPrediction``)."""
+        kwargs = {} if local is None else {"local": local}
+        return self.loss_owner.loss_from_logits(
+            logits_BTV, labels_BT, groups_BT, num_groups=num_groups, **kwargs
+        )
 
     def loss(
         self,
@@ -189,31 +165,17 @@ class ObjectiveMix:
         autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(summed loss, sums_G, counts_G)`` from the hidden states entering the output
-        projection, chunked (``chunked_cross_entropy``: whole-batch logits never exist). With
-        ``sparse_targets`` only the positions with a target are projected (one host sync for
-        their count); otherwise every position, ignored ones adding 0 (no sync)."""
-        hidden_ND = hidden_BTD.flatten(0, 1)
-        labels_N = labels_BT.flatten()
-        group_N = groups_BT.flatten()
-        valid_N = labels_N != IGNORE_INDEX
-        if self.sparse_targets:
-            targets_M = valid_N.nonzero().squeeze(1)
-            hidden_ND, labels_N = hidden_ND[targets_M], labels_N[targets_M]
-            group_N, valid_N = group_N[targets_M], valid_N[targets_M]
-        with autocast():
-            sums_G = chunked_cross_entropy(
-                hidden_ND,
-                labels_N,
-                weight_VD,
-                bias_V=bias_V,
-                chunk_tokens=self.chunk_tokens,
-                reduction="sum",
-                group_N=group_N,
-                num_groups=num_groups,
-            )
-        zeros_G = torch.zeros(num_groups, dtype=torch.float32, device=labels_N.device)
-        counts_G = zeros_G.index_add(0, group_N, valid_N.float())
-        return sums_G.sum(), sums_G.detach(), counts_G
+        projection, chunked by ``objective.loss_chunk_tokens`` (``TokenPrediction.loss``)."""
+        return self.loss_owner.loss(
+            hidden_BTD,
+            weight_VD,
+            bias_V,
+            labels_BT,
+            groups_BT,
+            num_groups=num_groups,
+            chunk_tokens=self.chunk_tokens,
+            autocast=autocast,
+        )
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -18,9 +18,10 @@ An objective states what it needs and owns, as class data the trainer and the va
 - ``loader_options(share)``: what the loader needs from its share of the mix (TLM: the share of
   pair rows).
 
-The loss of these objectives is one cross-entropy over their targets
-(``pretrain.objectives.mix.ObjectiveMix``); objectives with their own heads and losses add a
-method of the same shape.
+Each objective owns its targets and loss: the token-predicting ones (:class:`TokenPrediction`:
+CLM, MLM, TLM, span masking) the cross-entropy of their targets, summed and binned per loss
+group; objectives sharing a batch share that loss (``pretrain.objectives.mix.ObjectiveMix``
+checks it and runs it once per batch).
 
 The mix is ``objective.weights`` (``{mlm: 3, tlm: 1}``: for objectives sharing a batch transform,
 each weight is its share of the batch's rows). ``objective.name`` and ``objective.tlm_share`` are
@@ -33,7 +34,14 @@ encoder: MLM).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
 
 
 class Objective:
@@ -52,6 +60,98 @@ class Objective:
         return {}
 
 
+class TokenPrediction(Objective):
+    """An objective whose loss is the cross-entropy of predicted tokens at its target positions
+    (CLM: every next token; masked objectives: the selected positions). Owns its targets and
+    its loss: summed (not averaged) over the targets, so that the trainer can normalise by the
+    step's global target count, and binned per loss group in the same pass."""
+
+    def targets(self, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Targets of every position, int64 (widened here: the loader's labels are int32, so the
+        host moves half the bytes); with ``shift_targets`` position t predicts token t + 1 and
+        the last position nothing."""
+        labels_BT = labels_BT.long()
+        if self.shift_targets:
+            ignore = torch.full_like(labels_BT[:, :1], IGNORE_INDEX)
+            labels_BT = torch.cat([labels_BT[:, 1:], ignore], dim=1)
+        return labels_BT
+
+    def num_targets(self, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Predicted tokens of a batch from its (CPU, unshifted) labels: an int64 scalar on the
+        labels' device (no device sync for CPU labels)."""
+        if self.shift_targets:
+            labels_BT = labels_BT[:, 1:]
+        return (labels_BT != IGNORE_INDEX).sum()
+
+    def token_losses(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Per-token loss ``[B * T]`` (0 where nothing is predicted). Under tensor parallel the
+        logits are a vocabulary-sharded DTensor and this runs inside ``loss_parallel``."""
+        return F.cross_entropy(
+            logits_BTV.flatten(0, 1).float(),
+            labels_BT.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+
+    def loss_from_logits(
+        self,
+        logits_BTV: torch.Tensor,
+        labels_BT: torch.Tensor,
+        groups_BT: torch.Tensor,
+        *,
+        num_groups: int,
+        local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(summed loss, sums_G, counts_G)`` from whole logits (``local`` turns a DTensor
+        into this rank's tensor for the group sums)."""
+        group_N = groups_BT.flatten()
+        valid_N = labels_BT.flatten() != IGNORE_INDEX
+        zeros_G = torch.zeros(num_groups, dtype=torch.float32, device=labels_BT.device)
+        loss_N = self.token_losses(logits_BTV, labels_BT)
+        sums_G = zeros_G.index_add(0, group_N, local(loss_N.detach()).float())
+        counts_G = zeros_G.index_add(0, group_N, valid_N.float())
+        return loss_N.sum(), sums_G, counts_G
+
+    def loss(
+        self,
+        hidden_BTD: torch.Tensor,
+        weight_VD: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        labels_BT: torch.Tensor,
+        groups_BT: torch.Tensor,
+        *,
+        num_groups: int,
+        chunk_tokens: int = 4096,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(summed loss, sums_G, counts_G)`` from the hidden states entering the output
+        projection, chunked (``chunked_cross_entropy``: whole-batch logits never exist). With
+        ``sparse_targets`` only the positions with a target are projected (one host sync for
+        their count); otherwise every position, ignored ones adding 0 (no sync)."""
+        hidden_ND = hidden_BTD.flatten(0, 1)
+        labels_N = labels_BT.flatten()
+        group_N = groups_BT.flatten()
+        valid_N = labels_N != IGNORE_INDEX
+        if self.sparse_targets:
+            targets_M = valid_N.nonzero().squeeze(1)
+            hidden_ND, labels_N = hidden_ND[targets_M], labels_N[targets_M]
+            group_N, valid_N = group_N[targets_M], valid_N[targets_M]
+        with autocast():
+            sums_G = chunked_cross_entropy(
+                hidden_ND,
+                labels_N,
+                weight_VD,
+                bias_V=bias_V,
+                chunk_tokens=chunk_tokens,
+                reduction="sum",
+                group_N=group_N,
+                num_groups=num_groups,
+            )
+        zeros_G = torch.zeros(num_groups, dtype=torch.float32, device=labels_N.device)
+        counts_G = zeros_G.index_add(0, group_N, valid_N.float())
+        return sums_G.sum(), sums_G.detach(), counts_G
+
+
 OBJECTIVES: dict[str, type[Objective]] = {}
 """Objective name (an ``objective.weights`` key) -> its class, in registration order."""
 DEFAULT_OBJECTIVE: dict[str, str] = {"decoder": "clm", "encoder": "mlm"}
@@ -67,7 +167,7 @@ def register(cls: type[Objective]) -> type[Objective]:
 
 
 @register
-class CausalLM(Objective):
+class CausalLM(TokenPrediction):
     """Causal language modelling: every position predicts the next token (GPT)."""
 
     name = "clm"
@@ -79,7 +179,7 @@ class CausalLM(Objective):
 
 
 @register
-class MaskedLM(Objective):
+class MaskedLM(TokenPrediction):
     """Masked language modelling on monolingual rows: BERT's 80/10/10 (optionally whole-word)
     masking, loss at the selected positions."""
 
@@ -92,7 +192,7 @@ class MaskedLM(Objective):
 
 
 @register
-class TranslationLM(Objective):
+class TranslationLM(TokenPrediction):
     """Translation language modelling (XLM): masked LM on a parallel pair packed as one row
     (``src </s> tgt </s>``, positions restarting at the target, per-token language ids)."""
 
@@ -108,7 +208,7 @@ class TranslationLM(Objective):
 
 
 @register
-class SpanMasking(Objective):
+class SpanMasking(TokenPrediction):
     """SpanBERT span masking on monolingual rows: whole-word spans with Geometric(0.2) lengths
     clipped at 10 words until ``objective.mask_prob`` of the tokens are selected, one 80/10/10
     choice per span (``objective.mask_replace_prob`` / ``mask_random_prob``); the loss is the

@@ -18,6 +18,7 @@ from pretrain.objectives import (
     OBJECTIVES,
     Objective,
     ObjectiveMix,
+    TokenPrediction,
     objective_weights,
     register,
 )
@@ -103,7 +104,7 @@ def test_bad_objective_configs_get_one_line(path, overrides, message):
 def test_validation_asks_each_registered_objective_for_its_families():
     # An objective added to the registry is checked by its own families: nothing else to edit.
     @register
-    class DecoderOnlyToy(Objective):
+    class DecoderOnlyToy(TokenPrediction):
         name = "toy_lm"
         families = ("decoder",)
         transform = "clm"
@@ -117,8 +118,19 @@ def test_validation_asks_each_registered_objective_for_its_families():
         # A mix whose objectives need different batch transforms is refused.
         with pytest.raises(ValueError, match="ask for different batch transforms"):
             ObjectiveMix({"toy_lm": 1.0, "mlm": 1.0})
+
+        # An objective with a loss of its own cannot share a batch's token-prediction loss.
+        @register
+        class OwnLoss(Objective):
+            name = "own_loss"
+            families = ("decoder",)
+            transform = "clm"
+
+        with pytest.raises(ValueError, match="score one batch differently"):
+            ObjectiveMix({"toy_lm": 1.0, "own_loss": 1.0})
     finally:
-        del OBJECTIVES["toy_lm"]
+        OBJECTIVES.pop("toy_lm", None)
+        OBJECTIVES.pop("own_loss", None)
 
 
 def test_loader_settings_give_tlm_its_share_of_rows():
