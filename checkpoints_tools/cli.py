@@ -1,5 +1,17 @@
 """``python -m checkpoints_tools``: a thin argparse layer over :mod:`checkpoints_tools.convert`.
 
+What to call::
+
+    python -m checkpoints_tools inspect CKPT [--json]
+    python -m checkpoints_tools export-hf CKPT --out DIR [--dtype fp32|bf16] [--tokenizer DIR]
+        [--verify] [--max-shard-gb 2.0]
+    python -m checkpoints_tools import-hf DIR --out CKPT [--config RUN_YAML] [key=value ...]
+    python -m checkpoints_tools reshard CKPT --out CKPT2 [--world-size N] [parallel.key=value ...]
+
+or ``main(argv)``, which returns the exit code. Each subcommand calls one function of
+:mod:`checkpoints_tools.convert` (``inspect_checkpoint``, ``export_hf``, ``import_hf``,
+``reshard``) and prints one summary line (``inspect``: text or JSON).
+
 Exit codes: 0 success, 2 a user mistake (one line on stderr; nothing left behind).
 """
 

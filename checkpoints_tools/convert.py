@@ -1,5 +1,19 @@
 """The conversions behind ``python -m checkpoints_tools``: inspect, export-hf, import-hf, reshard.
 
+What to call (one process, no process group)::
+
+    info = inspect_checkpoint(ckpt)        # metadata and config only; format_inspect(info)
+    export_hf(ckpt, out=dir, dtype="fp32", tokenizer=None, verify=False)
+    import_hf(hf_dir, out=ckpt, base_config=None, overrides=[...])
+    reshard(ckpt, out=ckpt2, overrides=["parallel.tp=2", ...], world_size=None)
+
+Guarantees: each returns a small dict describing what it did; the writing ones leave ``out``
+complete or absent (:func:`atomic_dir`); tensors stream one at a time, so memory follows the
+largest tensor, not the model (``export_hf``: about the largest tensor, one fp32 model with
+``verify``; ``import_hf``: about twice the largest tensor; ``reshard`` hard-links or copies the
+shards). ``verify_export`` compares transformers' logits with ours within
+``VERIFY_ATOL``.
+
 Every function that writes builds its output under a temporary name in the output's parent
 (``.<name>.tmp-<pid>``) and renames it when complete, so a failure leaves nothing behind; an
 output path that exists is refused. User mistakes raise ``ValueError`` with one line.

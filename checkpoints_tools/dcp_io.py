@@ -1,5 +1,16 @@
 """Reading a trainer checkpoint without the trainer: metadata, config, one tensor at a time.
 
+What to call::
+
+    ckpt = open_checkpoint(path)          # ValueError: not a complete trainer checkpoint
+    ckpt.cfg, ckpt.model_cfg, ckpt.step(), ckpt.has_optimizer()
+    ckpt.model_shapes()                   # our model key -> (global shape, dtype); no tensor read
+    w = ckpt.read_tensor(key, dtype=None) # one global tensor (KeyError: no such model tensor)
+    state = ckpt.load_model_state()       # every model tensor (memory: the whole model)
+
+One process, no process group; the checkpoint's saving layout does not matter. Memory of
+``read_tensor``: about twice the tensor at its peak, nothing once the caller drops it (below).
+
 A checkpoint directory (``pretrain.checkpoint``) holds DCP shards of
 ``{"train": {"model", "optim", "step", "scheduler"}}``. DCP stores each tensor as its global
 (unsharded) shape split into the chunks the saving ranks held, so any layout reads back the same:

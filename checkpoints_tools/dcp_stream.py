@@ -1,5 +1,13 @@
 """Writing a DCP checkpoint whose tensors are produced one at a time (memory: about one tensor).
 
+What to call: ``save_streamed(state, path=dir, produce=fn, bucket_bytes=None)``, in one process
+without a process group: ``state`` is a state dict whose tensors are meta tensors (shape and
+dtype only) beside ordinary values, and ``fn(flat_key, meta_tensor)`` returns each tensor just
+before it is written (``flat_key`` as in the metadata, e.g. ``train.model.norm.weight``). A
+produced tensor whose shape or dtype differs from its meta tensor raises ``ValueError``. Peak
+memory is about 2x the largest tensor (one bucket of at most ``bucket_bytes`` plus the tensor
+being produced). :class:`BucketedWriter` and :func:`buckets` are the writer pieces.
+
 ``dcp.save`` wants a state dict of materialised tensors, i.e. the whole model in memory. Here the
 state dict holds meta tensors (shape and dtype only) beside ordinary values; the planner asks
 ``produce(key, meta)`` for each meta tensor just before the writer serialises it, and nothing keeps

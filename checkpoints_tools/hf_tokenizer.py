@@ -1,5 +1,14 @@
 """Our sentencepiece tokenizer as a transformers fast tokenizer (``tokenizer.json``), offline.
 
+What to call: ``save_tokenizer(tok, out, family="decoder" | "encoder")`` writes
+``tokenizer.json`` and ``tokenizer_config.json`` (and a copy of the sentencepiece model and
+sidecar, for reference) into ``out``; ``build_fast_tokenizer(tok, family=...)`` returns the
+``PreTrainedTokenizerFast`` itself (``tok`` from ``data_pipeline.tokenizer.load_tokenizer``;
+``family`` sets ``padding_side`` and which specials are named). Both raise ``ValueError`` for a
+sentencepiece model type or normaliser that cannot be converted exactly. Guarantee: ``encode``
+of text without typed special tokens gives exactly sentencepiece's ids (the exact mode for any
+text, and its limits, below). Nothing is downloaded.
+
 The sentencepiece ``ModelProto`` is converted piece by piece into a ``tokenizers`` model of the
 same kind (Unigram with its log-probabilities, or BPE with merges rebuilt from piece ranks), with
 byte fallback, sentencepiece's dummy prefix and whitespace-as-``▁`` (a normaliser; no

@@ -1,6 +1,13 @@
 """Peak memory of one CLI command, measured inside the process that runs it (Linux only).
 
+What to call::
+
     python -m checkpoints_tools.memwatch REPORT.json [--warmup] -- export-hf CKPT --out DIR ...
+
+or ``measure(argv, warmup=False)`` -> the report dict (it runs ``checkpoints_tools.cli.main(argv)``
+in this process and raises ``SystemExit`` with the command's exit code when the command fails,
+so a broken export is never reported as a memory figure); ``PeakSampler`` is the context manager
+behind it, ``read_status()`` / ``reset_peak()`` the ``/proc/self`` readers.
 
 Why inside the process: a parent's ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is not the child's
 own peak. On ``execve`` Linux folds the RSS high-water mark of the pre-exec image (the parent's

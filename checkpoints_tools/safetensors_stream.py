@@ -1,5 +1,13 @@
 """Writing and reading safetensors shards one tensor at a time (memory: that one tensor).
 
+What to call: writing, ``plan_shards(entries, max_shard_bytes=n)`` (greedy, in order; a larger
+tensor gets a shard of its own), then per shard ``write_shard(path, entries, produce,
+metadata=None)`` (calls ``produce(name)`` for each tensor in turn; returns the bytes of tensor
+data; ``ValueError`` for a produced tensor whose shape or dtype differs from its entry), then
+``write_index(out, shard_names, total_size=n)``. Reading, ``SafetensorsDir(directory)``:
+``names()``, ``shape(name)`` (header only) and ``read(name)`` (one copy, no mapping, nothing
+cached); ``read_header(path)``. Malformed files and directories raise ``ValueError``.
+
 ``safetensors.torch.save_file`` needs every tensor of a file in memory at once. The format is
 simple enough to stream: an 8-byte little-endian header length, a JSON header giving each
 tensor's dtype, shape and byte range, then the raw bytes in that order. Shapes and dtypes are

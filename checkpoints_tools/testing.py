@@ -1,6 +1,19 @@
 """Small builders shared by the checkpoint-tool tests: a tokenizer on every sample language, a
 small shard directory made with it (the manifest that fixes a run's tokenizer) and tiny
-checkpoints of each family saved in-process (no trainer, no process group)."""
+checkpoints of each family saved in-process (no trainer, no process group).
+
+What to call::
+
+    tok_dir = make_tokenizer(tmp_path)                 # model_type="unigram" by default
+    cfg = family_config(family, tokenizer=tok_dir, run_dir=tmp_path / "run")  # FAMILIES
+    ckpt = save_family_checkpoint(cfg, step=5, seed=0) # every parameter perturbed
+
+``shards_for(tokenizer)`` is the shard directory ``family_config`` trains on (made on the first
+call; its manifest records the tokenizer's ``model_sha256`` as a run's does);
+``sample_languages()`` / ``sample_lines(lang, split="valid", count=100)`` read the bundled
+samples. ``save_family_checkpoint(..., optimizer_state=False)`` saves a stateless SGD instead
+(checkpoint = model size).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,12 @@
 """``make demo``: the main job on the embedded sample corpus, end to end as far as it is built.
 
-Steps (each one a real CLI command, printed before it runs; finished steps are reused):
+What to call: ``python -m launch.demo --out demo_out`` (``make demo``; ``main(argv)`` returns 0
+when every step succeeded). Every step is a real CLI command, printed before it runs; a failing
+step stops the demo (``subprocess.CalledProcessError`` naming the command). Reruns reuse
+finished work (the tokenizer, the finished shards) but train from scratch: ``<out>/run`` is
+deleted first. At the end it prints the first and last loss and where every output lies.
+
+Steps:
 
 1. train a sentencepiece tokenizer on the alpha-smoothed sample languages (monolingual text and
    both sides of the en-X pairs);
@@ -9,8 +15,6 @@ Steps (each one a real CLI command, printed before it runs; finished steps are r
 4. plan the tiny MoE run for 2 processes (``pretrain.train --dry-run``), then train it with
    expert parallelism on 2 CPU processes: a first job stops at step 60 with a checkpoint, a
    second job resumes from it to step 100; validation loss, loss curves per language.
-
-Usage: ``python -m launch.demo --out demo_out``.
 """
 
 from __future__ import annotations

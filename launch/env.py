@@ -1,5 +1,15 @@
 """The launch environment: the only module in Rosetta that reads SLURM_* and torchrun variables.
 
+What to call: ``read_env(environ=None)`` -> :class:`LaunchEnv` (launcher, rank, world size,
+local rank and size, node rank and count, master address and port, job id, node name and list,
+GPUs on the node, restart count); ``read_array_task(environ=None)`` -> :class:`ArrayTask` or
+None outside an array job, and ``task_slice(items, index=i, count=n)`` its round-robin share
+(every item in exactly one slice); ``rendezvous_endpoint(environ=None)`` -> ``(host, port)``,
+the same on every node without talking to the others; ``slurm_nodes``, ``expand_hostlist``,
+``port_from_job_id`` and ``node_address`` are its pieces (``node_address``, and so
+``rendezvous_endpoint``, asks ``scontrol show node`` and DNS for the first node's address).
+``python -m launch.env`` exits 2 with one line on bad variables.
+
 Everything else takes ranks, world size and addresses as arguments. Every function here takes the
 environment as a mapping (default ``os.environ``) so that it is tested on recorded environments.
 

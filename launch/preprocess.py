@@ -1,9 +1,19 @@
 """Data preprocessing (tokenizer training, sharding) as Slurm array jobs, or locally.
 
-    python -m launch.preprocess shard --tokenizer TOK --input en=data/en/*.txt --input de=... \\
-        --out shards --array 4 [--workers 8] [--partition P] [--time T] [--after JOBID] \\
+What to call: the commands below (``main(argv)`` returns the exit code), or the tested pieces:
+``make_plan(command, inputs=..., parallel=..., out=..., num_tasks=n)`` (JSON data: every task's
+data command and the merge; ``ValueError`` / ``FileNotFoundError`` for bad inputs),
+``deal_groups(groups, num_tasks=n)`` (deterministic: largest first, ties by name),
+``run_task(plan, index)`` / ``run_merge(plan)`` (the data command's exit code) and
+``render_array_sbatch`` / ``render_merge_sbatch``. Exit codes: 0 done; 2 bad arguments or inputs
+(one line on stderr); otherwise the data command's. Guarantee: ``--out`` ends as one shard
+directory with one ``manifest.json``, whatever ``--array`` is, and a language is never split
+across tasks.
+
+    python -m launch.preprocess shard --tokenizer TOK --input en=data/en/*.txt --input de=... \
+        --out shards --array 4 [--workers 8] [--partition P] [--time T] [--after JOBID] \
         (--submit | --local | --dry-run) [more data_pipeline shard options]
-    python -m launch.preprocess train-tokenizer --input ... --vocab-size 32000 --out TOK \\
+    python -m launch.preprocess train-tokenizer --input ... --vocab-size 32000 --out TOK \
         (--submit | --local | --dry-run) [more data_pipeline train-tokenizer options]
 
 The inputs are expanded with data_pipeline's own parsers and grouped by language (monolingual)
@@ -27,8 +37,6 @@ M`` goes to stderr. Tokenizer training is one task (``--array 1``); ``--after JO
 job when that job succeeded, and Slurm cancels it when that job failed. Its ``--parallel``
 pairs go to tokenizer training too: both sides count as text of their languages, so a language
 seen only in pairs gets its place in the tokenizer.
-
-Exit codes: 0 done; 2 bad arguments or inputs (one line on stderr); otherwise the data command's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""sbatch helpers shared by the launchers: Slurm time limits and submission (no torch import)."""
+"""sbatch helpers shared by the launchers: Slurm time limits and submission (no torch import).
+
+What to call: ``time_limit_seconds(value)`` -> seconds of a Slurm ``--time`` value (``90``,
+``1:30:00``, ``2-00:00:00``; ``ValueError`` for another form, a field out of range, or zero);
+``sbatch_value(value)`` -> one ``#SBATCH --option=<value>`` argument, quoted only when needed
+(``ValueError`` for a line break); ``output_pattern_literal(text)`` -> ``text`` as a literal
+part of an ``--output`` pattern (``%`` doubled); ``submit(script, sbatch="sbatch")`` -> the job
+id (``ValueError`` with sbatch's first error line when sbatch is missing or refuses the job).
+"""
 
 from __future__ import annotations
 

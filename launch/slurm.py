@@ -1,6 +1,14 @@
 """Multi-node training under SLURM: write (and submit) an sbatch script for a run.
 
-    python -m launch.slurm --config configs/decoder_1b.yaml --nodes 4 --gpus-per-node 8 \\
+What to call: the command below (``main(argv)`` returns its exit code), or its tested pieces:
+``prepare_config(config, overrides=..., world_size=n)`` (``ValueError`` naming the key, value
+and rule), ``write_job(cfg, job)`` for a :class:`SlurmJob` (writes ``config.yaml``,
+``slurm.sbatch`` and the logs directory; returns the script path) and ``render_sbatch(job)``
+(deterministic: the same job gives the same text; ``check_job`` raises ``ValueError`` for a bad
+job). Exit codes: 0 written/submitted, 2 bad config, arguments or sbatch failure (one line on
+stderr).
+
+    python -m launch.slurm --config configs/decoder_1b.yaml --nodes 4 --gpus-per-node 8 \
         --partition gpu --time 2-00:00:00 --submit [section.key=value ...]
 
 The config is loaded and validated for ``nodes x gpus_per_node`` ranks first (on CPU nodes,
@@ -31,8 +39,6 @@ How the job runs (also written in the script's header):
   sending a second SIGTERM would make torchrun abandon its workers, so the script does not.
   On Slurm 22.05, preemption with a GraceTime sends SIGTERM to the step only: the trainer still
   checkpoints, and Slurm's PreemptMode=REQUEUE requeues the job.
-
-Exit codes: 0 written/submitted, 2 bad config, arguments or sbatch failure (one line on stderr).
 """
 
 from __future__ import annotations

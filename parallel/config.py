@@ -1,5 +1,14 @@
 """Parallel layout configuration: the ``parallel`` section of a run config.
 
+What to call: :class:`ParallelConfig` (one typed field per ``parallel.*`` key, each with its
+docstring) is loaded as part of the run config (``pretrain.config.load_config``);
+``validate_parallel(cfg.parallel, world_size=n)`` checks it before anything is built and
+returns the resolved degrees ``{"pp", "dp_replicate", "dp_shard", "tp", "ep"}`` (``dp_shard``
+-1 filled in with what the other degrees leave; without ``world_size`` it stays -1). Every
+mistake raises one ``ValueError`` line naming the key, its value and the rule broken; nothing
+is rewritten silently. ``MULTI_STAGE_SCHEDULES`` / ``V_SCHEDULES`` name the pipeline schedules
+that need ``parallel.stages_per_rank`` >= 2 / == 2.
+
 Mesh axes are ``pp``, ``dp_replicate``, ``dp_shard`` and ``tp``; their product is the world size.
 ``ep`` (expert parallel) is not a separate axis: it is drawn from the fully-sharded
 data-parallel ranks, so it must divide ``dp_shard``; with ``ep_over_tp`` from the dp_shard and

@@ -1,4 +1,13 @@
-"""Process-group start-up and tear-down for the trainer and tools."""
+"""Process-group start-up and tear-down for the trainer and tools.
+
+What to call: ``init_distributed(device_type="cpu")`` -> ``(rank, world_size)``, once per
+process before the mesh is built: under torchrun (or SLURM through ``launch/``) it joins the
+launched group (gloo; on CUDA ``cpu:gloo,cuda:nccl``, one group for both devices), otherwise it
+makes a one-rank gloo group and returns ``(0, 1)``, so a single process runs the same code path
+as N; a second call returns the group already joined. ``destroy_distributed()`` leaves the group
+if one was joined. torch reads the rendezvous variables itself: no Rosetta code reads them
+outside ``launch/env.py``.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,19 @@
 """The one object that owns the device mesh: ``ParallelDims``.
 
+What to call::
+
+    dims = ParallelDims.from_config(cfg.parallel, world_size=n)  # validates, resolves dp_shard=-1
+    mesh = dims.build_mesh(device_type="cpu")   # every rank, once the process group is up
+    tp_mesh = dims["tp"]                        # any axis below, or several root axes
+    dims.dp_rank, dims.dp_world_size            # the loader's arguments; equal on tp/pp peers
+    dims.rank_on("ep"), dims.pp_rank, dims.degrees(), dims.data_parallel_mode
+
+Guarantees: ``from_config`` raises one ``ValueError`` line naming the key, its value and the rule
+(the degrees multiply to the world size; nothing is rewritten); ``build_mesh`` needs a default
+process group of exactly ``world_size`` ranks (gloo, nccl or the dry run's fake backend), raises
+``ValueError`` otherwise, and creates the sub-groups of every axis below (collective: every rank
+calls it); reading an axis before ``build_mesh`` raises ``RuntimeError``.
+
 Layout. The world is a row-major grid over five root axes, outermost first::
 
     pp  x  dp_replicate  x  dp_shard_mod_ep  x  dp_shard_in_ep  x  tp

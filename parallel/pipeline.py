@@ -1,5 +1,25 @@
 """Pipeline parallel with ``torch.distributed.pipelining``: stage layout and schedules.
 
+What to call::
+
+    schedule, stage_models, info = build_pipeline(
+        build_stage, dims=dims, cfg=cfg.parallel, tp_plan=plan, seed=s,
+        token_loss_fn=f,  # or loss_sum_fn=g: exactly one of the two
+    )
+    loss = pipeline_step(schedule, info=info, dims=dims, inputs=tokens_BT, targets=labels_BT,
+                         stage_kwargs={...}, num_targets=N, grad_scale=dp,
+                         groups_BT=groups_BT, num_groups=G)
+
+Guarantees: ``pipeline_step`` is a collective of the pp group (every pp rank calls it on the
+same dp rank's batch; ``backward=False`` runs forward only, for validation) and returns on
+every pp rank the batch's summed per-token loss over N as a plain fp32 scalar; the gradients
+are those of that value times ``grad_scale`` (plus each MoE layer's per-microbatch-mean aux
+loss); with the step's global target count as N and ``grad_scale = dp`` that is one process on
+the concatenated global batch (below).
+``build_pipeline`` raises ``ValueError`` for an unknown schedule name or when not exactly one
+of ``loss_sum_fn`` / ``token_loss_fn`` is given. ``stage_ids_of_rank(pp_rank, pp=...,
+stages_per_rank=..., schedule=...)`` gives the stages a rank holds (the table below).
+
 Stages: ``num_stages = pp * stages_per_rank`` contiguous runs of layers (the first stage also
 holds the embeddings, the last the final norm and output projection). Stage -> rank:
 

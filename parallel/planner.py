@@ -1,5 +1,14 @@
 """The dry-run planner: validate a layout for N ranks in one process and estimate memory.
 
+What to call: ``plan_layout(build_stage, cfg=cfg.parallel, tp_plan=plan, world_size=n)`` (what
+``pretrain.train --dry-run`` runs) -> ``{"degrees", "mesh", "dp", "edp", "data_parallel",
+"cpu_offload", "per_pp_rank": [...], "params_local_max", "memory_bytes_max"}``; it raises
+``ValueError`` (one line) for a layout invalid for ``n`` ranks and ``RuntimeError`` when the
+process already has a process group (it starts the fake one itself and destroys it before
+returning, or raising). ``memory_estimate(num_params, cpu_offload=...)`` -> bytes by kind;
+``local_param_count(model)`` / ``local_expert_count(model, tp_plan)`` count the elements this
+rank holds; ``format_bytes(num)`` prints GiB (MiB below 1 GiB).
+
 A fake process group (``torch.testing._internal.distributed.fake_pg``: collectives are no-ops)
 of ``world_size`` ranks lets ``ParallelDims`` build the real mesh and ``apply_parallelism`` run
 TP/SP, EP and FSDP2 on meta models of each pipeline stage, exactly as a real run would; the local

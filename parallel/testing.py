@@ -1,11 +1,17 @@
 """Run a function in N gloo processes: the harness of every distributed test.
 
-``run_distributed(fn, world_size=N, args=(...))`` forks N processes, each joins a gloo process
-group on a free localhost port and calls ``fn(rank, world_size, *args)``. Each rank's return value
-(or its traceback) is written to a file; the parent judges every rank by what it wrote, not by
-its exit code, because a gloo FSDP2 process can abort at interpreter exit after its work is done
-(shared/notes). A rank that raises fails the call with that rank's traceback; the other ranks
-are then stopped, since they would wait forever in their next collective.
+What to call: ``run_distributed(fn, world_size=N, args=(...), timeout_s=300.0)`` -> the ranks'
+return values, indexed by rank; it raises :class:`DistributedTestError` when a rank raised (its
+traceback in the message), exited without a result, or the run outlasted ``timeout_s``.
+``fn`` need not be picklable (fork hands it over); its return value must be.
+``find_free_port()`` gives a localhost port nothing listens on right now.
+
+``run_distributed`` forks N processes, each joins a gloo process group on a free localhost port
+and calls ``fn(rank, world_size, *args)``. Each rank's return value (or its traceback) is
+written to a file; the parent judges every rank by what it wrote, not by its exit code, because
+a gloo FSDP2 process can abort at interpreter exit after its work is done. A rank that raises
+fails the call with that rank's traceback; the other ranks are then stopped (killed after a few
+seconds' grace), since they would wait forever in their next collective.
 """
 
 from __future__ import annotations

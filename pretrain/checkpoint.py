@@ -1,6 +1,6 @@
 """Sharded, atomic training checkpoints with torch.distributed.checkpoint (DCP).
 
-What to call (every rank calls every :class:`CheckpointManager` method; each is a collective):
+What to call (every rank calls every :class:`CheckpointManager` method; each is a collective)::
 
     manager = CheckpointManager(run_dir, keep=k, async_save=False)
     state = TrainState(model_parts, optimizers, schedulers, step=step)
@@ -544,7 +544,7 @@ class CheckpointManager:
 
         Args:
             ranks: as :func:`read_rank_states` (``[]``: none; a resume reads what it needs
-                with ``pretrain.data.read_resume_states``).
+                with ``pretrain.data.read_resume_rank_states``).
 
         Returns:
             The saved states of ``ranks`` by rank.

@@ -1,13 +1,23 @@
 """The run configuration: a tree of typed dataclasses loaded from YAML with dot-path overrides.
 
+What to call::
+
+    cfg = load_config("configs/tiny_decoder.yaml", ["model.num_layers=2", "train.steps=10"])
+    degrees = validate_config(cfg, world_size=4)   # the resolved parallel degrees
+    check_run_inputs(cfg)                          # manifests, tokenizer, resume, run directory
+    save_config(cfg, path)                         # or config_to_yaml(cfg) / config_to_dict(cfg)
+
+Guarantees: ``load_config`` only parses (types and keys); ``validate_config`` checks every rule
+before anything is built; ``check_run_inputs`` checks what the run reads and where it writes
+before anything is built or written. Every user mistake is one ``ValueError`` line naming the
+key, its value and the rule. ``config_to_yaml`` gives text that ``load_config`` reads back to an
+equal config; ``save_config`` writes it atomically (a temporary name, then a rename).
+``starts_afresh(cfg.train)`` says whether the run starts a new run in ``train.run_dir``.
+
 Sections: ``model`` (``pretrain.models.config``), ``parallel`` (``parallel.config``), ``data``
 (``data_pipeline.config``), and ``objective``, ``optim``, ``train``, ``checkpoint``, ``logging``
 (here). Loading, merging and type conversion are OmegaConf structured configs; this module adds
-only the rules: unknown keys (with a "did you mean"), and range and cross-section checks. Every
-user mistake is one ``ValueError`` line naming the key, its value and the rule.
-
-    cfg = load_config("configs/tiny_decoder.yaml", ["model.num_layers=2", "train.steps=10"])
-    validate_config(cfg, world_size=4)
+only the rules: unknown keys (with a "did you mean"), and range and cross-section checks.
 """
 
 from __future__ import annotations

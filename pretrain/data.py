@@ -1,5 +1,17 @@
 """The trainer's side of the data pipeline: run config -> streaming loaders.
 
+What to call: ``build_train_loader(cfg, dp_rank=r, dp_world_size=n)`` -> rank ``r``'s
+``data_pipeline.loader.StreamingLoader`` (``ValueError`` when no manifest is configured, or what
+the loader raises for bad data); ``build_valid_loaders(cfg, dp_rank=r, dp_world_size=n)`` ->
+``train.eval_batches`` held-out batches per language, the same ones at every call (``{}``
+without ``data.valid_manifest``); ``check_num_languages(cfg, languages)``. For checkpoints:
+``loader_rank_state(loader, dp_rank=..., dp_world_size=..., num_workers=...)`` at save; at resume
+``read_resume_rank_states(path, rank=..., world_size=..., dp_rank=..., dp_world_size=...,
+num_workers=...)`` reads only the rank files this rank needs, and ``loader_resume_state(...,
+index=...)`` gives what ``loader.load_state_dict`` takes (None for an imported model: data from
+the start). No collectives: every rank reads its own files. Saved states that disagree on the
+dp layout, or lack an old dp rank, raise ``ValueError``.
+
 The objectives say which of the loader's batch kinds they need (``pretrain.objectives``: ``clm``
 packed causal-LM rows; ``mlm`` BERT-masked rows with a share of TLM parallel-pair rows, e.g.
 ``objective.weights = {mlm: a, tlm: b}`` -> a TLM share of b / (a + b) of every batch).

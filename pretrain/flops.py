@@ -1,5 +1,12 @@
 """Model FLOPs per token and MFU (model FLOPs utilisation).
 
+What to call: ``flops_per_token(non_embedding_params, num_layers=L, hidden_size=H, seq_len=T)``
+-> training FLOPs per token (forward + backward, attention included);
+``peak_flops(device_name, override_tflops=None)`` -> the device's peak bf16 FLOP/s (longest
+matching key of ``PEAK_BF16_TFLOPS``, or the override), None for an unknown device (MFU is then
+not reported); ``mfu(tokens_per_s, flops_per_token=f, peak=p)`` -> the utilisation in [0, 1].
+Pure functions: no device, no process group.
+
 MFU = tokens/s * flops_per_token / peak FLOP/s, with the PaLM count
 flops_per_token = 6 * N + 12 * num_layers * hidden_size * seq_len, where N is the number of
 non-embedding parameters (active parameters for MoE: each token meets top_k of num_experts).

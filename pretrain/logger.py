@@ -1,5 +1,12 @@
 """Run logging: one console line per log step on rank 0, JSONL, TensorBoard, per-rank log files.
 
+What to call: ``RunLogger(run_dir, rank=r, cfg=cfg.logging, total_steps=n, start_step=s)`` on
+every rank; ``log(metrics, step)`` once per log step (nested dicts allowed: per-language,
+per-expert), ``advance(step)`` every step (moves the progress bar; cheap), ``info(message)`` for a
+free-form line, ``close()`` at the end (flushes and closes every backend). No collectives: each
+rank writes only its own files, and rank 0 alone prints and writes JSONL / TensorBoard.
+``format_step_line`` and ``flatten_metrics`` are the pure formatting pieces, for tests.
+
 Every backend sits behind :meth:`RunLogger.log` (``log(metrics, step)``):
 
 - rank 0 prints one line per log step (step, loss, lr, grad norm, tokens/s, MFU, memory, ETA),

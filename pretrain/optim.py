@@ -1,5 +1,17 @@
 """AdamW with decay-free norms, biases and embeddings, and the learning-rate schedules.
 
+What to call: ``build_optimizer(model, cfg.optim, device_type="cpu")`` -> an ``AdamW`` over
+:func:`param_groups` (weight decay on matrices only; fused by default on CUDA when the
+parameters are on the device, unfused when they live on the host, as under FSDP2 CPU offload;
+an explicit ``optim.fused`` is kept); ``build_scheduler(optimizer, cfg.optim, total_steps=n)``
+-> a ``LambdaLR`` over ``lr_factor(step, cfg=..., total_steps=n)``, the multiplier of
+``optim.lr`` for the update at 0-based ``step``, a pure function of the step (the scheduler's
+state, the step, is saved with checkpoints).
+
+Decay-free: every parameter of an ``nn.Embedding`` (token, position and language tables) and
+every parameter with fewer than two dims (norm weights, biases); a tied output projection shares
+the embedding's tensor and is therefore decay-free too.
+
 Schedules (all after a linear warmup from 0 to ``lr`` over ``warmup_steps``):
 
 - ``cosine``: half cosine from ``lr`` to ``min_lr_ratio * lr`` at the last step;

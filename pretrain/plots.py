@@ -1,7 +1,10 @@
 """Pictures of a run's ``metrics.jsonl``, written to the run directory at the end of a run.
 
-Call :func:`plot_run` (every picture) or one of the ``plot_*`` functions; each returns the files
-it wrote and writes each file atomically (a temporary name, then a rename):
+What to call: ``plot_run(metrics_path, out_dir)`` (every picture) or one of the ``plot_*(
+metrics_path, out_dir)`` functions; each returns the files it wrote and writes each file
+atomically (a temporary name, then a rename), so a reader never sees a half-drawn picture.
+``read_metrics(path)`` gives the records (a torn last line of a killed run skipped; when a
+resumed run logged a step again, the later record wins). No process group is used.
 
 - ``loss.png``: overall train and validation loss; ``loss_<lang>.png``: one per language
   (:func:`plot_losses`);

@@ -1,5 +1,14 @@
 """Stop cleanly on SLURM preemption (SIGTERM / SIGUSR1) and on runs of non-finite losses.
 
+What to call: ``PreemptionHandler().install()`` (main thread only; ``uninstall()`` restores the
+previous handlers), then ``should_stop(device=d)`` once per step on every rank: a collective
+(one MAX all-reduce) when a process group is up, so all ranks get the same answer;
+``request_stop(signum)`` does what the signal would. ``NonFiniteGuard(max_consecutive=k)``:
+``check(loss)`` with the globally reduced loss is True when the step's update may be applied,
+``diverged()`` True after k non-finite steps in a row, ``message(step)`` the line printed then.
+Exit codes: :data:`EXIT_PREEMPTED` (75, sysexits' EX_TEMPFAIL) after a stop signal,
+:data:`EXIT_DIVERGED` (3) on divergence (the last good checkpoint is intact).
+
 On a signal the handler only sets a flag; the trainer finishes the step in flight, agrees with
 every rank that a stop was asked for (one all-reduce), saves a checkpoint and exits with
 :data:`EXIT_PREEMPTED`, which the SLURM batch script takes as "requeue me".

@@ -1,18 +1,20 @@
 """The main job: ``torchrun --nproc-per-node N -m pretrain.train --config X [key=value ...]``.
 
-Order: parse and validate the config (before anything is built) -> print and save the resolved
-config -> mesh -> model -> parallelize -> loader -> optimizer -> loop.
-
-``--dry-run --world-size N [--json]`` validates the config and the parallel layout for N ranks in
-one process without building anything on a device.
-
-Before anything is built or written, the config is validated and what the run reads is checked
-(``pretrain.config.check_run_inputs``: manifests, tokenizer, vocabulary, ``train.resume``, the
-run directory); the run directory is written only once the run is built.
+What to call: the command above (or ``main(argv)``, which returns the exit code instead of
+exiting); ``--dry-run --world-size N [--json]`` validates the config and the parallel layout for
+N ranks in one process without building anything on a device (``plan(cfg, world_size=N)``, which
+raises ``ValueError`` for a config or layout invalid for N ranks).
 
 Exit codes: 0 done, 2 bad config or input (one line on stderr, no traceback), 3 stopped on
 NaN/Inf (too many non-finite losses in a row, or non-finite weights at a save: nothing
 non-finite is ever saved), 75 stopped by SIGTERM/SIGUSR1 after checkpointing.
+
+Order: parse and validate the config (before anything is built) -> print and save the resolved
+config -> mesh -> model -> parallelize -> loader -> optimizer -> loop.
+
+Before anything is built or written, the config is validated and what the run reads is checked
+(``pretrain.config.check_run_inputs``: manifests, tokenizer, vocabulary, ``train.resume``, the
+run directory); the run directory is written only once the run is built.
 
 DCP checkpoints (``train.resume``) are trusted input: their metadata is a pickle.
 """

@@ -1,5 +1,22 @@
 """Per-family state-dict adapters between our models and their exact transformers twins.
 
+What to call (torchtitan ``state_dict_adapter`` style)::
+
+    hf_state_dict, hf_config = to_hf(state_dict, cfg)      # our full state dict + ModelConfig
+    state_dict, cfg = from_hf(hf_state_dict, hf_config)    # hf_config: object or config.json dict
+    adapter = adapter_for(cfg)                             # or adapter_for_hf(hf_config)
+
+Guarantees: weights are only renamed, concatenated or split, never changed, so a round trip is
+bit-exact; a config the target class cannot represent (or a transformers variant we do not
+import) raises ``ValueError`` with one line naming what it cannot represent. ``ADAPTERS``
+maps transformers ``model_type`` -> adapter class; each adapter has ``check(cfg)``, ``to_hf``,
+``config_from_hf`` and ``from_hf``.
+
+``hf_state_dict`` uses the transformers model's in-memory names: ``Cls(hf_config)
+.load_state_dict(hf_state_dict)`` then ``save_pretrained`` writes a standard checkpoint, and
+``Cls.from_pretrained(dir).state_dict()`` is what ``from_hf`` takes. Our state dict is the plain
+(unsharded) ``model.state_dict()`` of ``pretrain.models.build_model(cfg)``.
+
     family, feed-forward                          transformers class
     decoder, dense                                LlamaForCausalLM
     decoder, MoE, normalised top-k, every layer   MixtralForCausalLM
@@ -7,16 +24,6 @@
       ised top-1 gate, every k-th layer)            see checkpoints_tools.adapters.decoder)
     encoder, dense                                XLMRobertaForMaskedLM
     encoder, MoE                                  refused (no upstream class)
-
-Interface (torchtitan ``state_dict_adapter`` style)::
-
-    hf_state_dict, hf_config = to_hf(state_dict, cfg)      # our full state dict + ModelConfig
-    state_dict, cfg = from_hf(hf_state_dict, hf_config)    # hf_config: object or config.json dict
-
-``hf_state_dict`` uses the transformers model's in-memory names: ``Cls(hf_config)
-.load_state_dict(hf_state_dict)`` then ``save_pretrained`` writes a standard checkpoint, and
-``Cls.from_pretrained(dir).state_dict()`` is what ``from_hf`` takes. Our state dict is the plain
-(unsharded) ``model.state_dict()`` of ``pretrain.models.build_model(cfg)``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """Shared pieces of the per-family state-dict adapters (torchtitan ``state_dict_adapter`` style).
 
+What to call (from an adapter): ``require(key, value=v, expected=e, target=cls)`` /
+``require_hf(key, value=v, expected=e, source=cls)`` raise the one-line ``ValueError`` for a
+value the other side cannot represent; ``rename(state_dict, table=...)`` renames every key
+(``ValueError`` for a key the table does not know); ``rope_theta_of(hf_config, source=cls)``
+gives the default-RoPE base (``ValueError`` for a scaled RoPE variant); ``as_config(hf_config,
+model_type)`` gives a transformers config object from an object or a ``config.json`` dict.
+
 An adapter converts between our model's state dict and a transformers model's *in-memory* state
 dict (``model.state_dict()`` of the transformers class, which is what ``from_pretrained`` gives
 from any on-disk layout and what ``save_pretrained`` writes back out). Weights are only renamed,

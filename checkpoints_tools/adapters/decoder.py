@@ -1,6 +1,15 @@
 """Decoder adapters: ``LlamaForCausalLM`` (dense), ``MixtralForCausalLM`` and
 ``Qwen3MoeForCausalLM`` (MoE).
 
+What to call: usually ``checkpoints_tools.adapters.to_hf`` / ``from_hf``, which pick the class
+here. Each of :class:`LlamaAdapter`, :class:`MixtralAdapter`, :class:`Qwen3MoeAdapter` has
+``check(cfg)`` (``ValueError``, one line, when ``cfg`` has no exact twin of that class),
+``to_hf(state_dict, cfg)`` -> ``(hf_state_dict, hf_config)``, ``config_from_hf(hf_config)`` ->
+our ``ModelConfig`` and ``from_hf(hf_state_dict, hf_config)`` -> ``(state_dict, ModelConfig)``
+(``ValueError`` for variants we do not import: sliding windows; Qwen3-MoE attention biases or
+``mlp_only_layers``). Imported MoE models come back dropless, as transformers runs them. Weights
+are renamed, concatenated or split only: a round trip is bit-exact.
+
 Which MoE class:
     Mixtral renormalises its top-k gates (``router_top_value /= sum``), so it represents our
     normalised top-k routers (gshard, topk) with an MoE feed-forward in every layer and no q/k

@@ -1,6 +1,14 @@
 """Per-tensor export and import plans: each tensor as a function of the few of the other side's
 that it needs.
 
+What to call: ``export_items(cfg)`` -> ``[ExportItem(name, sources, combine)]`` in a stable
+order, ``name = combine(*[ours[s] for s in sources])`` (``ValueError`` when ``cfg`` has no
+exact transformers twin); ``import_items(cfg, hf_names)`` -> ``[ImportItem(name, sources,
+combine)]`` over the stored transformers names (``ValueError``, one line naming it, for a tensor
+the config implies that is not stored or a stored tensor with no place in our model).
+Guarantee: applied to every item, the plans give exactly ``to_hf``'s / ``from_hf``'s state dicts
+(below), while reading only the few tensors each item needs.
+
 ``to_hf`` maps a whole state dict; an export that streams a checkpoint needs the same mapping one
 output tensor at a time, so that memory stays bounded by the largest tensor (an MoE layer's
 ``gate_up_proj`` reads that layer's ``w1`` and ``w3`` together; everything else is 1:1).

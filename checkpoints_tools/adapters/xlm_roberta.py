@@ -1,5 +1,12 @@
 """Encoder adapter: dense encoder <-> ``XLMRobertaForMaskedLM``.
 
+What to call: usually ``checkpoints_tools.adapters.to_hf`` / ``from_hf``. :class:`XLMRobertaAdapter`
+has ``check(cfg)`` (``ValueError``, one line, when ``cfg`` has no exact XLM-R twin; an MoE
+encoder among others), ``to_hf(state_dict, cfg)`` -> ``(hf_state_dict, XLMRobertaConfig)``,
+``config_from_hf(hf_config)`` -> our ``ModelConfig`` and ``from_hf(hf_state_dict, hf_config)``
+-> ``(state_dict, ModelConfig)`` (``ValueError`` for an activation other than GELU, a
+decoder-style config, or a position table too small for its padding offset).
+
 XLM-R details carried over exactly:
     positions: transformers numbers real tokens from ``padding_idx + 1`` (fairseq), so its table
         has ``max_seq_len + padding_idx + 1`` rows; our row p is its row ``p + padding_idx + 1``
