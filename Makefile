@@ -18,13 +18,16 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
 setup: $(STAMP)
 
-# Debian packages the tests use: a throw-away Slurm cluster (slurm-wlm, munge). Installed only
-# where missing and where we are root; without them the Slurm tests skip with the reason.
+# Debian packages the tests use: a throw-away Slurm cluster (slurm-wlm, munge) and an offline
+# translator for back-translation (apertium with its English-Spanish pair, about 6 MB). Installed
+# only where missing and where we are root; without them those tests skip with the reason.
 system-deps:
-	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then :; \
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+		&& command -v apertium >/dev/null && [ -d /usr/share/apertium/apertium-eng-spa ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge; \
-	else echo "note: slurm-wlm/munge missing and not root: the Slurm tests will skip"; fi
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			slurm-wlm munge apertium apertium-eng-spa; \
+	else echo "note: slurm-wlm/munge/apertium missing and not root: the Slurm and apertium tests will skip"; fi
 
 $(STAMP): setup.py Makefile
 	@test -n "$(PYTHON)" || { echo "error: python3.11 or python3 not found"; exit 1; }
