@@ -13,27 +13,49 @@ from pathlib import Path
 
 from data_pipeline.manifest import load_manifest
 from data_pipeline.shard import ShardSettings, run_shard_job
-from data_pipeline.text_inputs import MonoInput
+from data_pipeline.text_inputs import MonoInput, PairInput
 from data_pipeline.tokenizer import train_tokenizer
 from parallel.testing import run_distributed
 from pretrain.plots import read_metrics
-from tests.sample_data import SAMPLE
+from tests.sample_data import SAMPLE, first_lines
 
 SAMPLE_LANGS = ("de", "el", "en", "es", "fr", "hi", "it", "ja", "ko", "pl", "ru", "zh")
 
 
-def sample_corpus(root: Path, langs=SAMPLE_LANGS, *, vocab_size: int = 8000) -> dict[str, Path]:
-    """``{"shards", "valid", "tok"}`` directories under ``root`` (built once; reused if there)."""
+SAMPLE_PAIRS = ("en-de", "en-es", "en-fr", "en-ja", "en-ru", "en-zh")
+
+
+def sample_corpus(
+    root: Path, langs=SAMPLE_LANGS, *, pairs=(), vocab_size: int = 8000
+) -> dict[str, Path]:
+    """``{"shards", "valid", "tok"}`` directories under ``root`` (built once; reused if there):
+    the train text of ``langs`` and the train pairs of ``pairs`` (e.g. ``"en-de"``), held-out
+    shards from the sample's ``*.valid`` mono files."""
     out = {"shards": root / "shards", "valid": root / "valid", "tok": root / "tok"}
     if (out["valid"] / "manifest.json").is_file():
         return out
     train = [MonoInput(lang, (SAMPLE / "mono" / f"{lang}.train.txt.zst",)) for lang in langs]
     valid = [MonoInput(lang, (SAMPLE / "mono" / f"{lang}.valid.txt.zst",)) for lang in langs]
-    train_tokenizer(train, vocab_size=vocab_size, out=out["tok"], seed=0, num_threads=2)
+    pair_inputs = [
+        PairInput(*name.split("-"), (SAMPLE / "parallel" / f"{name}.train.tsv.zst",))
+        for name in pairs
+    ]
+    train_tokenizer(
+        train, pairs=pair_inputs, vocab_size=vocab_size, out=out["tok"], seed=0, num_threads=2
+    )
     settings = ShardSettings(sample_tokens=512)
-    for inputs, key in ((train, "shards"), (valid, "valid")):
-        run_shard_job(inputs, tokenizer=out["tok"], out=out[key], workers=1, settings=settings)
+    run_shard_job(
+        train, pairs=pair_inputs, tokenizer=out["tok"], out=out["shards"], workers=1,
+        settings=settings,
+    )  # fmt: skip
+    run_shard_job(valid, tokenizer=out["tok"], out=out["valid"], workers=1, settings=settings)
     return out
+
+
+def held_out_pairs(name: str, count: int) -> list[tuple[str, str]]:
+    """The first ``count`` held-out pairs of the sample's pair set ``name`` (``en-de``)."""
+    lines = first_lines(SAMPLE / "parallel" / f"{name}.valid.tsv.zst", count)
+    return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
 
 
 def language_tokens(shards: Path) -> dict[str, int]:
