@@ -331,7 +331,7 @@ def _watched_steps(rank: int, world_size: int, cfgs: dict, cuda: bool = False) -
 
 
 def test_step_makes_no_host_sync_checked_on_cpu(shards, tmp_path: Path):
-    # Issue 11's lever, checked in every CI: with the fused AdamW (CUDA's default; on the CPU
+    # The sync-free step, checked in every CI: with the fused AdamW (CUDA's default; on the CPU
     # asked for) the step has no device-to-host read (tests.host_sync), MoE token counts
     # included, dropless and with capacity. The unfused step reads its loss for the NaN guard
     # and MLM compacts its targets (documented syncs): the check sees both.
@@ -402,7 +402,7 @@ def _eager_and_compiled_losses(rank: int, world_size: int, cfgs: dict) -> dict:
 
 
 def test_compiled_blocks_train_like_eager(shards, tmp_path: Path):
-    # Issue 11's "compiled blocks" lever on the CPU (inductor): three steps with
+    # The "compiled blocks" lever on the CPU (inductor): three steps with
     # parallel.compile=true give the eager losses, and the bf16 MoE block (autocast, one
     # grouped bf16 product per projection) compiles without a graph break.
     runs = {
@@ -431,7 +431,7 @@ def test_compiled_blocks_train_like_eager(shards, tmp_path: Path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["tiny_decoder.yaml", "tiny_moe.yaml"])
 def test_cuda_step_makes_no_host_sync(shards, tmp_path: Path, preset: str):
-    # Issue 11's lever: the step queues forward, backward, clipping and the fused AdamW without
+    # The sync-free step queues forward, backward, clipping and the fused AdamW without
     # waiting for the GPU (no .item()/.cpu()/nonzero, MoE token counts included).
     cfg = _cfg(preset, shards, tmp_path, "train.device=cuda", "train.precision=bf16")
     out = run_distributed(_watched_steps, world_size=1, args=({preset: cfg}, True))[0][preset]
@@ -440,7 +440,7 @@ def test_cuda_step_makes_no_host_sync(shards, tmp_path: Path, preset: str):
 
 
 def test_bench_mfu_runs_on_the_cpu_and_reports_consistent_figures(shards, tmp_path: Path):
-    # Issue 11 without a GPU: the benchmark runs end to end on tiny shapes (ours from real
+    # The single-device benchmark without a GPU: it runs end to end on tiny shapes (ours from real
     # shards, the transformers twins, two levers) and its figures hang together. No speed goal.
     import subprocess
     import sys
