@@ -6,6 +6,8 @@ What to call::
     python -m checkpoints_tools export-hf CKPT --out DIR [--dtype fp32|bf16] [--tokenizer DIR]
         [--verify] [--max-shard-gb 2.0]
     python -m checkpoints_tools import-hf DIR --out CKPT [--config RUN_YAML] [key=value ...]
+    python -m checkpoints_tools import-megatron DIR --out CKPT [--config RUN_YAML]
+        [--tokenizer DIR] [key=value ...]
     python -m checkpoints_tools reshard CKPT --out CKPT2 [--world-size N] [parallel.key=value ...]
 
 or ``main(argv)``, which returns the exit code. Each subcommand calls one function of
@@ -30,7 +32,7 @@ TRUST_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands inspect, export-hf, import-hf, reshard)."""
+    """The argument parser (subcommands inspect, export-hf, import-hf, import-megatron, reshard)."""
     parser = argparse.ArgumentParser(
         prog="python -m checkpoints_tools",
         description="Inspect, export, import and reshard Rosetta checkpoints. " + TRUST_NOTE,
@@ -88,6 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of that config")
 
     p = sub.add_parser(
+        "import-megatron",
+        help="Megatron torch_dist checkpoint -> checkpoint",
+        description="Import a Megatron-LM / megatron-core torch_dist checkpoint of a "
+        "Llama-style GPT decoder (stacked or per-layer keys, TE or local norm names, fused "
+        "QKV per query group, SwiGLU, tied or untied head) as a checkpoint that "
+        "train.resume=<CKPT> continues, with a fresh optimizer state at step 0. Its DCP "
+        ".metadata is unpickled with a whitelist (DCP's metadata classes, torch.Size, dtypes): "
+        "any other reference is refused; common.pt is not read. model.num_heads is not stored: "
+        "give it in --config or as model.num_heads=N.",
+    )
+    p.add_argument(
+        "dir", help="Megatron run directory (latest_checkpointed_iteration.txt) or iter_N"
+    )
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="run config: the model values the weights do not hold (num_heads, rope_theta, "
+        "norm_eps, max_seq_len) and the other sections of config.yaml",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory whose vocabulary the padded embedding rows are trimmed to "
+        "(default: the one the config's data.manifest records)",
+    )
+    p.add_argument("overrides", nargs="*", help="key=value overrides of that config")
+
+    p = sub.add_parser(
         "reshard",
         help="offline change of parallel layout",
         description="Rewrite a checkpoint for another parallel layout: new "
@@ -136,6 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(
                 f"imported {result['family']} ({result['params']:,} params) to {result['out']}; "
+                f"continue with train.resume={result['out']}"
+            )
+        elif args.command == "import-megatron":
+            from checkpoints_tools.megatron_import import import_megatron
+
+            result = import_megatron(
+                args.dir,
+                out=args.out,
+                base_config=args.config,
+                overrides=args.overrides,
+                tokenizer=args.tokenizer,
+            )
+            print(
+                f"imported {result['family']} ({result['params']:,} params, "
+                f"{result['layout']} keys) from {result['source']} to {result['out']}; "
                 f"continue with train.resume={result['out']}"
             )
         elif args.command == "reshard":
