@@ -105,12 +105,7 @@ def apply_parallelism(
     without materialising it (the dry-run planner reads the local shapes it leaves). Arguments
     as in ``parallelize_model``."""
     if dims.tp > 1:
-        plan = tp_plan
-        if dims.ep_over_tp:
-            # The MoE runs on this rank's sequence chunk: its input is not gathered.
-            moe_layers = {p.rpartition(".")[0] for p, s in tp_plan.items() if s == "experts"}
-            plan = {p: s for p, s in tp_plan.items() if p not in moe_layers}
-        apply_tp(model, plan, tp_mesh=dims["tp"], sequence_parallel=cfg.sequence_parallel)
+        apply_tp(model, tp_plan, tp_mesh=dims["tp"], sequence_parallel=cfg.sequence_parallel)
     expert_modules: list[nn.Module] = []
     if "experts" in tp_plan.values():
         expert_modules = apply_experts_parallel(

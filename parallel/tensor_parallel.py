@@ -1,5 +1,12 @@
 """Tensor and sequence parallel: turn a family's ``tp_plan`` (data) into DTensor styles.
 
+What to call: ``apply_tp(model, plan, tp_mesh=..., sequence_parallel=...)`` on a meta model (or
+a pipeline stage of one). Guarantees: every module keeps its class and its methods; each plan
+entry becomes a ``ParallelStyle`` applied with ``parallelize_module`` to the modules its pattern
+matches (nothing else of the model is addressed by name); every parameter becomes a DTensor
+over tp; ``model(ids)`` returns the vocabulary-sharded logits (a ``Shard(2)`` DTensor for
+``loss_parallel``), ``model(ids, return_hidden=True)`` the local hidden states.
+
 Placements over the ``tp`` axis with sequence parallel (``parallel.sequence_parallel``):
 
     residual stream between sublayers  local tensor, the rank's chunk of T: ``Shard(1)``
@@ -8,17 +15,20 @@ Placements over the ``tp`` axis with sequence parallel (``parallel.sequence_para
     wq, wk, wv, w1, w3 (``colwise``)   weight ``Shard(0)``; output local heads / FFN columns
     wo, w2 (``rowwise``)               weight ``Shard(1)``; output reduce-scattered to ``Shard(1)``
     embeddings (``embedding``)         table ``Shard(0)`` (rows); output ``Shard(1)``
-    output projection (``output``)     weight ``Shard(0)`` (vocab); logits a DTensor ``Shard(2)``
-                                       for ``loss_parallel``
-    grouped experts (``experts``)      see ``parallel.expert_parallel``
+    output head (``output``)           ``VocabParallelOutput``: weight ``Shard(0)`` (vocab), input
+                                       gathered; logits a DTensor ``Shard(2)`` for ``loss_parallel``
+    grouped experts, MoE layers        see ``parallel.expert_parallel``
 
 Without sequence parallel the residual stream is replicated and norms are plain modules.
 
-The model computes logits with ``F.linear(x, weight)`` (so that a tied projection reads the
-embedding table), which bypasses the ``output`` module's DTensor hooks; ``apply_tp`` therefore
-makes the model return hidden states and projects them in a forward hook that keeps the logits
-vocabulary-sharded. A ``return_hidden=True`` forward gets the hidden states (local, placed as
-the residual stream after the last norm/head: ``Shard(1)`` under SP, else replicated).
+The model computes its logits by calling its output head (an ``nn.Linear``, or a tied head
+given the embedding table and its bias), so vocabulary-parallel output is an ordinary plan
+entry: ``VocabParallelOutput`` shards the head's own weights, gathers its input and keeps the
+logits a DTensor. A tied head's table is ``Shard(0)`` already (the embedding style); its bias,
+a parameter of the model that no entry names, is replicated like any such parameter and sliced
+to this rank's vocabulary shard on entry. A ``return_hidden=True`` forward gets the hidden
+states (local, placed as the residual stream after the last norm/head: ``Shard(1)`` under SP,
+else replicated).
 
 Pipeline stages under SP pass the residual stream's local chunk ``x_B(T/tp)D`` between them; a
 stage without embeddings therefore gets positions ``0..T-1`` of the whole sequence from a
@@ -30,7 +40,6 @@ from __future__ import annotations
 import fnmatch
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import (
@@ -48,6 +57,49 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+
+class VocabParallelOutput(ParallelStyle):
+    """The output head over tp's vocabulary shards (``distribute_module``).
+
+    partition fn: the head's own ``weight`` ``[V, D]`` and ``bias`` ``[V]`` become ``Shard(0)``
+    DTensors (an untied ``nn.Linear``; a tied head owns none). input fn: the hidden states
+    ``x_BTD`` (local, placed ``input_layout``) become a replicated DTensor; further arguments (a
+    tied head's table and bias) are made ``Shard(0)`` DTensors. output fn: none, the logits stay
+    a ``Shard(2)`` DTensor (``x`` replicated times a ``Shard(0)`` weight: no communication).
+
+    Args:
+        input_layout: placement of the hidden states entering the head.
+    """
+
+    def __init__(self, *, input_layout) -> None:
+        super().__init__()
+        self.input_layout = input_layout
+
+    @staticmethod
+    def _partition_fn(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if name:
+            return
+        for key, param in list(module.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.data, mesh, [Shard(0)])
+            module.register_parameter(key, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+    def _input_fn(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x_BTD, *rest = inputs
+        if not isinstance(x_BTD, DTensor):
+            x_BTD = DTensor.from_local(x_BTD, mesh, [self.input_layout], run_check=False)
+        x_BTD = x_BTD.redistribute(mesh, [Replicate()])
+        shards = []
+        for tensor in rest:
+            if isinstance(tensor, DTensor) and tensor.placements != (Shard(0),):
+                tensor = tensor.redistribute(mesh, [Shard(0)])
+            shards.append(tensor)
+        return (x_BTD, *shards)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, partition_fn=self._partition_fn, input_fn=self._input_fn
+        )
 
 
 def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
@@ -71,8 +123,11 @@ def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
         # q/k norms act on local heads (dim 2): replicated weights whose grads are partial sums.
         "replicate_heads": SequenceParallel(sequence_dim=2, use_local_output=True),
         "replicate": None,  # applied in ``apply_tp``: parameters become Replicate DTensors
+        "output": VocabParallelOutput(input_layout=seq),
+        "output_from_replicate": VocabParallelOutput(input_layout=Replicate()),
+        # parallel.expert_parallel:
         "experts": None,
-        "output": None,
+        "moe": None,
     }
 
 
@@ -112,8 +167,6 @@ def apply_tp(
     for pattern, style_name in plan.items():
         if style_name not in styles:
             raise ValueError(f"tp plan style ({style_name!r}) for {pattern} is not supported")
-        if style_name == "replicate" and pattern.endswith(("q_norm", "k_norm")):
-            style_name = "replicate_heads"
         if style_name == "replicate":
             # Weights applied to a replicated activation (the router gate, which reads its
             # weight as a local tensor): tp-replicated DTensors like every other weight under
@@ -126,11 +179,9 @@ def apply_tp(
             continue
         for name in matching_modules(model, [pattern]):
             parallelize_module(model.get_submodule(name), tp_mesh, style)
-    _install_vocab_parallel_output(
-        model, tp_mesh=tp_mesh, sequence_parallel=sequence_parallel, plan=plan
-    )
     _replicate_the_rest(model, plan, tp_mesh=tp_mesh)
-    if sequence_parallel and getattr(model, "tok_embeddings", None) is None:
+    embeddings = matching_modules(model, [p for p, style in plan.items() if style == "embedding"])
+    if sequence_parallel and not embeddings:
         # A later pipeline stage receives this rank's sequence chunk x_B(T/tp)D, but RoPE
         # positions must span the whole sequence (attention gathers it).
         model.register_forward_pre_hook(_full_sequence_positions(tp_mesh.size()), with_kwargs=True)
@@ -166,11 +217,17 @@ def _replicate_the_rest(model: nn.Module, plan: dict[str, str], *, tp_mesh: Devi
         return output.to_local() if isinstance(output, DTensor) else output
 
     for name, module in model.named_modules():
-        if not name or any(name == e or name.startswith(e + ".") for e in experts):
+        if any(name == e or name.startswith(e + ".") for e in experts):
             continue
         if any(
             p is not None and not isinstance(p, DTensor) for p in module.parameters(recurse=False)
         ):
+            if not name:
+                # The root computes nothing with its own parameters (a tied head's bias): it
+                # hands them to a submodule, whose style places them. No hooks on the root.
+                # (distribute_module on the root would replicate every submodule too.)
+                own_params_only("", module, tp_mesh)
+                continue
             distribute_module(
                 module,
                 tp_mesh,
@@ -190,37 +247,3 @@ def _full_sequence_positions(tp: int):
         return args, {**kwargs, "position_ids_BT": positions_BT}
 
     return hook
-
-
-def _install_vocab_parallel_output(
-    model: nn.Module, *, tp_mesh: DeviceMesh, sequence_parallel: bool, plan: dict[str, str]
-) -> None:
-    weight, _ = model.output_projection()
-    if weight is None:
-        return  # a pipeline stage without the projection
-    if model.output is not None:
-        parallelize_module(model.output, tp_mesh, ColwiseParallel())
-    elif getattr(model, "output_bias", None) is not None:
-        # Tied: the table is already Shard(0) over the vocabulary; its own bias must match.
-        model.output_bias = nn.Parameter(
-            distribute_tensor(model.output_bias.data, tp_mesh, [Shard(0)])
-        )
-    # The hidden states entering the projection: the residual chunk after a sequence-parallel
-    # final norm, or replicated (no SP, or after the encoder's head which gathers the sequence).
-    gathered_before = "head" in plan and getattr(model, "head", None) is not None
-    hidden_placement = Shard(1) if sequence_parallel and not gathered_before else Replicate()
-    projection = type(model).output_projection
-
-    # Make the model return hidden states; the hook below projects them.
-    model.output_projection = lambda: (None, None)
-
-    def project(module: nn.Module, args, kwargs, hidden_BTD: torch.Tensor):
-        if kwargs.get("return_hidden", False):
-            return hidden_BTD
-        weight_VD, bias_V = projection(module)
-        x_BTD = DTensor.from_local(hidden_BTD, tp_mesh, [hidden_placement], run_check=False)
-        x_BTD = x_BTD.redistribute(tp_mesh, [Replicate()])
-        # x Replicate @ weight Shard(0) -> logits Shard(2): no communication.
-        return F.linear(x_BTD, weight_VD, bias_V)
-
-    model.register_forward_hook(project, with_kwargs=True)

@@ -52,7 +52,9 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +159,52 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_out, torch.full_like(aux, ctx.scale), None
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; gradient times ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class TokenSplit(Protocol):
+    """The tokens of one MoE call are split over a group of ranks, each routing its own part
+    (``parallel.ep_over_tp``). Set on a layer with ``MoE.token_split = split``; the layer then
+    takes what it computes from all of its tokens from here, so that its losses, statistics and
+    capacity queues equal the unsplit layer's (``parallel.expert_parallel.TpTokenSplit``)."""
+
+    def sum_gradient(self, weight: torch.Tensor) -> torch.Tensor:
+        """Identity forward; the gradient summed over the group (the router gate: each rank's
+        tokens give a part of it)."""
+
+    def routing_totals(
+        self,
+        counts_E: torch.Tensor,
+        probs_E: torch.Tensor,
+        z_sum: torch.Tensor,
+        num_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's routing statistics (see ``MoE.routing_totals``) -> the group's sums."""
+
+    def queue_positions(
+        self,
+        experts_A: torch.Tensor,
+        valid_A: torch.Tensor,
+        *,
+        batch: int,
+        top_k: int,
+        num_experts: int,
+    ) -> tuple[torch.Tensor, int]:
+        """Each of this rank's assignments' place in its expert's queue as the unsplit layer
+        queues them, and the token count capacity is computed from (see
+        ``MoE.queue_positions``)."""
+
+
 def gates_normalized(cfg: ModelConfig) -> bool:
     """Whether top-k gates are renormalised: ``moe.normalize_gates`` or the router's default."""
     if cfg.moe.normalize_gates is not None:
@@ -215,13 +263,18 @@ class TopKRouter(nn.Module):
         self.jitter = cfg.moe.jitter
         self.random_second = cfg.moe.random_second_expert
         self.gate = nn.Linear(cfg.hidden_size, cfg.moe.num_experts, bias=False)
+        self.token_split: TokenSplit | None = None
+        """Set by ``MoE.token_split``: the layer's tokens are split over ranks."""
 
     def gate_weight(self) -> torch.Tensor:
         """``W_g`` ``[E, D]`` as the forward uses it: a local tensor (under tensor parallel the
-        weight is a tp-replicated DTensor applied to replicated tokens; ``parallel/`` may wrap
-        this, e.g. to sum its gradient over ranks that route different tokens)."""
+        weight is a tp-replicated DTensor applied to replicated tokens); with a ``token_split``
+        its gradient is summed over the ranks that route the other tokens."""
         weight = self.gate.weight
-        return weight.to_local() if isinstance(weight, DTensor) else weight
+        weight = weight.to_local() if isinstance(weight, DTensor) else weight
+        if self.token_split is not None:
+            weight = self.token_split.sum_gradient(weight)
+        return weight
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
         """Route ``x_ND``. Jitter and random routing apply only in training (global RNG)."""
@@ -285,6 +338,16 @@ class GroupedExperts(nn.Module):
 
     Parameters: ``w1`` ``[E, F, D]`` (gate), ``w2`` ``[E, D, F]`` (down), ``w3`` ``[E, F, D]``
     (up; SwiGLU only); with ``cfg.bias`` also ``b1`` ``[E, F]`` and ``b2`` ``[E, D]``.
+
+    Sharded (``parallel.expert_parallel.ExpertParallel``), the parameters are DTensors and the
+    forward uses their local parts: the local experts (the style's input hook sends each row to
+    the rank holding its expert, its output hook brings the rows back), F-sharded under tensor
+    parallel. Two attributes say what the sharding asks of the forward:
+
+    ``weight_grad_scale`` (default 1.0): the local weights' gradients are multiplied by it (a
+    rank's expert gradient sums the tokens of several data-parallel ranks).
+    ``partial_output_sum`` (default None): F is sharded; called on the down projection's partial
+    product, before ``b2``, it returns the sum over the shards.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -298,15 +361,17 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, ffn, dim)) if self.swiglu else None
         self.b1 = nn.Parameter(torch.zeros(num_experts, ffn)) if cfg.bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if cfg.bias else None
+        self.weight_grad_scale = 1.0
+        self.partial_output_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self,
         x_MD: torch.Tensor,
-        *,
         offs_E: torch.Tensor,
         row_experts_M: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Apply expert e to rows ``offs[e-1]:offs[e]``. Returns ``y_MD``.
+        """Apply expert e to rows ``offs[e-1]:offs[e]``. Returns ``y_MD``. Positional
+        arguments, so that a parallel style's input hook sees them all.
 
         Args:
             x_MD: rows grouped by expert.
@@ -321,20 +386,25 @@ class GroupedExperts(nn.Module):
             h_MF = F.silu(h_MF) * grouped_mm(x_MD, w3.transpose(-2, -1), offs_E=offs_E)
         else:
             h_MF = F.gelu(h_MF)
-        y_MD = self.complete_output(grouped_mm(h_MF, w2.transpose(-2, -1), offs_E=offs_E))
+        y_MD = grouped_mm(h_MF, w2.transpose(-2, -1), offs_E=offs_E)
+        if self.partial_output_sum is not None:
+            y_MD = self.partial_output_sum(y_MD)
         if b2 is not None:
             y_MD = y_MD + b2[row_experts_M]
         return y_MD
 
     def expert_weights(self) -> tuple[torch.Tensor | None, ...]:
-        """``(w1, w2, w3, b1, b2)`` as the forward uses them (expert parallel: this rank's
-        local experts)."""
-        return self.w1, self.w2, self.w3, self.b1, self.b2
+        """``(w1, w2, w3, b1, b2)`` as the forward uses them: local tensors (a DTensor
+        parameter's local part: this rank's experts), gradients times ``weight_grad_scale``."""
+        return tuple(self._local(p) for p in (self.w1, self.w2, self.w3, self.b1, self.b2))
 
-    def complete_output(self, y_MD: torch.Tensor) -> torch.Tensor:
-        """The down projection's output before ``b2``: complete here (tensor parallel inside the
-        experts sums the partial products of the F shards)."""
-        return y_MD
+    def _local(self, param: torch.Tensor | None) -> torch.Tensor | None:
+        if param is None:
+            return None
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if self.weight_grad_scale != 1.0:
+            local = _ScaleGrad.apply(local, self.weight_grad_scale)
+        return local
 
 
 class MoE(nn.Module):
@@ -346,7 +416,10 @@ class MoE(nn.Module):
     forwards also add to the ``MoEStats`` that ``stats()`` returns. ``aux_loss_scale`` (default
     1.0) multiplies the auxiliary gradient: set it to the factor the trainer applies to its main
     loss (e.g. 1 / gradient-accumulation steps). ``num_tracked_languages`` (default 0) sizes
-    the per-language load table of the stats.
+    the per-language load table of the stats. ``token_split`` (default None; a ``TokenSplit``)
+    says that this call's tokens are part of a call split over ranks: the router gate's gradient,
+    the routing statistics behind the aux and z losses and the capacity queues are then the
+    whole call's (``routing_totals``, ``queue_positions``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -364,6 +437,15 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg)
         self.metrics: MoEMetrics | None = None
         self._stats: MoEStats | None = None
+
+    @property
+    def token_split(self) -> TokenSplit | None:
+        """The ``TokenSplit`` this layer's tokens are part of (None: they are all its own)."""
+        return self.router.token_split
+
+    @token_split.setter
+    def token_split(self, split: TokenSplit | None) -> None:
+        self.router.token_split = split
 
     def capacity_factor(self) -> float | None:
         """The capacity factor this mode routes with; None: dropless (``moe.dropless``, or
@@ -518,7 +600,7 @@ class MoE(nn.Module):
             probs_NE = torch.where(mask_N[:, None], probs_NE, 0.0)
             lse2_N = torch.where(mask_N, lse2_N, 0.0)
             real = mask_N.sum().to(probs_NE.dtype)
-        f_counts_E, probs_E, z_sum, num_real = self._routing_totals(
+        f_counts_E, probs_E, z_sum, num_real = self.routing_totals(
             f_counts_E, probs_NE.sum(dim=0), lse2_N.sum(), real
         )
         f_E = f_counts_E.float() / f_counts_E.sum().clamp(min=1).float()
@@ -526,7 +608,7 @@ class MoE(nn.Module):
         aux_loss = self.num_experts * (f_E * (probs_E / num_real)).sum()
         return aux_loss, z_sum / num_real
 
-    def _routing_totals(
+    def routing_totals(
         self,
         counts_E: torch.Tensor,
         probs_E: torch.Tensor,
@@ -535,16 +617,23 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routing statistics the aux and z losses are taken over (the f_i counts per
         expert, router probability sums, squared-logsumexp sum, real tokens as an fp32 scalar
-        tensor): this layer's own tokens; a layer whose tokens are split over ranks sums them
-        (``parallel.expert_parallel``)."""
+        tensor): this call's own tokens, or with a ``token_split`` the whole split call's."""
+        split = self.token_split
+        if split is not None:
+            return split.routing_totals(counts_E, probs_E, z_sum, num_tokens)
         return counts_E, probs_E, z_sum, num_tokens
 
-    def _queue_positions(
+    def queue_positions(
         self, experts_A: torch.Tensor, valid_A: torch.Tensor, *, batch: int
     ) -> tuple[torch.Tensor, int]:
         """Each assignment's place in its expert's queue and the token count the capacity is
-        computed from: this layer's own tokens in slot-major order; a layer whose tokens are
-        split over ranks queues them as the unsplit layer would (``parallel.expert_parallel``)."""
+        computed from: this call's own tokens in slot-major order, or with a ``token_split``
+        as the unsplit call queues them."""
+        split = self.token_split
+        if split is not None:
+            return split.queue_positions(
+                experts_A, valid_A, batch=batch, top_k=self.top_k, num_experts=self.num_experts
+            )
         positions_A = queue_positions(experts_A, valid_A, num_experts=self.num_experts)
         return positions_A, experts_A.numel() // self.top_k
 
@@ -564,7 +653,7 @@ class MoE(nn.Module):
         offs_E = all_counts_E.cumsum(0).to(torch.int32)
         order_A = torch.argsort(experts_A, stable=True)
         x_sorted_AD = x_ND[tokens_A[order_A]]
-        y_sorted_AD = self.experts(x_sorted_AD, offs_E=offs_E, row_experts_M=experts_A[order_A])
+        y_sorted_AD = self.experts(x_sorted_AD, offs_E, experts_A[order_A])
         inverse_A = torch.empty_like(order_A)
         inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
         return y_sorted_AD[inverse_A]
@@ -581,7 +670,7 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens, dim = x_ND.shape
         # Position of each assignment in its expert's queue, in slot-major (priority) order.
-        position_A, capacity_tokens = self._queue_positions(experts_A, valid_A, batch=batch)
+        position_A, capacity_tokens = self.queue_positions(experts_A, valid_A, batch=batch)
         capacity = expert_capacity(
             self.cfg, num_tokens=capacity_tokens, capacity_factor=capacity_factor
         )
@@ -594,6 +683,6 @@ class MoE(nn.Module):
         row_experts_M = torch.arange(self.num_experts, device=x_ND.device).repeat_interleave(
             capacity
         )
-        y_MD = self.experts(buffer_SD[:trash], offs_E=offs_E, row_experts_M=row_experts_M)
+        y_MD = self.experts(buffer_SD[:trash], offs_E, row_experts_M)
         y_AD = torch.cat([y_MD, y_MD.new_zeros(1, dim)])[slot_A]
         return y_AD, kept_A

@@ -27,10 +27,16 @@ TP_STYLES: dict[str, str] = {
     "sequence before a sublayer whose first linears are colwise",
     "embedding": "RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)): "
     "table sharded on its rows, output sharded on the sequence",
-    "output": "ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), "
-    "use_local_output=False): vocabulary-sharded logits for loss_parallel",
-    "replicate": "weights replicated over tp, applied to local heads (per-head q/k norms) or to "
-    "a replicated activation (the router gate)",
+    "output": "the output head (untied Linear or tied head), its input the residual stream "
+    "(Shard(1) under sequence parallel): vocabulary-parallel, weight and bias Shard(0), the "
+    "logits a DTensor Shard(2) for loss_parallel",
+    "output_from_replicate": "the output head after a module whose output is replicated (the "
+    "MLM head): as output, its input Replicate()",
+    "replicate": "weights replicated over tp, applied to a replicated activation (the router gate)",
+    "replicate_heads": "weights replicated over tp, applied to local heads (per-head q/k norms)",
+    "moe": "an MoE layer: under tp its input gathered to the whole sequence and its output cut "
+    "back to the rank's chunk (sequence parallel), or with parallel.ep_over_tp its tokens split "
+    "over tp (parallel.expert_parallel.TokenSplitMoE)",
     "experts": "grouped experts: dim 0 (experts) sharded over ep; under tp w1/w3 sharded on F "
     "(dim 1) and w2 on F (dim 2), the output a partial sum",
 }
@@ -41,7 +47,7 @@ PIPELINE_FIRST_STAGE: tuple[str, ...] = (
     "lang_embeddings",
     "embed_norm",
 )
-PIPELINE_LAST_STAGE: tuple[str, ...] = ("norm", "head", "output", "output_bias")
+PIPELINE_LAST_STAGE: tuple[str, ...] = ("norm", "head", "output", "tied_output", "output_bias")
 
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
@@ -67,8 +73,8 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
         }
     )
     if cfg.qk_norm:
-        plan["layers.*.attention.q_norm"] = "replicate"
-        plan["layers.*.attention.k_norm"] = "replicate"
+        plan["layers.*.attention.q_norm"] = "replicate_heads"
+        plan["layers.*.attention.k_norm"] = "replicate_heads"
     dense_layers = cfg.moe.num_experts == 0 or cfg.moe.every > 1
     if dense_layers:
         plan["layers.*.feed_forward"] = "sequence_to_replicate_input"
@@ -77,14 +83,15 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
         if cfg.mlp == "swiglu":
             plan["layers.*.feed_forward.w3"] = "colwise"
     if cfg.moe.num_experts > 0:
-        plan["layers.*.moe"] = "sequence_to_replicate_input"
+        plan["layers.*.moe"] = "moe"
         plan["layers.*.moe.router.gate"] = "replicate"
         plan["layers.*.moe.experts"] = "experts"
     if cfg.family == "encoder":
         # The MLM head's dense + norm need the whole width: run it on the gathered sequence.
         plan["head"] = "sequence_to_replicate_input"
-    if not cfg.tie_embeddings:
-        plan["output"] = "output"
+    # The MLM head gathers the sequence, so the projection's input is replicated after it.
+    output_style = "output_from_replicate" if cfg.family == "encoder" else "output"
+    plan["tied_output" if cfg.tie_embeddings else "output"] = output_style
     return plan
 
 

@@ -1,9 +1,17 @@
 """The Transformer stack shared by the decoder and encoder families.
 
+What to call: ``model(inputs, ...)`` -> logits (``forward``), ``model(inputs,
+return_hidden=True)`` -> the hidden states entering the output projection, and
+``model.output_projection()`` -> its ``(weight_VD, bias_V)`` for the chunked losses.
+
 Submodule names (what TP plans and pipeline splits address):
     tok_embeddings, pos_embeddings (learned positions), lang_embeddings (XLM), embed_norm
     (post-norm only), layers.{i} (``Block``s in an ``nn.ModuleDict``), norm (pre-norm only),
-    head (encoder MLM transform), output (untied projection) / output_bias (tied, with bias).
+    head (encoder MLM transform), and the output head, a module that computes the logits:
+    output (untied: an ``nn.Linear``, parameters ``output.weight`` / ``output.bias``) or
+    tied_output (tied: a ``TiedOutput`` without parameters that applies ``tok_embeddings.weight``
+    and the model's own ``output_bias``). The logits always come from calling that module, so a
+    parallel style on it (vocabulary-parallel output) sees them.
 
 Pipeline stages are made by deleting what a stage does not own (set the attribute to None, delete
 entries of ``layers``): a stage without ``tok_embeddings`` takes hidden states ``x_BTD`` as its
@@ -56,6 +64,20 @@ def param_seed(seed: int, *, name: str) -> int:
     return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(canonical_name(name).encode())) % (2**63)
 
 
+class TiedOutput(nn.Module):
+    """The tied output head: ``forward(x_BTD, weight_VD, bias_V) -> logits_BTV`` with the
+    embedding table as ``weight_VD``. No parameters of its own: the table stays one parameter
+    (``tok_embeddings.weight``; a shared Parameter would come apart in ``to_empty()``) and the
+    bias keeps its name ``output_bias``. Positional arguments, so that a parallel style's input
+    hook sees them all."""
+
+    def forward(
+        self, x_BTD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x_BTD @ weight_VD^T (+ bias_V)``."""
+        return F.linear(x_BTD, weight_VD, bias_V)
+
+
 class Transformer(nn.Module):
     """Embeddings, a stack of ``Block``s, a final norm and an output projection.
 
@@ -84,14 +106,16 @@ class Transformer(nn.Module):
         self.norm: nn.Module | None = None if post_norm else build_norm(cfg)
         self.head: nn.Module | None = None
         if cfg.tie_embeddings:
-            # Tied: the projection reads tok_embeddings.weight at call time (a shared Parameter
-            # would come apart in to_empty()); only a bias of its own remains.
+            # Tied: the head reads tok_embeddings.weight at call time (a shared Parameter would
+            # come apart in to_empty()); only a bias of its own remains.
             self.output: nn.Linear | None = None
+            self.tied_output: TiedOutput | None = TiedOutput()
             self.output_bias: nn.Parameter | None = (
                 nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.bias else None
             )
         else:
             self.output = nn.Linear(dim, cfg.vocab_size, bias=cfg.bias)
+            self.tied_output = None
             self.output_bias = None
 
     # ----------------------------------------------------------------------------------------
@@ -118,9 +142,17 @@ class Transformer(nn.Module):
         """``(weight_VD, bias_V)`` of the output projection; weight None on stages without one."""
         if self.output is not None:
             return self.output.weight, self.output.bias
-        if self.cfg.tie_embeddings and self.tok_embeddings is not None:
+        if self.tied_output is not None and self.tok_embeddings is not None:
             return self.tok_embeddings.weight, self.output_bias
         return None, None
+
+    def project(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        """Logits from the hidden states through the output head (None: this stage has none)."""
+        if self.output is not None:
+            return self.output(x_BTD)
+        if self.tied_output is not None and self.tok_embeddings is not None:
+            return self.tied_output(x_BTD, self.tok_embeddings.weight, self.output_bias)
+        return None
 
     def _uses_flex_attention(self, device: torch.device) -> bool:
         """Whether document masks go to FlexAttention (``model.attention``)."""
@@ -195,10 +227,10 @@ class Transformer(nn.Module):
             x_BTD = self.norm(x_BTD)
         if self.head is not None:
             x_BTD = self.head(x_BTD)
-        weight_VD, bias_V = self.output_projection()
-        if return_hidden or weight_VD is None:
+        if return_hidden:
             return x_BTD
-        return F.linear(x_BTD, weight_VD, bias_V)
+        logits_BTV = self.project(x_BTD)
+        return x_BTD if logits_BTV is None else logits_BTV
 
     # ----------------------------------------------------------------------------------------
     # MoE reporting
