@@ -1,5 +1,9 @@
 """Streaming-loader configuration: the ``data`` section of a run config.
 
+What to call: :class:`DataConfig` (the ``data`` section, composed into the run config by
+``pretrain.config``), ``validate_data(cfg)`` (one-line ``ValueError`` naming key and rule),
+``choices_of`` / ``check_choices`` for ``Literal`` choice fields.
+
 Lives with the loader (DESIGN.md: each package owns the dataclass of its part); it imports nothing
 from the other Rosetta packages so that ``data_pipeline`` installs and runs alone.
 """

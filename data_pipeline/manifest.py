@@ -1,5 +1,9 @@
 """The shard directory's ``manifest.json``: what was written, with checksums and counts.
 
+What to call: ``load_manifest(path)`` (a directory or its ``manifest.json``; checked),
+``write_manifest(dir, manifest)`` (atomic: written whole or not at all), ``merge_manifests`` (the
+parts of an array job), ``summary_lines`` (what ``inspect`` prints).
+
 Layout (keys sorted on disk; no timestamps or absolute paths, so the same inputs give the same
 bytes)::
 

@@ -1,5 +1,9 @@
 """Alpha-smoothed language sampling, shared by tokenizer training and the streaming loader.
 
+What to call: ``language_probabilities(counts, alpha=)`` (p_l of every language, alpha checked
+by ``check_alpha``), ``natural_probabilities(counts)``, ``RowSchedule`` (the loader's global,
+seeded row schedule: which source each global row comes from; exact resume from a row index).
+
 With ``n_l`` the amount of data in language ``l`` (tokens, characters or documents: the caller
 chooses the unit) and ``N = sum_k n_k``::
 

@@ -1,5 +1,10 @@
 """The sharding job: raw text -> token shards (format: ``data_pipeline.shard_format``) + manifest.
 
+What to call: ``run_shard_job(mono, pairs=, tokenizer=, out=, settings=ShardSettings(...))`` ->
+the manifest (``python -m data_pipeline shard``); ``build_manifest`` for the manifest of written
+shards. Guarantees: the same inputs give the same shard bytes whatever the worker count; every
+input document is a written document or a counted reject; a shard is complete or absent.
+
 The main process reads the inputs in order (sorted languages, then sorted pairs; each input's
 files sorted) and cuts them, without decoding, into chunks of about ``shard_text_bytes`` that
 end at record boundaries (``text_inputs.iter_raw_segments``: C-level searches only, so one process

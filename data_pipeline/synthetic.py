@@ -1,5 +1,9 @@
 """Tiny synthetic shard directories (no tokenizer needed) for loader tests and dry runs.
 
+What to call: ``write_synthetic_shards(out, docs={lang: n}, pairs=...)`` for a shard directory
+of random ids with a valid manifest, ``synthetic_vocab(size)`` for the ``transforms.Vocab`` that
+goes with it.
+
 Writes real Rosetta shards (``shard_format.ShardWriter``) and a manifest that
 ``manifest.load_manifest`` accepts, from random token ids, so that tests control every document.
 Document ``i`` of language ``l`` lives in file ``<l>.txt`` with ordinal ``i`` (``source`` and

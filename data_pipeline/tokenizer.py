@@ -1,5 +1,10 @@
 """Sentencepiece tokenizer training on an alpha-smoothed language sample, and its loading.
 
+What to call: ``train_tokenizer(...)`` (or ``python -m data_pipeline train-tokenizer``) to make a
+directory, ``load_tokenizer(dir) -> Tokenizer`` to use one (ids of specials, ``lang_ids``,
+``sentinel_ids``, encode/decode); ``lang_token(lang)`` / ``sentinel_token(i)`` name the reserved
+pieces. Guarantee: the same inputs and seed give the same ``spm.model`` bytes.
+
 A tokenizer directory holds::
 
     spm.model   the sentencepiece model (unigram or BPE, byte fallback, identity normalisation)

@@ -1,4 +1,14 @@
-"""Apply parallelism to a plain model built on the meta device, in the order of DESIGN.md:
+"""Apply parallelism to a plain model built on the meta device.
+
+What to call: ``parallelize_model(model, dims=, cfg=, tp_plan=, seed=)`` on a meta model (it
+materialises and initialises it: every layout gives the unsharded model's values);
+``apply_parallelism`` for the same without materialising (the dry-run planner);
+``loss_context(dims)`` around a loss of vocabulary-sharded logits; ``clip_grad_norm_`` /
+``grad_norm_stat`` for the norm over every axis; ``reduce_metric`` for per-axis metrics. The model
+is reached only through the plan's submodule paths (``pretrain.models.parallel_plan``): its
+``block`` entries are the units of checkpointing, compile and FSDP2.
+
+Order, as in DESIGN.md:
 
     (pipeline split, by ``parallel.pipeline``) -> TP/SP -> EP -> activation checkpointing ->
     torch.compile -> FSDP2 / HSDP / DDP -> ``to_empty`` -> ``init_weights(seed)``
@@ -35,7 +45,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 from parallel.config import ParallelConfig
 from parallel.expert_parallel import apply_experts_parallel
 from parallel.mesh import ParallelDims
-from parallel.tensor_parallel import apply_tp
+from parallel.tensor_parallel import apply_tp, matching_modules
 
 
 def parallelize_model(
@@ -119,12 +129,14 @@ def apply_parallelism(
             sequence_parallel=cfg.sequence_parallel,
             ep_over_tp=dims.ep_over_tp,
         )
-    apply_activation_checkpointing(model, mode=cfg.activation_checkpointing)
+    apply_activation_checkpointing(model, mode=cfg.activation_checkpointing, tp_plan=tp_plan)
+    blocks = [model.get_submodule(path) for path in block_paths(model, tp_plan)]
     if cfg.compile:
-        for block in model.layers.values():
+        for block in blocks:
             block.compile()
     _apply_data_parallel(
         model,
+        blocks=blocks,
         dims=dims,
         expert_modules=expert_modules,
         param_dtype=param_dtype,
@@ -133,9 +145,15 @@ def apply_parallelism(
     )
 
 
-def apply_activation_checkpointing(model: nn.Module, *, mode: str) -> None:
-    """Wrap blocks in non-reentrant activation checkpointing: ``full`` every block,
-    ``selective`` every other block (0, 2, ...), ``none`` nothing.
+def block_paths(model: nn.Module, tp_plan: dict[str, str]) -> list[str]:
+    """Paths of the model's blocks: the submodules its plan names with style ``block`` (the
+    units of activation checkpointing, compile and per-block FSDP2), in module order."""
+    return matching_modules(model, [p for p, style in tp_plan.items() if style == "block"])
+
+
+def apply_activation_checkpointing(model: nn.Module, *, mode: str, tp_plan: dict[str, str]) -> None:
+    """Wrap the plan's blocks (``block_paths``) in non-reentrant activation checkpointing:
+    ``full`` every block, ``selective`` every other block (0, 2, ...), ``none`` nothing.
 
     Raises:
         ValueError: an unknown mode.
@@ -148,14 +166,17 @@ def apply_activation_checkpointing(model: nn.Module, *, mode: str) -> None:
         raise ValueError(
             f"parallel.activation_checkpointing ({mode!r}) must be none|full|selective"
         )
-    for index, key in enumerate(list(model.layers.keys())):
+    for index, path in enumerate(block_paths(model, tp_plan)):
         if mode == "full" or index % 2 == 0:
-            model.layers[key] = checkpoint_wrapper(model.layers[key], preserve_rng_state=True)
+            parent_path, _, key = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, key, checkpoint_wrapper(getattr(parent, key), preserve_rng_state=True))
 
 
 def _apply_data_parallel(
     model: nn.Module,
     *,
+    blocks: list[nn.Module],
     dims: ParallelDims,
     expert_modules: list[nn.Module],
     param_dtype: torch.dtype | None,
@@ -184,7 +205,7 @@ def _apply_data_parallel(
         # Pinned host memory needs an accelerator; a CPU-only torch cannot pin.
         policy["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     experts = {id(module) for module in expert_modules}
-    for block in model.layers.values():
+    for block in blocks:
         for module in block.modules():
             if id(module) in experts:
                 # The inner FSDP unit first: the block's fully_shard then skips its parameters.

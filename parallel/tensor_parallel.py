@@ -104,7 +104,7 @@ class VocabParallelOutput(ParallelStyle):
 
 def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
     """Style name of ``pretrain.models.parallel_plan.TP_STYLES`` -> ParallelStyle (None: nothing
-    to do here; ``experts`` and ``output`` are applied by their own code)."""
+    to do here; ``block``, ``experts`` and ``moe`` are applied by their own code)."""
     seq = Shard(1) if sequence_parallel else Replicate()
     return {
         "colwise": ColwiseParallel(),
@@ -125,6 +125,8 @@ def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
         "replicate": None,  # applied in ``apply_tp``: parameters become Replicate DTensors
         "output": VocabParallelOutput(input_layout=seq),
         "output_from_replicate": VocabParallelOutput(input_layout=Replicate()),
+        # parallel.parallelize (checkpointing, compile, FSDP units):
+        "block": None,
         # parallel.expert_parallel:
         "experts": None,
         "moe": None,

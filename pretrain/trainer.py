@@ -176,7 +176,9 @@ class Trainer:
         self.engine = None  # the DeepSpeed engine (parallel.engine=deepspeed)
         if cfg.parallel.engine == "deepspeed":
             # ZeRO wraps the plain model: materialised and initialised as one process would.
-            apply_activation_checkpointing(model, mode=cfg.parallel.activation_checkpointing)
+            apply_activation_checkpointing(
+                model, mode=cfg.parallel.activation_checkpointing, tp_plan=tp_plan(cfg.model)
+            )
             model.to_empty(device=self.device)
             model.init_weights(cfg.train.seed)
             parts = [model]

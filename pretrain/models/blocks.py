@@ -1,5 +1,9 @@
 """Transformer building blocks shared by the decoder and encoder families.
 
+What to call: :class:`Block` (attention + feed-forward, pre- or post-norm), ``build_norm``,
+``rope_cos_sin`` / ``apply_rope``, ``attention_mask`` / ``document_block_mask`` (document ids ->
+SDPA mask or FlexAttention block mask; -1 = padding, never attended to), ``document_positions``.
+
 Plain ``nn.Module``s with no parallelism inside: ``parallel/`` shards them afterwards by submodule
 path (see ``pretrain.models.parallel_plan``). Attention reshapes with ``view(B, T, -1, head_dim)``
 so that it runs unchanged on tensor-parallel shards holding only the local heads.

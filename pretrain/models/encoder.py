@@ -1,5 +1,9 @@
 """XLM-R/BERT-shaped bidirectional encoder with an MLM head, dense or MoE.
 
+What to call: ``build_model(cfg)`` with ``model.family=encoder`` (an :class:`Encoder`); the
+call contract of ``pretrain.models.transformer.Transformer``, the hidden states passing through
+``head`` before the projection. Guarantee: padding (document id -1) is never attended to.
+
 The MLM head is ``head`` = dense (D -> D) -> GELU -> norm, followed by the output projection
 (tied to ``tok_embeddings`` with a bias of its own in XLM-R). A dense encoder exports exactly to
 ``XLMRobertaForMaskedLM``; an MoE encoder has no upstream twin.

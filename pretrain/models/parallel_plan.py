@@ -1,9 +1,15 @@
 """Parallelisation facts of the model families, stated as data for ``parallel/`` to apply.
 
-Tensor/sequence parallel plan: ``tp_plan(cfg)`` maps a submodule-path pattern (``*`` = one path
-segment, a layer key) to a style name from ``TP_STYLES``. Submodules not named stay replicated
-over the tp axis (FSDP still shards them). The family is not consulted: both families share the
-submodule names of ``pretrain.models.transformer``.
+What to call: ``tp_plan(cfg)`` for the family's plan (pattern -> style; hand it to
+``parallel.parallelize.parallelize_model``), ``pipeline_stage_layers(cfg, num_stages=)`` for the
+layer keys of each pipeline stage and ``prune_to_stage(model, ...)`` to cut a model down to one.
+Guarantees: ``parallel/`` reaches into a model only through the submodule paths named here.
+
+Plan: a submodule-path pattern (``*`` = one path segment, a layer key) maps to a style name from
+``TP_STYLES``. Style ``block`` names the blocks (the units of activation checkpointing,
+torch.compile and per-block FSDP2); the other styles say how tensor/sequence parallel shards a
+submodule. Submodules not named stay replicated over the tp axis (FSDP still shards them). The
+decoder and encoder families share the submodule names of ``pretrain.models.transformer``.
 
 Pipeline: stages own contiguous runs of ``layers``; the first stage also owns
 ``PIPELINE_FIRST_STAGE`` and the last ``PIPELINE_LAST_STAGE``. ``pipeline_stage_layers`` says
@@ -18,6 +24,8 @@ from torch import nn
 from pretrain.models.config import ModelConfig
 
 TP_STYLES: dict[str, str] = {
+    "block": "a transformer block: the unit of activation checkpointing, torch.compile and "
+    "per-block FSDP2 sharding (no tensor-parallel style of its own)",
     "colwise": "ColwiseParallel(): weight sharded on the output dim, activation sharded on the "
     "last dim (local heads / local FFN columns)",
     "rowwise": "RowwiseParallel(): weight sharded on the input dim; output Shard(1) under "
@@ -52,7 +60,7 @@ PIPELINE_LAST_STAGE: tuple[str, ...] = ("norm", "head", "output", "tied_output",
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
     """The TP/SP plan of a model built from ``cfg`` (pattern -> ``TP_STYLES`` name)."""
-    plan: dict[str, str] = {"tok_embeddings": "embedding"}
+    plan: dict[str, str] = {"layers.*": "block", "tok_embeddings": "embedding"}
     if cfg.position == "learned":
         plan["pos_embeddings"] = "embedding"
     if cfg.num_languages > 0:

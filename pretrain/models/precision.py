@@ -1,5 +1,8 @@
 """Autocast for the ops that autocast does not list.
 
+What to call: ``autocast_operands(*tensors)`` before ``torch._grouped_mm`` or ``flex_attention``:
+under an active CUDA/CPU autocast the operands come back in its dtype, else unchanged.
+
 ``torch.autocast`` casts the operands of the ops on its lists (``mm``, SDPA, ...) to its dtype.
 ``torch._grouped_mm`` and ``flex_attention`` are on none, so under the trainer's bf16 (autocast
 over fp32 weights) they would see fp32 or mixed operands: the grouped product would leave its
