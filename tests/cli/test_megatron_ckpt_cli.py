@@ -21,7 +21,7 @@ from checkpoints_tools.cli import main  # noqa: E402
 from checkpoints_tools.dcp_io import open_checkpoint  # noqa: E402
 from checkpoints_tools.megatron_import import read_dcp_metadata  # noqa: E402
 from checkpoints_tools.testing import VOCAB, make_tokenizer  # noqa: E402
-from tests.unit.test_megatron_checkpoint import (  # noqa: E402
+from tests.megatron_checkpoints import (  # noqa: E402
     OVERRIDES,
     llama,
     megatron_state,
