@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.text_inputs import MonoInput
-from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.transforms import (
     BART_DENOISING,
     MBART_DENOISING,
@@ -29,24 +28,6 @@ from tests.sample_data import SAMPLE, first_lines
 LANGS = ("en", "de", "ja")
 # chi-square 0.999 quantiles (no scipy here): a false alarm once in a thousand seeds
 CHI2_999 = {9: 27.877, 10: 29.588}
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("barttok")
-    inputs = []
-    for lang in LANGS:
-        path = root / f"{lang}.txt"
-        lines = first_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", 200)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        inputs.append(MonoInput(lang, (path,)))
-    train_tokenizer(inputs, out=root / "tok", vocab_size=1500, seed=0, num_threads=1)
-    return root / "tok"
-
-
-@pytest.fixture(scope="module")
-def vocab(tok_dir: Path) -> Vocab:
-    return Vocab.from_tokenizer(str(tok_dir))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.text_inputs import MonoInput
-from data_pipeline.tokenizer import load_tokenizer, sentinel_token, train_tokenizer
+from data_pipeline.tokenizer import load_tokenizer, sentinel_token
 from data_pipeline.transforms import (
     join_mono,
     random_spans_noise_mask,
@@ -18,20 +17,6 @@ from data_pipeline.transforms import (
     t5_span_lengths,
 )
 from tests.sample_data import SAMPLE, first_lines
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real sentencepiece tokenizer (100 sentinels) on en/de/ja text of the sample corpus."""
-    root = tmp_path_factory.mktemp("t5tok")
-    inputs = []
-    for lang in ("en", "de", "ja"):
-        path = root / f"{lang}.txt"
-        lines = first_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", 200)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        inputs.append(MonoInput(lang, (path,)))
-    train_tokenizer(inputs, out=root / "tok", vocab_size=1500, seed=0, num_threads=1)
-    return root / "tok"
 
 
 @pytest.fixture(scope="module")

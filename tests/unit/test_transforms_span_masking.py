@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.text_inputs import MonoInput
-from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.transforms import (
     IGNORE_INDEX,
     SpanMaskingConfig,
@@ -24,24 +23,6 @@ from tests.sample_data import SAMPLE, first_lines
 LANGS = ("en", "de", "ja")
 CHI2_999_DF9 = 27.877  # chi-square 0.999 quantile, 9 degrees of freedom (no scipy here)
 WIDTH = 256
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("spantok")
-    inputs = []
-    for lang in LANGS:
-        path = root / f"{lang}.txt"
-        lines = first_lines(SAMPLE / "mono" / f"{lang}.train.txt.zst", 200)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        inputs.append(MonoInput(lang, (path,)))
-    train_tokenizer(inputs, out=root / "tok", vocab_size=1500, seed=0, num_threads=1)
-    return root / "tok"
-
-
-@pytest.fixture(scope="module")
-def vocab(tok_dir: Path) -> Vocab:
-    return Vocab.from_tokenizer(str(tok_dir))
 
 
 @pytest.fixture(scope="module")
