@@ -119,6 +119,17 @@ def _styles(*, sequence_parallel: bool) -> dict[str, ParallelStyle | None]:
             if sequence_parallel
             else None
         ),
+        "cross_attention_input": (
+            PrepareModuleInput(
+                input_layouts=(Shard(1),),
+                desired_input_layouts=(Replicate(),),
+                input_kwarg_layouts={"kv_source_BKD": Shard(1)},
+                desired_input_kwarg_layouts={"kv_source_BKD": Replicate()},
+                use_local_output=True,
+            )
+            if sequence_parallel
+            else None
+        ),
         "embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
         # q/k norms act on local heads (dim 2): replicated weights whose grads are partial sums.
         "replicate_heads": SequenceParallel(sequence_dim=2, use_local_output=True),

@@ -42,6 +42,9 @@ TP_STYLES: dict[str, str] = {
     "MLM head): as output, its input Replicate()",
     "replicate": "weights replicated over tp, applied to a replicated activation (the router gate)",
     "replicate_heads": "weights replicated over tp, applied to local heads (per-head q/k norms)",
+    "cross_attention_input": "PrepareModuleInput for cross-attention: the queries' input and the "
+    "encoder memory (keyword kv_source_BKD) gathered from Shard(1) to Replicate() under sequence "
+    "parallel",
     "moe": "an MoE layer: under tp its input gathered to the whole sequence and its output cut "
     "back to the rank's chunk (sequence parallel), or with parallel.ep_over_tp its tokens split "
     "over tp (parallel.expert_parallel.TokenSplitMoE)",
@@ -60,6 +63,8 @@ PIPELINE_LAST_STAGE: tuple[str, ...] = ("norm", "head", "output", "tied_output",
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
     """The TP/SP plan of a model built from ``cfg`` (pattern -> ``TP_STYLES`` name)."""
+    if cfg.family == "encoder_decoder":
+        return _encoder_decoder_plan(cfg)
     plan: dict[str, str] = {"layers.*": "block", "tok_embeddings": "embedding"}
     if cfg.position == "learned":
         plan["pos_embeddings"] = "embedding"
@@ -83,23 +88,65 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
     if cfg.qk_norm:
         plan["layers.*.attention.q_norm"] = "replicate_heads"
         plan["layers.*.attention.k_norm"] = "replicate_heads"
-    dense_layers = cfg.moe.num_experts == 0 or cfg.moe.every > 1
-    if dense_layers:
-        plan["layers.*.feed_forward"] = "sequence_to_replicate_input"
-        plan["layers.*.feed_forward.w1"] = "colwise"
-        plan["layers.*.feed_forward.w2"] = "rowwise"
-        if cfg.mlp == "swiglu":
-            plan["layers.*.feed_forward.w3"] = "colwise"
-    if cfg.moe.num_experts > 0:
-        plan["layers.*.moe"] = "moe"
-        plan["layers.*.moe.router.gate"] = "replicate"
-        plan["layers.*.moe.experts"] = "experts"
+    plan.update(_feed_forward_plan(cfg, "layers.*"))
     if cfg.family == "encoder":
         # The MLM head's dense + norm need the whole width: run it on the gathered sequence.
         plan["head"] = "sequence_to_replicate_input"
     # The MLM head gathers the sequence, so the projection's input is replicated after it.
     output_style = "output_from_replicate" if cfg.family == "encoder" else "output"
     plan["tied_output" if cfg.tie_embeddings else "output"] = output_style
+    return plan
+
+
+def _feed_forward_plan(cfg: ModelConfig, layers: str) -> dict[str, str]:
+    """The dense and MoE feed-forward entries of the blocks matched by ``layers``."""
+    plan: dict[str, str] = {}
+    if cfg.moe.num_experts == 0 or cfg.moe.every > 1:
+        plan[f"{layers}.feed_forward"] = "sequence_to_replicate_input"
+        plan[f"{layers}.feed_forward.w1"] = "colwise"
+        plan[f"{layers}.feed_forward.w2"] = "rowwise"
+        if cfg.mlp in ("swiglu", "gated_gelu"):
+            plan[f"{layers}.feed_forward.w3"] = "colwise"
+    if cfg.moe.num_experts > 0:
+        plan[f"{layers}.moe"] = "moe"
+        plan[f"{layers}.moe.router.gate"] = "replicate"
+        plan[f"{layers}.moe.experts"] = "experts"
+    return plan
+
+
+def _encoder_decoder_plan(cfg: ModelConfig) -> dict[str, str]:
+    """Both stacks of ``pretrain.models.encoder_decoder``: attention heads, cross-attention
+    heads (its memory gathered to the whole source sequence under sequence parallel), the
+    relative-position table by heads (``colwise`` on an embedding shards its columns: the
+    rank's heads), feed-forwards and MoE layers as in the decoder; the output head
+    vocabulary-parallel."""
+    plan: dict[str, str] = {
+        "encoder.layers.*": "block",
+        "decoder.layers.*": "block",
+        "tok_embeddings": "embedding",
+    }
+    for stack in ("encoder", "decoder"):
+        layers = f"{stack}.layers.*"
+        if cfg.position == "learned":
+            plan[f"{stack}.pos_embeddings"] = "embedding"
+        if cfg.embedding_norm:
+            plan[f"{stack}.embed_norm"] = "sequence"
+        if cfg.norm_position == "pre":
+            plan[f"{stack}.norm"] = "sequence"
+        attentions = ["attention"] + (["cross_attention"] if stack == "decoder" else [])
+        for attention in attentions:
+            plan[f"{layers}.{attention}_norm"] = "sequence"
+            plan[f"{layers}.{attention}"] = (
+                "cross_attention_input" if attention == "cross_attention" else
+                "sequence_to_replicate_input"
+            )  # fmt: skip
+            for name in ("wq", "wk", "wv"):
+                plan[f"{layers}.{attention}.{name}"] = "colwise"
+            plan[f"{layers}.{attention}.wo"] = "rowwise"
+        plan[f"{layers}.attention.relative_attention_bias"] = "colwise"
+        plan[f"{layers}.ffn_norm"] = "sequence"
+        plan.update(_feed_forward_plan(cfg, layers))
+    plan["tied_output" if cfg.tie_embeddings else "output"] = "output"
     return plan
 
 

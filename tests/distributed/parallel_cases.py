@@ -30,6 +30,7 @@ STEPS = 5
 SEED = 1234
 BATCH = 4
 SEQ = 16
+TARGET_SEQ = 12
 MAX_NORM = 0.5  # small enough that clipping acts on every step
 
 
@@ -65,14 +66,75 @@ def tiny_config(family: str = "decoder", *, moe: bool = False) -> ModelConfig:
     )
 
 
+def tiny_encdec_config(shape: str = "mt5", *, moe: str = "") -> ModelConfig:
+    """A 2 + 2-layer width-32 encoder-decoder: ``mt5`` (RMSNorm, relative positions, gated GELU,
+    unscaled attention, untied head) or ``mbart`` (LayerNorm, learned positions, embedding norm,
+    biases, tied head with final_logits_bias); ``moe``: ``switch`` (top-1) or ``gshard`` (top-2)
+    dropless MoE in every other layer of both stacks, without aux losses (as ``tiny_config``)."""
+    mt5 = shape == "mt5"
+    return ModelConfig(
+        family="encoder_decoder",
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        head_dim=12 if mt5 else None,
+        ffn_hidden_size=64,
+        max_seq_len=64,
+        position="relative" if mt5 else "learned",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        norm="rmsnorm" if mt5 else "layernorm",
+        norm_eps=1e-6 if mt5 else 1e-5,
+        mlp=("gelu" if moe else "gated_gelu") if mt5 else "gelu",
+        bias=not mt5,
+        scale_attention=not mt5,
+        embedding_norm=not mt5,
+        final_logits_bias=not mt5,
+        tie_embeddings=not mt5,
+        init_std=0.1,
+        moe=MoEConfig(
+            num_experts=4 if moe else 0,
+            top_k=1 if moe == "switch" else 2,
+            router=moe or "gshard",
+            every=2,
+            offset=1 if moe else None,
+            expert_ffn_hidden_size=32,
+            dropless=True,
+            aux_loss_coef=0.0,
+            z_loss_coef=0.0,
+        ),
+    )
+
+
 def batches(cfg: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``STEPS`` global batches ``(tokens_BT, targets_BT)``."""
+    """``STEPS`` global batches ``(tokens_BT, targets_BT)``. Encoder-decoder: ``tokens`` is the
+    source (``SEQ`` ids, 0 = padding at the end of some rows) followed by the decoder inputs
+    (``TARGET_SEQ``), see ``logits_of``."""
     gen = torch.Generator().manual_seed(7)
     out = []
     for _ in range(STEPS):
+        if cfg.family == "encoder_decoder":
+            source = torch.randint(1, cfg.vocab_size, (BATCH, SEQ), generator=gen)
+            source[1, -5:] = 0
+            source[3, -9:] = 0
+            target = torch.randint(1, cfg.vocab_size, (BATCH, TARGET_SEQ + 1), generator=gen)
+            out.append((torch.cat([source, target[:, :-1]], dim=1), target[:, 1:].contiguous()))
+            continue
         tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen)
         out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     return out
+
+
+def logits_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits of a ``batches`` row block (encoder-decoder: source padding has
+    document id -1)."""
+    if model.cfg.family != "encoder_decoder":
+        return model(tokens)
+    source, decoder_inputs = tokens[:, :SEQ], tokens[:, SEQ:]
+    document_ids = torch.where(source == 0, -1, 0)
+    return model(source, decoder_inputs, document_ids_BS=document_ids)
 
 
 def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -109,7 +171,7 @@ def train(model, data, *, dims, dp_rank: int = 0, dp_size: int = 1, microbatches
             num_targets = (targets != -100).sum()
             loss = torch.zeros(())
             for tok, tgt in zip(tokens.chunk(microbatches), targets.chunk(microbatches)):
-                logits = model(tok)
+                logits = logits_of(model, tok)
                 part = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum")
                 (part / num_targets).backward()
                 loss = loss + part.detach() / num_targets
@@ -117,7 +179,7 @@ def train(model, data, *, dims, dp_rank: int = 0, dp_size: int = 1, microbatches
             losses.append(loss.item())
             opt.step()
             continue
-        logits = model(tokens)
+        logits = logits_of(model, tokens)
         with loss_context(dims):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
             loss.backward()
