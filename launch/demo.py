@@ -35,7 +35,7 @@ SAMPLE = REPO / "data_pipeline" / "sample"
 DEMO_VOCAB = 8000
 
 
-def _run(cmd: list[str]) -> None:
+def run_command(cmd: list[str]) -> None:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     start = time.monotonic()
     subprocess.run(cmd, check=True)
@@ -59,12 +59,10 @@ def _parallel(split: str) -> list[str]:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__)
-    parser.add_argument("--out", default="demo_out", help="output directory (reused if present)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+def prepare_corpus(out: Path) -> tuple[Path, Path, Path]:
+    """Steps 1-3 (tokenizer, train and validation shards with the en-X pairs, verify +
+    inspect), reusing finished work under ``out``; returns ``(tokenizer, shards,
+    shards_valid)``."""
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     tokenizer = out / "tokenizer"
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     shards_valid = out / "shards_valid"
 
     if not any(tokenizer.glob("*.json")):
-        _run(
+        run_command(
             [py, "-m", "data_pipeline", "train-tokenizer", *_inputs("train"),
              *_parallel("train"), "--vocab-size", str(DEMO_VOCAB), "--sample-chars", "3000000",
              "--alpha", "0.3", "--out", str(tokenizer)]
@@ -80,16 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"reusing tokenizer {tokenizer}")
     # The sharding job skips finished shards, so a re-run only checks them.
-    _run(
+    run_command(
         [py, "-m", "data_pipeline", "shard", "--tokenizer", str(tokenizer), *_inputs("train"),
          *_parallel("train"), "--out", str(shards)]
     )  # fmt: skip
-    _run(
+    run_command(
         [py, "-m", "data_pipeline", "shard", "--tokenizer", str(tokenizer), *_inputs("valid"),
          *_parallel("valid"), "--out", str(shards_valid)]
     )  # fmt: skip
-    _run([py, "-m", "data_pipeline", "verify", str(shards)])
-    _run([py, "-m", "data_pipeline", "inspect", str(shards)])
+    run_command([py, "-m", "data_pipeline", "verify", str(shards)])
+    run_command([py, "-m", "data_pipeline", "inspect", str(shards)])
+    return tokenizer, shards, shards_valid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__)
+    parser.add_argument("--out", default="demo_out", help="output directory (reused if present)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    py = sys.executable
+    tokenizer, shards, shards_valid = prepare_corpus(out)
 
     run_dir = out / "run"
     overrides = [
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "logging.every=10",
     ]
     config = str(REPO / "configs" / "tiny_moe.yaml")
-    _run(
+    run_command(
         [py, "-m", "pretrain.train", "--config", config, "--dry-run", "--world-size", "2",
          *overrides]
     )  # fmt: skip
@@ -113,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)  # a demo run starts from scratch every time
     torchrun = [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pretrain.train"]
     # First job: stop at step 60 with a checkpoint (as a time-limited job would) ...
-    _run([*torchrun, "--config", config, *overrides, "train.stop_at=60"])
+    run_command([*torchrun, "--config", config, *overrides, "train.stop_at=60"])
     # ... second job: resume from the latest complete checkpoint and finish.
-    _run([*torchrun, "--config", config, *overrides, "train.resume=auto"])
+    run_command([*torchrun, "--config", config, *overrides, "train.resume=auto"])
 
     records = read_metrics(run_dir / "metrics.jsonl")
     first, last = records[0], records[-1]

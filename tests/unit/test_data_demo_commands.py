@@ -21,7 +21,7 @@ def test_demo_trains_the_tokenizer_on_the_pairs_too(tmp_path: Path, monkeypatch)
         commands.append(cmd)
         raise _Stop  # the first command is the tokenizer's: nothing runs
 
-    monkeypatch.setattr(demo, "_run", record)
+    monkeypatch.setattr(demo, "run_command", record)
     with pytest.raises(_Stop):
         demo.main(["--out", str(tmp_path / "demo")])
     (cmd,) = commands
