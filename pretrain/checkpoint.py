@@ -46,6 +46,7 @@ partial directory that is fully written; :meth:`CheckpointManager.recover` (run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -71,7 +72,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from pretrain.models.config import architecture_keys
+from pretrain.models.config import ModelConfig, architecture_keys
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _PARTIAL_RE = re.compile(r"^\.step_(\d+)\.partial$")
@@ -572,13 +573,17 @@ _ARCHITECTURE_KEYS = architecture_keys()
 def _architecture(model: dict[str, Any]) -> dict[str, Any]:
     """The architecture keys of a ``model`` section, defaults resolved (None head_dim etc.)."""
     flat = _flatten(model, "model")
-    arch = {key: flat.get(f"model.{key}") for key in _ARCHITECTURE_KEYS}
+    # a key missing from an older checkpoint's config.yaml takes the default it was built with
+    defaults = _flatten(dataclasses.asdict(ModelConfig()), "model")
+    arch = {key: flat.get(f"model.{key}", defaults[f"model.{key}"]) for key in _ARCHITECTURE_KEYS}
     if arch["num_kv_heads"] is None:
         arch["num_kv_heads"] = arch["num_heads"]
     if arch["head_dim"] is None and arch["hidden_size"] and arch["num_heads"]:
         arch["head_dim"] = arch["hidden_size"] // arch["num_heads"]
     if not arch["moe.num_experts"]:
-        for key in ("moe.top_k", "moe.router", "moe.every", "moe.expert_ffn_hidden_size"):
+        for key in (
+            "moe.top_k", "moe.router", "moe.every", "moe.offset", "moe.expert_ffn_hidden_size"
+        ):  # fmt: skip
             arch[key] = None  # meaningless for a dense model
     elif arch["moe.expert_ffn_hidden_size"] is None:
         arch["moe.expert_ffn_hidden_size"] = arch["ffn_hidden_size"]

@@ -1,4 +1,5 @@
-"""Model families: a Llama-shaped decoder and an XLM-R-shaped encoder, dense or MoE.
+"""Model families: a Llama-shaped decoder, an XLM-R-shaped encoder and an mT5/mBART/Switch-shaped
+encoder-decoder, dense or MoE.
 
 ``build_model(cfg)`` returns a plain ``nn.Module`` (no parallelism inside). Build it on the meta
 device, let ``parallel/`` apply its plans (``pretrain.models.parallel_plan``), then
@@ -6,6 +7,8 @@ device, let ``parallel/`` apply its plans (``pretrain.models.parallel_plan``), t
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from pretrain.models.config import ModelConfig, MoEConfig, validate_model
 from pretrain.models.moe import MoEMetrics, MoEStats
@@ -19,13 +22,16 @@ from pretrain.models.parallel_plan import (
 )
 from pretrain.models.transformer import Transformer
 
+if TYPE_CHECKING:
+    from pretrain.models.encoder_decoder import EncoderDecoder
 
-def build_model(cfg: ModelConfig) -> Transformer:
+
+def build_model(cfg: ModelConfig) -> Transformer | EncoderDecoder:
     """Validate ``cfg`` and build its family's model (parameters uninitialised unless on a real
     device, where torch's default init applies until ``init_weights`` is called).
 
     Raises:
-        ValueError: an invalid config, or a family without a model yet (encoder_decoder).
+        ValueError: an invalid config.
     """
     validate_model(cfg)
     if cfg.family == "decoder":
@@ -36,7 +42,9 @@ def build_model(cfg: ModelConfig) -> Transformer:
         from pretrain.models.encoder import Encoder
 
         return Encoder(cfg)
-    raise ValueError(f"model.family ({cfg.family!r}) has no model yet; use decoder or encoder")
+    from pretrain.models.encoder_decoder import EncoderDecoder
+
+    return EncoderDecoder(cfg)
 
 
 __all__ = [

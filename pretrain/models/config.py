@@ -1,5 +1,9 @@
 """Model configuration: the ``model`` section of a run config.
 
+What to call: :class:`ModelConfig` / :class:`MoEConfig` (the ``model`` section),
+``validate_model(cfg)`` (one-line ``ValueError`` naming key and rule), ``architecture_keys()``
+(the keys that must match on resume, derived from field metadata).
+
 The model owns its config (DESIGN.md: each package owns the dataclass of its part);
 ``pretrain.config`` composes it into the run tree. Field docstrings are the reference for
 every ``model.*`` key.
@@ -24,6 +28,9 @@ class MoEConfig:
 
     num_experts: int = field(default=0, metadata=ARCHITECTURE)
     """Experts per MoE layer; 0 disables MoE."""
+    offset: int | None = field(default=None, metadata=ARCHITECTURE)
+    """encoder_decoder only: MoE in the layers i with ``i % every == offset``; None: every - 1
+    (the ``every`` rule). Switch Transformers: 1 (its ``i % step == 1``; 0 when every is 1)."""
     top_k: int = field(default=2, metadata=ARCHITECTURE)
     """Experts each token is routed to (Switch: 1, GShard: 2)."""
     router: Literal["switch", "gshard", "topk"] = field(default="gshard", metadata=ARCHITECTURE)
@@ -64,13 +71,16 @@ class ModelConfig:
     family: Literal["decoder", "encoder", "encoder_decoder"] = field(
         default="decoder", metadata=ARCHITECTURE
     )
-    """decoder (CLM, Llama-shaped) | encoder (MLM, XLM-R-shaped) | encoder_decoder (later)."""
+    """decoder (CLM, Llama-shaped) | encoder (MLM, XLM-R-shaped) | encoder_decoder (mT5/mBART/
+    Switch-shaped, ``pretrain.models.encoder_decoder``)."""
     vocab_size: int = field(default=32000, metadata=ARCHITECTURE)
     """Rows of the embedding table (the tokenizer's vocab size, possibly padded)."""
     hidden_size: int = field(default=256, metadata=ARCHITECTURE)
     """Model width d."""
     num_layers: int = field(default=4, metadata=ARCHITECTURE)
-    """Transformer blocks (per stack for encoder_decoder)."""
+    """Transformer blocks (the encoder stack's for encoder_decoder)."""
+    num_decoder_layers: int | None = field(default=None, metadata=ARCHITECTURE)
+    """encoder_decoder: decoder blocks; None means num_layers."""
     num_heads: int = field(default=4, metadata=ARCHITECTURE)
     """Attention (query) heads."""
     num_kv_heads: int | None = field(default=None, metadata=ARCHITECTURE)
@@ -81,8 +91,16 @@ class ModelConfig:
     """Hidden width of the dense feed-forward."""
     max_seq_len: int = 2048
     """Longest sequence (size of learned position tables, RoPE cache)."""
-    position: Literal["rope", "learned"] = field(default="rope", metadata=ARCHITECTURE)
-    """Positions: rope | learned (absolute, XLM-R style)."""
+    position: Literal["rope", "learned", "relative", "sinusoidal"] = field(
+        default="rope", metadata=ARCHITECTURE
+    )
+    """Positions: rope | learned (absolute, XLM-R / mBART style) | relative (T5 bucketed
+    attention bias, encoder_decoder only) | sinusoidal (fairseq's fixed sin/cos table, numbered
+    from pad_token_id + 1 as NLLB/M2M100 do; encoder_decoder only)."""
+    relative_attention_num_buckets: int = field(default=32, metadata=ARCHITECTURE)
+    """position=relative: buckets of the relative-position bias table."""
+    relative_attention_max_distance: int = field(default=128, metadata=ARCHITECTURE)
+    """position=relative: distance from which all relative positions share the last bucket."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm: Literal["rmsnorm", "layernorm"] = field(default="rmsnorm", metadata=ARCHITECTURE)
@@ -91,8 +109,12 @@ class ModelConfig:
     """Epsilon of the norms."""
     norm_position: Literal["pre", "post"] = field(default="pre", metadata=ARCHITECTURE)
     """pre (Llama) | post (BERT/XLM-R) normalisation."""
-    mlp: Literal["swiglu", "gelu"] = field(default="swiglu", metadata=ARCHITECTURE)
-    """Dense feed-forward: swiglu | gelu."""
+    mlp: Literal["swiglu", "gelu", "gated_gelu", "relu"] = field(
+        default="swiglu", metadata=ARCHITECTURE
+    )
+    """Dense feed-forward: swiglu | gelu (exact) | gated_gelu (tanh GELU gate, T5 v1.1/mT5;
+    encoder_decoder only) | relu (T5 v1.0/Switch; encoder_decoder only). MoE experts take
+    swiglu, gelu or relu."""
     bias: bool = field(default=False, metadata=ARCHITECTURE)
     """Biases on the linear layers (XLM-R: true)."""
     qk_norm: bool = field(default=False, metadata=ARCHITECTURE)
@@ -100,6 +122,20 @@ class ModelConfig:
     tie_embeddings: bool = field(default=False, metadata=ARCHITECTURE)
     """Share the input embedding with the output projection (must be false with
     parallel.pp > 1: the two are on different pipeline stages)."""
+    scale_attention: bool = field(default=True, metadata=ARCHITECTURE)
+    """Divide attention scores by sqrt(head_dim); false for T5/mT5/Switch (encoder_decoder only;
+    their initialisation compensates)."""
+    scale_embeddings: bool = field(default=False, metadata=ARCHITECTURE)
+    """encoder_decoder: multiply token embeddings by sqrt(hidden_size) (mBART's
+    scale_embedding)."""
+    embedding_norm: bool = field(default=False, metadata=ARCHITECTURE)
+    """encoder_decoder: a norm after the embeddings of each stack (mBART's
+    layernorm_embedding)."""
+    final_logits_bias: bool = field(default=False, metadata=ARCHITECTURE)
+    """encoder_decoder: a bias on the output projection (mBART's final_logits_bias)."""
+    scale_output: bool = field(default=False, metadata=ARCHITECTURE)
+    """encoder_decoder: multiply the decoder output by hidden_size^-0.5 before the output
+    projection (mesh-tensorflow's rescale of a tied head: T5 v1.0, Switch Transformers)."""
     num_languages: int = field(default=0, metadata=ARCHITECTURE)
     """Size of the XLM-style language-embedding table; 0 disables language embeddings."""
     dropout: float = 0.0
@@ -166,6 +202,57 @@ def _check_positive(key: str, value: float) -> None:
         raise ValueError(f"{key} ({value}) must be > 0")
 
 
+def _validate_encoder_decoder_keys(cfg: ModelConfig) -> None:
+    """Keys only the encoder_decoder family reads: refused elsewhere, checked there."""
+    if cfg.family != "encoder_decoder":
+        for key, default in (
+            ("num_decoder_layers", None),
+            ("scale_attention", True),
+            ("scale_embeddings", False),
+            ("embedding_norm", False),
+            ("final_logits_bias", False),
+            ("scale_output", False),
+        ):
+            if getattr(cfg, key) != default:
+                raise ValueError(
+                    f"model.{key} ({getattr(cfg, key)!r}) must be {default!r} with "
+                    f"model.family={cfg.family} (encoder_decoder only)"
+                )
+        if cfg.position in ("relative", "sinusoidal"):
+            raise ValueError(
+                f"model.position ({cfg.position!r}) requires model.family=encoder_decoder "
+                f"(got {cfg.family!r})"
+            )
+        if cfg.mlp in ("gated_gelu", "relu"):
+            raise ValueError(
+                f"model.mlp ({cfg.mlp!r}) requires model.family=encoder_decoder "
+                f"(got {cfg.family!r})"
+            )
+        if cfg.moe.offset is not None:
+            raise ValueError(
+                f"model.moe.offset ({cfg.moe.offset}) requires model.family=encoder_decoder "
+                f"(got {cfg.family!r})"
+            )
+        return
+    if cfg.position == "rope":
+        raise ValueError(
+            "model.position ('rope') must be relative, learned or sinusoidal with "
+            "model.family=encoder_decoder"
+        )
+    if cfg.num_decoder_layers is not None:
+        _check_positive("model.num_decoder_layers", cfg.num_decoder_layers)
+    if cfg.position == "relative":
+        _check_positive("model.relative_attention_num_buckets", cfg.relative_attention_num_buckets)
+        _check_positive(
+            "model.relative_attention_max_distance", cfg.relative_attention_max_distance
+        )
+        if cfg.relative_attention_num_buckets % 4 != 0:
+            raise ValueError(
+                f"model.relative_attention_num_buckets ({cfg.relative_attention_num_buckets}) "
+                "must be divisible by 4 (half exact, half log-spaced, per direction)"
+            )
+
+
 def validate_model(cfg: ModelConfig) -> None:
     """Check the ``model`` section on its own.
 
@@ -219,6 +306,8 @@ def validate_model(cfg: ModelConfig) -> None:
     if cfg.position == "rope" and head_dim % 2 != 0:
         raise ValueError(f"model.head_dim ({head_dim}) must be even with model.position=rope")
 
+    _validate_encoder_decoder_keys(cfg)
+
     moe = cfg.moe
     if moe.num_experts < 0:
         raise ValueError(f"model.moe.num_experts ({moe.num_experts}) must be >= 0")
@@ -247,6 +336,15 @@ def validate_model(cfg: ModelConfig) -> None:
     for key in ("aux_loss_coef", "z_loss_coef", "jitter"):
         if getattr(moe, key) < 0:
             raise ValueError(f"model.moe.{key} ({getattr(moe, key)}) must be >= 0")
+    if moe.offset is not None and not 0 <= moe.offset < moe.every:
+        raise ValueError(
+            f"model.moe.offset ({moe.offset}) must be in [0, model.moe.every ({moe.every}))"
+        )
+    if cfg.mlp == "gated_gelu":
+        raise ValueError(
+            f"model.mlp ({cfg.mlp!r}) must be swiglu, gelu or relu with model.moe.num_experts > 0 "
+            "(the grouped experts implement those three)"
+        )
     if moe.random_second_expert and moe.router != "gshard":
         raise ValueError(
             "model.moe.random_second_expert (True) requires model.moe.router=gshard "

@@ -356,6 +356,7 @@ class GroupedExperts(nn.Module):
         ffn = cfg.expert_ffn_width
         dim = cfg.hidden_size
         self.swiglu = cfg.mlp == "swiglu"
+        self.relu = cfg.mlp == "relu"  # Switch Transformers' experts (encoder_decoder)
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn))
         self.w3 = nn.Parameter(torch.empty(num_experts, ffn, dim)) if self.swiglu else None
@@ -384,6 +385,8 @@ class GroupedExperts(nn.Module):
             h_MF = h_MF + b1[row_experts_M]
         if w3 is not None:
             h_MF = F.silu(h_MF) * grouped_mm(x_MD, w3.transpose(-2, -1), offs_E=offs_E)
+        elif self.relu:
+            h_MF = F.relu(h_MF)
         else:
             h_MF = F.gelu(h_MF)
         y_MD = grouped_mm(h_MF, w2.transpose(-2, -1), offs_E=offs_E)

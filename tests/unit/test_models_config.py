@@ -100,8 +100,11 @@ def test_dropless_ignores_capacity_factor() -> None:
     validate_model(_moe(top_k=2, capacity_factor=0.0, dropless=True))
 
 
-def test_encoder_decoder_has_no_model_yet() -> None:
-    with pytest.raises(ValueError, match=r"^model\.family \('encoder_decoder'\) has no model yet"):
+def test_encoder_decoder_refuses_rope() -> None:
+    # the family itself: tests/unit/test_encdec_model.py
+    with pytest.raises(
+        ValueError, match=r"^model\.position \('rope'\) must be relative, learned or sinusoidal"
+    ):
         build_model(dataclasses.replace(OK, family="encoder_decoder"))
 
 
@@ -206,10 +209,13 @@ def test_architecture_keys_come_from_the_field_metadata() -> None:
 
     # The keys a checkpoint and the run resuming it must agree on, in the order checked.
     expected = (
-        "family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-        "head_dim", "ffn_hidden_size", "position", "norm", "norm_position", "mlp", "bias",
-        "qk_norm", "tie_embeddings", "num_languages", "moe.num_experts", "moe.top_k",
-        "moe.router", "moe.every", "moe.expert_ffn_hidden_size",
+        "family", "vocab_size", "hidden_size", "num_layers", "num_decoder_layers", "num_heads",
+        "num_kv_heads", "head_dim", "ffn_hidden_size", "position",
+        "relative_attention_num_buckets", "relative_attention_max_distance", "norm",
+        "norm_position", "mlp", "bias", "qk_norm", "tie_embeddings", "scale_attention",
+        "scale_embeddings", "embedding_norm", "final_logits_bias", "scale_output",
+        "num_languages", "moe.num_experts", "moe.offset", "moe.top_k", "moe.router", "moe.every",
+        "moe.expert_ffn_hidden_size",
     )  # fmt: skip
     assert architecture_keys() == expected
     assert _ARCHITECTURE_KEYS == expected
@@ -220,10 +226,10 @@ def test_every_choice_field_is_checked_from_its_literal_type() -> None:
 
     assert choices_of(ModelConfig) == {
         "family": ("decoder", "encoder", "encoder_decoder"),
-        "position": ("rope", "learned"),
+        "position": ("rope", "learned", "relative", "sinusoidal"),
         "norm": ("rmsnorm", "layernorm"),
         "norm_position": ("pre", "post"),
-        "mlp": ("swiglu", "gelu"),
+        "mlp": ("swiglu", "gelu", "gated_gelu", "relu"),
         "attention": ("sdpa", "flex", "auto"),
     }
     assert choices_of(MoEConfig) == {
@@ -231,10 +237,10 @@ def test_every_choice_field_is_checked_from_its_literal_type() -> None:
         "aux_loss_type": ("topk", "switch"),
     }
     for key, value, choices in (
-        ("position", "alibi", "rope, learned"),
+        ("position", "alibi", "rope, learned, relative, sinusoidal"),
         ("norm", "batchnorm", "rmsnorm, layernorm"),
         ("norm_position", "sandwich", "pre, post"),
-        ("mlp", "relu", "swiglu, gelu"),
+        ("mlp", "geglu", "swiglu, gelu, gated_gelu, relu"),
     ):
         with pytest.raises(ValueError) as info:
             validate_model(dataclasses.replace(OK, **{key: value}))
