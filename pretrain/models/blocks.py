@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from pretrain.models.config import ModelConfig
+from pretrain.models.kv_cache import LayerKV
 from pretrain.models.precision import autocast_operands
 
 
@@ -217,8 +218,13 @@ class Attention(nn.Module):
         *,
         inputs: AttentionInputs,
         kv_source_BSD: torch.Tensor | None = None,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """Attend from ``x_BTD`` to itself (or to ``kv_source_BSD``). Returns ``y_BTD``."""
+        """Attend from ``x_BTD`` to itself (or to ``kv_source_BSD``). Returns ``y_BTD``.
+
+        ``cache`` (generation): ``x_BTD`` holds only the new tokens; their keys/values are
+        appended to the cached ones and the queries attend to all of them (``inputs`` then
+        describe the new tokens: their RoPE positions, a ``[B, 1, T, cached + T]`` mask)."""
         batch, seq, _ = x_BTD.shape
         kv_BSD = x_BTD if kv_source_BSD is None else kv_source_BSD
         q_BTHHd = self.wq(x_BTD).view(batch, seq, -1, self.head_dim)
@@ -234,6 +240,8 @@ class Attention(nn.Module):
         q_BHTHd = q_BTHHd.transpose(1, 2)
         k_BKSHd = k_BSKHd.transpose(1, 2)
         v_BKSHd = v_BSKHd.transpose(1, 2)
+        if cache is not None:
+            k_BKSHd, v_BKSHd = cache.extend(k_BKSHd, v_BKSHd)
         scale = 1.0 / math.sqrt(self.head_dim)
         if inputs.block_mask is not None and kv_source_BSD is None:
             out_BHTHd = _flex_attention(
@@ -316,13 +324,17 @@ class Block(nn.Module):
         memory_inputs: AttentionInputs | None = None,
         token_mask_BT: torch.Tensor | None = None,
         lang_ids_BT: torch.Tensor | None = None,
+        attention_cache: LayerKV | None = None,
     ) -> torch.Tensor:
         """``x_BTD -> y_BTD``; ``memory_BSD`` feeds the cross-attention when there is one.
 
         ``token_mask_BT`` (bool, False at padding) and ``lang_ids_BT`` go to the MoE (padding is
         not routed; languages feed its statistics); a dense feed-forward ignores them.
+        ``attention_cache``: the self-attention's generation cache (``Attention.forward``).
         """
-        x_BTD = self._residual(x_BTD, self.attention_norm, self.attention, inputs=inputs)
+        x_BTD = self._residual(
+            x_BTD, self.attention_norm, self.attention, inputs=inputs, cache=attention_cache
+        )
         if self.cross_attention is not None:
             assert memory_BSD is not None and memory_inputs is not None
             x_BTD = self._residual(

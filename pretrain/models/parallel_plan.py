@@ -157,27 +157,67 @@ def pipeline_stage_layers(cfg: ModelConfig, *, num_stages: int) -> list[list[str
     Raises:
         ValueError: more stages than layers.
     """
+    if cfg.family == "encoder_decoder":
+        return _encoder_decoder_stage_layers(cfg, num_stages=num_stages)
     if num_stages < 1 or num_stages > cfg.num_layers:
         raise ValueError(
             f"pipeline stages ({num_stages}) must be between 1 and model.num_layers "
             f"({cfg.num_layers})"
         )
-    base, extra = divmod(cfg.num_layers, num_stages)
+    return [[str(i) for i in run] for run in _even_runs(cfg.num_layers, num_stages)]
+
+
+def _even_runs(num_layers: int, num_stages: int) -> list[range]:
+    """``num_layers`` split into ``num_stages`` contiguous runs, as even as possible, the extra
+    layers going to the middle stages first, then the last, then the first."""
+    base, extra = divmod(num_layers, num_stages)
     sizes = [base] * num_stages
     priority = list(range(1, num_stages - 1)) + ([num_stages - 1] if num_stages > 1 else []) + [0]
     for stage in priority[:extra]:
         sizes[stage] += 1
-    stages, start = [], 0
+    runs, start = [], 0
     for size in sizes:
-        stages.append([str(i) for i in range(start, start + size)])
+        runs.append(range(start, start + size))
         start += size
-    return stages
+    return runs
+
+
+def _encoder_decoder_stage_layers(cfg: ModelConfig, *, num_stages: int) -> list[list[str]]:
+    """``[encoder stages | decoder stages]``: no stage holds blocks of both stacks; the
+    encoder gets ``floor(S * L_enc / (L_enc + L_dec))`` of the ``S`` stages (at least one, and
+    at least one left for the decoder; a decoder block costs more, cross-attention, so a tie
+    goes to the decoder), each stack's blocks split evenly over its stages. Keys
+    are ``encoder.{i}`` / ``decoder.{j}``."""
+    from pretrain.models.encoder_decoder import decoder_layers
+
+    enc, dec = cfg.num_layers, decoder_layers(cfg)
+    if num_stages == 1:
+        return [[f"encoder.{i}" for i in range(enc)] + [f"decoder.{j}" for j in range(dec)]]
+    if num_stages < 1 or num_stages > enc + dec:
+        raise ValueError(
+            f"pipeline stages ({num_stages}) must be between 1 and model.num_layers + "
+            f"model.num_decoder_layers ({enc + dec})"
+        )
+    enc_stages = min(max(num_stages * enc // (enc + dec), 1), num_stages - 1)
+    enc_stages = min(enc_stages, enc)
+    enc_stages = max(enc_stages, num_stages - dec)
+    return [[f"encoder.{i}" for i in run] for run in _even_runs(enc, enc_stages)] + [
+        [f"decoder.{j}" for j in run] for run in _even_runs(dec, num_stages - enc_stages)
+    ]
 
 
 def pipeline_split_points(cfg: ModelConfig, *, num_stages: int) -> list[str]:
     """Module names where stages 1..num_stages-1 begin (torchtitan style: ``"layers.4"``)."""
     stages = pipeline_stage_layers(cfg, num_stages=num_stages)
+    if cfg.family == "encoder_decoder":
+        return [_stack_layer_path(layers[0]) for layers in stages[1:]]
     return [f"layers.{layers[0]}" for layers in stages[1:]]
+
+
+def _stack_layer_path(key: str) -> str:
+    """``encoder.3`` -> ``encoder.layers.3``."""
+    stack, _, index = key.partition(".")
+    return f"{stack}.layers.{index}"
 
 
 def prune_to_stage(model: nn.Module, *, layer_keys: list[str], first: bool, last: bool) -> None:
@@ -195,6 +235,9 @@ def prune_to_stage(model: nn.Module, *, layer_keys: list[str], first: bool, last
         raise ValueError(
             "model.tie_embeddings (True) cannot be split over pipeline stages; untie it"
         )
+    if hasattr(model, "prune_to_stage"):
+        model.prune_to_stage(layer_keys=layer_keys, first=first, last=last)
+        return
     for key in list(model.layers.keys()):
         if key not in layer_keys:
             del model.layers[key]

@@ -40,6 +40,7 @@ from pretrain.models.blocks import (
     rope_cos_sin,
 )
 from pretrain.models.config import ModelConfig
+from pretrain.models.kv_cache import KVCache
 from pretrain.models.moe import MoE, MoEMetrics, MoEStats
 
 # Wrapper segments that parallel/ may add to parameter names (activation checkpointing,
@@ -169,6 +170,7 @@ class Transformer(nn.Module):
         document_ids_BT: torch.Tensor | None = None,
         lang_ids_BT: torch.Tensor | None = None,
         return_hidden: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Run the stack.
 
@@ -186,17 +188,25 @@ class Transformer(nn.Module):
                 (``track_moe_languages``).
             return_hidden: return the hidden states that enter the output projection (after the
                 final norm / MLM head), for the chunked losses of ``pretrain.objectives``.
+            cache: generation (causal models): ``inputs`` are the new tokens after the
+                ``cache.length`` cached ones, ``document_ids_BT`` (if given) covers all of
+                them; the cache grows by the new tokens (``pretrain.models.kv_cache``).
 
         Returns:
             ``logits_BTV``, or ``hidden_BTD`` with ``return_hidden`` or on a stage without an
             output projection.
         """
         batch, seq = inputs.shape[:2]
+        if cache is not None and not self.causal:
+            raise ValueError("a key/value cache needs a causal model (the decoder family)")
+        past = 0 if cache is None else cache.length
         if position_ids_BT is None:
             if document_ids_BT is not None:
-                position_ids_BT = document_positions(document_ids_BT)
+                position_ids_BT = document_positions(document_ids_BT)[:, past:]
             else:
-                position_ids_BT = torch.arange(seq, device=inputs.device).expand(batch, seq)
+                position_ids_BT = torch.arange(past, past + seq, device=inputs.device).expand(
+                    batch, seq
+                )
         if self.tok_embeddings is not None:
             x_BTD = self.embed(inputs, position_ids_BT=position_ids_BT, lang_ids_BT=lang_ids_BT)
         else:
@@ -210,19 +220,35 @@ class Transformer(nn.Module):
                 dtype=x_BTD.dtype,
             )
         mask_B1TS = block_mask = None
-        if document_ids_BT is not None:
+        if cache is not None:
+            # The new tokens' rows of the whole (cached + new) causal / document mask.
+            if document_ids_BT is not None:
+                mask_B1TS = attention_mask(document_ids_BT, causal=True)[:, :, past:]
+            elif seq > 1:
+                full_TT = torch.ones(past + seq, past + seq, dtype=torch.bool, device=x_BTD.device)
+                mask_B1TS = full_TT.tril()[past:][None, None]
+        elif document_ids_BT is not None:
             if self._uses_flex_attention(document_ids_BT.device):
                 block_mask = document_block_mask(document_ids_BT, causal=self.causal)
             else:
                 mask_B1TS = attention_mask(document_ids_BT, causal=self.causal)
         attn_inputs = AttentionInputs(
-            rope=rope, mask_B1TS=mask_B1TS, is_causal=self.causal, block_mask=block_mask
+            rope=rope,
+            mask_B1TS=mask_B1TS,
+            is_causal=self.causal and cache is None,
+            block_mask=block_mask,
         )
-        token_mask_BT = None if document_ids_BT is None else document_ids_BT >= 0
-        for layer in self.layers.values():
+        token_mask_BT = None if document_ids_BT is None else document_ids_BT[:, past:] >= 0
+        for key, layer in self.layers.items():
             x_BTD = layer(
-                x_BTD, inputs=attn_inputs, token_mask_BT=token_mask_BT, lang_ids_BT=lang_ids_BT
+                x_BTD,
+                inputs=attn_inputs,
+                token_mask_BT=token_mask_BT,
+                lang_ids_BT=lang_ids_BT,
+                attention_cache=None if cache is None else cache.slot(f"layers.{key}.attention"),
             )
+        if cache is not None:
+            cache.length += seq
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
         if self.head is not None:
