@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from checkpoints_tools.adapters import adapter_for, adapter_for_hf
-from checkpoints_tools.adapters.tensor_map import export_items, import_items
+from checkpoints_tools.adapters import adapter_for, adapter_for_hf, tensor_map
 from checkpoints_tools.dcp_io import MODEL_PREFIX, Checkpoint, open_checkpoint
 from checkpoints_tools.dcp_stream import save_streamed
 from checkpoints_tools.safetensors_stream import (
@@ -258,6 +257,23 @@ def run_tokenizer(
 # export
 
 
+def export_items(cfg: ModelConfig) -> list[Any]:
+    """The streaming export plan of ``cfg``: its adapter's own (``export_items``, the
+    encoder-decoder adapters) or ``tensor_map``'s (decoder and encoder families)."""
+    adapter = adapter_for(cfg)
+    if hasattr(adapter, "export_items"):
+        return adapter.export_items(cfg)
+    return tensor_map.export_items(cfg)
+
+
+def import_items(cfg: ModelConfig, hf_names: Any) -> list[Any]:
+    """The streaming import plan of ``cfg`` over the stored names (as :func:`export_items`)."""
+    adapter = adapter_for(cfg)
+    if hasattr(adapter, "import_items"):
+        return adapter.import_items(cfg, hf_names)
+    return tensor_map.import_items(cfg, hf_names)
+
+
 def _plan(ckpt: Checkpoint, dtype: torch.dtype) -> list[tuple[Any, torch.Size]]:
     """Export items with their output shapes, computed on the meta device."""
     shapes = ckpt.model_shapes()
@@ -287,9 +303,10 @@ def export_hf(
     """Export checkpoint ``path`` (any parallel layout) to a transformers directory ``out``.
 
     Writes ``config.json``, ``model-0000i-of-0000n.safetensors`` with
-    ``model.safetensors.index.json``, ``generation_config.json`` (decoders) and the tokenizer
-    (``tokenizer.json`` and its configs, see :mod:`checkpoints_tools.hf_tokenizer`). Tensors are
-    read from DCP, mapped and written one at a time: peak memory is about the largest tensor.
+    ``model.safetensors.index.json``, ``generation_config.json`` (decoders and
+    encoder-decoders) and the tokenizer (``tokenizer.json`` and its configs, see
+    :mod:`checkpoints_tools.hf_tokenizer`). Tensors are read from DCP, mapped and written one
+    at a time: peak memory is about the largest tensor.
 
     Args:
         path: a complete checkpoint directory.
@@ -331,6 +348,11 @@ def export_hf(
     note = moe_export_difference(cfg, architecture=adapter.hf_architecture)
     if note is not None:
         (log or _stderr)(note)
+    upstream = _upstream_warning(cfg)
+    if upstream is not None:
+        if verify:  # before anything is written
+            raise ValueError(_cannot_verify(upstream))
+        (log or _stderr)(upstream)
 
     result: dict[str, Any] = {"out": str(out), "architecture": adapter.hf_architecture}
     with atomic_dir(out) as tmp:
@@ -340,14 +362,22 @@ def export_hf(
         hf_config.eos_token_id = tok.special_ids["eos"]
         if hf_config.pad_token_id is None:
             hf_config.pad_token_id = tok.special_ids["pad"]
+        generation: dict[str, Any] = {"pad_token_id": tok.special_ids["pad"]}
+        if cfg.family == "encoder_decoder":
+            # T5 family: pad (set by the adapter); mBART: eos, the target language token
+            # being forced as the first generated one (mBART-50's convention)
+            if hf_config.decoder_start_token_id is None:
+                hf_config.decoder_start_token_id = tok.special_ids["eos"]
+            generation["decoder_start_token_id"] = hf_config.decoder_start_token_id
+            generation["pad_token_id"] = hf_config.pad_token_id
         hf_config.save_pretrained(str(tmp))
-        if cfg.family == "decoder":
+        if cfg.family in ("decoder", "encoder_decoder"):
             from transformers import GenerationConfig
 
             GenerationConfig(
                 bos_token_id=tok.special_ids["bos"],
                 eos_token_id=tok.special_ids["eos"],
-                pad_token_id=tok.special_ids["pad"],
+                **generation,
             ).save_pretrained(str(tmp))
         by_name = {item.name: item for item, _ in planned}
         entries = [(item.name, shape, torch_dtype) for item, shape in planned]
@@ -385,7 +415,9 @@ def export_hf(
 def hf_moe_routing(cfg: ModelConfig) -> ModelConfig:
     """``cfg`` with the MoE routing the export target evaluates with: every MoE twin
     (``MixtralForCausalLM``, ``Qwen3MoeForCausalLM``) runs dropless, so ours is evaluated
-    dropless too (a target with an expert capacity would set it here)."""
+    dropless too; ``SwitchTransformersForConditionalGeneration`` is exported with an expert
+    capacity of ``model.max_seq_len`` per sequence, which drops nothing up to that length, and
+    ``NllbMoeForConditionalGeneration`` with an eval capacity of every token."""
     if not cfg.moe.num_experts:
         return cfg
     return replace(cfg, moe=replace(cfg.moe, dropless=True))
@@ -419,6 +451,17 @@ def moe_export_difference(cfg: ModelConfig, *, architecture: str) -> str | None:
     )
 
 
+def _upstream_warning(cfg: ModelConfig) -> str | None:
+    """The target adapter's line about a defect of the installed transformers that keeps it
+    from running the export as trained (NLLB-MoE's top-2 dispatch), or None."""
+    warning = getattr(adapter_for(cfg), "export_warning", None)
+    return None if warning is None else warning(cfg)
+
+
+def _cannot_verify(upstream: str) -> str:
+    return "--verify cannot pass: " + upstream.removeprefix("warning: ") + "; export without it"
+
+
 def _meta_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     # to_hf builds the transformers config; meta tensors keep it from touching any weight
     return {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in ckpt.model_shapes().items()}
@@ -449,7 +492,8 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
         The largest absolute logit difference.
 
     Raises:
-        ValueError: the difference exceeds ``VERIFY_ATOL`` (1e-4).
+        ValueError: the difference exceeds ``VERIFY_ATOL`` (1e-4), or the installed
+            transformers cannot run the export as trained (``_upstream_warning``).
     """
     import gc
 
@@ -458,8 +502,13 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     from pretrain.models import build_model
 
     cfg = hf_moe_routing(ckpt.model_cfg)
+    upstream = _upstream_warning(cfg)
+    if upstream is not None:
+        raise ValueError(_cannot_verify(upstream))
     hf_config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
-    avoid = hf_config.get("pad_token_id") if cfg.family == "encoder" else None
+    # XLM-R and NLLB-MoE derive positions from which tokens are padding
+    skips_padding = cfg.family == "encoder" or cfg.position == "sinusoidal"
+    avoid = hf_config.get("pad_token_id") if skips_padding else None
     tokens_BT = fixed_batch(cfg, avoid=avoid)
     with torch.device("meta"):
         model = build_model(cfg)
@@ -467,14 +516,20 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.eval()
+    # encoder-decoders: the batch is the source, its reverse the decoder input
+    inputs: dict[str, torch.Tensor] = {"input_ids": tokens_BT}
+    if cfg.family == "encoder_decoder":
+        inputs["decoder_input_ids"] = tokens_BT.flip(1)
     with torch.no_grad():
-        ours_BTV = model(tokens_BT).float()
+        ours_BTV = model(*inputs.values()).float()
     del model
     gc.collect()
     cls = getattr(transformers, adapter_for(cfg).hf_architecture)
-    hf_model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
+    # eager attention: SDPA's T5 kernels differ from eager by a few 1e-6 already
+    extra = {"attn_implementation": "eager"} if cfg.family == "encoder_decoder" else {}
+    hf_model = cls.from_pretrained(str(out), dtype=torch.float32, **extra).eval()
     with torch.no_grad():
-        theirs_BTV = hf_model(input_ids=tokens_BT).logits.float()
+        theirs_BTV = hf_model(**inputs).logits.float()
     del hf_model
     gc.collect()
     diff = float((ours_BTV - theirs_BTV).abs().max())

@@ -24,6 +24,12 @@ maps transformers ``model_type`` -> adapter class; each adapter has ``check(cfg)
       ised top-1 gate, every k-th layer)            see checkpoints_tools.adapters.decoder)
     encoder, dense                                XLMRobertaForMaskedLM
     encoder, MoE                                  refused (no upstream class)
+    encoder_decoder, dense, relative positions    MT5ForConditionalGeneration (untied)
+    encoder_decoder, dense, learned positions     MBartForConditionalGeneration
+    encoder_decoder, MoE, top-1                   SwitchTransformersForConditionalGeneration
+    encoder_decoder, sinusoidal positions (GShard NllbMoeForConditionalGeneration (its installed
+      top-2 MoE or dense)                           sparse MLP mis-dispatches: see
+                                                    checkpoints_tools.adapters.encoder_decoder)
 """
 
 from __future__ import annotations
@@ -32,13 +38,28 @@ from typing import Any
 
 from checkpoints_tools.adapters.base import StateDict
 from checkpoints_tools.adapters.decoder import LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter
+from checkpoints_tools.adapters.encoder_decoder import (
+    MBartAdapter,
+    MT5Adapter,
+    NllbMoeAdapter,
+    SwitchTransformersAdapter,
+)
 from checkpoints_tools.adapters.xlm_roberta import XLMRobertaAdapter
 from pretrain.models.config import ModelConfig, validate_model
 from pretrain.models.moe import gates_normalized
 
 ADAPTERS = {
     adapter.name: adapter
-    for adapter in (LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter, XLMRobertaAdapter)
+    for adapter in (
+        LlamaAdapter,
+        MixtralAdapter,
+        Qwen3MoeAdapter,
+        XLMRobertaAdapter,
+        MT5Adapter,
+        MBartAdapter,
+        SwitchTransformersAdapter,
+        NllbMoeAdapter,
+    )
 }
 """transformers ``model_type`` -> adapter class."""
 
@@ -47,7 +68,8 @@ def adapter_for(cfg: ModelConfig) -> Any:
     """The adapter that exports ``cfg``'s family (see the module table).
 
     Raises:
-        ValueError: an invalid config or a family with no exact twin (encoder_decoder).
+        ValueError: an invalid config or a family with no exact twin (an MoE encoder, a
+            top-2 MoE encoder-decoder without sinusoidal positions).
     """
     validate_model(cfg)
     if cfg.family == "decoder":
@@ -58,7 +80,17 @@ def adapter_for(cfg: ModelConfig) -> Any:
         return Qwen3MoeAdapter
     if cfg.family == "encoder":
         return XLMRobertaAdapter
-    raise ValueError(f"model.family ({cfg.family!r}) has no Hugging Face export yet")
+    if cfg.position == "sinusoidal":
+        return NllbMoeAdapter
+    if cfg.moe.num_experts > 0:
+        if cfg.moe.top_k == 1:
+            return SwitchTransformersAdapter
+        raise ValueError(
+            f"model.moe.top_k ({cfg.moe.top_k}) must be 1 to export an MoE encoder-decoder with "
+            f"model.position={cfg.position} (SwitchTransformersForConditionalGeneration); top-2 "
+            "exports with position=sinusoidal (NllbMoeForConditionalGeneration)"
+        )
+    return MT5Adapter if cfg.position == "relative" else MBartAdapter
 
 
 def adapter_for_hf(hf_config: Any) -> Any:
@@ -98,8 +130,12 @@ def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelC
 __all__ = [
     "ADAPTERS",
     "LlamaAdapter",
+    "MBartAdapter",
+    "MT5Adapter",
     "MixtralAdapter",
+    "NllbMoeAdapter",
     "Qwen3MoeAdapter",
+    "SwitchTransformersAdapter",
     "XLMRobertaAdapter",
     "adapter_for",
     "adapter_for_hf",
