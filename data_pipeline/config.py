@@ -2,6 +2,7 @@
 
 What to call: :class:`DataConfig` (the ``data`` section, composed into the run config by
 ``pretrain.config``), ``validate_data(cfg)`` (one-line ``ValueError`` naming key and rule),
+``check_pair_mix`` (its part for the real / synthetic pair mix, shared with the loader),
 ``choices_of`` / ``check_choices`` for ``Literal`` choice fields.
 
 Lives with the loader (DESIGN.md: each package owns the dataclass of its part); it imports nothing
@@ -52,6 +53,13 @@ class DataConfig:
     tlm_swap_prob: float = 0.5
     """Probability that a TLM pair puts its target side first (per pair; XLM trains both
     directions, en-fr and fr-en)."""
+    synthetic_ratio: float | None = None
+    """Share of pair rows (TLM and translation rows) drawn from synthetic (back-translated) pair
+    sets, in [0, 1); real pair sets get the rest; within each pool sets are mixed by alpha (or
+    pair_weights) as usual. None: synthetic pair sets are sampled like real ones."""
+    parallel_upsample: float | None = None
+    """fairseq's --upsample-primary (>= 1): real pair sets' sampling weight multiplied by it
+    before normalising; only without synthetic_ratio. None: no upsampling."""
 
 
 @functools.cache
@@ -111,3 +119,25 @@ def validate_data(cfg: DataConfig) -> None:
         raise ValueError(f"data.min_carry_tokens ({cfg.min_carry_tokens}) must be >= 0")
     if not 0.0 <= cfg.tlm_swap_prob <= 1.0:
         raise ValueError(f"data.tlm_swap_prob ({cfg.tlm_swap_prob}) must be in [0, 1]")
+    check_pair_mix(cfg.synthetic_ratio, cfg.parallel_upsample)
+
+
+def check_pair_mix(synthetic_ratio: float | None, parallel_upsample: float | None) -> None:
+    """Check ``data.synthetic_ratio`` and ``data.parallel_upsample`` on their own (the manifest
+    side, a synthetic pair set for a ratio > 0, is the loader's check).
+
+    Raises:
+        ValueError: a ratio outside [0, 1), an upsample factor below 1 (or not finite), or both
+            set (one line naming the key and the rule).
+    """
+    if synthetic_ratio is not None and not 0.0 <= synthetic_ratio < 1.0:
+        raise ValueError(f"data.synthetic_ratio ({synthetic_ratio}) must be in [0, 1) or null")
+    if parallel_upsample is not None and not 1.0 <= parallel_upsample < float("inf"):
+        raise ValueError(
+            f"data.parallel_upsample ({parallel_upsample}) must be a finite number >= 1 or null"
+        )
+    if synthetic_ratio is not None and parallel_upsample is not None:
+        raise ValueError(
+            f"data.synthetic_ratio ({synthetic_ratio}) and data.parallel_upsample "
+            f"({parallel_upsample}) must not both be set (upsampling applies only without a ratio)"
+        )

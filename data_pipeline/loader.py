@@ -1,4 +1,5 @@
-"""The streaming loader: language-mixed CLM / MLM / TLM batches from a shard manifest, resumable.
+"""The streaming loader: language-mixed CLM / MLM / TLM / encoder-decoder batches from a shard
+manifest, resumable.
 
 What to call: ``build_loader(cfg.data, dp_rank=r, dp_world_size=n, objective=..., masking=...,
 seed=train.seed)`` (``cfg.data`` a ``data_pipeline.config.DataConfig``) gives rank ``r``'s
@@ -37,6 +38,36 @@ Batch contract (every objective; a dict of CPU torch tensors)::
     docs_per_lang   [L]     int64  documents starting in this batch per language (TLM: pairs,
                                    counted under the source language)
 
+Encoder-decoder batches (objective ``seq2seq``) hold a source side of ``S = seq_len`` positions
+and a decoder side of ``G`` positions (``Seq2SeqConfig.lengths``: T5's targets length for span
+corruption alone, else ``S``; ``objective.decoder_len`` sets it)::
+
+    input_ids              [B, S]  int32  source ids (pad after the row's tokens)
+    doc_ids                [B, S]  int32  per row: 0 for a monolingual row, k for the k-th
+                                          pair of a translation row; -1 on padding
+    lang_ids               [B, S]  int32  language of each source token
+    attention_mask         [B, S]  bool   True on source tokens
+    decoder_input_ids      [B, G]  int32  the labels shifted right behind the decoder start:
+                                          pad (T5 rows), ``<lang:xx>`` of the target language
+                                          (translation, mBART rows), eos (BART rows)
+    labels                 [B, G]  int32  aligned with decoder_input_ids (no shift); -100 on
+                                          padding
+    decoder_doc_ids        [B, G]  int32  the source's document id of each target token
+                                          (pairs a packed source with its target); -1 padding
+    decoder_lang_ids       [B, G]  int32  language of each target token
+    decoder_attention_mask [B, G]  bool   True on target tokens
+    pair_rows              [B]     bool   the translation rows (the first ones)
+    tokens_per_lang, docs_per_lang        as above: the raw text tokens read per language (a
+                                          monolingual row's raw tokens; both sides of a pair)
+
+Rows: translation rows pack whole pairs (a pair's first side, ``side </s>``, in the source
+row; the other side in the labels; the direction drawn per pair with ``tlm_swap_prob``, as for
+TLM); a monolingual row is a raw cut of the stream (``doc </s> doc ...``) of T5's raw length,
+span-corrupted (``transforms.span_corrupt``, sentinels from the tokenizer), or, with
+``masking.denoise_share`` > 0, of ``min(S, G) - 1`` tokens (less mBART's language token),
+denoised (``transforms.denoise``; eos appended unless the cut ends in one). Translation rows
+come first in a batch, ``masking.tlm_share`` of the global rows, scheduled and dealt as TLM rows.
+
 Per-token tensors are int32, half the bytes of int64 to build and to copy (every id, position
 and count fits): embedding lookups, RoPE and comparisons take int32 on CPU and CUDA, but
 cross-entropy needs int64 targets, so consumers widen ``labels`` with ``.long()`` on their
@@ -67,6 +98,17 @@ argument is in ``RowSchedule``; 28 languages, dp 4, measured: at most 1.24 rows 
 window), and the sources of any range of rows come in closed form, so no rank needs another's
 state or a message. Pair rows are scheduled by rows, not by the tokens they fill (a TLM row is
 padded after its last whole pair).
+
+Real and synthetic pairs: a pair set marked ``"synthetic": true`` in the manifest (or whose
+shard entries are: the back-translation job's output, kept apart as ``<pair>+synthetic`` when
+merged with real shards of the same name, the name ``pair_weights`` and the counters use) is by
+default sampled like a real one. With ``synthetic_ratio`` r the pair sources' p are
+``(1 - r) p_l`` over the real sets and ``r p_l`` over the synthetic ones, each p_l smoothed (or
+weighted) within its pool, so r of the pair rows are synthetic within about one row;
+``parallel_upsample`` U instead multiplies the real sets' smoothed weights by U before
+normalising (fairseq's ``--upsample-primary``: at alpha 1, real rows / synthetic rows =
+U n_real / n_synthetic). The p stay a pure function of the config, so the schedule and exact
+resume are unchanged; ``counters["pair_tokens"]`` counts the text tokens read per pair source.
 
 Global steps and dealing: global step k of a generation covers the global rows ``[R0 + k G,
 R0 + (k + 1) G)``, G = dp_world_size x B. Pair rows before global row R are
@@ -122,7 +164,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, check_pair_mix
 from data_pipeline.manifest import load_manifest, manifest_path
 from data_pipeline.sampling import (
     RowSchedule,
@@ -136,13 +178,18 @@ from data_pipeline.slot_streams import Source, StreamState, redistribute, source
 from data_pipeline.transforms import (
     ID_DTYPE,
     IGNORE_INDEX,
+    DenoisingConfig,
     MaskingConfig,
+    Seq2SeqConfig,
     SpanMaskingConfig,
     Vocab,
     boundaries_from_starts,
+    decoder_inputs,
+    denoise,
     join_mono,
     join_pairs,
     mask_tokens,
+    span_corrupt,
     span_mask,
 )
 
@@ -157,25 +204,28 @@ SPAN_MIN_STEPS = 32
 ~45 at dp 64, ~640 at dp 1024; lookups ~17 us at any dp)."""
 SPARSE_STEPS = 64
 """Steps a slot plans in one go when its rows are looked up alone."""
-OBJECTIVES = ("clm", "mlm", "span")
+OBJECTIVES = ("clm", "mlm", "span", "seq2seq")
 """Batch kinds: ``clm`` packed causal rows; ``mlm`` BERT-masked rows (and TLM pair rows);
 ``span`` SpanBERT span-masked rows (``transforms.span_mask``: whole-word spans, geometric
-lengths, 80/10/10 per span), packed like ``mlm``."""
+lengths, 80/10/10 per span), packed like ``mlm``; ``seq2seq`` encoder-decoder rows (T5 span
+corruption or BART denoising of monolingual rows, translation pair rows: see below)."""
 BAD_SHARD_POLICIES = ("skip", "raise")
 COUNTER_KEYS = ("dropped_tokens", "truncated_tokens", "bad_samples")
 
 
-def _fresh_counters(languages: list[str]) -> dict:
+def _fresh_counters(languages: list[str], pairs: list[str] = ()) -> dict:
     return {
         "tokens": dict.fromkeys(languages, 0),
         "documents": dict.fromkeys(languages, 0),
+        # text tokens read per pair set (TLM / translation rows; states before it lack the key)
+        "pair_tokens": dict.fromkeys(pairs, 0),
         **dict.fromkeys(COUNTER_KEYS, 0),
     }
 
 
 def _add_counters(into: dict, other: dict) -> None:
-    for key in ("tokens", "documents"):
-        for lang, n in other[key].items():
+    for key in ("tokens", "documents", "pair_tokens"):
+        for lang, n in other.get(key, {}).items():
             into[key][lang] = into[key].get(lang, 0) + n
     for key in COUNTER_KEYS:
         into[key] += other[key]
@@ -197,6 +247,97 @@ def _probabilities(
             raise ValueError(f"data.{what} ({dict(weights)}) must have a positive sum")
         return {name: weights.get(name, 0.0) / total for name in tokens}
     return language_probabilities(tokens, alpha=alpha)
+
+
+SYNTHETIC_SUFFIX = "+synthetic"
+"""Appended to the source name of a pair set's synthetic shards when real shards share its name
+(a merge of real and back-translated ``en-de``): the two are sampled, counted and resumed apart."""
+
+
+def _pair_sources(manifest: dict) -> dict[int, tuple[str, bool]]:
+    """Shard index -> ``(source name, synthetic)`` for every pair shard of ``manifest``.
+
+    A shard is synthetic when its entry says ``"synthetic": true``; an entry without the key
+    takes its pair set's flag (``manifest["pairs"][name]["synthetic"]``) when no shard of that
+    set carries the key (after a merge the set's flag is the first part's, so it is trusted only
+    then). The source name is the pair name, or ``name + SYNTHETIC_SUFFIX`` for the synthetic
+    shards of a set that also has real ones."""
+    entries = [(i, e) for i, e in enumerate(manifest["shards"]) if e["kind"] != "mono"]
+    keyed = {e["pair"] for _, e in entries if "synthetic" in e}
+    pairs = manifest.get("pairs", {})
+    flags = {}
+    for i, e in entries:
+        name = e["pair"]
+        if "synthetic" in e:
+            flags[i] = bool(e["synthetic"])
+        else:
+            flags[i] = name not in keyed and bool(pairs.get(name, {}).get("synthetic", False))
+    kinds: dict[str, set[bool]] = {}
+    for i, e in entries:
+        kinds.setdefault(e["pair"], set()).add(flags[i])
+    return {
+        i: (
+            e["pair"] + SYNTHETIC_SUFFIX if flags[i] and len(kinds[e["pair"]]) == 2 else e["pair"],
+            flags[i],
+        )
+        for i, e in entries
+    }
+
+
+def _pair_probabilities(
+    tokens: Mapping[str, int],
+    *,
+    synthetic: set[str],
+    alpha: float,
+    weights: Mapping[str, float],
+    synthetic_ratio: float | None,
+    parallel_upsample: float | None,
+    where: str,
+) -> dict[str, float]:
+    """p of each pair source (in ``tokens`` order): alpha smoothing (or ``weights``) over all of
+    them when ``synthetic_ratio`` is None, real sets' weights times ``parallel_upsample`` when
+    set (fairseq's ``--upsample-primary``); with a ratio r, two pools, real ``1 - r`` and
+    synthetic ``r``, each smoothed (or weighted) within itself.
+
+    Raises:
+        ValueError: a ratio > 0 without a synthetic pair set, a ratio without a real one, as
+            :func:`_probabilities` (one line each).
+    """
+    if synthetic_ratio is None:
+        p = _probabilities(tokens, alpha=alpha, weights=weights, what="pair_weights")
+        if parallel_upsample is None or parallel_upsample == 1.0 or not p:
+            return p  # exactly the mix without the options
+        w = {k: v * parallel_upsample if k not in synthetic else v for k, v in p.items()}
+        total = sum(w.values())
+        return {k: v / total for k, v in w.items()}
+    r = float(synthetic_ratio)
+    fake = {k: n for k, n in tokens.items() if k in synthetic}
+    real = {k: n for k, n in tokens.items() if k not in synthetic}
+    if r > 0 and not fake:
+        raise ValueError(
+            f"data.synthetic_ratio ({synthetic_ratio}) needs a synthetic pair set; manifest "
+            f'{where!r} has none (pair sets marked "synthetic": true)'
+        )
+    if not real:
+        raise ValueError(
+            f"data.synthetic_ratio ({synthetic_ratio}) leaves {1 - r:g} of pair rows to real pair "
+            f"sets; manifest {where!r} has none"
+        )
+    _probabilities(tokens, alpha=alpha, weights=weights, what="pair_weights")  # checks names
+    out = dict.fromkeys(tokens, 0.0)
+    for pool, share in ((real, 1.0 - r), (fake, r)):
+        if share > 0:
+            within = {k: w for k, w in weights.items() if k in pool}
+            if weights and sum(within.values()) <= 0:
+                raise ValueError(
+                    f"data.pair_weights ({dict(weights)}) must give the "
+                    f"{'synthetic' if pool is fake else 'real'} pair sets a positive sum "
+                    f"(data.synthetic_ratio {synthetic_ratio})"
+                )
+            p = _probabilities(pool, alpha=alpha, weights=within, what="pair_weights")
+            for k, v in p.items():
+                out[k] = share * v
+    return out
 
 
 def _tokenizer_languages(root: Path, manifest: dict) -> list[str] | None:
@@ -226,8 +367,10 @@ class StreamingDataset(IterableDataset):
         dp_rank, dp_world_size: this rank and the data-parallel world size.
         seq_len: T. batch_size: B.
         objective: ``clm`` (packed causal LM), ``span`` (SpanBERT span masking, packed as
-            ``mlm``) or ``mlm`` (BERT masking, plus TLM rows from
-            pair shards per ``masking.tlm_share``).
+            ``mlm``), ``mlm`` (BERT masking, plus TLM rows from
+            pair shards per ``masking.tlm_share``) or ``seq2seq`` (encoder-decoder rows:
+            ``masking.tlm_share`` translation rows, the rest span-corrupted, or denoised when
+            ``masking.denoise_share`` > 0; settings ``masking.seq2seq``).
         vocab: special ids (and word starts); None reads the manifest's tokenizer directory.
         masking: MLM settings (default :class:`MaskingConfig`); ignored for clm.
         alpha: smoothing exponent for languages and language pairs.
@@ -248,11 +391,20 @@ class StreamingDataset(IterableDataset):
             (synthetic shards), the manifest's own languages, sorted.
         tlm_swap_prob: probability that a TLM pair puts its target side first (drawn per
             pair; XLM trains both directions).
+        synthetic_ratio: share of pair rows drawn from synthetic pair sets (``"synthetic":
+            true`` in the manifest), in [0, 1): real sets get ``1 - r``, each pool mixed by
+            alpha (or ``pair_weights``) within itself; None mixes all pair sets alike.
+        parallel_upsample: real pair sets' weight multiplied by it (>= 1; fairseq's
+            ``--upsample-primary``), only without ``synthetic_ratio``; None: 1. Both are
+            range-checked always, and applied (and checked against the manifest) only when
+            pair rows are drawn (``mlm`` / ``seq2seq`` with ``masking.tlm_share`` > 0).
 
     Raises:
         ValueError: a bad argument, a manifest naming a missing shard, weights naming unknown
             languages, a manifest language missing from ``languages`` (or the tokenizer's),
-            an objective without data (one line each).
+            an objective without data, seq2seq rows without the sentinels or ``<lang:xx>``
+            tokens they need, a bad ``synthetic_ratio`` / ``parallel_upsample`` or a ratio the
+            manifest's pair sets cannot meet (one line each).
         FileNotFoundError: no manifest.
     """
 
@@ -279,6 +431,8 @@ class StreamingDataset(IterableDataset):
         track_docs: bool = False,
         languages: list[str] | None = None,
         tlm_swap_prob: float = 0.5,
+        synthetic_ratio: float | None = None,
+        parallel_upsample: float | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= dp_rank < dp_world_size:
@@ -321,14 +475,17 @@ class StreamingDataset(IterableDataset):
             json.dumps([[e["path"], e["sha256"]] for e in data["shards"]]).encode()
         ).hexdigest()
         sources: dict[str, Source] = {}
-        for entry in data["shards"]:
+        pair_sources = _pair_sources(data)
+        # the pair sources of synthetic (back-translated) shards
+        self.synthetic_pairs = sorted({n for n, fake in pair_sources.values() if fake})
+        for index, entry in enumerate(data["shards"]):
             path = root / entry["path"]
             if not path.is_file():
                 raise ValueError(
                     f"manifest {str(file)!r} names shard {entry['path']!r}, which is missing "
                     "(every listed shard must exist)"
                 )
-            name = entry["lang"] if entry["kind"] == "mono" else entry["pair"]
+            name = entry["lang"] if entry["kind"] == "mono" else pair_sources[index][0]
             src = sources.setdefault(name, Source(name, entry["kind"], [], [], 0))
             if entry.get("samples", 0) > 0:
                 src.paths.append(str(path))
@@ -338,12 +495,14 @@ class StreamingDataset(IterableDataset):
         self.sources = dict(sorted(sources.items()))
         mono = {k: s.tokens for k, s in self.sources.items() if s.kind == "mono"}
         pairs = {k: s.tokens for k, s in self.sources.items() if s.kind == "pair"}
-        self.pair_langs = {
-            k: (data["pairs"][k]["src"], data["pairs"][k]["tgt"])
-            if k in data.get("pairs", {})
-            else tuple(k.split("-", 1))
-            for k in pairs
-        }
+        self.synthetic_pairs = [k for k in self.synthetic_pairs if k in pairs]
+        self.pair_langs = {}
+        for k in pairs:
+            base = k.removesuffix(SYNTHETIC_SUFFIX) if k in self.synthetic_pairs else k
+            stats = data.get("pairs", {}).get(base)
+            self.pair_langs[k] = (
+                (stats["src"], stats["tgt"]) if stats is not None else tuple(base.split("-", 1))
+            )
         in_manifest = sorted(set(mono) | {x for p in self.pair_langs.values() for x in p})
         if languages is None:
             languages = _tokenizer_languages(root, data)
@@ -362,10 +521,22 @@ class StreamingDataset(IterableDataset):
         self.mono_p = _probabilities(
             mono, alpha=alpha, weights=language_weights or {}, what="language_weights"
         )
-        self.pair_p = _probabilities(
-            pairs, alpha=alpha, weights=pair_weights or {}, what="pair_weights"
+        check_pair_mix(synthetic_ratio, parallel_upsample)
+        # the real / synthetic mix is applied, and checked against the manifest, only when pair
+        # rows are drawn (a validation loader of mono rows shares the run's data section)
+        if objective not in ("mlm", "seq2seq") or self.masking.tlm_share <= 0.0:
+            synthetic_ratio = parallel_upsample = None
+        self.synthetic_ratio, self.parallel_upsample = synthetic_ratio, parallel_upsample
+        self.pair_p = _pair_probabilities(
+            pairs,
+            synthetic=set(self.synthetic_pairs),
+            alpha=alpha,
+            weights=pair_weights or {},
+            synthetic_ratio=synthetic_ratio,
+            parallel_upsample=parallel_upsample,
+            where=str(file),
         )
-        tlm_share = self.masking.tlm_share if objective == "mlm" else 0.0
+        tlm_share = self.masking.tlm_share if objective in ("mlm", "seq2seq") else 0.0
         if objective == "span":
             self.span_masking = SpanMaskingConfig(
                 mask_prob=self.masking.mask_prob,
@@ -385,12 +556,47 @@ class StreamingDataset(IterableDataset):
         if vocab is None:
             vocab = Vocab.from_tokenizer(str(root / data["tokenizer"]["dir"]))
         self.vocab = vocab
+        if objective == "seq2seq":
+            self._init_seq2seq(tlm_share)
         self._slots = [
             self._fresh_slot(dp_rank * self.slots_per_rank + j, generation=0)
             for j in range(self.slots_per_rank)
         ]
         self.next_worker = 0
         self._live: list[_SlotRunner] | None = None
+
+    def _init_seq2seq(self, tlm_share: float) -> None:
+        """Settings of ``seq2seq`` batches: row lengths, and the tokens they need."""
+        cfg = self.masking.seq2seq or Seq2SeqConfig()
+        cfg.check()
+        self.seq2seq = cfg
+        self.denoising = self.masking.denoise_share > 0.0
+        mono = tlm_share < 1.0
+        self.mono_raw_len, self.decoder_len = cfg.lengths(
+            self.seq_len, denoise=self.denoising, mono=mono, pairs=tlm_share > 0.0
+        )
+        vocab = self.vocab
+        if mono and not self.denoising:
+            spans = int(round(round(self.mono_raw_len * cfg.noise_density) / cfg.mean_span))
+            if len(vocab.sentinel_ids) < spans:
+                raise ValueError(
+                    f"span corruption of {self.mono_raw_len}-token rows needs {spans} sentinel "
+                    f"tokens; the tokenizer has {len(vocab.sentinel_ids)} (<extra_id_N>)"
+                )
+        if mono and self.denoising and cfg.denoising.permute_ratio > 0.0:
+            if vocab.sentence_end_V is None:
+                raise ValueError(
+                    "denoising.permute_ratio > 0 needs the tokenizer's sentence ends (a vocab "
+                    "with sentence_end_V)"
+                )
+        tagged = [lang for lang in self.mono_p if mono and self.denoising and cfg.language_token]
+        tagged += [lang for pair in self.pair_langs.values() for lang in pair if tlm_share > 0.0]
+        missing = sorted({lang for lang in tagged if lang not in (vocab.lang_token_ids or {})})
+        if missing:
+            raise ValueError(
+                f"language {missing[0]!r} has no <lang:{missing[0]}> token in the tokenizer "
+                "(translation rows and mBART denoising start the decoder with it)"
+            )
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -401,7 +607,7 @@ class StreamingDataset(IterableDataset):
             "row0": row0,
             "rng": np.random.default_rng([self.seed, slot, generation]).bit_generator.state,
             "batches": 0,
-            "counters": _fresh_counters(self.languages),
+            "counters": _fresh_counters(self.languages, list(self.pair_p)),
             "streams": {
                 name: StreamState.fresh(slot=slot, num_slots=self.num_slots).to_dict()
                 for name in self.sources
@@ -521,7 +727,7 @@ class StreamingDataset(IterableDataset):
         truncated tokens, bad samples skipped (read off the live runners in process: no state
         snapshot, so a per-log-step read stays cheap)."""
         live = self._live
-        out = _fresh_counters(self.languages)
+        out = _fresh_counters(self.languages, list(self.pair_p))
         for local, slot in enumerate(self._slots):
             _add_counters(out, live[local].counters if live else slot["counters"])
         return out
@@ -609,6 +815,7 @@ class _SlotRunner:
         self.local = self.slot - ds.dp_rank * ds.slots_per_rank  # the rank's batch k % W
         self.plan: list[tuple[list[str], list[str]]] = []  # next batches' row sources, reversed
         self.counters = json.loads(json.dumps(state["counters"]))
+        self.counters.setdefault("pair_tokens", dict.fromkeys(ds.pair_p, 0))
         self.streams = {k: StreamState.from_dict(v) for k, v in state["streams"].items()}
         self.reader = ShardReader()
         self.joined: dict[str, tuple] = {}  # source -> (position, joined arrays, meta)
@@ -633,6 +840,9 @@ class _SlotRunner:
         # (all CLM and mono MLM batches by default): one tensor each, shared by those batches
         self.positions_BT = torch.from_numpy(self.arange_BT.copy())
         self.all_tokens_BT = torch.ones((B, T), dtype=torch.bool)
+        tags = ds.vocab.lang_token_ids or {}
+        # seq2seq: the <lang:xx> id of each language index (-1: none; checked where needed)
+        self.lang_tags = np.array([tags.get(lang, -1) for lang in ds.languages], dtype=np.int64)
 
     def state(self) -> dict:
         return {
@@ -915,6 +1125,175 @@ class _SlotRunner:
             partials.pop(0)
         return pairs, filled
 
+    # --- seq2seq rows -------------------------------------------------------------------------
+
+    def _translation_row(self, name: str, b: int, rows: dict, tokens_L: list[int]) -> int:
+        """Pack whole pairs of source ``name`` into row ``b`` of ``rows``: each pair's first
+        side (``side </s>``) into the source row, its second side into the labels, the decoder
+        input being the second side behind its language's ``<lang:xx>`` tag; pair ``k`` of the
+        row has document id ``k`` on both sides. A pair longer than an empty row is cut, each
+        side keeping its eos (counted in ``truncated_tokens``). Returns the pairs packed."""
+        ds = self.ds
+        S, T = ds.seq_len, ds.decoder_len
+        partials = self.streams[name].partials
+        src_lang, tgt_lang = self.pair_lang_index[name]
+        s_fill = t_fill = pairs = 0
+        while True:
+            partial, j = self._current(name)
+            seg, first_len_D, swap, ids = j["seg"], j["src_len"], j["swap"], j["ids"]
+            num_pairs = len(seg) - 1
+            i = int(np.searchsorted(seg, partial[1]))
+            while i < num_pairs:
+                start, end = int(seg[i]), int(seg[i + 1])
+                n_src = int(first_len_D[i])
+                n_tgt = end - start - n_src
+                fits = s_fill + n_src <= S and t_fill + n_tgt <= T
+                if not fits and pairs:
+                    partial[1] = start  # the row is full: this pair opens the next one
+                    return pairs
+                keep_s, keep_t = (n_src, n_tgt) if fits else (min(n_src, S), min(n_tgt, T))
+                self.counters["truncated_tokens"] += n_src - keep_s + n_tgt - keep_t
+                first, second = ids[start : start + n_src], ids[start + n_src : end]
+                src = np.concatenate([first[: keep_s - 1], first[-1:]])
+                tgt = np.concatenate([second[: keep_t - 1], second[-1:]])
+                swapped = swap is not None and bool(swap[i])
+                a_lang, b_lang = (tgt_lang, src_lang) if swapped else (src_lang, tgt_lang)
+                s_end, t_end = s_fill + keep_s, t_fill + keep_t
+                rows["src"][b, s_fill:s_end] = src
+                rows["src_doc"][b, s_fill:s_end] = pairs
+                rows["src_lang"][b, s_fill:s_end] = a_lang
+                rows["labels"][b, t_fill:t_end] = tgt
+                rows["dec"][b, t_fill] = self.lang_tags[b_lang]
+                rows["dec"][b, t_fill + 1 : t_end] = tgt[:-1]
+                rows["dec_doc"][b, t_fill:t_end] = pairs
+                rows["dec_lang"][b, t_fill:t_end] = b_lang
+                tokens_L[a_lang] += keep_s
+                tokens_L[b_lang] += keep_t
+                if self.track_docs:
+                    self._log_docs(name, j, i, i + 1)
+                s_fill, t_fill, pairs, i = s_end, t_end, pairs + 1, i + 1
+            partials.pop(0)
+            if s_fill >= S or t_fill >= T:
+                return pairs
+
+    def _span_corrupt_rows(self, raw_MR: np.ndarray, lang_M: np.ndarray, rows: dict, at: int):
+        """T5 span corruption of the raw rows ``raw_MR`` into rows ``at, at + 1, ...``: the
+        inputs fill the source row, the targets (sentinel, span, ..., eos) the labels; the
+        decoder input is the targets behind pad (T5's decoder start)."""
+        ds = self.ds
+        cfg, vocab = ds.seq2seq, ds.vocab
+        inputs_MI, targets_MG = span_corrupt(
+            raw_MR,
+            rng=self.rng,
+            sentinel_ids=np.asarray(vocab.sentinel_ids, dtype=np.int64),
+            noise_density=cfg.noise_density,
+            mean_span=cfg.mean_span,
+            eos_id=vocab.eos_id,
+        )
+        num_inputs, num_targets = inputs_MI.shape[1], targets_MG.shape[1]
+        assert num_inputs <= ds.seq_len and num_targets <= ds.decoder_len, "T5 lengths broken"
+        rows_M = slice(at, at + len(raw_MR))
+        rows["src"][rows_M, :num_inputs] = inputs_MI
+        rows["src_doc"][rows_M, :num_inputs] = 0
+        rows["src_lang"][rows_M] = lang_M[:, None]
+        rows["labels"][rows_M, :num_targets] = targets_MG
+        rows["dec"][rows_M, 0] = vocab.pad_id
+        rows["dec"][rows_M, 1:num_targets] = targets_MG[:, :-1]
+        rows["dec_doc"][rows_M, :num_targets] = 0
+        rows["dec_lang"][rows_M] = lang_M[:, None]
+
+    def _denoise_rows(self, raw_MR: np.ndarray, names: list[str], rows: dict, at: int) -> None:
+        """BART / mBART denoising of each raw row (``transforms.denoise``; eos appended when
+        the row does not end in one) into rows ``at, at + 1, ...``: the noised source (cut to
+        the row, keeping its last eos and language token; counted in ``truncated_tokens``)
+        and the target behind its decoder start (mBART: the language token; BART: eos)."""
+        ds = self.ds
+        cfg, vocab = ds.seq2seq, ds.vocab
+        S = ds.seq_len
+        eos = vocab.eos_id
+        tail = 1 + int(cfg.language_token)
+        for m, (raw_R, name) in enumerate(zip(raw_MR, names)):
+            b = at + m
+            doc_N = raw_R if raw_R[-1] == eos else np.append(raw_R, eos).astype(raw_R.dtype)
+            tag = vocab.lang_token_ids[name] if cfg.language_token else None
+            source, target = denoise(
+                doc_N,
+                vocab=vocab,
+                cfg=cfg.denoising,
+                rng=self.rng,
+                sentence_end_V=vocab.sentence_end_V,
+                lang_id=tag,
+                special_V=self.special_V,
+                normal_ids=self.normal_ids,
+            )
+            if len(source) > S:
+                self.counters["truncated_tokens"] += len(source) - S
+                source = np.concatenate([source[: S - tail], source[-tail:]])
+            lang = ds.lang_index[name]
+            n, g = len(source), len(target)
+            rows["src"][b, :n] = source
+            rows["src_doc"][b, :n] = 0
+            rows["src_lang"][b] = lang
+            rows["labels"][b, :g] = target
+            rows["dec"][b, :g] = decoder_inputs(target, start_id=eos if tag is None else tag)
+            rows["dec_doc"][b, :g] = 0
+            rows["dec_lang"][b] = lang
+
+    def _seq2seq_batch(self, pair_rows: list[str], mono_rows: list[str]) -> dict:
+        """A ``seq2seq`` batch (contract in the module docstring): translation rows first,
+        then span-corrupted or denoised monolingual rows."""
+        ds = self.ds
+        vocab = ds.vocab
+        B, S, T = ds.batch_size, ds.seq_len, ds.decoder_len
+        num_langs = len(ds.languages)
+        rows = {
+            "src": np.full((B, S), vocab.pad_id, dtype=ID_DTYPE),
+            "src_doc": np.full((B, S), -1, dtype=ID_DTYPE),
+            "src_lang": np.zeros((B, S), dtype=ID_DTYPE),
+            "dec": np.full((B, T), vocab.pad_id, dtype=ID_DTYPE),
+            "labels": np.full((B, T), IGNORE_INDEX, dtype=ID_DTYPE),
+            "dec_doc": np.full((B, T), -1, dtype=ID_DTYPE),
+            "dec_lang": np.zeros((B, T), dtype=ID_DTYPE),
+        }
+        tokens_L, docs_L = [0] * num_langs, [0] * num_langs
+        for b, name in enumerate(pair_rows):
+            before = sum(tokens_L)
+            pairs = self._translation_row(name, b, rows, tokens_L)
+            docs_L[self.pair_lang_index[name][0]] += pairs
+            self.counters["pair_tokens"][name] += sum(tokens_L) - before
+        if mono_rows:
+            raw_MR = np.empty((len(mono_rows), ds.mono_raw_len), dtype=ID_DTYPE)
+            lang_M = np.array([ds.lang_index[name] for name in mono_rows], dtype=ID_DTYPE)
+            for m, name in enumerate(mono_rows):
+                # documents starting in the row: after each eos but the last token, corrected
+                docs = self._mono_row(name, raw_MR[m])
+                docs_L[lang_M[m]] += docs + int(np.count_nonzero(raw_MR[m, :-1] == self.eos))
+                tokens_L[lang_M[m]] += ds.mono_raw_len
+            if ds.denoising:
+                self._denoise_rows(raw_MR, mono_rows, rows, len(pair_rows))
+            else:
+                self._span_corrupt_rows(raw_MR, lang_M, rows, len(pair_rows))
+        counted_tokens, counted_docs = self.counters["tokens"], self.counters["documents"]
+        for i, lang in enumerate(ds.languages):
+            counted_tokens[lang] += tokens_L[i]
+            counted_docs[lang] += docs_L[i]
+        pair_rows_B = np.zeros(B, dtype=bool)
+        pair_rows_B[: len(pair_rows)] = True
+        return {
+            "input_ids": torch.from_numpy(rows["src"]),
+            "doc_ids": torch.from_numpy(rows["src_doc"]),
+            "lang_ids": torch.from_numpy(rows["src_lang"]),
+            "attention_mask": torch.from_numpy(rows["src_doc"] >= 0),
+            "decoder_input_ids": torch.from_numpy(rows["dec"]),
+            "labels": torch.from_numpy(rows["labels"]),
+            "decoder_doc_ids": torch.from_numpy(rows["dec_doc"]),
+            "decoder_lang_ids": torch.from_numpy(rows["dec_lang"]),
+            "decoder_attention_mask": torch.from_numpy(rows["dec_doc"] >= 0),
+            "pair_rows": torch.from_numpy(pair_rows_B),
+            "tokens_per_lang": torch.from_numpy(np.array(tokens_L, dtype=np.int64)),
+            "docs_per_lang": torch.from_numpy(np.array(docs_L, dtype=np.int64)),
+        }
+
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The slot's next batch (contract in the module docstring)."""
         ds = self.ds
@@ -922,6 +1301,9 @@ class _SlotRunner:
         if not self.plan:
             self._plan_batches()
         pair_rows, mono_rows = self.plan.pop()
+        if ds.objective == "seq2seq":
+            self.batches += 1
+            return self._seq2seq_batch(pair_rows, mono_rows)
         num_tlm = len(pair_rows)
         self.batches += 1
         num_langs = len(ds.languages)
@@ -939,6 +1321,7 @@ class _SlotRunner:
             for b, name in enumerate(pair_rows):
                 pairs, filled = self._pair_row(name, b, rows, tokens_L)
                 docs_L[self.pair_lang_index[name][0]] += pairs
+                self.counters["pair_tokens"][name] += filled
                 fill_R.append(filled)
                 # padding carries its row's first language, so that lang_ids stay valid indices
                 ids_BT[b, filled:] = ds.vocab.pad_id
@@ -1022,7 +1405,9 @@ class _SlotRunner:
 def masking_from_objective(objective: object) -> MaskingConfig:
     """Map an object with ``mask_prob, mask_replace_prob, mask_random_prob, whole_word,
     max_word_pieces, tlm_share`` attributes (``pretrain.config.ObjectiveConfig``) onto
-    :class:`MaskingConfig` (``max_word_pieces`` defaults to MaskingConfig's when absent)."""
+    :class:`MaskingConfig` (``max_word_pieces`` defaults to MaskingConfig's when absent), and
+    its ``span_corruption``, ``denoising`` and ``decoder_len`` (when present) onto the
+    :class:`~data_pipeline.transforms.Seq2SeqConfig` of ``seq2seq`` batches."""
     return MaskingConfig(
         mask_prob=objective.mask_prob,
         replace_prob=objective.mask_replace_prob,
@@ -1030,6 +1415,34 @@ def masking_from_objective(objective: object) -> MaskingConfig:
         whole_word=objective.whole_word,
         max_word_pieces=getattr(objective, "max_word_pieces", MaskingConfig.max_word_pieces),
         tlm_share=getattr(objective, "tlm_share", None) or 0.0,
+        seq2seq=seq2seq_from_objective(objective),
+    )
+
+
+def seq2seq_from_objective(objective: object) -> Seq2SeqConfig:
+    """The :class:`~data_pipeline.transforms.Seq2SeqConfig` of an object with optional
+    ``span_corruption`` (``noise_density``, ``mean_span``), ``denoising`` (``mask_ratio``,
+    ``poisson_lambda``, ``random_ratio``, ``permute_ratio``, ``rotate_prob``,
+    ``language_token``) and ``decoder_len`` attributes (``pretrain.config.ObjectiveConfig``);
+    what is absent keeps its default."""
+    base = Seq2SeqConfig()
+    span = getattr(objective, "t5", None)
+    noising = getattr(objective, "bart", None)
+    denoising = base.denoising
+    if noising is not None:
+        denoising = DenoisingConfig(
+            **{
+                key: getattr(noising, key, getattr(denoising, key))
+                for key in ("mask_ratio", "poisson_lambda", "random_ratio", "permute_ratio")
+                + ("rotate_prob", "max_word_pieces")
+            }
+        )
+    return Seq2SeqConfig(
+        noise_density=getattr(span, "noise_density", base.noise_density),
+        mean_span=getattr(span, "mean_span", base.mean_span),
+        denoising=denoising,
+        language_token=bool(getattr(noising, "language_token", base.language_token)),
+        decoder_len=int(getattr(objective, "decoder_len", base.decoder_len)),
     )
 
 
@@ -1076,6 +1489,8 @@ def build_loader(
         on_bad_shard=cfg.on_bad_shard,
         languages=languages,
         tlm_swap_prob=cfg.tlm_swap_prob,
+        synthetic_ratio=cfg.synthetic_ratio,
+        parallel_upsample=cfg.parallel_upsample,
     )
     return StreamingLoader(ds)
 
@@ -1088,4 +1503,5 @@ __all__ = [
     "Vocab",
     "build_loader",
     "masking_from_objective",
+    "seq2seq_from_objective",
 ]

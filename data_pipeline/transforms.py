@@ -20,6 +20,8 @@ with a numpy Generator as its only source of randomness:
   (:data:`BART_DENOISING`, :data:`MBART_DENOISING`), built from :func:`permute_sentences`,
   :func:`text_infill` and :func:`rotate_document`; sentence ends from
   :func:`sentence_end_table`; :func:`decoder_inputs` for teacher forcing;
+- encoder-decoder rows of the loader (span corruption, denoising, translation):
+  :class:`Seq2SeqConfig` (its lengths) in :class:`MaskingConfig`'s ``seq2seq``;
 - SpanBERT span masking: :func:`span_mask` with a :class:`SpanMaskingConfig` (spans from
   :func:`select_spans`), outputs as :func:`mask_tokens`.
 
@@ -90,6 +92,12 @@ class Vocab:
             (:func:`is_cjk_piece`): each is a word of its own, and the piece after it starts a
             word; None: no such rule (scripts with spaces only). ``from_tokenizer`` also marks
             the first byte piece of a byte-spelled CJK character in ``word_start_V``.
+        sentinel_ids: ids of ``<extra_id_0>``, ``<extra_id_1>``, ... (T5 span corruption);
+            empty when unknown.
+        lang_token_ids: language code -> id of its ``<lang:xx>`` token (translation tags,
+            mBART's language token); None when unknown.
+        sentence_end_V: bool per id (:func:`sentence_end_table`: BART's sentence permutation);
+            None when unknown.
     """
 
     size: int
@@ -99,6 +107,9 @@ class Vocab:
     special_ids: tuple[int, ...]
     word_start_V: np.ndarray | None = None
     cjk_V: np.ndarray | None = None
+    sentinel_ids: tuple[int, ...] = ()
+    lang_token_ids: dict[str, int] | None = None
+    sentence_end_V: np.ndarray | None = None
 
     @classmethod
     def from_tokenizer(cls, directory: str) -> Vocab:
@@ -128,6 +139,9 @@ class Vocab:
             special_ids=tuple(sorted(specials)),
             word_start_V=word_start_V,
             cjk_V=cjk_V,
+            sentinel_ids=tuple(tok.sentinel_ids),
+            lang_token_ids=dict(tok.lang_ids),
+            sentence_end_V=sentence_end_table(pieces, eos_id=ids["eos"]),
         )
 
     def special_mask_V(self) -> np.ndarray:
@@ -152,7 +166,11 @@ class MaskingConfig:
         max_word_pieces: with ``whole_word``, a word of more pieces is cut into words of at most
             this many (text without spaces, long numbers or URLs would else be masked in one
             piece; >= 1).
-        tlm_share: share of the sequences of each MLM batch taken from parallel pairs (TLM).
+        tlm_share: share of the sequences of each MLM batch taken from parallel pairs (TLM);
+            of each ``seq2seq`` batch, the share of translation rows.
+        denoise_share: of each ``seq2seq`` batch, the share of BART-denoised monolingual rows
+            (positive: every monolingual row is denoised; 0: every one is span-corrupted).
+        seq2seq: the settings of ``seq2seq`` batches (None: :class:`Seq2SeqConfig`'s defaults).
     """
 
     mask_prob: float = 0.15
@@ -161,10 +179,12 @@ class MaskingConfig:
     whole_word: bool = False
     tlm_share: float = 0.0
     max_word_pieces: int = 8
+    denoise_share: float = 0.0
+    seq2seq: Seq2SeqConfig | None = None
 
     def check(self) -> None:
         """Raises: ValueError naming the value and the rule."""
-        for name in ("mask_prob", "replace_prob", "random_prob", "tlm_share"):
+        for name in ("mask_prob", "replace_prob", "random_prob", "tlm_share", "denoise_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"masking.{name} ({value}) must be in [0, 1]")
@@ -179,6 +199,13 @@ class MaskingConfig:
                 f"masking.replace_prob + random_prob ({self.replace_prob} + {self.random_prob}) "
                 "must be <= 1"
             )
+        if self.tlm_share + self.denoise_share > 1.0 + 1e-9:  # shares of one mix: rounding
+            raise ValueError(
+                f"masking.tlm_share + denoise_share ({self.tlm_share} + {self.denoise_share}) "
+                "must be <= 1"
+            )
+        if self.seq2seq is not None:
+            self.seq2seq.check()
 
 
 # --- joining ---------------------------------------------------------------------------------
@@ -621,6 +648,71 @@ BART_DENOISING = DenoisingConfig()
 """BART's setting: 30% of words in Poisson(3) spans, all sentences permuted, no rotation."""
 MBART_DENOISING = DenoisingConfig(mask_ratio=0.35)
 """mBART's setting: 35% of words, otherwise as BART."""
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    """Encoder-decoder rows (the loader's ``seq2seq`` batches): T5 span corruption or BART /
+    mBART denoising of monolingual rows, translation of parallel pairs.
+
+    Attributes:
+        noise_density, mean_span: T5 span corruption (:func:`span_corrupt`).
+        denoising: BART / mBART noising (:func:`denoise`).
+        language_token: mBART: the row's ``<lang:xx>`` token ends the denoised source and the
+            target, and starts the decoder input (BART without it: eos starts it).
+        decoder_len: decoder positions per row ``T``; 0 derives it (:meth:`lengths`).
+    """
+
+    noise_density: float = 0.15
+    mean_span: float = 3.0
+    denoising: DenoisingConfig = BART_DENOISING
+    language_token: bool = False
+    decoder_len: int = 0
+
+    def check(self) -> None:
+        """Raises: ValueError naming the value and the rule."""
+        _check_t5_args(self.noise_density, self.mean_span)
+        self.denoising.check()
+        if isinstance(self.decoder_len, bool) or not (
+            isinstance(self.decoder_len, int) and self.decoder_len >= 0
+        ):
+            raise ValueError(f"seq2seq.decoder_len ({self.decoder_len!r}) must be an int >= 0")
+
+    def lengths(self, seq_len: int, *, denoise: bool, mono: bool, pairs: bool) -> tuple[int, int]:
+        """``(raw tokens per monolingual row, decoder length T)`` for source rows of
+        ``seq_len`` (``S``) tokens.
+
+        Span corruption cuts :func:`t5_span_lengths`' raw length, so that its inputs fill
+        ``S`` and its targets are ``targets_length`` long; denoising cuts ``min(S, T) - 1``
+        raw tokens (less the language token), the target adding eos (and the token);
+        translation rows take up to ``S`` source and ``T`` target tokens. Derived ``T``: the
+        longest the rows need (T5 targets; ``S`` for denoising and translation rows).
+
+        Raises:
+            ValueError: ``decoder_len`` shorter than T5's targets, or too short to denoise.
+        """
+        span_raw, span_targets = t5_span_lengths(
+            seq_len, noise_density=self.noise_density, mean_span=self.mean_span
+        )
+        need = []
+        if mono:
+            need.append(seq_len if denoise else span_targets)
+        if pairs:
+            need.append(seq_len)
+        decoder_len = self.decoder_len or max(need, default=span_targets)
+        extra = 1 + int(self.language_token)
+        if mono and not denoise and decoder_len < span_targets:
+            raise ValueError(
+                f"objective.decoder_len ({decoder_len}) must be >= the span corruption targets "
+                f"({span_targets} for data.seq_len {seq_len})"
+            )
+        if mono and denoise and min(seq_len, decoder_len) <= extra:
+            raise ValueError(
+                f"objective.decoder_len ({decoder_len}) and data.seq_len ({seq_len}) must be > "
+                f"{extra} to denoise"
+            )
+        raw = min(seq_len, decoder_len) - extra if denoise else span_raw
+        return raw, decoder_len
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,45 @@ KEY_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
 
 
 @dataclass
+class SpanCorruptionOptions:
+    """T5 span corruption (``objective.t5.*``; objective t5)."""
+
+    noise_density: float = 0.15
+    """Share of each row's tokens in noise spans (T5: 0.15)."""
+    mean_span: float = 3.0
+    """Mean noise span length in tokens (T5: 3)."""
+
+
+@dataclass
+class DenoisingOptions:
+    """BART / mBART denoising (``objective.bart.*``; objective bart)."""
+
+    mask_ratio: float = 0.3
+    """Share of words masked by text infilling (BART 0.3, mBART 0.35)."""
+    poisson_lambda: float = 3.0
+    """Mean span length in words (Poisson); a span of 0 words inserts a mask."""
+    random_ratio: float = 0.0
+    """Share of the span masks written as a random token instead of the mask token."""
+    permute_ratio: float = 1.0
+    """Share of each row's sentences permuted (BART and mBART: 1; 0: off)."""
+    rotate_prob: float = 0.0
+    """Probability of rotating a row to start at a random token (BART's document rotation)."""
+    language_token: bool = False
+    """mBART: the row's <lang:xx> token ends the source and the target and starts the decoder
+    (false: BART, eos starts the decoder)."""
+
+
+@dataclass
 class ObjectiveConfig:
     """Pre-training objective(s) (``objective.*``)."""
 
     weights: dict[str, float] = field(default_factory=dict)
     """The objectives and their mix, e.g. {mlm: 3, tlm: 1} (objectives sharing a batch: each
     weight is its share of the rows): clm (decoder), mlm (encoder, BERT 80/10/10), tlm (encoder,
-    XLM pairs); ``pretrain.objectives.OBJECTIVES`` lists them. Empty: the family's default (decoder
-    clm, encoder mlm)."""
+    XLM pairs), span (encoder, SpanBERT), t5 (encoder_decoder, T5 span corruption), bart
+    (encoder_decoder, BART/mBART denoising), translation (encoder_decoder, parallel pairs);
+    ``pretrain.objectives.OBJECTIVES`` lists them. Empty: the family's default (decoder clm,
+    encoder mlm, encoder_decoder t5)."""
     name: str | None = None
     """Deprecated: ``name: x`` is ``weights: {x: 1}`` (a FutureWarning says so)."""
     mask_prob: float = 0.15
@@ -76,6 +107,14 @@ class ObjectiveConfig:
     so)."""
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the output projection + cross-entropy (bounds logit memory)."""
+    t5: SpanCorruptionOptions = field(default_factory=SpanCorruptionOptions)
+    """T5 span corruption settings (objective t5)."""
+    bart: DenoisingOptions = field(default_factory=DenoisingOptions)
+    """BART / mBART denoising settings (objective bart)."""
+    decoder_len: int = 0
+    """encoder_decoder: decoder positions per row; 0 derives it: T5's targets length for span
+    corruption alone (data.seq_len 128 -> 29, 512 -> 114), else data.seq_len (denoised rows and
+    translation targets are as long as their sources)."""
 
 
 @dataclass
@@ -502,6 +541,40 @@ def _validate_objective(cfg: RunConfig) -> None:
         raise ValueError(f"objective.loss_chunk_tokens ({obj.loss_chunk_tokens}) must be >= 1")
     if obj.max_word_pieces < 1:
         raise ValueError(f"objective.max_word_pieces ({obj.max_word_pieces}) must be >= 1")
+    _validate_seq2seq_options(cfg)
+
+
+def _validate_seq2seq_options(cfg: RunConfig) -> None:
+    """``objective.t5.*``, ``objective.bart.*`` and ``objective.decoder_len``
+    (their rules are the loader's ``Seq2SeqConfig.check`` and ``lengths``, here named by key)."""
+    from data_pipeline.loader import seq2seq_from_objective
+
+    obj = cfg.objective
+    if obj.decoder_len < 0:
+        raise ValueError(f"objective.decoder_len ({obj.decoder_len}) must be >= 0")
+    if obj.decoder_len > cfg.model.max_seq_len:
+        raise ValueError(
+            f"objective.decoder_len ({obj.decoder_len}) must be <= model.max_seq_len "
+            f"({cfg.model.max_seq_len})"
+        )
+    span, noising = obj.t5, obj.bart
+    if not 0.0 < span.noise_density < 1.0:
+        raise ValueError(f"objective.t5.noise_density ({span.noise_density}) must be in (0, 1)")
+    if not span.mean_span >= 1.0:
+        raise ValueError(f"objective.t5.mean_span ({span.mean_span}) must be >= 1")
+    for key in ("mask_ratio", "random_ratio", "permute_ratio", "rotate_prob"):
+        value = getattr(noising, key)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"objective.bart.{key} ({value}) must be in [0, 1]")
+    if not noising.poisson_lambda > 0.0:
+        raise ValueError(f"objective.bart.poisson_lambda ({noising.poisson_lambda}) must be > 0")
+    if cfg.model.family == "encoder_decoder":
+        weights = obj.weights
+        pairs = weights.get("translation", 0) > 0
+        mono = any(weights.get(k, 0) > 0 for k in ("t5", "bart"))
+        seq2seq_from_objective(obj).lengths(
+            cfg.data.seq_len, denoise=weights.get("bart", 0) > 0, mono=mono, pairs=pairs
+        )
 
 
 def _validate_optim(optim: OptimConfig) -> None:

@@ -7,10 +7,14 @@ next window). Every rank calls ``read`` at the same steps: it reduces fixed-shap
 the mesh (one collective per table), so the numbers are global (all data-parallel ranks, every
 pipeline stage) and identical on every rank.
 
-Window: every micro-batch of every step since the last log line. Train loss per language and per
-objective comes from the loss groups the objectives report (``pretrain.objectives.mix``); MoE
-routing from the layers' accumulated ``MoEStats`` (read and reset here; padding is not routed,
-so it counts nowhere).
+Window: every micro-batch of every step since the last log line. ``tokens_per_s`` counts the
+positions fed to the model, padding included: an encoder-decoder batch's source and decoder
+positions both (``pretrain.batches.batch_tokens``); ``tokens_per_lang`` counts the text read.
+Train loss per language and per objective comes from the loss groups the objectives report
+(``pretrain.objectives.mix``); MoE routing from the layers' accumulated ``MoEStats`` (read and
+reset here; padding is not routed, so it counts nowhere). Runs with pair rows (TLM,
+translation) also report the run's text tokens so far per pair set (``pair_tokens``) and their
+``real_pair_tokens`` / ``synthetic_pair_tokens`` totals (back-translated sets are synthetic).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,9 +94,14 @@ class MetricsWindow:
         skipped_steps: int,
         bad_samples: int,
         parts: Sequence[torch.nn.Module],
+        pair_tokens: Mapping[str, int] | None = None,
+        synthetic_pairs: Sequence[str] = (),
     ) -> dict[str, Any]:
         """The metrics line of the window ending with step result ``out`` (settled), then a
-        new window. ``bad_samples``: this rank's corrupt-shard samples skipped so far."""
+        new window. ``bad_samples``: this rank's corrupt-shard samples skipped so far.
+        ``pair_tokens``: this rank's text tokens read so far per pair set (the loader's
+        ``counters["pair_tokens"]``; None when no pair rows are scheduled), with the names of
+        the synthetic (back-translated) ones in ``synthetic_pairs``."""
         elapsed = time.perf_counter() - self.start
         global_tokens = float(reduce_metric(float(self.tokens), dims=self.dims, op="sum"))
         tokens_per_s = global_tokens / max(elapsed, 1e-9)
@@ -114,6 +123,8 @@ class MetricsWindow:
                 peak=self.peak_flops,
             )
         metrics.update(self._language_metrics())
+        if pair_tokens:
+            metrics.update(self._pair_metrics(pair_tokens, synthetic_pairs))
         metrics.update(
             moe_metrics(
                 parts,
@@ -148,6 +159,22 @@ class MetricsWindow:
         }
         out.update(self.mix.group_metrics(sums, counts, self.languages))
         return out
+
+    def _pair_metrics(
+        self, pair_tokens: Mapping[str, int], synthetic_pairs: Sequence[str]
+    ) -> dict[str, Any]:
+        """Text tokens read so far per pair set, and their real / synthetic totals, summed
+        over dp ranks (the same pair sets, in the same order, on every rank)."""
+        names = list(pair_tokens)
+        counts = torch.tensor([float(pair_tokens[n]) for n in names], dtype=torch.float64)
+        counts = reduce_metric(counts, dims=self.dims, axis="dp", op="sum").tolist()
+        per_pair = {name: int(n) for name, n in zip(names, counts)}
+        synthetic = set(synthetic_pairs)
+        return {
+            "pair_tokens": per_pair,
+            "real_pair_tokens": sum(n for k, n in per_pair.items() if k not in synthetic),
+            "synthetic_pair_tokens": sum(n for k, n in per_pair.items() if k in synthetic),
+        }
 
 
 def memory_gib(device: torch.device) -> float:

@@ -15,6 +15,10 @@ mesh axis, AdamW and the LR schedule; every ``logging.every`` steps a metrics li
 ``train.eval_every`` steps a validation loss per language; every ``checkpoint.every`` steps (and
 at the end, and on SIGTERM/SIGUSR1) a checkpoint.
 
+What the model takes is the batch's business (``pretrain.batches.model_inputs``): an
+encoder-decoder batch brings its decoder inputs and both sides' document ids, and its labels
+sit on the decoder positions; the loop is the same for every family.
+
 Exit codes (``pretrain.train``): 0 done, 2 bad config or input, 3 stopped on too many NaN/Inf
 losses in a row, or at a save (periodic, final or on a signal) refused because the loss,
 parameters or optimizer state are not finite: nothing non-finite is ever saved
@@ -56,7 +60,7 @@ from parallel.parallelize import (
     reduce_metric,
 )
 from parallel.pipeline import build_pipeline, pipeline_step
-from pretrain.batches import model_inputs, to_device
+from pretrain.batches import batch_tokens, model_inputs, target_side, to_device
 from pretrain.checkpoint import (
     CheckpointManager,
     CheckpointPolicy,
@@ -79,7 +83,6 @@ from pretrain.flops import flops_per_token, peak_flops
 from pretrain.logger import RunLogger
 from pretrain.metrics import MetricsWindow
 from pretrain.models import build_model, param_counts, tp_plan
-from pretrain.models.transformer import is_moe_layer
 from pretrain.objectives import IGNORE_INDEX, ObjectiveMix
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plots import plot_run
@@ -164,6 +167,8 @@ class Trainer:
         with torch.device("meta"):
             model = build_model(cfg.model)
         counts = param_counts(model)
+        # Every MoE layer of the whole model (pipeline stages hold some of them).
+        self.moe_layer_names = list(model.moe_layers())
         self.params_total = counts["params_total"]
         self.params_active = counts["params_active"]
         self.flops_per_token = flops_per_token(
@@ -242,12 +247,6 @@ class Trainer:
             override_tflops=cfg.logging.peak_tflops,
         )
         self.guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite_steps)
-        # Every MoE layer of the whole model (pipeline stages hold some of them).
-        self.moe_layer_names = [
-            f"layers.{i}.moe"
-            for i in range(cfg.model.num_layers)
-            if is_moe_layer(cfg.model, layer=i)
-        ]
         for part in self.parts:
             if hasattr(part, "track_moe_languages") and self.moe_layer_names:
                 part.track_moe_languages(len(self.languages))
@@ -374,12 +373,16 @@ class Trainer:
     def _log(self, step: int, out: dict[str, Any], window: MetricsWindow, logger: RunLogger):
         """The metrics line of ``step`` (a collective: every rank logs at the same steps), with
         the validation loss when due; the next window starts after it."""
+        counters, data = self.loader.counters, self.loader.dataset
         metrics = window.read(
             out,
             lr=self.schedulers[0].get_last_lr()[0],
             skipped_steps=self.guard.total,
-            bad_samples=self.loader.counters["bad_samples"],
+            bad_samples=counters["bad_samples"],
             parts=self.parts,
+            # real vs synthetic pair tokens, when the run reads pair rows
+            pair_tokens=counters["pair_tokens"] if data.tlm_share > 0 else None,
+            synthetic_pairs=data.synthetic_pairs,
         )
         if self.validator.due(step):
             valid = self.validator.run(self.parts)
@@ -401,11 +404,16 @@ class Trainer:
         self, batch: dict[str, Any], kwargs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """``[B, T]`` loss group of every position's target, on the device."""
-        lang_ids = kwargs.get("lang_ids_BT")
+        lang_ids_cpu, tokens_mask_cpu, pair_rows = target_side(batch)
+        lang_ids = kwargs.get("lang_ids_BT")  # the model's input already copied, if it is one
         if lang_ids is None:
-            lang_ids = to_device(batch["lang_ids"], self.device)
-        tokens_mask = to_device(batch["attention_mask"], self.device)
-        return self.mix.target_groups(lang_ids, tokens_mask, num_languages=len(self.languages))
+            lang_ids = to_device(lang_ids_cpu, self.device)
+        tokens_mask = to_device(tokens_mask_cpu, self.device)
+        if pair_rows is not None:
+            pair_rows = to_device(pair_rows, self.device)
+        return self.mix.target_groups(
+            lang_ids, tokens_mask, num_languages=len(self.languages), pair_rows_B=pair_rows
+        )
 
     def forward_loss(
         self, batch: dict[str, Any]
@@ -515,7 +523,7 @@ class Trainer:
         group_counts = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         tokens = 0
         for batch in batches:
-            tokens += int(batch["input_ids"].numel())
+            tokens += batch_tokens(batch)
             if self.pipeline is not None:
                 loss_sum += self._pipeline_loss(
                     batch,

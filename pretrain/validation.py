@@ -5,6 +5,8 @@ What to call: ``Validator(cfg, dims=..., device=..., batch_loss=..., num_targets
 over ``dp``). Guarantee: the same held-out batches at every call (``train.eval_batches`` per
 language of ``data.valid_manifest``, monolingual rows only, built once per process), a
 token-weighted mean loss per language over every dp rank, the model put back in train mode.
+Encoder-decoder runs validate their monolingual objective (span corruption or denoising) per
+language: the held-out rows are monolingual, their loss the decoder's over its labels.
 """
 
 from __future__ import annotations

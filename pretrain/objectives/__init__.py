@@ -7,6 +7,10 @@ What to call: ``ObjectiveMix.from_config(cfg)`` (the run's objectives,
     hidden_BTD = model(tokens_BT, return_hidden=True)
     weight_VD, bias_V = model.output_projection()
     loss = clm_loss(hidden_BTD, tokens_BT, weight_VD, bias_V=bias_V, chunk_tokens=4096)
+
+Encoder-decoder objectives (span corruption, denoising, translation) score the decoder's
+hidden states ``model(tokens_BS, decoder_tokens_BT, return_hidden=True)`` against labels
+aligned with the decoder inputs (``SequenceToSequence``: no shift).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pretrain.objectives.registry import (
     DEFAULT_OBJECTIVE,
     OBJECTIVES,
     Objective,
+    SequenceToSequence,
     TokenPrediction,
     objective_weights,
     register,
@@ -28,6 +33,7 @@ __all__ = [
     "OBJECTIVES",
     "Objective",
     "ObjectiveMix",
+    "SequenceToSequence",
     "TokenPrediction",
     "chunked_cross_entropy",
     "clm_loss",

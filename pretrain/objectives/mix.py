@@ -6,6 +6,7 @@ What to call::
     transform, masking = mix.loader_settings(cfg.objective)
     labels_BT = mix.targets(batch_labels_BT)         # device, int64; shifted for CLM
     groups_BT = mix.target_groups(lang_ids_BT, tokens_mask_BT, num_languages=L)
+    # seq2seq batches: the decoder side's language ids and mask, and pair_rows_B=pair_rows
     loss, sums_G, counts_G = mix.loss(hidden_BTD, weight_VD, bias_V, labels_BT, groups_BT)
     metrics = mix.group_metrics(sums_G, counts_G, languages)
 
@@ -73,6 +74,14 @@ class ObjectiveMix:
                 "one run's objectives share one loss"
             )
         self.loss_owner: TokenPrediction = first
+        # A batch's rows are its mono and pair rows: one objective of each kind at most.
+        for kind in ("mono", "pair"):
+            taking = [o.name for o in self.objectives if o.rows == kind and self.weights[o.name]]
+            if len(taking) > 1:
+                raise ValueError(
+                    f"objective.weights ({', '.join(taking)}) all take the {kind} rows of a "
+                    "batch; one run's batch has one objective per kind of row: keep one"
+                )
         self.chunk_tokens = chunk_tokens
         # The objective index of mono and pair rows.
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
@@ -125,12 +134,22 @@ class ObjectiveMix:
         return self.loss_owner.num_targets(labels_BT)
 
     def target_groups(
-        self, lang_ids_BT: torch.Tensor, tokens_mask_BT: torch.Tensor, *, num_languages: int
+        self,
+        lang_ids_BT: torch.Tensor,
+        tokens_mask_BT: torch.Tensor,
+        *,
+        num_languages: int,
+        pair_rows_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, T]`` int64 loss group of every position's target: objective index x languages
-        + the target token's language (a pair row holds two languages)."""
-        tokens_mask_BT = tokens_mask_BT.bool()
-        is_pair_B = ((lang_ids_BT != lang_ids_BT[:, :1]) & tokens_mask_BT).any(dim=1)
+        + the target token's language. A row is a pair row when ``pair_rows_B`` says so (the
+        loader's ``seq2seq`` batches: a translation target is one language), else when its
+        real tokens hold two languages (a TLM row)."""
+        if pair_rows_B is not None:
+            is_pair_B = pair_rows_B.bool()
+        else:
+            tokens_mask_BT = tokens_mask_BT.bool()
+            is_pair_B = ((lang_ids_BT != lang_ids_BT[:, :1]) & tokens_mask_BT).any(dim=1)
         if self.loss_owner.shift_targets:
             lang_ids_BT = torch.cat([lang_ids_BT[:, 1:], lang_ids_BT[:, -1:]], dim=1)
         mono, pair = self._row_index["mono"], self._row_index["pair"]

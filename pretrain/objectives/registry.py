@@ -9,26 +9,29 @@ An objective states what it needs and owns, as class data the trainer and the va
 
 - ``families``: the model families it trains (config validation asks each objective);
 - ``transform``: the loader's batch kind it asks for (``data_pipeline.loader``: ``clm`` packed
-  causal rows, ``mlm`` BERT-masked rows with a share of TLM pair rows); the objectives of one run
-  share one transform (one batch feeds them all);
+  causal rows, ``mlm`` BERT-masked rows with a share of TLM pair rows, ``span`` span-masked
+  rows, ``seq2seq`` encoder-decoder rows); the objectives of one run share one transform (one
+  batch feeds them all);
 - ``rows``: which rows of such a batch are its own: ``any``, ``mono`` (one language per row) or
   ``pair`` (a parallel pair, two languages): how a batch's targets are split per objective;
 - ``shift_targets``: position t predicts token t + 1 (CLM) or the label at t (masked objectives);
 - ``sparse_targets``: few positions carry a target (~15%): only those are projected;
-- ``loader_options(share)``: what the loader needs from its share of the mix (TLM: the share of
-  pair rows).
+- ``loader_options(share)``: what the loader needs from its share of the mix (TLM and
+  translation: the share of pair rows; bart: that its rows are denoised).
 
 Each objective owns its targets and loss: the token-predicting ones (:class:`TokenPrediction`:
-CLM, MLM, TLM, span masking) the cross-entropy of their targets, summed and binned per loss
-group; objectives sharing a batch share that loss (``pretrain.objectives.mix.ObjectiveMix``
-checks it and runs it once per batch).
+CLM, MLM, TLM, span masking; the encoder-decoder ones, :class:`SequenceToSequence`: T5 span
+corruption, BART denoising, translation, whose labels sit on the decoder positions) the
+cross-entropy of their targets, summed and binned per loss group; objectives sharing a batch
+share that loss (``pretrain.objectives.mix.ObjectiveMix`` checks it and runs it once per
+batch).
 
 The mix is ``objective.weights`` (``{mlm: 3, tlm: 1}``: for objectives sharing a batch transform,
 each weight is its share of the batch's rows). ``objective.name`` and ``objective.tlm_share`` are
 deprecated spellings of the same fact: when given they set the weights (``name: x`` ->
 ``{x: 1}``; ``tlm_share: s`` -> ``{mlm: 1 - s, tlm: s}``), with a ``FutureWarning`` naming the
 weights to write instead. Empty weights mean the family's default objective (decoder: CLM,
-encoder: MLM).
+encoder: MLM, encoder_decoder: span corruption).
 """
 
 from __future__ import annotations
@@ -154,7 +157,11 @@ class TokenPrediction(Objective):
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 """Objective name (an ``objective.weights`` key) -> its class, in registration order."""
-DEFAULT_OBJECTIVE: dict[str, str] = {"decoder": "clm", "encoder": "mlm"}
+DEFAULT_OBJECTIVE: dict[str, str] = {
+    "decoder": "clm",
+    "encoder": "mlm",
+    "encoder_decoder": "t5",
+}
 """The objective of a family whose config names none."""
 
 
@@ -220,6 +227,61 @@ class SpanMasking(TokenPrediction):
     rows = "mono"
     sparse_targets = True
     description = "span masking, SpanBERT (encoder)"
+
+
+class SequenceToSequence(TokenPrediction):
+    """An encoder-decoder objective: the loader's ``seq2seq`` rows (source ids for the encoder;
+    decoder inputs and their labels, aligned: position t of the decoder predicts label t, so
+    no shift), the cross-entropy of every real target token. Objectives of this kind share
+    one batch: at most one of them takes the monolingual rows, translation the pair rows."""
+
+    families = ("encoder_decoder",)
+    transform = "seq2seq"
+    shift_targets = False
+    sparse_targets = False
+
+
+@register
+class SpanCorruption(SequenceToSequence):
+    """T5 span corruption on monolingual rows: ``objective.t5.noise_density`` of
+    each row's tokens in spans of mean length ``mean_span``, each span one sentinel
+    (``<extra_id_k>``) in the source; the target is the spans behind their sentinels, ending
+    in eos; the decoder starts with pad (T5's ``decoder_start_token_id``). Rows are cut to
+    T5's raw length, so that the sources fill ``data.seq_len``."""
+
+    name = "t5"
+    rows = "mono"
+    description = "T5 span corruption (encoder_decoder)"
+
+
+@register
+class Denoising(SequenceToSequence):
+    """BART / mBART denoising on monolingual rows (``objective.bart.*``: text infilling
+    with Poisson span lengths, sentence permutation, optional rotation); the target is the
+    row's text. mBART (``objective.bart.language_token``): the row's ``<lang:xx>`` token
+    ends source and target and starts the decoder; BART: eos starts it."""
+
+    name = "bart"
+    rows = "mono"
+    description = "BART / mBART denoising (encoder_decoder)"
+
+    def loader_options(self, share: float) -> dict[str, Any]:
+        return {"denoise_share": share}
+
+
+@register
+class Translation(SequenceToSequence):
+    """Translation on parallel pairs, both directions (``data.tlm_swap_prob`` of the pairs
+    run target to source): the source side (``side </s>``) for the encoder, the other side as
+    the target; the target language's ``<lang:xx>`` token starts the decoder (it is given,
+    never predicted), so one model translates into the language it is told."""
+
+    name = "translation"
+    rows = "pair"
+    description = "translation of parallel pairs, both directions (encoder_decoder)"
+
+    def loader_options(self, share: float) -> dict[str, Any]:
+        return {"tlm_share": share}
 
 
 def objective_weights(objective: Any, *, family: str) -> tuple[dict[str, float], str]:

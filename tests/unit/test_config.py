@@ -269,7 +269,10 @@ def test_max_word_pieces_reaches_the_loaders_masking():
             "parallel.activation_checkpointing ('some') must be one of none, full, selective",
         ),
         ("data.on_bad_shard=ignore", "data.on_bad_shard ('ignore') must be one of skip, raise"),
-        ("objective.name=ctc", "objective.name ('ctc') must be one of clm, mlm, tlm, span"),
+        (
+            "objective.name=ctc",
+            "objective.name ('ctc') must be one of clm, mlm, tlm, span, t5, bart, translation",
+        ),
         (
             "optim.schedule=step",
             "optim.schedule ('step') must be one of cosine, wsd, linear, constant",
