@@ -14,6 +14,7 @@ import sys
 import time
 from typing import NoReturn
 
+from data_pipeline import backtranslate as bt
 from data_pipeline.manifest import load_manifest, merge_manifests, summary_lines
 from data_pipeline.megatron_dataset import (
     DEFAULT_SHARD_TOKENS,
@@ -206,6 +207,166 @@ def _cmd_import_megatron(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_part(value: str) -> tuple[int, int]:
+    task, sep, tasks = value.partition("/")
+    if not (sep and task.isdigit() and tasks.isdigit() and int(task) < int(tasks)):
+        raise ValueError(f"--part {value!r} must be I/N with 0 <= I < N")
+    return int(task), int(tasks)
+
+
+def _cmd_backtranslate(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    settings = bt.BTSettings(
+        shard_docs=args.shard_docs,
+        batch_tokens=args.batch_tokens,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        tag=args.tag,
+        keep_text=args.keep_text,
+        seed=args.seed,
+        sample_tokens=args.sample_tokens,
+        fmt=args.format,
+        text_field=args.text_field,
+        max_doc_bytes=args.max_doc_bytes,
+        decode=bt.parse_decode(args.decode),
+    )
+    settings.check()
+    part = _parse_part(args.part) if args.part else (0, 1)
+    if args.finalize and args.part:
+        raise ValueError("--finalize translates nothing: give it without --part")
+    inputs = bt.parse_inputs(args.input or [])
+    translator = bt.make_translator(
+        args.translator,
+        bt.translator_options(settings, timeout_s=args.timeout, threads=args.workers),
+    )
+    rank, world_size, barrier, close = bt.torchrun_share()
+    try:
+        manifest = bt.run_backtranslate(
+            inputs,
+            translator=translator,
+            tokenizer=args.tokenizer,
+            to=args.to,
+            out=args.out,
+            settings=settings,
+            part=part,
+            rank=rank,
+            world_size=world_size,
+            translate=not args.finalize,
+            finalize=rank == 0 and not args.part,
+            barrier=barrier,
+            workers=args.workers or 1,
+            log=(lambda line: None) if args.quiet else None,
+        )
+    finally:
+        close()
+    elapsed = time.perf_counter() - start
+    if manifest is None:
+        print(f"rank {rank} of part {part[0]}/{part[1]}: done in {elapsed:.1f} s (no manifest)")
+        return 0
+    print("\n".join(summary_lines(manifest)))
+    _print_rejects({k: v["rejected"] for k, v in manifest["pairs"].items()})
+    print(f"wrote {args.out}/manifest.json: synthetic pairs {', '.join(manifest['pairs'])} in "
+          f"{elapsed:.1f} s")  # fmt: skip
+    return 0
+
+
+def _add_backtranslate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "backtranslate",
+        help="translate monolingual text into synthetic parallel shards",
+        description="Translate each --input language's documents into --to with a translator "
+        "and write the pairs (source: the translation, target: the original) as parallel "
+        "shards of pair sets <to>-<lang>, marked synthetic with their provenance. Pairs are "
+        "filtered as fairseq's back-translation (empty translation, a side over "
+        "max-len-a * original + max-len-b tokens, length ratio > 1.5; tokens of --tokenizer). "
+        "Under torchrun every rank translates its share of the chunks and rank 0 writes the "
+        "manifest. Re-running keeps finished chunks. Backends: apertium:PAIR (Debian's "
+        "apertium, e.g. apertium:spa-eng), hf:DIR (a transformers seq2seq or causal-LM "
+        "directory with safetensors weights), reverse: (a fake for tests), and any registered "
+        "from outside (data_pipeline.backtranslate.register_backend, or a "
+        "'rosetta.translators' entry point).",
+    )
+    p.add_argument("--translator", required=True, metavar="BACKEND:ARG")
+    p.add_argument("--tokenizer", required=True, help="the run's tokenizer (of the shards written)")
+    p.add_argument(
+        "--input",
+        action="append",
+        metavar="LANG=PATH|SHARDS",
+        help="a language's text (file or glob, as shard takes it) or a shard directory whose "
+        "mono documents of LANG are decoded with its own tokenizer; repeatable",
+    )
+    p.add_argument("--to", required=True, metavar="LANG", help="the language translated into")
+    p.add_argument("--out", required=True, help="shard directory to write")
+    p.add_argument(
+        "--decode",
+        default="greedy",
+        help="greedy | beam:N | sample[:top_k=K,top_p=P,temperature=T] (default: greedy; "
+        "sampling without top_k is unrestricted, fairseq's --sampling)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=bt.DEFAULT_BATCH_TOKENS,
+        help=f"padded tokens per translator call (default: {bt.DEFAULT_BATCH_TOKENS})",
+    )
+    p.add_argument("--max-len-a", type=float, default=bt.DEFAULT_MAX_LEN_A)
+    p.add_argument(
+        "--max-len-b",
+        type=int,
+        default=bt.DEFAULT_MAX_LEN_B,
+        help="generation and the length filter stop at max-len-a * source tokens + max-len-b "
+        f"(default: {bt.DEFAULT_MAX_LEN_A:g} and {bt.DEFAULT_MAX_LEN_B})",
+    )
+    p.add_argument("--tag", action="store_true", help="put the <bt> token before every source")
+    p.add_argument(
+        "--keep-text",
+        action="store_true",
+        help="also write text/<to>-<lang>.tsv (original TAB translation per kept pair)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="chunks translated at once (apertium: processes; default 1); hf: torch threads "
+        "(default: torch's)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument(
+        "--shard-docs",
+        type=int,
+        default=bt.DEFAULT_SHARD_DOCS,
+        help=f"input documents per output shard (default: {bt.DEFAULT_SHARD_DOCS:,})",
+    )
+    p.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=DEFAULT_SAMPLE_TOKENS,
+        help=f"target tokens per sample (default: {DEFAULT_SAMPLE_TOKENS})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=bt.DEFAULT_TIMEOUT_S,
+        help=f"seconds a subprocess translator may take per batch (default: "
+        f"{bt.DEFAULT_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="translate only the chunks of array task I of N and write no manifest "
+        "(launch.preprocess backtranslate runs these, then --finalize)",
+    )
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="translate nothing: write the manifest once every chunk is finished",
+    )
+    p.add_argument("--quiet", action="store_true", help="no line per shard")
+    _add_reader_args(p)
+    p.set_defaults(func=_cmd_backtranslate)
+
+
 def _add_megatron_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-megatron",
@@ -388,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_merge)
     add_mix_parser(sub)
     _add_megatron_parsers(sub)
+    _add_backtranslate_parser(sub)
     return parser
 
 

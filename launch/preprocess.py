@@ -1,4 +1,5 @@
-"""Data preprocessing (tokenizer training, sharding) as Slurm array jobs, or locally.
+"""Data preprocessing (tokenizer training, sharding, back-translation) as Slurm array jobs, or
+locally.
 
 What to call: the commands below (``main(argv)`` returns the exit code), or the tested pieces:
 ``make_plan(command, inputs=..., parallel=..., out=..., num_tasks=n)`` (JSON data: every task's
@@ -15,6 +16,14 @@ across tasks.
         (--submit | --local | --dry-run) [more data_pipeline shard options]
     python -m launch.preprocess train-tokenizer --input ... --vocab-size 32000 --out TOK \
         (--submit | --local | --dry-run) [more data_pipeline train-tokenizer options]
+    python -m launch.preprocess backtranslate --translator apertium:spa-eng --tokenizer TOK \
+        --input es=mono/es.txt --to en --out bt --array 4 (--submit | --local | --dry-run) \
+        [more data_pipeline backtranslate options]
+
+Back-translation deals chunks, not languages: every task runs the same ``data_pipeline
+backtranslate`` command into the same ``--out`` with ``--part i/N`` and the merge step runs it
+with ``--finalize`` (translates nothing; writes the manifest once every chunk is finished, or
+fails naming the missing ones), so that ``--out`` is one shard directory whatever ``--array`` is.
 
 The inputs are expanded with data_pipeline's own parsers and grouped by language (monolingual)
 or language pair (parallel); the groups are dealt to the ``--array`` tasks, largest first, each
@@ -56,6 +65,7 @@ from launch.sbatch import output_pattern_literal, sbatch_value, submit, time_lim
 
 EXIT_BAD_INPUT = 2
 COMMANDS = ("shard", "train-tokenizer")
+BACKTRANSLATE = "backtranslate"
 PLAN_VERSION = 2
 
 
@@ -153,6 +163,47 @@ def make_plan(
             "argv": [python, "-m", "data_pipeline", "merge", *parts, f"--out={out}"],
         }
     return {"version": PLAN_VERSION, "command": command, "out": out, "tasks": tasks, "merge": merge}
+
+
+def make_backtranslate_plan(
+    *,
+    data_args: Sequence[str],
+    out: str,
+    num_tasks: int,
+    python: str = sys.executable,
+) -> dict:
+    """The plan of ``data_pipeline backtranslate`` in ``num_tasks`` array tasks.
+
+    Every task runs the same command into the same ``--out`` with ``--part i/N`` (chunks, not
+    languages, are dealt: chunk k goes to task k mod N); the merge step runs it once more with
+    ``--finalize``, which translates nothing and writes the manifest once every chunk is there.
+    One task runs the command as it is (it writes the manifest itself).
+
+    Raises:
+        ValueError: ``num_tasks`` < 1, or ``data_args`` already holding ``--part`` /
+            ``--finalize`` / ``--out``.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"--array ({num_tasks}) must be >= 1")
+    for arg in data_args:
+        if arg.split("=")[0] in ("--part", "--finalize", "--out"):
+            raise ValueError(f"{arg.split('=')[0]} is set by launch.preprocess: leave it out")
+    base = [python, "-m", "data_pipeline", BACKTRANSLATE, *data_args, f"--out={out}"]
+    if num_tasks == 1:
+        task = {"groups": ["all"], "out": out, "argv": base}
+        return {"version": PLAN_VERSION, "command": BACKTRANSLATE, "out": out, "tasks": [task],
+                "merge": None}  # fmt: skip
+    tasks = [
+        {
+            "groups": [f"part {i}/{num_tasks}"],
+            "out": out,
+            "argv": [*base, f"--part={i}/{num_tasks}"],
+        }
+        for i in range(num_tasks)
+    ]
+    merge = {"out": out, "argv": [*base, "--finalize"]}
+    return {"version": PLAN_VERSION, "command": BACKTRANSLATE, "out": out, "tasks": tasks,
+            "merge": merge}  # fmt: skip
 
 
 def task_index(plan: dict, *, task: int | None = None, environ=None) -> int:
@@ -354,6 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--submit", action="store_true", help="submit, print the job id")
         mode.add_argument("--local", action="store_true", help="run every task here, in order")
         mode.add_argument("--dry-run", action="store_true", help="print plan and script only")
+    p = sub.add_parser(
+        BACKTRANSLATE,
+        help="data_pipeline backtranslate as an array job (chunks dealt to tasks) + finalize",
+        epilog="Options not listed here (--translator, --tokenizer, --input, --to, --decode, "
+        "...) are passed to `python -m data_pipeline backtranslate` unchanged.",
+    )
+    p.add_argument("--out", required=True, help="output directory (shared by every task)")
+    p.add_argument("--array", type=int, default=1, help="array tasks (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="translator workers per task")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--time", default=None, help="time limit per task")
+    p.add_argument("--after", default=None, help="start when this job id succeeded")
+    p.add_argument("--job-dir", default=None, help="plan, script, logs (default OUT.jobs)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--submit", action="store_true", help="submit, print the job id")
+    mode.add_argument("--local", action="store_true", help="run every task here, in order")
+    mode.add_argument("--dry-run", action="store_true", help="print plan and script only")
     p = sub.add_parser("run-task", help="run one task of a plan (what each array task runs)")
     p.add_argument("plan", help="plan JSON written by shard/train-tokenizer")
     p.add_argument("--task", type=int, default=None, help="task index (default: array task)")
@@ -380,15 +448,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers is not None:
             if args.workers < 1:
                 raise ValueError(f"--workers ({args.workers}) must be >= 1")
-            extra.append(f"--{'workers' if args.command == 'shard' else 'threads'}={args.workers}")
-        plan = make_plan(
-            args.command,
-            inputs=args.input,
-            parallel=args.parallel,
-            out=args.out,
-            num_tasks=args.array,
-            extra=extra,
-        )
+            flag = "threads" if args.command == "train-tokenizer" else "workers"
+            extra.append(f"--{flag}={args.workers}")
+        if args.command == BACKTRANSLATE:
+            plan = make_backtranslate_plan(data_args=extra, out=args.out, num_tasks=args.array)
+        else:
+            plan = make_plan(
+                args.command,
+                inputs=args.input,
+                parallel=args.parallel,
+                out=args.out,
+                num_tasks=args.array,
+                extra=extra,
+            )
         job_dir = Path(args.job_dir or f"{args.out.rstrip('/')}.jobs").resolve()
         plan_path = job_dir / f"{args.command}.plan.json"
         script = render_array_sbatch(
