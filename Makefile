@@ -14,7 +14,7 @@ RUFF_RULES := --select E,F,W,I,UP
 DEMO_DIR := demo_out
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: setup system-deps demo test lint format clean
+.PHONY: setup system-deps demo demo-encdec test lint format clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ test: lint system-deps
 
 demo: $(STAMP)
 	$(PY) -m launch.demo --out $(DEMO_DIR)
+
+# A tiny encoder-decoder on the same corpus (span corruption + translation), then greedy
+# translations of held-out sentences.
+demo-encdec: $(STAMP)
+	$(PY) -m launch.demo_encdec --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR) runs .cache .pytest_cache
