@@ -25,6 +25,8 @@ setup(
         "rich",
         "matplotlib",
     ],
+    # back-translation backends that need the model code (data_pipeline imports none of it)
+    entry_points={"rosetta.translators": ["ckpt = pretrain.translator:checkpoint_translator"]},
     extras_require={
         "hf": ["transformers>=4.46", "safetensors", "peft"],
         "dev": ["pytest", "pytest-timeout", "ruff", "tensorboard"],

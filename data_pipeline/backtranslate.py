@@ -210,6 +210,9 @@ class TranslatorOptions:
     """A subprocess backend gives up on a batch after this long."""
     threads: int | None = None
     """Intra-op threads of an in-process model (None: the library's default)."""
+    target: str | None = None
+    """The language translated into (``--to``), for a multilingual model that is told it (our
+    own checkpoints start the decoder with ``<lang:xx>``)."""
 
 
 class Translator(Protocol):

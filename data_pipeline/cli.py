@@ -237,7 +237,9 @@ def _cmd_backtranslate(args: argparse.Namespace) -> int:
     inputs = bt.parse_inputs(args.input or [])
     translator = bt.make_translator(
         args.translator,
-        bt.translator_options(settings, timeout_s=args.timeout, threads=args.workers),
+        bt.translator_options(
+            settings, timeout_s=args.timeout, threads=args.workers, target=args.to
+        ),
     )
     rank, world_size, barrier, close = bt.torchrun_share()
     try:
