@@ -31,7 +31,9 @@ ENGINES = {
 }
 
 
-def _rank(rank: int, world_size: int, cfg, warmup: int, steps: int) -> dict:
+def timed_steps(rank: int, world_size: int, cfg, warmup: int, steps: int) -> dict:
+    """One rank: ``warmup`` untimed then ``steps`` timed trainer steps (median step time, peak
+    RSS, last loss)."""
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg, rank=rank, world_size=world_size)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"train.steps={args.warmup + args.steps}", *extra,
             )  # fmt: skip
             ranks = run_distributed(
-                _rank, world_size=2, args=(cfg, args.warmup, args.steps), timeout_s=900
+                timed_steps, world_size=2, args=(cfg, args.warmup, args.steps), timeout_s=900
             )
             rows.append(
                 {
