@@ -93,6 +93,14 @@ def run(args: argparse.Namespace) -> dict:
     return {"arms": arms, "steps": args.steps, "seeds": list(args.seeds)}
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and population std of the values that are not NaN (NaN, NaN for none)."""
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.pstdev(values)
+
+
 def _report_steps(steps: int) -> list[int]:
     return sorted({s for s in (50, 100) if s < steps} | {steps})
 
@@ -111,7 +119,7 @@ def summary(result: dict) -> list[dict]:
         for r in runs:  # the last logged loss within the fastest arm's total time
             inside = [loss for loss, t in zip(r["loss"], r["seconds"]) if t <= shortest]
             at_time.append(inside[-1] if inside else float("nan"))
-        row["loss@equal_time"] = (statistics.mean(at_time), statistics.pstdev(at_time))
+        row["loss@equal_time"] = _spread(at_time)  # NaN: no log inside (few log steps)
         valid = [r["valid_loss"] for r in runs]
         row["valid_loss"] = (statistics.mean(valid), statistics.pstdev(valid))
         row["seconds"] = statistics.mean(r["seconds"][-1] for r in runs)
