@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from checkpoints_tools.adapters.base import StateDict, as_config, require, require_hf
-from checkpoints_tools.adapters.tensor_map import ExportItem, ImportItem
+from checkpoints_tools.adapters.tensor_map import ExportItem, ImportItem, pick, stack_experts
 from pretrain.models.config import ModelConfig, MoEConfig
 from pretrain.models.encoder_decoder import decoder_layers, is_encdec_moe_layer
 from pretrain.models.moe import gates_normalized
@@ -66,13 +66,26 @@ def _num_layers(cfg: ModelConfig, stack: str) -> int:
     return cfg.num_layers if stack == "encoder" else decoder_layers(cfg)
 
 
-def _pick(names: set[str], *candidates: str) -> str:
-    for name in candidates:
-        if name in names:
-            return name
-    raise ValueError(
-        f"transformers weights lack tensor {candidates[0]!r}, which their config implies"
-    )
+def _embedding_exports(prefix: str) -> list[ExportItem]:
+    """The shared table as ``{prefix}shared`` and both stacks' ``embed_tokens`` (transformers
+    unties them from ``shared`` when the head is untied: all three are written)."""
+    return [
+        ExportItem(f"{prefix}{name}.weight", ("tok_embeddings.weight",))
+        for name in ("shared", "encoder.embed_tokens", "decoder.embed_tokens")
+    ]
+
+
+def _embedding_import(names: set[str], *, prefix: str, shared_required: bool) -> ImportItem:
+    """Our one table from ``{prefix}shared.weight`` and the stacks' ``embed_tokens`` that are
+    stored (all equal; without ``shared_required`` a stack's copy may stand for it)."""
+    embeds = [
+        n
+        for n in (f"{prefix}encoder.embed_tokens.weight", f"{prefix}decoder.embed_tokens.weight")
+        if n in names
+    ]
+    fallback = () if shared_required else embeds
+    shared = pick(names, f"{prefix}shared.weight", *fallback)
+    return ImportItem("tok_embeddings.weight", (shared, *embeds), _same_embedding)
 
 
 def _same_embedding(shared_VD: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
@@ -180,15 +193,8 @@ def _expert(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return take
 
 
-def _stack_experts(*per_expert: torch.Tensor) -> torch.Tensor:
-    return torch.stack(per_expert)
-
-
 def _t5_export_items(cfg: ModelConfig, *, switch: bool) -> list[ExportItem]:
-    items = [
-        ExportItem(name, ("tok_embeddings.weight",))
-        for name in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-    ]
+    items = _embedding_exports("")
     items += [ExportItem(theirs, (ours,)) for ours, theirs in _t5_table(cfg, switch=switch).items()]
     for ours, theirs in _expert_layers(cfg):
         for e in range(cfg.moe.num_experts):
@@ -198,27 +204,19 @@ def _t5_export_items(cfg: ModelConfig, *, switch: bool) -> list[ExportItem]:
 
 
 def _t5_import_items(cfg: ModelConfig, names: set[str], *, switch: bool) -> list[ImportItem]:
-    embeds = [
-        n for n in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") if n in names
-    ]
-    items = [
-        ImportItem(
-            "tok_embeddings.weight", (_pick(names, "shared.weight"), *embeds), _same_embedding
-        )
-    ]
+    items = [_embedding_import(names, prefix="", shared_required=True)]
     for ours, theirs in _t5_table(cfg, switch=switch).items():
         if ours == "output.weight":
             # a file saved tied stores only shared.weight; 5.x heads are never rescaled
-            items.append(ImportItem(ours, (_pick(names, theirs, "shared.weight"),)))
+            items.append(ImportItem(ours, (pick(names, theirs, "shared.weight"),)))
         else:
-            items.append(ImportItem(ours, (_pick(names, theirs),)))
+            items.append(ImportItem(ours, (pick(names, theirs),)))
     for ours, theirs in _expert_layers(cfg):
         for key, name in (("w1", "wi"), ("w2", "wo")):
             sources = tuple(
-                _pick(names, f"{theirs}expert_{e}.{name}.weight")
-                for e in range(cfg.moe.num_experts)
+                pick(names, f"{theirs}expert_{e}.{name}.weight") for e in range(cfg.moe.num_experts)
             )
-            items.append(ImportItem(ours + key, sources, _stack_experts))
+            items.append(ImportItem(ours + key, sources, stack_experts))
     return items
 
 
@@ -492,6 +490,30 @@ class SwitchTransformersAdapter:
 # BART layout (MBart)
 
 
+def _fairseq_body_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The config keys MBart and NLLB-MoE share (fairseq's transformer): widths, layers,
+    heads, positions, dropouts (no layer drop), init, embedding scale, tied head."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.hidden_size,
+        "encoder_layers": cfg.num_layers,
+        "decoder_layers": decoder_layers(cfg),
+        "encoder_attention_heads": cfg.num_heads,
+        "decoder_attention_heads": cfg.num_heads,
+        "encoder_ffn_dim": cfg.ffn_hidden_size,
+        "decoder_ffn_dim": cfg.ffn_hidden_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "dropout": cfg.dropout,
+        "attention_dropout": cfg.dropout,
+        "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.0,
+        "decoder_layerdrop": 0.0,
+        "init_std": cfg.init_std,
+        "scale_embedding": cfg.scale_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
 def _mbart_table(cfg: ModelConfig) -> dict[str, str]:
     table = {}
     for stack in _STACKS:
@@ -500,32 +522,36 @@ def _mbart_table(cfg: ModelConfig) -> dict[str, str]:
             table[f"{stack}.norm.{kind}"] = f"model.{stack}.layer_norm.{kind}"
         for i in range(_num_layers(cfg, stack)):
             ours, theirs = f"{stack}.layers.{i}.", f"model.{stack}.layers.{i}."
-            pairs = {
-                "attention.wq": "self_attn.q_proj",
-                "attention.wk": "self_attn.k_proj",
-                "attention.wv": "self_attn.v_proj",
-                "attention.wo": "self_attn.out_proj",
-                "attention_norm": "self_attn_layer_norm",
-                "feed_forward.w1": "fc1",
-                "feed_forward.w2": "fc2",
-                "ffn_norm": "final_layer_norm",
-            }
-            if stack == "decoder":
-                pairs.update(
-                    {
-                        "cross_attention.wq": "encoder_attn.q_proj",
-                        "cross_attention.wk": "encoder_attn.k_proj",
-                        "cross_attention.wv": "encoder_attn.v_proj",
-                        "cross_attention.wo": "encoder_attn.out_proj",
-                        "cross_attention_norm": "encoder_attn_layer_norm",
-                    }
-                )
-            for mine, their in pairs.items():
-                for kind in ("weight", "bias"):
-                    table[f"{ours}{mine}.{kind}"] = f"{theirs}{their}.{kind}"
+            pairs = _fairseq_attention_pairs(stack, cross="encoder_attn")
+            pairs.update(
+                {"feed_forward.w1": "fc1", "feed_forward.w2": "fc2", "ffn_norm": "final_layer_norm"}
+            )
+            table.update(_with_biases(ours, theirs, pairs))
     if not cfg.tie_embeddings:
         table["output.weight"] = "lm_head.weight"
     return table
+
+
+def _fairseq_attention_pairs(stack: str, *, cross: str) -> dict[str, str]:
+    """Our attention submodules -> fairseq-style names within a block: ``self_attn`` and, in
+    the decoder, the cross-attention called ``cross`` (MBart ``encoder_attn``, NLLB-MoE
+    ``cross_attention``), each with its ``*_layer_norm``."""
+    pairs = {f"attention.w{x}": f"self_attn.{x}_proj" for x in "qkv"}
+    pairs.update({"attention.wo": "self_attn.out_proj", "attention_norm": "self_attn_layer_norm"})
+    if stack == "decoder":
+        pairs.update({f"cross_attention.w{x}": f"{cross}.{x}_proj" for x in "qkv"})
+        pairs["cross_attention.wo"] = f"{cross}.out_proj"
+        pairs["cross_attention_norm"] = f"{cross}_layer_norm"
+    return pairs
+
+
+def _with_biases(ours: str, theirs: str, pairs: dict[str, str]) -> dict[str, str]:
+    """``pairs`` of module names (under the prefixes) -> their weight and bias tensors."""
+    return {
+        f"{ours}{mine}.{kind}": f"{theirs}{their}.{kind}"
+        for mine, their in pairs.items()
+        for kind in ("weight", "bias")
+    }
 
 
 def _mbart_positions(pos_PD: torch.Tensor) -> torch.Tensor:
@@ -586,14 +612,7 @@ class MBartAdapter:
     def export_items(cfg: ModelConfig) -> list[ExportItem]:
         """The streaming export plan (``lm_head.weight`` left out when tied)."""
         MBartAdapter.check(cfg)
-        items = [
-            ExportItem(name, ("tok_embeddings.weight",))
-            for name in (
-                "model.shared.weight",
-                "model.encoder.embed_tokens.weight",
-                "model.decoder.embed_tokens.weight",
-            )
-        ]
+        items = _embedding_exports("model.")
         for stack in _STACKS:
             items.append(
                 ExportItem(
@@ -614,25 +633,17 @@ class MBartAdapter:
         """The streaming import plan over the stored names (``ValueError`` as
         :meth:`MT5Adapter.import_items`; a tied ``lm_head.weight`` is ignored)."""
         names = set(hf_names)
-        embeds = [
-            n
-            for n in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
-            if n in names
-        ]
-        shared = _pick(names, "model.shared.weight", *embeds)
-        items = [ImportItem("tok_embeddings.weight", (shared, *embeds), _same_embedding)]
+        items = [_embedding_import(names, prefix="model.", shared_required=False)]
         for stack in _STACKS:
             items.append(
                 ImportItem(
                     f"{stack}.pos_embeddings.weight",
-                    (_pick(names, f"model.{stack}.embed_positions.weight"),),
+                    (pick(names, f"model.{stack}.embed_positions.weight"),),
                     _mbart_positions_back,
                 )
             )
-        items.append(
-            ImportItem(_output_bias_key(cfg), (_pick(names, "final_logits_bias"),), _unrow)
-        )
-        items += [ImportItem(ours, (_pick(names, t),)) for ours, t in _mbart_table(cfg).items()]
+        items.append(ImportItem(_output_bias_key(cfg), (pick(names, "final_logits_bias"),), _unrow))
+        items += [ImportItem(ours, (pick(names, t),)) for ours, t in _mbart_table(cfg).items()]
         return _checked(items, names, ignored={"lm_head.weight"} if cfg.tie_embeddings else ())
 
     @staticmethod
@@ -642,32 +653,13 @@ class MBartAdapter:
 
         items = MBartAdapter.export_items(cfg)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 1
-        layers = {"encoder_layers": cfg.num_layers, "decoder_layers": decoder_layers(cfg)}
         hf_config = MBartConfig(
-            vocab_size=cfg.vocab_size,
-            d_model=cfg.hidden_size,
-            **layers,
-            encoder_attention_heads=cfg.num_heads,
-            decoder_attention_heads=cfg.num_heads,
-            encoder_ffn_dim=cfg.ffn_hidden_size,
-            decoder_ffn_dim=cfg.ffn_hidden_size,
-            max_position_embeddings=cfg.max_seq_len,
+            **_fairseq_body_kwargs(cfg),
             activation_function="gelu",
-            dropout=cfg.dropout,
-            attention_dropout=cfg.dropout,
-            activation_dropout=0.0,
-            encoder_layerdrop=0.0,
-            decoder_layerdrop=0.0,
-            init_std=cfg.init_std,
-            scale_embedding=cfg.scale_embeddings,
             pad_token_id=pad,
-            tie_word_embeddings=cfg.tie_embeddings,
             architectures=[MBartAdapter.hf_architecture],
         )
-        hf = _apply(items, state_dict)
-        if cfg.tie_embeddings:
-            hf["lm_head.weight"] = hf["model.shared.weight"]
-        return hf, hf_config
+        return _apply_tied(items, state_dict, cfg), hf_config
 
     @staticmethod
     def config_from_hf(hf_config: Any) -> ModelConfig:
@@ -757,31 +749,13 @@ def _nllb_table(cfg: ModelConfig) -> dict[str, str]:
             table[f"{stack}.norm.{kind}"] = f"model.{stack}.layer_norm.{kind}"
         for i in range(_num_layers(cfg, stack)):
             ours, theirs = f"{stack}.layers.{i}.", f"model.{stack}.layers.{i}."
-            pairs = {
-                "attention.wq": "self_attn.q_proj",
-                "attention.wk": "self_attn.k_proj",
-                "attention.wv": "self_attn.v_proj",
-                "attention.wo": "self_attn.out_proj",
-                "attention_norm": "self_attn_layer_norm",
-                "ffn_norm": "ff_layer_norm",
-            }
-            if stack == "decoder":
-                pairs.update(
-                    {
-                        "cross_attention.wq": "cross_attention.q_proj",
-                        "cross_attention.wk": "cross_attention.k_proj",
-                        "cross_attention.wv": "cross_attention.v_proj",
-                        "cross_attention.wo": "cross_attention.out_proj",
-                        "cross_attention_norm": "cross_attention_layer_norm",
-                    }
-                )
+            pairs = _fairseq_attention_pairs(stack, cross="cross_attention")
+            pairs["ffn_norm"] = "ff_layer_norm"
             if is_encdec_moe_layer(cfg, layer=i):
                 table[f"{ours}moe.router.gate.weight"] = f"{theirs}ffn.router.classifier.weight"
             else:
                 pairs.update({"feed_forward.w1": "ffn.fc1", "feed_forward.w2": "ffn.fc2"})
-            for mine, their in pairs.items():
-                for kind in ("weight", "bias"):
-                    table[f"{ours}{mine}.{kind}"] = f"{theirs}{their}.{kind}"
+            table.update(_with_biases(ours, theirs, pairs))
     if not cfg.tie_embeddings:
         table["output.weight"] = "lm_head.weight"
     return table
@@ -874,14 +848,7 @@ class NllbMoeAdapter:
     def export_items(cfg: ModelConfig) -> list[ExportItem]:
         """The streaming export plan (``lm_head.weight`` left out when tied)."""
         NllbMoeAdapter.check(cfg)
-        items = [
-            ExportItem(name, ("tok_embeddings.weight",))
-            for name in (
-                "model.shared.weight",
-                "model.encoder.embed_tokens.weight",
-                "model.decoder.embed_tokens.weight",
-            )
-        ]
+        items = _embedding_exports("model.")
         items += [ExportItem(theirs, (ours,)) for ours, theirs in _nllb_table(cfg).items()]
         for ours, theirs in _nllb_expert_layers(cfg):
             for e in range(cfg.moe.num_experts):
@@ -896,20 +863,14 @@ class NllbMoeAdapter:
         """The streaming import plan over the stored names (``ValueError`` as
         :meth:`MT5Adapter.import_items`; a tied ``lm_head.weight`` is ignored)."""
         names = set(hf_names)
-        embeds = [
-            n
-            for n in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
-            if n in names
-        ]
-        shared = _pick(names, "model.shared.weight", *embeds)
-        items = [ImportItem("tok_embeddings.weight", (shared, *embeds), _same_embedding)]
-        items += [ImportItem(ours, (_pick(names, t),)) for ours, t in _nllb_table(cfg).items()]
+        items = [_embedding_import(names, prefix="model.", shared_required=False)]
+        items += [ImportItem(ours, (pick(names, t),)) for ours, t in _nllb_table(cfg).items()]
         for ours, theirs in _nllb_expert_layers(cfg):
             for mine, their in _NLLB_EXPERT_TENSORS:
                 sources = tuple(
-                    _pick(names, f"{theirs}expert_{e}.{their}") for e in range(cfg.moe.num_experts)
+                    pick(names, f"{theirs}expert_{e}.{their}") for e in range(cfg.moe.num_experts)
                 )
-                items.append(ImportItem(ours + mine, sources, _stack_experts))
+                items.append(ImportItem(ours + mine, sources, stack_experts))
         return _checked(items, names, ignored={"lm_head.weight"} if cfg.tie_embeddings else ())
 
     @staticmethod
@@ -922,25 +883,9 @@ class NllbMoeAdapter:
         moe = cfg.moe
         step = moe.every if moe.num_experts else 0
         hf_config = NllbMoeConfig(
-            vocab_size=cfg.vocab_size,
-            d_model=cfg.hidden_size,
-            encoder_layers=cfg.num_layers,
-            decoder_layers=decoder_layers(cfg),
-            encoder_attention_heads=cfg.num_heads,
-            decoder_attention_heads=cfg.num_heads,
-            encoder_ffn_dim=cfg.ffn_hidden_size,
-            decoder_ffn_dim=cfg.ffn_hidden_size,
-            max_position_embeddings=cfg.max_seq_len,
+            **_fairseq_body_kwargs(cfg),
             activation_function=cfg.mlp,
-            dropout=cfg.dropout,
-            attention_dropout=cfg.dropout,
-            activation_dropout=0.0,
-            encoder_layerdrop=0.0,
-            decoder_layerdrop=0.0,
-            init_std=cfg.init_std,
-            scale_embedding=cfg.scale_embeddings,
             pad_token_id=cfg.pad_token_id,
-            tie_word_embeddings=cfg.tie_embeddings,
             num_experts=max(moe.num_experts, 1),
             encoder_sparse_step=step,
             decoder_sparse_step=step,
@@ -955,10 +900,7 @@ class NllbMoeAdapter:
             moe_token_dropout=0.0,
             architectures=[NllbMoeAdapter.hf_architecture],
         )
-        hf = _apply(items, state_dict)
-        if cfg.tie_embeddings:
-            hf["lm_head.weight"] = hf["model.shared.weight"]
-        return hf, hf_config
+        return _apply_tied(items, state_dict, cfg), hf_config
 
     @staticmethod
     def config_from_hf(hf_config: Any) -> ModelConfig:
@@ -1033,21 +975,36 @@ class NllbMoeAdapter:
 
 def _apply(items: list[ExportItem], state_dict: StateDict) -> StateDict:
     """``to_hf`` from the plan; every key of ``state_dict`` must be used."""
-    used = {source for item in items for source in item.sources}
-    extra = sorted(set(state_dict) - used)
+    _all_used(items, state_dict)
+    return {item.name: item.combine(*[state_dict[s] for s in item.sources]) for item in items}
+
+
+def _all_used(
+    items: list[ExportItem] | list[ImportItem],
+    names: Collection[str],
+    ignored: Collection[str] = (),
+) -> None:
+    """Raises ValueError (one line) for the first of ``names`` no item reads."""
+    used = {source for item in items for source in item.sources} | set(ignored)
+    extra = sorted(set(names) - used)
     if extra:
         raise ValueError(f"state dict key {extra[0]!r} has no mapping for this model family")
-    return {item.name: item.combine(*[state_dict[s] for s in item.sources]) for item in items}
+
+
+def _apply_tied(items: list[ExportItem], state_dict: StateDict, cfg: ModelConfig) -> StateDict:
+    """``_apply``, plus ``lm_head.weight`` as the shared table when the head is tied (the
+    fairseq-style classes store both)."""
+    hf = _apply(items, state_dict)
+    if cfg.tie_embeddings:
+        hf["lm_head.weight"] = hf["model.shared.weight"]
+    return hf
 
 
 def _checked(
     items: list[ImportItem], hf_names: Collection[str], *, ignored: Collection[str] = ()
 ) -> list[ImportItem]:
     """``items``, once every stored name is used by one or ``ignored``."""
-    used = {source for item in items for source in item.sources} | set(ignored)
-    extra = sorted(set(hf_names) - used)
-    if extra:
-        raise ValueError(f"state dict key {extra[0]!r} has no mapping for this model family")
+    _all_used(items, hf_names, ignored)
     return items
 
 

@@ -134,8 +134,23 @@ def _second_half(gate_up_E2FD: torch.Tensor) -> torch.Tensor:
     return gate_up_E2FD.chunk(2, dim=1)[1].contiguous()
 
 
-def _stack(*per_expert: torch.Tensor) -> torch.Tensor:
+def stack_experts(*per_expert: torch.Tensor) -> torch.Tensor:
+    """Per-expert tensors -> our grouped ``[E, ...]`` tensor."""
     return torch.stack(per_expert)
+
+
+def pick(names: Collection[str], *candidates: str) -> str:
+    """The first of ``candidates`` among the stored ``names``.
+
+    Raises:
+        ValueError: none is stored (naming the first, which the config implies).
+    """
+    for name in candidates:
+        if name in names:
+            return name
+    raise ValueError(
+        f"transformers weights lack tensor {candidates[0]!r}, which their config implies"
+    )
 
 
 # Stored tensors that transformers itself drops on load: RoPE tables old Llama files carry and
@@ -151,12 +166,7 @@ class _Stored:
         self.names = set(names)
 
     def pick(self, *candidates: str) -> str:
-        for name in candidates:
-            if name in self.names:
-                return name
-        raise ValueError(
-            f"transformers weights lack tensor {candidates[0]!r}, which their config implies"
-        )
+        return pick(self.names, *candidates)
 
 
 def _decoder_imports(cfg: ModelConfig, stored: _Stored) -> tuple[list[ImportItem], set[str]]:
@@ -187,7 +197,7 @@ def _decoder_imports(cfg: ModelConfig, stored: _Stored) -> tuple[list[ImportItem
                 stored.pick(*[f"{p}{e}.{n}.weight" for n in names for p in prefixes])
                 for e in range(cfg.moe.num_experts)
             )
-            items.append(ImportItem(ours + key, sources, _stack))
+            items.append(ImportItem(ours + key, sources, stack_experts))
     return items, ({"lm_head.weight"} if cfg.tie_embeddings else set())
 
 
