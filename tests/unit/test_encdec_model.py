@@ -20,58 +20,16 @@ from pretrain.models.encoder_decoder import (
     relative_position_bucket,
 )
 from pretrain.models.transformer import is_moe_layer
+from tests.twins import tiny_encdec  # noqa: E402
 
 VOCAB = 64
 
-MT5 = ModelConfig(
-    family="encoder_decoder",
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=4,
-    head_dim=12,
-    ffn_hidden_size=48,
-    max_seq_len=64,
-    position="relative",
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    norm="rmsnorm",
-    norm_eps=1e-6,
-    mlp="gated_gelu",
-    scale_attention=False,
-    pad_token_id=0,
-)
-MBART = dataclasses.replace(
-    MT5,
-    head_dim=None,
-    position="learned",
-    norm="layernorm",
-    norm_eps=1e-5,
-    mlp="gelu",
-    bias=True,
-    scale_attention=True,
-    scale_embeddings=True,
-    embedding_norm=True,
-    tie_embeddings=True,
-    final_logits_bias=True,
-    init_std=0.1,
-)
-SWITCH = dataclasses.replace(
-    MT5,
-    num_layers=4,
-    num_decoder_layers=4,
-    mlp="gelu",
-    moe=MoEConfig(num_experts=4, top_k=1, router="switch", every=2, offset=1, dropless=True),
-)
-NLLB = dataclasses.replace(
-    MBART,
-    position="sinusoidal",
-    embedding_norm=False,
-    final_logits_bias=False,
-    pad_token_id=1,
-    moe=MoEConfig(num_experts=4, top_k=2, router="gshard", every=2, dropless=True),
-)
+_COMMON = {"vocab_size": VOCAB, "ffn_hidden_size": 48, "max_seq_len": 64}
+_BUCKETS = {"relative_attention_num_buckets": 8, "relative_attention_max_distance": 16}
+MT5 = tiny_encdec("mt5", **_COMMON, num_decoder_layers=3)
+MBART = tiny_encdec("mbart", **_COMMON, **_BUCKETS, num_decoder_layers=3, pad_token_id=0)
+SWITCH = tiny_encdec("switch", **_COMMON)
+NLLB = tiny_encdec("nllb", **_COMMON, **_BUCKETS, num_decoder_layers=3)
 SHAPES = {"mt5": MT5, "mbart": MBART, "switch": SWITCH, "nllb": NLLB}
 
 

@@ -18,85 +18,18 @@ from pretrain.models.config import ModelConfig, MoEConfig
 transformers = pytest.importorskip("transformers")
 
 from checkpoints_tools.adapters import adapter_for, from_hf, to_hf  # noqa: E402
+from tests.twins import hf_model as load_twin  # noqa: E402
+from tests.twins import randomised, tiny_encdec  # noqa: E402
 
 VOCAB = 80
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ATOL = 1e-4
 
-MT5 = ModelConfig(
-    family="encoder_decoder",
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=4,
-    head_dim=12,
-    ffn_hidden_size=40,
-    max_seq_len=32,
-    position="relative",
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    norm="rmsnorm",
-    norm_eps=1e-6,
-    mlp="gated_gelu",
-    scale_attention=False,
-    pad_token_id=0,
-)
-MBART = ModelConfig(
-    family="encoder_decoder",
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=4,
-    ffn_hidden_size=48,
-    max_seq_len=32,
-    position="learned",
-    norm="layernorm",
-    norm_eps=1e-5,
-    mlp="gelu",
-    bias=True,
-    scale_embeddings=True,
-    embedding_norm=True,
-    tie_embeddings=True,
-    final_logits_bias=True,
-    init_std=0.1,
-    pad_token_id=1,
-)
-SWITCH = dataclasses.replace(
-    MT5,
-    num_layers=4,
-    num_decoder_layers=4,
-    mlp="gelu",
-    moe=MoEConfig(num_experts=4, top_k=1, router="switch", every=2, offset=1, dropless=True),
-)
-
-NLLB = dataclasses.replace(
-    MBART,
-    num_layers=4,
-    num_decoder_layers=4,
-    position="sinusoidal",
-    embedding_norm=False,
-    final_logits_bias=False,
-    moe=MoEConfig(num_experts=4, top_k=2, router="gshard", every=2, dropless=True),
-)
-
-
-def _randomised(cfg: ModelConfig, *, seed: int = 0) -> torch.nn.Module:
-    model = build_model(cfg)
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():  # norms, biases and the relative tables random too
-            param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    return model.eval()
-
-
-def _hf_model(hf_state_dict, hf_config) -> torch.nn.Module:
-    cls = getattr(transformers, hf_config.architectures[0])
-    model = cls._from_config(hf_config, attn_implementation="eager").eval()
-    model.load_state_dict(hf_state_dict, strict=True)
-    return model
+_COMMON = {"vocab_size": VOCAB, "max_seq_len": 32}
+MT5 = tiny_encdec("mt5", **_COMMON, num_decoder_layers=3, ffn_hidden_size=40)
+MBART = tiny_encdec("mbart", **_COMMON, num_decoder_layers=2, ffn_hidden_size=48)
+SWITCH = tiny_encdec("switch", **_COMMON, ffn_hidden_size=40)
+NLLB = tiny_encdec("nllb", **_COMMON, ffn_hidden_size=48, num_layers=4, num_decoder_layers=4)
 
 
 def _batch(pad: int) -> tuple[torch.Tensor, ...]:
@@ -142,12 +75,12 @@ def _compare(ours, theirs, cfg: ModelConfig) -> None:
 def _check_export(
     cfg: ModelConfig, *, expected_class: str, tmp_path, through_files: bool = False
 ) -> None:
-    model = _randomised(cfg)
+    model = randomised(cfg)
     assert adapter_for(cfg).hf_architecture == expected_class
     state_dict = model.state_dict()
     hf_state_dict, hf_config = to_hf(state_dict, cfg)
     assert hf_config.architectures == [expected_class]
-    hf_model = _hf_model(hf_state_dict, hf_config)
+    hf_model = load_twin(hf_state_dict, hf_config)
     _compare(model, hf_model, cfg)
 
     # Back from what transformers holds, and from a config.json dict: bit-exact.
@@ -180,7 +113,7 @@ def test_mt5_non_gated_feed_forwards(mlp: str, tmp_path) -> None:
 
 
 def test_mt5_export_config_is_untied_with_both_keys() -> None:
-    hf_state_dict, hf_config = to_hf(_randomised(MT5).state_dict(), MT5)
+    hf_state_dict, hf_config = to_hf(randomised(MT5).state_dict(), MT5)
     assert hf_config.tie_word_embeddings is False
     assert hf_config.decoder_start_token_id == 0
     assert not torch.equal(hf_state_dict["lm_head.weight"], hf_state_dict["shared.weight"])
@@ -196,7 +129,7 @@ def test_learned_positions_match_mbart(tied: bool, tmp_path) -> None:
 def test_mbart_export_writes_scale_embedding_and_offset_positions() -> None:
     for scale in (True, False):
         cfg = dataclasses.replace(MBART, scale_embeddings=scale)
-        hf_state_dict, hf_config = to_hf(_randomised(cfg).state_dict(), cfg)
+        hf_state_dict, hf_config = to_hf(randomised(cfg).state_dict(), cfg)
         assert hf_config.to_dict()["scale_embedding"] is scale
     pos = hf_state_dict["model.encoder.embed_positions.weight"]
     assert pos.shape == (cfg.max_seq_len + 2, cfg.hidden_size)
@@ -216,8 +149,8 @@ def test_switch_top1_matches_switch_transformers(tied: bool, tmp_path) -> None:
 
 
 def test_switch_sparse_layers_and_capacity_in_export() -> None:
-    hf_state_dict, hf_config = to_hf(_randomised(SWITCH).state_dict(), SWITCH)
-    hf_model = _hf_model(hf_state_dict, hf_config)
+    hf_state_dict, hf_config = to_hf(randomised(SWITCH).state_dict(), SWITCH)
+    hf_model = load_twin(hf_state_dict, hf_config)
     sparse = [
         i
         for i, block in enumerate(hf_model.encoder.block)
@@ -234,7 +167,7 @@ def test_switch_router_equals_ours() -> None:
         SwitchTransformersTop1Router,
     )
 
-    model = _randomised(SWITCH)
+    model = randomised(SWITCH)
     ours = model.encoder.layers["1"].moe.router
     hf_config = to_hf(model.state_dict(), SWITCH)[1]
     theirs = SwitchTransformersTop1Router(hf_config).eval()
@@ -383,7 +316,7 @@ def test_unrepresentable_encoder_decoders_refuse(cfg: ModelConfig, message: str)
 
 
 def test_import_refuses_embed_tokens_that_differ_from_shared() -> None:
-    hf_state_dict, hf_config = to_hf(_randomised(MT5).state_dict(), MT5)
+    hf_state_dict, hf_config = to_hf(randomised(MT5).state_dict(), MT5)
     hf_state_dict["decoder.embed_tokens.weight"] = hf_state_dict["shared.weight"] + 1.0
     with pytest.raises(ValueError, match=r"^transformers weights have embed_tokens that differ"):
         from_hf(hf_state_dict, hf_config)
@@ -724,8 +657,8 @@ def test_gshard_top2_exports_to_nllb_moe_exactly_but_for_its_dispatch(
 def test_nllb_moe_export_is_off_with_the_installed_dispatch() -> None:
     from checkpoints_tools.adapters.encoder_decoder import NllbMoeAdapter
 
-    model = _randomised(NLLB)
-    hf_model = _hf_model(*to_hf(model.state_dict(), NLLB))
+    model = randomised(NLLB)
+    hf_model = load_twin(*to_hf(model.state_dict(), NLLB))
     src_BS, tgt_BT, _, _ = _batch(NLLB.pad_token_id)
     with torch.no_grad():
         diff = model(src_BS, tgt_BT) - hf_model(input_ids=src_BS, decoder_input_ids=tgt_BT).logits

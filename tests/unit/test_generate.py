@@ -10,42 +10,23 @@ Shape legend: B batch, S source length, T target length, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from pretrain.generate import filter_logits, generate
 from pretrain.models import build_model
-from pretrain.models.config import ModelConfig, MoEConfig
+from pretrain.models.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
 from checkpoints_tools.adapters import to_hf  # noqa: E402 - after the importorskip
+from tests.twins import hf_twin, randomised, tiny_encdec  # noqa: E402
 
 VOCAB = 96
 PAD = 0
 MAX_NEW = 12
-ENCDEC = ModelConfig(
-    family="encoder_decoder",
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=4,
-    head_dim=12,  # inner width 48 != d_model
-    ffn_hidden_size=48,
-    max_seq_len=64,
-    position="relative",
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
-    norm="rmsnorm",
-    norm_eps=1e-6,
-    mlp="gated_gelu",
-    scale_attention=False,
-    tie_embeddings=False,
-    pad_token_id=PAD,
-)
+_COMMON = {"vocab_size": VOCAB, "ffn_hidden_size": 48, "max_seq_len": 64}
+ENCDEC = tiny_encdec("mt5", **_COMMON, num_decoder_layers=2)
 DECODER = ModelConfig(
     family="decoder",
     vocab_size=VOCAB,
@@ -71,104 +52,13 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-MBART = ModelConfig(
-    family="encoder_decoder",
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=4,
-    ffn_hidden_size=48,
-    max_seq_len=64,
-    position="learned",
-    norm="layernorm",
-    norm_eps=1e-5,
-    mlp="gelu",
-    bias=True,
-    embedding_norm=True,
-    tie_embeddings=True,
-    final_logits_bias=True,
-    init_std=0.1,
-    pad_token_id=1,
-)
-SWITCH = dataclasses.replace(
-    ENCDEC,
-    num_layers=4,
-    num_decoder_layers=4,
-    mlp="gelu",
-    moe=MoEConfig(num_experts=4, top_k=1, router="switch", every=2, offset=1, dropless=True),
-)
-
-
-def _randomised(cfg: ModelConfig, *, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (norms and relative tables too), so that a wrong mapping shows."""
-    model = build_model(cfg)
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    return model.eval()
+MBART = tiny_encdec("mbart", **_COMMON, num_decoder_layers=2, scale_embeddings=False)
+SWITCH = tiny_encdec("switch", **_COMMON)
 
 
 def _mt5_twin(model: torch.nn.Module, cfg: ModelConfig, *, eos_id: int) -> torch.nn.Module:
-    """``MT5ForConditionalGeneration`` holding ``model``'s weights (renamed only)."""
-    hf_config = transformers.MT5Config(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.hidden_size,
-        d_kv=cfg.resolved_head_dim,
-        d_ff=cfg.ffn_hidden_size,
-        num_layers=cfg.num_layers,
-        num_decoder_layers=cfg.num_decoder_layers,
-        num_heads=cfg.num_heads,
-        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-        relative_attention_max_distance=cfg.relative_attention_max_distance,
-        dropout_rate=0.0,
-        layer_norm_epsilon=cfg.norm_eps,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=PAD,
-        decoder_start_token_id=PAD,
-        eos_token_id=eos_id,
-    )
-    hf_config.tie_word_embeddings = False  # MT5Config.__post_init__ forces True (5.x)
-    ours = model.state_dict()
-    hf: dict[str, torch.Tensor] = {
-        "shared.weight": ours["tok_embeddings.weight"],
-        "encoder.embed_tokens.weight": ours["tok_embeddings.weight"],
-        "decoder.embed_tokens.weight": ours["tok_embeddings.weight"],
-        "lm_head.weight": ours["output.weight"],
-        "encoder.final_layer_norm.weight": ours["encoder.norm.weight"],
-        "decoder.final_layer_norm.weight": ours["decoder.norm.weight"],
-    }
-    for stack in ("encoder", "decoder"):
-        num_layers = cfg.num_layers if stack == "encoder" else cfg.num_decoder_layers
-        for i in range(num_layers):
-            src, dst = f"{stack}.layers.{i}", f"{stack}.block.{i}.layer"
-            for ours_name, hf_name in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
-                hf[f"{dst}.0.SelfAttention.{hf_name}.weight"] = ours[
-                    f"{src}.attention.{ours_name}.weight"
-                ]
-                if stack == "decoder":
-                    hf[f"{dst}.1.EncDecAttention.{hf_name}.weight"] = ours[
-                        f"{src}.cross_attention.{ours_name}.weight"
-                    ]
-            if i == 0:
-                hf[f"{dst}.0.SelfAttention.relative_attention_bias.weight"] = ours[
-                    f"{src}.attention.relative_attention_bias.weight"
-                ]
-            hf[f"{dst}.0.layer_norm.weight"] = ours[f"{src}.attention_norm.weight"]
-            ffn = 2 if stack == "decoder" else 1
-            if stack == "decoder":
-                hf[f"{dst}.1.layer_norm.weight"] = ours[f"{src}.cross_attention_norm.weight"]
-            hf[f"{dst}.{ffn}.layer_norm.weight"] = ours[f"{src}.ffn_norm.weight"]
-            for ours_name, hf_name in (("w1", "wi_0"), ("w3", "wi_1"), ("w2", "wo")):
-                hf[f"{dst}.{ffn}.DenseReluDense.{hf_name}.weight"] = ours[
-                    f"{src}.feed_forward.{ours_name}.weight"
-                ]
-    twin = transformers.MT5ForConditionalGeneration._from_config(
-        hf_config, attn_implementation="eager"
-    ).eval()
-    twin.load_state_dict(hf, strict=True)
+    """``MT5ForConditionalGeneration`` holding ``model``'s weights (the export)."""
+    twin = hf_twin(model, cfg, decoder_start_token_id=PAD, eos_token_id=eos_id)
     assert not torch.equal(twin.lm_head.weight, twin.shared.weight)  # the head stayed untied
     return twin
 
@@ -212,7 +102,7 @@ def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def encdec():
     """``(ours, twin, sources, eos_id)``; the twin's logits checked first (1e-4)."""
-    model = _randomised(ENCDEC)
+    model = randomised(ENCDEC)
     sources = _sources((7, 11, 5, 9, 8))
     probe = generate(
         model, sources, decoder_start_id=PAD, eos_id=VOCAB + 1, pad_id=PAD, max_len_b=MAX_NEW
@@ -235,7 +125,7 @@ def encdec():
 @pytest.fixture(scope="module")
 def decoder():
     """``(ours, twin, prompts, eos_id)``; the twin's logits checked first (1e-4)."""
-    model = _randomised(DECODER)
+    model = randomised(DECODER)
     hf_state_dict, hf_config = to_hf(model.state_dict(), DECODER)
     prompts = _sources((6, 9, 4, 7), seed=3)
     probe = generate(model, prompts, eos_id=VOCAB + 1, pad_id=PAD, max_len_b=MAX_NEW)
@@ -377,7 +267,7 @@ def test_encdec_beam_early_stopping_rules_match_mt5_generate(encdec) -> None:
 def test_other_encdec_shapes_match_their_exports(cfg: ModelConfig, start_id: int) -> None:
     """A tied head with ``final_logits_bias`` and learned positions (mBART; decoder start: a
     language-code-like id), and Switch MoE layers, through ``to_hf``'s export."""
-    model = _randomised(cfg, seed=1)  # seed 0 repeats one token per row
+    model = randomised(cfg, seed=1)  # seed 0 repeats one token per row
     pad_id = cfg.pad_token_id
     sources = _sources((7, 11, 5, 9))
     common = dict(decoder_start_id=start_id, pad_id=pad_id, max_len_b=MAX_NEW)

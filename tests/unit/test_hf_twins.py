@@ -16,19 +16,9 @@ from pretrain.models.config import ModelConfig, MoEConfig
 transformers = pytest.importorskip("transformers")
 
 from checkpoints_tools.adapters import adapter_for, from_hf, to_hf  # noqa: E402 - after the importorskip
+from tests.twins import randomised  # noqa: E402
 
 VOCAB = 96
-
-
-def _randomised(cfg: ModelConfig, *, seed: int = 0) -> torch.nn.Module:
-    """A model whose every parameter (norms and biases too) is random, so a wrong mapping shows."""
-    model = build_model(cfg)
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    return model.eval()
 
 
 def _tokens(cfg: ModelConfig, *, avoid: int | None = None) -> torch.Tensor:
@@ -47,7 +37,7 @@ def _hf_model(hf_state_dict, hf_config) -> torch.nn.Module:
 
 
 def _check_twin(cfg: ModelConfig, *, expected_class: str, avoid_token: int | None = None) -> None:
-    model = _randomised(cfg)
+    model = randomised(cfg)
     assert adapter_for(cfg).hf_architecture == expected_class
     state_dict = model.state_dict()
     hf_state_dict, hf_config = to_hf(state_dict, cfg)
@@ -143,7 +133,7 @@ def test_encoder_matches_xlm_roberta(tied: bool) -> None:
 
 def test_xlm_roberta_token_type_row_is_folded_into_positions() -> None:
     cfg = ENCODER
-    model = _randomised(cfg)
+    model = randomised(cfg)
     hf_state_dict, hf_config = to_hf(model.state_dict(), cfg)
     hf_state_dict["roberta.embeddings.token_type_embeddings.weight"] = 0.1 * torch.randn(
         1, cfg.hidden_size, generator=torch.Generator().manual_seed(3)
@@ -203,7 +193,7 @@ def test_save_pretrained_and_reload_keeps_the_logits(family: str, tmp_path) -> N
         cfg, avoid = dataclasses.replace(DECODER, tie_embeddings=True, moe=moe), None
     else:
         cfg, avoid = ENCODER, 1
-    model = _randomised(cfg)
+    model = randomised(cfg)
     hf_model = _hf_model(*to_hf(model.state_dict(), cfg))
     hf_model.save_pretrained(tmp_path)
     cls = getattr(transformers, hf_model.config.architectures[0])
