@@ -17,6 +17,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.tokenizer import sha256_file
+
 
 class CheckpointTranslator:
     """A trainer checkpoint of an encoder-decoder, loaded on first use."""
@@ -41,9 +43,9 @@ class CheckpointTranslator:
         self.directory = Path(directory)
         self.options = options
         self.name = f"ckpt:{self.directory.parent.parent.name}/{self.directory.name}"
-        digest = hashlib.sha256()
-        for path in sorted(self.directory.glob("*.distcp")):
-            digest.update(path.read_bytes())
+        # streamed per file (sha256_file), then combined as the hf: backend combines its files
+        weights = {p.name: sha256_file(p) for p in sorted(self.directory.glob("*.distcp"))}
+        digest = hashlib.sha256("".join(f"{n} {d}\n" for n, d in weights.items()).encode())
         self._tokenizer = self._run_tokenizer()
         if options.target not in self._tokenizer.lang_ids:
             raise ValueError(

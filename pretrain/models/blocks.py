@@ -131,19 +131,32 @@ def document_positions(document_ids_BT: torch.Tensor) -> torch.Tensor:
     return idx_BT - starts_BT.cummax(dim=1).values
 
 
-def attention_mask(document_ids_BT: torch.Tensor | None, *, causal: bool) -> torch.Tensor | None:
+def causal_mask(num_tokens: int, *, past: int = 0, device=None) -> torch.Tensor:
+    """Boolean ``mask_11TS`` of ``num_tokens`` queries at positions ``past, past + 1, ...`` over
+    the ``past + num_tokens`` keys (True = may attend: the key is not later than the query)."""
+    queries_T1 = torch.arange(past, past + num_tokens, device=device)[:, None]
+    return (torch.arange(past + num_tokens, device=device)[None, :] <= queries_T1)[None, None]
+
+
+def attention_mask(
+    document_ids_BT: torch.Tensor | None, *, causal: bool, past: int = 0
+) -> torch.Tensor | None:
     """Boolean ``mask_B1TS`` letting a token attend only inside its own document (and, when
     ``causal``, only to earlier positions); None without document ids (SDPA then masks itself).
+    ``past`` (generation with a key/value cache): the queries are the tokens after the first
+    ``past`` of ``document_ids_BT``, the keys all of them (only those rows are built).
 
     Every token sees at least itself, so no softmax row is empty.
     """
     if document_ids_BT is None:
         return None
-    mask_BTS = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
+    mask_BTS = document_ids_BT[:, past:, None] == document_ids_BT[:, None, :]
     if causal:
-        seq = document_ids_BT.shape[1]
         mask_BTS = (
-            mask_BTS & torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BT.device).tril()
+            mask_BTS
+            & causal_mask(
+                document_ids_BT.shape[1] - past, past=past, device=document_ids_BT.device
+            )[0]
         )
     return mask_BTS[:, None]
 

@@ -48,6 +48,7 @@ from pretrain.models.blocks import (
     RMSNorm,
     attention_mask,
     build_norm,
+    causal_mask,
     document_positions,
 )
 from pretrain.models.config import ModelConfig
@@ -311,13 +312,6 @@ class ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def causal_mask(num_tokens: int, *, past: int = 0, device=None) -> torch.Tensor | None:
-    """Boolean ``mask_11TK`` of ``num_tokens`` queries after ``past`` cached positions over all
-    ``past + num_tokens`` keys (True = may attend: the key is not later than the query)."""
-    full_KK = torch.ones(past + num_tokens, past + num_tokens, dtype=torch.bool, device=device)
-    return full_KK.tril()[past:][None, None]
-
-
 def _contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """A stage's outputs, None left out, each contiguous (the next stage receives into buffers
     of the same strides, and gloo receives only into contiguous ones)."""
@@ -400,10 +394,8 @@ class Stack(nn.Module):
         ``cache`` (generation): ``x_BTD`` holds the tokens after ``cache.length`` cached ones
         (``document_ids_BT`` covers all of them); slots ``{cache_prefix}layers.{i}.*``."""
         past = 0 if cache is None else cache.length
-        self_mask = attention_mask(document_ids_BT, causal=self.causal)
-        if self_mask is not None:
-            self_mask = self_mask[:, :, past:]
-        elif cache is not None and num_tokens > 1:
+        self_mask = attention_mask(document_ids_BT, causal=self.causal, past=past)
+        if self_mask is None and cache is not None and num_tokens > 1:
             self_mask = causal_mask(num_tokens, past=past, device=x_BTD.device)
         new_ids_BT = None if document_ids_BT is None else document_ids_BT[:, past:]
         cross_bias = None

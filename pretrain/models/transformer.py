@@ -35,6 +35,7 @@ from pretrain.models.blocks import (
     RMSNorm,
     attention_mask,
     build_norm,
+    causal_mask,
     document_block_mask,
     document_positions,
     rope_cos_sin,
@@ -223,10 +224,9 @@ class Transformer(nn.Module):
         if cache is not None:
             # The new tokens' rows of the whole (cached + new) causal / document mask.
             if document_ids_BT is not None:
-                mask_B1TS = attention_mask(document_ids_BT, causal=True)[:, :, past:]
+                mask_B1TS = attention_mask(document_ids_BT, causal=True, past=past)
             elif seq > 1:
-                full_TT = torch.ones(past + seq, past + seq, dtype=torch.bool, device=x_BTD.device)
-                mask_B1TS = full_TT.tril()[past:][None, None]
+                mask_B1TS = causal_mask(seq, past=past, device=x_BTD.device)
         elif document_ids_BT is not None:
             if self._uses_flex_attention(document_ids_BT.device):
                 block_mask = document_block_mask(document_ids_BT, causal=self.causal)
