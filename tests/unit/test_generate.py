@@ -188,12 +188,9 @@ def test_encdec_greedy_matches_mt5_generate(encdec) -> None:
     assert all(eos_id not in row[:-1] for row in ours)
 
 
-@pytest.mark.parametrize(
-    ("length_penalty", "early_stopping"),
-    [(1.0, False), (2.0, False), (-0.5, False), (0.0, False), (1.0, True), (2.0, "never")],
-)
-def test_encdec_beam4_matches_mt5_generate(encdec, length_penalty, early_stopping) -> None:
-    model, twin, sources, eos_id = encdec
+def _beam4_both(encdec, eos_id: int, length_penalty: float, early_stopping) -> tuple[list, list]:
+    """Beam-4 outputs of ours and of the MT5 twin on the ``encdec`` fixture's sources."""
+    model, twin, sources, _ = encdec
     ours = generate(
         model,
         sources,
@@ -215,6 +212,15 @@ def test_encdec_beam4_matches_mt5_generate(encdec, length_penalty, early_stoppin
         length_penalty=length_penalty,
         early_stopping=early_stopping,
     )
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    ("length_penalty", "early_stopping"),
+    [(1.0, False), (2.0, False), (-0.5, False), (0.0, False), (1.0, True), (2.0, "never")],
+)
+def test_encdec_beam4_matches_mt5_generate(encdec, length_penalty, early_stopping) -> None:
+    ours, theirs = _beam4_both(encdec, encdec[3], length_penalty, early_stopping)
     assert ours == theirs
 
 
@@ -235,27 +241,7 @@ def test_encdec_beam_early_stopping_rules_match_mt5_generate(encdec) -> None:
         for length_penalty in (1.0, 2.0):
             results = {}
             for early_stopping in (False, True, "never"):
-                ours = generate(
-                    model,
-                    sources,
-                    decoder_start_id=PAD,
-                    eos_id=eos_id,
-                    pad_id=PAD,
-                    max_len_b=MAX_NEW,
-                    decode="beam",
-                    num_beams=4,
-                    length_penalty=length_penalty,
-                    early_stopping=early_stopping,
-                )
-                theirs = _hf_encdec(
-                    twin,
-                    sources,
-                    eos_id=eos_id,
-                    do_sample=False,
-                    num_beams=4,
-                    length_penalty=length_penalty,
-                    early_stopping=early_stopping,
-                )
+                ours, theirs = _beam4_both(encdec, eos_id, length_penalty, early_stopping)
                 assert ours == theirs, (eos_id, length_penalty, early_stopping)
                 results[str(early_stopping)] = ours
             for rule in differs:
@@ -272,11 +258,8 @@ def test_other_encdec_shapes_match_their_exports(cfg: ModelConfig, start_id: int
     sources = _sources((7, 11, 5, 9))
     common = dict(decoder_start_id=start_id, pad_id=pad_id, max_len_b=MAX_NEW)
     eos_id = _pick_eos(generate(model, sources, eos_id=VOCAB + 1, **common))
-    hf_state_dict, hf_config = to_hf(model.state_dict(), cfg)
-    hf_config.forced_eos_token_id = None  # MBartConfig's default forces EOS at max length
-    cls = getattr(transformers, hf_config.architectures[0])
-    twin = cls._from_config(hf_config, attn_implementation="eager").eval()
-    twin.load_state_dict(hf_state_dict, strict=True)
+    # MBartConfig's default forces EOS at max length
+    twin = hf_twin(model, cfg, forced_eos_token_id=None)
     longest = max(map(len, sources))
     ids_BS = torch.tensor([row + [pad_id] * (longest - len(row)) for row in sources])
     mask_BS = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in sources])
