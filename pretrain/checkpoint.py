@@ -574,8 +574,7 @@ def _architecture(model: dict[str, Any]) -> dict[str, Any]:
     """The architecture keys of a ``model`` section, defaults resolved (None head_dim etc.)."""
     flat = _flatten(model, "model")
     # a key missing from an older checkpoint's config.yaml takes the default it was built with
-    defaults = _flatten(dataclasses.asdict(ModelConfig()), "model")
-    arch = {key: flat.get(f"model.{key}", defaults[f"model.{key}"]) for key in _ARCHITECTURE_KEYS}
+    arch = {key: flat.get(f"model.{key}", _DEFAULTS[f"model.{key}"]) for key in _ARCHITECTURE_KEYS}
     if arch["num_kv_heads"] is None:
         arch["num_kv_heads"] = arch["num_heads"]
     if arch["head_dim"] is None and arch["hidden_size"] and arch["num_heads"]:
@@ -621,6 +620,10 @@ def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
         else:
             flat[f"{prefix}.{key}"] = value
     return flat
+
+
+_DEFAULTS = _flatten(dataclasses.asdict(ModelConfig()), "model")
+"""Every ``model`` key's default (what a key missing from an older checkpoint was built with)."""
 
 
 def _write_rank_state(directory: Path, rank_state: dict[str, Any]) -> None:
