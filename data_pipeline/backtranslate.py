@@ -19,8 +19,9 @@ Direction (fairseq's recipe): the input is target-side monolingual text of langu
 the translator translates it into ``--to``. The synthetic pair's **source is the translation**
 (``--to``) and its **target the original text** (``lang``): pair set ``<to>-<lang>``, fit to
 train a ``<to> -> <lang>`` model, whose target side is always real text. ``--tag`` puts the
-tokenizer's reserved ``<bt>`` control token in front of every synthetic source (Caswell et al.
-2019); a tokenizer without one is refused.
+tokenizer's reserved ``<bt>`` control token (``special_ids["bt"]``) in front of every synthetic
+source (Caswell et al. 2019); every tokenizer ``train_tokenizer`` makes reserves it, and an older
+directory without it is refused.
 
 Backends and the registry. ``data_pipeline`` imports none of Rosetta's other packages (a data
 engineer installs and runs it alone), so a backend that needs our model code is not built in:
@@ -115,7 +116,7 @@ from data_pipeline.text_inputs import (
     iter_documents,
     parse_mono_specs,
 )
-from data_pipeline.tokenizer import Tokenizer, load_tokenizer, sha256_file
+from data_pipeline.tokenizer import TAG_PIECE, Tokenizer, load_tokenizer, sha256_file
 
 DEFAULT_SHARD_DOCS = 10_000
 DEFAULT_BATCH_TOKENS = 4096
@@ -126,7 +127,6 @@ MAX_LENGTH_RATIO = 1.5
 DEFAULT_TIMEOUT_S = 600.0
 BT_REJECTS = ("empty_translation", "over_max_len", "length_ratio")
 RECORD_DIR = ".backtranslate"
-TAG_PIECE = "<bt>"
 _FINGERPRINT_VERSION = 1
 _TMP_RE = re.compile(r"^\..*\.tmp-\d+$")
 
@@ -714,10 +714,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def _tag_id(tok: Tokenizer) -> int:
-    """The id of the tokenizer's reserved ``<bt>`` control token.
+    """The id of the tokenizer's reserved ``<bt>`` control token (``special_ids["bt"]``).
 
     Raises:
-        ValueError: the tokenizer reserves none.
+        ValueError: the tokenizer reserves none (a directory made before ``<bt>`` was reserved).
     """
     found = tok.special_ids.get("bt")
     if found is None:
@@ -727,7 +727,7 @@ def _tag_id(tok: Tokenizer) -> int:
     if found is None:
         raise ValueError(
             f"--tag: tokenizer {str(tok.directory)!r} reserves no {TAG_PIECE} control token "
-            "(train the run's tokenizer with one)"
+            "(made before it was reserved: retrain it with train-tokenizer)"
         )
     return int(found)
 

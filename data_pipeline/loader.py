@@ -165,7 +165,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig, check_pair_mix
-from data_pipeline.manifest import load_manifest, manifest_path
+from data_pipeline.manifest import SYNTHETIC_SUFFIX, load_manifest, manifest_path
 from data_pipeline.sampling import (
     RowSchedule,
     check_alpha,
@@ -247,11 +247,6 @@ def _probabilities(
             raise ValueError(f"data.{what} ({dict(weights)}) must have a positive sum")
         return {name: weights.get(name, 0.0) / total for name in tokens}
     return language_probabilities(tokens, alpha=alpha)
-
-
-SYNTHETIC_SUFFIX = "+synthetic"
-"""Appended to the source name of a pair set's synthetic shards when real shards share its name
-(a merge of real and back-translated ``en-de``): the two are sampled, counted and resumed apart."""
 
 
 def _pair_sources(manifest: dict) -> dict[int, tuple[str, bool]]:

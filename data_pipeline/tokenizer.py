@@ -2,8 +2,8 @@
 
 What to call: ``train_tokenizer(...)`` (or ``python -m data_pipeline train-tokenizer``) to make a
 directory, ``load_tokenizer(dir) -> Tokenizer`` to use one (ids of specials, ``lang_ids``,
-``sentinel_ids``, encode/decode); ``lang_token(lang)`` / ``sentinel_token(i)`` name the reserved
-pieces. Guarantee: the same inputs and seed give the same ``spm.model`` bytes.
+``sentinel_ids``, encode/decode); ``lang_token(lang)`` / ``sentinel_token(i)`` / ``TAG_PIECE`` name
+the reserved pieces. Guarantee: the same inputs and seed give the same ``spm.model`` bytes.
 
 A tokenizer directory holds::
 
@@ -11,8 +11,11 @@ A tokenizer directory holds::
     spm.json    the sidecar: vocab size, special token ids, languages, alpha, sample sizes
 
 Ids fixed by every Rosetta tokenizer: pad 0, unk 1, bos 2, eos 3. Then control symbols, in this
-order: ``<mask>``, ``<cls>``, ``<sep>``, one ``<lang:xx>`` per language (sorted), and the span
-corruption sentinels ``<extra_id_0>`` ... ``<extra_id_{N-1}>``; the sidecar states every id.
+order: ``<mask>``, ``<cls>``, ``<sep>``, one ``<lang:xx>`` per language (sorted), the span
+corruption sentinels ``<extra_id_0>`` ... ``<extra_id_{N-1}>``, and ``<bt>`` (``special_ids["bt"]``:
+the tag of back-translated sources, Caswell et al. 2019; last, so that the ids before it are those
+of tokenizers made before it; such older directories have no ``"bt"``); the sidecar states every
+id.
 Control symbols never come out of encoding text (a literal "<mask>" in a document is spelled out in
 ordinary pieces) and decode to the empty string; objectives insert them as ids.
 
@@ -63,6 +66,8 @@ SIDECAR_FILE = "spm.json"
 SIDECAR_FORMAT = "rosetta-tokenizer/1"
 BASE_SPECIALS = {"pad": ("<pad>", 0), "unk": ("<unk>", 1), "bos": ("<s>", 2), "eos": ("</s>", 3)}
 EXTRA_SPECIALS = ("mask", "cls", "sep")
+TAG_PIECE = "<bt>"
+"""The back-translation tag (``special_ids["bt"]``), the last control symbol."""
 BYTE_PIECES = 256
 DEFAULT_SENTINELS = 100
 DEFAULT_SAMPLE_CHARS = 50_000_000
@@ -102,7 +107,8 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> dict[str, int]:
-        """``pad``, ``unk``, ``bos``, ``eos``, ``mask``, ``cls``, ``sep`` -> id."""
+        """``pad``, ``unk``, ``bos``, ``eos``, ``mask``, ``cls``, ``sep``, ``bt`` -> id (``bt``:
+        absent in directories made before it was reserved)."""
         return dict(self.meta["special_ids"])
 
     @property
@@ -179,7 +185,7 @@ def _special_pieces(languages: list[str], num_sentinels: int) -> list[str]:
     pieces = [f"<{name}>" for name in EXTRA_SPECIALS]
     pieces += [lang_token(lang) for lang in languages]
     pieces += [sentinel_token(i) for i in range(num_sentinels)]
-    return pieces
+    return pieces + [TAG_PIECE]
 
 
 def _lang_rng(seed: int, lang: str) -> np.random.Generator:
@@ -423,6 +429,7 @@ def train_tokenizer(
         piece_ids = {piece: sp.piece_to_id(piece) for piece in specials}
         special_ids = {name: idx for name, (_, idx) in BASE_SPECIALS.items()}
         special_ids.update({name: piece_ids[f"<{name}>"] for name in EXTRA_SPECIALS})
+        special_ids["bt"] = piece_ids[TAG_PIECE]
         meta = {
             "format": SIDECAR_FORMAT,
             "model_file": MODEL_FILE,

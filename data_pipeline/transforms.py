@@ -85,7 +85,7 @@ class Vocab:
         size: number of ids ``V``.
         pad_id, eos_id, mask_id: special ids.
         special_ids: every id that is never masked or drawn as a random replacement (pad, unk,
-            bos, eos, mask, cls, sep, language tags, sentinels).
+            bos, eos, mask, cls, sep, language tags, sentinels, the ``<bt>`` tag).
         word_start_V: bool per id, True where the piece starts a word (whole-word masking);
             None when unknown (whole-word masking then raises).
         cjk_V: bool per id, True for pieces of CJK ideographs, kana, Hangul or CJK punctuation

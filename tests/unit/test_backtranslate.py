@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import backtranslate as bt
+from data_pipeline.cli import main
+from data_pipeline.loader import StreamingDataset
 from data_pipeline.shard import ShardSettings, run_shard_job
 from data_pipeline.shard_format import iter_pairs_of_sample, iter_shard_samples
 from data_pipeline.text_inputs import MonoInput
-from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import TAG_PIECE, load_tokenizer, sha256_file, train_tokenizer
+from data_pipeline.transforms import MaskingConfig, Vocab
 from data_pipeline.verify import verify_directory
 from tests.sample_data import SAMPLE, first_lines
 
@@ -240,29 +243,83 @@ def test_registry_and_input_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"holds shards of other data \(monolingual or real"):
         bt.run_backtranslate(inputs, to="en", **{**kw, "out": tmp_path / "mono"})
     assert list((tmp_path / "mono").glob("mono_es_*.tar"))
-    with pytest.raises(ValueError, match=r"--tag: tokenizer .* reserves no <bt> control token"):
-        _run(corpus, tmp_path / "x", Miscount(), settings=_settings(tag=True))
     with pytest.raises(ValueError, match=r"--shard-docs \(0\) must be >= 1"):
         _run(corpus, tmp_path / "x", Miscount(), settings=_settings(shard_docs=0))
     with pytest.raises(ValueError, match=r"--translator 'reverse:fast': 'fast' must be sleep=S"):
         bt.make_translator("reverse:fast")
 
 
-def test_tag_puts_the_reserved_token_before_every_source(corpus, tmp_path):
-    tok = tmp_path / "tok"
-    shutil.copytree(corpus["tok"], tok)
+def _older_tokenizer(tok: Path, out: Path) -> Path:
+    """``tok`` as a directory made before ``<bt>`` was reserved: the piece gone from the model
+    (the ids after it one lower, as they were) and from the sidecar."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tok / "spm.model").read_bytes())
+    [index] = [i for i, p in enumerate(proto.pieces) if p.piece == TAG_PIECE]
+    del proto.pieces[index]
+    proto.trainer_spec.vocab_size -= 1
+    out.mkdir()
+    (out / "spm.model").write_bytes(proto.SerializeToString())
     sidecar = json.loads((tok / "spm.json").read_text())
-    sidecar["special_ids"]["bt"] = sidecar["special_ids"]["sep"]  # a control id, for the test
-    (tok / "spm.json").write_text(json.dumps(sidecar))
-    kw = dict(translator=Scripted(corpus["lines"]), tokenizer=tok, to="en")
-    inputs = [bt.BTInput("es", paths=(corpus["es"],))]
-    bt.run_backtranslate(inputs, out=tmp_path / "plain", settings=_settings(), **kw)
-    bt.run_backtranslate(inputs, out=tmp_path / "tag", settings=_settings(tag=True), **kw)
+    for key in ("special_ids", "special_pieces"):
+        del sidecar[key]["bt"]
+    sidecar.update(vocab_size=len(proto.pieces), model_sha256=sha256_file(out / "spm.model"))
+    (out / "spm.json").write_text(json.dumps(sidecar))
+    return out
+
+
+def test_tag_puts_the_reserved_token_before_every_source(corpus, tmp_path):
+    # end to end through the command line, with the fixture's freshly trained tokenizer
+    tok = load_tokenizer(corpus["tok"])
+    tag = tok.special_ids["bt"]
+    assert tok.sp.id_to_piece(tag) == TAG_PIECE and tok.sp.is_control(tag)
+    assert tag == max(tok.sentinel_ids + list(tok.lang_ids.values())) + 1  # the last control
+    common = ["backtranslate", "--translator=reverse:", f"--tokenizer={corpus['tok']}",
+              f"--input=es={corpus['es']}", "--to=en", "--shard-docs=12"]  # fmt: skip
+    assert main([*common, f"--out={tmp_path / 'plain'}"]) == 0
+    assert main([*common, f"--out={tmp_path / 'tag'}", "--tag"]) == 0
     plain, tagged = _pairs(tmp_path / "plain"), _pairs(tmp_path / "tag")
-    sep = sidecar["special_ids"]["sep"]
-    assert tagged == [([sep, *s], t) for s, t in plain]
+    assert plain and all(tag not in s and tag not in t for s, t in plain)
+    assert tagged == [([tag, *s], t) for s, t in plain]
+    assert tok.decode(tagged[0][0]) == tok.decode(plain[0][0])  # decodes to ''
     prov = json.loads((tmp_path / "tag" / "manifest.json").read_text())["pairs"]["en-es"]
-    assert prov["provenance"]["tag"] == sep
+    assert prov["provenance"]["tag"] == tag
+    # an older tokenizer directory, made before <bt> was reserved, is refused
+    old = _older_tokenizer(corpus["tok"], tmp_path / "old")
+    assert load_tokenizer(old).vocab_size == tok.vocab_size - 1
+    with pytest.raises(ValueError, match=r"^--tag: tokenizer .* reserves no <bt> control token"):
+        bt.run_backtranslate([bt.BTInput("es", paths=(corpus["es"],))], translator=Miscount(),
+                             tokenizer=old, to="en", out=tmp_path / "x",
+                             settings=_settings(tag=True))  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_tlm_rows_never_mask_the_tag(corpus, tmp_path):
+    """The loader takes ``<bt>`` for a control symbol, as it takes ``<lang:xx>``: never selected
+    for masking, never drawn as a random replacement."""
+    out = tmp_path / "tag"
+    _run(corpus, out, bt.make_translator("reverse:"), settings=_settings(tag=True))
+    vocab = Vocab.from_tokenizer(str(corpus["tok"]))
+    tag = load_tokenizer(corpus["tok"]).special_ids["bt"]
+    assert tag in vocab.special_ids and vocab.special_mask_V()[tag]
+    masking = MaskingConfig(mask_prob=1.0, replace_prob=0.5, random_prob=0.5, tlm_share=1.0)
+    loader = dict(dp_rank=0, dp_world_size=1, seq_len=64, batch_size=4, seed=0, objective="mlm")
+    ds = StreamingDataset(out, vocab=vocab, masking=masking, tlm_swap_prob=0.0, **loader)
+    it = iter(ds)
+    kept = replaced = 0
+    for _ in range(5):
+        batch = next(it)
+        ids, labels = batch["input_ids"], batch["labels"]
+        starts = (batch["position_ids"] == 0) & batch["attention_mask"]
+        first = starts & (batch["lang_ids"] == ds.lang_index["en"])  # each pair's source start
+        assert bool((ids[first] == tag).all()) and bool((labels[first] == -100).all())
+        kept += int(first.sum())
+        # every other token was selected (mask_prob 1): half masked, half a random normal id
+        text = batch["attention_mask"] & ~first & (labels != -100)
+        replaced += int(text.sum())
+        assert not bool((ids[text] == tag).any())
+    assert kept > 0 and replaced > 10 * kept
 
 
 def test_a_shard_directory_is_read_back_to_text_with_its_own_tokenizer(corpus, tmp_path):

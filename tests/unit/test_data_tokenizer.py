@@ -58,7 +58,9 @@ def test_sidecar_states_the_special_ids(tok_dir: Path) -> None:
         "mask": "<mask>",
         "cls": "<cls>",
         "sep": "<sep>",
+        "bt": "<bt>",
     }
+    assert sorted(meta["special_ids"]) == sorted(pieces)
     for name, piece in pieces.items():
         assert sp.id_to_piece(meta["special_ids"][name]) == piece
     assert sorted(meta["lang_ids"]) == sorted(LANGS) == meta["languages"]
@@ -71,6 +73,13 @@ def test_sidecar_states_the_special_ids(tok_dir: Path) -> None:
     ids = list(meta["special_ids"].values()) + list(meta["lang_ids"].values())
     ids += meta["sentinel_ids"]
     assert len(set(ids)) == len(ids)
+    # the control symbols come in the documented order, <bt> last (after the sentinels), so
+    # tokenizers made before <bt> was reserved keep every id up to the last sentinel
+    control = [i for i in range(meta["vocab_size"]) if sp.is_control(i)]
+    order = [meta["special_ids"][k] for k in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")]
+    order += [meta["lang_ids"][lang] for lang in meta["languages"]] + meta["sentinel_ids"]
+    assert control == [i for i in order if i != 1] + [meta["special_ids"]["bt"]]  # unk: not control
+    assert order == list(range(len(order))) and meta["special_ids"]["bt"] == len(order)
     assert meta["alpha"] == 0.3
 
 
@@ -96,12 +105,14 @@ def test_round_trip_is_exact_on_held_out_text(tok_dir: Path) -> None:
         "emoji 😀 and ünïcode",
         "Ελληνικά, हिन्दी, 한국어",
         "<mask>",
+        "<bt> tagged",
     ]
     ids = tok.encode(texts)
     assert [tok.decode(i) for i in ids] == texts
-    # a literal "<mask>" in text is spelled out, never the control id
-    assert tok.special_ids["mask"] not in ids[-1]
-    assert tok.decode([tok.special_ids["mask"], tok.lang_ids["en"]]) == ""
+    # a literal "<mask>" or "<bt>" in text is spelled out, never the control id
+    assert tok.special_ids["mask"] not in ids[-2]
+    assert tok.special_ids["bt"] not in ids[-1]
+    assert tok.decode([tok.special_ids["mask"], tok.lang_ids["en"], tok.special_ids["bt"]]) == ""
 
 
 def test_same_inputs_give_identical_files(
@@ -117,7 +128,7 @@ def test_training_errors_are_one_line(corpus: list[MonoInput], tmp_path: Path) -
     with pytest.raises(ValueError) as err:
         train_tokenizer(corpus, out=tmp_path, vocab_size=100, num_sentinels=8)
     assert str(err.value) == (
-        "--vocab-size (100) must be >= 277: 4 base specials, 16 control symbols, "
+        "--vocab-size (100) must be >= 278: 4 base specials, 17 control symbols, "
         "256 byte pieces and at least one more"
     )
     with pytest.raises(ValueError, match=r"^--vocab-size \(400\) does not fit this input: "):
