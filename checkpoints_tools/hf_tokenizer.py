@@ -1,6 +1,6 @@
 """Our sentencepiece tokenizer as a transformers fast tokenizer (``tokenizer.json``), offline.
 
-What to call: ``save_tokenizer(tok, out, family="decoder" | "encoder")`` writes
+What to call: ``save_tokenizer(tok, out, family="decoder" | "encoder" | "encoder_decoder")`` writes
 ``tokenizer.json`` and ``tokenizer_config.json`` (and a copy of the sentencepiece model and
 sidecar, for reference) into ``out``; ``build_fast_tokenizer(tok, family=...)`` returns the
 ``PreTrainedTokenizerFast`` itself (``tok`` from ``data_pipeline.tokenizer.load_tokenizer``;
@@ -27,8 +27,16 @@ Known limits of that exact mode (text that spells our special pieces out): token
 an unknown character from the lowest score in the vocabulary, so a literal "<mask>" next to a
 character the model does not cover still matches the control piece; and a literal byte-piece
 name ("<0x41>") matches that piece (byte fallback finds byte pieces by name).
-No post-processor: ``encode(text)`` of text without typed special tokens gives exactly
-sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
+Decoders and encoders have no post-processor: ``encode(text)`` of text without typed special
+tokens gives exactly sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``)
+itself. Encoder-decoders end every text with ``</s>`` (``$A </s>``, pairs ``$A </s> $B </s>``),
+as T5's and mBART's tokenizers do and as our seq2seq sources are (translation sources are
+``text </s>``, span-corrupted inputs end in eos), so ``model.generate(**tok(texts))`` sees what
+training saw; ``add_special_tokens=False`` gives sentencepiece's ids alone. Their sentinels
+``<extra_id_N>`` and language tokens ``<lang:xx>`` are ``extra_special_tokens`` with our ids
+(a translation-trained model starts its decoder with ``<lang:xx>`` of the target language: pass
+``decoder_start_token_id=tok.convert_tokens_to_ids("<lang:es>")`` to ``generate``; the exported
+``generation_config.json`` keeps the pre-training start, pad for T5 shapes, eos for mBART).
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from data_pipeline.tokenizer import Tokenizer
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # Below every real log-probability, so Viterbi never picks a control symbol.
 _NEVER = -1e9
+# family -> padding side (a decoder generates at the right edge of every row)
+FAMILIES = {"decoder": "left", "encoder": "right", "encoder_decoder": "right"}
 
 
 def _model_proto(tok: Tokenizer) -> Any:
@@ -58,15 +68,19 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
 
     Args:
         tok: our loaded tokenizer (``data_pipeline.tokenizer.load_tokenizer``).
-        family: ``decoder`` or ``encoder`` (sets ``padding_side`` and which specials are named).
+        family: ``decoder``, ``encoder`` or ``encoder_decoder`` (sets ``padding_side``, which
+            specials are named and, for encoder-decoders, the ``$A </s>`` post-processor).
 
     Raises:
-        ValueError: a sentencepiece model type or normaliser we cannot convert exactly.
+        ValueError: a sentencepiece model type or normaliser we cannot convert exactly, or an
+            unknown family.
     """
-    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
+    if family not in FAMILIES:
+        raise ValueError(f"tokenizer export family ({family!r}) must be one of {list(FAMILIES)}")
     proto = _model_proto(tok)
     norm = proto.normalizer_spec
     if norm.name not in ("identity", "") or norm.precompiled_charsmap:
@@ -117,6 +131,8 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
         "bos_token": pieces[specials["bos"]],
         "eos_token": pieces[specials["eos"]],
     }
+    if family == "encoder_decoder":
+        named["mask_token"] = pieces[specials["mask"]]  # BART's infilling mask
     if family == "encoder":
         named.update(
             mask_token=pieces[specials["mask"]],
@@ -125,13 +141,18 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
         )
     extra = [p.piece for p in proto.pieces if p.type == _CONTROL and p.piece not in named.values()]
     raw.add_special_tokens([special(piece) for piece in [*named.values(), *extra]])
+    if family == "encoder_decoder":
+        eos = (named["eos_token"], specials["eos"])
+        raw.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B {eos[0]}", special_tokens=[eos]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         **named,
         extra_special_tokens=extra,
         # typed "<mask>", "<lang:xx>", ... stay special, as transformers users expect
         split_special_tokens=False,
-        padding_side="left" if family == "decoder" else "right",
+        padding_side=FAMILIES[family],
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 30,
     )

@@ -41,7 +41,9 @@ entry points (``ckpt = some.module:factory``) before it is refused. Our own chec
   ``AutoModelForSeq2SeqLM`` (``config.is_encoder_decoder``) or ``AutoModelForCausalLM`` (the
   prompt is the document; the continuation is its translation), never ``trust_remote_code``
   and never pickled weights; ``generate()`` per batch with the ``--decode`` settings, seeded per
-  batch. Provenance: sha256 of every weight file and of the config.
+  batch. A seq2seq model whose tokenizer has the ``<lang:xx>`` token of ``--to`` (our own
+  encoder-decoder exports) starts its decoder with it, as our translation objective trains it.
+  Provenance: sha256 of every weight file and of the config.
 - ``reverse:`` (``reverse:sleep=S``): a fake for tests: each text reversed, character by
   character; ``sleep`` waits S seconds per batch (and is no part of the provenance).
 
@@ -116,7 +118,7 @@ from data_pipeline.text_inputs import (
     iter_documents,
     parse_mono_specs,
 )
-from data_pipeline.tokenizer import TAG_PIECE, Tokenizer, load_tokenizer, sha256_file
+from data_pipeline.tokenizer import TAG_PIECE, Tokenizer, lang_token, load_tokenizer, sha256_file
 
 DEFAULT_SHARD_DOCS = 10_000
 DEFAULT_BATCH_TOKENS = 4096
@@ -404,10 +406,12 @@ class HFTranslator:
             "generate": options.decode.generate_kwargs(),
             "max_len_a": options.max_len_a,
             "max_len_b": options.max_len_b,
+            "target": options.target,
         }
         self._model = None
         self._tokenizer = None
         self._causal = False
+        self._start: dict = {}  # decoder_start_token_id=<lang:target> where the tokenizer has it
 
     def _load(self) -> None:
         import torch
@@ -438,6 +442,10 @@ class HFTranslator:
             tokenizer.pad_token = tokenizer.eos_token
         if self._causal:
             tokenizer.padding_side = "left"  # generation continues every row at the right edge
+        elif self.options.target is not None:
+            tag = tokenizer.get_added_vocab().get(lang_token(self.options.target))
+            if tag is not None:
+                self._start = {"decoder_start_token_id": tag}
         self._model, self._tokenizer = model.eval(), tokenizer
 
     def translate(self, texts: list[str], *, seed: int = 0) -> list[str]:
@@ -457,6 +465,7 @@ class HFTranslator:
                 max_new_tokens=limit,
                 num_return_sequences=1,
                 pad_token_id=tok.pad_token_id,
+                **self._start,
             )
         if self._causal:
             out = out[:, width:]

@@ -78,6 +78,23 @@ def test_ckpt_backend_translates_as_generate_does(tiny):
     assert beam == _expected(tiny, texts, decode="beam", num_beams=3)
 
 
+def test_the_hf_export_translates_as_the_checkpoint(tiny, tmp_path: Path):
+    """``hf:`` on the checkpoint's export gives the ``ckpt:`` backend's translations: the
+    exported tokenizer ends each source in ``</s>`` and the decoder starts with ``<lang:es>``,
+    as the translation objective trains it."""
+    from checkpoints_tools.convert import export_hf
+    from checkpoints_tools.testing import sample_lines
+
+    texts = sample_lines("en", count=4)
+    export_hf(tiny["ckpt"], out=tmp_path / "hf")
+    ours = bt.make_translator(f"ckpt:{tiny['ckpt']}", _options()).translate(texts, seed=0)
+    theirs = bt.make_translator(f"hf:{tmp_path / 'hf'}", _options()).translate(texts, seed=0)
+    assert theirs == ours and len(set(ours)) > 1
+    # told no target language, the export starts from its pre-training start (pad for mT5)
+    plain = bt.TranslatorOptions(max_len_a=0.0, max_len_b=6)
+    assert bt.make_translator(f"hf:{tmp_path / 'hf'}", plain).translate(texts, seed=0) != ours
+
+
 def test_ckpt_backend_refusals_are_one_line(tiny, tmp_path: Path):
     with pytest.raises(ValueError, match=r"needs --to"):
         bt.make_translator(f"ckpt:{tiny['ckpt']}", bt.TranslatorOptions())

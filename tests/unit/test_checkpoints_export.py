@@ -125,6 +125,41 @@ def test_tokenizer_encodes_every_language_as_sentencepiece(built, tmp_path: Path
     assert theirs.pad_token_id == 0 and theirs.eos_token_id == 3
 
 
+def test_encoder_decoder_tokenizer_ends_texts_in_eos_and_names_sentinels(built, tmp_path: Path):
+    """The encoder-decoder export round-trips through ``AutoTokenizer``: every text ends in
+    ``</s>`` (as T5's tokenizer, and as our seq2seq sources), sentinels and language tokens are
+    special tokens with our ids, and decoding drops them again."""
+    from checkpoints_tools.hf_tokenizer import save_tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(built["tok"])
+    save_tokenizer(ours, tmp_path / "hf_tok", family="encoder_decoder")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_tok")
+    eos = ours.special_ids["eos"]
+    lines = sample_lines("en", count=20) + sample_lines("zh", count=20)
+    batch = theirs(lines)["input_ids"]
+    for line, got, expected in zip(lines, batch, ours.encode(lines)):
+        assert got == [*expected, eos], line[:40]
+        assert theirs.encode(line, add_special_tokens=False) == expected
+        assert theirs.decode(got, skip_special_tokens=True) == line
+    first, second = ours.encode(lines[:2])
+    assert theirs(lines[0], lines[1])["input_ids"] == [*first, eos, *second, eos]
+    sentinels = [f"<extra_id_{i}>" for i in range(len(ours.sentinel_ids))]
+    assert len(sentinels) > 10
+    assert theirs.convert_tokens_to_ids(sentinels) == ours.sentinel_ids
+    assert set(sentinels) <= set(theirs.all_special_tokens)
+    for lang, tag in ours.lang_ids.items():
+        assert theirs.convert_tokens_to_ids(f"<lang:{lang}>") == tag
+    # a span-corrupted input typed as text: the sentinels keep their ids
+    hello, world = ours.encode(["Hello", "world"])
+    typed = theirs("Hello <extra_id_0> world <extra_id_1>")["input_ids"]
+    assert typed == [*hello, ours.sentinel_ids[0], *world, ours.sentinel_ids[1], eos]
+    assert theirs.mask_token_id == ours.special_ids["mask"] and theirs.padding_side == "right"
+    with pytest.raises(ValueError, match=r"family \('seq2seq'\) must be one of"):
+        save_tokenizer(ours, tmp_path / "bad", family="seq2seq")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_typed_special_tokens_stay_special(built, tmp_path: Path):
     """As XLM-R's tokenizer: a typed "<mask>" is the mask id, with the text on either side
     encoded as sentencepiece encodes it alone (no stray "▁" beside the special token), so the
