@@ -551,6 +551,7 @@ class StreamingDataset(IterableDataset):
         if vocab is None:
             vocab = Vocab.from_tokenizer(str(root / data["tokenizer"]["dir"]))
         self.vocab = vocab
+        self.decoder_len = 0  # target positions of a seq2seq row (none for the other objectives)
         if objective == "seq2seq":
             self._init_seq2seq(tlm_share)
         self._slots = [

@@ -79,7 +79,7 @@ from pretrain.data import (
     loader_rank_state,
     loader_resume_state,
 )
-from pretrain.flops import flops_per_token, peak_flops
+from pretrain.flops import model_flops_per_token, peak_flops
 from pretrain.logger import RunLogger
 from pretrain.metrics import MetricsWindow
 from pretrain.models import build_model, param_counts, tp_plan
@@ -116,20 +116,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return name
-
-
-def non_embedding_params(model: torch.nn.Module, *, active: int) -> int:
-    """Active parameters less the lookup tables; a tied output projection still multiplies."""
-    tables = sum(
-        p.numel()
-        for m in model.modules()
-        if isinstance(m, torch.nn.Embedding)
-        for p in m.parameters(recurse=False)
-    )
-    tied = 0
-    if getattr(model, "output", None) is None and getattr(model, "tok_embeddings", None):
-        tied = model.tok_embeddings.weight.numel()
-    return active - tables + tied
 
 
 class Trainer:
@@ -171,11 +157,8 @@ class Trainer:
         self.moe_layer_names = list(model.moe_layers())
         self.params_total = counts["params_total"]
         self.params_active = counts["params_active"]
-        self.flops_per_token = flops_per_token(
-            non_embedding_params(model, active=self.params_active),
-            num_layers=cfg.model.num_layers,
-            hidden_size=cfg.model.hidden_size,
-            seq_len=cfg.data.seq_len,
+        self.flops_per_token = model_flops_per_token(
+            model, seq_len=cfg.data.seq_len, decoder_len=self.loader.dataset.decoder_len
         )
         self.pipeline = None
         self.engine = None  # the DeepSpeed engine (parallel.engine=deepspeed)

@@ -37,9 +37,21 @@ MBART = (
 def test_the_objectives_train(shards, tmp_path: Path, extra: tuple[str, ...], names: set):
     cfg = trainer_config("tiny_encdec.yaml", shards, tmp_path / "run", *extra,
                          "train.steps=12", "checkpoint.every=0", "train.eval_every=12",
-                         "optim.lr=3e-3")  # fmt: skip
+                         "optim.lr=3e-3", "logging.peak_tflops=0.5")  # fmt: skip
     assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    # MFU from the encoder-decoder count: source rows of seq_len, target rows of decoder_len
+    from pretrain.data import build_train_loader
+    from pretrain.flops import model_flops_per_token
+    from pretrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    target_len = build_train_loader(cfg, dp_rank=0, dp_world_size=1).dataset.decoder_len
+    per_position = model_flops_per_token(model, seq_len=cfg.data.seq_len, decoder_len=target_len)
+    for record in records:
+        want = record["tokens_per_s"] * per_position / 0.5e12
+        assert record["mfu"] == pytest.approx(want, rel=1e-6)
     losses = [r["loss"] for r in records]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     # A real margin: the mean of the last three steps at least 1 nat under step 1.
