@@ -3,8 +3,9 @@
 What to call: ``build_train_loader(cfg, dp_rank=r, dp_world_size=n)`` -> rank ``r``'s
 ``data_pipeline.loader.StreamingLoader`` (``ValueError`` when no manifest is configured, or what
 the loader raises for bad data); ``build_valid_loaders(cfg, dp_rank=r, dp_world_size=n)`` ->
-``train.eval_batches`` held-out batches per language, the same ones at every call (``{}``
-without ``data.valid_manifest``); ``check_num_languages(cfg, languages)``. For checkpoints:
+``train.eval_batches`` held-out batches per language and per pair set, as the run's objectives
+use them, the same ones at every call (``{}`` without ``data.valid_manifest``);
+``check_num_languages(cfg, languages)``. For checkpoints:
 ``loader_rank_state(loader, dp_rank=..., dp_world_size=..., num_workers=...)`` at save; at resume
 ``read_resume_rank_states(path, rank=..., world_size=..., dp_rank=..., dp_world_size=...,
 num_workers=...)`` reads only the rank files this rank needs, and ``loader_resume_state(...,
@@ -66,8 +67,17 @@ def build_train_loader(cfg: RunConfig, *, dp_rank: int, dp_world_size: int) -> S
 
 def build_valid_loaders(
     cfg: RunConfig, *, dp_rank: int, dp_world_size: int
-) -> dict[str, list[dict]]:
-    """``train.eval_batches`` held-out batches per language (the same ones at every call).
+) -> dict[str, dict[str, list[dict]]]:
+    """``train.eval_batches`` held-out batches per held-out set (the same ones at every call):
+    ``{"lang": {language: batches}, "pair": {pair set: batches}}``. Languages hold the
+    objectives' monolingual rows (when the run trains on any: TLM share < 1), pair sets their
+    parallel rows (TLM, translation; when the run trains on pairs: TLM share > 0), each real
+    pair set of ``data.valid_manifest`` alone (back-translated sets are not held-out data; a
+    valid manifest without pairs validates a mixed run on its languages only).
+
+    Raises:
+        ValueError: a valid manifest without what the run's rows need (mono data for a run with
+            monolingual rows; a real pair set for a pairs-only run).
 
     Returns ``{}`` when ``data.valid_manifest`` is empty.
     """
@@ -77,10 +87,10 @@ def build_valid_loaders(
 
 
 # Validation batches are built once per process and reused: the same held-out tokens each time.
-_VALID_CACHE: dict[tuple, dict[str, list[dict]]] = {}
+_VALID_CACHE: dict[tuple, dict[str, dict[str, list[dict]]]] = {}
 
 
-def _valid_batches(cfg: RunConfig, dp_rank: int, dp_world_size: int) -> dict[str, list[dict]]:
+def _valid_batches(cfg: RunConfig, dp_rank: int, dp_world_size: int) -> dict:
     transform, masking = loader_settings(cfg)
     key = (
         cfg.data.valid_manifest,
@@ -90,41 +100,61 @@ def _valid_batches(cfg: RunConfig, dp_rank: int, dp_world_size: int) -> dict[str
         dp_world_size,
         cfg.train.eval_batches,
         transform,
+        masking,
     )
     if key in _VALID_CACHE:
         return _VALID_CACHE[key]
-    # Validation per language: monolingual rows only.
-    masking = replace(masking, tlm_share=0.0)
-    probe = build_loader(
-        _valid_data_cfg(cfg, weights={}),
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
-        objective=transform,
-        masking=masking,
-        seed=cfg.train.seed,
-    )
-    result = {}
-    mono = [lang for lang, p in probe.dataset.mono_p.items() if p > 0]
-    for lang in mono:
-        loader = build_loader(
-            _valid_data_cfg(cfg, weights={lang: 1.0}),
+    share = masking.tlm_share
+
+    def loader(weights: dict, pair_weights: dict, tlm_share: float):
+        # pair rows only (1.0) or mono rows only (0.0); mono rows keep the run's kind of
+        # seq2seq row (denoised or span-corrupted)
+        only = replace(masking, tlm_share=tlm_share)
+        if tlm_share == 1.0:
+            only = replace(only, denoise_share=0.0)
+        return build_loader(
+            _valid_data_cfg(cfg, weights=weights, pair_weights=pair_weights),
             dp_rank=dp_rank,
             dp_world_size=dp_world_size,
             objective=transform,
-            masking=masking,
+            masking=only,
             seed=cfg.train.seed,
         )
-        batches = iter(loader)
-        result[lang] = [next(batches) for _ in range(cfg.train.eval_batches)]
+
+    def batches(weights: dict, pair_weights: dict, tlm_share: float) -> list[dict]:
+        rows = iter(loader(weights, pair_weights, tlm_share))
+        return [next(rows) for _ in range(cfg.train.eval_batches)]
+
+    def probe(tlm_share: float):
+        return loader({}, {}, tlm_share).dataset
+
+    result: dict[str, dict[str, list[dict]]] = {"lang": {}, "pair": {}}
+    # a probe of the valid manifest's sources: mono rows where the run has any (the manifest
+    # must then hold mono data), else pair rows only (it must then hold pairs)
+    ds = probe(0.0 if share < 1.0 else 1.0)
+    if share < 1.0:
+        mono = [lang for lang, p in ds.mono_p.items() if p > 0]
+        result["lang"] = {lang: batches({lang: 1.0}, {}, 0.0) for lang in mono}
+    if share > 0.0:
+        pairs = [n for n, p in ds.pair_p.items() if p > 0 and n not in ds.synthetic_pairs]
+        if not pairs and share == 1.0:
+            raise ValueError(
+                f"data.valid_manifest ({cfg.data.valid_manifest!r}) has no real pair set to "
+                "validate the run's pair rows on"
+            )
+        result["pair"] = {name: batches({}, {name: 1.0}, 1.0) for name in pairs}
     _VALID_CACHE[key] = result
     return result
 
 
-def _valid_data_cfg(cfg: RunConfig, *, weights: dict[str, float]):
+def _valid_data_cfg(cfg: RunConfig, *, weights: dict[str, float], pair_weights: dict[str, float]):
     return replace(
         cfg.data,
         manifest=cfg.data.valid_manifest,
         language_weights=weights,
+        pair_weights=pair_weights,
+        synthetic_ratio=None,
+        parallel_upsample=None,
         num_workers=0,
         shuffle_buffer=1,
     )

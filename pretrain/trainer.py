@@ -368,10 +368,7 @@ class Trainer:
             synthetic_pairs=data.synthetic_pairs,
         )
         if self.validator.due(step):
-            valid = self.validator.run(self.parts)
-            if valid:
-                metrics["valid_loss_per_lang"] = valid
-                metrics["valid_loss"] = sum(valid.values()) / len(valid)
+            metrics.update(self.validator.run(self.parts))
         logger.log(metrics, step)
         window.reset()
 

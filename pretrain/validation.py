@@ -1,12 +1,18 @@
-"""Held-out loss per language during training.
+"""Held-out loss per language and per pair set during training, as the run's objectives see it.
 
 What to call: ``Validator(cfg, dims=..., device=..., batch_loss=..., num_targets=...)``, then
 ``validator.due(step)`` and ``validator.run(parts)`` on every rank at the same steps (it reduces
 over ``dp``). Guarantee: the same held-out batches at every call (``train.eval_batches`` per
-language of ``data.valid_manifest``, monolingual rows only, built once per process), a
-token-weighted mean loss per language over every dp rank, the model put back in train mode.
-Encoder-decoder runs validate their monolingual objective (span corruption or denoising) per
-language: the held-out rows are monolingual, their loss the decoder's over its labels.
+held-out set of ``data.valid_manifest``, built once per process, ``pretrain.data``), a
+token-weighted mean loss per set over every dp rank, the model put back in train mode.
+
+The held-out sets follow the objective mix: a run that trains on monolingual rows (MLM, CLM,
+span corruption, denoising) validates them per language (``valid_loss_per_lang``); a run that
+trains on pair rows (TLM, translation) validates them per pair set (``valid_loss_per_pair``, the
+real pair sets of the valid manifest). ``valid_loss`` weighs the two means as the run weighs its
+rows: ``(1 - s) * mean(per language) + s * mean(per pair set)``, s the TLM / translation share
+of rows, so a translation-only run's ``valid_loss`` is its held-out translation loss and a
+monolingual run's is the mean over languages, as before pair sets were validated.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import torch
 from parallel.mesh import ParallelDims
 from parallel.parallelize import local_value, reduce_metric
 from pretrain.config import RunConfig
-from pretrain.data import build_valid_loaders
+from pretrain.data import build_valid_loaders, loader_settings
 
 
 class Validator:
-    """Validation loss per language.
+    """Validation loss per language and per pair set (the module docstring).
 
     Args:
         cfg: the run config (``data.valid_manifest``, ``train.eval_every``,
@@ -52,9 +58,10 @@ class Validator:
         every = self.cfg.train.eval_every
         return bool(every and step % every == 0)
 
-    def run(self, parts: Sequence[torch.nn.Module]) -> dict[str, float]:
-        """``{language: mean loss}`` over the held-out batches; ``{}`` without a valid
-        manifest."""
+    def run(self, parts: Sequence[torch.nn.Module]) -> dict[str, Any]:
+        """``{"valid_loss", "valid_loss_per_lang", "valid_loss_per_pair"}`` (each per-set
+        entry only when the run has such sets) over the held-out batches; ``{}`` without a
+        valid manifest."""
         valid = build_valid_loaders(
             self.cfg, dp_rank=self.dims.dp_rank, dp_world_size=self.dims.dp_world_size
         )
@@ -62,18 +69,30 @@ class Validator:
             return {}
         for part in parts:
             part.eval()
-        result = {}
+        losses: dict[str, dict[str, float]] = {}
         with torch.no_grad():
-            for lang, batches in sorted(valid.items()):
-                total = torch.zeros((), dtype=torch.float32, device=self.device)
-                count = torch.zeros((), dtype=torch.float32, device=self.device)
-                for batch in batches:
-                    # Summed losses and target counts: a token-weighted mean per language.
-                    total += local_value(self.batch_loss(batch)).float()
-                    count += self.num_targets(batch).float().to(self.device)
-                total = reduce_metric(total, dims=self.dims, axis="dp", op="sum")
-                count = reduce_metric(count, dims=self.dims, axis="dp", op="sum")
-                result[lang] = float(total / count.clamp(min=1))
+            for kind, sets in valid.items():
+                for name, batches in sorted(sets.items()):
+                    losses.setdefault(kind, {})[name] = self._mean_loss(batches)
         for part in parts:
             part.train()
-        return result
+        out: dict[str, Any] = {}
+        share = loader_settings(self.cfg)[1].tlm_share
+        total = 0.0
+        for kind, weight in (("lang", 1.0 - share), ("pair", share)):
+            if losses.get(kind):
+                out[f"valid_loss_per_{kind}"] = losses[kind]
+                total += weight * sum(losses[kind].values()) / len(losses[kind])
+        out["valid_loss"] = total
+        return out
+
+    def _mean_loss(self, batches: list[dict[str, Any]]) -> float:
+        """Summed losses over summed target counts of ``batches`` on every dp rank."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        count = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in batches:
+            total += local_value(self.batch_loss(batch)).float()
+            count += self.num_targets(batch).float().to(self.device)
+        total = reduce_metric(total, dims=self.dims, axis="dp", op="sum")
+        count = reduce_metric(count, dims=self.dims, axis="dp", op="sum")
+        return float(total / count.clamp(min=1))

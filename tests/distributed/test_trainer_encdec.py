@@ -65,6 +65,46 @@ def test_the_objectives_train(shards, tmp_path: Path, extra: tuple[str, ...], na
     assert math.isfinite(last["valid_loss"]) and set(last["valid_loss_per_lang"]) >= {"en"}
 
 
+@pytest.mark.parametrize(
+    ("preset", "extra", "share"),
+    [
+        ("tiny_encdec.yaml", ("objective.weights={translation: 1}",), 1.0),
+        ("tiny_encdec.yaml", (MIX,), 0.25),
+        ("tiny_encoder.yaml", ("objective.weights={mlm: 1, tlm: 1}",), 0.5),
+    ],
+    ids=["translation", "span-corruption+translation", "mlm+tlm"],
+)
+def test_validation_follows_the_objective_mix(shards, tmp_path: Path, preset, extra, share):
+    """Held-out pair rows for the pair objectives, mono rows per language for the others, and
+    ``valid_loss`` weighing the two as the run weighs its rows."""
+    from pretrain.data import build_train_loader, build_valid_loaders
+
+    cfg = trainer_config(preset, shards, tmp_path / "run", *extra, "train.steps=2",
+                         "checkpoint.every=0", "train.eval_every=2")  # fmt: skip
+    valid = build_valid_loaders(cfg, dp_rank=0, dp_world_size=1)
+    assert set(valid["pair"]) == {"en-de"}
+    assert bool(valid["lang"]) == (share < 1.0)
+    for batch in valid["pair"]["en-de"]:
+        if "pair_rows" in batch:  # encoder-decoder: translation rows only
+            assert bool(batch["pair_rows"].all())
+        else:  # TLM rows: each row holds both languages of the pair
+            languages = build_train_loader(cfg, dp_rank=0, dp_world_size=1).dataset.languages
+            pair = {languages.index("en"), languages.index("de")}
+            for row in batch["lang_ids"]:
+                assert set(row[row >= 0].tolist()) == pair
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    pair = last["valid_loss_per_pair"]["en-de"]
+    assert math.isfinite(pair) and set(last["valid_loss_per_pair"]) == {"en-de"}
+    if share == 1.0:
+        assert "valid_loss_per_lang" not in last
+        assert last["valid_loss"] == pytest.approx(pair)
+    else:
+        per_lang = last["valid_loss_per_lang"]
+        mono = sum(per_lang.values()) / len(per_lang)
+        assert last["valid_loss"] == pytest.approx((1 - share) * mono + share * pair)
+
+
 def test_stop_and_resume_reproduce_the_uninterrupted_curve(shards, tmp_path: Path):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     full = trainer_config("tiny_encdec.yaml", shards, full_dir, MIX)
