@@ -24,6 +24,8 @@ setup(
         "zstandard",
         "rich",
         "matplotlib",
+        # BLEU / chrF of the back-translation loop (launch.backtranslation_loop)
+        "sacrebleu>=2",
     ],
     # back-translation backends that need the model code (data_pipeline imports none of it)
     entry_points={"rosetta.translators": ["ckpt = pretrain.translator:checkpoint_translator"]},
