@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import shlex
 import shutil
@@ -54,7 +55,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
+from data_pipeline.backtranslate import TranslatorOptions, make_translator
+from data_pipeline.text_inputs import open_binary
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data_pipeline" / "sample"
@@ -79,19 +81,10 @@ def run_command(cmd: list[str], *, quiet: bool = False) -> float:
 
 
 def read_lines(path: Path, count: int | None = None) -> list[str]:
-    """The first ``count`` lines (all: None) of a text file, ``.zst`` or plain, without
-    newlines."""
-    with open(path, "rb") as handle:
-        raw = (
-            zstandard.ZstdDecompressor().stream_reader(handle) if path.suffix == ".zst" else handle
-        )
-        text = io.TextIOWrapper(raw, "utf-8")
-        lines = []
-        for line in text:
-            lines.append(line.rstrip("\n"))
-            if count is not None and len(lines) == count:
-                break
-    return lines
+    """The first ``count`` lines (all: None) of a text file (``.gz``/``.zst`` or plain),
+    without newlines."""
+    with io.TextIOWrapper(open_binary(path), "utf-8") as text:
+        return [line.rstrip("\n") for line in itertools.islice(text, count)]
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -114,11 +107,13 @@ def bleu(hypotheses: list[str], references: list[str]) -> dict[str, float]:
 
 
 def apertium_available(pair: str) -> bool:
-    """Whether ``apertium`` and its language pair ``pair`` (``eng-spa``) are installed."""
-    if shutil.which("apertium") is None:
+    """Whether the ``apertium:PAIR`` backend can be made here (``apertium`` and its language
+    pair ``pair``, e.g. ``eng-spa``, installed): the backend's own check."""
+    try:
+        make_translator(f"apertium:{pair}", TranslatorOptions())
+    except ValueError:
         return False
-    listed = subprocess.run(["apertium", "-l"], capture_output=True, text=True, check=False)
-    return pair in listed.stdout.split()
+    return True
 
 
 @dataclass(frozen=True)
@@ -129,11 +124,17 @@ class Corpus:
     real: Path
     valid: Path
     mono: Path
+    documents: int
+    """TGT documents back-translated (the lines of ``mono``)."""
+    source_tokens: int
+    """Their tokens in the run's tokenizer (each backend's throughput is over these)."""
     held_out: list[tuple[str, str]]
 
 
 def prepare_corpus(args, out: Path) -> Corpus:
     """Step 1 (tokenizer and shards), reusing finished work under ``out``."""
+    from data_pipeline.tokenizer import load_tokenizer
+
     py = sys.executable
     src, tgt = args.pair.split("-", 1)
     train_pairs = Path(args.train_pairs or SAMPLE / "parallel" / f"{args.pair}.train.tsv.zst")
@@ -179,7 +180,8 @@ def prepare_corpus(args, out: Path) -> Corpus:
             quiet=args.quiet,
         )  # fmt: skip
     held = [line.split("\t", 1) for line in read_lines(valid_pairs, args.eval) if "\t" in line]
-    return Corpus(tokenizer, real, valid, mono, [(s, t) for s, t in held])
+    tokens = sum(map(len, load_tokenizer(tokenizer).encode(lines)))
+    return Corpus(tokenizer, real, valid, mono, len(lines), tokens, [(s, t) for s, t in held])
 
 
 def train(args, corpus: Corpus, *, manifest: Path, run_dir: Path, swap: float, seed: int,
@@ -206,8 +208,6 @@ def train(args, corpus: Corpus, *, manifest: Path, run_dir: Path, swap: float, s
 
 def backtranslate(args, corpus: Corpus, *, translator: str, out: Path, tagged: bool) -> dict:
     """Step 3 for one backend; returns its throughput row."""
-    from data_pipeline.tokenizer import load_tokenizer
-
     src, tgt = args.pair.split("-", 1)
     if out.exists():
         shutil.rmtree(out)
@@ -217,19 +217,17 @@ def backtranslate(args, corpus: Corpus, *, translator: str, out: Path, tagged: b
            "--max-len-b", str(args.bt_max_len_b), "--keep-text",
            "--quiet"] + (["--tag"] if tagged else [])  # fmt: skip
     seconds = run_command(cmd, quiet=args.quiet)
-    documents = read_lines(corpus.mono)
-    tokens = sum(map(len, load_tokenizer(corpus.tokenizer).encode(documents)))
     manifest = json.loads((out / "manifest.json").read_text())
     (pair,) = manifest["pairs"].values()
     return {
         "backend": translator,
         "tagged": tagged,
-        "documents": len(documents),
+        "documents": corpus.documents,
         "kept": pair["documents"],
         "rejected": pair.get("rejected", {}),
-        "source_tokens": tokens,
+        "source_tokens": corpus.source_tokens,
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
+        "tokens_per_s": corpus.source_tokens / seconds,
     }
 
 
@@ -302,8 +300,6 @@ def run_loop(args) -> dict:
     reverse_pairs = [b.split(":", 1)[1] for b in args.backends if b.startswith("apertium:")]
     rule_based = "-".join(reversed(reverse_pairs[0].split("-", 1))) if reverse_pairs else ""
     if rule_based and apertium_available(rule_based):
-        from data_pipeline.backtranslate import TranslatorOptions, make_translator
-
         apertium = make_translator(f"apertium:{rule_based}", TranslatorOptions())
         sources = [s for s, _ in corpus.held_out]
         reference = {
@@ -314,7 +310,7 @@ def run_loop(args) -> dict:
         "pair": args.pair,
         "steps": args.steps,
         "held_out_pairs": len(corpus.held_out),
-        "bt_documents": len(read_lines(corpus.mono)),
+        "bt_documents": corpus.documents,
         "synthetic_ratio": args.synthetic_ratio,
         "models": models,
         "backends": backends,

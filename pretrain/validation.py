@@ -52,6 +52,8 @@ class Validator:
     ) -> None:
         self.cfg, self.dims, self.device = cfg, dims, device
         self.batch_loss, self.num_targets = batch_loss, num_targets
+        # the run's share of pair rows weighs the pair sets' mean in valid_loss
+        self.pair_share = loader_settings(cfg)[1].tlm_share
 
     def due(self, step: int) -> bool:
         """Whether ``step`` validates (every ``train.eval_every`` steps; 0: never)."""
@@ -77,9 +79,8 @@ class Validator:
         for part in parts:
             part.train()
         out: dict[str, Any] = {}
-        share = loader_settings(self.cfg)[1].tlm_share
         total = 0.0
-        for kind, weight in (("lang", 1.0 - share), ("pair", share)):
+        for kind, weight in (("lang", 1.0 - self.pair_share), ("pair", self.pair_share)):
             if losses.get(kind):
                 out[f"valid_loss_per_{kind}"] = losses[kind]
                 total += weight * sum(losses[kind].values()) / len(losses[kind])
