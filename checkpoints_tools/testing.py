@@ -121,6 +121,34 @@ def family_config(family: str, *, tokenizer: Path, run_dir: Path, extra: tuple[s
     )
 
 
+def encdec_config(
+    preset: str = "tiny_encdec.yaml",
+    *,
+    tokenizer: Path,
+    run_dir: Path,
+    max_seq_len: int = 64,
+    extra: tuple[str, ...] = (),
+):
+    """The run config of the encoder-decoder ``preset`` (``configs/<preset>``) made tiny (width
+    32, FFN 48, head dim 8), trained (as its ``data.manifest`` says) on :func:`shards_for`
+    ``tokenizer``."""
+    from pretrain.config import load_config
+
+    return load_config(
+        REPO / "configs" / preset,
+        [
+            f"model.vocab_size={VOCAB}",
+            "model.hidden_size=32",
+            "model.ffn_hidden_size=48",
+            "model.head_dim=8",
+            f"model.max_seq_len={max_seq_len}",
+            f"data.manifest={shards_for(tokenizer)}",
+            f"train.run_dir={run_dir}",
+            *extra,
+        ],
+    )
+
+
 def save_family_checkpoint(
     cfg, *, step: int = 5, seed: int = 0, optimizer_state: bool = True
 ) -> Path:

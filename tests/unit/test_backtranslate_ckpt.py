@@ -15,24 +15,11 @@ from data_pipeline import backtranslate as bt
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from checkpoints_tools.testing import VOCAB, make_tokenizer, save_family_checkpoint, shards_for
-    from pretrain.config import load_config
-    from tests.sample_data import REPO
+    from checkpoints_tools.testing import encdec_config, make_tokenizer, save_family_checkpoint
 
     root = tmp_path_factory.mktemp("bt_ckpt")
     tok = make_tokenizer(root)
-    cfg = load_config(
-        REPO / "configs" / "tiny_encdec.yaml",
-        [
-            f"model.vocab_size={VOCAB}",
-            "model.hidden_size=32",
-            "model.ffn_hidden_size=48",
-            "model.head_dim=8",
-            "model.max_seq_len=64",
-            f"data.manifest={shards_for(tok)}",
-            f"train.run_dir={root / 'run'}",
-        ],
-    )
+    cfg = encdec_config(tokenizer=tok, run_dir=root / "run", max_seq_len=64)
     return {"tok": tok, "ckpt": save_family_checkpoint(cfg), "root": root}
 
 

@@ -120,23 +120,10 @@ def test_lora_on_the_exported_mt5_lowers_held_out_translation_loss(tmp_path: Pat
     never trained on) is below the base model's on the same pairs, and only the LoRA matrices
     changed."""
     torch.manual_seed(0)
-    from checkpoints_tools.testing import VOCAB, shards_for
-    from pretrain.config import load_config
-    from tests.sample_data import REPO
+    from checkpoints_tools.testing import encdec_config
 
     tok = make_tokenizer(tmp_path)
-    cfg = load_config(
-        REPO / "configs" / "tiny_encdec.yaml",
-        [
-            f"model.vocab_size={VOCAB}",
-            "model.hidden_size=32",
-            "model.ffn_hidden_size=48",
-            "model.head_dim=8",
-            "model.max_seq_len=128",
-            f"data.manifest={shards_for(tok)}",
-            f"train.run_dir={tmp_path / 'run'}",
-        ],
-    )
+    cfg = encdec_config(tokenizer=tok, run_dir=tmp_path / "run", max_seq_len=128)
     convert.export_hf(save_family_checkpoint(cfg), out=tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)

@@ -387,21 +387,12 @@ CLI_PRESETS = {
 
 
 def _tiny_checkpoint(preset: str, *, tokenizer_dir, run_dir, extra: tuple[str, ...] = ()):
-    from checkpoints_tools.testing import VOCAB as TOKENIZER_VOCAB
-    from checkpoints_tools.testing import save_family_checkpoint, shards_for
-    from pretrain.config import load_config
+    from checkpoints_tools.testing import encdec_config, save_family_checkpoint
 
-    overrides = [
-        f"model.vocab_size={TOKENIZER_VOCAB}",
-        "model.hidden_size=32",
-        "model.ffn_hidden_size=48",
-        "model.head_dim=8",
-        "model.max_seq_len=32",
-        f"data.manifest={shards_for(tokenizer_dir)}",
-        f"train.run_dir={run_dir}",
-        *extra,
-    ]
-    return save_family_checkpoint(load_config(CONFIGS / preset, overrides))
+    cfg = encdec_config(
+        preset, tokenizer=tokenizer_dir, run_dir=run_dir, max_seq_len=32, extra=extra
+    )
+    return save_family_checkpoint(cfg)
 
 
 @pytest.mark.parametrize("shape", sorted(CLI_PRESETS))
