@@ -60,6 +60,17 @@ corruption alone, else ``S``; ``objective.decoder_len`` sets it)::
     tokens_per_lang, docs_per_lang        as above: the raw text tokens read per language (a
                                           monolingual row's raw tokens; both sides of a pair)
 
+ERNIE-M BTMLM batches (objective ``btmlm``) are monolingual rows laid out by
+``transforms.btmlm_rows``: a raw cut ``R`` of the stream of ``n = (T - 3) // 2`` tokens, then
+``</s> <lang:t> <mask> * n </s>`` and padding, ``t`` another language of the manifest's mono
+data (drawn per row from the slot's generator); the contract's keys (``input_ids``: ``R``
+BERT-masked; ``labels`` on ``R`` only; ``position_ids`` restarting at ``<lang:t>``, as a TLM
+target; ``lang_ids`` ``t`` from there on; ``doc_ids`` 0 on the row, -1 on padding), plus::
+
+    btmlm_source_ids     [B, T]  int32  the row before masking (what the model fills from)
+    placeholder_mask     [B, T]  bool   the n placeholders the model fills
+    placeholder_excluded [K]     int64  ids never filled in (the vocabulary's special ids)
+
 Rows: translation rows pack whole pairs (a pair's first side, ``side </s>``, in the source
 row; the other side in the labels; the direction drawn per pair with ``tlm_swap_prob``, as for
 TLM); a monolingual row is a raw cut of the stream (``doc </s> doc ...``) of T5's raw length,
@@ -184,6 +195,8 @@ from data_pipeline.transforms import (
     SpanMaskingConfig,
     Vocab,
     boundaries_from_starts,
+    btmlm_rows,
+    btmlm_source_len,
     decoder_inputs,
     denoise,
     join_mono,
@@ -204,11 +217,12 @@ SPAN_MIN_STEPS = 32
 ~45 at dp 64, ~640 at dp 1024; lookups ~17 us at any dp)."""
 SPARSE_STEPS = 64
 """Steps a slot plans in one go when its rows are looked up alone."""
-OBJECTIVES = ("clm", "mlm", "span", "seq2seq")
+OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "btmlm")
 """Batch kinds: ``clm`` packed causal rows; ``mlm`` BERT-masked rows (and TLM pair rows);
 ``span`` SpanBERT span-masked rows (``transforms.span_mask``: whole-word spans, geometric
 lengths, 80/10/10 per span), packed like ``mlm``; ``seq2seq`` encoder-decoder rows (T5 span
-corruption or BART denoising of monolingual rows, translation pair rows: see below)."""
+corruption or BART denoising of monolingual rows, translation pair rows: see below);
+``btmlm`` ERNIE-M back-translation masked LM rows (see below)."""
 BAD_SHARD_POLICIES = ("skip", "raise")
 COUNTER_KEYS = ("dropped_tokens", "truncated_tokens", "bad_samples")
 
@@ -554,6 +568,8 @@ class StreamingDataset(IterableDataset):
         self.decoder_len = 0  # target positions of a seq2seq row (none for the other objectives)
         if objective == "seq2seq":
             self._init_seq2seq(tlm_share)
+        if objective == "btmlm":
+            self._init_btmlm()
         self._slots = [
             self._fresh_slot(dp_rank * self.slots_per_rank + j, generation=0)
             for j in range(self.slots_per_rank)
@@ -593,6 +609,27 @@ class StreamingDataset(IterableDataset):
                 f"language {missing[0]!r} has no <lang:{missing[0]}> token in the tokenizer "
                 "(translation rows and mBART denoising start the decoder with it)"
             )
+
+    def _init_btmlm(self) -> None:
+        """Settings of ``btmlm`` batches: the raw row length and the target languages (the
+        manifest's mono languages with a ``<lang:xx>`` token, whatever their weights, so that a
+        one-language validation loader has the run's targets; each row's language needs
+        another one)."""
+        self.btmlm_len = btmlm_source_len(self.seq_len)
+        if self.btmlm_len < 1:
+            raise ValueError(f"data.seq_len ({self.seq_len}) must be >= 5 for btmlm rows")
+        tags = self.vocab.lang_token_ids or {}
+        langs = list(self.mono_p)
+        self.btmlm_targets = np.array(
+            sorted(self.lang_index[lang] for lang in langs if lang in tags), dtype=np.int64
+        )
+        for lang in (lang for lang, p in self.mono_p.items() if p > 0):
+            others = [i for i in self.btmlm_targets.tolist() if i != self.lang_index[lang]]
+            if not others:
+                raise ValueError(
+                    f"btmlm rows of {lang!r} need another language with a <lang:xx> token in "
+                    f"the tokenizer and mono data in the manifest (have: {', '.join(langs)})"
+                )
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -839,6 +876,8 @@ class _SlotRunner:
         tags = ds.vocab.lang_token_ids or {}
         # seq2seq: the <lang:xx> id of each language index (-1: none; checked where needed)
         self.lang_tags = np.array([tags.get(lang, -1) for lang in ds.languages], dtype=np.int64)
+        # btmlm: the ids the model never fills a placeholder with
+        self.placeholder_excluded = torch.tensor(ds.vocab.special_ids, dtype=torch.int64)
 
     def state(self) -> dict:
         return {
@@ -1290,6 +1329,44 @@ class _SlotRunner:
             "docs_per_lang": torch.from_numpy(np.array(docs_L, dtype=np.int64)),
         }
 
+    def _btmlm_batch(self, mono_rows: list[str]) -> dict:
+        """A ``btmlm`` batch (module docstring): raw rows, then ``transforms.btmlm_rows``."""
+        ds = self.ds
+        num_langs = len(ds.languages)
+        raw_MR = np.empty((len(mono_rows), ds.btmlm_len), dtype=ID_DTYPE)
+        lang_M = np.array([ds.lang_index[name] for name in mono_rows], dtype=np.int64)
+        tokens_L, docs_L = [0] * num_langs, [0] * num_langs
+        for m, name in enumerate(mono_rows):
+            docs = self._mono_row(name, raw_MR[m])
+            docs_L[lang_M[m]] += docs + int(np.count_nonzero(raw_MR[m, :-1] == self.eos))
+            tokens_L[lang_M[m]] += ds.btmlm_len
+        rows = btmlm_rows(
+            raw_MR,
+            lang_M,
+            seq_len=ds.seq_len,
+            vocab=ds.vocab,
+            lang_tag_L=self.lang_tags,
+            targets=ds.btmlm_targets,
+            cfg=ds.masking,
+            rng=self.rng,
+            special_V=self.special_V,
+            normal_ids=self.normal_ids,
+        )
+        counted_tokens, counted_docs = self.counters["tokens"], self.counters["documents"]
+        for i, lang in enumerate(ds.languages):
+            counted_tokens[lang] += tokens_L[i]
+            counted_docs[lang] += docs_L[i]
+        batch = {
+            key: torch.from_numpy(rows[key])
+            for key in ("input_ids", "labels", "position_ids", "doc_ids", "lang_ids")
+            + ("attention_mask", "placeholder_mask")
+        }
+        batch["btmlm_source_ids"] = torch.from_numpy(rows["source_ids"])
+        batch["placeholder_excluded"] = self.placeholder_excluded
+        batch["tokens_per_lang"] = torch.from_numpy(np.array(tokens_L, dtype=np.int64))
+        batch["docs_per_lang"] = torch.from_numpy(np.array(docs_L, dtype=np.int64))
+        return batch
+
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The slot's next batch (contract in the module docstring)."""
         ds = self.ds
@@ -1300,6 +1377,9 @@ class _SlotRunner:
         if ds.objective == "seq2seq":
             self.batches += 1
             return self._seq2seq_batch(pair_rows, mono_rows)
+        if ds.objective == "btmlm":
+            self.batches += 1
+            return self._btmlm_batch(mono_rows)
         num_tlm = len(pair_rows)
         self.batches += 1
         num_langs = len(ds.languages)

@@ -23,7 +23,9 @@ with a numpy Generator as its only source of randomness:
 - encoder-decoder rows of the loader (span corruption, denoising, translation):
   :class:`Seq2SeqConfig` (its lengths) in :class:`MaskingConfig`'s ``seq2seq``;
 - SpanBERT span masking: :func:`span_mask` with a :class:`SpanMaskingConfig` (spans from
-  :func:`select_spans`), outputs as :func:`mask_tokens`.
+  :func:`select_spans`), outputs as :func:`mask_tokens`;
+- ERNIE-M back-translation masked LM: :func:`btmlm_rows` (a raw row, then placeholders of
+  another language for the model to fill), row length from :func:`btmlm_source_len`.
 
 Everything here is pure numpy on whole arrays: no Python loop over tokens (the span
 transforms loop over rows and spans only).
@@ -1184,3 +1186,106 @@ def span_mask(
             normal_ids = np.flatnonzero(~special_V)
         inputs_N[to_random_R] = normal_ids[rng.integers(0, len(normal_ids), len(to_random_R))]
     return inputs_BT, labels_BT
+
+
+# --- ERNIE-M back-translation masked LM ---------------------------------------------------------
+
+
+def btmlm_source_len(seq_len: int) -> int:
+    """Raw tokens ``n`` of a BTMLM row of ``seq_len`` positions: ``n + 3 + n <= seq_len``
+    (:func:`btmlm_rows`)."""
+    return (seq_len - 3) // 2
+
+
+def btmlm_rows(
+    raw_MR: np.ndarray,
+    lang_M: np.ndarray,
+    *,
+    seq_len: int,
+    vocab: Vocab,
+    lang_tag_L: np.ndarray,
+    targets: np.ndarray,
+    cfg: MaskingConfig,
+    rng: np.random.Generator,
+    special_V: np.ndarray | None = None,
+    normal_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """ERNIE-M BTMLM rows (Ouyang et al. 2021): each raw monolingual cut ``R`` of ``n`` tokens
+    is laid out as ``R </s> <lang:t> <mask> * n </s>`` (then padding), ``t`` a target
+    language other than the row's own, drawn uniformly from ``targets`` per row. The model
+    fills the ``n`` placeholders in one no-grad pass over the unmasked row (the objective's
+    first step, ``pretrain.objectives``); the loss is BERT-masked LM over ``R`` alone, with
+    the filled pseudo translation as context.
+
+    Args:
+        raw_MR: ``[M, n]`` raw ids (``n = btmlm_source_len(seq_len)``).
+        lang_M: ``[M]`` language index of each row.
+        lang_tag_L: the ``<lang:xx>`` id of every language index (-1: none).
+        targets: sorted language indices a row may be translated into (each with a tag); every
+            row's language needs another one among them.
+        cfg: BERT masking of ``R`` (``mask_prob``, 80/10/10, whole-word).
+        rng: the only randomness: first one target draw per row, then :func:`mask_tokens`.
+
+    Returns:
+        ``[M, T]`` arrays: ``source_ids`` (the unmasked row, placeholders as mask ids),
+        ``input_ids`` (``R`` masked, the rest as in ``source_ids``), ``labels`` (the original
+        id at masked positions of ``R``, ``IGNORE_INDEX`` elsewhere), ``position_ids``
+        (``0 .. n`` over ``R </s>``, restarting at ``<lang:t>`` as a TLM target), ``lang_ids``
+        (the row's language over ``R </s>``, ``t`` from ``<lang:t>`` on, the row's on
+        padding), ``doc_ids`` (0 on the row's tokens, -1 on padding), ``attention_mask``,
+        ``placeholder_mask`` (True on the ``n`` placeholders); and ``target_M``.
+
+    Raises:
+        ValueError: a row too long for ``seq_len``; a row without a target language.
+    """
+    M, n = raw_MR.shape
+    T = seq_len
+    if 2 * n + 3 > T:
+        raise ValueError(f"btmlm rows of {n} raw tokens need seq_len >= {2 * n + 3} (got {T})")
+    targets = np.asarray(targets, dtype=np.int64)
+    lang_M = np.asarray(lang_M, dtype=np.int64)
+    own_M = np.isin(lang_M, targets)
+    choices_M = len(targets) - own_M
+    if M and choices_M.min() < 1:
+        bad = int(lang_M[np.argmin(choices_M)])
+        raise ValueError(f"btmlm: language index {bad} has no other target language")
+    draw_M = rng.integers(0, np.maximum(choices_M, 1))
+    # skip the row's own language: draws at or past its place move up by one
+    place_M = np.searchsorted(targets, lang_M)
+    target_M = targets[draw_M + (own_M & (draw_M >= place_M))]
+    source_MT = np.full((M, T), vocab.pad_id, dtype=raw_MR.dtype)
+    source_MT[:, :n] = raw_MR
+    source_MT[:, n] = vocab.eos_id
+    source_MT[:, n + 1] = lang_tag_L[target_M]
+    source_MT[:, n + 2 : 2 * n + 2] = vocab.mask_id
+    source_MT[:, 2 * n + 2] = vocab.eos_id
+    real_T = np.arange(T) < 2 * n + 3
+    position_T = np.zeros(T, dtype=ID_DTYPE)
+    position_T[: n + 1] = np.arange(n + 1)
+    position_T[n + 1 : 2 * n + 3] = np.arange(n + 2)
+    lang_MT = np.repeat(lang_M[:, None], T, axis=1).astype(ID_DTYPE)
+    lang_MT[:, n + 1 : 2 * n + 3] = target_M[:, None]
+    doc_T = np.where(real_T, 0, -1).astype(ID_DTYPE)
+    placeholder_T = np.zeros(T, dtype=bool)
+    placeholder_T[n + 2 : 2 * n + 2] = True
+    masked_T = np.arange(T) < n
+    input_MT, labels_MT = mask_tokens(
+        source_MT,
+        vocab=vocab,
+        cfg=cfg,
+        rng=rng,
+        valid_BT=np.broadcast_to(masked_T, (M, T)),
+        special_V=special_V,
+        normal_ids=normal_ids,
+    )
+    return {
+        "source_ids": source_MT,
+        "input_ids": input_MT,
+        "labels": labels_MT,
+        "position_ids": np.broadcast_to(position_T, (M, T)).copy(),
+        "lang_ids": lang_MT,
+        "doc_ids": np.broadcast_to(doc_T, (M, T)).copy(),
+        "attention_mask": np.broadcast_to(real_T, (M, T)).copy(),
+        "placeholder_mask": np.broadcast_to(placeholder_T, (M, T)).copy(),
+        "target_M": target_M,
+    }

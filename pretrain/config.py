@@ -526,7 +526,13 @@ def _validate_objective(cfg: RunConfig) -> None:
             )
     if sum(names.values()) <= 0:
         raise ValueError(f"objective.weights ({names}) must have a positive sum")
-    ObjectiveMix(names)  # the objectives must share one batch transform
+    mix = ObjectiveMix(names)  # the objectives must share one batch transform
+    if cfg.parallel.pp > 1 and not mix.pipeline:
+        blocked = [o.name for o in mix.objectives if not o.pipeline]
+        raise ValueError(
+            f"objective.weights.{blocked[0]} needs parallel.pp 1 (got {cfg.parallel.pp}): its "
+            "model pass before the loss runs the whole model on one rank"
+        )
     obj.weights, obj.name, obj.tlm_share = names, None, None
     for key in ("mask_prob", "mask_replace_prob", "mask_random_prob"):
         value = getattr(obj, key)

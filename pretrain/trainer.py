@@ -395,6 +395,29 @@ class Trainer:
             lang_ids, tokens_mask, num_languages=len(self.languages), pair_rows_B=pair_rows
         )
 
+    def logits_at(
+        self, batch: dict[str, Any], input_ids_BT: torch.Tensor, where_BT: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's fp32 logits ``[N, V]`` at the True positions of ``where_BT`` for
+        ``input_ids_BT`` with the batch's other model inputs: no grad, the model in eval mode
+        (no dropout, no MoE load statistics). An objective's own pass before its loss
+        (``ObjectiveMix.prepare``: BTMLM); not under pipeline parallel."""
+        kwargs = model_inputs(batch, self.cfg.model, self.device)
+        input_ids = to_device(input_ids_BT, self.device)
+        where = to_device(where_BT, self.device)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                if self.dims.tp > 1 or self.engine is not None:
+                    logits_BTV = local_value(self.model(input_ids, **kwargs))
+                    return logits_BTV[where].float()
+                hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
+                weight_VD, bias_V = self.model.output_projection()
+                return torch.nn.functional.linear(hidden_BTD[where], weight_VD, bias_V).float()
+        finally:
+            self.model.train(training)
+
     def forward_loss(
         self, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -403,7 +426,9 @@ class Trainer:
         counts as ``[groups]`` fp32 device tensors.
 
         Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
-        ``loss_context`` (the caller runs backward inside it too)."""
+        ``loss_context`` (the caller runs backward inside it too). An objective with a step
+        before its loss takes it first (``ObjectiveMix.prepare``)."""
+        batch = self.mix.prepare(batch, self.logits_at)
         input_ids = to_device(batch["input_ids"], self.device)
         labels = self.mix.targets(to_device(batch["labels"], self.device))
         kwargs = model_inputs(batch, self.cfg.model, self.device)

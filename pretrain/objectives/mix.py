@@ -4,6 +4,7 @@ What to call::
 
     mix = ObjectiveMix.from_config(cfg)              # cfg: pretrain.config.RunConfig
     transform, masking = mix.loader_settings(cfg.objective)
+    batch = mix.prepare(batch, logits_at)            # BTMLM: placeholders filled by the model
     labels_BT = mix.targets(batch_labels_BT)         # device, int64; shifted for CLM
     groups_BT = mix.target_groups(lang_ids_BT, tokens_mask_BT, num_languages=L)
     # seq2seq batches: the decoder side's language ids and mask, and pair_rows_B=pair_rows
@@ -83,6 +84,7 @@ class ObjectiveMix:
                     "batch; one run's batch has one objective per kind of row: keep one"
                 )
         self.chunk_tokens = chunk_tokens
+        self.preparing = [o for o in self.objectives if o.prepare is not None]
         # The objective index of mono and pair rows.
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
 
@@ -119,6 +121,20 @@ class ObjectiveMix:
         for objective, share in zip(self.objectives, self.shares().values()):
             options.update(objective.loader_options(share))
         return self.transform, replace(masking, **options)
+
+    # -- a step before the loss --------------------------------------------------------------
+
+    def prepare(self, batch: dict[str, Any], logits_at: Callable[..., torch.Tensor]):
+        """The batch after each objective's own step before the loss (``Objective.prepare``:
+        BTMLM fills its placeholders with ``logits_at``); the batch itself when none has one."""
+        for objective in self.preparing:
+            batch = objective.prepare(batch, logits_at)
+        return batch
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether every objective of the mix runs under pipeline parallel."""
+        return all(o.pipeline for o in self.objectives)
 
     # -- targets and groups ------------------------------------------------------------------
 

@@ -17,7 +17,11 @@ An objective states what it needs and owns, as class data the trainer and the va
 - ``shift_targets``: position t predicts token t + 1 (CLM) or the label at t (masked objectives);
 - ``sparse_targets``: few positions carry a target (~15%): only those are projected;
 - ``loader_options(share)``: what the loader needs from its share of the mix (TLM and
-  translation: the share of pair rows; bart: that its rows are denoised).
+  translation: the share of pair rows; bart: that its rows are denoised);
+- ``pipeline``: whether it runs under pipeline parallel (BTMLM's model pass over the whole
+  model does not);
+- ``prepare(batch, logits_at)``: a step of its own before the loss, given no-grad logits of
+  the model at chosen positions (BTMLM fills its placeholders there); none by default.
 
 Each objective owns its targets and loss: the token-predicting ones (:class:`TokenPrediction`:
 CLM, MLM, TLM, span masking; the encoder-decoder ones, :class:`SequenceToSequence`: T5 span
@@ -56,11 +60,18 @@ class Objective:
     rows: ClassVar[str] = "any"
     shift_targets: ClassVar[bool] = False
     sparse_targets: ClassVar[bool] = False
+    pipeline: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def loader_options(self, share: float) -> dict[str, Any]:
         """Loader masking options for this objective's ``share`` of the mix (none by default)."""
         return {}
+
+    prepare: ClassVar[Callable[..., dict[str, Any]] | None] = None
+    """``prepare(batch, logits_at) -> batch``, when the objective has a step before the loss:
+    ``logits_at(batch, input_ids_BT, where_BT)`` gives the model's no-grad logits ``[N, V]``
+    at the True positions of ``where_BT`` for ``input_ids_BT`` with the batch's other model
+    inputs (``pretrain.trainer.Trainer.logits_at``)."""
 
 
 class TokenPrediction(Objective):
@@ -227,6 +238,38 @@ class SpanMasking(TokenPrediction):
     rows = "mono"
     sparse_targets = True
     description = "span masking, SpanBERT (encoder)"
+
+
+@register
+class BackTranslationMLM(TokenPrediction):
+    """ERNIE-M back-translation masked LM (Ouyang et al. 2021) on monolingual rows
+    (``transforms.btmlm_rows``: ``R </s> <lang:t> <mask> * n </s>``). First step: the model
+    fills the n placeholders of another language from the unmasked row, in one no-grad pass,
+    each with its argmax id (special ids excluded): a pseudo translation. Second step: masked
+    LM over the BERT-masked ``R`` with that pseudo translation as context; the loss is the
+    cross-entropy at the masked positions of ``R`` (none on the pseudo translation). The
+    first pass runs the model in eval mode (no dropout, no MoE load statistics); it costs one
+    more forward per batch, which the logged MFU does not count. Not under pipeline parallel
+    (the pass needs the whole model on one rank)."""
+
+    name = "btmlm"
+    families = ("encoder",)
+    transform = "btmlm"
+    rows = "any"
+    sparse_targets = True
+    pipeline = False
+    description = "back-translation masked LM, ERNIE-M (encoder)"
+
+    def prepare(self, batch: dict[str, Any], logits_at: Callable[..., torch.Tensor]):
+        """The batch with its placeholders filled: ``input_ids`` on the logits' device."""
+        where_BT = batch["placeholder_mask"]
+        logits_NV = logits_at(batch, batch["btmlm_source_ids"], where_BT)
+        device = logits_NV.device
+        logits_NV[:, batch["placeholder_excluded"].to(device)] = float("-inf")
+        fill_N = logits_NV.argmax(dim=-1)
+        input_ids = batch["input_ids"].to(device).clone()
+        input_ids[where_BT.to(device)] = fill_N.to(input_ids.dtype)
+        return {**batch, "input_ids": input_ids}
 
 
 class SequenceToSequence(TokenPrediction):

@@ -15,7 +15,13 @@ from parallel.testing import run_distributed
 from pretrain.checkpoint import complete_checkpoints
 from pretrain.plots import read_metrics
 from pretrain.preemption import EXIT_PREEMPTED
-from tests.distributed.trainer_runs import fit_rank, logged_losses, trainer_config
+from tests.distributed.trainer_runs import (
+    fit_rank,
+    global_batches,
+    logged_losses,
+    train_on,
+    trainer_config,
+)
 
 MIX = "objective.weights={t5: 3, translation: 1}"
 MBART = (
@@ -119,42 +125,6 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(shards, tmp_path: Pat
     assert curve == reference  # bit for bit
 
 
-def _global_batches(cfg, steps: int) -> list[list[dict]]:
-    """``steps`` global batches of two parts each, from one loader (the parts as the two dp
-    ranks get them; one process takes both, concatenated)."""
-    from pretrain.data import build_train_loader
-
-    batches = iter(build_train_loader(cfg, dp_rank=0, dp_world_size=1))
-    return [[next(batches), next(batches)] for _ in range(steps)]
-
-
-def _cat(parts: list[dict]) -> dict:
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-
-
-def _train(rank: int, world_size: int, cfg, steps: list[list[dict]]) -> dict:
-    """Train on the given global batches; the step losses and the full final weights."""
-    from torch.distributed.tensor import DTensor
-
-    from pretrain.models.transformer import canonical_name
-    from pretrain.trainer import Trainer
-
-    trainer = Trainer(cfg, rank=rank, world_size=world_size)
-    losses = []
-    for parts in steps:
-        # one data-parallel rank (one process, TP, PP) takes the whole global batch
-        batch = _cat(parts) if trainer.dims.dp == 1 else parts[trainer.dims.dp_rank]
-        out = trainer.train_step([batch])
-        trainer.settle(out)
-        losses.append(out["loss"])
-    weights = {}  # every part this rank holds (pipeline stages: some of the model)
-    for part in trainer.parts:
-        for name, param in part.named_parameters():
-            value = param.full_tensor() if isinstance(param, DTensor) else param
-            weights[canonical_name(name)] = value.detach().clone()
-    return {"losses": losses, "weights": weights}
-
-
 LAYOUTS = {
     "fsdp2": ("parallel.dp_shard=2",),
     "tp2": ("parallel.tp=2", "parallel.dp_shard=1"),
@@ -184,11 +154,11 @@ LAYOUTS = {
 )
 def test_two_rank_layouts_match_one_process(shards, tmp_path: Path, preset, extra, layout):
     cfg = trainer_config(preset, shards, tmp_path / "run", *extra, *LAYOUTS[layout])
-    steps = _global_batches(cfg, 3)
+    steps = global_batches(cfg, 3)
     moe_settings = LAYOUTS[layout][1:] if layout == "ep2" else ()
     single = trainer_config(preset, shards, tmp_path / "one", *extra, *moe_settings)
-    one = run_distributed(_train, world_size=1, args=(single, steps))[0]
-    two = run_distributed(_train, world_size=2, args=(cfg, steps))
+    one = run_distributed(train_on, world_size=1, args=(single, steps))[0]
+    two = run_distributed(train_on, world_size=2, args=(cfg, steps))
     merged = {**two[0]["weights"], **two[1]["weights"]}  # pipeline stages: both halves
     for rank in range(2):
         assert two[rank]["losses"] == pytest.approx(one["losses"], rel=1e-5)
@@ -201,6 +171,6 @@ def test_two_rank_layouts_match_one_process(shards, tmp_path: Path, preset, extr
     # The updates moved the weights by far more than the tolerance.
     moved = max(
         float((one["weights"][n] - w).abs().max())
-        for n, w in run_distributed(_train, world_size=1, args=(single, []))[0]["weights"].items()
+        for n, w in run_distributed(train_on, world_size=1, args=(single, []))[0]["weights"].items()
     )
     assert moved > 1e-3

@@ -3,13 +3,17 @@ optional preemption signal), and the logged loss curve.
 
 ``trainer_config(preset, shards, run_dir, *overrides)`` is 8 steps of a 2-layer model on
 4 x 32 tokens, checkpoints every 4 steps; ``fit_rank`` is the body of one harness process;
-``logged_losses(run_dir)`` reads ``{step: loss}`` back from ``metrics.jsonl``.
+``logged_losses(run_dir)`` reads ``{step: loss}`` back from ``metrics.jsonl``;
+``global_batches`` + ``train_on`` train one process and a 2-rank layout on the same global
+batches (the layout tests compare their losses and weights).
 """
 
 from __future__ import annotations
 
 import signal
 from pathlib import Path
+
+import torch
 
 from pretrain.config import load_config
 from tests.sample_data import REPO
@@ -69,3 +73,40 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     from pretrain.plots import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def global_batches(cfg, steps: int) -> list[list[dict]]:
+    """``steps`` global batches of two parts each, from one loader (the parts as the two dp
+    ranks get them; one process takes both, concatenated)."""
+    from pretrain.data import build_train_loader
+
+    batches = iter(build_train_loader(cfg, dp_rank=0, dp_world_size=1))
+    return [[next(batches), next(batches)] for _ in range(steps)]
+
+
+def cat_parts(parts: list[dict]) -> dict:
+    """One batch of the parts' rows (the global batch one process takes)."""
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def train_on(rank: int, world_size: int, cfg, steps: list[list[dict]]) -> dict:
+    """Train on the given global batches; the step losses and the full final weights."""
+    from torch.distributed.tensor import DTensor
+
+    from pretrain.models.transformer import canonical_name
+    from pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg, rank=rank, world_size=world_size)
+    losses = []
+    for parts in steps:
+        # one data-parallel rank (one process, TP, PP) takes the whole global batch
+        batch = cat_parts(parts) if trainer.dims.dp == 1 else parts[trainer.dims.dp_rank]
+        out = trainer.train_step([batch])
+        trainer.settle(out)
+        losses.append(out["loss"])
+    weights = {}  # every part this rank holds (pipeline stages: some of the model)
+    for part in trainer.parts:
+        for name, param in part.named_parameters():
+            value = param.full_tensor() if isinstance(param, DTensor) else param
+            weights[canonical_name(name)] = value.detach().clone()
+    return {"losses": losses, "weights": weights}
