@@ -35,6 +35,9 @@ Batch contract (every objective; a dict of CPU torch tensors)::
                                    no padding)
     tokens_per_lang [L]     int64  non-padding tokens of each language in this batch (this
                                    rank's: the global step's count is the sum over dp ranks)
+    row_transform   [B]     int32  encoder rows (``mlm``, ``span``, ``btmlm``): each row's
+                                   transform, an index into ``transforms.ROW_TRANSFORMS``
+                                   (pair = TLM, mlm, span, btmlm)
     docs_per_lang   [L]     int64  documents starting in this batch per language (TLM: pairs,
                                    counted under the source language)
 
@@ -189,6 +192,7 @@ from data_pipeline.slot_streams import Source, StreamState, redistribute, source
 from data_pipeline.transforms import (
     ID_DTYPE,
     IGNORE_INDEX,
+    ROW_TRANSFORMS,
     DenoisingConfig,
     MaskingConfig,
     Seq2SeqConfig,
@@ -546,7 +550,13 @@ class StreamingDataset(IterableDataset):
             where=str(file),
         )
         tlm_share = self.masking.tlm_share if objective in ("mlm", "seq2seq") else 0.0
-        if objective == "span":
+        # the monolingual rows' transforms and their shares (several: an mlm batch mixes them)
+        kinds = self.masking.mono_kinds if objective == "mlm" else None
+        kinds = [(k, float(w)) for k, w in (kinds or ((objective, 1.0),)) if w > 0]
+        total = sum(w for _, w in kinds)
+        self.mono_kinds = [(k, w / total) for k, w in kinds]
+        self.kind_names = [k for k, _ in self.mono_kinds]
+        if "span" in self.kind_names:
             self.span_masking = SpanMaskingConfig(
                 mask_prob=self.masking.mask_prob,
                 replace_prob=self.masking.replace_prob,
@@ -876,6 +886,19 @@ class _SlotRunner:
         tags = ds.vocab.lang_token_ids or {}
         # seq2seq: the <lang:xx> id of each language index (-1: none; checked where needed)
         self.lang_tags = np.array([tags.get(lang, -1) for lang in ds.languages], dtype=np.int64)
+        # mixed monolingual rows: the j-th row of a source has the transform of row
+        # j + offset(source) of the kinds' own schedule (per source, so that no language is
+        # tied to one transform by the two schedules' periods)
+        self.kind_schedule = None
+        if len(ds.mono_kinds) > 1:
+            self.kind_schedule = RowSchedule([w for _, w in ds.mono_kinds])
+            names = np.array([source_seed(name) for name in self.mono_names])
+            self.kind_offset = (hashed_u64(ds.seed, names, 1)[:, 0] >> np.uint64(44)).astype(
+                np.int64
+            )
+        self.row_kind_ids = np.array(
+            [ROW_TRANSFORMS.index(k) if k in ROW_TRANSFORMS else -1 for k in ds.kind_names]
+        )
         # btmlm: the ids the model never fills a placeholder with
         self.placeholder_excluded = torch.tensor(ds.vocab.special_ids, dtype=torch.int64)
 
@@ -1021,7 +1044,8 @@ class _SlotRunner:
         mono_at = mono_at[~is_pair_KB]
         if sparse:
             pair_rows = self.pair_schedule.sources_at(pair_at).tolist()
-            mono_rows = self.mono_schedule.sources_at(mono_at).tolist()
+            mono_src = self.mono_schedule.sources_at(mono_at)
+            mono_rows = mono_src.tolist()
         else:  # the K windows lie in one span of the pair sequence and one of the mono one
             span_first, span_end = int(first_K[0]), int(first_K[-1]) + G
             pair_first = int(pair_before_K[0])
@@ -1030,15 +1054,31 @@ class _SlotRunner:
             pair_src = self.pair_schedule.sources(pair_first, pair_end)
             mono_src = self.mono_schedule.sources(mono_first, span_end - pair_end)
             pair_rows = pair_src[pair_at - pair_first].tolist()
-            mono_rows = mono_src[mono_at - mono_first].tolist()
+            mono_src = mono_src[mono_at - mono_first]
+            mono_rows = mono_src.tolist()
+        kinds = self._mono_kinds(mono_at, mono_src)
         num_tlm_K = is_pair_KB.sum(axis=1).tolist()
         plan, p, m = [], 0, 0
         for num_tlm in num_tlm_K:
             pairs = [self.pair_names[i] for i in pair_rows[p : p + num_tlm]]
             monos = [self.mono_names[i] for i in mono_rows[m : m + B - num_tlm]]
-            plan.append((pairs, monos))
+            plan.append((pairs, monos, None if kinds is None else kinds[m : m + B - num_tlm]))
             p, m = p + num_tlm, m + B - num_tlm
         self.plan = plan[::-1]
+
+    def _mono_kinds(self, mono_at: np.ndarray, mono_src: np.ndarray) -> np.ndarray | None:
+        """The transform (index into ``ds.mono_kinds``) of each monolingual row, from its global
+        mono row indices and sources; None when the rows have one transform. Row m, the j-th
+        row of its source (``RowSchedule.counts``), takes row ``j + offset(source)`` of the
+        kinds' schedule: each source's rows follow the shares within a row over any window,
+        so the step's rows do within about a row per source."""
+        if self.kind_schedule is None:
+            return None
+        mono_src = np.asarray(mono_src, dtype=np.int64)
+        counts = self.mono_schedule.counts(np.asarray(mono_at, dtype=np.int64))
+        at = np.searchsorted(self.mono_schedule.index, mono_src)
+        j = counts[np.arange(len(mono_src)), at]
+        return self.kind_schedule.sources_at(j + self.kind_offset[mono_src])
 
     def _mono_row(self, name: str, ids_T: np.ndarray) -> int:
         """Fill one row ``ids_T`` from mono source ``name``.
@@ -1363,9 +1403,42 @@ class _SlotRunner:
         }
         batch["btmlm_source_ids"] = torch.from_numpy(rows["source_ids"])
         batch["placeholder_excluded"] = self.placeholder_excluded
+        batch["row_transform"] = torch.full(
+            (len(mono_rows),), ROW_TRANSFORMS.index("btmlm"), dtype=torch.int32
+        )
         batch["tokens_per_lang"] = torch.from_numpy(np.array(tokens_L, dtype=np.int64))
         batch["docs_per_lang"] = torch.from_numpy(np.array(docs_L, dtype=np.int64))
         return batch
+
+    def _mask_mixed(
+        self, ids_BT: np.ndarray, valid_BT: np.ndarray | None, row_transform_B: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, labels)`` of an ``mlm`` batch whose rows mix transforms: BERT masking
+        of the TLM and ``mlm`` rows in one call, then span masking of the ``span`` rows (in
+        that order, each over its rows only: the slot's generator is their one randomness)."""
+        ds = self.ds
+        inputs_BT, labels_BT = ids_BT.copy(), np.full_like(ids_BT, IGNORE_INDEX)
+        bert = (row_transform_B == ROW_TRANSFORMS.index("pair")) | (
+            row_transform_B == ROW_TRANSFORMS.index("mlm")
+        )
+        for rows_B, mask in (
+            (bert, mask_tokens),
+            (row_transform_B == ROW_TRANSFORMS.index("span"), span_mask),
+        ):
+            rows = np.flatnonzero(rows_B)
+            if not len(rows):
+                continue
+            cfg = ds.masking if mask is mask_tokens else ds.span_masking
+            inputs_BT[rows], labels_BT[rows] = mask(
+                ids_BT[rows],
+                vocab=ds.vocab,
+                cfg=cfg,
+                rng=self.rng,
+                valid_BT=None if valid_BT is None else valid_BT[rows],
+                special_V=self.special_V,
+                normal_ids=self.normal_ids,
+            )
+        return inputs_BT, labels_BT
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The slot's next batch (contract in the module docstring)."""
@@ -1373,7 +1446,7 @@ class _SlotRunner:
         B, T = ds.batch_size, ds.seq_len
         if not self.plan:
             self._plan_batches()
-        pair_rows, mono_rows = self.plan.pop()
+        pair_rows, mono_rows, kinds = self.plan.pop()
         if ds.objective == "seq2seq":
             self.batches += 1
             return self._seq2seq_batch(pair_rows, mono_rows)
@@ -1432,7 +1505,16 @@ class _SlotRunner:
                 doc_ids_BT[b, filled:] = -1
             valid_BT = np.ones((B, T), dtype=bool)
             valid_BT[:num_tlm] = self.arange_BT[0] < np.array(fill_R)[:, None]
-        if ds.objective == "span":
+        row_transform = None
+        if ds.objective in ("mlm", "span"):
+            row_transform = np.zeros(B, dtype=ID_DTYPE)  # TLM rows first: "pair"
+            row_transform[num_tlm:] = (
+                self.row_kind_ids[0] if kinds is None else self.row_kind_ids[kinds]
+            )
+        only = ds.kind_names[0]  # the rows' one transform when they have one
+        if kinds is not None or (only == "span" and num_tlm):
+            input_BT, labels_BT = self._mask_mixed(ids_BT, valid_BT, row_transform)
+        elif only == "span":
             input_BT, labels_BT = span_mask(
                 ids_BT,
                 vocab=ds.vocab,
@@ -1442,7 +1524,7 @@ class _SlotRunner:
                 special_V=self.special_V,
                 normal_ids=self.normal_ids,
             )
-        elif ds.objective == "mlm":
+        elif only == "mlm":
             input_BT, labels_BT = mask_tokens(
                 ids_BT,
                 vocab=ds.vocab,
@@ -1461,7 +1543,11 @@ class _SlotRunner:
             if docs_L[i]:
                 counted_docs[lang] += docs_L[i]
         input_ids = torch.from_numpy(input_BT)
+        extra = {}
+        if row_transform is not None:
+            extra["row_transform"] = torch.from_numpy(row_transform)
         return {
+            **extra,
             "input_ids": input_ids,
             # CLM: the input tensor itself (the values are equal; batches are read-only)
             "labels": input_ids if labels_BT is input_BT else torch.from_numpy(labels_BT),

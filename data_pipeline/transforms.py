@@ -173,6 +173,9 @@ class MaskingConfig:
         denoise_share: of each ``seq2seq`` batch, the share of BART-denoised monolingual rows
             (positive: every monolingual row is denoised; 0: every one is span-corrupted).
         seq2seq: the settings of ``seq2seq`` batches (None: :class:`Seq2SeqConfig`'s defaults).
+        mono_kinds: of an ``mlm`` batch's monolingual rows, the transform of each (``mlm``: BERT
+            masking, ``span``: SpanBERT span masking) and its share of those rows, e.g.
+            ``(("mlm", 0.5), ("span", 0.5))``; None: every one as the loader's objective says.
     """
 
     mask_prob: float = 0.15
@@ -183,6 +186,7 @@ class MaskingConfig:
     max_word_pieces: int = 8
     denoise_share: float = 0.0
     seq2seq: Seq2SeqConfig | None = None
+    mono_kinds: tuple[tuple[str, float], ...] | None = None
 
     def check(self) -> None:
         """Raises: ValueError naming the value and the rule."""
@@ -208,6 +212,27 @@ class MaskingConfig:
             )
         if self.seq2seq is not None:
             self.seq2seq.check()
+        if self.mono_kinds is not None:
+            kinds = [kind for kind, _ in self.mono_kinds]
+            if not kinds or not set(kinds) <= set(MIXED_MONO_KINDS) or len(set(kinds)) < len(kinds):
+                raise ValueError(
+                    f"masking.mono_kinds ({kinds}) must name each of "
+                    f"{', '.join(MIXED_MONO_KINDS)} at most once"
+                )
+            if any(share < 0 for _, share in self.mono_kinds) or not any(
+                share > 0 for _, share in self.mono_kinds
+            ):
+                raise ValueError(
+                    f"masking.mono_kinds ({list(self.mono_kinds)}): shares must be >= 0 with a "
+                    "positive sum"
+                )
+
+
+MIXED_MONO_KINDS = ("mlm", "span")
+"""The transforms monolingual rows of one ``mlm`` batch may mix (``MaskingConfig.mono_kinds``)."""
+ROW_TRANSFORMS = ("pair", "mlm", "span", "btmlm")
+"""Values of an encoder batch's ``row_transform``: TLM pair rows, BERT-masked, span-masked and
+BTMLM monolingual rows."""
 
 
 # --- joining ---------------------------------------------------------------------------------

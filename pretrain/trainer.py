@@ -391,8 +391,15 @@ class Trainer:
         tokens_mask = to_device(tokens_mask_cpu, self.device)
         if pair_rows is not None:
             pair_rows = to_device(pair_rows, self.device)
+        row_transform = batch.get("row_transform")
+        if row_transform is not None:
+            row_transform = to_device(row_transform, self.device)
         return self.mix.target_groups(
-            lang_ids, tokens_mask, num_languages=len(self.languages), pair_rows_B=pair_rows
+            lang_ids,
+            tokens_mask,
+            num_languages=len(self.languages),
+            pair_rows_B=pair_rows,
+            row_transform_B=row_transform,
         )
 
     def logits_at(

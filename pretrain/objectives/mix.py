@@ -57,12 +57,22 @@ class ObjectiveMix:
         self.objectives: list[Objective] = [OBJECTIVES[name]() for name in weights]
         self.names = [objective.name for objective in self.objectives]
         transforms = sorted({objective.transform for objective in self.objectives})
-        if len(transforms) > 1:
+        layouts = {objective.layout or objective.transform for objective in self.objectives}
+        if len(layouts) > 1:
             raise ValueError(
                 f"objective.weights ({', '.join(self.names)}) ask for different batch "
                 f"transforms ({', '.join(transforms)}); one run's objectives share one"
             )
+        # the masked layout: one mlm batch whose monolingual rows mix their objectives' kinds
+        self.mono_kinds = None
         self.transform = transforms[0]
+        if layouts == {"masked"}:
+            self.transform = "mlm"
+            self.mono_kinds = {
+                o.row_kind: self.weights[o.name]
+                for o in self.objectives
+                if o.rows == "mono" and self.weights[o.name] > 0
+            }
         # One batch, one loss: the objectives sharing it must place and score targets alike.
         first = self.objectives[0]
         if not isinstance(first, TokenPrediction) or any(
@@ -75,9 +85,12 @@ class ObjectiveMix:
                 "one run's objectives share one loss"
             )
         self.loss_owner: TokenPrediction = first
-        # A batch's rows are its mono and pair rows: one objective of each kind at most.
+        # A batch's rows are its mono and pair rows: one objective of each kind at most, but
+        # for the masked layout's monolingual rows (their objectives mix row by row).
         for kind in ("mono", "pair"):
             taking = [o.name for o in self.objectives if o.rows == kind and self.weights[o.name]]
+            if kind == "mono" and self.mono_kinds is not None:
+                taking = taking[:1]
             if len(taking) > 1:
                 raise ValueError(
                     f"objective.weights ({', '.join(taking)}) all take the {kind} rows of a "
@@ -85,8 +98,16 @@ class ObjectiveMix:
                 )
         self.chunk_tokens = chunk_tokens
         self.preparing = [o for o in self.objectives if o.prepare is not None]
-        # The objective index of mono and pair rows.
+        # The objective index of mono and pair rows, and of each row transform of a batch's
+        # row_transform (data_pipeline.transforms.ROW_TRANSFORMS).
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
+        from data_pipeline.transforms import ROW_TRANSFORMS
+
+        owner = {"pair": self._row_index["pair"]}
+        for kind in ROW_TRANSFORMS[1:]:
+            named = [i for i, o in enumerate(self.objectives) if o.row_kind == kind]
+            owner[kind] = named[0] if named else self._row_index["mono"]
+        self._transform_owner = torch.tensor([owner[k] for k in ROW_TRANSFORMS])
 
     @classmethod
     def from_config(cls, cfg: Any) -> ObjectiveMix:
@@ -120,6 +141,8 @@ class ObjectiveMix:
         options: dict[str, Any] = {}
         for objective, share in zip(self.objectives, self.shares().values()):
             options.update(objective.loader_options(share))
+        if self.mono_kinds and set(self.mono_kinds) != {"mlm"}:
+            options["mono_kinds"] = tuple(self.mono_kinds.items())
         return self.transform, replace(masking, **options)
 
     # -- a step before the loss --------------------------------------------------------------
@@ -156,11 +179,19 @@ class ObjectiveMix:
         *,
         num_languages: int,
         pair_rows_B: torch.Tensor | None = None,
+        row_transform_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, T]`` int64 loss group of every position's target: objective index x languages
-        + the target token's language. A row is a pair row when ``pair_rows_B`` says so (the
-        loader's ``seq2seq`` batches: a translation target is one language), else when its
-        real tokens hold two languages (a TLM row)."""
+        + the target token's language. A row's objective: the one of its transform when
+        ``row_transform_B`` gives it (the loader's encoder batches), else by its kind: a pair
+        row when ``pair_rows_B`` says so (the loader's ``seq2seq`` batches: a translation
+        target is one language), else when its real tokens hold two languages (a TLM row)."""
+        if row_transform_B is not None:
+            owner_R = self._transform_owner.to(row_transform_B.device)
+            objective_B = owner_R[row_transform_B.long()]
+            if self.loss_owner.shift_targets:
+                lang_ids_BT = torch.cat([lang_ids_BT[:, 1:], lang_ids_BT[:, -1:]], dim=1)
+            return objective_B[:, None] * num_languages + lang_ids_BT.long()
         if pair_rows_B is not None:
             is_pair_B = pair_rows_B.bool()
         else:

@@ -14,6 +14,9 @@ An objective states what it needs and owns, as class data the trainer and the va
   batch feeds them all);
 - ``rows``: which rows of such a batch are its own: ``any``, ``mono`` (one language per row) or
   ``pair`` (a parallel pair, two languages): how a batch's targets are split per objective;
+- ``layout`` and ``row_kind``: objectives of one layout mix in one batch, row by row
+  (``masked``: MLM, TLM and span masking in the loader's ``mlm`` batch, each row's transform
+  named by ``row_kind`` in the batch's ``row_transform``); empty: the transform alone;
 - ``shift_targets``: position t predicts token t + 1 (CLM) or the label at t (masked objectives);
 - ``sparse_targets``: few positions carry a target (~15%): only those are projected;
 - ``loader_options(share)``: what the loader needs from its share of the mix (TLM and
@@ -60,6 +63,8 @@ class Objective:
     rows: ClassVar[str] = "any"
     shift_targets: ClassVar[bool] = False
     sparse_targets: ClassVar[bool] = False
+    layout: ClassVar[str] = ""
+    row_kind: ClassVar[str | None] = None
     pipeline: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
@@ -205,6 +210,8 @@ class MaskedLM(TokenPrediction):
     families = ("encoder",)
     transform = "mlm"
     rows = "mono"
+    layout = "masked"
+    row_kind = "mlm"
     sparse_targets = True
     description = "masked LM, BERT 80/10/10 (encoder)"
 
@@ -218,6 +225,8 @@ class TranslationLM(TokenPrediction):
     families = ("encoder",)
     transform = "mlm"
     rows = "pair"
+    layout = "masked"
+    row_kind = "pair"
     sparse_targets = True
     description = "translation LM on parallel pairs, XLM (encoder)"
 
@@ -236,6 +245,8 @@ class SpanMasking(TokenPrediction):
     families = ("encoder",)
     transform = "span"
     rows = "mono"
+    layout = "masked"
+    row_kind = "span"
     sparse_targets = True
     description = "span masking, SpanBERT (encoder)"
 
@@ -256,6 +267,7 @@ class BackTranslationMLM(TokenPrediction):
     families = ("encoder",)
     transform = "btmlm"
     rows = "any"
+    row_kind = "btmlm"
     sparse_targets = True
     pipeline = False
     description = "back-translation masked LM, ERNIE-M (encoder)"

@@ -2,7 +2,8 @@
 (``objective.weights={span: 1}``) reaches the loader as span-masked rows (whole-word spans, the
 masking rate of ``objective.mask_prob``) and the trainer, which logs it as its own objective;
 ERNIE-M's BTMLM (``{btmlm: 1}``, a model pass of its own before the loss) trains, and under
-FSDP2 and TP2 gives one process's losses and weights."""
+FSDP2 and TP2 gives one process's losses and weights; MLM, span masking and TLM mixed row by row
+in one batch train, each logged as its own objective, and match one process under TP2."""
 
 from __future__ import annotations
 
@@ -90,15 +91,37 @@ def test_btmlm_trains_and_is_logged_as_its_own(shards, tmp_path):
     assert np.isfinite(records[-1]["valid_loss"])
 
 
+MIXED = "objective.weights={mlm: 1, span: 2, tlm: 1}"
+
+
+def test_mixed_objectives_train_and_are_logged_each(shards, tmp_path):
+    cfg = trainer_config(
+        "tiny_encoder.yaml", shards, tmp_path / "run", MIXED, "data.batch_size=8",
+        "checkpoint.every=0", "train.eval_every=8", "logging.every=4",
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [4, 8]
+    for record in records:
+        per_objective = record["loss_per_objective"]
+        assert set(per_objective) == {"mlm", "span", "tlm"}
+        assert all(np.isfinite(v) for v in per_objective.values())
+    assert np.isfinite(records[-1]["valid_loss"])
+
+
 @pytest.mark.parametrize(
-    "layout",
-    [("parallel.dp_shard=2",), ("parallel.tp=2", "parallel.dp_shard=1")],
-    ids=["fsdp2", "tp2"],
+    ("objective", "layout"),
+    [
+        ("objective.weights={btmlm: 1}", ("parallel.dp_shard=2",)),
+        ("objective.weights={btmlm: 1}", ("parallel.tp=2", "parallel.dp_shard=1")),
+        (MIXED, ("parallel.tp=2", "parallel.dp_shard=1")),
+    ],
+    ids=["btmlm-fsdp2", "btmlm-tp2", "mixed-tp2"],
 )
-def test_btmlm_two_rank_layouts_match_one_process(shards, tmp_path, layout):
-    """The fill pass too: a rank that filled a placeholder differently would train on other
+def test_two_rank_layouts_match_one_process(shards, tmp_path, objective, layout):
+    """BTMLM's fill pass too: a rank that filled a placeholder differently would train on other
     inputs and part from one process's losses and weights."""
-    extra = ("objective.weights={btmlm: 1}", "data.seq_len=64", "model.dropout=0.0")
+    extra = (objective, "data.seq_len=64", "model.dropout=0.0")
     cfg = trainer_config("tiny_encoder.yaml", shards, tmp_path / "two", *extra, *layout)
     steps = global_batches(cfg, 3)
     single = trainer_config("tiny_encoder.yaml", shards, tmp_path / "one", *extra)
