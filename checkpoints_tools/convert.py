@@ -397,7 +397,7 @@ def export_hf(
         write_index(tmp, names, total_size=total)
         from checkpoints_tools.hf_tokenizer import save_tokenizer
 
-        save_tokenizer(tok, tmp, family=cfg.family)
+        save_tokenizer(tok, tmp, family="bert" if cfg.pair_head else cfg.family)
         (tmp / "rosetta_export.json").write_text(
             json.dumps(
                 {"checkpoint": str(Path(path).resolve()), "step": ckpt.step(), "dtype": dtype_name},
@@ -520,8 +520,13 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     inputs: dict[str, torch.Tensor] = {"input_ids": tokens_BT}
     if cfg.family == "encoder_decoder":
         inputs["decoder_input_ids"] = tokens_BT.flip(1)
+    ours_B2 = None
     with torch.no_grad():
-        ours_BTV = model(*inputs.values()).float()
+        if cfg.pair_head:  # BertForPreTraining: the pair logits are verified too
+            ours_BTV, ours_B2 = model(tokens_BT, return_pair_logits=True)
+        else:
+            ours_BTV = model(*inputs.values())
+        ours_BTV = ours_BTV.float()
     del model
     gc.collect()
     cls = getattr(transformers, adapter_for(cfg).hf_architecture)
@@ -529,10 +534,15 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     extra = {"attn_implementation": "eager"} if cfg.family == "encoder_decoder" else {}
     hf_model = cls.from_pretrained(str(out), dtype=torch.float32, **extra).eval()
     with torch.no_grad():
-        theirs_BTV = hf_model(**inputs).logits.float()
+        theirs = hf_model(**inputs)
     del hf_model
     gc.collect()
-    diff = float((ours_BTV - theirs_BTV).abs().max())
+    if ours_B2 is not None:
+        theirs_BTV = theirs.prediction_logits.float()
+        diff = float((ours_B2.float() - theirs.seq_relationship_logits.float()).abs().max())
+    else:
+        theirs_BTV, diff = theirs.logits.float(), 0.0
+    diff = max(diff, float((ours_BTV - theirs_BTV).abs().max()))
     if not diff <= VERIFY_ATOL:
         raise ValueError(
             f"--verify: logits of {str(out)!r} differ from the checkpoint's by {diff:.3g} "

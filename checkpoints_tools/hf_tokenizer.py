@@ -27,14 +27,16 @@ Known limits of that exact mode (text that spells our special pieces out): token
 an unknown character from the lowest score in the vocabulary, so a literal "<mask>" next to a
 character the model does not cover still matches the control piece; and a literal byte-piece
 name ("<0x41>") matches that piece (byte fallback finds byte pieces by name).
-Decoders and encoders have no post-processor: ``encode(text)`` of text without typed special
-tokens gives exactly sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``)
-itself. Encoder-decoders end every text with ``</s>`` (``$A </s>``, pairs ``$A </s> $B </s>``),
-as T5's and mBART's tokenizers do and as our seq2seq sources are (translation sources are
-``text </s>``, span-corrupted inputs end in eos), so ``model.generate(**tok(texts))`` sees what
-training saw; ``add_special_tokens=False`` gives sentencepiece's ids alone. Their sentinels
-``<extra_id_N>`` and language tokens ``<lang:xx>`` are ``extra_special_tokens`` with our ids
-(a translation-trained model starts its decoder with ``<lang:xx>`` of the target language: pass
+Decoders and encoders have no post-processor: ``encode(text)`` of text without typed special tokens
+gives exactly sentencepiece's ids; a caller adds ``<s>``/``</s>`` (or ``<cls>``/``<sep>``) itself.
+An encoder with BERT's pair head (``family="bert"``) frames texts as its training rows were: ``<cls>
+A <sep>``, pairs ``<cls> A <sep> B <sep>`` with ``token_type_ids`` 0 then 1
+(``transforms.segment_pairs``). Encoder-decoders end every text with ``</s>`` (``$A </s>``, pairs
+``$A </s> $B </s>``), as T5's and mBART's tokenizers do and as our seq2seq sources are (translation
+sources are ``text </s>``, span-corrupted inputs end in eos), so ``model.generate(**tok(texts))``
+sees what training saw; ``add_special_tokens=False`` gives sentencepiece's ids alone. Their
+sentinels ``<extra_id_N>`` and language tokens ``<lang:xx>`` are ``extra_special_tokens`` with our
+ids (a translation-trained model starts its decoder with ``<lang:xx>`` of the target language: pass
 ``decoder_start_token_id=tok.convert_tokens_to_ids("<lang:es>")`` to ``generate``; the exported
 ``generation_config.json`` keeps the pre-training start, pad for T5 shapes, eos for mBART).
 """
@@ -52,7 +54,9 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 # Below every real log-probability, so Viterbi never picks a control symbol.
 _NEVER = -1e9
 # family -> padding side (a decoder generates at the right edge of every row)
-FAMILIES = {"decoder": "left", "encoder": "right", "encoder_decoder": "right"}
+FAMILIES = {"decoder": "left", "encoder": "right", "encoder_decoder": "right", "bert": "right"}
+"""Tokenizer kinds: the model families, and ``bert`` (an encoder with BERT's segments and pair
+head, ``model.pair_head``: trained on ``<cls> A <sep> B <sep>`` rows)."""
 
 
 def _model_proto(tok: Tokenizer) -> Any:
@@ -133,7 +137,7 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
     }
     if family == "encoder_decoder":
         named["mask_token"] = pieces[specials["mask"]]  # BART's infilling mask
-    if family == "encoder":
+    if family in ("encoder", "bert"):
         named.update(
             mask_token=pieces[specials["mask"]],
             cls_token=pieces[specials["cls"]],
@@ -146,6 +150,13 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
         raw.post_processor = processors.TemplateProcessing(
             single=f"$A {eos[0]}", pair=f"$A {eos[0]} $B {eos[0]}", special_tokens=[eos]
         )
+    if family == "bert":
+        cls, sep = (named["cls_token"], specials["cls"]), (named["sep_token"], specials["sep"])
+        raw.post_processor = processors.TemplateProcessing(
+            single=f"{cls[0]} $A {sep[0]}",
+            pair=f"{cls[0]} $A {sep[0]} $B:1 {sep[0]}:1",
+            special_tokens=[cls, sep],
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         **named,
@@ -153,6 +164,11 @@ def build_fast_tokenizer(tok: Tokenizer, *, family: str) -> Any:
         # typed "<mask>", "<lang:xx>", ... stay special, as transformers users expect
         split_special_tokens=False,
         padding_side=FAMILIES[family],
+        **(
+            {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+            if family == "bert"
+            else {}
+        ),  # fmt: skip
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 30,
     )

@@ -41,6 +41,8 @@ FAMILIES = {
         ),
     ),
     "encoder": ("tiny_encoder.yaml", ()),
+    # NSP / SOP pre-training: segment embeddings and the pair head (BertForPreTraining)
+    "bert": ("tiny_encoder.yaml", ("model.type_vocab_size=2", "model.pair_head=true")),
 }
 
 

@@ -74,6 +74,15 @@ target; ``lang_ids`` ``t`` from there on; ``doc_ids`` 0 on the row, -1 on paddin
     placeholder_mask     [B, T]  bool   the n placeholders the model fills
     placeholder_excluded [K]     int64  ids never filled in (the vocabulary's special ids)
 
+NSP / SOP batches (objectives ``nsp``, ``sop``) are monolingual rows ``<cls> A <sep> B <sep>``
+from raw cuts of ``T - 3`` tokens (``transforms.segment_pairs``: the split at a document or
+sentence boundary, NSP negatives from another row of the language in the batch, SOP negatives
+swapped), BERT-masked; the contract's keys plus::
+
+    token_type_ids  [B, T]  int32  0 on <cls>, A and its <sep>; 1 on B and the last <sep>
+    pair_label      [B]     int64  NSP: 0 B follows A, 1 B from elsewhere; SOP: 0 in order,
+                                   1 swapped
+
 Rows: translation rows pack whole pairs (a pair's first side, ``side </s>``, in the source
 row; the other side in the labels; the direction drawn per pair with ``tlm_swap_prob``, as for
 TLM); a monolingual row is a raw cut of the stream (``doc </s> doc ...``) of T5's raw length,
@@ -206,6 +215,7 @@ from data_pipeline.transforms import (
     join_mono,
     join_pairs,
     mask_tokens,
+    segment_pairs,
     span_corrupt,
     span_mask,
 )
@@ -221,12 +231,13 @@ SPAN_MIN_STEPS = 32
 ~45 at dp 64, ~640 at dp 1024; lookups ~17 us at any dp)."""
 SPARSE_STEPS = 64
 """Steps a slot plans in one go when its rows are looked up alone."""
-OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "btmlm")
+OBJECTIVES = ("clm", "mlm", "span", "seq2seq", "btmlm", "nsp", "sop")
 """Batch kinds: ``clm`` packed causal rows; ``mlm`` BERT-masked rows (and TLM pair rows);
 ``span`` SpanBERT span-masked rows (``transforms.span_mask``: whole-word spans, geometric
 lengths, 80/10/10 per span), packed like ``mlm``; ``seq2seq`` encoder-decoder rows (T5 span
 corruption or BART denoising of monolingual rows, translation pair rows: see below);
-``btmlm`` ERNIE-M back-translation masked LM rows (see below)."""
+``btmlm`` ERNIE-M back-translation masked LM rows; ``nsp`` / ``sop`` BERT / ALBERT segment pairs
+(see below)."""
 BAD_SHARD_POLICIES = ("skip", "raise")
 COUNTER_KEYS = ("dropped_tokens", "truncated_tokens", "bad_samples")
 
@@ -580,6 +591,11 @@ class StreamingDataset(IterableDataset):
             self._init_seq2seq(tlm_share)
         if objective == "btmlm":
             self._init_btmlm()
+        if objective in ("nsp", "sop"):
+            if seq_len < 5:
+                raise ValueError(f"data.seq_len ({seq_len}) must be >= 5 for {objective} rows")
+            if self.vocab.cls_id is None or self.vocab.sep_id is None:
+                raise ValueError(f"{objective} rows need the tokenizer's <cls> and <sep> ids")
         self._slots = [
             self._fresh_slot(dp_rank * self.slots_per_rank + j, generation=0)
             for j in range(self.slots_per_rank)
@@ -1369,17 +1385,61 @@ class _SlotRunner:
             "docs_per_lang": torch.from_numpy(np.array(docs_L, dtype=np.int64)),
         }
 
+    def _raw_rows(
+        self, mono_rows: list[str], length: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        """``([M, length] raw cuts, [M] language index, {tokens_per_lang, docs_per_lang})`` of
+        the monolingual rows, their tokens and documents counted."""
+        ds = self.ds
+        num_langs = len(ds.languages)
+        raw_MR = np.empty((len(mono_rows), length), dtype=ID_DTYPE)
+        lang_M = np.array([ds.lang_index[name] for name in mono_rows], dtype=np.int64)
+        tokens, documents = self.counters["tokens"], self.counters["documents"]
+        docs_L = np.zeros(num_langs, dtype=np.int64)
+        for m, name in enumerate(mono_rows):
+            # documents starting in the row: after each eos but the last token, corrected
+            docs = self._mono_row(name, raw_MR[m])
+            docs += int(np.count_nonzero(raw_MR[m, :-1] == self.eos))
+            documents[name] += docs
+            docs_L[lang_M[m]] += docs
+            tokens[name] += length
+        tokens_L = np.bincount(lang_M, minlength=num_langs).astype(np.int64) * length
+        per_lang = {
+            "tokens_per_lang": torch.from_numpy(tokens_L),
+            "docs_per_lang": torch.from_numpy(docs_L),
+        }
+        return raw_MR, lang_M, per_lang
+
+    def _segment_batch(self, mono_rows: list[str]) -> dict:
+        """An ``nsp`` / ``sop`` batch (module docstring): raw rows, then
+        ``transforms.segment_pairs``."""
+        ds = self.ds
+        raw_MR, lang_M, per_lang = self._raw_rows(mono_rows, ds.seq_len - 3)
+        rows = segment_pairs(
+            raw_MR,
+            lang_M,
+            task=ds.objective,
+            seq_len=ds.seq_len,
+            vocab=ds.vocab,
+            cfg=ds.masking,
+            rng=self.rng,
+            special_V=self.special_V,
+            normal_ids=self.normal_ids,
+        )
+        batch = {
+            key: torch.from_numpy(rows[key])
+            for key in ("input_ids", "labels", "position_ids", "doc_ids", "token_type_ids")
+            + ("attention_mask", "pair_label")
+        }
+        batch["lang_ids"] = torch.from_numpy(
+            np.repeat(lang_M[:, None], ds.seq_len, axis=1).astype(ID_DTYPE)
+        )
+        return {**batch, **per_lang}
+
     def _btmlm_batch(self, mono_rows: list[str]) -> dict:
         """A ``btmlm`` batch (module docstring): raw rows, then ``transforms.btmlm_rows``."""
         ds = self.ds
-        num_langs = len(ds.languages)
-        raw_MR = np.empty((len(mono_rows), ds.btmlm_len), dtype=ID_DTYPE)
-        lang_M = np.array([ds.lang_index[name] for name in mono_rows], dtype=np.int64)
-        tokens_L, docs_L = [0] * num_langs, [0] * num_langs
-        for m, name in enumerate(mono_rows):
-            docs = self._mono_row(name, raw_MR[m])
-            docs_L[lang_M[m]] += docs + int(np.count_nonzero(raw_MR[m, :-1] == self.eos))
-            tokens_L[lang_M[m]] += ds.btmlm_len
+        raw_MR, lang_M, per_lang = self._raw_rows(mono_rows, ds.btmlm_len)
         rows = btmlm_rows(
             raw_MR,
             lang_M,
@@ -1392,10 +1452,6 @@ class _SlotRunner:
             special_V=self.special_V,
             normal_ids=self.normal_ids,
         )
-        counted_tokens, counted_docs = self.counters["tokens"], self.counters["documents"]
-        for i, lang in enumerate(ds.languages):
-            counted_tokens[lang] += tokens_L[i]
-            counted_docs[lang] += docs_L[i]
         batch = {
             key: torch.from_numpy(rows[key])
             for key in ("input_ids", "labels", "position_ids", "doc_ids", "lang_ids")
@@ -1406,9 +1462,7 @@ class _SlotRunner:
         batch["row_transform"] = torch.full(
             (len(mono_rows),), ROW_TRANSFORMS.index("btmlm"), dtype=torch.int32
         )
-        batch["tokens_per_lang"] = torch.from_numpy(np.array(tokens_L, dtype=np.int64))
-        batch["docs_per_lang"] = torch.from_numpy(np.array(docs_L, dtype=np.int64))
-        return batch
+        return {**batch, **per_lang}
 
     def _mask_mixed(
         self, ids_BT: np.ndarray, valid_BT: np.ndarray | None, row_transform_B: np.ndarray
@@ -1453,6 +1507,9 @@ class _SlotRunner:
         if ds.objective == "btmlm":
             self.batches += 1
             return self._btmlm_batch(mono_rows)
+        if ds.objective in ("nsp", "sop"):
+            self.batches += 1
+            return self._segment_batch(mono_rows)
         num_tlm = len(pair_rows)
         self.batches += 1
         num_langs = len(ds.languages)

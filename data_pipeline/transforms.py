@@ -25,7 +25,8 @@ with a numpy Generator as its only source of randomness:
 - SpanBERT span masking: :func:`span_mask` with a :class:`SpanMaskingConfig` (spans from
   :func:`select_spans`), outputs as :func:`mask_tokens`;
 - ERNIE-M back-translation masked LM: :func:`btmlm_rows` (a raw row, then placeholders of
-  another language for the model to fill), row length from :func:`btmlm_source_len`.
+  another language for the model to fill), row length from :func:`btmlm_source_len`;
+- BERT / ALBERT segment pairs for NSP and SOP: :func:`segment_pairs`.
 
 Everything here is pure numpy on whole arrays: no Python loop over tokens (the span
 transforms loop over rows and spans only).
@@ -100,6 +101,7 @@ class Vocab:
             mBART's language token); None when unknown.
         sentence_end_V: bool per id (:func:`sentence_end_table`: BART's sentence permutation);
             None when unknown.
+        cls_id, sep_id: BERT's ``<cls>`` / ``<sep>`` (segment pairs); None when unknown.
     """
 
     size: int
@@ -112,6 +114,8 @@ class Vocab:
     sentinel_ids: tuple[int, ...] = ()
     lang_token_ids: dict[str, int] | None = None
     sentence_end_V: np.ndarray | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
 
     @classmethod
     def from_tokenizer(cls, directory: str) -> Vocab:
@@ -144,6 +148,8 @@ class Vocab:
             sentinel_ids=tuple(tok.sentinel_ids),
             lang_token_ids=dict(tok.lang_ids),
             sentence_end_V=sentence_end_table(pieces, eos_id=ids["eos"]),
+            cls_id=ids.get("cls"),
+            sep_id=ids.get("sep"),
         )
 
     def special_mask_V(self) -> np.ndarray:
@@ -1313,4 +1319,121 @@ def btmlm_rows(
         "attention_mask": np.broadcast_to(real_T, (M, T)).copy(),
         "placeholder_mask": np.broadcast_to(placeholder_T, (M, T)).copy(),
         "target_M": target_M,
+    }
+
+
+# --- NSP / SOP segment pairs ------------------------------------------------------------------
+
+SEGMENT_TASKS = ("nsp", "sop")
+"""Sentence-pair tasks of :func:`segment_pairs`: BERT's next sentence prediction, ALBERT's
+sentence order prediction."""
+
+
+def segment_pairs(
+    raw_MR: np.ndarray,
+    lang_M: np.ndarray,
+    *,
+    task: str,
+    seq_len: int,
+    vocab: Vocab,
+    cfg: MaskingConfig,
+    rng: np.random.Generator,
+    special_V: np.ndarray | None = None,
+    normal_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """BERT / ALBERT segment-pair rows ``<cls> A <sep> B <sep>`` (then padding) from raw
+    monolingual cuts ``R`` of ``n = seq_len - 3`` tokens (``doc </s> doc ...``, consecutive
+    text of the row's language), with BERT masking over A and B.
+
+    The rule, per row (the generator draws in this order: split points, then labels, then
+    :func:`mask_tokens`):
+
+    - A = ``R[:s]``, B = ``R[s:]``: ``s`` drawn uniformly among the boundaries of ``R`` in
+      ``[1, n - 1]`` (after an eos or a sentence end of ``vocab.sentence_end_V``), ``n // 2``
+      when it has none; A and B are consecutive text.
+    - label 1 with probability 1/2, else 0. ``nsp``: a label-1 row's B is replaced by the B of
+      another row of its language in the same batch (the one half the language's rows further
+      on, cyclically: another document, never the row's own continuation), cut to the room
+      left; a row whose language has no other row keeps its own B and label 0 (BERT's
+      IsNext = 0, NotNext = 1: ``BertForPreTraining``'s ``next_sentence_label``). ``sop``: a
+      label-1 row is ``<cls> B <sep> A <sep>`` (ALBERT: 0 the original order, 1 swapped:
+      ``AlbertForPreTraining``'s ``sentence_order_label``).
+
+    Returns:
+        ``[M, T]`` ``input_ids``, ``labels`` (original id at masked positions, else
+        ``IGNORE_INDEX``), ``position_ids`` (0 .. T-1), ``token_type_ids`` (0 on ``<cls>``, the
+        first segment and its ``<sep>``; 1 on the second and the last ``<sep>``; 0 on padding),
+        ``doc_ids`` (0 on the row, -1 on padding), ``attention_mask``; ``[M]`` ``pair_label``
+        and ``split_M`` (``s``).
+
+    Raises:
+        ValueError: an unknown task, no ``<cls>`` / ``<sep>`` in ``vocab``, rows of another
+            length than ``seq_len - 3``.
+    """
+    if task not in SEGMENT_TASKS:
+        raise ValueError(f"segment task ({task!r}) must be one of {', '.join(SEGMENT_TASKS)}")
+    if vocab.cls_id is None or vocab.sep_id is None:
+        raise ValueError("segment pairs need the tokenizer's <cls> and <sep> ids")
+    M, n = raw_MR.shape
+    T = seq_len
+    if n != T - 3 or n < 2:
+        raise ValueError(f"segment pairs of seq_len {T} need rows of {T - 3} >= 2 tokens (got {n})")
+    ends_V = np.zeros(vocab.size, dtype=bool)
+    ends_V[vocab.eos_id] = True
+    if vocab.sentence_end_V is not None:
+        ends_V |= vocab.sentence_end_V
+    boundary_MR = np.zeros((M, n), dtype=bool)
+    boundary_MR[:, 1:] = ends_V[raw_MR[:, :-1]]  # a boundary before position p
+    count_M = boundary_MR.sum(axis=1)
+    pick_M = rng.integers(0, np.maximum(count_M, 1))
+    split_M = np.full(M, n // 2, dtype=np.int64)
+    for m in np.flatnonzero(count_M).tolist():
+        split_M[m] = np.flatnonzero(boundary_MR[m])[pick_M[m]]
+    label_M = (rng.random(M) < 0.5).astype(np.int64)
+    lang_M = np.asarray(lang_M)
+    ids_MT = np.full((M, T), vocab.pad_id, dtype=raw_MR.dtype)
+    type_MT = np.zeros((M, T), dtype=ID_DTYPE)
+    length_M = np.zeros(M, dtype=np.int64)
+    partner_M = np.full(M, -1, dtype=np.int64)
+    if task == "nsp":
+        for lang in np.unique(lang_M).tolist():
+            rows = np.flatnonzero(lang_M == lang)
+            if len(rows) > 1:
+                partner_M[rows] = np.roll(rows, -(len(rows) // 2))
+        label_M[partner_M < 0] = 0
+    for m in range(M):
+        s = int(split_M[m])
+        first, second = raw_MR[m, :s], raw_MR[m, s:]
+        if label_M[m] and task == "nsp":
+            p = int(partner_M[m])
+            second = raw_MR[p, int(split_M[p]) :][: n - s]
+        elif label_M[m]:
+            first, second = second, first
+        a, b = len(first), len(second)
+        ids_MT[m, 0] = vocab.cls_id
+        ids_MT[m, 1 : 1 + a] = first
+        ids_MT[m, 1 + a] = vocab.sep_id
+        ids_MT[m, 2 + a : 2 + a + b] = second
+        ids_MT[m, 2 + a + b] = vocab.sep_id
+        type_MT[m, 2 + a : 3 + a + b] = 1
+        length_M[m] = a + b + 3
+    real_MT = np.arange(T)[None, :] < length_M[:, None]
+    input_MT, labels_MT = mask_tokens(
+        ids_MT,
+        vocab=vocab,
+        cfg=cfg,
+        rng=rng,
+        valid_BT=real_MT,
+        special_V=special_V,
+        normal_ids=normal_ids,
+    )
+    return {
+        "input_ids": input_MT,
+        "labels": labels_MT,
+        "position_ids": np.broadcast_to(np.arange(T, dtype=ID_DTYPE), (M, T)).copy(),
+        "token_type_ids": type_MT,
+        "doc_ids": np.where(real_MT, 0, -1).astype(ID_DTYPE),
+        "attention_mask": real_MT,
+        "pair_label": label_M,
+        "split_M": split_M,
     }

@@ -37,7 +37,7 @@ def model_inputs(
 ) -> dict[str, torch.Tensor]:
     """The batch's per-token model inputs beside the token ids, on ``device``: positions,
     document ids (``model.document_masking``), language ids (``model.num_languages``, and MoE
-    expert load by language).
+    expert load by language), segment ids (``model.type_vocab_size``).
 
     Padding (TLM rows) is masked whatever ``model.document_masking`` says: without document
     masking a padded batch still gets document ids, 0 on every token and -1 on padding, so real
@@ -61,6 +61,8 @@ def model_inputs(
         wanted["doc_ids"] = "document_ids_BT"
     if model_cfg.num_languages or model_cfg.moe.num_experts:
         wanted["lang_ids"] = "lang_ids_BT"
+    if model_cfg.type_vocab_size:
+        wanted["token_type_ids"] = "token_type_ids_BT"
     kwargs = {
         arg: to_device(batch[key], device)
         for key, arg in wanted.items()

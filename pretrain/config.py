@@ -527,6 +527,7 @@ def _validate_objective(cfg: RunConfig) -> None:
     if sum(names.values()) <= 0:
         raise ValueError(f"objective.weights ({names}) must have a positive sum")
     mix = ObjectiveMix(names)  # the objectives must share one batch transform
+    apply_model_settings(cfg, mix)
     if cfg.parallel.pp > 1 and not mix.pipeline:
         blocked = [o.name for o in mix.objectives if not o.pipeline]
         raise ValueError(
@@ -548,6 +549,26 @@ def _validate_objective(cfg: RunConfig) -> None:
     if obj.max_word_pieces < 1:
         raise ValueError(f"objective.max_word_pieces ({obj.max_word_pieces}) must be >= 1")
     _validate_seq2seq_options(cfg)
+
+
+def apply_model_settings(cfg: RunConfig, mix) -> None:
+    """Set the ``model.*`` values the objectives need (``Objective.model_settings``: NSP's
+    segment embeddings and pair head) where the config leaves them at their defaults; a value
+    set otherwise must meet the need (an int at least it, a bool equal)."""
+    from pretrain.models.config import ModelConfig
+
+    defaults = ModelConfig()
+    for objective in mix.objectives:
+        for key, need in objective.model_settings.items():
+            value = getattr(cfg.model, key)
+            if value == getattr(defaults, key):
+                setattr(cfg.model, key, need)
+                continue
+            flag = isinstance(need, bool)
+            if (value != need) if flag else (value < need):
+                rule = f"{need}" if flag else f"at least {need}"
+                raise ValueError(f"model.{key} ({value}) must be {rule} for objective.weights."
+                                 f"{objective.name}")  # fmt: skip
 
 
 def _validate_seq2seq_options(cfg: RunConfig) -> None:

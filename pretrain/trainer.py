@@ -72,7 +72,14 @@ from pretrain.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pretrain.config import RunConfig, config_to_dict, config_to_yaml, save_config, starts_afresh
+from pretrain.config import (
+    RunConfig,
+    apply_model_settings,
+    config_to_dict,
+    config_to_yaml,
+    save_config,
+    starts_afresh,
+)
 from pretrain.data import (
     build_train_loader,
     check_num_languages,
@@ -141,6 +148,7 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallel, world_size=world_size)
         self.dims.build_mesh(device_type=self.device.type)
         self.mix = ObjectiveMix.from_config(cfg)
+        apply_model_settings(cfg, self.mix)  # what the objectives need of the model (NSP's head)
         # The loader first (it reads the manifest and tokenizer, nothing more): the run's
         # language index must fit the model before the model is built.
         self.loader = build_train_loader(
@@ -426,30 +434,49 @@ class Trainer:
             self.model.train(training)
 
     def forward_loss(
-        self, batch: dict[str, Any]
+        self, batch: dict[str, Any], *, row_scale: torch.Tensor | float | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Summed loss of one micro-batch over its predicted tokens (the caller normalises it)
         and, per loss group (``ObjectiveMix.target_groups``), the loss sums and predicted-token
         counts as ``[groups]`` fp32 device tensors.
 
+        A sentence objective's summed row loss (NSP, SOP) is added times ``row_scale``:
+        the step's targets over its rows, so that the caller's division by the targets makes
+        it the rows' mean (None: this batch's own ratio).
+
         Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
         ``loss_context`` (the caller runs backward inside it too). An objective with a step
         before its loss takes it first (``ObjectiveMix.prepare``)."""
         batch = self.mix.prepare(batch, self.logits_at)
+        loss, (sums_G, counts_G), sentence_BC = self._token_loss(batch)
+        if sentence_BC is not None:
+            if row_scale is None:
+                targets = self.mix.num_targets(batch["labels"]).clamp(min=1)
+                row_scale = float(targets) / max(int(self.mix.num_rows(batch)), 1)
+            row_loss = self.mix.sentence_loss(sentence_BC, batch, sums_G, counts_G)
+            # under TP the token loss is a replicated DTensor (loss_parallel): add the plain
+            # row loss to its full value, so that each part's backward takes its own path
+            loss = local_value(loss) + row_loss * row_scale
+        return loss, (sums_G, counts_G)
+
+    def _token_loss(self, batch: dict[str, Any]):
+        """``(summed token loss, (sums_G, counts_G), sentence logits or None)``."""
         input_ids = to_device(batch["input_ids"], self.device)
         labels = self.mix.targets(to_device(batch["labels"], self.device))
         kwargs = model_inputs(batch, self.cfg.model, self.device)
         groups = self._target_groups(batch, kwargs)
+        kwargs.update(self.mix.model_options())
         with self._autocast():
             if self.dims.tp > 1 or self.engine is not None:
                 # Whole logits: vocabulary-sharded under TP; under DeepSpeed the projection
                 # runs inside the engine's forward (ZeRO-3 gathers its weight only there).
-                logits_BTV = self.model(input_ids, **kwargs)
+                logits_BTV, sentence_BC = self.mix.split_outputs(self.model(input_ids, **kwargs))
                 loss, sums_G, counts_G = self.mix.loss_from_logits(
                     logits_BTV, labels, groups, num_groups=self.num_groups, local=local_value
                 )
-                return loss, (sums_G, counts_G)
-            hidden_BTD = self.model(input_ids, return_hidden=True, **kwargs)
+                return loss, (sums_G, counts_G), sentence_BC
+            outputs = self.model(input_ids, return_hidden=True, **kwargs)
+            hidden_BTD, sentence_BC = self.mix.split_outputs(outputs)
             weight_VD, bias_V = self.model.output_projection()
         loss, sums_G, counts_G = self.mix.loss(
             hidden_BTD,
@@ -460,7 +487,7 @@ class Trainer:
             num_groups=self.num_groups,
             autocast=self._autocast,
         )
-        return loss, (sums_G, counts_G)
+        return loss, (sums_G, counts_G), sentence_BC
 
     def _pipeline_loss(
         self,
@@ -528,6 +555,12 @@ class Trainer:
         )
         num_targets = num_targets.clamp(min=1)
         inv_targets = to_device((1.0 / num_targets.double()).float(), self.device)
+        row_scale = None  # sentence objectives: the step's targets over its rows
+        if self.mix.sentence:
+            rows = reduce_metric(
+                sum(self.mix.num_rows(batch) for batch in batches), dims=self.dims, op="sum"
+            )
+            row_scale = to_device((num_targets.double() / rows.clamp(min=1)).float(), self.device)
         if self.pipeline is not None:
             num_targets = to_device(num_targets.float(), self.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -548,7 +581,7 @@ class Trainer:
                 group_counts += self.pipeline_info.loss_fn.group_counts_G
                 continue
             with loss_context(self.dims):
-                loss, groups = self.forward_loss(batch)
+                loss, groups = self.forward_loss(batch, row_scale=row_scale)
                 scaled = loss * (inv_targets * dp)
                 if self.engine is not None:
                     # DeepSpeed averages over dp, as the torch engines do; it steps (and clips

@@ -23,6 +23,7 @@ maps transformers ``model_type`` -> adapter class; each adapter has ``check(cfg)
     decoder, MoE, otherwise (Switch's unnormal-   Qwen3MoeForCausalLM (needs model.qk_norm;
       ised top-1 gate, every k-th layer)            see checkpoints_tools.adapters.decoder)
     encoder, dense                                XLMRobertaForMaskedLM
+    encoder, dense, segments + pair head (NSP)    BertForPreTraining
     encoder, MoE                                  refused (no upstream class)
     encoder_decoder, dense, relative positions    MT5ForConditionalGeneration (untied)
     encoder_decoder, dense, learned positions     MBartForConditionalGeneration
@@ -44,7 +45,7 @@ from checkpoints_tools.adapters.encoder_decoder import (
     NllbMoeAdapter,
     SwitchTransformersAdapter,
 )
-from checkpoints_tools.adapters.xlm_roberta import XLMRobertaAdapter
+from checkpoints_tools.adapters.xlm_roberta import BertAdapter, XLMRobertaAdapter
 from pretrain.models.config import ModelConfig, validate_model
 from pretrain.models.moe import gates_normalized
 
@@ -55,6 +56,7 @@ ADAPTERS = {
         MixtralAdapter,
         Qwen3MoeAdapter,
         XLMRobertaAdapter,
+        BertAdapter,
         MT5Adapter,
         MBartAdapter,
         SwitchTransformersAdapter,
@@ -79,7 +81,7 @@ def adapter_for(cfg: ModelConfig) -> Any:
             return MixtralAdapter
         return Qwen3MoeAdapter
     if cfg.family == "encoder":
-        return XLMRobertaAdapter
+        return BertAdapter if cfg.pair_head or cfg.type_vocab_size else XLMRobertaAdapter
     if cfg.position == "sinusoidal":
         return NllbMoeAdapter
     if cfg.moe.num_experts > 0:
@@ -129,6 +131,7 @@ def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelC
 
 __all__ = [
     "ADAPTERS",
+    "BertAdapter",
     "LlamaAdapter",
     "MBartAdapter",
     "MT5Adapter",

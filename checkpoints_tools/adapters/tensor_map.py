@@ -38,7 +38,7 @@ import torch
 
 from checkpoints_tools.adapters import decoder, xlm_roberta
 from checkpoints_tools.adapters.decoder import LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter
-from checkpoints_tools.adapters.xlm_roberta import XLMRobertaAdapter
+from checkpoints_tools.adapters.xlm_roberta import BertAdapter, XLMRobertaAdapter
 from pretrain.models.config import ModelConfig
 from pretrain.models.transformer import is_moe_layer
 
@@ -100,6 +100,18 @@ def _xlmr_items(cfg: ModelConfig) -> list[ExportItem]:
     return items
 
 
+def _bert_items(cfg: ModelConfig) -> list[ExportItem]:
+    bias = "output_bias" if cfg.tie_embeddings else "output.bias"
+    items = [
+        ExportItem("cls.predictions.bias", (bias,)),
+        ExportItem("cls.predictions.decoder.bias", (bias,)),
+    ]
+    if not cfg.tie_embeddings:
+        items.append(ExportItem("cls.predictions.decoder.weight", ("output.weight",)))
+    items += [ExportItem(theirs, (ours,)) for ours, theirs in xlm_roberta._bert_table(cfg).items()]
+    return items
+
+
 def export_items(cfg: ModelConfig) -> list[ExportItem]:
     """The export plan of ``cfg``'s family (see the module docstring).
 
@@ -114,6 +126,8 @@ def export_items(cfg: ModelConfig) -> list[ExportItem]:
         return _decoder_items(cfg)
     if adapter is XLMRobertaAdapter:
         return _xlmr_items(cfg)
+    if adapter is BertAdapter:
+        return _bert_items(cfg)
     raise AssertionError(f"no export plan for {adapter.__name__}")
 
 
@@ -155,7 +169,7 @@ def pick(names: Collection[str], *candidates: str) -> str:
 
 # Stored tensors that transformers itself drops on load: RoPE tables old Llama files carry and
 # XLM-R's position-id buffer and pooler (the masked-LM class has no pooler).
-_DROPPED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids")
+_DROPPED_SUFFIXES = (".rotary_emb.inv_freq", "embeddings.position_ids", "embeddings.token_type_ids")
 _DROPPED_PREFIXES = ("roberta.pooler.",)
 
 
@@ -236,6 +250,24 @@ def _xlmr_imports(cfg: ModelConfig, stored: _Stored) -> tuple[list[ImportItem], 
     return items, ignored
 
 
+def _bert_imports(cfg: ModelConfig, stored: _Stored) -> tuple[list[ImportItem], set[str]]:
+    bias = stored.pick("cls.predictions.bias", "cls.predictions.decoder.bias")
+    items = []
+    if cfg.tie_embeddings:
+        items.append(ImportItem("output_bias", (bias,)))
+    else:
+        items.append(ImportItem("output.weight", (stored.pick("cls.predictions.decoder.weight"),)))
+        items.append(ImportItem("output.bias", (bias,)))
+    items += [
+        ImportItem(ours, (stored.pick(theirs),))
+        for ours, theirs in xlm_roberta._bert_table(cfg).items()
+    ]
+    ignored = {"cls.predictions.bias", "cls.predictions.decoder.bias"}
+    if cfg.tie_embeddings:
+        ignored.add("cls.predictions.decoder.weight")
+    return items, ignored
+
+
 def import_items(cfg: ModelConfig, hf_names: Collection[str]) -> list[ImportItem]:
     """The import plan of ``cfg`` (from the adapter's ``config_from_hf``) over the stored
     tensor names ``hf_names`` (see the module docstring).
@@ -252,6 +284,8 @@ def import_items(cfg: ModelConfig, hf_names: Collection[str]) -> list[ImportItem
         items, ignored = _decoder_imports(cfg, stored)
     elif adapter is XLMRobertaAdapter:
         items, ignored = _xlmr_imports(cfg, stored)
+    elif adapter is BertAdapter:
+        items, ignored = _bert_imports(cfg, stored)
     else:
         raise AssertionError(f"no import plan for {adapter.__name__}")
     used = {source for item in items for source in item.sources} | ignored

@@ -1,4 +1,6 @@
-"""Encoder adapter: dense encoder <-> ``XLMRobertaForMaskedLM``.
+"""Encoder adapters: dense encoder <-> ``XLMRobertaForMaskedLM``, and an encoder with BERT's
+segment embeddings and pair head (``model.type_vocab_size``, ``model.pair_head``: NSP / SOP
+pre-training) <-> ``BertForPreTraining``.
 
 What to call: usually ``checkpoints_tools.adapters.to_hf`` / ``from_hf``. :class:`XLMRobertaAdapter`
 has ``check(cfg)`` (``ValueError``, one line, when ``cfg`` has no exact XLM-R twin; an MoE
@@ -19,6 +21,15 @@ XLM-R details carried over exactly:
         ``lm_head.bias`` (= ``lm_head.decoder.bias``), the decoder weight tied to the word
         embeddings when ``model.tie_embeddings``.
 An MoE encoder has no upstream masked-LM class and is refused.
+
+BERT (:class:`BertAdapter`): the same body under ``bert.`` names; positions from 0 (no padding
+offset: our row p is its row p), ``token_type_embeddings`` our segment table, ``bert.pooler``
+our ``pooler``, ``cls.predictions.transform`` our MLM ``head`` with the decoder tied to the
+word embeddings when ``model.tie_embeddings`` and ``cls.predictions.bias`` its bias, and
+``cls.seq_relationship`` our ``pair_classifier``. Its labels: NSP 0 = B follows A, 1 = B is
+random (``next_sentence_label``); a model trained with SOP uses the same head with 0 = in
+order, 1 = swapped (``AlbertForPreTraining``'s ``sentence_order_label`` meaning, in BERT's
+shape).
 """
 
 from __future__ import annotations
@@ -66,6 +77,40 @@ def _table(cfg: ModelConfig) -> dict[str, str]:
     return table
 
 
+def _check_body(cfg: ModelConfig, *, target: str) -> None:
+    """The encoder body both exports share (XLM-R's and BERT's): dense, learned positions,
+    post-LayerNorm, GELU, biases, plain multi-head attention, no language embeddings."""
+    require("family", value=cfg.family, expected="encoder", target=target)
+    if cfg.moe.num_experts > 0:
+        raise ValueError(
+            f"model.moe.num_experts ({cfg.moe.num_experts}) must be 0 to export an encoder: "
+            "transformers has no MoE masked-LM encoder class"
+        )
+    for key, expected in (
+        ("position", "learned"),
+        ("norm", "layernorm"),
+        ("norm_position", "post"),
+        ("mlp", "gelu"),
+        ("bias", True),
+        ("qk_norm", False),
+        ("num_languages", 0),
+    ):
+        require(key, value=getattr(cfg, key), expected=expected, target=target)
+    require(
+        "num_kv_heads",
+        value=cfg.kv_heads,
+        expected=cfg.num_heads,
+        target=target,
+    )
+    default_head_dim = cfg.hidden_size // cfg.num_heads
+    require(
+        "head_dim",
+        value=cfg.resolved_head_dim,
+        expected=default_head_dim,
+        target=target,
+    )
+
+
 class XLMRobertaAdapter:
     """Dense encoder <-> ``XLMRobertaForMaskedLM``."""
 
@@ -76,35 +121,9 @@ class XLMRobertaAdapter:
     def check(cfg: ModelConfig) -> None:
         """Raises ValueError (one line) if ``cfg`` has no exact XLM-R twin."""
         target = XLMRobertaAdapter.hf_architecture
-        require("family", value=cfg.family, expected="encoder", target=target)
-        if cfg.moe.num_experts > 0:
-            raise ValueError(
-                f"model.moe.num_experts ({cfg.moe.num_experts}) must be 0 to export an encoder: "
-                "transformers has no MoE masked-LM encoder class"
-            )
-        for key, expected in (
-            ("position", "learned"),
-            ("norm", "layernorm"),
-            ("norm_position", "post"),
-            ("mlp", "gelu"),
-            ("bias", True),
-            ("qk_norm", False),
-            ("num_languages", 0),
-        ):
-            require(key, value=getattr(cfg, key), expected=expected, target=target)
-        require(
-            "num_kv_heads",
-            value=cfg.kv_heads,
-            expected=cfg.num_heads,
-            target=target,
-        )
-        default_head_dim = cfg.hidden_size // cfg.num_heads
-        require(
-            "head_dim",
-            value=cfg.resolved_head_dim,
-            expected=default_head_dim,
-            target=target,
-        )
+        _check_body(cfg, target=target)
+        require("type_vocab_size", value=cfg.type_vocab_size, expected=0, target=target)
+        require("pair_head", value=cfg.pair_head, expected=False, target=target)
 
     @staticmethod
     def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
@@ -215,5 +234,145 @@ class XLMRobertaAdapter:
             ours["output.weight"] = decoder_VD
             ours["output.bias"] = bias_V
         inverse = {v: k for k, v in _table(cfg).items()}
+        ours.update(rename(remaining, table=inverse))
+        return ours, cfg
+
+
+_BERT_TOP = {
+    "tok_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+    "pos_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+    "type_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
+    "embed_norm.weight": "bert.embeddings.LayerNorm.weight",
+    "embed_norm.bias": "bert.embeddings.LayerNorm.bias",
+    "pooler.dense.weight": "bert.pooler.dense.weight",
+    "pooler.dense.bias": "bert.pooler.dense.bias",
+    "head.dense.weight": "cls.predictions.transform.dense.weight",
+    "head.dense.bias": "cls.predictions.transform.dense.bias",
+    "head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "pair_classifier.weight": "cls.seq_relationship.weight",
+    "pair_classifier.bias": "cls.seq_relationship.bias",
+}
+
+
+def _bert_table(cfg: ModelConfig) -> dict[str, str]:
+    """Our key -> ``BertForPreTraining`` key for every 1:1 tensor (the output apart)."""
+    table = dict(_BERT_TOP)
+    for layer in range(cfg.num_layers):
+        for ours, theirs in _LAYER.items():
+            for kind in ("weight", "bias"):
+                theirs_key = f"bert.encoder.layer.{layer}.{theirs}.{kind}"
+                table[f"layers.{layer}.{ours}.{kind}"] = theirs_key
+    return table
+
+
+class BertAdapter:
+    """Dense encoder with segment embeddings and the pair head <-> ``BertForPreTraining``."""
+
+    name = "bert"
+    hf_architecture = "BertForPreTraining"
+
+    @staticmethod
+    def check(cfg: ModelConfig) -> None:
+        """Raises ValueError (one line) if ``cfg`` has no exact ``BertForPreTraining`` twin."""
+        target = BertAdapter.hf_architecture
+        _check_body(cfg, target=target)
+        require("pair_head", value=cfg.pair_head, expected=True, target=target)
+        if cfg.type_vocab_size < 1:
+            raise ValueError(
+                f"model.type_vocab_size ({cfg.type_vocab_size}) must be >= 1 to export to {target}"
+            )
+
+    @staticmethod
+    def to_hf(state_dict: StateDict, cfg: ModelConfig) -> tuple[StateDict, Any]:
+        """``(hf_state_dict, BertConfig)``. Raises ValueError if ``cfg`` cannot be exported."""
+        from transformers import BertConfig
+
+        BertAdapter.check(cfg)
+        hf_config = BertConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.ffn_hidden_size,
+            hidden_act="gelu",
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            max_position_embeddings=cfg.max_seq_len,
+            type_vocab_size=cfg.type_vocab_size,
+            initializer_range=cfg.init_std,
+            layer_norm_eps=cfg.norm_eps,
+            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+            tie_word_embeddings=cfg.tie_embeddings,
+            architectures=[BertAdapter.hf_architecture],
+        )
+        remaining = dict(state_dict)
+        hf: StateDict = {}
+        if cfg.tie_embeddings:
+            bias_V = remaining.pop("output_bias")
+        else:
+            hf["cls.predictions.decoder.weight"] = remaining.pop("output.weight")
+            bias_V = remaining.pop("output.bias")
+        hf["cls.predictions.bias"] = bias_V
+        hf["cls.predictions.decoder.bias"] = bias_V
+        hf.update(rename(remaining, table=_bert_table(cfg)))
+        if cfg.tie_embeddings:
+            hf["cls.predictions.decoder.weight"] = hf["bert.embeddings.word_embeddings.weight"]
+        return hf, hf_config
+
+    @staticmethod
+    def config_from_hf(hf_config: Any) -> ModelConfig:
+        """Our ``ModelConfig`` of a BERT config.
+
+        Raises:
+            ValueError: an activation other than GELU or a decoder-style config.
+        """
+        hf = as_config(hf_config, "bert")
+        source = "bert"
+        require_hf("hidden_act", value=hf.hidden_act, expected="gelu", source=source)
+        require_hf("is_decoder", value=bool(hf.is_decoder), expected=False, source=source)
+        return ModelConfig(
+            family="encoder",
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            ffn_hidden_size=hf.intermediate_size,
+            max_seq_len=hf.max_position_embeddings,
+            position="learned",
+            norm="layernorm",
+            norm_eps=hf.layer_norm_eps,
+            norm_position="post",
+            mlp="gelu",
+            bias=True,
+            tie_embeddings=bool(hf.tie_word_embeddings),
+            dropout=float(hf.hidden_dropout_prob),
+            init_std=hf.initializer_range,
+            pad_token_id=hf.pad_token_id,
+            type_vocab_size=hf.type_vocab_size,
+            pair_head=True,
+        )
+
+    @staticmethod
+    def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
+        """``(state_dict, ModelConfig)`` of a ``BertForPreTraining`` state dict.
+
+        Raises:
+            ValueError: as :meth:`config_from_hf`; a key of another shape.
+        """
+        cfg = BertAdapter.config_from_hf(hf_config)
+        remaining = dict(hf_state_dict)
+        remaining.pop("bert.embeddings.position_ids", None)
+        remaining.pop("bert.embeddings.token_type_ids", None)
+        bias_V = remaining.pop("cls.predictions.bias")
+        remaining.pop("cls.predictions.decoder.bias", None)
+        decoder_VD = remaining.pop("cls.predictions.decoder.weight", None)
+        ours: StateDict = {}
+        if cfg.tie_embeddings:
+            ours["output_bias"] = bias_V
+        else:
+            ours["output.weight"] = decoder_VD
+            ours["output.bias"] = bias_V
+        inverse = {v: k for k, v in _bert_table(cfg).items()}
         ours.update(rename(remaining, table=inverse))
         return ours, cfg

@@ -138,6 +138,12 @@ class ModelConfig:
     projection (mesh-tensorflow's rescale of a tied head: T5 v1.0, Switch Transformers)."""
     num_languages: int = field(default=0, metadata=ARCHITECTURE)
     """Size of the XLM-style language-embedding table; 0 disables language embeddings."""
+    type_vocab_size: int = field(default=0, metadata=ARCHITECTURE)
+    """encoder: rows of BERT's segment (token type) embedding table, added to the token
+    embeddings (2 for NSP/SOP segment pairs); 0: none (XLM-R)."""
+    pair_head: bool = field(default=False, metadata=ARCHITECTURE)
+    """encoder: BERT's pooler (dense + tanh on the first position's state) and a 2-way
+    classifier over it (``seq_relationship``: NSP, SOP)."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches."""
     init_std: float = 0.02
@@ -287,6 +293,13 @@ def validate_model(cfg: ModelConfig) -> None:
         )
     if cfg.num_languages < 0:
         raise ValueError(f"model.num_languages ({cfg.num_languages}) must be >= 0")
+    if cfg.type_vocab_size < 0:
+        raise ValueError(f"model.type_vocab_size ({cfg.type_vocab_size}) must be >= 0")
+    for key in ("type_vocab_size", "pair_head"):
+        if getattr(cfg, key) and cfg.family != "encoder":
+            raise ValueError(
+                f"model.{key} ({getattr(cfg, key)}) needs model.family encoder (got {cfg.family!r})"
+            )
     kv_heads = cfg.kv_heads
     _check_positive("model.num_kv_heads", kv_heads)
     if cfg.num_heads % kv_heads != 0:

@@ -5,8 +5,10 @@ call contract of ``pretrain.models.transformer.Transformer``, the hidden states 
 ``head`` before the projection. Guarantee: padding (document id -1) is never attended to.
 
 The MLM head is ``head`` = dense (D -> D) -> GELU -> norm, followed by the output projection
-(tied to ``tok_embeddings`` with a bias of its own in XLM-R). A dense encoder exports exactly to
-``XLMRobertaForMaskedLM``; an MoE encoder has no upstream twin.
+(tied to ``tok_embeddings`` with a bias of its own in XLM-R). With ``model.pair_head`` BERT's
+pooler and a 2-way classifier (``pooler``, ``pair_classifier``) read the first position's state
+before the MLM head, for NSP / SOP; ``model.type_vocab_size`` adds segment embeddings. A dense
+encoder exports exactly to ``XLMRobertaForMaskedLM``; an MoE encoder has no upstream twin.
 
 Shape legend: B batch, T sequence, D model width, V vocabulary.
 """
@@ -35,6 +37,19 @@ class MLMHead(nn.Module):
         return self.norm(F.gelu(self.dense(x_BTD)))
 
 
+class Pooler(nn.Module):
+    """BERT's pooler: ``tanh(dense(x[:, 0]))``, the first position's state (``<cls>``) of the
+    whole sequence ``x_BTD`` (a tensor-parallel plan gathers it first); submodule ``dense``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """``x_BTD -> pooled_BD``."""
+        return torch.tanh(self.dense(x_BTD[:, 0]))
+
+
 class Encoder(Transformer):
     """Bidirectional Transformer with an MLM head: ``forward(tokens_BT, ...) -> logits_BTV``.
 
@@ -47,3 +62,6 @@ class Encoder(Transformer):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.head = MLMHead(cfg)
+        if cfg.pair_head:
+            self.pooler = Pooler(cfg)
+            self.pair_classifier = nn.Linear(cfg.hidden_size, 2)

@@ -56,9 +56,18 @@ PIPELINE_FIRST_STAGE: tuple[str, ...] = (
     "tok_embeddings",
     "pos_embeddings",
     "lang_embeddings",
+    "type_embeddings",
     "embed_norm",
 )
-PIPELINE_LAST_STAGE: tuple[str, ...] = ("norm", "head", "output", "tied_output", "output_bias")
+PIPELINE_LAST_STAGE: tuple[str, ...] = (
+    "norm",
+    "head",
+    "pooler",
+    "pair_classifier",
+    "output",
+    "tied_output",
+    "output_bias",
+)
 
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
@@ -70,6 +79,8 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
         plan["pos_embeddings"] = "embedding"
     if cfg.num_languages > 0:
         plan["lang_embeddings"] = "embedding"
+    if cfg.type_vocab_size > 0:
+        plan["type_embeddings"] = "embedding"
     if cfg.norm_position == "post":
         plan["embed_norm"] = "sequence"
     else:
@@ -92,6 +103,8 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
     if cfg.family == "encoder":
         # The MLM head's dense + norm need the whole width: run it on the gathered sequence.
         plan["head"] = "sequence_to_replicate_input"
+        if cfg.pair_head:  # the pooler reads position 0 of the whole sequence
+            plan["pooler"] = "sequence_to_replicate_input"
     # The MLM head gathers the sequence, so the projection's input is replicated after it.
     output_style = "output_from_replicate" if cfg.family == "encoder" else "output"
     plan["tied_output" if cfg.tie_embeddings else "output"] = output_style

@@ -5,10 +5,11 @@ return_hidden=True)`` -> the hidden states entering the output projection, and
 ``model.output_projection()`` -> its ``(weight_VD, bias_V)`` for the chunked losses.
 
 Submodule names (what TP plans and pipeline splits address):
-    tok_embeddings, pos_embeddings (learned positions), lang_embeddings (XLM), embed_norm
-    (post-norm only), layers.{i} (``Block``s in an ``nn.ModuleDict``), norm (pre-norm only),
-    head (encoder MLM transform), and the output head, a module that computes the logits:
-    output (untied: an ``nn.Linear``, parameters ``output.weight`` / ``output.bias``) or
+    tok_embeddings, pos_embeddings (learned positions), lang_embeddings (XLM), type_embeddings
+    (BERT segments), embed_norm (post-norm only), layers.{i} (``Block``s in an
+    ``nn.ModuleDict``), norm (pre-norm only), head (encoder MLM transform), pooler and
+    pair_classifier (encoder ``model.pair_head``), and the output head, a module that computes
+    the logits: output (untied: an ``nn.Linear``, parameters ``output.weight`` / ``output.bias``) or
     tied_output (tied: a ``TiedOutput`` without parameters that applies ``tok_embeddings.weight``
     and the model's own ``output_bias``). The logits always come from calling that module, so a
     parallel style on it (vocabulary-parallel output) sees them.
@@ -99,6 +100,9 @@ class Transformer(nn.Module):
         self.lang_embeddings: nn.Embedding | None = (
             nn.Embedding(cfg.num_languages, dim) if cfg.num_languages > 0 else None
         )
+        self.type_embeddings: nn.Embedding | None = (
+            nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size > 0 else None
+        )
         post_norm = cfg.norm_position == "post"
         self.embed_norm: nn.Module | None = build_norm(cfg) if post_norm else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
@@ -107,6 +111,9 @@ class Transformer(nn.Module):
         )
         self.norm: nn.Module | None = None if post_norm else build_norm(cfg)
         self.head: nn.Module | None = None
+        # sentence-level head (encoder model.pair_head): set by the family
+        self.pooler: nn.Module | None = None
+        self.pair_classifier: nn.Linear | None = None
         if cfg.tie_embeddings:
             # Tied: the head reads tok_embeddings.weight at call time (a shared Parameter would
             # come apart in to_empty()); only a bias of its own remains.
@@ -129,13 +136,20 @@ class Transformer(nn.Module):
         *,
         position_ids_BT: torch.Tensor,
         lang_ids_BT: torch.Tensor | None = None,
+        token_type_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token (+ learned position, + language) embeddings, then ``embed_norm`` if post-norm."""
+        """Token (+ learned position, + language, + segment) embeddings, then ``embed_norm``
+        if post-norm. Without ``token_type_ids_BT`` a model with segment embeddings adds
+        segment 0's row everywhere (BERT's default)."""
         x_BTD = self.tok_embeddings(tokens_BT)
         if self.pos_embeddings is not None:
             x_BTD = x_BTD + self.pos_embeddings(position_ids_BT)
         if self.lang_embeddings is not None and lang_ids_BT is not None:
             x_BTD = x_BTD + self.lang_embeddings(lang_ids_BT)
+        if self.type_embeddings is not None:
+            if token_type_ids_BT is None:
+                token_type_ids_BT = torch.zeros_like(tokens_BT)
+            x_BTD = x_BTD + self.type_embeddings(token_type_ids_BT)
         if self.embed_norm is not None:
             x_BTD = self.embed_norm(x_BTD)
         return self.embed_dropout(x_BTD)
@@ -170,9 +184,11 @@ class Transformer(nn.Module):
         position_ids_BT: torch.Tensor | None = None,
         document_ids_BT: torch.Tensor | None = None,
         lang_ids_BT: torch.Tensor | None = None,
+        token_type_ids_BT: torch.Tensor | None = None,
         return_hidden: bool = False,
+        return_pair_logits: bool = False,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the stack.
 
         Args:
@@ -187,15 +203,18 @@ class Transformer(nn.Module):
             lang_ids_BT: per-token language ids for the XLM language embeddings (ignored
                 without ``model.num_languages``) and the MoE per-language load
                 (``track_moe_languages``).
+            token_type_ids_BT: BERT segment ids (``model.type_vocab_size``).
             return_hidden: return the hidden states that enter the output projection (after the
                 final norm / MLM head), for the chunked losses of ``pretrain.objectives``.
+            return_pair_logits: also return the sentence-pair logits ``[B, 2]`` of
+                ``model.pair_head`` (the pooled first position, before the MLM head).
             cache: generation (causal models): ``inputs`` are the new tokens after the
                 ``cache.length`` cached ones, ``document_ids_BT`` (if given) covers all of
                 them; the cache grows by the new tokens (``pretrain.models.kv_cache``).
 
         Returns:
             ``logits_BTV``, or ``hidden_BTD`` with ``return_hidden`` or on a stage without an
-            output projection.
+            output projection; with ``return_pair_logits`` the pair ``(that, logits_B2)``.
         """
         batch, seq = inputs.shape[:2]
         if cache is not None and not self.causal:
@@ -208,8 +227,15 @@ class Transformer(nn.Module):
                 position_ids_BT = torch.arange(past, past + seq, device=inputs.device).expand(
                     batch, seq
                 )
+        if return_pair_logits and self.pair_classifier is None:
+            raise ValueError("return_pair_logits needs model.pair_head (an encoder's pooler)")
         if self.tok_embeddings is not None:
-            x_BTD = self.embed(inputs, position_ids_BT=position_ids_BT, lang_ids_BT=lang_ids_BT)
+            x_BTD = self.embed(
+                inputs,
+                position_ids_BT=position_ids_BT,
+                lang_ids_BT=lang_ids_BT,
+                token_type_ids_BT=token_type_ids_BT,
+            )
         else:
             x_BTD = inputs
         rope = None
@@ -251,12 +277,14 @@ class Transformer(nn.Module):
             cache.length += seq
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
+        pair_logits_B2 = None
+        if return_pair_logits:
+            pair_logits_B2 = self.pair_classifier(self.pooler(x_BTD))
         if self.head is not None:
             x_BTD = self.head(x_BTD)
-        if return_hidden:
-            return x_BTD
-        logits_BTV = self.project(x_BTD)
-        return x_BTD if logits_BTV is None else logits_BTV
+        out = x_BTD if return_hidden else self.project(x_BTD)
+        out = x_BTD if out is None else out
+        return out if pair_logits_B2 is None else (out, pair_logits_B2)
 
     # ----------------------------------------------------------------------------------------
     # MoE reporting

@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from pretrain.objectives.registry import OBJECTIVES, Objective, TokenPrediction, objective_weights
 
@@ -98,6 +99,8 @@ class ObjectiveMix:
                 )
         self.chunk_tokens = chunk_tokens
         self.preparing = [o for o in self.objectives if o.prepare is not None]
+        # per-row labels scored on the model's sentence-pair logits (NSP, SOP): one objective
+        self.sentence = [o for o in self.objectives if o.sentence_label is not None]
         # The objective index of mono and pair rows, and of each row transform of a batch's
         # row_transform (data_pipeline.transforms.ROW_TRANSFORMS).
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
@@ -162,7 +165,45 @@ class ObjectiveMix:
     # -- targets and groups ------------------------------------------------------------------
 
     def num_groups(self, num_languages: int) -> int:
-        return len(self.objectives) * num_languages
+        """Token groups (objectives x languages), then two per sentence objective (its
+        summed loss and its correct rows, each over its rows)."""
+        return len(self.objectives) * num_languages + 2 * len(self.sentence)
+
+    # -- sentence-level outputs ------------------------------------------------------------
+
+    def model_options(self) -> dict[str, bool]:
+        """Keyword arguments asking the model for the outputs the objectives score beside the
+        token states (``return_pair_logits`` for NSP / SOP)."""
+        return {"return_pair_logits": True} if self.sentence else {}
+
+    def split_outputs(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(token output, sentence logits or None)`` of a model call made with
+        :meth:`model_options`."""
+        if self.sentence:
+            return outputs[0], outputs[1]
+        return outputs, None
+
+    def num_rows(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Rows a batch's sentence objective scores (an int64 CPU scalar; 0 without one)."""
+        if not self.sentence:
+            return torch.zeros((), dtype=torch.int64)
+        return torch.tensor(batch[self.sentence[0].sentence_label].numel(), dtype=torch.int64)
+
+    def sentence_loss(
+        self, logits_BC: torch.Tensor, batch: dict[str, Any], sums_G: torch.Tensor,
+        counts_G: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The summed cross-entropy of the sentence logits against the batch's row labels;
+        its sum and correct rows added in place to the last two groups of ``sums_G`` /
+        ``counts_G`` (their row counts)."""
+        labels_B = batch[self.sentence[0].sentence_label].to(logits_BC.device).long()
+        loss_B = F.cross_entropy(logits_BC.float(), labels_B, reduction="none")
+        correct = (logits_BC.detach().argmax(dim=-1) == labels_B).float().sum()
+        rows = float(labels_B.numel())
+        sums_G[-2] += loss_B.detach().sum()
+        sums_G[-1] += correct
+        counts_G[-2:] += rows
+        return loss_B.sum()
 
     def targets(self, labels_BT: torch.Tensor) -> torch.Tensor:
         """The batch's targets (its objectives' shared ``TokenPrediction.targets``)."""
@@ -262,6 +303,12 @@ class ObjectiveMix:
             rows[at, :, 0] += sums_G[index * num_langs : (index + 1) * num_langs]
             rows[at, :, 1] += counts_G[index * num_langs : (index + 1) * num_langs]
         out: dict[str, dict[str, float]] = {}
+        if self.sentence:
+            name = self.sentence[0].name
+            scored = float(counts_G[-1])
+            if scored > 0:
+                out["sentence_loss"] = {name: float(sums_G[-2]) / scored}
+                out["sentence_accuracy"] = {name: float(sums_G[-1]) / scored}
         per_lang = {}
         for i, lang in enumerate(languages):
             loss = sum(float(rows[o, i, 0]) for o in range(len(objectives)))

@@ -24,7 +24,10 @@ An objective states what it needs and owns, as class data the trainer and the va
 - ``pipeline``: whether it runs under pipeline parallel (BTMLM's model pass over the whole
   model does not);
 - ``prepare(batch, logits_at)``: a step of its own before the loss, given no-grad logits of
-  the model at chosen positions (BTMLM fills its placeholders there); none by default.
+  the model at chosen positions (BTMLM fills its placeholders there); none by default;
+- ``sentence_label``: the batch key of a per-row label scored on the model's sentence-pair
+  logits (NSP, SOP: ``pair_label``), beside the token loss; ``model_settings``: the
+  ``model.*`` values it needs (set when left at their defaults).
 
 Each objective owns its targets and loss: the token-predicting ones (:class:`TokenPrediction`:
 CLM, MLM, TLM, span masking; the encoder-decoder ones, :class:`SequenceToSequence`: T5 span
@@ -66,6 +69,8 @@ class Objective:
     layout: ClassVar[str] = ""
     row_kind: ClassVar[str | None] = None
     pipeline: ClassVar[bool] = True
+    sentence_label: ClassVar[str | None] = None
+    model_settings: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
     def loader_options(self, share: float) -> dict[str, Any]:
@@ -282,6 +287,42 @@ class BackTranslationMLM(TokenPrediction):
         input_ids = batch["input_ids"].to(device).clone()
         input_ids[where_BT.to(device)] = fill_N.to(input_ids.dtype)
         return {**batch, "input_ids": input_ids}
+
+
+class SentencePair(TokenPrediction):
+    """A sentence-pair objective on segment-pair rows (``transforms.segment_pairs``): masked LM
+    over both segments (the token loss, as MLM) plus the cross-entropy of the model's 2-way
+    pair logits (``model.pair_head``: the pooled ``<cls>`` state) against the row's
+    ``pair_label``; the loss is their two means added (BERT's pre-training loss). Needs
+    segment embeddings and the pair head (set when the model config leaves them at their
+    defaults). Not under pipeline parallel (the head reads the last stage's first position)."""
+
+    families = ("encoder",)
+    rows = "mono"
+    sparse_targets = True
+    pipeline = False
+    sentence_label = "pair_label"
+    model_settings = {"type_vocab_size": 2, "pair_head": True}
+
+
+@register
+class NextSentencePrediction(SentencePair):
+    """BERT's next sentence prediction: label 0 when B follows A in the text, 1 when B comes
+    from another row of the language (another document)."""
+
+    name = "nsp"
+    transform = "nsp"
+    description = "masked LM + next sentence prediction, BERT (encoder)"
+
+
+@register
+class SentenceOrderPrediction(SentencePair):
+    """ALBERT's sentence order prediction: two consecutive segments, label 0 in their order,
+    1 swapped."""
+
+    name = "sop"
+    transform = "sop"
+    description = "masked LM + sentence order prediction, ALBERT (encoder)"
 
 
 class SequenceToSequence(TokenPrediction):

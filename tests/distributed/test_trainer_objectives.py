@@ -3,7 +3,9 @@
 masking rate of ``objective.mask_prob``) and the trainer, which logs it as its own objective;
 ERNIE-M's BTMLM (``{btmlm: 1}``, a model pass of its own before the loss) trains, and under
 FSDP2 and TP2 gives one process's losses and weights; MLM, span masking and TLM mixed row by row
-in one batch train, each logged as its own objective, and match one process under TP2."""
+in one batch train, each logged as its own objective, and match one process under TP2; NSP and
+SOP (token loss + pair loss) train, log their pair loss and accuracy, and match one process under
+FSDP2 and TP2."""
 
 from __future__ import annotations
 
@@ -109,14 +111,39 @@ def test_mixed_objectives_train_and_are_logged_each(shards, tmp_path):
     assert np.isfinite(records[-1]["valid_loss"])
 
 
+@pytest.mark.parametrize("task", ["nsp", "sop"])
+def test_sentence_pair_objectives_train(shards, tmp_path, task):
+    cfg = trainer_config(
+        "tiny_encoder.yaml", shards, tmp_path / "run", f"objective.weights={{{task}: 1}}",
+        "data.seq_len=64", "data.batch_size=8", "train.steps=12", "checkpoint.every=0",
+        "train.eval_every=12", "logging.every=4", "optim.lr=3e-3",
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for record in records:
+        pair = record["sentence_loss"][task]
+        # near ln 2 at this scale: the pair head starts from chance
+        assert 0.3 < pair < 1.2 and 0.0 <= record["sentence_accuracy"][task] <= 1.0
+        assert set(record["loss_per_objective"]) == {task}
+    mlm = [r["loss_per_objective"][task] for r in records]
+    assert mlm[-1] < mlm[0] - 0.3, mlm
+    assert np.isfinite(records[-1]["valid_loss"])
+
+
 @pytest.mark.parametrize(
     ("objective", "layout"),
     [
         ("objective.weights={btmlm: 1}", ("parallel.dp_shard=2",)),
         ("objective.weights={btmlm: 1}", ("parallel.tp=2", "parallel.dp_shard=1")),
         (MIXED, ("parallel.tp=2", "parallel.dp_shard=1")),
+        ("objective.weights={nsp: 1}", ("parallel.dp_shard=2",)),
+        (
+            "objective.weights={sop: 1}",
+            ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
+        ),
     ],
-    ids=["btmlm-fsdp2", "btmlm-tp2", "mixed-tp2"],
+    ids=["btmlm-fsdp2", "btmlm-tp2", "mixed-tp2", "nsp-fsdp2", "sop-tp2-sp"],
 )
 def test_two_rank_layouts_match_one_process(shards, tmp_path, objective, layout):
     """BTMLM's fill pass too: a rank that filled a placeholder differently would train on other

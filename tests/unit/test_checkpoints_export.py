@@ -51,7 +51,8 @@ def test_plan_gives_exactly_to_hf(built, family: str):
     state = open_checkpoint(built["ckpts"][family]).load_model_state()
     expected, _ = to_hf(state, cfg)
     planned = {i.name: i.combine(*[state[s] for s in i.sources]) for i in export_items(cfg)}
-    tied = {"lm_head.weight", "lm_head.decoder.weight"} if cfg.tie_embeddings else set()
+    tied = {"lm_head.weight", "lm_head.decoder.weight", "cls.predictions.decoder.weight"}
+    tied = tied if cfg.tie_embeddings else set()
     assert set(planned) == set(expected) - tied
     for name, tensor in planned.items():
         assert torch.equal(tensor, expected[name]), name
@@ -64,7 +65,7 @@ def test_export_each_family_verifies(built, family: str, tmp_path: Path):
     assert result["max_abs_diff"] <= 1e-4
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
-    assert ("generation_config.json" in files) == (family != "encoder")
+    assert ("generation_config.json" in files) == (family not in ("encoder", "bert"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f for f in files if f.endswith(".safetensors")}
     assert _leftovers(tmp_path, "hf") == ["hf"]
@@ -158,6 +159,25 @@ def test_encoder_decoder_tokenizer_ends_texts_in_eos_and_names_sentinels(built, 
     with pytest.raises(ValueError, match=r"family \('seq2seq'\) must be one of"):
         save_tokenizer(ours, tmp_path / "bad", family="seq2seq")
     assert not (tmp_path / "bad").exists()
+
+
+def test_bert_tokenizer_frames_segment_pairs_as_training_did(built, tmp_path: Path):
+    """An encoder with the pair head (NSP / SOP) exports a tokenizer whose pairs are the rows it
+    trained on: ``<cls> A <sep> B <sep>`` with token types 0 then 1."""
+    from checkpoints_tools.hf_tokenizer import save_tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(built["tok"])
+    save_tokenizer(ours, tmp_path / "hf_tok", family="bert")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_tok")
+    cls, sep = ours.special_ids["cls"], ours.special_ids["sep"]
+    lines = sample_lines("en", count=2) + sample_lines("zh", count=2)
+    first, second = ours.encode(lines[:2])
+    pair = theirs(lines[0], lines[1])
+    assert pair["input_ids"] == [cls, *first, sep, *second, sep]
+    assert pair["token_type_ids"] == [0] * (len(first) + 2) + [1] * (len(second) + 1)
+    assert theirs(lines[2])["input_ids"] == [cls, *ours.encode(lines[2:3])[0], sep]
+    assert theirs.cls_token_id == cls and theirs.sep_token_id == sep
 
 
 def test_typed_special_tokens_stay_special(built, tmp_path: Path):
@@ -389,9 +409,9 @@ def _bad_input_cases(built, tmp_path: Path) -> dict[str, list[str]]:
         extra=("model.moe.num_experts=4", "model.moe.top_k=2"),
     )
     moe_encoder_ckpt = save_family_checkpoint(moe_encoder)
-    bert = tmp_path / "bert"
+    bert = tmp_path / "gpt2"
     bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (bert / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     exists = tmp_path / "exists"
     exists.mkdir()
     wrong_shape = tmp_path / "wrong_shape"
@@ -417,7 +437,7 @@ def test_bad_input_one_line_exit_2_nothing_left(built, tmp_path: Path, capsys):
         "partial": ".partial",
         "missing-tokenizer": "tokenizer not found",
         "moe-encoder": "model.moe.num_experts (4) must be 0",
-        "other-family-import": "model_type ('bert')",
+        "other-family-import": "model_type ('gpt2')",
         "import-wrong-shape": "that config.json implies",
         "reshard-not-parallel": "parallel.<key>=<value>",
         "output-exists": "exists",

@@ -148,6 +148,49 @@ def test_xlm_roberta_token_type_row_is_folded_into_positions() -> None:
     assert diff.abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_nsp_encoder_matches_bert_for_pretraining(tied: bool) -> None:
+    """Segment embeddings, the pooler and the pair classifier: ``BertForPreTraining``'s MLM and
+    ``seq_relationship`` logits on a padded batch of two-segment rows, and back bit-exactly."""
+    cfg = dataclasses.replace(ENCODER, tie_embeddings=tied, type_vocab_size=2, pair_head=True,
+                              pad_token_id=0)  # fmt: skip
+    assert adapter_for(cfg).hf_architecture == "BertForPreTraining"
+    model = randomised(cfg)
+    state_dict = model.state_dict()
+    hf_state_dict, hf_config = to_hf(state_dict, cfg)
+    hf_model = _hf_model(hf_state_dict, hf_config)
+    tokens_BT = _tokens(cfg, avoid=0)
+    types_BT = torch.zeros_like(tokens_BT)
+    types_BT[:, 5:] = 1
+    mask_BT = torch.ones_like(tokens_BT, dtype=torch.bool)
+    mask_BT[1, 9:] = False  # row 1 padded
+    with torch.no_grad():
+        ours_BTV, pair_B2 = model(
+            tokens_BT, document_ids_BT=torch.where(mask_BT, 0, -1), token_type_ids_BT=types_BT,
+            position_ids_BT=torch.arange(12).expand(2, 12), return_pair_logits=True,
+        )  # fmt: skip
+        theirs = hf_model(input_ids=tokens_BT, token_type_ids=types_BT,
+                          attention_mask=mask_BT.long())  # fmt: skip
+    diff = (ours_BTV - theirs.prediction_logits)[mask_BT]
+    assert diff.abs().max().item() < 1e-4
+    assert (pair_B2 - theirs.seq_relationship_logits).abs().max().item() < 1e-5
+    assert pair_B2.abs().max().item() > 1e-2 and ours_BTV.abs().max().item() > 1e-2
+    back, cfg_back = from_hf(hf_model.state_dict(), hf_model.config.to_dict())
+    assert cfg_back.type_vocab_size == 2 and cfg_back.pair_head
+    assert back.keys() == state_dict.keys()
+    for key, tensor in state_dict.items():
+        assert torch.equal(back[key], tensor), key
+
+
+def test_xlm_roberta_refuses_the_pair_head() -> None:
+    from checkpoints_tools.adapters import XLMRobertaAdapter
+
+    cfg = dataclasses.replace(ENCODER, type_vocab_size=2, pair_head=True)
+    with pytest.raises(ValueError, match=r"^model\.type_vocab_size \(2\) must be 0 to export "
+                                         r"to XLMRobertaForMaskedLM$"):  # fmt: skip
+        XLMRobertaAdapter.check(cfg)
+
+
 def test_moe_encoder_export_refuses_in_one_line() -> None:
     cfg = dataclasses.replace(ENCODER, moe=MoEConfig(num_experts=4, top_k=2))
     model = build_model(cfg)

@@ -90,9 +90,9 @@ def test_weights_alone_give_no_warning():
         (ENCODER, ["objective.tlm_share=1.5"], "objective.tlm_share (1.5) must be in [0, 1]"),
         (ENCODER, ["objective.weights={mlm: 0.0}"],
          "objective.weights ({'mlm': 0.0}) must have a positive sum"),
-        (ENCODER, ["objective.weights={sop: 1.0}"],
-         "objective.weights.sop: unknown objective; must be one of clm, mlm, tlm, span, "
-         "btmlm, t5, bart, translation"),
+        (ENCODER, ["objective.weights={ctc: 1.0}"],
+         "objective.weights.ctc: unknown objective; must be one of clm, mlm, tlm, span, "
+         "btmlm, nsp, sop, t5, bart, translation"),
     ],
 )  # fmt: skip
 def test_bad_objective_configs_get_one_line(path, overrides, message):
