@@ -161,7 +161,8 @@ State (``state_dict()``, plain Python values, picklable, JSON-able)::
      "dp_rank", "dp_world_size", "num_workers", "num_slots", "batch_size", "next_worker",
      "slots": [{"slot": global slot id, "generation", "row0" (R0: the generation's first
                 global row), "rng" (numpy PCG64 state), "batches" (in the generation),
-                "counters": {...}, "streams": {source: {"ranges", "buffer", "partials"}}}, ...]}
+                "counters": {...}, "streams": {source: {"ranges", "buffer", "partials"}},
+                "segments" (nsp only: language -> the last row's B segment)}, ...]}
 
 (``rosetta-loader/1`` states, of the per-slot schedule, are refused with a one-line error.)
 
@@ -876,6 +877,8 @@ class _SlotRunner:
         self.counters = json.loads(json.dumps(state["counters"]))
         self.counters.setdefault("pair_tokens", dict.fromkeys(ds.pair_p, 0))
         self.streams = {k: StreamState.from_dict(v) for k, v in state["streams"].items()}
+        # nsp: the last B segment of each language (its negatives when a batch has one row)
+        self.segments: dict[str, list[int]] = dict(state.get("segments", {}))
         self.reader = ShardReader()
         self.joined: dict[str, tuple] = {}  # source -> (position, joined arrays, meta)
         self.bad_shards: set[str] = set()
@@ -927,6 +930,7 @@ class _SlotRunner:
             "row0": self.row0,
             "counters": json.loads(json.dumps(self.counters)),
             "streams": {k: v.to_dict() for k, v in self.streams.items()},
+            **({"segments": dict(self.segments)} if self.segments else {}),
         }
 
     # --- samples -------------------------------------------------------------------------------
@@ -1410,22 +1414,30 @@ class _SlotRunner:
         }
         return raw_MR, lang_M, per_lang
 
+    def _masking_args(self) -> dict:
+        """The BERT-masking arguments of the transforms: vocabulary, ``masking`` settings, the
+        slot's generator and the cached special / normal id tables."""
+        return {
+            "vocab": self.ds.vocab,
+            "cfg": self.ds.masking,
+            "rng": self.rng,
+            "special_V": self.special_V,
+            "normal_ids": self.normal_ids,
+        }
+
     def _segment_batch(self, mono_rows: list[str]) -> dict:
         """An ``nsp`` / ``sop`` batch (module docstring): raw rows, then
         ``transforms.segment_pairs``."""
         ds = self.ds
         raw_MR, lang_M, per_lang = self._raw_rows(mono_rows, ds.seq_len - 3)
+        index = ds.lang_index
+        previous = {index[k]: np.asarray(v, dtype=ID_DTYPE) for k, v in self.segments.items()}
         rows = segment_pairs(
-            raw_MR,
-            lang_M,
-            task=ds.objective,
-            seq_len=ds.seq_len,
-            vocab=ds.vocab,
-            cfg=ds.masking,
-            rng=self.rng,
-            special_V=self.special_V,
-            normal_ids=self.normal_ids,
-        )
+            raw_MR, lang_M, task=ds.objective, seq_len=ds.seq_len, previous=previous,
+            **self._masking_args(),
+        )  # fmt: skip
+        for lang, segment in rows["last_B"].items():
+            self.segments[ds.languages[lang]] = segment.tolist()
         batch = {
             key: torch.from_numpy(rows[key])
             for key in ("input_ids", "labels", "position_ids", "doc_ids", "token_type_ids")
@@ -1441,17 +1453,9 @@ class _SlotRunner:
         ds = self.ds
         raw_MR, lang_M, per_lang = self._raw_rows(mono_rows, ds.btmlm_len)
         rows = btmlm_rows(
-            raw_MR,
-            lang_M,
-            seq_len=ds.seq_len,
-            vocab=ds.vocab,
-            lang_tag_L=self.lang_tags,
-            targets=ds.btmlm_targets,
-            cfg=ds.masking,
-            rng=self.rng,
-            special_V=self.special_V,
-            normal_ids=self.normal_ids,
-        )
+            raw_MR, lang_M, seq_len=ds.seq_len, lang_tag_L=self.lang_tags,
+            targets=ds.btmlm_targets, **self._masking_args(),
+        )  # fmt: skip
         batch = {
             key: torch.from_numpy(rows[key])
             for key in ("input_ids", "labels", "position_ids", "doc_ids", "lang_ids")

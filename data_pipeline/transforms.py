@@ -1340,6 +1340,7 @@ def segment_pairs(
     rng: np.random.Generator,
     special_V: np.ndarray | None = None,
     normal_ids: np.ndarray | None = None,
+    previous: dict[int, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """BERT / ALBERT segment-pair rows ``<cls> A <sep> B <sep>`` (then padding) from raw
     monolingual cuts ``R`` of ``n = seq_len - 3`` tokens (``doc </s> doc ...``, consecutive
@@ -1354,8 +1355,10 @@ def segment_pairs(
     - label 1 with probability 1/2, else 0. ``nsp``: a label-1 row's B is replaced by the B of
       another row of its language in the same batch (the one half the language's rows further
       on, cyclically: another document, never the row's own continuation), cut to the room
-      left; a row whose language has no other row keeps its own B and label 0 (BERT's
-      IsNext = 0, NotNext = 1: ``BertForPreTraining``'s ``next_sentence_label``). ``sop``: a
+      left; a row whose language has no other row in the batch takes ``previous[language]``
+      (the B of that language's last row in an earlier batch: a rare language still gets its
+      negatives), and without one keeps its own B and label 0 (BERT's IsNext = 0,
+      NotNext = 1: ``BertForPreTraining``'s ``next_sentence_label``). ``sop``: a
       label-1 row is ``<cls> B <sep> A <sep>`` (ALBERT: 0 the original order, 1 swapped:
       ``AlbertForPreTraining``'s ``sentence_order_label``).
 
@@ -1364,7 +1367,8 @@ def segment_pairs(
         ``IGNORE_INDEX``), ``position_ids`` (0 .. T-1), ``token_type_ids`` (0 on ``<cls>``, the
         first segment and its ``<sep>``; 1 on the second and the last ``<sep>``; 0 on padding),
         ``doc_ids`` (0 on the row, -1 on padding), ``attention_mask``; ``[M]`` ``pair_label``
-        and ``split_M`` (``s``).
+        and ``split_M`` (``s``); ``last_B``: language index -> the B (``R[s:]``) of its last
+        row here, the ``previous`` of the next batch.
 
     Raises:
         ValueError: an unknown task, no ``<cls>`` / ``<sep>`` in ``vocab``, rows of another
@@ -1395,18 +1399,20 @@ def segment_pairs(
     type_MT = np.zeros((M, T), dtype=ID_DTYPE)
     length_M = np.zeros(M, dtype=np.int64)
     partner_M = np.full(M, -1, dtype=np.int64)
+    previous = previous or {}
     if task == "nsp":
         for lang in np.unique(lang_M).tolist():
             rows = np.flatnonzero(lang_M == lang)
             if len(rows) > 1:
                 partner_M[rows] = np.roll(rows, -(len(rows) // 2))
-        label_M[partner_M < 0] = 0
+        label_M[(partner_M < 0) & ~np.isin(lang_M, list(previous))] = 0
     for m in range(M):
         s = int(split_M[m])
         first, second = raw_MR[m, :s], raw_MR[m, s:]
         if label_M[m] and task == "nsp":
             p = int(partner_M[m])
-            second = raw_MR[p, int(split_M[p]) :][: n - s]
+            other = raw_MR[p, int(split_M[p]) :] if p >= 0 else previous[int(lang_M[m])]
+            second = np.asarray(other, dtype=raw_MR.dtype)[: n - s]
         elif label_M[m]:
             first, second = second, first
         a, b = len(first), len(second)
@@ -1436,4 +1442,5 @@ def segment_pairs(
         "attention_mask": real_MT,
         "pair_label": label_M,
         "split_M": split_M,
+        "last_B": {int(lang): raw_MR[m, int(split_M[m]) :] for m, lang in enumerate(lang_M)},
     }

@@ -581,7 +581,9 @@ class Trainer:
                 group_counts += self.pipeline_info.loss_fn.group_counts_G
                 continue
             with loss_context(self.dims):
-                loss, groups = self.forward_loss(batch, row_scale=row_scale)
+                # the row scale only where an objective scores rows (NSP, SOP)
+                scale = {} if row_scale is None else {"row_scale": row_scale}
+                loss, groups = self.forward_loss(batch, **scale)
                 scaled = loss * (inv_targets * dp)
                 if self.engine is not None:
                     # DeepSpeed averages over dp, as the torch engines do; it steps (and clips

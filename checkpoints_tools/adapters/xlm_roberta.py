@@ -111,6 +111,76 @@ def _check_body(cfg: ModelConfig, *, target: str) -> None:
     )
 
 
+def _hf_body_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The transformers config values of the encoder body (XLM-R's and BERT's names)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout,
+        "initializer_range": cfg.init_std,
+        "layer_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def _body_config(hf: Any, *, source: str, **fields: Any) -> ModelConfig:
+    """Our ``ModelConfig`` of an XLM-R / BERT config's body, plus ``fields``.
+
+    Raises:
+        ValueError: an activation other than GELU or a decoder-style config.
+    """
+    require_hf("hidden_act", value=hf.hidden_act, expected="gelu", source=source)
+    require_hf("is_decoder", value=bool(hf.is_decoder), expected=False, source=source)
+    return ModelConfig(
+        family="encoder",
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        ffn_hidden_size=hf.intermediate_size,
+        position="learned",
+        norm="layernorm",
+        norm_eps=hf.layer_norm_eps,
+        norm_position="post",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        dropout=float(hf.hidden_dropout_prob),
+        init_std=hf.initializer_range,
+        pad_token_id=hf.pad_token_id,
+        **fields,
+    )
+
+
+def _head_to_hf(remaining: StateDict, cfg: ModelConfig, hf: StateDict, *, prefix: str) -> None:
+    """Our output projection into ``hf``: ``{prefix}.decoder.weight`` (untied; a tied one is
+    set to the word embeddings afterwards), its bias as ``{prefix}.bias`` and
+    ``{prefix}.decoder.bias``."""
+    if cfg.tie_embeddings:
+        bias_V = remaining.pop("output_bias")
+    else:
+        hf[f"{prefix}.decoder.weight"] = remaining.pop("output.weight")
+        bias_V = remaining.pop("output.bias")
+    hf[f"{prefix}.bias"] = bias_V
+    hf[f"{prefix}.decoder.bias"] = bias_V
+
+
+def _head_from_hf(remaining: StateDict, cfg: ModelConfig, *, prefix: str) -> StateDict:
+    """The output projection from a transformers state dict (the inverse of
+    :func:`_head_to_hf`)."""
+    bias_V = remaining.pop(f"{prefix}.bias")
+    remaining.pop(f"{prefix}.decoder.bias", None)
+    decoder_VD = remaining.pop(f"{prefix}.decoder.weight", None)
+    if cfg.tie_embeddings:
+        return {"output_bias": bias_V}
+    return {"output.weight": decoder_VD, "output.bias": bias_V}
+
+
 class XLMRobertaAdapter:
     """Dense encoder <-> ``XLMRobertaForMaskedLM``."""
 
@@ -134,20 +204,10 @@ class XLMRobertaAdapter:
         XLMRobertaAdapter.check(cfg)
         pad = _padding_idx(cfg)
         hf_config = XLMRobertaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.ffn_hidden_size,
-            hidden_act="gelu",
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
+            **_hf_body_config(cfg),
             max_position_embeddings=cfg.max_seq_len + pad + 1,
             type_vocab_size=1,
-            initializer_range=cfg.init_std,
-            layer_norm_eps=cfg.norm_eps,
             pad_token_id=pad,
-            tie_word_embeddings=cfg.tie_embeddings,
             architectures=[XLMRobertaAdapter.hf_architecture],
         )
         remaining = dict(state_dict)
@@ -158,13 +218,7 @@ class XLMRobertaAdapter:
             ),
             "roberta.embeddings.token_type_embeddings.weight": pos_PD.new_zeros(1, cfg.hidden_size),
         }
-        if cfg.tie_embeddings:
-            bias_V = remaining.pop("output_bias")
-        else:
-            hf["lm_head.decoder.weight"] = remaining.pop("output.weight")
-            bias_V = remaining.pop("output.bias")
-        hf["lm_head.bias"] = bias_V
-        hf["lm_head.decoder.bias"] = bias_V
+        _head_to_hf(remaining, cfg, hf, prefix="lm_head")
         hf.update(rename(remaining, table=_table(cfg)))
         if cfg.tie_embeddings:
             hf["lm_head.decoder.weight"] = hf["roberta.embeddings.word_embeddings.weight"]
@@ -179,9 +233,6 @@ class XLMRobertaAdapter:
                 table too small for its padding offset.
         """
         hf = as_config(hf_config, "xlm-roberta")
-        source = "xlm-roberta"
-        require_hf("hidden_act", value=hf.hidden_act, expected="gelu", source=source)
-        require_hf("is_decoder", value=bool(hf.is_decoder), expected=False, source=source)
         pad = hf.pad_token_id if hf.pad_token_id is not None else 1
         max_seq_len = hf.max_position_embeddings - pad - 1
         if max_seq_len <= 0:
@@ -189,25 +240,7 @@ class XLMRobertaAdapter:
                 f"xlm-roberta config max_position_embeddings ({hf.max_position_embeddings}) must "
                 f"be > pad_token_id + 1 ({pad + 1}) to import"
             )
-        return ModelConfig(
-            family="encoder",
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads,
-            ffn_hidden_size=hf.intermediate_size,
-            max_seq_len=max_seq_len,
-            position="learned",
-            norm="layernorm",
-            norm_eps=hf.layer_norm_eps,
-            norm_position="post",
-            mlp="gelu",
-            bias=True,
-            tie_embeddings=bool(hf.tie_word_embeddings),
-            dropout=float(hf.hidden_dropout_prob),
-            init_std=hf.initializer_range,
-            pad_token_id=hf.pad_token_id,
-        )
+        return _body_config(hf, source="xlm-roberta", max_seq_len=max_seq_len)
 
     @staticmethod
     def from_hf(hf_state_dict: StateDict, hf_config: Any) -> tuple[StateDict, ModelConfig]:
@@ -225,14 +258,7 @@ class XLMRobertaAdapter:
         if bool(token_type_RD[0].any()):
             pos_PD = pos_PD + token_type_RD[0]
         ours: StateDict = {"pos_embeddings.weight": pos_PD.contiguous()}
-        bias_V = remaining.pop("lm_head.bias")
-        remaining.pop("lm_head.decoder.bias", None)
-        decoder_VD = remaining.pop("lm_head.decoder.weight", None)
-        if cfg.tie_embeddings:
-            ours["output_bias"] = bias_V
-        else:
-            ours["output.weight"] = decoder_VD
-            ours["output.bias"] = bias_V
+        ours.update(_head_from_hf(remaining, cfg, prefix="lm_head"))
         inverse = {v: k for k, v in _table(cfg).items()}
         ours.update(rename(remaining, table=inverse))
         return ours, cfg
@@ -290,31 +316,15 @@ class BertAdapter:
 
         BertAdapter.check(cfg)
         hf_config = BertConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.ffn_hidden_size,
-            hidden_act="gelu",
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
+            **_hf_body_config(cfg),
             max_position_embeddings=cfg.max_seq_len,
             type_vocab_size=cfg.type_vocab_size,
-            initializer_range=cfg.init_std,
-            layer_norm_eps=cfg.norm_eps,
             pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
-            tie_word_embeddings=cfg.tie_embeddings,
             architectures=[BertAdapter.hf_architecture],
         )
         remaining = dict(state_dict)
         hf: StateDict = {}
-        if cfg.tie_embeddings:
-            bias_V = remaining.pop("output_bias")
-        else:
-            hf["cls.predictions.decoder.weight"] = remaining.pop("output.weight")
-            bias_V = remaining.pop("output.bias")
-        hf["cls.predictions.bias"] = bias_V
-        hf["cls.predictions.decoder.bias"] = bias_V
+        _head_to_hf(remaining, cfg, hf, prefix="cls.predictions")
         hf.update(rename(remaining, table=_bert_table(cfg)))
         if cfg.tie_embeddings:
             hf["cls.predictions.decoder.weight"] = hf["bert.embeddings.word_embeddings.weight"]
@@ -328,27 +338,10 @@ class BertAdapter:
             ValueError: an activation other than GELU or a decoder-style config.
         """
         hf = as_config(hf_config, "bert")
-        source = "bert"
-        require_hf("hidden_act", value=hf.hidden_act, expected="gelu", source=source)
-        require_hf("is_decoder", value=bool(hf.is_decoder), expected=False, source=source)
-        return ModelConfig(
-            family="encoder",
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads,
-            ffn_hidden_size=hf.intermediate_size,
+        return _body_config(
+            hf,
+            source="bert",
             max_seq_len=hf.max_position_embeddings,
-            position="learned",
-            norm="layernorm",
-            norm_eps=hf.layer_norm_eps,
-            norm_position="post",
-            mlp="gelu",
-            bias=True,
-            tie_embeddings=bool(hf.tie_word_embeddings),
-            dropout=float(hf.hidden_dropout_prob),
-            init_std=hf.initializer_range,
-            pad_token_id=hf.pad_token_id,
             type_vocab_size=hf.type_vocab_size,
             pair_head=True,
         )
@@ -364,15 +357,7 @@ class BertAdapter:
         remaining = dict(hf_state_dict)
         remaining.pop("bert.embeddings.position_ids", None)
         remaining.pop("bert.embeddings.token_type_ids", None)
-        bias_V = remaining.pop("cls.predictions.bias")
-        remaining.pop("cls.predictions.decoder.bias", None)
-        decoder_VD = remaining.pop("cls.predictions.decoder.weight", None)
-        ours: StateDict = {}
-        if cfg.tie_embeddings:
-            ours["output_bias"] = bias_V
-        else:
-            ours["output.weight"] = decoder_VD
-            ours["output.bias"] = bias_V
+        ours = _head_from_hf(remaining, cfg, prefix="cls.predictions")
         inverse = {v: k for k, v in _bert_table(cfg).items()}
         ours.update(rename(remaining, table=inverse))
         return ours, cfg

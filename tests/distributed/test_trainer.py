@@ -124,11 +124,11 @@ def _run_with_nan(rank: int, world_size: int, cfg, nan_from: int) -> dict:
     calls = {"n": 0}
     weights = {}
 
-    def poisoned(batch):
+    def poisoned(batch, **kwargs):
         calls["n"] += 1  # one micro-batch per step here
         if calls["n"] == nan_from + 1:
             weights["good"] = _weights_sum(trainer)  # after the last good step
-        loss, per_lang = forward(batch)
+        loss, per_lang = forward(batch, **kwargs)
         if calls["n"] > nan_from:
             loss = loss * float("nan")
         return loss, per_lang

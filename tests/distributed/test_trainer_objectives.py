@@ -19,18 +19,7 @@ from data_pipeline.transforms import IGNORE_INDEX, MaskingConfig
 from parallel.testing import run_distributed
 from pretrain.plots import read_metrics
 from tests.distributed.trainer_runs import fit_rank, global_batches, train_on, trainer_config
-
-
-def _runs(selected_T: np.ndarray) -> list[int]:
-    """Lengths of the runs of consecutive selected positions of one row."""
-    runs, length = [], 0
-    for flag in selected_T.tolist() + [False]:
-        if flag:
-            length += 1
-        elif length:
-            runs.append(length)
-            length = 0
-    return runs
+from tests.selections import runs_of
 
 
 def _selection(shards, objective: str):
@@ -53,8 +42,8 @@ def test_span_rows_select_whole_spans_at_the_masking_rate(shards):
     assert np.all((rates >= 0.14) & (rates <= 0.17)), rates
     # Spans, not tokens: SpanBERT's mean span is 3.8 words (more pieces), BERT's selection
     # leaves mostly single positions.
-    span_mean = np.mean([r for row in span for r in _runs(row)])
-    token_mean = np.mean([r for row in token for r in _runs(row)])
+    span_mean = np.mean([r for row in span for r in runs_of(row)])
+    token_mean = np.mean([r for row in token for r in runs_of(row)])
     assert span_mean > 2.5 and token_mean < 1.5, (span_mean, token_mean)
     assert np.all(labels[span] >= 0)
 

@@ -16,6 +16,7 @@ from data_pipeline.transforms import IGNORE_INDEX, ROW_TRANSFORMS
 from pretrain.config import load_config, validate_config
 from pretrain.objectives import ObjectiveMix
 from tests.sample_data import REPO
+from tests.selections import runs_of
 
 PAIR, MLM, SPAN = (ROW_TRANSFORMS.index(k) for k in ("pair", "mlm", "span"))
 WEIGHTS = {"mlm": 1.0, "span": 2.0, "tlm": 1.0}
@@ -34,17 +35,6 @@ def _loaders(shards, weights, *, ranks: int, batch_size: int, seq_len: int = 64,
         )  # fmt: skip
         for r in range(ranks)
     ]
-
-
-def _runs(selected_T: np.ndarray) -> list[int]:
-    runs, length = [], 0
-    for flag in selected_T.tolist() + [False]:
-        if flag:
-            length += 1
-        elif length:
-            runs.append(length)
-            length = 0
-    return runs
 
 
 def test_row_shares_follow_the_weights_over_the_global_batch(shards) -> None:
@@ -79,7 +69,7 @@ def test_row_shares_follow_the_weights_over_the_global_batch(shards) -> None:
                 real = batch["attention_mask"][row]
                 assert len(set(batch["lang_ids"][row][real].tolist())) == 2
             else:
-                runs[kind] += _runs(selected)
+                runs[kind] += runs_of(selected)
     assert np.mean(runs[SPAN]) > 2.5 and np.mean(runs[MLM]) < 1.5
 
 

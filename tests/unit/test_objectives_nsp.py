@@ -93,6 +93,30 @@ def test_rows_follow_the_rule(raw, vocab: Vocab, task: str) -> None:
     assert 0.13 < rate < 0.17, rate
 
 
+def test_a_language_alone_in_its_batch_takes_the_b_of_an_earlier_row(raw, vocab: Vocab) -> None:
+    raw_MR, lang_M = raw
+    rows = np.array([0, len(raw_MR) - 1])  # one en row, one ja row
+    earlier = np.arange(100, 140, dtype=np.int32)  # an earlier batch's ja B
+    common = dict(task="nsp", seq_len=T, vocab=vocab, cfg=MaskingConfig(replace_prob=0.0,
+                  random_prob=0.0))  # fmt: skip
+    labels = []
+    for seed in range(40):
+        out = segment_pairs(raw_MR[rows], lang_M[rows], rng=np.random.default_rng(seed),
+                            previous={2: earlier}, **common)  # fmt: skip
+        labels.append(out["pair_label"].tolist())
+        en, ja = out["pair_label"].tolist()
+        assert en == 0  # no other en row, no earlier one
+        ids = _unmasked(out)[1]
+        s = int(out["split_M"][1])
+        if ja:  # B is the earlier segment, cut to the room left
+            assert (
+                ids[s + 2 : s + 2 + min(len(earlier), T - 3 - s)].tolist()
+                == earlier[: T - 3 - s].tolist()
+            )
+        assert out["last_B"][2].tolist() == raw_MR[rows[1], s:].tolist()
+    assert 0 < np.mean([ja for _, ja in labels]) < 1
+
+
 def _loader(shards, task: str, **data):
     cfg = DataConfig(manifest=str(shards["shards"]), **{"seq_len": T, "batch_size": 16, **data})
     return build_loader(cfg, dp_rank=0, dp_world_size=1, objective=task, masking=MaskingConfig(),
@@ -119,6 +143,25 @@ def test_labels_balance_and_segments_on_real_documents(shards, task: str) -> Non
     # half of the rows are negatives, within 4.5 binomial standard deviations
     assert abs(labels.mean() - 0.5) < 4.5 * np.sqrt(0.25 / rows), labels.mean()
     assert batch["token_type_ids"].dtype == torch.int32 and batch["pair_label"].dtype == torch.int64
+
+
+def test_nsp_loader_resumes_exactly(shards) -> None:
+    """The slot's last B per language (the negatives of a language alone in a batch) is part of
+    the loader state: a resumed loader gives the same batches."""
+    loader = _loader(shards, "nsp", batch_size=4)
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    state = loader.state_dict()
+    assert state["slots"][0]["segments"]
+    after = [next(batches) for _ in range(3)]
+    resumed = _loader(shards, "nsp", batch_size=4)
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    for want in after:
+        got = next(again)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
 def test_loader_refuses_rows_too_short(shards) -> None:
