@@ -6,7 +6,7 @@ objective runs through the real loader and trainer on the bundled sample's shard
 ``data.seq_len`` 128, batch 8): the loader's ``--batches`` batches after ``--warmup`` (batches
 per second, in process, no workers), then ``--warmup`` untimed and ``--steps`` timed trainer
 steps (``Trainer.train_step`` plus its settle, median). The encoder rows (MLM, TLM, span,
-BTMLM, NSP, SOP) share ``configs/tiny_encoder.yaml``, so their step times compare directly
+SpanBERT, BTMLM, NSP, SOP) share ``configs/tiny_encoder.yaml``, so their step times compare directly
 with MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny encoder-decoder.
 """
 
@@ -28,6 +28,7 @@ OBJECTIVES = {
     "mlm": ("tiny_encoder.yaml", ("objective.weights={mlm: 1}",)),
     "mlm + tlm (3:1)": ("tiny_encoder.yaml", ("objective.weights={mlm: 3, tlm: 1}",)),
     "span": ("tiny_encoder.yaml", ("objective.weights={span: 1}",)),
+    "spanbert": ("tiny_encoder.yaml", ("objective.weights={spanbert: 1}",)),
     "mlm + span + tlm (1:2:1)": (
         "tiny_encoder.yaml",
         ("objective.weights={mlm: 1, span: 2, tlm: 1}",),

@@ -38,6 +38,10 @@ Batch contract (every objective; a dict of CPU torch tensors)::
     row_transform   [B]     int32  encoder rows (``mlm``, ``span``, ``btmlm``): each row's
                                    transform, an index into ``transforms.ROW_TRANSFORMS``
                                    (pair = TLM, mlm, span, btmlm)
+    span_left, span_right, span_offset
+                    [B, T]  int32  with ``masking.span_boundary``: at a span-masked target,
+                                   the positions just outside its span and its offset in it
+                                   (SpanBERT's span-boundary objective); -1 elsewhere
     docs_per_lang   [L]     int64  documents starting in this batch per language (TLM: pairs,
                                    counted under the source language)
 
@@ -240,6 +244,9 @@ corruption or BART denoising of monolingual rows, translation pair rows: see bel
 ``btmlm`` ERNIE-M back-translation masked LM rows; ``nsp`` / ``sop`` BERT / ALBERT segment pairs
 (see below)."""
 BAD_SHARD_POLICIES = ("skip", "raise")
+SPAN_BOUNDARY_KEYS = ("left_BT", "right_BT", "offset_BT")
+"""``transforms.span_mask``'s span-boundary tables, as the batch's span_left / span_right /
+span_offset."""
 COUNTER_KEYS = ("dropped_tokens", "truncated_tokens", "bad_samples")
 
 
@@ -1469,11 +1476,16 @@ class _SlotRunner:
         return {**batch, **per_lang}
 
     def _mask_mixed(
-        self, ids_BT: np.ndarray, valid_BT: np.ndarray | None, row_transform_B: np.ndarray
+        self,
+        ids_BT: np.ndarray,
+        valid_BT: np.ndarray | None,
+        row_transform_B: np.ndarray,
+        bounds: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, labels)`` of an ``mlm`` batch whose rows mix transforms: BERT masking
         of the TLM and ``mlm`` rows in one call, then span masking of the ``span`` rows (in
-        that order, each over its rows only: the slot's generator is their one randomness)."""
+        that order, each over its rows only: the slot's generator is their one randomness);
+        the span rows' span-boundary inputs into ``bounds`` (``[B, T]`` tables, -1 filled)."""
         ds = self.ds
         inputs_BT, labels_BT = ids_BT.copy(), np.full_like(ids_BT, IGNORE_INDEX)
         bert = (row_transform_B == ROW_TRANSFORMS.index("pair")) | (
@@ -1487,7 +1499,8 @@ class _SlotRunner:
             if not len(rows):
                 continue
             cfg = ds.masking if mask is mask_tokens else ds.span_masking
-            inputs_BT[rows], labels_BT[rows] = mask(
+            extra = {"with_boundaries": True} if mask is span_mask and bounds is not None else {}
+            out = mask(
                 ids_BT[rows],
                 vocab=ds.vocab,
                 cfg=cfg,
@@ -1495,7 +1508,12 @@ class _SlotRunner:
                 valid_BT=None if valid_BT is None else valid_BT[rows],
                 special_V=self.special_V,
                 normal_ids=self.normal_ids,
+                **extra,
             )
+            inputs_BT[rows], labels_BT[rows] = out[0], out[1]
+            if extra:
+                for key, table in out[2].items():
+                    bounds[key][rows] = table
         return inputs_BT, labels_BT
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -1573,8 +1591,11 @@ class _SlotRunner:
                 self.row_kind_ids[0] if kinds is None else self.row_kind_ids[kinds]
             )
         only = ds.kind_names[0]  # the rows' one transform when they have one
-        if kinds is not None or (only == "span" and num_tlm):
-            input_BT, labels_BT = self._mask_mixed(ids_BT, valid_BT, row_transform)
+        bounds = None  # SpanBERT's span-boundary inputs (masking.span_boundary)
+        if ds.masking.span_boundary and "span" in ds.kind_names:
+            bounds = {k: np.full((B, T), -1, dtype=ID_DTYPE) for k in SPAN_BOUNDARY_KEYS}
+        if kinds is not None or (only == "span" and (num_tlm or bounds is not None)):
+            input_BT, labels_BT = self._mask_mixed(ids_BT, valid_BT, row_transform, bounds)
         elif only == "span":
             input_BT, labels_BT = span_mask(
                 ids_BT,
@@ -1607,6 +1628,9 @@ class _SlotRunner:
         extra = {}
         if row_transform is not None:
             extra["row_transform"] = torch.from_numpy(row_transform)
+        if bounds is not None:
+            for key, name in zip(SPAN_BOUNDARY_KEYS, ("span_left", "span_right", "span_offset")):
+                extra[name] = torch.from_numpy(bounds[key])
         return {
             **extra,
             "input_ids": input_ids,

@@ -178,6 +178,8 @@ class MaskingConfig:
             of each ``seq2seq`` batch, the share of translation rows.
         denoise_share: of each ``seq2seq`` batch, the share of BART-denoised monolingual rows
             (positive: every monolingual row is denoised; 0: every one is span-corrupted).
+        span_boundary: span-masked rows also carry SpanBERT's span-boundary inputs
+            (``span_left``, ``span_right``, ``span_offset``: :func:`span_mask`).
         seq2seq: the settings of ``seq2seq`` batches (None: :class:`Seq2SeqConfig`'s defaults).
         mono_kinds: of an ``mlm`` batch's monolingual rows, the transform of each (``mlm``: BERT
             masking, ``span``: SpanBERT span masking) and its share of those rows, e.g.
@@ -193,6 +195,7 @@ class MaskingConfig:
     denoise_share: float = 0.0
     seq2seq: Seq2SeqConfig | None = None
     mono_kinds: tuple[tuple[str, float], ...] | None = None
+    span_boundary: bool = False
 
     def check(self) -> None:
         """Raises: ValueError naming the value and the rule."""
@@ -1174,9 +1177,14 @@ def span_mask(
     valid_BT: np.ndarray | None = None,
     special_V: np.ndarray | None = None,
     normal_ids: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_boundaries: bool = False,
+) -> tuple[np.ndarray, ...]:
     """SpanBERT masking: :func:`select_spans`, then one 80/10/10 draw per span for all its
     tokens (mask id / random ids / kept; where spans overlap the later span decides).
+    With ``with_boundaries`` also the span-boundary objective's inputs: for each selected
+    token, the positions of the tokens just outside its span (``start - 1`` and ``end``,
+    clamped to the row) and its offset in the span (``i - start``), as ``[B, T]`` int32
+    ``left_BT``, ``right_BT``, ``offset_BT`` in a dict (-1 at unselected positions).
 
     Args:
         ids_BT: ``[B, T]`` token ids of a signed integer dtype (not modified).
@@ -1216,7 +1224,22 @@ def span_mask(
         if normal_ids is None:
             normal_ids = np.flatnonzero(~special_V)
         inputs_N[to_random_R] = normal_ids[rng.integers(0, len(normal_ids), len(to_random_R))]
-    return inputs_BT, labels_BT
+    if not with_boundaries:
+        return inputs_BT, labels_BT
+    width = ids_BT.shape[1]
+    owner_N = owner_BT.reshape(-1)[selected_N]
+    start_N, end_N = spans.start_S[owner_N], spans.end_S[owner_N]
+    column_N = selected_N % width
+    bounds = {}
+    for key, value_N in (
+        ("left_BT", np.maximum(start_N - 1, 0)),
+        ("right_BT", np.minimum(end_N, width - 1)),
+        ("offset_BT", column_N - start_N),
+    ):
+        table = np.full(ids_BT.shape, -1, dtype=ID_DTYPE)
+        table.reshape(-1)[selected_N] = value_N
+        bounds[key] = table
+    return inputs_BT, labels_BT, bounds
 
 
 # --- ERNIE-M back-translation masked LM ---------------------------------------------------------

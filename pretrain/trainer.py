@@ -465,7 +465,9 @@ class Trainer:
         labels = self.mix.targets(to_device(batch["labels"], self.device))
         kwargs = model_inputs(batch, self.cfg.model, self.device)
         groups = self._target_groups(batch, kwargs)
-        kwargs.update(self.mix.model_options())
+        kwargs.update(self.mix.model_options(batch, self.device))
+        # SpanBERT: the span-boundary outputs follow the main ones, with their own targets
+        labels, groups = self.mix.extend_targets(labels, groups, batch, num_groups=self.num_groups)
         with self._autocast():
             if self.dims.tp > 1 or self.engine is not None:
                 # Whole logits: vocabulary-sharded under TP; under DeepSpeed the projection

@@ -20,7 +20,8 @@ XLM-R details carried over exactly:
     head: ``lm_head.dense`` -> GELU -> ``lm_head.layer_norm`` -> ``lm_head.decoder`` with
         ``lm_head.bias`` (= ``lm_head.decoder.bias``), the decoder weight tied to the word
         embeddings when ``model.tie_embeddings``.
-An MoE encoder has no upstream masked-LM class and is refused.
+An MoE encoder has no upstream masked-LM class and is refused. SpanBERT's span-boundary head
+(``model.span_boundary_positions``) is a pre-training head: the exports leave it out.
 
 BERT (:class:`BertAdapter`): the same body under ``bert.`` names; positions from 0 (no padding
 offset: our row p is its row p), ``token_type_embeddings`` our segment table, ``bert.pooler``
@@ -109,6 +110,12 @@ def _check_body(cfg: ModelConfig, *, target: str) -> None:
         expected=default_head_dim,
         target=target,
     )
+
+
+def _without_pretraining_heads(state_dict: StateDict) -> StateDict:
+    """The state dict less SpanBERT's span-boundary head, a pre-training head with no place in
+    transformers' classes (SpanBERT's own release leaves it out too)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("span_boundary.")}
 
 
 def _hf_body_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -210,7 +217,7 @@ class XLMRobertaAdapter:
             pad_token_id=pad,
             architectures=[XLMRobertaAdapter.hf_architecture],
         )
-        remaining = dict(state_dict)
+        remaining = _without_pretraining_heads(state_dict)
         pos_PD = remaining.pop("pos_embeddings.weight")
         hf: StateDict = {
             "roberta.embeddings.position_embeddings.weight": torch.cat(
@@ -322,7 +329,7 @@ class BertAdapter:
             pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
             architectures=[BertAdapter.hf_architecture],
         )
-        remaining = dict(state_dict)
+        remaining = _without_pretraining_heads(state_dict)
         hf: StateDict = {}
         _head_to_hf(remaining, cfg, hf, prefix="cls.predictions")
         hf.update(rename(remaining, table=_bert_table(cfg)))

@@ -144,6 +144,9 @@ class ModelConfig:
     pair_head: bool = field(default=False, metadata=ARCHITECTURE)
     """encoder: BERT's pooler (dense + tanh on the first position's state) and a 2-way
     classifier over it (``seq_relationship``: NSP, SOP)."""
+    span_boundary_positions: int = field(default=0, metadata=ARCHITECTURE)
+    """encoder: SpanBERT's span-boundary head with this many relative positions (a span's
+    tokens past the last share it); 0: none."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches."""
     init_std: float = 0.02
@@ -295,7 +298,11 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(f"model.num_languages ({cfg.num_languages}) must be >= 0")
     if cfg.type_vocab_size < 0:
         raise ValueError(f"model.type_vocab_size ({cfg.type_vocab_size}) must be >= 0")
-    for key in ("type_vocab_size", "pair_head"):
+    if cfg.span_boundary_positions < 0:
+        raise ValueError(
+            f"model.span_boundary_positions ({cfg.span_boundary_positions}) must be >= 0"
+        )
+    for key in ("type_vocab_size", "pair_head", "span_boundary_positions"):
         if getattr(cfg, key) and cfg.family != "encoder":
             raise ValueError(
                 f"model.{key} ({getattr(cfg, key)}) needs model.family encoder (got {cfg.family!r})"

@@ -50,6 +50,34 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(x_BTD[:, 0]))
 
 
+class SpanBoundaryHead(nn.Module):
+    """SpanBERT's span-boundary objective: a target at offset p of a span is predicted from
+    the states just outside the span and a relative-position embedding,
+    ``y = norm2(gelu(dense2(norm1(gelu(dense1([x_left; x_right; pos_p]))))))``, then the
+    output projection; submodules ``positions``, ``dense1``, ``norm1``, ``dense2``,
+    ``norm2``. Takes the whole sequence ``x_BTD`` (a tensor-parallel plan gathers it)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.hidden_size
+        self.num_positions = cfg.span_boundary_positions
+        self.positions = nn.Embedding(self.num_positions, dim)
+        self.dense1 = nn.Linear(3 * dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.dense2 = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, *, span_targets_N4: torch.Tensor) -> torch.Tensor:
+        """``x_BTD`` and ``[N, 4]`` (row, left, right, offset) of each target -> ``y_ND``."""
+        row_N, left_N, right_N, offset_N = span_targets_N4.long().unbind(dim=1)
+        offset_N = offset_N.clamp(max=self.num_positions - 1)
+        h_N3D = torch.cat(
+            [x_BTD[row_N, left_N], x_BTD[row_N, right_N], self.positions(offset_N)], dim=-1
+        )
+        h_ND = self.norm1(F.gelu(self.dense1(h_N3D)))
+        return self.norm2(F.gelu(self.dense2(h_ND)))
+
+
 class Encoder(Transformer):
     """Bidirectional Transformer with an MLM head: ``forward(tokens_BT, ...) -> logits_BTV``.
 
@@ -65,3 +93,5 @@ class Encoder(Transformer):
         if cfg.pair_head:
             self.pooler = Pooler(cfg)
             self.pair_classifier = nn.Linear(cfg.hidden_size, 2)
+        if cfg.span_boundary_positions:
+            self.span_boundary = SpanBoundaryHead(cfg)

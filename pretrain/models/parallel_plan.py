@@ -64,6 +64,7 @@ PIPELINE_LAST_STAGE: tuple[str, ...] = (
     "head",
     "pooler",
     "pair_classifier",
+    "span_boundary",
     "output",
     "tied_output",
     "output_bias",
@@ -105,6 +106,8 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
         plan["head"] = "sequence_to_replicate_input"
         if cfg.pair_head:  # the pooler reads position 0 of the whole sequence
             plan["pooler"] = "sequence_to_replicate_input"
+        if cfg.span_boundary_positions:  # the boundary states of the whole sequence
+            plan["span_boundary"] = "sequence_to_replicate_input"
     # The MLM head gathers the sequence, so the projection's input is replicated after it.
     output_style = "output_from_replicate" if cfg.family == "encoder" else "output"
     plan["tied_output" if cfg.tie_embeddings else "output"] = output_style

@@ -8,11 +8,12 @@ Submodule names (what TP plans and pipeline splits address):
     tok_embeddings, pos_embeddings (learned positions), lang_embeddings (XLM), type_embeddings
     (BERT segments), embed_norm (post-norm only), layers.{i} (``Block``s in an
     ``nn.ModuleDict``), norm (pre-norm only), head (encoder MLM transform), pooler and
-    pair_classifier (encoder ``model.pair_head``), and the output head, a module that computes
-    the logits: output (untied: an ``nn.Linear``, parameters ``output.weight`` / ``output.bias``) or
-    tied_output (tied: a ``TiedOutput`` without parameters that applies ``tok_embeddings.weight``
-    and the model's own ``output_bias``). The logits always come from calling that module, so a
-    parallel style on it (vocabulary-parallel output) sees them.
+    pair_classifier (encoder ``model.pair_head``), span_boundary (encoder SpanBERT head), and
+    the output head, a module that computes the logits: output (untied: an ``nn.Linear``,
+    parameters ``output.weight`` / ``output.bias``) or tied_output (tied: a ``TiedOutput``
+    without parameters that applies ``tok_embeddings.weight`` and the model's own
+    ``output_bias``). The logits always come from calling that module, so a parallel style on it
+    (vocabulary-parallel output) sees them.
 
 Pipeline stages are made by deleting what a stage does not own (set the attribute to None, delete
 entries of ``layers``): a stage without ``tok_embeddings`` takes hidden states ``x_BTD`` as its
@@ -114,6 +115,7 @@ class Transformer(nn.Module):
         # sentence-level head (encoder model.pair_head): set by the family
         self.pooler: nn.Module | None = None
         self.pair_classifier: nn.Linear | None = None
+        self.span_boundary: nn.Module | None = None  # encoder model.span_boundary_positions
         if cfg.tie_embeddings:
             # Tied: the head reads tok_embeddings.weight at call time (a shared Parameter would
             # come apart in to_empty()); only a bias of its own remains.
@@ -187,6 +189,7 @@ class Transformer(nn.Module):
         token_type_ids_BT: torch.Tensor | None = None,
         return_hidden: bool = False,
         return_pair_logits: bool = False,
+        span_targets_N4: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the stack.
@@ -208,6 +211,10 @@ class Transformer(nn.Module):
                 final norm / MLM head), for the chunked losses of ``pretrain.objectives``.
             return_pair_logits: also return the sentence-pair logits ``[B, 2]`` of
                 ``model.pair_head`` (the pooled first position, before the MLM head).
+            span_targets_N4: SpanBERT's span-boundary targets, ``[N, 4]`` (row, left,
+                right, offset; ``model.span_boundary_positions``): their outputs (hidden
+                states or logits, as the main ones) follow the main outputs along one
+                sequence, ``[1, B * T + N, ...]``.
             cache: generation (causal models): ``inputs`` are the new tokens after the
                 ``cache.length`` cached ones, ``document_ids_BT`` (if given) covers all of
                 them; the cache grows by the new tokens (``pretrain.models.kv_cache``).
@@ -280,10 +287,18 @@ class Transformer(nn.Module):
         pair_logits_B2 = None
         if return_pair_logits:
             pair_logits_B2 = self.pair_classifier(self.pooler(x_BTD))
+        boundary_1ND = None
+        if span_targets_N4 is not None:
+            if self.span_boundary is None:
+                raise ValueError("span_targets_N4 needs model.span_boundary_positions > 0")
+            boundary_1ND = self.span_boundary(x_BTD, span_targets_N4=span_targets_N4)[None]
         if self.head is not None:
             x_BTD = self.head(x_BTD)
         out = x_BTD if return_hidden else self.project(x_BTD)
         out = x_BTD if out is None else out
+        if boundary_1ND is not None:  # the span-boundary outputs after the main ones
+            extra = boundary_1ND if return_hidden else self.project(boundary_1ND)
+            out = torch.cat([out.reshape(1, -1, out.shape[-1]), extra], dim=1)
         return out if pair_logits_B2 is None else (out, pair_logits_B2)
 
     # ----------------------------------------------------------------------------------------

@@ -101,6 +101,14 @@ class ObjectiveMix:
         self.preparing = [o for o in self.objectives if o.prepare is not None]
         # per-row labels scored on the model's sentence-pair logits (NSP, SOP): one objective
         self.sentence = [o for o in self.objectives if o.sentence_label is not None]
+        # targets predicted again from their span's boundaries (SpanBERT's SBO): one objective
+        self.boundary = [o for o in self.objectives if o.span_boundary]
+        kinds = [o.row_kind for o in self.objectives if o.row_kind and self.weights[o.name]]
+        if len(set(kinds)) < len(kinds):
+            raise ValueError(
+                f"objective.weights ({', '.join(self.names)}) name two objectives of one row "
+                "kind (span, spanbert): keep one"
+            )
         # The objective index of mono and pair rows, and of each row transform of a batch's
         # row_transform (data_pipeline.transforms.ROW_TRANSFORMS).
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
@@ -167,14 +175,48 @@ class ObjectiveMix:
     def num_groups(self, num_languages: int) -> int:
         """Token groups (objectives x languages), then two per sentence objective (its
         summed loss and its correct rows, each over its rows)."""
-        return len(self.objectives) * num_languages + 2 * len(self.sentence)
+        return len(self.objectives) * num_languages + 2 * len(self.sentence) + len(self.boundary)
 
     # -- sentence-level outputs ------------------------------------------------------------
 
-    def model_options(self) -> dict[str, bool]:
+    def model_options(
+        self, batch: dict[str, Any] | None = None, device: torch.device | None = None
+    ) -> dict[str, Any]:
         """Keyword arguments asking the model for the outputs the objectives score beside the
-        token states (``return_pair_logits`` for NSP / SOP)."""
-        return {"return_pair_logits": True} if self.sentence else {}
+        token states: ``return_pair_logits`` for NSP / SOP; for SpanBERT the batch's
+        span-boundary targets ``span_targets_N4`` (row, left, right, offset of each target of a
+        span-masked row, in row-major order), on ``device``."""
+        if self.sentence:
+            return {"return_pair_logits": True}
+        if self.boundary and batch is not None:
+            at_N2 = (batch["span_left"] >= 0).nonzero()
+            row_N, col_N = at_N2[:, 0], at_N2[:, 1]
+            targets_N4 = torch.stack(
+                [row_N, batch["span_left"][row_N, col_N].long(),
+                 batch["span_right"][row_N, col_N].long(),
+                 batch["span_offset"][row_N, col_N].long()], dim=1,
+            )  # fmt: skip
+            return {"span_targets_N4": targets_N4 if device is None else targets_N4.to(device)}
+        return {}
+
+    def extend_targets(
+        self,
+        labels_BT: torch.Tensor,
+        groups_BT: torch.Tensor,
+        batch: dict[str, Any],
+        *,
+        num_groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With SpanBERT the targets and groups of the outputs the model appends for the
+        span-boundary targets (``model_options``): ``[1, B * T + N]``, the appended ones in the
+        last of ``num_groups``; else the arguments."""
+        if not self.boundary:
+            return labels_BT, groups_BT
+        at_BT = (batch["span_left"] >= 0).to(labels_BT.device)
+        labels_N = labels_BT[at_BT]
+        groups_N = torch.full_like(groups_BT[at_BT], num_groups - 1)
+        labels = torch.cat([labels_BT.reshape(-1), labels_N])[None]
+        return labels, torch.cat([groups_BT.reshape(-1), groups_N])[None]
 
     def split_outputs(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(token output, sentence logits or None)`` of a model call made with
@@ -303,6 +345,10 @@ class ObjectiveMix:
             rows[at, :, 0] += sums_G[index * num_langs : (index + 1) * num_langs]
             rows[at, :, 1] += counts_G[index * num_langs : (index + 1) * num_langs]
         out: dict[str, dict[str, float]] = {}
+        if self.boundary and float(counts_G[-1]) > 0:
+            out["span_boundary_loss"] = {
+                self.boundary[0].name: float(sums_G[-1]) / float(counts_G[-1])
+            }
         if self.sentence:
             name = self.sentence[0].name
             scored = float(counts_G[-1])

@@ -26,7 +26,8 @@ An objective states what it needs and owns, as class data the trainer and the va
 - ``prepare(batch, logits_at)``: a step of its own before the loss, given no-grad logits of
   the model at chosen positions (BTMLM fills its placeholders there); none by default;
 - ``sentence_label``: the batch key of a per-row label scored on the model's sentence-pair
-  logits (NSP, SOP: ``pair_label``), beside the token loss; ``model_settings``: the
+  logits (NSP, SOP: ``pair_label``), beside the token loss; ``span_boundary``: its targets
+  are predicted a second time by SpanBERT's span-boundary head; ``model_settings``: the
   ``model.*`` values it needs (set when left at their defaults).
 
 Each objective owns its targets and loss: the token-predicting ones (:class:`TokenPrediction`:
@@ -70,6 +71,7 @@ class Objective:
     row_kind: ClassVar[str | None] = None
     pipeline: ClassVar[bool] = True
     sentence_label: ClassVar[str | None] = None
+    span_boundary: ClassVar[bool] = False
     model_settings: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
@@ -323,6 +325,26 @@ class SentenceOrderPrediction(SentencePair):
     name = "sop"
     transform = "sop"
     description = "masked LM + sentence order prediction, ALBERT (encoder)"
+
+
+@register
+class SpanBERT(SpanMasking):
+    """SpanBERT entire: span masking plus the span-boundary objective (SBO). Each masked token
+    of a span is predicted twice, from its own state (MLM) and from the states just outside its
+    span with its offset in it (``model.span_boundary_positions``: the SBO head, set to 32
+    when left at 0); the loss is the two cross-entropies summed over the masked tokens, over
+    their count (SpanBERT's L = L_MLM + L_SBO per token). The metrics add
+    ``span_boundary_loss``. Not under pipeline parallel (the head reads the last stage's
+    states)."""
+
+    name = "spanbert"
+    span_boundary = True
+    pipeline = False
+    model_settings = {"span_boundary_positions": 32}
+    description = "span masking + span-boundary objective, SpanBERT (encoder)"
+
+    def loader_options(self, share: float) -> dict[str, Any]:
+        return {"span_boundary": True}
 
 
 class SequenceToSequence(TokenPrediction):

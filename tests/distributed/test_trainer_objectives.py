@@ -100,6 +100,22 @@ def test_mixed_objectives_train_and_are_logged_each(shards, tmp_path):
     assert np.isfinite(records[-1]["valid_loss"])
 
 
+def test_spanbert_trains_and_logs_its_boundary_loss(shards, tmp_path):
+    cfg = trainer_config(
+        "tiny_encoder.yaml", shards, tmp_path / "run", "objective.weights={spanbert: 1}",
+        "data.seq_len=64", "data.batch_size=8", "train.steps=12", "checkpoint.every=0",
+        "train.eval_every=12", "logging.every=4", "optim.lr=3e-3",
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    sbo = [r["span_boundary_loss"]["spanbert"] for r in records]
+    mlm = [r["loss_per_objective"]["spanbert"] for r in records]
+    assert len(sbo) == 3 and sbo[-1] < sbo[0] - 0.3 and mlm[-1] < mlm[0] - 0.3, (sbo, mlm)
+    # the logged loss is the two means added
+    assert records[-1]["loss"] > mlm[-1] + 1.0
+    assert np.isfinite(records[-1]["valid_loss"])
+
+
 @pytest.mark.parametrize("task", ["nsp", "sop"])
 def test_sentence_pair_objectives_train(shards, tmp_path, task):
     cfg = trainer_config(
@@ -131,8 +147,21 @@ def test_sentence_pair_objectives_train(shards, tmp_path, task):
             "objective.weights={sop: 1}",
             ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
         ),
+        ("objective.weights={spanbert: 1}", ("parallel.dp_shard=2",)),
+        (
+            "objective.weights={spanbert: 1, tlm: 1}",
+            ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
+        ),
     ],
-    ids=["btmlm-fsdp2", "btmlm-tp2", "mixed-tp2", "nsp-fsdp2", "sop-tp2-sp"],
+    ids=[
+        "btmlm-fsdp2",
+        "btmlm-tp2",
+        "mixed-tp2",
+        "nsp-fsdp2",
+        "sop-tp2-sp",
+        "spanbert-fsdp2",
+        "spanbert-tlm-tp2-sp",
+    ],
 )
 def test_two_rank_layouts_match_one_process(shards, tmp_path, objective, layout):
     """BTMLM's fill pass too: a rank that filled a placeholder differently would train on other

@@ -271,8 +271,8 @@ def test_max_word_pieces_reaches_the_loaders_masking():
         ("data.on_bad_shard=ignore", "data.on_bad_shard ('ignore') must be one of skip, raise"),
         (
             "objective.name=ctc",
-            "objective.name ('ctc') must be one of clm, mlm, tlm, span, btmlm, nsp, sop, t5, "
-            "bart, translation",
+            "objective.name ('ctc') must be one of clm, mlm, tlm, span, btmlm, nsp, sop, "
+            "spanbert, t5, bart, translation",
         ),
         (
             "optim.schedule=step",

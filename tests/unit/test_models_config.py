@@ -214,8 +214,9 @@ def test_architecture_keys_come_from_the_field_metadata() -> None:
         "relative_attention_num_buckets", "relative_attention_max_distance", "norm",
         "norm_position", "mlp", "bias", "qk_norm", "tie_embeddings", "scale_attention",
         "scale_embeddings", "embedding_norm", "final_logits_bias", "scale_output",
-        "num_languages", "type_vocab_size", "pair_head", "moe.num_experts", "moe.offset",
-        "moe.top_k", "moe.router", "moe.every", "moe.expert_ffn_hidden_size",
+        "num_languages", "type_vocab_size", "pair_head", "span_boundary_positions",
+        "moe.num_experts", "moe.offset", "moe.top_k", "moe.router", "moe.every",
+        "moe.expert_ffn_hidden_size",
     )  # fmt: skip
     assert architecture_keys() == expected
     assert _ARCHITECTURE_KEYS == expected
