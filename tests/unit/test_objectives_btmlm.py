@@ -28,6 +28,7 @@ from pretrain.batches import model_inputs, target_side
 from pretrain.config import load_config, validate_config
 from pretrain.models import build_model
 from pretrain.objectives import OBJECTIVES, ObjectiveMix
+from tests.objective_checks import assert_resumes
 from tests.sample_data import REPO, SAMPLE, first_lines
 
 LANGS = ("en", "de", "ja")
@@ -150,15 +151,7 @@ def test_loader_batches_and_exact_resume(shards) -> None:
     tags = ds.vocab.lang_token_ids
     for row, target in zip(first["btmlm_source_ids"].tolist(), target_langs.tolist()):
         assert row[n + 1] == tags[ds.languages[target]]
-    state = loader.state_dict()
-    after = [next(batches) for _ in range(2)]
-    resumed = _loader(shards)
-    resumed.load_state_dict(state)
-    again = iter(resumed)
-    for want in after:
-        got = next(again)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert_resumes(lambda: _loader(shards), skip=1, count=2)
 
 
 def test_loader_needs_a_second_language_with_a_tag(shards) -> None:

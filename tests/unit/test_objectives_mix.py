@@ -15,6 +15,7 @@ from data_pipeline.loader import build_loader
 from data_pipeline.transforms import IGNORE_INDEX, ROW_TRANSFORMS
 from pretrain.config import load_config, validate_config
 from pretrain.objectives import ObjectiveMix
+from tests.objective_checks import assert_resumes
 from tests.sample_data import REPO
 from tests.selections import runs_of
 
@@ -103,19 +104,7 @@ def test_one_kind_is_the_single_objectives_batch(shards) -> None:
 
 
 def test_mixed_rows_resume_exactly(shards) -> None:
-    (loader,) = _loaders(shards, WEIGHTS, ranks=1, batch_size=8)
-    batches = iter(loader)
-    next(batches)
-    state = loader.state_dict()
-    after = [next(batches) for _ in range(3)]
-    (resumed,) = _loaders(shards, WEIGHTS, ranks=1, batch_size=8)
-    resumed.load_state_dict(state)
-    again = iter(resumed)
-    for want in after:
-        got = next(again)
-        assert got.keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert_resumes(lambda: _loaders(shards, WEIGHTS, ranks=1, batch_size=8)[0])
 
 
 def test_groups_follow_each_rows_transform() -> None:

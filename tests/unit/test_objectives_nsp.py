@@ -18,10 +18,11 @@ from data_pipeline.loader import build_loader
 from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.transforms import IGNORE_INDEX, MaskingConfig, Vocab, join_mono, segment_pairs
 from pretrain.batches import model_inputs
-from pretrain.config import load_config, validate_config
+from pretrain.config import load_config
 from pretrain.models import build_model
 from pretrain.models.config import validate_model
 from pretrain.objectives import OBJECTIVES, ObjectiveMix
+from tests.objective_checks import assert_resumes, encoder_config
 from tests.sample_data import REPO, SAMPLE, first_lines
 
 LANGS = ("en", "de", "ja")
@@ -148,20 +149,8 @@ def test_labels_balance_and_segments_on_real_documents(shards, task: str) -> Non
 def test_nsp_loader_resumes_exactly(shards) -> None:
     """The slot's last B per language (the negatives of a language alone in a batch) is part of
     the loader state: a resumed loader gives the same batches."""
-    loader = _loader(shards, "nsp", batch_size=4)
-    batches = iter(loader)
-    for _ in range(3):
-        next(batches)
-    state = loader.state_dict()
+    state = assert_resumes(lambda: _loader(shards, "nsp", batch_size=4), skip=3)
     assert state["slots"][0]["segments"]
-    after = [next(batches) for _ in range(3)]
-    resumed = _loader(shards, "nsp", batch_size=4)
-    resumed.load_state_dict(state)
-    again = iter(resumed)
-    for want in after:
-        got = next(again)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
 def test_loader_refuses_rows_too_short(shards) -> None:
@@ -173,25 +162,23 @@ def test_loader_refuses_rows_too_short(shards) -> None:
                       rng=np.random.default_rng(0))  # fmt: skip
 
 
-def _cfg(*overrides):
-    cfg = load_config(REPO / "configs" / "tiny_encoder.yaml",
-                      ["train.run_dir=unused", "model.vocab_size=2000", *overrides])  # fmt: skip
-    validate_config(cfg)
-    return cfg
-
-
 def test_config_sets_what_the_objective_needs() -> None:
     assert OBJECTIVES["nsp"].families == OBJECTIVES["sop"].families == ("encoder",)
-    plain = _cfg()
+    plain = encoder_config()
     assert plain.model.type_vocab_size == 0 and plain.model.pair_head is False
-    cfg = _cfg("objective.weights={nsp: 1}")
+    cfg = encoder_config("objective.weights={nsp: 1}")
     assert cfg.model.type_vocab_size == 2 and cfg.model.pair_head is True
-    assert _cfg("objective.weights={sop: 1}", "model.type_vocab_size=3").model.type_vocab_size == 3
+    three = encoder_config("objective.weights={sop: 1}", "model.type_vocab_size=3")
+    assert three.model.type_vocab_size == 3
     with pytest.raises(ValueError, match=r"objective.weights.nsp needs parallel.pp 1 \(got 2\)"):
-        _cfg("objective.weights={nsp: 1}", "parallel.pp=2", "model.tie_embeddings=false",
-             "parallel.dp_shard=1")  # fmt: skip
+        encoder_config(
+            "objective.weights={nsp: 1}",
+            "parallel.pp=2",
+            "model.tie_embeddings=false",
+            "parallel.dp_shard=1",
+        )
     with pytest.raises(ValueError, match=r"different batch transforms \(mlm, nsp\)"):
-        _cfg("objective.weights={nsp: 1, mlm: 1}")
+        encoder_config("objective.weights={nsp: 1, mlm: 1}")
     decoder = load_config(REPO / "configs" / "tiny_decoder.yaml",
                           ["train.run_dir=unused", "model.type_vocab_size=2"])  # fmt: skip
     with pytest.raises(ValueError, match=r"model.type_vocab_size \(2\) needs model.family encoder"):
@@ -204,7 +191,7 @@ def test_pair_logits_and_the_loss_follow_the_formula(shards, task: str) -> None:
     ``classifier(tanh(pooler(h[:, 0])))`` of the state before the MLM head; the objective's
     loss is the summed MLM cross-entropy plus the pair cross-entropy times targets / rows, so
     that it is their two means over the targets."""
-    cfg = _cfg(f"objective.weights={{{task}: 1}}", "model.dropout=0.0")
+    cfg = encoder_config(f"objective.weights={{{task}: 1}}", "model.dropout=0.0")
     model = build_model(cfg.model)
     model.init_weights(0)
     batch = next(iter(_loader(shards, task)))

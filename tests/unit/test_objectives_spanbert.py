@@ -26,10 +26,10 @@ from data_pipeline.transforms import (
     span_mask,
 )
 from pretrain.batches import model_inputs
-from pretrain.config import load_config, validate_config
 from pretrain.models import build_model
 from pretrain.objectives import ObjectiveMix
-from tests.sample_data import REPO, SAMPLE, first_lines
+from tests.objective_checks import encoder_config
+from tests.sample_data import SAMPLE, first_lines
 
 
 @pytest.fixture(scope="module")
@@ -83,27 +83,24 @@ def test_loader_batches_carry_the_boundaries_and_mask_as_without(shards) -> None
     assert bool((batch["span_left"][chosen] < batch["span_right"][chosen]).all())
 
 
-def _cfg(*overrides):
-    cfg = load_config(REPO / "configs" / "tiny_encoder.yaml",
-                      ["train.run_dir=unused", "model.vocab_size=2000", *overrides])  # fmt: skip
-    validate_config(cfg)
-    return cfg
-
-
 def test_config_rules() -> None:
-    cfg = _cfg("objective.weights={spanbert: 1}")
+    cfg = encoder_config("objective.weights={spanbert: 1}")
     assert cfg.model.span_boundary_positions == 32
     transform, masking = ObjectiveMix.from_config(cfg).loader_settings(cfg.objective)
     assert transform == "mlm" and masking.span_boundary and masking.mono_kinds == (("span", 1.0),)
     with pytest.raises(ValueError, match=r"two objectives of one row kind \(span, spanbert\)"):
-        _cfg("objective.weights={span: 1, spanbert: 1}")
+        encoder_config("objective.weights={span: 1, spanbert: 1}")
     with pytest.raises(ValueError, match=r"objective.weights.spanbert needs parallel.pp 1"):
-        _cfg("objective.weights={spanbert: 1}", "parallel.pp=2", "model.tie_embeddings=false",
-             "parallel.dp_shard=1")  # fmt: skip
+        encoder_config(
+            "objective.weights={spanbert: 1}",
+            "parallel.pp=2",
+            "model.tie_embeddings=false",
+            "parallel.dp_shard=1",
+        )
 
 
 def test_the_loss_is_mlm_plus_sbo_over_the_masked_count(shards) -> None:
-    cfg = _cfg("objective.weights={spanbert: 1}", "model.dropout=0.0")
+    cfg = encoder_config("objective.weights={spanbert: 1}", "model.dropout=0.0")
     model = build_model(cfg.model)
     model.init_weights(0)
     batch = next(iter(_loader(shards, span_boundary=True)))
@@ -152,7 +149,7 @@ def test_the_loss_is_mlm_plus_sbo_over_the_masked_count(shards) -> None:
 def test_export_leaves_the_boundary_head_out() -> None:
     from checkpoints_tools.adapters import to_hf
 
-    cfg = _cfg("objective.weights={spanbert: 1}")
+    cfg = encoder_config("objective.weights={spanbert: 1}")
     model = build_model(cfg.model)
     hf_state, hf_config = to_hf(model.state_dict(), cfg.model)
     assert hf_config.architectures == ["XLMRobertaForMaskedLM"]
