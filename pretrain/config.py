@@ -77,13 +77,25 @@ class DenoisingOptions:
 
 
 @dataclass
+class ElectraOptions:
+    """ELECTRA replaced token detection (``objective.electra.*``; objective electra)."""
+
+    disc_weight: float = 50.0
+    """Weight of the discriminator's loss (mean over the real tokens) added to the generator's
+    masked-LM loss (mean over the masked tokens); ELECTRA: 50."""
+    temperature: float = 1.0
+    """Temperature of the generator's softmax the replacements are sampled from (ELECTRA: 1)."""
+
+
+@dataclass
 class ObjectiveConfig:
     """Pre-training objective(s) (``objective.*``)."""
 
     weights: dict[str, float] = field(default_factory=dict)
     """The objectives and their mix, e.g. {mlm: 3, tlm: 1} (objectives sharing a batch: each
     weight is its share of the rows): clm (decoder), mlm (encoder, BERT 80/10/10), tlm (encoder,
-    XLM pairs), span (encoder, SpanBERT), t5 (encoder_decoder, T5 span corruption), bart
+    XLM pairs), span (encoder, SpanBERT), electra (encoder, replaced token detection), t5
+    (encoder_decoder, T5 span corruption), bart
     (encoder_decoder, BART/mBART denoising), translation (encoder_decoder, parallel pairs);
     ``pretrain.objectives.OBJECTIVES`` lists them. Empty: the family's default (decoder clm,
     encoder mlm, encoder_decoder t5)."""
@@ -111,6 +123,8 @@ class ObjectiveConfig:
     """T5 span corruption settings (objective t5)."""
     bart: DenoisingOptions = field(default_factory=DenoisingOptions)
     """BART / mBART denoising settings (objective bart)."""
+    electra: ElectraOptions = field(default_factory=ElectraOptions)
+    """ELECTRA replaced token detection settings (objective electra)."""
     decoder_len: int = 0
     """encoder_decoder: decoder positions per row; 0 derives it: T5's targets length for span
     corruption alone (data.seq_len 128 -> 29, 512 -> 114), else data.seq_len (denoised rows and
@@ -528,6 +542,11 @@ def _validate_objective(cfg: RunConfig) -> None:
         raise ValueError(f"objective.weights ({names}) must have a positive sum")
     mix = ObjectiveMix(names)  # the objectives must share one batch transform
     apply_model_settings(cfg, mix)
+    if cfg.model.generator_fraction and not mix.rtd:
+        raise ValueError(
+            f"model.generator_fraction ({cfg.model.generator_fraction}) builds ELECTRA's "
+            "generator, which only objective.weights.electra trains: set it or drop the fraction"
+        )
     if cfg.parallel.pp > 1 and not mix.pipeline:
         blocked = [o.name for o in mix.objectives if not o.pipeline]
         raise ValueError(
@@ -549,12 +568,18 @@ def _validate_objective(cfg: RunConfig) -> None:
     if obj.max_word_pieces < 1:
         raise ValueError(f"objective.max_word_pieces ({obj.max_word_pieces}) must be >= 1")
     _validate_seq2seq_options(cfg)
+    electra = obj.electra
+    if not (math.isfinite(electra.disc_weight) and electra.disc_weight >= 0):
+        raise ValueError(f"objective.electra.disc_weight ({electra.disc_weight}) must be >= 0")
+    if not (math.isfinite(electra.temperature) and electra.temperature > 0):
+        raise ValueError(f"objective.electra.temperature ({electra.temperature}) must be > 0")
 
 
 def apply_model_settings(cfg: RunConfig, mix) -> None:
     """Set the ``model.*`` values the objectives need (``Objective.model_settings``: NSP's
     segment embeddings and pair head) where the config leaves them at their defaults; a value
-    set otherwise must meet the need (an int at least it, a bool equal)."""
+    set otherwise must meet the need (an int at least it, a bool equal; a float is a size
+    any set value serves)."""
     from pretrain.models.config import ModelConfig
 
     defaults = ModelConfig()
@@ -563,6 +588,8 @@ def apply_model_settings(cfg: RunConfig, mix) -> None:
             value = getattr(cfg.model, key)
             if value == getattr(defaults, key):
                 setattr(cfg.model, key, need)
+                continue
+            if isinstance(need, float):  # a size (ELECTRA's generator): any set value serves
                 continue
             flag = isinstance(need, bool)
             if (value != need) if flag else (value < need):

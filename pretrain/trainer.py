@@ -440,27 +440,29 @@ class Trainer:
         and, per loss group (``ObjectiveMix.target_groups``), the loss sums and predicted-token
         counts as ``[groups]`` fp32 device tensors.
 
-        A sentence objective's summed row loss (NSP, SOP) is added times ``row_scale``:
-        the step's targets over its rows, so that the caller's division by the targets makes
-        it the rows' mean (None: this batch's own ratio).
+        A loss beside the token loss (``ObjectiveMix.row_loss``: NSP / SOP's over rows,
+        ELECTRA's discriminator over real tokens) is added summed, times ``row_scale``: the
+        step's targets over its rows (tokens), so that the caller's division by the targets
+        makes it their mean (None: this batch's own ratio).
 
         Under tensor parallel the logits are vocabulary-sharded and the loss is taken inside
         ``loss_context`` (the caller runs backward inside it too). An objective with a step
         before its loss takes it first (``ObjectiveMix.prepare``)."""
         batch = self.mix.prepare(batch, self.logits_at)
-        loss, (sums_G, counts_G), sentence_BC = self._token_loss(batch)
-        if sentence_BC is not None:
+        loss, (sums_G, counts_G), scored = self._token_loss(batch)
+        if scored is not None:
             if row_scale is None:
                 targets = self.mix.num_targets(batch["labels"]).clamp(min=1)
                 row_scale = float(targets) / max(int(self.mix.num_rows(batch)), 1)
-            row_loss = self.mix.sentence_loss(sentence_BC, batch, sums_G, counts_G)
+            row_loss = self.mix.row_loss(scored, batch, sums_G, counts_G)
             # under TP the token loss is a replicated DTensor (loss_parallel): add the plain
             # row loss to its full value, so that each part's backward takes its own path
             loss = local_value(loss) + row_loss * row_scale
         return loss, (sums_G, counts_G)
 
     def _token_loss(self, batch: dict[str, Any]):
-        """``(summed token loss, (sums_G, counts_G), sentence logits or None)``."""
+        """``(summed token loss, (sums_G, counts_G), what ``ObjectiveMix.row_loss`` scores or
+        None)``."""
         input_ids = to_device(batch["input_ids"], self.device)
         labels = self.mix.targets(to_device(batch["labels"], self.device))
         kwargs = model_inputs(batch, self.cfg.model, self.device)
@@ -472,13 +474,13 @@ class Trainer:
             if self.dims.tp > 1 or self.engine is not None:
                 # Whole logits: vocabulary-sharded under TP; under DeepSpeed the projection
                 # runs inside the engine's forward (ZeRO-3 gathers its weight only there).
-                logits_BTV, sentence_BC = self.mix.split_outputs(self.model(input_ids, **kwargs))
+                logits_BTV, scored = self.mix.split_outputs(self.model(input_ids, **kwargs))
                 loss, sums_G, counts_G = self.mix.loss_from_logits(
                     logits_BTV, labels, groups, num_groups=self.num_groups, local=local_value
                 )
-                return loss, (sums_G, counts_G), sentence_BC
+                return loss, (sums_G, counts_G), scored
             outputs = self.model(input_ids, return_hidden=True, **kwargs)
-            hidden_BTD, sentence_BC = self.mix.split_outputs(outputs)
+            hidden_BTD, scored = self.mix.split_outputs(outputs)
             weight_VD, bias_V = self.model.output_projection()
         loss, sums_G, counts_G = self.mix.loss(
             hidden_BTD,
@@ -489,7 +491,7 @@ class Trainer:
             num_groups=self.num_groups,
             autocast=self._autocast,
         )
-        return loss, (sums_G, counts_G), sentence_BC
+        return loss, (sums_G, counts_G), scored
 
     def _pipeline_loss(
         self,
@@ -557,8 +559,8 @@ class Trainer:
         )
         num_targets = num_targets.clamp(min=1)
         inv_targets = to_device((1.0 / num_targets.double()).float(), self.device)
-        row_scale = None  # sentence objectives: the step's targets over its rows
-        if self.mix.sentence:
+        row_scale = None  # NSP / SOP / ELECTRA: the step's targets over its rows (tokens)
+        if self.mix.scores_rows:
             rows = reduce_metric(
                 sum(self.mix.num_rows(batch) for batch in batches), dims=self.dims, op="sum"
             )
@@ -583,7 +585,7 @@ class Trainer:
                 group_counts += self.pipeline_info.loss_fn.group_counts_G
                 continue
             with loss_context(self.dims):
-                # the row scale only where an objective scores rows (NSP, SOP)
+                # the row scale only where an objective scores rows (NSP, SOP, ELECTRA)
                 scale = {} if row_scale is None else {"row_scale": row_scale}
                 loss, groups = self.forward_loss(batch, **scale)
                 scaled = loss * (inv_targets * dp)

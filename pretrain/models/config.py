@@ -147,6 +147,12 @@ class ModelConfig:
     span_boundary_positions: int = field(default=0, metadata=ARCHITECTURE)
     """encoder: SpanBERT's span-boundary head with this many relative positions (a span's
     tokens past the last share it); 0: none."""
+    generator_fraction: float = field(default=0.0, metadata=ARCHITECTURE)
+    """encoder: ELECTRA's generator beside the model (the discriminator), this fraction of its
+    width (Google's ``generator_hidden_size``; ELECTRA: 0.25): hidden size
+    ``round(fraction * hidden_size)``, heads of the model's head width (at least one), FFN
+    ``round(fraction * ffn_hidden_size)``, as many dense layers; it shares the token, position
+    and segment embeddings and their norm (``generator_config``); 0: none."""
     dropout: float = 0.0
     """Dropout on attention probabilities and residual branches."""
     init_std: float = 0.02
@@ -262,6 +268,28 @@ def _validate_encoder_decoder_keys(cfg: ModelConfig) -> None:
             )
 
 
+def generator_config(cfg: ModelConfig) -> ModelConfig:
+    """The blocks' config of ELECTRA's generator of ``cfg`` (``model.generator_fraction``):
+    width ``round(f * hidden_size)``, ``max(1, width // head width)`` heads (Google's ELECTRA:
+    ``hidden // 64``), FFN ``round(f * ffn_hidden_size)``, dense, the model's layer count and
+    the rest of its block settings."""
+    fraction = cfg.generator_fraction
+    width = int(round(cfg.hidden_size * fraction))
+    heads = max(1, width // cfg.resolved_head_dim)
+    return dataclasses.replace(
+        cfg,
+        hidden_size=width,
+        num_heads=heads,
+        num_kv_heads=None,
+        head_dim=None,
+        ffn_hidden_size=max(1, int(round(cfg.ffn_hidden_size * fraction))),
+        moe=MoEConfig(),
+        generator_fraction=0.0,
+        pair_head=False,
+        span_boundary_positions=0,
+    )
+
+
 def validate_model(cfg: ModelConfig) -> None:
     """Check the ``model`` section on its own.
 
@@ -302,7 +330,17 @@ def validate_model(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.span_boundary_positions ({cfg.span_boundary_positions}) must be >= 0"
         )
-    for key in ("type_vocab_size", "pair_head", "span_boundary_positions"):
+    if not 0.0 <= cfg.generator_fraction <= 1.0:
+        raise ValueError(f"model.generator_fraction ({cfg.generator_fraction}) must be in [0, 1]")
+    if cfg.generator_fraction:
+        gen = generator_config(cfg)
+        if gen.hidden_size < 1 or gen.hidden_size % cfg.resolved_head_dim:
+            raise ValueError(
+                f"model.generator_fraction ({cfg.generator_fraction}) gives a generator width "
+                f"({gen.hidden_size}) that is not a multiple of the head width "
+                f"({cfg.resolved_head_dim}): choose a fraction whose width is one"
+            )
+    for key in ("type_vocab_size", "pair_head", "span_boundary_positions", "generator_fraction"):
         if getattr(cfg, key) and cfg.family != "encoder":
             raise ValueError(
                 f"model.{key} ({getattr(cfg, key)}) needs model.family encoder (got {cfg.family!r})"

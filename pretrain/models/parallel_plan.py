@@ -101,14 +101,22 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
         plan["layers.*.attention.q_norm"] = "replicate_heads"
         plan["layers.*.attention.k_norm"] = "replicate_heads"
     plan.update(_feed_forward_plan(cfg, "layers.*"))
-    if cfg.family == "encoder":
+    if cfg.family == "encoder" and cfg.generator_fraction:
+        # ELECTRA: the generator (a quarter of the width: its heads need not divide by tp) runs
+        # replicated over tp on the gathered sequence, its blocks still checkpointing / FSDP
+        # units; the discriminator's head reads the gathered sequence too.
+        plan["generator.layers.*"] = "block"
+        plan["generator"] = "sequence_to_replicate_input"
+        plan["discriminator"] = "sequence_to_replicate_input"
+    elif cfg.family == "encoder":
         # The MLM head's dense + norm need the whole width: run it on the gathered sequence.
         plan["head"] = "sequence_to_replicate_input"
         if cfg.pair_head:  # the pooler reads position 0 of the whole sequence
             plan["pooler"] = "sequence_to_replicate_input"
         if cfg.span_boundary_positions:  # the boundary states of the whole sequence
             plan["span_boundary"] = "sequence_to_replicate_input"
-    # The MLM head gathers the sequence, so the projection's input is replicated after it.
+    # The MLM head (ELECTRA: the generator) gathers the sequence, so the projection's input is
+    # replicated after it.
     output_style = "output_from_replicate" if cfg.family == "encoder" else "output"
     plan["tied_output" if cfg.tie_embeddings else "output"] = output_style
     return plan

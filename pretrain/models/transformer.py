@@ -8,7 +8,8 @@ Submodule names (what TP plans and pipeline splits address):
     tok_embeddings, pos_embeddings (learned positions), lang_embeddings (XLM), type_embeddings
     (BERT segments), embed_norm (post-norm only), layers.{i} (``Block``s in an
     ``nn.ModuleDict``), norm (pre-norm only), head (encoder MLM transform), pooler and
-    pair_classifier (encoder ``model.pair_head``), span_boundary (encoder SpanBERT head), and
+    pair_classifier (encoder ``model.pair_head``), span_boundary (encoder SpanBERT head),
+    generator and discriminator (encoder ELECTRA, ``model.generator_fraction``), and
     the output head, a module that computes the logits: output (untied: an ``nn.Linear``,
     parameters ``output.weight`` / ``output.bias``) or tied_output (tied: a ``TiedOutput``
     without parameters that applies ``tok_embeddings.weight`` and the model's own
@@ -26,6 +27,8 @@ Shape legend:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +69,17 @@ def param_seed(seed: int, *, name: str) -> int:
     """Seed of one parameter: the run seed mixed with its canonical name, so that a parameter's
     initial value does not depend on which other parameters a pipeline stage holds."""
     return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(canonical_name(name).encode())) % (2**63)
+
+
+def _rows_of_logits(logits_BTV: torch.Tensor, at_BT: torch.Tensor) -> torch.Tensor:
+    """The whole-vocabulary rows ``[M, V]`` of ``logits_BTV`` at the True positions of
+    ``at_BT``; a vocabulary-sharded DTensor (tensor parallel) is gathered for those rows only."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(logits_BTV, DTensor):
+        return logits_BTV[at_BT]
+    rows_MV = logits_BTV.to_local()[at_BT]
+    return DTensor.from_local(rows_MV, logits_BTV.device_mesh, [Shard(1)]).full_tensor()
 
 
 class TiedOutput(nn.Module):
@@ -116,6 +130,10 @@ class Transformer(nn.Module):
         self.pooler: nn.Module | None = None
         self.pair_classifier: nn.Linear | None = None
         self.span_boundary: nn.Module | None = None  # encoder model.span_boundary_positions
+        # ELECTRA (encoder model.generator_fraction): the generator beside the stack and the
+        # discriminator's head on it; set by the family
+        self.generator: nn.Module | None = None
+        self.discriminator: nn.Module | None = None
         if cfg.tie_embeddings:
             # Tied: the head reads tok_embeddings.weight at call time (a shared Parameter would
             # come apart in to_empty()); only a bias of its own remains.
@@ -190,8 +208,11 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         return_pair_logits: bool = False,
         span_targets_N4: torch.Tensor | None = None,
+        rtd_labels_BT: torch.Tensor | None = None,
+        rtd_sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        return_discriminator: bool = False,
         cache: KVCache | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Run the stack.
 
         Args:
@@ -215,13 +236,25 @@ class Transformer(nn.Module):
                 right, offset; ``model.span_boundary_positions``): their outputs (hidden
                 states or logits, as the main ones) follow the main outputs along one
                 sequence, ``[1, B * T + N, ...]``.
+            rtd_labels_BT: ELECTRA (``model.generator_fraction``): the original ids at the
+                masked positions of ``inputs``, negative elsewhere. The generator's outputs
+                (hidden states or logits, as without it) come first; ``rtd_sample`` turns its
+                logits ``[M, V]`` at the masked positions (no grad, the whole vocabulary even
+                when tp shards it) into sampled ids ``[M]``; the stack (the discriminator)
+                then reads ``inputs`` with those ids at the masked positions, and the second
+                output is ``(logits_BT, replaced_BT)``: the discriminator's logit per
+                position and whether its token differs from the original.
+            return_discriminator: ELECTRA: the discriminator's logits ``[B, T]`` of
+                ``inputs`` (no generator pass).
             cache: generation (causal models): ``inputs`` are the new tokens after the
                 ``cache.length`` cached ones, ``document_ids_BT`` (if given) covers all of
                 them; the cache grows by the new tokens (``pretrain.models.kv_cache``).
 
         Returns:
             ``logits_BTV``, or ``hidden_BTD`` with ``return_hidden`` or on a stage without an
-            output projection; with ``return_pair_logits`` the pair ``(that, logits_B2)``.
+            output projection; with ``return_pair_logits`` the pair ``(that, logits_B2)``; an
+            ELECTRA model: the generator's outputs (``rtd_labels_BT``: and the
+            discriminator's pair), or with ``return_discriminator`` its logits.
         """
         batch, seq = inputs.shape[:2]
         if cache is not None and not self.causal:
@@ -236,15 +269,12 @@ class Transformer(nn.Module):
                 )
         if return_pair_logits and self.pair_classifier is None:
             raise ValueError("return_pair_logits needs model.pair_head (an encoder's pooler)")
-        if self.tok_embeddings is not None:
-            x_BTD = self.embed(
-                inputs,
-                position_ids_BT=position_ids_BT,
-                lang_ids_BT=lang_ids_BT,
-                token_type_ids_BT=token_type_ids_BT,
-            )
-        else:
-            x_BTD = inputs
+        embed_kwargs = {
+            "position_ids_BT": position_ids_BT,
+            "lang_ids_BT": lang_ids_BT,
+            "token_type_ids_BT": token_type_ids_BT,
+        }
+        x_BTD = self.embed(inputs, **embed_kwargs) if self.tok_embeddings is not None else inputs
         rope = None
         if self.cfg.position == "rope":
             rope = rope_cos_sin(
@@ -265,19 +295,34 @@ class Transformer(nn.Module):
                 block_mask = document_block_mask(document_ids_BT, causal=self.causal)
             else:
                 mask_B1TS = attention_mask(document_ids_BT, causal=self.causal)
-        attn_inputs = AttentionInputs(
-            rope=rope,
-            mask_B1TS=mask_B1TS,
-            is_causal=self.causal and cache is None,
-            block_mask=block_mask,
-        )
-        token_mask_BT = None if document_ids_BT is None else document_ids_BT[:, past:] >= 0
+        block_kwargs = {
+            "inputs": AttentionInputs(
+                rope=rope,
+                mask_B1TS=mask_B1TS,
+                is_causal=self.causal and cache is None,
+                block_mask=block_mask,
+            ),
+            "token_mask_BT": None if document_ids_BT is None else document_ids_BT[:, past:] >= 0,
+            "lang_ids_BT": lang_ids_BT,
+        }
+        if self.generator is not None:
+            if return_discriminator:
+                return self.discriminator(self._stack(x_BTD, block_kwargs))
+            return self._electra(
+                x_BTD,
+                inputs,
+                block_kwargs,
+                embed_kwargs,
+                rtd_labels_BT=rtd_labels_BT,
+                rtd_sample=rtd_sample,
+                return_hidden=return_hidden,
+            )
+        if return_discriminator or rtd_labels_BT is not None:
+            raise ValueError("return_discriminator and rtd_labels_BT need model.generator_fraction")
         for key, layer in self.layers.items():
             x_BTD = layer(
                 x_BTD,
-                inputs=attn_inputs,
-                token_mask_BT=token_mask_BT,
-                lang_ids_BT=lang_ids_BT,
+                **block_kwargs,
                 attention_cache=None if cache is None else cache.slot(f"layers.{key}.attention"),
             )
         if cache is not None:
@@ -300,6 +345,46 @@ class Transformer(nn.Module):
             extra = boundary_1ND if return_hidden else self.project(boundary_1ND)
             out = torch.cat([out.reshape(1, -1, out.shape[-1]), extra], dim=1)
         return out if pair_logits_B2 is None else (out, pair_logits_B2)
+
+    def _stack(self, x_BTD: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
+        """The blocks and the final norm over embedded inputs (no cache)."""
+        for layer in self.layers.values():
+            x_BTD = layer(x_BTD, **block_kwargs)
+        return x_BTD if self.norm is None else self.norm(x_BTD)
+
+    def _electra(
+        self,
+        x_BTD: torch.Tensor,
+        tokens_BT: torch.Tensor,
+        block_kwargs: dict[str, Any],
+        embed_kwargs: dict[str, Any],
+        *,
+        rtd_labels_BT: torch.Tensor | None,
+        rtd_sample: Callable[[torch.Tensor], torch.Tensor] | None,
+        return_hidden: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """ELECTRA's two passes (``forward``'s ``rtd_labels_BT``): the generator over the
+        embedded ``x_BTD``, then the discriminator over the corrupted tokens."""
+        gen_BTD = self.generator(x_BTD, **block_kwargs)
+        gen_out = gen_BTD if return_hidden else self.project(gen_BTD)
+        if rtd_labels_BT is None:
+            return gen_out
+        if rtd_sample is None:
+            raise ValueError("rtd_labels_BT needs rtd_sample (the generator's sampler)")
+        at_BT = rtd_labels_BT >= 0
+        with torch.no_grad():
+            if return_hidden:
+                weight_VD, bias_V = self.output_projection()
+                logits_MV = F.linear(gen_BTD[at_BT], weight_VD, bias_V)
+            else:
+                logits_MV = _rows_of_logits(gen_out, at_BT)
+            sampled_M = rtd_sample(logits_MV.float())
+        corrupted_BT = tokens_BT.clone()
+        corrupted_BT[at_BT] = sampled_M.to(corrupted_BT.dtype)
+        original_BT = torch.where(at_BT, rtd_labels_BT.to(tokens_BT.dtype), tokens_BT)
+        replaced_BT = corrupted_BT != original_BT
+        hidden_BTD = self._stack(self.embed(corrupted_BT, **embed_kwargs), block_kwargs)
+        return gen_out, (self.discriminator(hidden_BTD), replaced_BT)
 
     # ----------------------------------------------------------------------------------------
     # MoE reporting

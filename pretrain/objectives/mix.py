@@ -40,10 +40,14 @@ from pretrain.objectives.registry import OBJECTIVES, Objective, TokenPrediction,
 class ObjectiveMix:
     """The objectives of one run and their weights (``objective.weights``, resolved)."""
 
-    def __init__(self, weights: dict[str, float], *, chunk_tokens: int = 4096) -> None:
+    def __init__(
+        self, weights: dict[str, float], *, chunk_tokens: int = 4096, objective_cfg: Any = None
+    ) -> None:
         """Args:
             weights: ``{objective name: weight}`` (registered names, weights >= 0, positive sum).
             chunk_tokens: tokens per chunk of the output projection + cross-entropy.
+            objective_cfg: the ``objective`` section, for each objective's own settings
+                (``Objective.configure``; None: their defaults).
 
         Raises:
             ValueError: an unknown name, or objectives that ask for different batch transforms.
@@ -57,6 +61,9 @@ class ObjectiveMix:
         self.weights = dict(weights)
         self.objectives: list[Objective] = [OBJECTIVES[name]() for name in weights]
         self.names = [objective.name for objective in self.objectives]
+        if objective_cfg is not None:
+            for objective in self.objectives:
+                objective.configure(objective_cfg)
         transforms = sorted({objective.transform for objective in self.objectives})
         layouts = {objective.layout or objective.transform for objective in self.objectives}
         if len(layouts) > 1:
@@ -103,6 +110,14 @@ class ObjectiveMix:
         self.sentence = [o for o in self.objectives if o.sentence_label is not None]
         # targets predicted again from their span's boundaries (SpanBERT's SBO): one objective
         self.boundary = [o for o in self.objectives if o.span_boundary]
+        # ELECTRA: the discriminator scores every real token of every row of the batch
+        self.rtd = [o for o in self.objectives if o.replaced_tokens]
+        others = [o.name for o in self.objectives if not o.replaced_tokens and o.name != "tlm"]
+        if self.rtd and others:
+            raise ValueError(
+                f"objective.weights: {self.rtd[0].name} takes every monolingual row and its "
+                f"model scores every row; it mixes with tlm only (got {', '.join(others)})"
+            )
         kinds = [o.row_kind for o in self.objectives if o.row_kind and self.weights[o.name]]
         if len(set(kinds)) < len(kinds):
             raise ValueError(
@@ -124,7 +139,9 @@ class ObjectiveMix:
     def from_config(cls, cfg: Any) -> ObjectiveMix:
         """The mix of a run config (``objective.*`` and ``model.family``)."""
         weights, _ = objective_weights(cfg.objective, family=cfg.model.family)
-        return cls(weights, chunk_tokens=cfg.objective.loss_chunk_tokens)
+        return cls(
+            weights, chunk_tokens=cfg.objective.loss_chunk_tokens, objective_cfg=cfg.objective
+        )
 
     def _owner(self, kind: str) -> int:
         for index, objective in enumerate(self.objectives):
@@ -174,8 +191,17 @@ class ObjectiveMix:
 
     def num_groups(self, num_languages: int) -> int:
         """Token groups (objectives x languages), then two per sentence objective (its
-        summed loss and its correct rows, each over its rows)."""
-        return len(self.objectives) * num_languages + 2 * len(self.sentence) + len(self.boundary)
+        summed loss and its correct rows, each over its rows) or ELECTRA (the discriminator's
+        summed loss and correct tokens, each over the real tokens), one for SpanBERT's
+        boundary predictions."""
+        scored = 2 * (len(self.sentence) + len(self.rtd))
+        return len(self.objectives) * num_languages + scored + len(self.boundary)
+
+    @property
+    def scores_rows(self) -> bool:
+        """Whether a loss beside the token loss scores the batch's rows or tokens
+        (:meth:`row_loss`: NSP / SOP's sentence loss, ELECTRA's discriminator)."""
+        return bool(self.sentence or self.rtd)
 
     # -- sentence-level outputs ------------------------------------------------------------
 
@@ -183,11 +209,21 @@ class ObjectiveMix:
         self, batch: dict[str, Any] | None = None, device: torch.device | None = None
     ) -> dict[str, Any]:
         """Keyword arguments asking the model for the outputs the objectives score beside the
-        token states: ``return_pair_logits`` for NSP / SOP; for SpanBERT the batch's
+        token states: ``return_pair_logits`` for NSP / SOP; for ELECTRA the original ids at
+        the masked positions (``rtd_labels_BT``, the batch's labels) and the generator's
+        sampler (``rtd_sample``); for SpanBERT the batch's
         span-boundary targets ``span_targets_N4`` (row, left, right, offset of each target of a
         span-masked row, in row-major order), on ``device``."""
         if self.sentence:
             return {"return_pair_logits": True}
+        if self.rtd and batch is not None:
+            labels_BT = batch["labels"]
+            if device is not None:
+                labels_BT = labels_BT.to(device, non_blocking=True)
+            return {
+                "rtd_labels_BT": labels_BT,
+                "rtd_sample": self.rtd[0].sampler(batch["input_ids"], batch["labels"]),
+            }
         if self.boundary and batch is not None:
             at_N2 = (batch["span_left"] >= 0).nonzero()
             row_N, col_N = at_N2[:, 0], at_N2[:, 1]
@@ -219,17 +255,45 @@ class ObjectiveMix:
         return labels, torch.cat([groups_BT.reshape(-1), groups_N])[None]
 
     def split_outputs(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(token output, sentence logits or None)`` of a model call made with
-        :meth:`model_options`."""
-        if self.sentence:
+        """``(token output, the outputs :meth:`row_loss` scores or None)`` of a model call
+        made with :meth:`model_options`: the sentence logits (NSP, SOP), the discriminator's
+        ``(logits_BT, replaced_BT)`` (ELECTRA)."""
+        if self.scores_rows:
             return outputs[0], outputs[1]
         return outputs, None
 
     def num_rows(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Rows a batch's sentence objective scores (an int64 CPU scalar; 0 without one)."""
+        """What :meth:`row_loss` averages over in a batch (an int64 CPU scalar; 0 without
+        such a loss): a sentence objective's rows, ELECTRA's real tokens."""
+        if self.rtd:
+            real = batch.get("attention_mask")
+            count = batch["input_ids"].numel() if real is None else int(real.sum())
+            return torch.tensor(count, dtype=torch.int64)
         if not self.sentence:
             return torch.zeros((), dtype=torch.int64)
         return torch.tensor(batch[self.sentence[0].sentence_label].numel(), dtype=torch.int64)
+
+    def row_loss(
+        self, scored: Any, batch: dict[str, Any], sums_G: torch.Tensor, counts_G: torch.Tensor
+    ) -> torch.Tensor:
+        """The summed loss beside the token loss of the outputs ``scored``
+        (:meth:`split_outputs`), its metrics added in place to the last two groups:
+        :meth:`sentence_loss`, or ELECTRA's discriminator loss times
+        ``objective.electra.disc_weight`` (the groups: its unweighted sum and correct tokens,
+        over the real tokens)."""
+        if not self.rtd:
+            return self.sentence_loss(scored, batch, sums_G, counts_G)
+        logits_BT, replaced_BT = scored
+        real = batch.get("attention_mask")
+        real_BT = (
+            torch.ones_like(replaced_BT) if real is None else real.to(replaced_BT.device).bool()
+        )
+        objective = self.rtd[0]
+        loss, correct, tokens = objective.rtd_loss(logits_BT, replaced_BT, real_BT)
+        sums_G[-2] += loss.detach()
+        sums_G[-1] += correct
+        counts_G[-2:] += tokens
+        return loss * objective.disc_weight
 
     def sentence_loss(
         self, logits_BC: torch.Tensor, batch: dict[str, Any], sums_G: torch.Tensor,
@@ -349,12 +413,14 @@ class ObjectiveMix:
             out["span_boundary_loss"] = {
                 self.boundary[0].name: float(sums_G[-1]) / float(counts_G[-1])
             }
-        if self.sentence:
-            name = self.sentence[0].name
+        if self.scores_rows:
+            name, kind = (
+                (self.rtd[0].name, "rtd") if self.rtd else (self.sentence[0].name, "sentence")
+            )
             scored = float(counts_G[-1])
             if scored > 0:
-                out["sentence_loss"] = {name: float(sums_G[-2]) / scored}
-                out["sentence_accuracy"] = {name: float(sums_G[-1]) / scored}
+                out[f"{kind}_loss"] = {name: float(sums_G[-2]) / scored}
+                out[f"{kind}_accuracy"] = {name: float(sums_G[-1]) / scored}
         per_lang = {}
         for i, lang in enumerate(languages):
             loss = sum(float(rows[o, i, 0]) for o in range(len(objectives)))

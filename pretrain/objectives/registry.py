@@ -27,8 +27,12 @@ An objective states what it needs and owns, as class data the trainer and the va
   the model at chosen positions (BTMLM fills its placeholders there); none by default;
 - ``sentence_label``: the batch key of a per-row label scored on the model's sentence-pair
   logits (NSP, SOP: ``pair_label``), beside the token loss; ``span_boundary``: its targets
-  are predicted a second time by SpanBERT's span-boundary head; ``model_settings``: the
-  ``model.*`` values it needs (set when left at their defaults).
+  are predicted a second time by SpanBERT's span-boundary head; ``replaced_tokens``: its
+  model is ELECTRA's pair, the token loss the generator's and a discriminator's loss over
+  every real token beside it (``rtd_loss``, ``sampler``); ``model_settings``: the
+  ``model.*`` values it needs (set when left at their defaults);
+- ``configure(objective_cfg)``: reads its own ``objective.<name>.*`` settings (none by
+  default).
 
 Each objective owns its targets and loss: the token-predicting ones (:class:`TokenPrediction`:
 CLM, MLM, TLM, span masking; the encoder-decoder ones, :class:`SequenceToSequence`: T5 span
@@ -48,10 +52,12 @@ encoder: MLM, encoder_decoder: span corruption).
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,12 +78,16 @@ class Objective:
     pipeline: ClassVar[bool] = True
     sentence_label: ClassVar[str | None] = None
     span_boundary: ClassVar[bool] = False
+    replaced_tokens: ClassVar[bool] = False
     model_settings: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
     def loader_options(self, share: float) -> dict[str, Any]:
         """Loader masking options for this objective's ``share`` of the mix (none by default)."""
         return {}
+
+    def configure(self, objective_cfg: Any) -> None:
+        """Take this objective's settings from the ``objective`` section (none by default)."""
 
     prepare: ClassVar[Callable[..., dict[str, Any]] | None] = None
     """``prepare(batch, logits_at) -> batch``, when the objective has a step before the loss:
@@ -345,6 +355,90 @@ class SpanBERT(SpanMasking):
 
     def loader_options(self, share: float) -> dict[str, Any]:
         return {"span_boundary": True}
+
+
+@register
+class ReplacedTokenDetection(TokenPrediction):
+    """ELECTRA (Clark et al. 2020) on monolingual rows (with ``tlm``: also its pair rows, XLM-E's
+    translation replaced token detection). The generator (``model.generator_fraction``, set to
+    0.25 when left at 0: a narrower stack over the shared embeddings) is trained with masked
+    LM on the loader's masked rows; a replacement for each masked position is sampled from its
+    softmax (``objective.electra.temperature``; no gradient), and the model (the
+    discriminator) reads the rows with those replacements and predicts, at every real token,
+    whether it differs from the original (a sampled original counts as not replaced). The loss
+    is the generator's cross-entropy over the masked tokens, over their count, plus
+    ``objective.electra.disc_weight`` (ELECTRA: 50) times the discriminator's binary
+    cross-entropy over the real tokens, over their count. The metrics add ``rtd_loss`` and
+    ``rtd_accuracy``. ELECTRA masks with 85% mask token, 15% kept (``mask_replace_prob`` 0.85,
+    ``mask_random_prob`` 0: the presets). Samples are seeded by each row's token ids
+    (``sampler``), so parallel layouts draw as one process and a resumed run draws the same.
+    Not under pipeline parallel (the second pass needs the whole model)."""
+
+    name = "electra"
+    families = ("encoder",)
+    transform = "mlm"
+    rows = "mono"
+    layout = "masked"
+    row_kind = "mlm"
+    sparse_targets = True
+    pipeline = False
+    replaced_tokens = True
+    model_settings = {"generator_fraction": 0.25}
+    description = "replaced token detection, ELECTRA (encoder)"
+
+    disc_weight: float = 50.0
+    temperature: float = 1.0
+
+    def configure(self, objective_cfg: Any) -> None:
+        options = getattr(objective_cfg, "electra", None)
+        if options is not None:
+            self.disc_weight = float(options.disc_weight)
+            self.temperature = float(options.temperature)
+
+    def sampler(
+        self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``sample(logits_MV) -> ids_M`` for the masked positions (``labels_BT >= 0``, in
+        row-major order) of a batch: inverse-CDF sampling from the softmax at ``temperature``
+        with one uniform number per position, drawn on the CPU from a generator seeded by its
+        row's token ids. So a row draws the same whichever batch, rank or micro-batch holds it
+        (data and tensor parallel runs match one process; a resumed run draws the same)."""
+        ids = input_ids_BT.cpu().numpy()
+        masked = (labels_BT.cpu() >= 0).numpy()
+        draws = [
+            np.random.default_rng(zlib.crc32(row.tobytes())).random(int(at.sum()))
+            for row, at in zip(ids, masked)
+        ]
+        uniform_M = torch.from_numpy(np.concatenate(draws) if draws else np.zeros(0))
+        temperature = self.temperature
+
+        def sample(logits_MV: torch.Tensor) -> torch.Tensor:
+            if logits_MV.shape[0] != uniform_M.numel():
+                raise ValueError(
+                    f"ELECTRA's sampler: {logits_MV.shape[0]} masked positions, the batch has "
+                    f"{uniform_M.numel()}"
+                )
+            out = []
+            uniform = uniform_M.to(logits_MV.device, torch.float32)
+            for start in range(0, logits_MV.shape[0], 1024):  # bounds the [rows, V] CDF
+                probs = torch.softmax(logits_MV[start : start + 1024].float() / temperature, -1)
+                cdf = probs.cumsum(dim=-1)
+                at = uniform[start : start + 1024, None] * cdf[:, -1:]
+                out.append(torch.searchsorted(cdf, at).squeeze(1).clamp(max=cdf.shape[1] - 1))
+            return torch.cat(out) if out else uniform.long()
+
+        return sample
+
+    def rtd_loss(
+        self, logits_BT: torch.Tensor, replaced_BT: torch.Tensor, real_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(summed BCE, correct, real tokens)`` of the discriminator over the real tokens."""
+        real = real_BT.float()
+        loss_BT = F.binary_cross_entropy_with_logits(
+            logits_BT.float(), replaced_BT.float(), reduction="none"
+        )
+        correct = (((logits_BT.detach() > 0) == replaced_BT).float() * real).sum()
+        return (loss_BT * real).sum(), correct, real.sum()
 
 
 class SequenceToSequence(TokenPrediction):

@@ -215,6 +215,7 @@ def test_architecture_keys_come_from_the_field_metadata() -> None:
         "norm_position", "mlp", "bias", "qk_norm", "tie_embeddings", "scale_attention",
         "scale_embeddings", "embedding_norm", "final_logits_bias", "scale_output",
         "num_languages", "type_vocab_size", "pair_head", "span_boundary_positions",
+        "generator_fraction",
         "moe.num_experts", "moe.offset", "moe.top_k", "moe.router", "moe.every",
         "moe.expert_ffn_hidden_size",
     )  # fmt: skip
