@@ -274,11 +274,14 @@ def import_items(cfg: ModelConfig, hf_names: Any) -> list[Any]:
     return tensor_map.import_items(cfg, hf_names)
 
 
-def _plan(ckpt: Checkpoint, dtype: torch.dtype) -> list[tuple[Any, torch.Size]]:
-    """Export items with their output shapes, computed on the meta device."""
+def _plan(
+    ckpt: Checkpoint, dtype: torch.dtype, items: list[Any] | None = None
+) -> list[tuple[Any, torch.Size]]:
+    """Export items (default: the checkpoint's :func:`export_items`) with their output shapes,
+    computed on the meta device."""
     shapes = ckpt.model_shapes()
     planned = []
-    for item in export_items(ckpt.model_cfg):
+    for item in export_items(ckpt.model_cfg) if items is None else items:
         missing = [s for s in item.sources if s not in shapes]
         if missing:
             raise ValueError(
@@ -305,8 +308,9 @@ def export_hf(
     Writes ``config.json``, ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``, ``generation_config.json`` (decoders and
     encoder-decoders) and the tokenizer (``tokenizer.json`` and its configs, see
-    :mod:`checkpoints_tools.hf_tokenizer`). Tensors are read from DCP, mapped and written one
-    at a time: peak memory is about the largest tensor.
+    :mod:`checkpoints_tools.hf_tokenizer`); an ELECTRA model writes its discriminator there
+    and its generator, a model of its own, to ``out/generator`` (the same files). Tensors are
+    read from DCP, mapped and written one at a time: peak memory is about the largest tensor.
 
     Args:
         path: a complete checkpoint directory.
@@ -321,7 +325,8 @@ def export_hf(
         log: where a warning line goes (default stderr).
 
     Returns:
-        ``{"out", "architecture", "shards", "bytes", "seconds", "max_abs_diff" (with verify)}``.
+        ``{"out", "architecture", "shards", "bytes", "seconds", "max_abs_diff" (with verify)}``
+        (ELECTRA: with ``generator`` and ``generator_architecture``; shards and bytes of both).
 
     Raises:
         ValueError: incomplete checkpoint, a family with no twin, a missing tokenizer or one
@@ -379,25 +384,27 @@ def export_hf(
                 eos_token_id=tok.special_ids["eos"],
                 **generation,
             ).save_pretrained(str(tmp))
-        by_name = {item.name: item for item, _ in planned}
-        entries = [(item.name, shape, torch_dtype) for item, shape in planned]
-        shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
-        total = 0
-        names = []
-
-        def produce(name: str) -> torch.Tensor:
-            item = by_name[name]
-            sources = [ckpt.read_tensor(s) for s in item.sources]
-            return item.combine(*sources).to(torch_dtype)
-
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += write_shard(tmp / file, shard, produce)
-            names.append((file, [name for name, _, _ in shard]))
-        write_index(tmp, names, total_size=total)
+        num_shards, total = _write_weights(tmp, ckpt, planned, torch_dtype, max_shard_bytes)
         from checkpoints_tools.hf_tokenizer import save_tokenizer
 
         save_tokenizer(tok, tmp, family="bert" if cfg.pair_head else cfg.family)
+        if hasattr(adapter, "generator_to_hf"):
+            # ELECTRA: the generator is a model of its own (ElectraForMaskedLM) in generator/
+            gen_dir = tmp / "generator"
+            gen_dir.mkdir()
+            _, gen_config = adapter.generator_to_hf(_meta_state(ckpt), cfg)
+            gen_config.dtype = dtype_name
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                setattr(gen_config, key, getattr(hf_config, key))
+            gen_config.save_pretrained(str(gen_dir))
+            gen_plan = _plan(ckpt, torch_dtype, adapter.generator_export_items(cfg))
+            gen_shards, gen_bytes = _write_weights(
+                gen_dir, ckpt, gen_plan, torch_dtype, max_shard_bytes
+            )
+            num_shards, total = num_shards + gen_shards, total + gen_bytes
+            save_tokenizer(tok, gen_dir, family=cfg.family)
+            result["generator"] = str(Path(out) / "generator")
+            result["generator_architecture"] = adapter.generator_architecture
         (tmp / "rosetta_export.json").write_text(
             json.dumps(
                 {"checkpoint": str(Path(path).resolve()), "step": ckpt.step(), "dtype": dtype_name},
@@ -407,9 +414,37 @@ def export_hf(
         )
         if verify:
             result["max_abs_diff"] = verify_export(ckpt, tmp, dtype=torch_dtype)
-        result.update(shards=len(shards), bytes=total)
+        result.update(shards=num_shards, bytes=total)
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def _write_weights(
+    directory: Path,
+    ckpt: Checkpoint,
+    planned: list[tuple[Any, torch.Size]],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> tuple[int, int]:
+    """The planned tensors read, mapped and written one at a time into ``directory``'s
+    safetensors shards and index; ``(shards, bytes)``."""
+    by_name = {item.name: item for item, _ in planned}
+    entries = [(item.name, shape, dtype) for item, shape in planned]
+    shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+    total = 0
+    names = []
+
+    def produce(name: str) -> torch.Tensor:
+        item = by_name[name]
+        sources = [ckpt.read_tensor(s) for s in item.sources]
+        return item.combine(*sources).to(dtype)
+
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += write_shard(directory / file, shard, produce)
+        names.append((file, [name for name, _, _ in shard]))
+    write_index(directory, names, total_size=total)
+    return len(shards), total
 
 
 def hf_moe_routing(cfg: ModelConfig) -> ModelConfig:
@@ -480,7 +515,8 @@ def fixed_batch(cfg: ModelConfig, *, avoid: int | None) -> torch.Tensor:
 def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtype) -> float:
     """Load ``out`` with transformers (fp32) and compare its logits with our model's on
     :func:`fixed_batch`; our weights are rounded to ``dtype`` first, so a bf16 export is
-    compared exactly too. MoE layers route as the target does (:func:`hf_moe_routing`:
+    compared exactly too. ELECTRA: the discriminator's logits with ``out``'s
+    ``ElectraForPreTraining``, the generator's with ``out/generator``'s ``ElectraForMaskedLM``. MoE layers route as the target does (:func:`hf_moe_routing`:
     dropless, as transformers runs Mixtral and Qwen3-MoE), whatever the training capacity.
 
     Memory: one model at a time, not both. Ours is built on the meta device and takes the
@@ -520,16 +556,24 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     inputs: dict[str, torch.Tensor] = {"input_ids": tokens_BT}
     if cfg.family == "encoder_decoder":
         inputs["decoder_input_ids"] = tokens_BT.flip(1)
-    ours_B2 = None
+    ours_B2 = ours_disc_BT = None
     with torch.no_grad():
         if cfg.pair_head:  # BertForPreTraining: the pair logits are verified too
             ours_BTV, ours_B2 = model(tokens_BT, return_pair_logits=True)
         else:
             ours_BTV = model(*inputs.values())
+        if cfg.generator_fraction:  # ELECTRA: the discriminator here, the generator's logits
+            ours_disc_BT = model(tokens_BT, return_discriminator=True).float()
         ours_BTV = ours_BTV.float()
     del model
     gc.collect()
-    cls = getattr(transformers, adapter_for(cfg).hf_architecture)
+    adapter = adapter_for(cfg)
+    if ours_disc_BT is not None:
+        return max(
+            _hf_diff(adapter.hf_architecture, out, inputs, ours_disc_BT),
+            _hf_diff(adapter.generator_architecture, Path(out) / "generator", inputs, ours_BTV),
+        )
+    cls = getattr(transformers, adapter.hf_architecture)
     # eager attention: SDPA's T5 kernels differ from eager by a few 1e-6 already
     extra = {"attn_implementation": "eager"} if cfg.family == "encoder_decoder" else {}
     hf_model = cls.from_pretrained(str(out), dtype=torch.float32, **extra).eval()
@@ -543,11 +587,36 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     else:
         theirs_BTV, diff = theirs.logits.float(), 0.0
     diff = max(diff, float((ours_BTV - theirs_BTV).abs().max()))
+    _check_diff(out, diff)
+    return diff
+
+
+def _check_diff(out: str | os.PathLike, diff: float) -> None:
     if not diff <= VERIFY_ATOL:
         raise ValueError(
             f"--verify: logits of {str(out)!r} differ from the checkpoint's by {diff:.3g} "
             f"(tolerance {VERIFY_ATOL})"
         )
+
+
+def _hf_diff(
+    architecture: str, directory: str | os.PathLike, inputs: dict[str, torch.Tensor], ours
+) -> float:
+    """The largest difference of ``architecture`` loaded from ``directory`` (fp32) from our
+    logits ``ours`` on ``inputs``; past ``VERIFY_ATOL`` a ValueError."""
+    import gc
+
+    import transformers
+
+    hf_model = getattr(transformers, architecture).from_pretrained(
+        str(directory), dtype=torch.float32
+    )
+    with torch.no_grad():
+        theirs = hf_model.eval()(**inputs).logits.float()
+    del hf_model
+    gc.collect()
+    diff = float((ours - theirs).abs().max())
+    _check_diff(directory, diff)
     return diff
 
 

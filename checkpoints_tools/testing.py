@@ -43,7 +43,11 @@ FAMILIES = {
     "encoder": ("tiny_encoder.yaml", ()),
     # NSP / SOP pre-training: segment embeddings and the pair head (BertForPreTraining)
     "bert": ("tiny_encoder.yaml", ("model.type_vocab_size=2", "model.pair_head=true")),
+    # ELECTRA: discriminator + generator (ElectraForPreTraining, ElectraForMaskedLM; export only)
+    "electra": ("tiny_electra.yaml", ()),
 }
+IMPORTED = tuple(family for family in FAMILIES if family != "electra")
+"""The families an export of which imports back (ELECTRA's is export only)."""
 
 
 def sample_languages() -> list[str]:

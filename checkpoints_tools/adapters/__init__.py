@@ -24,6 +24,9 @@ maps transformers ``model_type`` -> adapter class; each adapter has ``check(cfg)
       ised top-1 gate, every k-th layer)            see checkpoints_tools.adapters.decoder)
     encoder, dense                                XLMRobertaForMaskedLM
     encoder, dense, segments + pair head (NSP)    BertForPreTraining
+    encoder, dense, ELECTRA generator             ElectraForPreTraining + ElectraForMaskedLM
+                                                    (export only: checkpoints_tools.adapters
+                                                    .electra)
     encoder, MoE                                  refused (no upstream class)
     encoder_decoder, dense, relative positions    MT5ForConditionalGeneration (untied)
     encoder_decoder, dense, learned positions     MBartForConditionalGeneration
@@ -39,6 +42,7 @@ from typing import Any
 
 from checkpoints_tools.adapters.base import StateDict
 from checkpoints_tools.adapters.decoder import LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter
+from checkpoints_tools.adapters.electra import ElectraAdapter
 from checkpoints_tools.adapters.encoder_decoder import (
     MBartAdapter,
     MT5Adapter,
@@ -80,6 +84,8 @@ def adapter_for(cfg: ModelConfig) -> Any:
         if gates_normalized(cfg) and cfg.moe.every == 1 and not cfg.qk_norm:
             return MixtralAdapter
         return Qwen3MoeAdapter
+    if cfg.family == "encoder" and cfg.generator_fraction:
+        return ElectraAdapter
     if cfg.family == "encoder":
         return BertAdapter if cfg.pair_head or cfg.type_vocab_size else XLMRobertaAdapter
     if cfg.position == "sinusoidal":

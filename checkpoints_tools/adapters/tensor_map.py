@@ -38,6 +38,7 @@ import torch
 
 from checkpoints_tools.adapters import decoder, xlm_roberta
 from checkpoints_tools.adapters.decoder import LlamaAdapter, MixtralAdapter, Qwen3MoeAdapter
+from checkpoints_tools.adapters.electra import ElectraAdapter
 from checkpoints_tools.adapters.xlm_roberta import BertAdapter, XLMRobertaAdapter
 from pretrain.models.config import ModelConfig
 from pretrain.models.transformer import is_moe_layer
@@ -128,6 +129,8 @@ def export_items(cfg: ModelConfig) -> list[ExportItem]:
         return _xlmr_items(cfg)
     if adapter is BertAdapter:
         return _bert_items(cfg)
+    if adapter is ElectraAdapter:  # the discriminator's (its generator: its own plan)
+        return adapter.export_items(cfg)
     raise AssertionError(f"no export plan for {adapter.__name__}")
 
 

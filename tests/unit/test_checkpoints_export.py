@@ -21,6 +21,7 @@ from checkpoints_tools.cli import main  # noqa: E402
 from checkpoints_tools.dcp_io import open_checkpoint  # noqa: E402
 from checkpoints_tools.testing import (  # noqa: E402
     FAMILIES,
+    IMPORTED,
     family_config,
     make_tokenizer,
     sample_languages,
@@ -65,10 +66,27 @@ def test_export_each_family_verifies(built, family: str, tmp_path: Path):
     assert result["max_abs_diff"] <= 1e-4
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
-    assert ("generation_config.json" in files) == (family not in ("encoder", "bert"))
+    assert ("generation_config.json" in files) == (family not in ("encoder", "bert", "electra"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f for f in files if f.endswith(".safetensors")}
     assert _leftovers(tmp_path, "hf") == ["hf"]
+    # ELECTRA: the generator in a directory of its own, verified too (max_abs_diff covers both)
+    assert ("generator" in files) == (family == "electra")
+    if family == "electra":
+        assert result["generator_architecture"] == "ElectraForMaskedLM"
+        generator = {p.name for p in (out / "generator").iterdir()}
+        assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= generator
+        config = json.loads((out / "generator" / "config.json").read_text())
+        assert config["architectures"] == ["ElectraForMaskedLM"]
+        assert (config["hidden_size"], config["embedding_size"]) == (8, 32)
+
+
+def test_electra_export_does_not_import(built, tmp_path: Path, capsys):
+    convert.export_hf(built["ckpts"]["electra"], out=tmp_path / "hf")
+    code = main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model_type ('electra') must be one of" in err[0], err
+    assert not (tmp_path / "back").exists()
 
 
 def test_export_bf16_in_several_shards(built, tmp_path: Path):
@@ -243,7 +261,7 @@ def test_import_round_trip_and_resume_state(built, family: str, tmp_path: Path):
     )
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", IMPORTED)
 def test_import_plan_gives_exactly_from_hf(built, family: str, tmp_path: Path):
     from safetensors.torch import load_file
 

@@ -125,7 +125,7 @@ def test_the_loss_follows_the_formula(shards) -> None:
         float(bce.detach()) / float(real.sum()), rel=1e-5
     )
     assert metrics["loss_per_objective"]["electra"] == pytest.approx(
-        float(mlm) / float(chosen.sum()), rel=1e-5
+        float(mlm.detach()) / float(chosen.sum()), rel=1e-5
     )
 
 
@@ -199,3 +199,56 @@ def test_the_base_preset_has_electra_base_parameter_counts() -> None:
     generator_only = count(ours.generator) + ours.output_bias.numel()
     assert count(ours) - generator_only == count(disc) == 109_483_009
     assert generator_only + shared == count(gen)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("model.type_vocab_size=2", "model.tie_embeddings=false")],
+    ids=["tied-no-segments", "untied-segments"],
+)
+def test_exports_match_their_transformers_twins(overrides) -> None:
+    """The discriminator as ``ElectraForPreTraining`` and the generator as
+    ``ElectraForMaskedLM``: the same logits from every parameter perturbed."""
+    from checkpoints_tools.adapters import adapter_for
+    from checkpoints_tools.adapters.electra import ElectraAdapter
+    from tests.twins import hf_model, randomised
+
+    cfg = encoder_config(ELECTRA, "model.dropout=0.0", *overrides)
+    model = randomised(cfg.model, seed=3)
+    assert adapter_for(cfg.model) is ElectraAdapter
+    state = model.state_dict()
+    tokens = torch.randint(
+        0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    segments = torch.zeros_like(tokens)
+    segments[:, 12:] = 1 if cfg.model.type_vocab_size else 0
+    extra = {"token_type_ids_BT": segments} if cfg.model.type_vocab_size else {}
+    theirs_extra = {"token_type_ids": segments} if cfg.model.type_vocab_size else {}
+    with torch.no_grad():
+        disc = model(tokens, return_discriminator=True, **extra)
+        gen = model(tokens, **extra)
+        hf_disc = hf_model(*ElectraAdapter.to_hf(state, cfg.model))
+        hf_gen = hf_model(*ElectraAdapter.generator_to_hf(state, cfg.model))
+        torch.testing.assert_close(hf_disc(tokens, **theirs_extra).logits, disc, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf_gen(tokens, **theirs_extra).logits, gen, rtol=0, atol=1e-5)
+    # the streaming plans give the same tensors (less the tied head, which transformers ties)
+    from checkpoints_tools.convert import export_items
+
+    streamed = {i.name for i in export_items(cfg.model)}
+    assert streamed == set(ElectraAdapter.to_hf(state, cfg.model)[0])
+    generator = {i.name for i in ElectraAdapter.generator_export_items(cfg.model)}
+    want = set(ElectraAdapter.generator_to_hf(state, cfg.model)[0])
+    if cfg.model.tie_embeddings:
+        want.discard("generator_lm_head.weight")
+    assert generator == want
+
+
+def test_export_refuses_what_electra_cannot_hold() -> None:
+    from checkpoints_tools.adapters.electra import ElectraAdapter
+
+    cfg = encoder_config(ELECTRA, "model.norm_position=pre")
+    with pytest.raises(
+        ValueError,
+        match=r"model.norm_position \('pre'\) must be 'post' to export to ElectraForPreTraining",
+    ):
+        ElectraAdapter.check(cfg.model)
