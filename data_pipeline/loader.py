@@ -227,6 +227,8 @@ from data_pipeline.transforms import (
 
 log = logging.getLogger(__name__)
 
+# the row transforms masked by BERT's rule (TLM pairs, MLM rows, ELECTRA's generator rows)
+BERT_MASKED = ("pair", "mlm", "electra")
 STATE_FORMAT = "rosetta-loader/2"
 PLAN_ROWS = 8192
 """Global rows a slot plans in one go (the sources of its next batches: one sort of the keys)."""
@@ -1483,14 +1485,13 @@ class _SlotRunner:
         bounds: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, labels)`` of an ``mlm`` batch whose rows mix transforms: BERT masking
-        of the TLM and ``mlm`` rows in one call, then span masking of the ``span`` rows (in
-        that order, each over its rows only: the slot's generator is their one randomness);
+        of the TLM, ``mlm`` and ``electra`` rows in one call, then span masking of the ``span``
+        rows (in that order, each over its rows only: the slot's generator is their one
+        randomness);
         the span rows' span-boundary inputs into ``bounds`` (``[B, T]`` tables, -1 filled)."""
         ds = self.ds
         inputs_BT, labels_BT = ids_BT.copy(), np.full_like(ids_BT, IGNORE_INDEX)
-        bert = (row_transform_B == ROW_TRANSFORMS.index("pair")) | (
-            row_transform_B == ROW_TRANSFORMS.index("mlm")
-        )
+        bert = np.isin(row_transform_B, [ROW_TRANSFORMS.index(k) for k in BERT_MASKED])
         for rows_B, mask in (
             (bert, mask_tokens),
             (row_transform_B == ROW_TRANSFORMS.index("span"), span_mask),
@@ -1606,7 +1607,7 @@ class _SlotRunner:
                 special_V=self.special_V,
                 normal_ids=self.normal_ids,
             )
-        elif only == "mlm":
+        elif only in BERT_MASKED:
             input_BT, labels_BT = mask_tokens(
                 ids_BT,
                 vocab=ds.vocab,

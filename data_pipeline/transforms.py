@@ -237,11 +237,11 @@ class MaskingConfig:
                 )
 
 
-MIXED_MONO_KINDS = ("mlm", "span")
+MIXED_MONO_KINDS = ("mlm", "span", "electra")
 """The transforms monolingual rows of one ``mlm`` batch may mix (``MaskingConfig.mono_kinds``)."""
-ROW_TRANSFORMS = ("pair", "mlm", "span", "btmlm")
+ROW_TRANSFORMS = ("pair", "mlm", "span", "btmlm", "electra")
 """Values of an encoder batch's ``row_transform``: TLM pair rows, BERT-masked, span-masked and
-BTMLM monolingual rows."""
+BTMLM monolingual rows, and ELECTRA's (BERT-masked as ``mlm``; its discriminator scores them)."""
 
 
 # --- joining ---------------------------------------------------------------------------------

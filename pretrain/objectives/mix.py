@@ -112,11 +112,13 @@ class ObjectiveMix:
         self.boundary = [o for o in self.objectives if o.span_boundary]
         # ELECTRA: the discriminator scores every real token of every row of the batch
         self.rtd = [o for o in self.objectives if o.replaced_tokens]
-        others = [o.name for o in self.objectives if not o.replaced_tokens and o.name != "tlm"]
+        others = [
+            o.name for o in self.objectives if o.name not in ("electra", "mlm", "span", "tlm")
+        ]
         if self.rtd and others:
             raise ValueError(
-                f"objective.weights: {self.rtd[0].name} takes every monolingual row and its "
-                f"model scores every row; it mixes with tlm only (got {', '.join(others)})"
+                f"objective.weights: electra mixes with mlm, span and tlm (their rows train its "
+                f"generator), not with {', '.join(others)} (their model outputs are others)"
             )
         kinds = [o.row_kind for o in self.objectives if o.row_kind and self.weights[o.name]]
         if len(set(kinds)) < len(kinds):
@@ -134,6 +136,7 @@ class ObjectiveMix:
             named = [i for i, o in enumerate(self.objectives) if o.row_kind == kind]
             owner[kind] = named[0] if named else self._row_index["mono"]
         self._transform_owner = torch.tensor([owner[k] for k in ROW_TRANSFORMS])
+        self._electra_rows = ROW_TRANSFORMS.index("electra")
 
     @classmethod
     def from_config(cls, cfg: Any) -> ObjectiveMix:
@@ -262,13 +265,21 @@ class ObjectiveMix:
             return outputs[0], outputs[1]
         return outputs, None
 
+    def _scored_tokens(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """``[B, T]`` bool: the real tokens of the batch's ELECTRA rows, on ``device``."""
+        real = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        real_BT = torch.ones(ids.shape, dtype=torch.bool) if real is None else real.bool()
+        rows = batch.get("row_transform")
+        if rows is not None:
+            real_BT = real_BT & (rows == self._electra_rows)[:, None]
+        return real_BT.to(device, non_blocking=True)
+
     def num_rows(self, batch: dict[str, Any]) -> torch.Tensor:
         """What :meth:`row_loss` averages over in a batch (an int64 CPU scalar; 0 without
-        such a loss): a sentence objective's rows, ELECTRA's real tokens."""
+        such a loss): a sentence objective's rows, the real tokens of ELECTRA's rows."""
         if self.rtd:
-            real = batch.get("attention_mask")
-            count = batch["input_ids"].numel() if real is None else int(real.sum())
-            return torch.tensor(count, dtype=torch.int64)
+            return self._scored_tokens(batch, torch.device("cpu")).sum()
         if not self.sentence:
             return torch.zeros((), dtype=torch.int64)
         return torch.tensor(batch[self.sentence[0].sentence_label].numel(), dtype=torch.int64)
@@ -280,14 +291,11 @@ class ObjectiveMix:
         (:meth:`split_outputs`), its metrics added in place to the last two groups:
         :meth:`sentence_loss`, or ELECTRA's discriminator loss times
         ``objective.electra.disc_weight`` (the groups: its unweighted sum and correct tokens,
-        over the real tokens)."""
+        over the real tokens of ELECTRA's rows)."""
         if not self.rtd:
             return self.sentence_loss(scored, batch, sums_G, counts_G)
         logits_BT, replaced_BT = scored
-        real = batch.get("attention_mask")
-        real_BT = (
-            torch.ones_like(replaced_BT) if real is None else real.to(replaced_BT.device).bool()
-        )
+        real_BT = self._scored_tokens(batch, replaced_BT.device)
         objective = self.rtd[0]
         loss, correct, tokens = objective.rtd_loss(logits_BT, replaced_BT, real_BT)
         sums_G[-2] += loss.detach()

@@ -359,8 +359,8 @@ class SpanBERT(SpanMasking):
 
 @register
 class ReplacedTokenDetection(TokenPrediction):
-    """ELECTRA (Clark et al. 2020) on monolingual rows (with ``tlm``: also its pair rows, XLM-E's
-    translation replaced token detection). The generator (``model.generator_fraction``, set to
+    """ELECTRA (Clark et al. 2020) on monolingual rows (BERT-masked: row kind ``electra``). The
+    generator (``model.generator_fraction``, set to
     0.25 when left at 0: a narrower stack over the shared embeddings) is trained with masked
     LM on the loader's masked rows; a replacement for each masked position is sampled from its
     softmax (``objective.electra.temperature``; no gradient), and the model (the
@@ -368,18 +368,21 @@ class ReplacedTokenDetection(TokenPrediction):
     whether it differs from the original (a sampled original counts as not replaced). The loss
     is the generator's cross-entropy over the masked tokens, over their count, plus
     ``objective.electra.disc_weight`` (ELECTRA: 50) times the discriminator's binary
-    cross-entropy over the real tokens, over their count. The metrics add ``rtd_loss`` and
-    ``rtd_accuracy``. ELECTRA masks with 85% mask token, 15% kept (``mask_replace_prob`` 0.85,
-    ``mask_random_prob`` 0: the presets). Samples are seeded by each row's token ids
-    (``sampler``), so parallel layouts draw as one process and a resumed run draws the same.
-    Not under pipeline parallel (the second pass needs the whole model)."""
+    cross-entropy over the real tokens of its rows, over their count. The metrics add
+    ``rtd_loss`` and ``rtd_accuracy``. Mixed with ``mlm``, ``span`` or ``tlm`` rows (row by
+    row), those train the generator's masked LM only (it is the model's masked-LM head); the
+    discriminator scores ELECTRA's rows alone. ELECTRA masks with 85% mask token, 15% kept
+    (``mask_replace_prob`` 0.85, ``mask_random_prob`` 0: the presets). Samples are seeded by
+    each row's token ids (``sampler``), so parallel layouts draw as one process and a resumed
+    run draws the same. Not under pipeline parallel (the second pass needs the whole
+    model)."""
 
     name = "electra"
     families = ("encoder",)
     transform = "mlm"
     rows = "mono"
     layout = "masked"
-    row_kind = "mlm"
+    row_kind = "electra"
     sparse_targets = True
     pipeline = False
     replaced_tokens = True

@@ -6,6 +6,7 @@ config rules."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,18 @@ def test_config_rules() -> None:
     gen = generator_config(cfg.model)
     assert (gen.hidden_size, gen.num_heads, gen.ffn_hidden_size) == (16, 1, 64)
     transform, masking = ObjectiveMix.from_config(cfg).loader_settings(cfg.objective)
-    assert transform == "mlm" and masking.mono_kinds is None and masking.tlm_share == 0.0
-    # with TLM: its pair rows go through the generator and the discriminator too (XLM-E)
-    mix = ObjectiveMix.from_config(encoder_config("objective.weights={electra: 3, tlm: 1}"))
-    assert mix.rtd and mix.names == ["electra", "tlm"]
-    with pytest.raises(ValueError, match=r"electra takes every monolingual row .* \(got mlm\)"):
-        encoder_config("objective.weights={electra: 1, mlm: 1}")
+    assert transform == "mlm" and masking.mono_kinds == (("electra", 1.0),)
+    assert masking.tlm_share == 0.0
+    # mixed row by row with the other masked objectives: their rows train the generator
+    cfg = encoder_config("objective.weights={mlm: 1, tlm: 0.5, electra: 1}")
+    mix = ObjectiveMix.from_config(cfg)
+    assert mix.rtd and mix.names == ["mlm", "tlm", "electra"]
+    _, masking = mix.loader_settings(cfg.objective)
+    assert masking.mono_kinds == (("mlm", 1.0), ("electra", 1.0)) and masking.tlm_share == 0.2
+    with pytest.raises(
+        ValueError, match=r"electra mixes with mlm, span and tlm .* not with spanbert"
+    ):
+        encoder_config("objective.weights={electra: 1, spanbert: 1}")
     with pytest.raises(ValueError, match=r"model.generator_fraction \(0.25\) builds ELECTRA"):
         encoder_config("model.generator_fraction=0.25")
     with pytest.raises(ValueError, match=r"generator width \(8\) that is not a multiple of"):
@@ -70,7 +77,7 @@ def test_draws_follow_the_softmax_and_depend_on_the_row_only() -> None:
 
 def _batch(shards):
     data = DataConfig(manifest=str(shards["shards"]), seq_len=64, batch_size=4)
-    masking = MaskingConfig(replace_prob=0.85, random_prob=0.0)
+    masking = MaskingConfig(replace_prob=0.85, random_prob=0.0, mono_kinds=(("electra", 1.0),))
     loader = build_loader(data, dp_rank=0, dp_world_size=1, objective="mlm", masking=masking,
                           seed=3)  # fmt: skip
     return next(iter(loader))
@@ -244,7 +251,13 @@ def test_exports_match_their_transformers_twins(overrides) -> None:
 
 
 def test_export_refuses_what_electra_cannot_hold() -> None:
+    """A pre-norm body, and an MoE discriminator (it trains: ``tests/distributed``; transformers
+    has no MoE ELECTRA class to export it to)."""
     from checkpoints_tools.adapters.electra import ElectraAdapter
+
+    moe = encoder_config(ELECTRA, "model.moe.num_experts=4", "model.moe.top_k=2")
+    with pytest.raises(ValueError, match=r"model.moe.num_experts \(4\) must be 0 to export"):
+        ElectraAdapter.check(moe.model)
 
     cfg = encoder_config(ELECTRA, "model.norm_position=pre")
     with pytest.raises(
@@ -252,3 +265,32 @@ def test_export_refuses_what_electra_cannot_hold() -> None:
         match=r"model.norm_position \('pre'\) must be 'post' to export to ElectraForPreTraining",
     ):
         ElectraAdapter.check(cfg.model)
+
+
+def test_mixed_with_mlm_and_tlm_the_shares_follow_the_weights(shards) -> None:
+    """``{mlm: 1, tlm: 0.5, electra: 1}``: each objective's share of the global rows (2 ranks x
+    16 rows, 8 steps) within a point of its weight; the discriminator scores the real tokens of
+    ELECTRA's rows only."""
+    from data_pipeline.transforms import ROW_TRANSFORMS
+
+    cfg = encoder_config("objective.weights={mlm: 1, tlm: 0.5, electra: 1}")
+    mix = ObjectiveMix.from_config(cfg)
+    transform, masking = mix.loader_settings(cfg.objective)
+    data = DataConfig(manifest=str(shards["shards"]), seq_len=64, batch_size=16)
+    iters = [
+        iter(build_loader(data, dp_rank=r, dp_world_size=2, objective=transform,
+                          masking=masking, seed=4))
+        for r in range(2)
+    ]  # fmt: skip
+    kinds = []
+    for _ in range(8):
+        for it in iters:
+            batch = next(it)
+            kinds.append(batch["row_transform"].numpy())
+            electra = batch["row_transform"] == ROW_TRANSFORMS.index("electra")
+            real = batch["attention_mask"].bool() & electra[:, None]
+            assert int(mix.num_rows(batch)) == int(real.sum())
+    kinds = np.concatenate(kinds)
+    shares = np.bincount(kinds, minlength=len(ROW_TRANSFORMS)) / len(kinds)
+    for kind, share in (("pair", 0.2), ("mlm", 0.4), ("electra", 0.4)):
+        assert abs(shares[ROW_TRANSFORMS.index(kind)] - share) <= 0.01, shares
