@@ -6,8 +6,8 @@ objective runs through the real loader and trainer on the bundled sample's shard
 ``data.seq_len`` 128, batch 8): the loader's ``--batches`` batches after ``--warmup`` (batches
 per second, in process, no workers), then ``--warmup`` untimed and ``--steps`` timed trainer
 steps (``Trainer.train_step`` plus its settle, median). The encoder rows (MLM, TLM, span,
-SpanBERT, BTMLM, NSP, SOP) share ``configs/tiny_encoder.yaml``, so their step times compare directly
-with MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny encoder-decoder.
+SpanBERT, BTMLM, NSP, SOP, ELECTRA: the tiny encoder as its discriminator, with its quarter-width
+generator) share ``configs/tiny_encoder.yaml``, so their step times compare directly with MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny encoder-decoder.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ OBJECTIVES = {
     "btmlm": ("tiny_encoder.yaml", ("objective.weights={btmlm: 1}",)),
     "nsp": ("tiny_encoder.yaml", ("objective.weights={nsp: 1}",)),
     "sop": ("tiny_encoder.yaml", ("objective.weights={sop: 1}",)),
+    "electra": ("tiny_encoder.yaml", ("objective.weights={electra: 1}",)),
     "clm (decoder)": ("tiny_decoder.yaml", ("objective.weights={clm: 1}",)),
     "t5 (encoder-decoder)": ("tiny_encdec.yaml", ("objective.weights={t5: 1}",)),
     "bart (encoder-decoder)": (
