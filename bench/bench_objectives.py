@@ -7,7 +7,8 @@ objective runs through the real loader and trainer on the bundled sample's shard
 per second, in process, no workers), then ``--warmup`` untimed and ``--steps`` timed trainer
 steps (``Trainer.train_step`` plus its settle, median). The encoder rows (MLM, TLM, span,
 SpanBERT, BTMLM, NSP, SOP, ELECTRA: the tiny encoder as its discriminator, with its quarter-width
-generator) share ``configs/tiny_encoder.yaml``, so their step times compare directly with MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny encoder-decoder.
+generator) share ``configs/tiny_encoder.yaml``, so their step times compare directly with
+MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny encoder-decoder.
 """
 
 from __future__ import annotations
