@@ -516,8 +516,9 @@ def verify_export(ckpt: Checkpoint, out: str | os.PathLike, *, dtype: torch.dtyp
     """Load ``out`` with transformers (fp32) and compare its logits with our model's on
     :func:`fixed_batch`; our weights are rounded to ``dtype`` first, so a bf16 export is
     compared exactly too. ELECTRA: the discriminator's logits with ``out``'s
-    ``ElectraForPreTraining``, the generator's with ``out/generator``'s ``ElectraForMaskedLM``. MoE layers route as the target does (:func:`hf_moe_routing`:
-    dropless, as transformers runs Mixtral and Qwen3-MoE), whatever the training capacity.
+    ``ElectraForPreTraining``, the generator's with ``out/generator``'s ``ElectraForMaskedLM``.
+    MoE layers route as the target does (:func:`hf_moe_routing`: dropless, as transformers runs
+    Mixtral and Qwen3-MoE), whatever the training capacity.
 
     Memory: one model at a time, not both. Ours is built on the meta device and takes the
     tensors as read (``assign``, no second copy); its logits are kept and it is freed before
