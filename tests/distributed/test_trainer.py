@@ -33,6 +33,17 @@ PP2 = ("parallel.pp=2", "parallel.microbatches=2", "model.document_masking=false
         # A tp-replicated router gate beside the TP shards in one AdamW group.
         ("tiny_moe.yaml", 2, ("parallel.tp=2", "model.moe.dropless=true")),
         ("tiny_encoder.yaml", 1, ("objective.tlm_share=0.25",)),
+        # ELECTRA's sampled replacements resume too; an MoE discriminator under EP
+        (
+            "tiny_electra.yaml",
+            2,
+            (
+                "model.moe.num_experts=4",
+                "model.moe.top_k=2",
+                "model.moe.dropless=true",
+                "parallel.ep=2",
+            ),
+        ),  # fmt: skip
         ("tiny_decoder.yaml", 2, PP2),
         (
             "tiny_moe.yaml",
@@ -51,6 +62,7 @@ PP2 = ("parallel.pp=2", "parallel.microbatches=2", "model.document_masking=false
         "decoder-tp2",
         "moe-tp2",
         "encoder-mlm-tlm",
+        "electra-moe-ep2",
         "decoder-pp2",
         "moe-tp2-ep2-over-tp",
     ],
@@ -81,9 +93,11 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(
     assert (full_dir / "loss.png").is_file()
     if "encoder" in preset:
         assert set(last["loss_per_objective"]) == {"mlm", "tlm"}
+    elif "electra" in preset:
+        assert set(last["loss_per_objective"]) == set(last["rtd_loss"]) == {"electra"}
     elif extra != PP2 and "parallel.tp=2" not in extra:  # TP: vocab-sharded logits, no split
         assert set(last["loss_per_objective"]) == {"clm"}
-    if "moe" in preset:
+    if "moe" in preset or "model.moe.num_experts=4" in extra:
         assert len(last["moe_expert_load"]) == 4
         assert last["moe_dropped_fraction"] == 0.0
 

@@ -5,7 +5,8 @@ ERNIE-M's BTMLM (``{btmlm: 1}``, a model pass of its own before the loss) trains
 FSDP2 and TP2 gives one process's losses and weights; MLM, span masking and TLM mixed row by row
 in one batch train, each logged as its own objective, and match one process under TP2; NSP and
 SOP (token loss + pair loss) train, log their pair loss and accuracy, and match one process under
-FSDP2 and TP2."""
+FSDP2 and TP2; ELECTRA (generator masked LM + discriminator) trains, logs its discriminator's
+loss and accuracy, and matches one process under FSDP2 and TP2 with sequence parallel."""
 
 from __future__ import annotations
 
@@ -136,6 +137,27 @@ def test_sentence_pair_objectives_train(shards, tmp_path, task):
     assert np.isfinite(records[-1]["valid_loss"])
 
 
+def test_electra_trains_and_logs_its_discriminator(shards, tmp_path):
+    cfg = trainer_config(
+        "tiny_electra.yaml", shards, tmp_path / "run", "data.seq_len=64", "data.batch_size=8",
+        "train.steps=12", "checkpoint.every=0", "train.eval_every=12", "optim.lr=3e-3",
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    rtd = [r["rtd_loss"]["electra"] for r in records]
+    gen = [r["loss_per_objective"]["electra"] for r in records]
+    # both learn: the discriminator's BCE and the generator's masked LM (first 4 vs last 4 steps)
+    assert sum(rtd[-4:]) / 4 < sum(rtd[:4]) / 4 - 0.1, rtd
+    assert sum(gen[-4:]) / 4 < sum(gen[:4]) / 4 - 0.3, gen
+    for record in records:
+        assert 0.0 <= record["rtd_accuracy"]["electra"] <= 1.0
+        # the logged loss: the generator's mean plus 50 times the discriminator's
+        want = record["loss_per_objective"]["electra"] + 50 * record["rtd_loss"]["electra"]
+        assert record["loss"] == pytest.approx(want, rel=1e-4), (record["loss"], want)
+    assert np.isfinite(records[-1]["valid_loss"])
+
+
 @pytest.mark.parametrize(
     ("objective", "layout"),
     [
@@ -152,6 +174,11 @@ def test_sentence_pair_objectives_train(shards, tmp_path, task):
             "objective.weights={spanbert: 1, tlm: 1}",
             ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
         ),
+        ("objective.weights={electra: 1}", ("parallel.dp_shard=2",)),
+        (
+            "objective.weights={mlm: 1, tlm: 0.5, electra: 1}",
+            ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
+        ),
     ],
     ids=[
         "btmlm-fsdp2",
@@ -161,11 +188,14 @@ def test_sentence_pair_objectives_train(shards, tmp_path, task):
         "sop-tp2-sp",
         "spanbert-fsdp2",
         "spanbert-tlm-tp2-sp",
+        "electra-fsdp2",
+        "electra-mlm-tlm-tp2-sp",
     ],
 )
 def test_two_rank_layouts_match_one_process(shards, tmp_path, objective, layout):
-    """BTMLM's fill pass too: a rank that filled a placeholder differently would train on other
-    inputs and part from one process's losses and weights."""
+    """BTMLM's fill pass and ELECTRA's sampled replacements too: a rank that filled a
+    placeholder or drew a replacement differently would train on other inputs and part from
+    one process's losses and weights."""
     extra = (objective, "data.seq_len=64", "model.dropout=0.0")
     cfg = trainer_config("tiny_encoder.yaml", shards, tmp_path / "two", *extra, *layout)
     steps = global_batches(cfg, 3)
