@@ -41,11 +41,17 @@ from pathlib import Path
 
 import torch
 
-from bench.claims.common import SAMPLE_PAIRS, held_out_pairs, sample_corpus, train_run
+from bench.claims.common import (
+    SAMPLE_PAIRS,
+    export_final,
+    held_out_pairs,
+    run_config,
+    sample_corpus,
+    train_run,
+)
 from checkpoints_tools.delta_tuning import METHODS, count_parameters, delta_model
 from data_pipeline.manifest import load_manifest
-from pretrain.config import load_config
-from tests.sample_data import REPO, SAMPLE, first_lines
+from tests.sample_data import SAMPLE, first_lines
 
 LANGS = ("de", "en", "es", "fr", "ja", "ru", "zh")
 LR = {"full": 5e-4, "lora": 5e-3, "prefix": 5e-3, "prompt": 3e-2, "ia3": 5e-3, "bitfit": 5e-3}
@@ -241,48 +247,18 @@ def fine_tune(hf_dir: Path, family: str, method: str, task: dict, *, epochs: int
             "seconds_per_epoch": statistics.mean(seconds)}  # fmt: skip
 
 
-def _export(run_dir: Path, steps: int) -> Path:
-    from checkpoints_tools.cli import main as checkpoints_main
-
-    hf_dir = run_dir / "hf"
-    code = checkpoints_main(
-        ["export-hf", str(run_dir / "checkpoints" / f"step_{steps}"), "--out", str(hf_dir)]
-    )
-    if code != 0:
-        raise RuntimeError(f"export-hf of {run_dir} exited {code}")
-    return hf_dir
-
-
 def pretrain(family: str, data: dict, out: Path, *, steps: int, seed: int) -> Path:
     """Train the tiny ``family`` model ``steps`` steps on ``data["shards"]``; its HF export."""
-    vocab = load_manifest(data["shards"])["tokenizer"]["vocab_size"]
     run_dir = out / "runs" / f"{family}_seed{seed}"
     preset, extra = {
         "encoder": ("tiny_encoder.yaml", ["objective.weights={mlm: 1.0, tlm: 1.0}",
                                           "model.tie_embeddings=true"]),
         "decoder": ("tiny_decoder.yaml", []),
     }[family]  # fmt: skip
-    cfg = load_config(
-        REPO / "configs" / preset,
-        [
-            f"data.manifest={data['shards']}",
-            f"train.run_dir={run_dir}",
-            "train.overwrite=true",
-            f"model.vocab_size={vocab}",
-            "data.seq_len=128",
-            "data.batch_size=16",
-            f"train.steps={steps}",
-            f"train.seed={seed}",
-            "train.precision=fp32",
-            "train.eval_every=0",
-            f"logging.every={max(steps // 4, 1)}",
-            "logging.tensorboard=false",
-            "checkpoint.every=0",
-            *extra,
-        ],
-    )
+    cfg = run_config(preset, data, run_dir, steps=steps, seed=seed, extra=extra,
+                     log_every=max(steps // 4, 1))  # fmt: skip
     train_run(cfg)
-    return _export(run_dir, steps)
+    return export_final(run_dir, steps)
 
 
 def _majority(task: dict | None) -> dict[str, float]:

@@ -3,8 +3,11 @@ held-out), and short training runs through the real trainer in a fresh process e
 
 ``sample_corpus(root, langs)`` trains a tokenizer on the sample's train text of ``langs`` (its
 natural sizes: a ~60x spread in characters between de and hi) and writes train shards and
-held-out shards (the sample's ``*.valid`` files); ``train_run(cfg)`` runs ``Trainer.fit`` in one
-forked gloo process and returns the run's ``metrics.jsonl`` records.
+held-out shards (the sample's ``*.valid`` files); ``run_config(preset, data, run_dir, ...)`` is a
+claim run's config; ``train_run(cfg)`` runs ``Trainer.fit`` in one forked gloo process and
+returns the run's ``metrics.jsonl`` records; ``export_final(run_dir, steps)`` exports its last
+checkpoint with ``checkpoints_tools export-hf``; ``save_result(result, out, name, plot)`` writes a
+script's ``NAME.png`` and ``NAME.json``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,81 @@ def held_out_pairs(name: str, count: int) -> list[tuple[str, str]]:
 def language_tokens(shards: Path) -> dict[str, int]:
     """Tokens per language of a shard directory (its manifest)."""
     return {k: v["tokens"] for k, v in load_manifest(shards)["languages"].items()}
+
+
+def run_config(
+    preset: str,
+    data: dict[str, Path],
+    run_dir: Path,
+    *,
+    steps: int,
+    seed: int,
+    extra: tuple[str, ...] | list[str] = (),
+    log_every: int = 50,
+):
+    """``configs/PRESET`` on ``data["shards"]`` (the vocabulary its manifest records), sequence
+    128, batch 16, fp32, ``steps`` steps of ``seed``, no validation, a checkpoint at the end
+    only; then ``extra`` overrides."""
+    from pretrain.config import load_config
+    from tests.sample_data import REPO
+
+    vocab = load_manifest(data["shards"])["tokenizer"]["vocab_size"]
+    return load_config(
+        REPO / "configs" / preset,
+        [
+            f"data.manifest={data['shards']}",
+            f"train.run_dir={run_dir}",
+            "train.overwrite=true",
+            f"model.vocab_size={vocab}",
+            "data.seq_len=128",
+            "data.batch_size=16",
+            f"train.steps={steps}",
+            f"train.seed={seed}",
+            "train.precision=fp32",
+            "train.eval_every=0",
+            f"logging.every={log_every}",
+            "logging.tensorboard=false",
+            "checkpoint.every=0",
+            *extra,
+        ],
+    )
+
+
+def export_final(run_dir: Path, steps: int) -> Path:
+    """``RUN_DIR/hf``: the run's checkpoint of step ``steps`` exported (``export-hf``)."""
+    from checkpoints_tools.cli import main as checkpoints_main
+
+    hf_dir = run_dir / "hf"
+    code = checkpoints_main(
+        ["export-hf", str(run_dir / "checkpoints" / f"step_{steps}"), "--out", str(hf_dir)]
+    )
+    if code != 0:
+        raise RuntimeError(f"export-hf of {run_dir} exited {code}")
+    return hf_dir
+
+
+def retrieval_parser(doc: str, *, langs, out: str):
+    """The arguments of the retrieval claims (tlm, electra): ``--data``, ``--steps`` (400),
+    ``--seeds`` (0 1), ``--pairs`` (200), ``--langs``, ``--out``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--data", help="where the sample corpus is built / reused")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--langs", nargs="+", default=list(langs))
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def save_result(result: dict, out: Path, name: str, plot) -> dict:
+    """``plot(result, OUT/NAME.png)`` and ``OUT/NAME.json``; the result."""
+    import json
+
+    plot(result, out / f"{name}.png")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
 
 
 def _fit(rank: int, world_size: int, cfg) -> int:

@@ -16,16 +16,21 @@ top-1 retrieval accuracy is the mean of both directions (en -> X and X -> en; ch
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from bench.claims.common import SAMPLE_PAIRS, held_out_pairs, sample_corpus, train_run
-from data_pipeline.manifest import load_manifest
-from pretrain.config import load_config
-from tests.sample_data import REPO
+from bench.claims.common import (
+    SAMPLE_PAIRS,
+    export_final,
+    held_out_pairs,
+    retrieval_parser,
+    run_config,
+    sample_corpus,
+    save_result,
+    train_run,
+)
 
 LANGS = ("de", "en", "es", "fr", "ja", "ru", "zh")
 ARMS = {"MLM": "{mlm: 1.0}", "MLM+TLM": "{mlm: 1.0, tlm: 1.0}"}
@@ -60,45 +65,18 @@ def retrieval_accuracy(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
 def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
-    from checkpoints_tools.cli import main as checkpoints_main
-
     out = Path(args.out)
     names = [name for name in SAMPLE_PAIRS if set(name.split("-")) <= set(args.langs)]
     data = sample_corpus(Path(args.data or out / "data"), args.langs, pairs=names)
-    vocab = load_manifest(data["shards"])["tokenizer"]["vocab_size"]
     pair_sets = {name: held_out_pairs(name, args.pairs) for name in names}
     results: dict[str, dict[str, list[float]]] = {arm: {} for arm in ARMS}
     for arm, weights in ARMS.items():
         for seed in args.seeds:
             run_dir = out / "runs" / f"{arm.replace('+', '_')}_seed{seed}"
-            cfg = load_config(
-                REPO / "configs" / "tiny_encoder.yaml",
-                [
-                    f"data.manifest={data['shards']}",
-                    f"train.run_dir={run_dir}",
-                    "train.overwrite=true",
-                    f"objective.weights={weights}",
-                    f"model.vocab_size={vocab}",
-                    "model.tie_embeddings=true",
-                    "data.seq_len=128",
-                    "data.batch_size=16",
-                    f"train.steps={args.steps}",
-                    f"train.seed={seed}",
-                    "train.precision=fp32",
-                    "train.eval_every=0",
-                    "logging.every=50",
-                    "logging.tensorboard=false",
-                    "checkpoint.every=0",
-                ],
-            )
-            train_run(cfg)
-            hf_dir = run_dir / "hf"
-            code = checkpoints_main(
-                ["export-hf", str(run_dir / "checkpoints" / f"step_{args.steps}"), "--out",
-                 str(hf_dir)]
-            )  # fmt: skip
-            if code != 0:
-                raise RuntimeError(f"export-hf of {run_dir} exited {code}")
+            extra = (f"objective.weights={weights}", "model.tie_embeddings=true")
+            train_run(run_config("tiny_encoder.yaml", data, run_dir, steps=args.steps,
+                                 seed=seed, extra=extra))  # fmt: skip
+            hf_dir = export_final(run_dir, args.steps)
             model = AutoModel.from_pretrained(hf_dir).eval()
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
             for name, pairs in pair_sets.items():
@@ -134,19 +112,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="where the sample corpus is built / reused")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--langs", nargs="+", default=list(LANGS))
-    parser.add_argument("--out", default="runs/claims/tlm")
+    parser = retrieval_parser(__doc__, langs=LANGS, out="runs/claims/tlm")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    plot(result, out / "tlm.png")
-    (out / "tlm.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    result = save_result(run(args), out, "tlm", plot)
     print(f"{result['steps']} steps, seeds {result['seeds']}; chance = 1 / pairs")
     print("| pair set | pairs | MLM | MLM+TLM |")
     print("|---|---|---|---|")

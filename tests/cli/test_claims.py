@@ -92,3 +92,21 @@ def test_adapt_one_row_per_model_and_method(corpus, tmp_path: Path):
         assert row["lid_seconds_per_epoch"] > 0
     assert rows[("encoder", "full")]["share"] == 1.0
     assert "fails" not in rows[("encoder", "lora")]
+
+
+def test_electra_one_run_per_arm(corpus, tmp_path: Path):
+    from bench.claims import electra
+
+    argv = ["--data", str(corpus["shards"].parent), "--langs", "en", "ja", "--steps", "3",
+            "--seeds", "0", "--pairs", "8", "--probe-train", "4", "--probe-test", "4",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert electra.main(argv) == 0
+    result = _outputs(tmp_path, "electra")
+    assert list(result["runs"]) == list(electra.ARMS)
+    classes = {arm: runs[0]["model_class"] for arm, runs in result["runs"].items()}
+    assert classes == {"MLM": "XLMRobertaModel", "ELECTRA": "ElectraModel",
+                       "MLM (equal time)": "XLMRobertaModel"}  # fmt: skip
+    for runs in result["runs"].values():
+        assert len(runs) == 1 and set(runs[0]["retrieval"]) == {"en-ja"}
+        assert 0.0 <= runs[0]["lid_accuracy"] <= 1.0 and runs[0]["seconds"] > 0
+    assert result["runs"]["ELECTRA"][0]["steps"] == 3
