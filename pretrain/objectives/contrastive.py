@@ -1,0 +1,107 @@
+"""Contrastive sentence objectives, their losses: unsupervised SimCSE (Gao et al. 2021) and
+cross-lingual translation ranking on parallel pairs (InfoXLM's XLCo with in-batch negatives,
+LaBSE's bidirectional ranking), with the in-batch negatives gathered across data-parallel ranks.
+
+What to call::
+
+    emb_ND = pool(hidden_BTD, real_BT, mode="mean")                   # sentence embeddings
+    loss = simcse_loss(view_a_ND, view_b_ND, temperature=0.05, group=dp_group)
+    loss = translation_ranking_loss(src_ND, tgt_ND, temperature=0.05, group=dp_group)
+
+Guarantees: each loss is summed (not averaged) over this rank's rows, so that the trainer can
+normalise by the step's global row count like its token losses; the negatives of a row are the
+other rows of the whole data-parallel batch: ``gather_rows`` all-gathers the embeddings with
+autograd (``torch.distributed.nn.functional.all_gather``, whose backward sums each slot's
+gradient back to its rank), so that the gradients summed over the ranks equal one process's on
+the concatenated batch (tests/distributed/test_contrastive_dp.py). Every rank must hold as many
+rows (the loader's fixed batch size). Not yet wired into the trainer: the loader's sentence
+rows and the step's own micro-batches for a mix with token objectives are the next step.
+
+Shape legend: N this rank's rows, M the rows of the whole group, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import distributed as dist
+
+
+def pool(hidden_BTD: torch.Tensor, real_BT: torch.Tensor, *, mode: str = "mean") -> torch.Tensor:
+    """Sentence embeddings ``[B, D]``: the mean of the hidden states over the real tokens
+    (``mean``: SimCSE's and LaBSE's retrieval use) or the first position's (``cls``).
+
+    Raises:
+        ValueError: an unknown mode, or a row without a real token (mean).
+    """
+    if mode == "cls":
+        return hidden_BTD[:, 0]
+    if mode != "mean":
+        raise ValueError(f"pooling mode ({mode!r}) must be mean or cls")
+    real = real_BT.to(hidden_BTD.dtype).unsqueeze(-1)
+    count_B1 = real.sum(dim=1)
+    if bool((count_B1 == 0).any()):
+        raise ValueError("mean pooling: a row has no real token")
+    return (hidden_BTD * real).sum(dim=1) / count_B1
+
+
+def gather_rows(x_ND: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[
+    torch.Tensor, int
+]:  # fmt: skip
+    """``(x_MD, offset)``: the rows of every rank of ``group`` in rank order (with autograd)
+    and where this rank's rows start; ``(x_ND, 0)`` without a group of more than one rank."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x_ND, 0
+    from torch.distributed.nn.functional import all_gather
+
+    own = torch.tensor([x_ND.shape[0]], dtype=torch.int64, device=x_ND.device)
+    sizes = [torch.zeros_like(own) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, own, group=group)
+    if len({int(s) for s in sizes}) > 1:
+        raise ValueError(
+            f"contrastive rows per rank ({[int(s) for s in sizes]}) must be equal to gather them"
+        )
+    parts = all_gather(x_ND, group=group)
+    return torch.cat(parts, dim=0), dist.get_rank(group) * x_ND.shape[0]
+
+
+def _ranking(query_ND, keys_MD, offset: int, temperature: float) -> torch.Tensor:
+    """Summed cross-entropy of each query's cosine similarities to every key over
+    ``temperature``, its positive the key at its own row (``offset + i``)."""
+    q = F.normalize(query_ND.float(), dim=-1)
+    k = F.normalize(keys_MD.float(), dim=-1)
+    logits_NM = q @ k.T / temperature
+    target_N = torch.arange(query_ND.shape[0], device=query_ND.device) + offset
+    return F.cross_entropy(logits_NM, target_N, reduction="sum")
+
+
+def simcse_loss(
+    view_a_ND: torch.Tensor,
+    view_b_ND: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Unsupervised SimCSE: two dropout views of the same rows; row i's positive is its
+    other view, its negatives the other view of every other row of the group's batch
+    (InfoNCE, cosine similarity over ``temperature``). Summed over this rank's rows."""
+    keys_MD, offset = gather_rows(view_b_ND, group)
+    return _ranking(view_a_ND, keys_MD, offset, temperature)
+
+
+def translation_ranking_loss(
+    src_ND: torch.Tensor,
+    tgt_ND: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Cross-lingual contrast on parallel pairs, both directions: each source ranks its
+    translation among every target of the group's batch and each target its source among
+    every source (InfoXLM's XLCo with in-batch negatives in place of its momentum queue;
+    LaBSE's bidirectional translation ranking without its additive margin). Summed over
+    this rank's pairs and both directions."""
+    tgt_MD, offset = gather_rows(tgt_ND, group)
+    src_MD, _ = gather_rows(src_ND, group)
+    forward = _ranking(src_ND, tgt_MD, offset, temperature)
+    return forward + _ranking(tgt_ND, src_MD, offset, temperature)
