@@ -1491,7 +1491,8 @@ class _SlotRunner:
         the span rows' span-boundary inputs into ``bounds`` (``[B, T]`` tables, -1 filled)."""
         ds = self.ds
         inputs_BT, labels_BT = ids_BT.copy(), np.full_like(ids_BT, IGNORE_INDEX)
-        bert = np.isin(row_transform_B, [ROW_TRANSFORMS.index(k) for k in BERT_MASKED])
+        masked = [k for k in BERT_MASKED if not (k == "pair" and ds.masking.unmasked_pairs)]
+        bert = np.isin(row_transform_B, [ROW_TRANSFORMS.index(k) for k in masked])
         for rows_B, mask in (
             (bert, mask_tokens),
             (row_transform_B == ROW_TRANSFORMS.index("span"), span_mask),
@@ -1595,7 +1596,9 @@ class _SlotRunner:
         bounds = None  # SpanBERT's span-boundary inputs (masking.span_boundary)
         if ds.masking.span_boundary and "span" in ds.kind_names:
             bounds = {k: np.full((B, T), -1, dtype=ID_DTYPE) for k in SPAN_BOUNDARY_KEYS}
-        if kinds is not None or (only == "span" and (num_tlm or bounds is not None)):
+        mixed = only == "span" and (num_tlm or bounds is not None)
+        mixed = mixed or (num_tlm and (only == "simcse" or ds.masking.unmasked_pairs))
+        if kinds is not None or mixed:
             input_BT, labels_BT = self._mask_mixed(ids_BT, valid_BT, row_transform, bounds)
         elif only == "span":
             input_BT, labels_BT = span_mask(
@@ -1617,6 +1620,8 @@ class _SlotRunner:
                 special_V=self.special_V,
                 normal_ids=self.normal_ids,
             )
+        elif only == "simcse":  # sentence rows: no token targets
+            input_BT, labels_BT = ids_BT, np.full_like(ids_BT, IGNORE_INDEX)
         else:
             input_BT = labels_BT = ids_BT
         counted_tokens, counted_docs = self.counters["tokens"], self.counters["documents"]

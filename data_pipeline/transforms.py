@@ -184,6 +184,8 @@ class MaskingConfig:
         mono_kinds: of an ``mlm`` batch's monolingual rows, the transform of each (``mlm``: BERT
             masking, ``span``: SpanBERT span masking) and its share of those rows, e.g.
             ``(("mlm", 0.5), ("span", 0.5))``; None: every one as the loader's objective says.
+        unmasked_pairs: the pair rows of an ``mlm`` batch are left unmasked, without token
+            targets (their objective, XLCo, contrasts their two sides).
     """
 
     mask_prob: float = 0.15
@@ -196,6 +198,7 @@ class MaskingConfig:
     seq2seq: Seq2SeqConfig | None = None
     mono_kinds: tuple[tuple[str, float], ...] | None = None
     span_boundary: bool = False
+    unmasked_pairs: bool = False
 
     def check(self) -> None:
         """Raises: ValueError naming the value and the rule."""
@@ -237,11 +240,12 @@ class MaskingConfig:
                 )
 
 
-MIXED_MONO_KINDS = ("mlm", "span", "electra")
+MIXED_MONO_KINDS = ("mlm", "span", "electra", "simcse")
 """The transforms monolingual rows of one ``mlm`` batch may mix (``MaskingConfig.mono_kinds``)."""
-ROW_TRANSFORMS = ("pair", "mlm", "span", "btmlm", "electra")
+ROW_TRANSFORMS = ("pair", "mlm", "span", "btmlm", "electra", "simcse")
 """Values of an encoder batch's ``row_transform``: TLM pair rows, BERT-masked, span-masked and
-BTMLM monolingual rows, and ELECTRA's (BERT-masked as ``mlm``; its discriminator scores them)."""
+BTMLM monolingual rows, ELECTRA's (BERT-masked as ``mlm``; its discriminator scores them) and
+SimCSE's (left unmasked: no token targets)."""
 
 
 # --- joining ---------------------------------------------------------------------------------

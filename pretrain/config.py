@@ -88,13 +88,22 @@ class ElectraOptions:
 
 
 @dataclass
+class ContrastiveOptions:
+    """Contrastive sentence objectives (``objective.contrastive.*``; simcse, xlco)."""
+
+    temperature: float = 0.05
+    """Temperature of the cosine similarities (SimCSE: 0.05)."""
+
+
+@dataclass
 class ObjectiveConfig:
     """Pre-training objective(s) (``objective.*``)."""
 
     weights: dict[str, float] = field(default_factory=dict)
     """The objectives and their mix, e.g. {mlm: 3, tlm: 1} (objectives sharing a batch: each
     weight is its share of the rows): clm (decoder), mlm (encoder, BERT 80/10/10), tlm (encoder,
-    XLM pairs), span (encoder, SpanBERT), electra (encoder, replaced token detection), t5
+    XLM pairs), span (encoder, SpanBERT), electra (encoder, replaced token detection), simcse
+    and xlco (encoder, contrastive sentence embeddings), t5
     (encoder_decoder, T5 span corruption), bart
     (encoder_decoder, BART/mBART denoising), translation (encoder_decoder, parallel pairs);
     ``pretrain.objectives.OBJECTIVES`` lists them. Empty: the family's default (decoder clm,
@@ -125,6 +134,8 @@ class ObjectiveConfig:
     """BART / mBART denoising settings (objective bart)."""
     electra: ElectraOptions = field(default_factory=ElectraOptions)
     """ELECTRA replaced token detection settings (objective electra)."""
+    contrastive: ContrastiveOptions = field(default_factory=ContrastiveOptions)
+    """Contrastive sentence objectives' settings (simcse, xlco)."""
     decoder_len: int = 0
     """encoder_decoder: decoder positions per row; 0 derives it: T5's targets length for span
     corruption alone (data.seq_len 128 -> 29, 512 -> 114), else data.seq_len (denoised rows and
@@ -542,6 +553,13 @@ def _validate_objective(cfg: RunConfig) -> None:
         raise ValueError(f"objective.weights ({names}) must have a positive sum")
     mix = ObjectiveMix(names)  # the objectives must share one batch transform
     apply_model_settings(cfg, mix)
+    if mix.contrast:
+        name = mix.contrast[0].name
+        if name == "simcse" and not cfg.model.dropout > 0:
+            raise ValueError(
+                f"objective.weights.simcse needs model.dropout > 0 (got {cfg.model.dropout}): "
+                "its two views of a row are two dropout masks"
+            )
     if cfg.model.generator_fraction and not mix.rtd:
         raise ValueError(
             f"model.generator_fraction ({cfg.model.generator_fraction}) builds ELECTRA's "
@@ -573,6 +591,9 @@ def _validate_objective(cfg: RunConfig) -> None:
         raise ValueError(f"objective.electra.disc_weight ({electra.disc_weight}) must be >= 0")
     if not (math.isfinite(electra.temperature) and electra.temperature > 0):
         raise ValueError(f"objective.electra.temperature ({electra.temperature}) must be > 0")
+    tau = obj.contrastive.temperature
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"objective.contrastive.temperature ({tau}) must be > 0")
 
 
 def apply_model_settings(cfg: RunConfig, mix) -> None:

@@ -149,6 +149,8 @@ class Trainer:
         self.dims.build_mesh(device_type=self.device.type)
         self.mix = ObjectiveMix.from_config(cfg)
         apply_model_settings(cfg, self.mix)  # what the objectives need of the model (NSP's head)
+        if self.dims.dp > 1:  # contrastive objectives gather their negatives over dp
+            self.mix.group = self.dims["dp"].get_group()
         # The loader first (it reads the manifest and tokenizer, nothing more): the run's
         # language index must fit the model before the model is built.
         self.loader = build_train_loader(

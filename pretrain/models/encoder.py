@@ -156,6 +156,9 @@ class Encoder(Transformer):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
+        from pretrain.objectives.contrastive import SentencePool
+
+        self.sentence_pool = SentencePool()
         if cfg.generator_fraction:
             # ELECTRA: the stack is the discriminator; the masked-LM outputs are the generator's
             self.generator = ElectraGenerator(cfg)

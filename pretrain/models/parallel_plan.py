@@ -115,6 +115,8 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
             plan["pooler"] = "sequence_to_replicate_input"
         if cfg.span_boundary_positions:  # the boundary states of the whole sequence
             plan["span_boundary"] = "sequence_to_replicate_input"
+        # the contrastive objectives' mean over the whole sequence (no parameters)
+        plan["sentence_pool"] = "sequence_to_replicate_input"
     # The MLM head (ELECTRA: the generator) gathers the sequence, so the projection's input is
     # replicated after it.
     output_style = "output_from_replicate" if cfg.family == "encoder" else "output"

@@ -9,6 +9,7 @@ Submodule names (what TP plans and pipeline splits address):
     (BERT segments), embed_norm (post-norm only), layers.{i} (``Block``s in an
     ``nn.ModuleDict``), norm (pre-norm only), head (encoder MLM transform), pooler and
     pair_classifier (encoder ``model.pair_head``), span_boundary (encoder SpanBERT head),
+    sentence_pool (encoder, no parameters: the contrastive objectives' mean of the states),
     generator and discriminator (encoder ELECTRA, ``model.generator_fraction``), and
     the output head, a module that computes the logits: output (untied: an ``nn.Linear``,
     parameters ``output.weight`` / ``output.bias``) or tied_output (tied: a ``TiedOutput``
@@ -130,6 +131,8 @@ class Transformer(nn.Module):
         self.pooler: nn.Module | None = None
         self.pair_classifier: nn.Linear | None = None
         self.span_boundary: nn.Module | None = None  # encoder model.span_boundary_positions
+        # mean of the final states for contrastive objectives (no parameters)
+        self.sentence_pool: nn.Module | None = None
         # ELECTRA (encoder model.generator_fraction): the generator beside the stack and the
         # discriminator's head on it; set by the family
         self.generator: nn.Module | None = None
@@ -211,6 +214,7 @@ class Transformer(nn.Module):
         rtd_labels_BT: torch.Tensor | None = None,
         rtd_sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
         return_discriminator: bool = False,
+        return_pooled_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Run the stack.
@@ -246,13 +250,17 @@ class Transformer(nn.Module):
                 position and whether its token differs from the original.
             return_discriminator: ELECTRA: the discriminator's logits ``[B, T]`` of
                 ``inputs`` (no generator pass).
+            return_pooled_BT: also return the mean of the final states (after the final
+                norm, before the MLM head) over the True positions of each row, ``[B, D]``
+                (the contrastive objectives' sentence embeddings).
             cache: generation (causal models): ``inputs`` are the new tokens after the
                 ``cache.length`` cached ones, ``document_ids_BT`` (if given) covers all of
                 them; the cache grows by the new tokens (``pretrain.models.kv_cache``).
 
         Returns:
             ``logits_BTV``, or ``hidden_BTD`` with ``return_hidden`` or on a stage without an
-            output projection; with ``return_pair_logits`` the pair ``(that, logits_B2)``; an
+            output projection; with ``return_pair_logits`` the pair ``(that, logits_B2)``
+            (``return_pooled_BT``: ``(that, pooled_BD)``); an
             ELECTRA model: the generator's outputs (``rtd_labels_BT``: and the
             discriminator's pair), or with ``return_discriminator`` its logits.
         """
@@ -329,9 +337,13 @@ class Transformer(nn.Module):
             cache.length += seq
         if self.norm is not None:
             x_BTD = self.norm(x_BTD)
-        pair_logits_B2 = None
+        second = None  # the pair logits [B, 2] or the pooled states [B, D]
         if return_pair_logits:
-            pair_logits_B2 = self.pair_classifier(self.pooler(x_BTD))
+            second = self.pair_classifier(self.pooler(x_BTD))
+        elif return_pooled_BT is not None:
+            if self.sentence_pool is None:
+                raise ValueError("return_pooled_BT needs an encoder (its sentence_pool)")
+            second = self.sentence_pool(x_BTD, real_BT=return_pooled_BT)
         boundary_1ND = None
         if span_targets_N4 is not None:
             if self.span_boundary is None:
@@ -344,7 +356,7 @@ class Transformer(nn.Module):
         if boundary_1ND is not None:  # the span-boundary outputs after the main ones
             extra = boundary_1ND if return_hidden else self.project(boundary_1ND)
             out = torch.cat([out.reshape(1, -1, out.shape[-1]), extra], dim=1)
-        return out if pair_logits_B2 is None else (out, pair_logits_B2)
+        return out if second is None else (out, second)
 
     def _stack(self, x_BTD: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
         """The blocks and the final norm over embedded inputs (no cache)."""

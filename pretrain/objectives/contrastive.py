@@ -13,9 +13,9 @@ normalise by the step's global row count like its token losses; the negatives of
 other rows of the whole data-parallel batch: ``gather_rows`` all-gathers the embeddings with
 autograd (``torch.distributed.nn.functional.all_gather``, whose backward sums each slot's
 gradient back to its rank), so that the gradients summed over the ranks equal one process's on
-the concatenated batch (tests/distributed/test_contrastive_dp.py). Every rank must hold as many
-rows (the loader's fixed batch size). Not yet wired into the trainer: the loader's sentence
-rows and the step's own micro-batches for a mix with token objectives are the next step.
+the concatenated batch (tests/distributed/test_contrastive_dp.py); ranks may hold different
+numbers of rows. The objectives that use them: ``simcse`` and ``xlco``
+(``pretrain.objectives.registry.SentenceContrast``).
 
 Shape legend: N this rank's rows, M the rows of the whole group, D width.
 """
@@ -45,11 +45,22 @@ def pool(hidden_BTD: torch.Tensor, real_BT: torch.Tensor, *, mode: str = "mean")
     return (hidden_BTD * real).sum(dim=1) / count_B1
 
 
+class SentencePool(torch.nn.Module):
+    """:func:`pool` (mean) as a module, ``forward(x_BTD, *, real_BT)``, so that a tensor-parallel
+    plan can gather its input's sequence first (sequence parallel: ``pretrain.models
+    .parallel_plan``). No parameters."""
+
+    def forward(self, x_BTD: torch.Tensor, *, real_BT: torch.Tensor) -> torch.Tensor:
+        return pool(x_BTD, real_BT)
+
+
 def gather_rows(x_ND: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[
     torch.Tensor, int
 ]:  # fmt: skip
     """``(x_MD, offset)``: the rows of every rank of ``group`` in rank order (with autograd)
-    and where this rank's rows start; ``(x_ND, 0)`` without a group of more than one rank."""
+    and where this rank's rows start; ``(x_ND, 0)`` without a group of more than one rank.
+    Ranks may hold different numbers of rows (rows mixed with other objectives'): each is
+    padded to the largest count for the all-gather and the padding dropped after it."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return x_ND, 0
     from torch.distributed.nn.functional import all_gather
@@ -57,17 +68,20 @@ def gather_rows(x_ND: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     own = torch.tensor([x_ND.shape[0]], dtype=torch.int64, device=x_ND.device)
     sizes = [torch.zeros_like(own) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, own, group=group)
-    if len({int(s) for s in sizes}) > 1:
-        raise ValueError(
-            f"contrastive rows per rank ({[int(s) for s in sizes]}) must be equal to gather them"
-        )
-    parts = all_gather(x_ND, group=group)
-    return torch.cat(parts, dim=0), dist.get_rank(group) * x_ND.shape[0]
+    counts = [int(size) for size in sizes]
+    most = max(counts)
+    padded = F.pad(x_ND, (0, 0, 0, most - x_ND.shape[0]))
+    parts = all_gather(padded, group=group)
+    rank = dist.get_rank(group)
+    rows = torch.cat([part[:count] for part, count in zip(parts, counts)], dim=0)
+    return rows, sum(counts[:rank])
 
 
 def _ranking(query_ND, keys_MD, offset: int, temperature: float) -> torch.Tensor:
     """Summed cross-entropy of each query's cosine similarities to every key over
     ``temperature``, its positive the key at its own row (``offset + i``)."""
+    if query_ND.shape[0] == 0:  # no rows of this objective here: a zero with a graph
+        return query_ND.sum() * 0.0 + keys_MD.sum() * 0.0
     q = F.normalize(query_ND.float(), dim=-1)
     k = F.normalize(keys_MD.float(), dim=-1)
     logits_NM = q @ k.T / temperature

@@ -112,6 +112,15 @@ class ObjectiveMix:
         self.boundary = [o for o in self.objectives if o.span_boundary]
         # ELECTRA: the discriminator scores every real token of every row of the batch
         self.rtd = [o for o in self.objectives if o.replaced_tokens]
+        # SimCSE, XLCo: the pooled states of their rows, contrasted over the dp ranks' rows
+        self.contrast = [o for o in self.objectives if o.contrastive]
+        self.group = None  # the data-parallel process group (set by the trainer)
+        scoring = [o.name for o in self.sentence + self.rtd + self.contrast]
+        if len(scoring) > 1:
+            raise ValueError(
+                f"objective.weights ({', '.join(scoring)}) each score a loss of their own "
+                "beside the token loss; one run takes one of them"
+            )
         others = [
             o.name for o in self.objectives if o.name not in ("electra", "mlm", "span", "tlm")
         ]
@@ -121,11 +130,13 @@ class ObjectiveMix:
                 f"generator), not with {', '.join(others)} (their model outputs are others)"
             )
         kinds = [o.row_kind for o in self.objectives if o.row_kind and self.weights[o.name]]
-        if len(set(kinds)) < len(kinds):
-            raise ValueError(
-                f"objective.weights ({', '.join(self.names)}) name two objectives of one row "
-                "kind (span, spanbert): keep one"
-            )
+        for kind in set(kinds):
+            same = [o.name for o in self.objectives if o.row_kind == kind and self.weights[o.name]]
+            if len(same) > 1:
+                raise ValueError(
+                    f"objective.weights ({', '.join(self.names)}) name two objectives of one row "
+                    f"kind ({', '.join(same)}): keep one"
+                )
         # The objective index of mono and pair rows, and of each row transform of a batch's
         # row_transform (data_pipeline.transforms.ROW_TRANSFORMS).
         self._row_index = {kind: self._owner(kind) for kind in ("mono", "pair")}
@@ -197,14 +208,14 @@ class ObjectiveMix:
         summed loss and its correct rows, each over its rows) or ELECTRA (the discriminator's
         summed loss and correct tokens, each over the real tokens), one for SpanBERT's
         boundary predictions."""
-        scored = 2 * (len(self.sentence) + len(self.rtd))
+        scored = 2 * (len(self.sentence) + len(self.rtd) + len(self.contrast))
         return len(self.objectives) * num_languages + scored + len(self.boundary)
 
     @property
     def scores_rows(self) -> bool:
         """Whether a loss beside the token loss scores the batch's rows or tokens
         (:meth:`row_loss`: NSP / SOP's sentence loss, ELECTRA's discriminator)."""
-        return bool(self.sentence or self.rtd)
+        return bool(self.sentence or self.rtd or self.contrast)
 
     # -- sentence-level outputs ------------------------------------------------------------
 
@@ -219,6 +230,9 @@ class ObjectiveMix:
         span-masked row, in row-major order), on ``device``."""
         if self.sentence:
             return {"return_pair_logits": True}
+        if self.contrast and batch is not None:
+            real_BT = batch["attention_mask"]
+            return {"return_pooled_BT": real_BT if device is None else real_BT.to(device)}
         if self.rtd and batch is not None:
             labels_BT = batch["labels"]
             if device is not None:
@@ -280,6 +294,8 @@ class ObjectiveMix:
         such a loss): a sentence objective's rows, the real tokens of ELECTRA's rows."""
         if self.rtd:
             return self._scored_tokens(batch, torch.device("cpu")).sum()
+        if self.contrast:
+            return self.contrast[0].rows_of(batch["row_transform"]).sum()
         if not self.sentence:
             return torch.zeros((), dtype=torch.int64)
         return torch.tensor(batch[self.sentence[0].sentence_label].numel(), dtype=torch.int64)
@@ -292,6 +308,16 @@ class ObjectiveMix:
         :meth:`sentence_loss`, or ELECTRA's discriminator loss times
         ``objective.electra.disc_weight`` (the groups: its unweighted sum and correct tokens,
         over the real tokens of ELECTRA's rows)."""
+        if self.contrast:
+            objective = self.contrast[0]
+            device = scored.device
+            a_ND = scored[batch["contrast_a"].to(device)]
+            b_ND = scored[batch["contrast_b"].to(device)]
+            loss, correct = objective.pair_loss(a_ND, b_ND, group=self.group)
+            sums_G[-2] += loss.detach()
+            sums_G[-1] += correct
+            counts_G[-2:] += float(a_ND.shape[0])
+            return loss
         if not self.rtd:
             return self.sentence_loss(scored, batch, sums_G, counts_G)
         logits_BT, replaced_BT = scored
@@ -422,9 +448,12 @@ class ObjectiveMix:
                 self.boundary[0].name: float(sums_G[-1]) / float(counts_G[-1])
             }
         if self.scores_rows:
-            name, kind = (
-                (self.rtd[0].name, "rtd") if self.rtd else (self.sentence[0].name, "sentence")
-            )
+            name, kind = next(
+                (found[0].name, kind)
+                for found, kind in ((self.rtd, "rtd"), (self.contrast, "contrastive"),
+                                    (self.sentence, "sentence"))
+                if found
+            )  # fmt: skip
             scored = float(counts_G[-1])
             if scored > 0:
                 out[f"{kind}_loss"] = {name: float(sums_G[-2]) / scored}

@@ -29,7 +29,9 @@ An objective states what it needs and owns, as class data the trainer and the va
   logits (NSP, SOP: ``pair_label``), beside the token loss; ``span_boundary``: its targets
   are predicted a second time by SpanBERT's span-boundary head; ``replaced_tokens``: its
   model is ELECTRA's pair, the token loss the generator's and a discriminator's loss over
-  every real token beside it (``rtd_loss``, ``sampler``); ``model_settings``: the
+  every real token beside it (``rtd_loss``, ``sampler``); ``contrastive``: its rows are
+  sentences whose pooled states it contrasts (``pair_loss``), laid out by its ``prepare``
+  (SimCSE, XLCo); ``model_settings``: the
   ``model.*`` values it needs (set when left at their defaults);
 - ``configure(objective_cfg)``: reads its own ``objective.<name>.*`` settings (none by
   default).
@@ -79,6 +81,7 @@ class Objective:
     sentence_label: ClassVar[str | None] = None
     span_boundary: ClassVar[bool] = False
     replaced_tokens: ClassVar[bool] = False
+    contrastive: ClassVar[bool] = False
     model_settings: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
@@ -442,6 +445,154 @@ class ReplacedTokenDetection(TokenPrediction):
         )
         correct = (((logits_BT.detach() > 0) == replaced_BT).float() * real).sum()
         return (loss_BT * real).sum(), correct, real.sum()
+
+
+ROW_KEYS = ("input_ids", "labels", "position_ids", "doc_ids", "lang_ids", "attention_mask",
+            "row_transform", "token_type_ids")  # fmt: skip
+"""The per-row ``[B, ...]`` keys of an encoder batch that a contrastive layout rearranges."""
+
+
+class SentenceContrast(TokenPrediction):
+    """A contrastive sentence objective on rows of a masked-layout batch (mixed row by row with
+    the token objectives, which score the other rows): its ``prepare`` lays out two rows per
+    example (``contrast_a`` / ``contrast_b`` row indices of the prepared batch); the model's
+    mean-pooled final states of those rows (``Transformer.forward``'s ``return_pooled_BT``)
+    are contrasted with in-batch negatives gathered over the data-parallel ranks
+    (``pretrain.objectives.contrastive``) at ``objective.contrastive.temperature`` (0.05). The
+    loss, summed over examples and divided by the step's global count, is added to the token
+    loss of the other rows; the metrics add ``contrastive_loss`` and ``contrastive_accuracy``
+    (top-1 in-batch retrieval). Not under pipeline parallel (the pooled states are the last
+    stage's)."""
+
+    families = ("encoder",)
+    transform = "mlm"
+    layout = "masked"
+    sparse_targets = True
+    pipeline = False
+    contrastive = True
+    temperature: float = 0.05
+
+    def configure(self, objective_cfg: Any) -> None:
+        options = getattr(objective_cfg, "contrastive", None)
+        if options is not None:
+            self.temperature = float(options.temperature)
+
+    def rows_of(self, row_transform_B: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: the batch's rows this objective takes."""
+        from data_pipeline.transforms import ROW_TRANSFORMS
+
+        return row_transform_B == ROW_TRANSFORMS.index(self.row_kind)
+
+    def pair_loss(self, a_ND, b_ND, *, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(summed loss, correct)``: the loss of the examples' two embeddings and how many
+        of them retrieve their partner first among the gathered ones."""
+        raise NotImplementedError
+
+
+def _append_rows(batch: dict[str, Any], rows: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``batch`` with ``rows`` (per-row keys, ``[R, ...]``) after its rows."""
+    out = dict(batch)
+    for key, extra in rows.items():
+        out[key] = torch.cat([batch[key], extra.to(batch[key].dtype)])
+    return out
+
+
+def _retrieved(a_ND, keys_MD, offset: int) -> torch.Tensor:
+    """How many of the queries ``a_ND`` find their partner (key ``offset + i``) first."""
+    if a_ND.shape[0] == 0:
+        return torch.zeros((), device=a_ND.device)
+    sim_NM = (
+        F.normalize(a_ND.detach().float(), dim=-1) @ F.normalize(keys_MD.detach().float(), dim=-1).T
+    )
+    want_N = torch.arange(a_ND.shape[0], device=a_ND.device) + offset
+    return (sim_NM.argmax(dim=1) == want_N).float().sum()
+
+
+@register
+class SimCSE(SentenceContrast):
+    """Unsupervised SimCSE (Gao et al. 2021) on monolingual rows (row kind ``simcse``, left
+    unmasked by the loader): each row is fed twice in one forward (SimCSE's own layout: the
+    copies after the batch's rows), so that dropout gives two views; a row's positive is its
+    other view, its negatives the other rows' (InfoNCE). Needs ``model.dropout`` > 0."""
+
+    name = "simcse"
+    rows = "mono"
+    row_kind = "simcse"
+    description = "unsupervised SimCSE, two dropout views (encoder)"
+
+    def prepare(self, batch: dict[str, Any], logits_at: Callable[..., torch.Tensor]):
+        rows = self.rows_of(batch["row_transform"]).nonzero().squeeze(1)
+        size = batch["input_ids"].shape[0]
+        copies = {k: batch[k][rows] for k in ROW_KEYS if batch.get(k) is not None}
+        out = _append_rows(batch, copies)
+        out["contrast_a"] = rows
+        out["contrast_b"] = torch.arange(size, size + len(rows))
+        return out
+
+    def pair_loss(self, a_ND, b_ND, *, group=None):
+        from pretrain.objectives.contrastive import gather_rows, simcse_loss
+
+        loss = simcse_loss(a_ND, b_ND, temperature=self.temperature, group=group)
+        keys, offset = gather_rows(b_ND.detach(), group)
+        return loss, _retrieved(a_ND, keys, offset)
+
+
+@register
+class CrossLingualContrast(SentenceContrast):
+    """Cross-lingual contrast on parallel pairs (InfoXLM's XLCo with in-batch negatives,
+    LaBSE's bidirectional translation ranking): each pair row of the loader (``src </s> tgt
+    </s>``, left unmasked: ``MaskingConfig.unmasked_pairs``) is split into a source row and
+    a target row encoded apart (the target's positions restart at 0 as in the pair
+    row); each side ranks its translation among the other side of every pair of the
+    data-parallel batch, both directions summed."""
+
+    name = "xlco"
+    rows = "pair"
+    row_kind = "pair"
+    description = "cross-lingual contrast on parallel pairs, XLCo / LaBSE ranking (encoder)"
+
+    def loader_options(self, share: float) -> dict[str, Any]:
+        return {"tlm_share": share, "unmasked_pairs": True}
+
+    def prepare(self, batch: dict[str, Any], logits_at: Callable[..., torch.Tensor]):
+        rows = self.rows_of(batch["row_transform"]).nonzero().squeeze(1)
+        keys = [k for k in ROW_KEYS if batch.get(k) is not None]
+        # every per-row key copied: shared loader tensors are read-only
+        out = {**batch, **{k: batch[k].clone() for k in keys}}
+        size, width = out["input_ids"].shape
+        targets = {k: [] for k in keys}
+        for row in rows.tolist():
+            real = out["attention_mask"][row].bool()
+            lang = out["lang_ids"][row]
+            src = real & (lang == lang[0])
+            n_src, n_tgt = int(src.sum()), int((real & ~src).sum())
+            # the target side moved to the start of a row of its own
+            take = (torch.arange(width) + n_src).clamp(max=width - 1)
+            kept = torch.arange(width) < n_tgt
+            for key in keys:  # per-token keys moved, per-row ones (row_transform) copied
+                value = out[key][row]
+                targets[key].append(value[take] if value.dim() else value)
+            for side, mask in ((out, src), (targets, kept)):
+                fields = {"attention_mask": mask, "labels": torch.full((width,), IGNORE_INDEX)}
+                if "doc_ids" in keys:
+                    fields["doc_ids"] = torch.where(mask, 0, -1)
+                for key, value in fields.items():
+                    if side is out:
+                        out[key][row] = value.to(out[key].dtype)
+                    else:
+                        targets[key][-1] = value.to(out[key].dtype)
+        stacked = {k: torch.stack(v) if v else out[k][:0] for k, v in targets.items()}
+        out = _append_rows(out, stacked)
+        out["contrast_a"] = rows
+        out["contrast_b"] = torch.arange(size, size + len(rows))
+        return out
+
+    def pair_loss(self, a_ND, b_ND, *, group=None):
+        from pretrain.objectives.contrastive import gather_rows, translation_ranking_loss
+
+        loss = translation_ranking_loss(a_ND, b_ND, temperature=self.temperature, group=group)
+        keys, offset = gather_rows(b_ND.detach(), group)
+        return loss, _retrieved(a_ND, keys, offset)
 
 
 class SequenceToSequence(TokenPrediction):

@@ -6,7 +6,9 @@ FSDP2 and TP2 gives one process's losses and weights; MLM, span masking and TLM 
 in one batch train, each logged as its own objective, and match one process under TP2; NSP and
 SOP (token loss + pair loss) train, log their pair loss and accuracy, and match one process under
 FSDP2 and TP2; ELECTRA (generator masked LM + discriminator) trains, logs its discriminator's
-loss and accuracy, and matches one process under FSDP2 and TP2 with sequence parallel."""
+loss and accuracy, and matches one process under FSDP2 and TP2 with sequence parallel; SimCSE
+and XLCo train beside MLM rows and match one process under TP2+SP and FSDP2 (their negatives
+gathered over the dp ranks)."""
 
 from __future__ import annotations
 
@@ -159,6 +161,34 @@ def test_electra_trains_and_logs_its_discriminator(shards, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("weights", "extra"),
+    [("{xlco: 1, mlm: 1}", ()), ("{simcse: 1, mlm: 1}", ("model.dropout=0.1",))],
+    ids=["xlco", "simcse"],
+)
+def test_contrastive_objectives_train_beside_mlm(shards, tmp_path, weights, extra):
+    name = weights[1:].split(":")[0]
+    cfg = trainer_config(
+        "tiny_encoder.yaml", shards, tmp_path / "run", f"objective.weights={weights}",
+        "data.seq_len=64", "data.batch_size=8", "train.steps=12", "checkpoint.every=0",
+        "train.eval_every=12", "optim.lr=3e-3", *extra,
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for record in records:
+        # the logged loss: the MLM rows' mean plus the contrastive examples' mean
+        want = record["loss_per_objective"]["mlm"] + record["contrastive_loss"][name]
+        assert record["loss"] == pytest.approx(want, rel=1e-4), (record["loss"], want)
+        assert 0.0 <= record["contrastive_accuracy"][name] <= 1.0
+    mlm = [r["loss_per_objective"]["mlm"] for r in records]
+    assert sum(mlm[-4:]) / 4 < sum(mlm[:4]) / 4 - 0.2, mlm
+    if name == "xlco":  # translation ranking learns within 12 steps (SimCSE starts near 0)
+        contrast = [r["contrastive_loss"][name] for r in records]
+        assert sum(contrast[-4:]) / 4 < sum(contrast[:4]) / 4 - 0.2, contrast
+    assert np.isfinite(records[-1]["valid_loss"])
+
+
+@pytest.mark.parametrize(
     ("objective", "layout"),
     [
         ("objective.weights={btmlm: 1}", ("parallel.dp_shard=2",)),
@@ -175,6 +205,11 @@ def test_electra_trains_and_logs_its_discriminator(shards, tmp_path):
             ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
         ),
         ("objective.weights={electra: 1}", ("parallel.dp_shard=2",)),
+        ("objective.weights={xlco: 1, mlm: 3}", ("parallel.dp_shard=2",)),
+        (
+            "objective.weights={simcse: 1, mlm: 1}",
+            ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
+        ),
         (
             "objective.weights={mlm: 1, tlm: 0.5, electra: 1}",
             ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=1"),
@@ -189,6 +224,8 @@ def test_electra_trains_and_logs_its_discriminator(shards, tmp_path):
         "spanbert-fsdp2",
         "spanbert-tlm-tp2-sp",
         "electra-fsdp2",
+        "xlco-mlm-fsdp2",
+        "simcse-mlm-tp2-sp",
         "electra-mlm-tlm-tp2-sp",
     ],
 )
