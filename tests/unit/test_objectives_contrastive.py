@@ -124,3 +124,33 @@ def test_the_loss_is_the_contrast_of_the_pooled_states(shards, weights, loss_fn)
     )
     loss.backward()  # the body trains from it
     assert float(model.layers["0"].attention.wq.weight.grad.abs().sum()) > 0
+
+
+def test_the_export_gives_the_same_sentence_embeddings() -> None:
+    """The encoder's export read as ``XLMRobertaModel`` (the body, for sentence embeddings):
+    its mean-pooled last hidden states are our pooled states."""
+    from transformers import XLMRobertaModel
+
+    from checkpoints_tools.adapters import to_hf
+    from tests.twins import randomised
+
+    cfg = encoder_config("objective.weights={xlco: 1}", "model.dropout=0.0")
+    model = randomised(cfg.model, seed=2)
+    hf_state, hf_config = to_hf(model.state_dict(), cfg.model)
+    body = XLMRobertaModel(hf_config, add_pooling_layer=False).eval()
+    prefix = "roberta."
+    body.load_state_dict(
+        {k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}, strict=True
+    )  # fmt: skip
+    tokens = torch.randint(
+        5, cfg.model.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1)
+    )
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    real[1, 12:] = False
+    pad = hf_config.pad_token_id
+    padded = torch.where(real, tokens, pad)
+    with torch.no_grad():
+        _, ours = model(padded, document_ids_BT=torch.where(real, 0, -1), return_pooled_BT=real,
+                        return_hidden=True)  # fmt: skip
+        theirs = body(padded, attention_mask=real.long()).last_hidden_state
+    torch.testing.assert_close(pool(theirs, real), ours, rtol=0, atol=1e-5)
