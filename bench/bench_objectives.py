@@ -7,8 +7,9 @@ objective runs through the real loader and trainer on the bundled sample's shard
 per second, in process, no workers), then ``--warmup`` untimed and ``--steps`` timed trainer
 steps (``Trainer.train_step`` plus its settle, median). The encoder rows (MLM, TLM, span,
 SpanBERT, BTMLM, NSP, SOP, ELECTRA: the tiny encoder as its discriminator, with its quarter-width
-generator) share ``configs/tiny_encoder.yaml``, so their step times compare directly with
-MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny encoder-decoder.
+generator; SimCSE and XLCo beside MLM rows) share ``configs/tiny_encoder.yaml``, so their step
+times compare directly with MLM's; CLM is the tiny decoder and T5 / BART / translation the tiny
+encoder-decoder.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ OBJECTIVES = {
     "nsp": ("tiny_encoder.yaml", ("objective.weights={nsp: 1}",)),
     "sop": ("tiny_encoder.yaml", ("objective.weights={sop: 1}",)),
     "electra": ("tiny_encoder.yaml", ("objective.weights={electra: 1}",)),
+    "simcse + mlm (1:1)": (
+        "tiny_encoder.yaml",
+        ("objective.weights={simcse: 1, mlm: 1}", "model.dropout=0.1"),
+    ),
+    "xlco + mlm (1:3)": ("tiny_encoder.yaml", ("objective.weights={xlco: 1, mlm: 3}",)),
     "clm (decoder)": ("tiny_decoder.yaml", ("objective.weights={clm: 1}",)),
     "t5 (encoder-decoder)": ("tiny_encdec.yaml", ("objective.weights={t5: 1}",)),
     "bart (encoder-decoder)": (
