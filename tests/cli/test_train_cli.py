@@ -110,3 +110,32 @@ def test_help_says_checkpoints_are_trusted_input_and_names_the_exit_codes(tmp_pa
     resume_doc = source.split("resume: str =")[1].split("overwrite: bool")[0]
     assert "trusted" in resume_doc and "pickle" in resume_doc
     assert TrainConfig().overwrite is False
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("tiny_electra.yaml", ()),
+        ("tiny_encoder.yaml", ("objective.weights={simcse: 1, mlm: 1}", "model.dropout=0.1")),
+        ("tiny_encoder.yaml", ("objective.weights={xlco: 1, mlm: 3}",)),
+    ],
+    ids=["electra", "simcse", "xlco"],
+)
+def test_cli_trains_the_newer_objectives_on_the_sample(shards, tmp_path: Path, preset, overrides):
+    """The CLI, as a user runs the tiny presets on the sample's shards with a few overrides:
+    validated, trained, the objective's own metrics logged."""
+    import json
+
+    run = tmp_path / "run"
+    result = _cli(
+        "--config", str(REPO / "configs" / preset), f"data.manifest={shards['shards']}",
+        f"train.run_dir={run}", "model.vocab_size=2000", "data.seq_len=64", "data.batch_size=8",
+        "train.steps=3", "optim.warmup_steps=1", "checkpoint.every=0", "logging.every=1",
+        "logging.tensorboard=false",
+        *overrides, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    key = "rtd_loss" if preset == "tiny_electra.yaml" else "contrastive_loss"
+    assert all(key in r for r in records), records[-1].keys()
