@@ -133,3 +133,20 @@ def test_moe_with_zero3_is_refused():
         "parallel.zero_stage (3) must be 1 or 2 for an MoE model (model.moe.num_experts 4) "
         "with parallel.engine=deepspeed"
     )
+
+
+def test_electra_under_zero2_matches_one_process(shards, tmp_path):
+    """ELECTRA's two passes and sampled replacements inside the DeepSpeed engine's forward: two
+    ZeRO-2 ranks give one process's losses."""
+    from tests.distributed.trainer_runs import global_batches, train_on
+
+    extra = ("objective.weights={electra: 1}", "data.seq_len=64", "model.dropout=0.0")
+    cfg = trainer_config("tiny_encoder.yaml", shards, tmp_path / "two", *extra,
+                         "parallel.engine=deepspeed", "parallel.zero_stage=2")  # fmt: skip
+    steps = global_batches(cfg, 3)
+    single = trainer_config("tiny_encoder.yaml", shards, tmp_path / "one", *extra)
+    one = run_distributed(train_on, world_size=1, args=(single, steps))[0]
+    two = run_distributed(train_on, world_size=2, args=(cfg, steps), timeout_s=600)
+    for rank in range(2):
+        assert two[rank]["losses"] == pytest.approx(one["losses"], rel=TOLERANCE), rank
+    assert one["losses"][-1] < one["losses"][0]
