@@ -158,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"exported {result['architecture']} to {result['out']}: {result['shards']} "
                 f"shard(s), {result['bytes'] / 2**20:.1f} MiB in {result['seconds']:.1f} s"
             )
+            if "generator" in result:
+                line += (
+                    f" (its generator: {result['generator_architecture']} in {result['generator']})"
+                )
             if "max_abs_diff" in result:
                 line += f"; verified, max |logit diff| {result['max_abs_diff']:.2e}"
             print(line)
