@@ -619,12 +619,14 @@ class StreamingDataset(IterableDataset):
         cfg.check()
         self.seq2seq = cfg
         self.denoising = self.masking.denoise_share > 0.0
+        self.prefix_lm = self.masking.prefix_lm
         mono = tlm_share < 1.0
         self.mono_raw_len, self.decoder_len = cfg.lengths(
-            self.seq_len, denoise=self.denoising, mono=mono, pairs=tlm_share > 0.0
-        )
+            self.seq_len, denoise=self.denoising, mono=mono, pairs=tlm_share > 0.0,
+            prefix=self.prefix_lm,
+        )  # fmt: skip
         vocab = self.vocab
-        if mono and not self.denoising:
+        if mono and not self.denoising and not self.prefix_lm:
             spans = int(round(round(self.mono_raw_len * cfg.noise_density) / cfg.mean_span))
             if len(vocab.sentinel_ids) < spans:
                 raise ValueError(
@@ -1306,6 +1308,28 @@ class _SlotRunner:
         rows["dec_doc"][rows_M, :num_targets] = 0
         rows["dec_lang"][rows_M] = lang_M[:, None]
 
+    def _prefix_rows(self, raw_MR: np.ndarray, lang_M: np.ndarray, rows: dict, at: int):
+        """Prefix-LM rows (T5's prefix language modelling) from the raw rows ``raw_MR`` into
+        rows ``at, at + 1, ...``: each raw row of L tokens split at a point k drawn uniformly
+        from 1..L-1, ``raw[:k] eos`` the source and ``raw[k:] eos`` the target, behind pad
+        (T5's decoder start)."""
+        ds = self.ds
+        vocab = ds.vocab
+        length = raw_MR.shape[1]
+        splits_M = self.rng.integers(1, length, size=len(raw_MR))
+        for m, (raw_R, k) in enumerate(zip(raw_MR, splits_M.tolist())):
+            b = at + m
+            source = np.append(raw_R[:k], vocab.eos_id)
+            target = np.append(raw_R[k:], vocab.eos_id)
+            rows["src"][b, : len(source)] = source
+            rows["src_doc"][b, : len(source)] = 0
+            rows["src_lang"][b] = lang_M[m]
+            rows["labels"][b, : len(target)] = target
+            rows["dec"][b, 0] = vocab.pad_id
+            rows["dec"][b, 1 : len(target)] = target[:-1]
+            rows["dec_doc"][b, : len(target)] = 0
+            rows["dec_lang"][b] = lang_M[m]
+
     def _denoise_rows(self, raw_MR: np.ndarray, names: list[str], rows: dict, at: int) -> None:
         """BART / mBART denoising of each raw row (``transforms.denoise``; eos appended when
         the row does not end in one) into rows ``at, at + 1, ...``: the noised source (cut to
@@ -1373,7 +1397,9 @@ class _SlotRunner:
                 docs = self._mono_row(name, raw_MR[m])
                 docs_L[lang_M[m]] += docs + int(np.count_nonzero(raw_MR[m, :-1] == self.eos))
                 tokens_L[lang_M[m]] += ds.mono_raw_len
-            if ds.denoising:
+            if ds.prefix_lm:
+                self._prefix_rows(raw_MR, lang_M, rows, len(pair_rows))
+            elif ds.denoising:
                 self._denoise_rows(raw_MR, mono_rows, rows, len(pair_rows))
             else:
                 self._span_corrupt_rows(raw_MR, lang_M, rows, len(pair_rows))

@@ -186,6 +186,8 @@ class MaskingConfig:
             ``(("mlm", 0.5), ("span", 0.5))``; None: every one as the loader's objective says.
         unmasked_pairs: the pair rows of an ``mlm`` batch are left unmasked, without token
             targets (their objective, XLCo, contrasts their two sides).
+        prefix_lm: the monolingual rows of a ``seq2seq`` batch are prefix-LM rows (a raw cut
+            split at a uniform point: the prefix for the encoder, the rest the target).
     """
 
     mask_prob: float = 0.15
@@ -199,6 +201,7 @@ class MaskingConfig:
     mono_kinds: tuple[tuple[str, float], ...] | None = None
     span_boundary: bool = False
     unmasked_pairs: bool = False
+    prefix_lm: bool = False
 
     def check(self) -> None:
         """Raises: ValueError naming the value and the rule."""
@@ -718,15 +721,19 @@ class Seq2SeqConfig:
         ):
             raise ValueError(f"seq2seq.decoder_len ({self.decoder_len!r}) must be an int >= 0")
 
-    def lengths(self, seq_len: int, *, denoise: bool, mono: bool, pairs: bool) -> tuple[int, int]:
+    def lengths(
+        self, seq_len: int, *, denoise: bool, mono: bool, pairs: bool, prefix: bool = False
+    ) -> tuple[int, int]:
         """``(raw tokens per monolingual row, decoder length T)`` for source rows of
         ``seq_len`` (``S``) tokens.
 
         Span corruption cuts :func:`t5_span_lengths`' raw length, so that its inputs fill
         ``S`` and its targets are ``targets_length`` long; denoising cuts ``min(S, T) - 1``
-        raw tokens (less the language token), the target adding eos (and the token);
+        raw tokens (less the language token), the target adding eos (and the token); a
+        prefix-LM row (``prefix``) cuts ``min(S, T) - 1`` raw tokens, each side adding eos;
         translation rows take up to ``S`` source and ``T`` target tokens. Derived ``T``: the
-        longest the rows need (T5 targets; ``S`` for denoising and translation rows).
+        longest the rows need (T5 targets; ``S`` for denoising, prefix-LM and translation
+        rows).
 
         Raises:
             ValueError: ``decoder_len`` shorter than T5's targets, or too short to denoise.
@@ -736,10 +743,17 @@ class Seq2SeqConfig:
         )
         need = []
         if mono:
-            need.append(seq_len if denoise else span_targets)
+            need.append(seq_len if denoise or prefix else span_targets)
         if pairs:
             need.append(seq_len)
         decoder_len = self.decoder_len or max(need, default=span_targets)
+        if prefix:
+            if mono and min(seq_len, decoder_len) < 3:
+                raise ValueError(
+                    f"objective.decoder_len ({decoder_len}) and data.seq_len ({seq_len}) must be "
+                    ">= 3 for prefix-LM rows"
+                )
+            return min(seq_len, decoder_len) - 1, decoder_len
         extra = 1 + int(self.language_token)
         if mono and not denoise and decoder_len < span_targets:
             raise ValueError(

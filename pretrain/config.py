@@ -104,7 +104,7 @@ class ObjectiveConfig:
     weight is its share of the rows): clm (decoder), mlm (encoder, BERT 80/10/10), tlm (encoder,
     XLM pairs), span (encoder, SpanBERT), electra (encoder, replaced token detection), simcse
     and xlco (encoder, contrastive sentence embeddings), t5
-    (encoder_decoder, T5 span corruption), bart
+    (encoder_decoder, T5 span corruption), prefix_lm (encoder_decoder, T5's prefix LM), bart
     (encoder_decoder, BART/mBART denoising), translation (encoder_decoder, parallel pairs);
     ``pretrain.objectives.OBJECTIVES`` lists them. Empty: the family's default (decoder clm,
     encoder mlm, encoder_decoder t5)."""
@@ -646,10 +646,11 @@ def _validate_seq2seq_options(cfg: RunConfig) -> None:
     if cfg.model.family == "encoder_decoder":
         weights = obj.weights
         pairs = weights.get("translation", 0) > 0
-        mono = any(weights.get(k, 0) > 0 for k in ("t5", "bart"))
+        mono = any(weights.get(k, 0) > 0 for k in ("t5", "bart", "prefix_lm"))
         seq2seq_from_objective(obj).lengths(
-            cfg.data.seq_len, denoise=weights.get("bart", 0) > 0, mono=mono, pairs=pairs
-        )
+            cfg.data.seq_len, denoise=weights.get("bart", 0) > 0, mono=mono, pairs=pairs,
+            prefix=weights.get("prefix_lm", 0) > 0,
+        )  # fmt: skip
 
 
 def _validate_optim(optim: OptimConfig) -> None:

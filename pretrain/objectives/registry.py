@@ -636,6 +636,21 @@ class Denoising(SequenceToSequence):
 
 
 @register
+class PrefixLM(SequenceToSequence):
+    """Prefix language modelling on monolingual rows (T5's "prefix LM" objective, the
+    encoder-decoder's causal LM): each raw cut of ``min(S, T) - 1`` tokens is split at a
+    uniform point, the prefix (with eos) read by the encoder, the rest (with eos) predicted by
+    the decoder, which starts with pad (T5's ``decoder_start_token_id``)."""
+
+    name = "prefix_lm"
+    rows = "mono"
+    description = "prefix LM, T5 (encoder_decoder)"
+
+    def loader_options(self, share: float) -> dict[str, Any]:
+        return {"prefix_lm": True}
+
+
+@register
 class Translation(SequenceToSequence):
     """Translation on parallel pairs, both directions (``data.tlm_swap_prob`` of the pairs
     run target to source): the source side (``side </s>``) for the encoder, the other side as

@@ -160,6 +160,20 @@ def test_electra_trains_and_logs_its_discriminator(shards, tmp_path):
     assert np.isfinite(records[-1]["valid_loss"])
 
 
+def test_prefix_lm_trains_beside_translation(shards, tmp_path):
+    cfg = trainer_config(
+        "tiny_encdec.yaml", shards, tmp_path / "run",
+        "objective.weights={prefix_lm: 3, translation: 1}", "data.batch_size=8", "train.steps=12",
+        "checkpoint.every=0", "train.eval_every=12", "optim.lr=3e-3",
+    )  # fmt: skip
+    assert run_distributed(fit_rank, world_size=1, args=(cfg, None)) == [0]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(set(r["loss_per_objective"]) == {"prefix_lm", "translation"} for r in records)
+    prefix = [r["loss_per_objective"]["prefix_lm"] for r in records]
+    assert sum(prefix[-4:]) / 4 < sum(prefix[:4]) / 4 - 0.3, prefix
+    assert np.isfinite(records[-1]["valid_loss"])
+
+
 @pytest.mark.parametrize(
     ("weights", "extra"),
     [("{xlco: 1, mlm: 1}", ()), ("{simcse: 1, mlm: 1}", ("model.dropout=0.1",))],

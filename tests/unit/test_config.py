@@ -272,7 +272,7 @@ def test_max_word_pieces_reaches_the_loaders_masking():
         (
             "objective.name=ctc",
             "objective.name ('ctc') must be one of clm, mlm, tlm, span, btmlm, nsp, sop, "
-            "spanbert, electra, simcse, xlco, t5, bart, translation",
+            "spanbert, electra, simcse, xlco, t5, bart, prefix_lm, translation",
         ),
         (
             "optim.schedule=step",

@@ -92,7 +92,7 @@ def test_weights_alone_give_no_warning():
          "objective.weights ({'mlm': 0.0}) must have a positive sum"),
         (ENCODER, ["objective.weights={ctc: 1.0}"],
          "objective.weights.ctc: unknown objective; must be one of clm, mlm, tlm, span, "
-         "btmlm, nsp, sop, spanbert, electra, simcse, xlco, t5, bart, translation"),
+         "btmlm, nsp, sop, spanbert, electra, simcse, xlco, t5, bart, prefix_lm, translation"),
     ],
 )  # fmt: skip
 def test_bad_objective_configs_get_one_line(path, overrides, message):
