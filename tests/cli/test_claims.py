@@ -110,3 +110,23 @@ def test_electra_one_run_per_arm(corpus, tmp_path: Path):
         assert len(runs) == 1 and set(runs[0]["retrieval"]) == {"en-ja"}
         assert 0.0 <= runs[0]["lid_accuracy"] <= 1.0 and runs[0]["seconds"] > 0
     assert result["runs"]["ELECTRA"][0]["steps"] == 3
+
+
+def test_encdec_one_run_per_arm(corpus, tmp_path: Path):
+    from bench.claims import encdec
+
+    argv = ["--data", str(corpus["shards"].parent), "--langs", "en", "ja", "--steps", "3",
+            "--finetune-steps", "2", "--seeds", "0", "--pairs", "8",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert encdec.main(argv) == 0
+    result = _outputs(tmp_path, "encdec")
+    assert list(result["runs"]) == list(encdec.ARMS) and result["pair_sets"] == ["en-ja"]
+    for runs in result["runs"].values():
+        assert len(runs) == 1
+        assert runs[0]["held_out_before"] > 0 and runs[0]["held_out_after"] > 0
+    # equal raw tokens: the arm with the shorter rows takes more steps
+    raw = result["raw_tokens_per_row"]
+    steps = {arm: runs[0]["steps"] for arm, runs in result["runs"].items()}
+    assert (raw["prefix LM"] < raw["span corruption"]) == (
+        steps["prefix LM"] >= steps["span corruption"]
+    )
