@@ -132,11 +132,42 @@ def retrieval_parser(doc: str, *, langs, out: str):
     return parser
 
 
+def parse_out(parser, argv) -> tuple:
+    """``(args, out)``: the parsed arguments and their ``--out`` directory, made."""
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out
+
+
+def spread(values) -> str:
+    """``mean ± population standard deviation`` of ``values`` (3 decimals)."""
+    import statistics
+
+    values = list(values)
+    return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """A Markdown table on stdout."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
 def save_result(result: dict, out: Path, name: str, plot) -> dict:
-    """``plot(result, OUT/NAME.png)`` and ``OUT/NAME.json``; the result."""
+    """``OUT/NAME.png`` (a figure of ``plot(result)``, saved and closed; a plot that saves
+    itself returns None) and ``OUT/NAME.json``; the result."""
     import json
 
-    plot(result, out / f"{name}.png")
+    fig = plot(result, out / f"{name}.png")
+    if fig is not None:
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        plt.close(fig)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 

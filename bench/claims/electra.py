@@ -131,10 +131,6 @@ def run(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def _cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -150,28 +146,24 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(ARMS)), [a.replace(" (", "\n(") for a in ARMS])
         ax.set_title(title)
         ax.set_ylabel("accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.retrieval_parser(__doc__, langs=LANGS, out="runs/claims/electra")
     parser.add_argument("--probe-train", type=int, default=8)
     parser.add_argument("--probe-test", type=int, default=100)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = common.parse_out(parser, argv)
     result = common.save_result(run(args), out, "electra", plot)
     print(f"seeds {result['seeds']}; retrieval chance = 1 / pairs, LID chance = 1 / languages")
-    print("| arm | steps | seconds | retrieval (mean) | LID probe |")
-    print("|---|---|---|---|---|")
-    for arm, runs in result["runs"].items():
-        steps = "/".join(str(r["steps"]) for r in runs)
-        seconds = statistics.mean(r["seconds"] for r in runs)
-        retrieval = _cell([r["retrieval_mean"] for r in runs])
-        lid = _cell([r["lid_accuracy"] for r in runs])
-        print(f"| {arm} | {steps} | {seconds:.0f} | {retrieval} | {lid} |")
+    common.print_table(
+        ["arm", "steps", "seconds", "retrieval (mean)", "LID probe"],
+        [[arm, "/".join(str(r["steps"]) for r in runs),
+          f"{statistics.mean(r['seconds'] for r in runs):.0f}",
+          common.spread(r["retrieval_mean"] for r in runs),
+          common.spread(r["lid_accuracy"] for r in runs)]
+         for arm, runs in result["runs"].items()],
+    )  # fmt: skip
     print(f"plot: {out / 'electra.png'}")
     return 0
 

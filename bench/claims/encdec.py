@@ -159,28 +159,22 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("held-out translation loss (nats)")
     ax.set_title(f"after {result['finetune_steps']} fine-tune steps")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.retrieval_parser(__doc__, langs=LANGS, out="runs/claims/encdec")
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.set_defaults(steps=300, pairs=100)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = common.parse_out(parser, argv)
     result = common.save_result(run(args), out, "encdec", plot)
     print(f"seeds {result['seeds']}; {result['held_out_pairs']} held-out pairs (both ways)")
-    print("| arm | pre-training steps | held-out loss before | after fine-tune |")
-    print("|---|---|---|---|")
-    for arm, runs in result["runs"].items():
-        cells = [
-            f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
-            for v in ([r["held_out_before"] for r in runs], [r["held_out_after"] for r in runs])
-        ]
-        print(f"| {arm} | {runs[0]['steps']} | " + " | ".join(cells) + " |")
+    common.print_table(
+        ["arm", "pre-training steps", "held-out loss before", "after fine-tune"],
+        [[arm, runs[0]["steps"], common.spread(r["held_out_before"] for r in runs),
+          common.spread(r["held_out_after"] for r in runs)]
+         for arm, runs in result["runs"].items()],
+    )  # fmt: skip
     print(f"plot: {out / 'encdec.png'}")
     return 0
 

@@ -25,10 +25,13 @@ from bench.claims.common import (
     SAMPLE_PAIRS,
     export_final,
     held_out_pairs,
+    parse_out,
+    print_table,
     retrieval_parser,
     run_config,
     sample_corpus,
     save_result,
+    spread,
     train_run,
 )
 
@@ -106,26 +109,19 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("top-1 retrieval accuracy")
     ax.set_title(f"sentence retrieval on held-out pairs ({result['steps']} steps)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = retrieval_parser(__doc__, langs=LANGS, out="runs/claims/tlm")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_out(parser, argv)
     result = save_result(run(args), out, "tlm", plot)
     print(f"{result['steps']} steps, seeds {result['seeds']}; chance = 1 / pairs")
-    print("| pair set | pairs | MLM | MLM+TLM |")
-    print("|---|---|---|---|")
-    for name, arms in result["pairs"].items():
-        cells = [
-            f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
-            for v in (arms["MLM"], arms["MLM+TLM"])
-        ]
-        print(f"| {name} | {result['pairs_per_set'][name]} | " + " | ".join(cells) + " |")
+    print_table(
+        ["pair set", "pairs", "MLM", "MLM+TLM"],
+        [[name, result["pairs_per_set"][name], spread(arms["MLM"]), spread(arms["MLM+TLM"])]
+         for name, arms in result["pairs"].items()],
+    )  # fmt: skip
     print(f"plot: {out / 'tlm.png'}")
     return 0
 

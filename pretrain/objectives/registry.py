@@ -483,10 +483,17 @@ class SentenceContrast(TokenPrediction):
 
         return row_transform_B == ROW_TRANSFORMS.index(self.row_kind)
 
+    loss_name: ClassVar[str]  # the loss of pretrain.objectives.contrastive
+
     def pair_loss(self, a_ND, b_ND, *, group=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(summed loss, correct)``: the loss of the examples' two embeddings and how many
         of them retrieve their partner first among the gathered ones."""
-        raise NotImplementedError
+        from pretrain.objectives import contrastive
+
+        loss_fn = getattr(contrastive, self.loss_name)
+        loss = loss_fn(a_ND, b_ND, temperature=self.temperature, group=group)
+        keys, offset = contrastive.gather_rows(b_ND.detach(), group)
+        return loss, _retrieved(a_ND, keys, offset)
 
 
 def _append_rows(batch: dict[str, Any], rows: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -518,6 +525,7 @@ class SimCSE(SentenceContrast):
     name = "simcse"
     rows = "mono"
     row_kind = "simcse"
+    loss_name = "simcse_loss"
     description = "unsupervised SimCSE, two dropout views (encoder)"
 
     def prepare(self, batch: dict[str, Any], logits_at: Callable[..., torch.Tensor]):
@@ -528,13 +536,6 @@ class SimCSE(SentenceContrast):
         out["contrast_a"] = rows
         out["contrast_b"] = torch.arange(size, size + len(rows))
         return out
-
-    def pair_loss(self, a_ND, b_ND, *, group=None):
-        from pretrain.objectives.contrastive import gather_rows, simcse_loss
-
-        loss = simcse_loss(a_ND, b_ND, temperature=self.temperature, group=group)
-        keys, offset = gather_rows(b_ND.detach(), group)
-        return loss, _retrieved(a_ND, keys, offset)
 
 
 @register
@@ -549,6 +550,7 @@ class CrossLingualContrast(SentenceContrast):
     name = "xlco"
     rows = "pair"
     row_kind = "pair"
+    loss_name = "translation_ranking_loss"
     description = "cross-lingual contrast on parallel pairs, XLCo / LaBSE ranking (encoder)"
 
     def loader_options(self, share: float) -> dict[str, Any]:
@@ -586,13 +588,6 @@ class CrossLingualContrast(SentenceContrast):
         out["contrast_a"] = rows
         out["contrast_b"] = torch.arange(size, size + len(rows))
         return out
-
-    def pair_loss(self, a_ND, b_ND, *, group=None):
-        from pretrain.objectives.contrastive import gather_rows, translation_ranking_loss
-
-        loss = translation_ranking_loss(a_ND, b_ND, temperature=self.temperature, group=group)
-        keys, offset = gather_rows(b_ND.detach(), group)
-        return loss, _retrieved(a_ND, keys, offset)
 
 
 class SequenceToSequence(TokenPrediction):
