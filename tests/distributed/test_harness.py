@@ -62,3 +62,29 @@ def _hang(rank: int, world_size: int) -> None:
 def test_timeout_is_reported():
     with pytest.raises(DistributedTestError, match="timed out after 2 s"):
         run_distributed(_hang, world_size=2, timeout_s=2)
+
+
+def _flaky_network(rank: int, world_size: int, marks: str, error: str) -> int:
+    """Rank 1 fails on the first try only, with ``error``; each of its tries leaves a mark."""
+    from pathlib import Path
+
+    if rank == 1:
+        tries = Path(marks)
+        with open(tries, "a") as handle:
+            handle.write("x")
+        if len(tries.read_text()) == 1:
+            raise getattr(dist, error, RuntimeError)("Connection reset by peer")
+    return rank
+
+
+def test_a_dropped_rendezvous_connection_is_tried_once_more(tmp_path):
+    marks = tmp_path / "network"
+    assert run_distributed(_flaky_network, world_size=2, args=(str(marks), "DistNetworkError"),
+                           timeout_s=60) == [0, 1]  # fmt: skip
+    assert marks.read_text() == "xx"
+    # any other failure is the test's: no second try
+    other = tmp_path / "other"
+    with pytest.raises(DistributedTestError, match="RuntimeError: Connection reset"):
+        run_distributed(_flaky_network, world_size=2, args=(str(other), "RuntimeError"),
+                        timeout_s=60)  # fmt: skip
+    assert other.read_text() == "x"
