@@ -553,14 +553,14 @@ def _validate_objective(cfg: RunConfig) -> None:
         raise ValueError(f"objective.weights ({names}) must have a positive sum")
     mix = ObjectiveMix(names)  # the objectives must share one batch transform
     apply_model_settings(cfg, mix)
-    if mix.contrast:
-        name = mix.contrast[0].name
+    if mix.scorer is not None and mix.scorer.row_scorer == "contrastive":
+        name = mix.scorer.name
         if name == "simcse" and not cfg.model.dropout > 0:
             raise ValueError(
                 f"objective.weights.simcse needs model.dropout > 0 (got {cfg.model.dropout}): "
                 "its two views of a row are two dropout masks"
             )
-    if cfg.model.generator_fraction and not mix.rtd:
+    if cfg.model.generator_fraction and getattr(mix.scorer, "row_scorer", None) != "rtd":
         raise ValueError(
             f"model.generator_fraction ({cfg.model.generator_fraction}) builds ELECTRA's "
             "generator, which only objective.weights.electra trains: set it or drop the fraction"

@@ -77,16 +77,19 @@ def gather_rows(x_ND: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return rows, sum(counts[:rank])
 
 
-def _ranking(query_ND, keys_MD, offset: int, temperature: float) -> torch.Tensor:
-    """Summed cross-entropy of each query's cosine similarities to every key over
-    ``temperature``, its positive the key at its own row (``offset + i``)."""
+def _ranking(query_ND, keys_MD, offset: int, temperature: float):
+    """``(summed loss, correct)``: the cross-entropy of each query's cosine similarities to
+    every key over ``temperature``, its positive the key at its own row (``offset + i``), and
+    how many queries score their positive first."""
     if query_ND.shape[0] == 0:  # no rows of this objective here: a zero with a graph
-        return query_ND.sum() * 0.0 + keys_MD.sum() * 0.0
+        zero = query_ND.sum() * 0.0 + keys_MD.sum() * 0.0
+        return zero, zero.detach()
     q = F.normalize(query_ND.float(), dim=-1)
     k = F.normalize(keys_MD.float(), dim=-1)
     logits_NM = q @ k.T / temperature
     target_N = torch.arange(query_ND.shape[0], device=query_ND.device) + offset
-    return F.cross_entropy(logits_NM, target_N, reduction="sum")
+    correct = (logits_NM.detach().argmax(dim=1) == target_N).float().sum()
+    return F.cross_entropy(logits_NM, target_N, reduction="sum"), correct
 
 
 def simcse_loss(
@@ -95,12 +98,15 @@ def simcse_loss(
     *,
     temperature: float = 0.05,
     group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
+    return_correct: bool = False,
+):
     """Unsupervised SimCSE: two dropout views of the same rows; row i's positive is its
     other view, its negatives the other view of every other row of the group's batch
-    (InfoNCE, cosine similarity over ``temperature``). Summed over this rank's rows."""
+    (InfoNCE, cosine similarity over ``temperature``). Summed over this rank's rows; with
+    ``return_correct`` also how many rows rank their other view first."""
     keys_MD, offset = gather_rows(view_b_ND, group)
-    return _ranking(view_a_ND, keys_MD, offset, temperature)
+    loss, correct = _ranking(view_a_ND, keys_MD, offset, temperature)
+    return (loss, correct) if return_correct else loss
 
 
 def translation_ranking_loss(
@@ -109,13 +115,16 @@ def translation_ranking_loss(
     *,
     temperature: float = 0.05,
     group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
+    return_correct: bool = False,
+):
     """Cross-lingual contrast on parallel pairs, both directions: each source ranks its
     translation among every target of the group's batch and each target its source among
     every source (InfoXLM's XLCo with in-batch negatives in place of its momentum queue;
     LaBSE's bidirectional translation ranking without its additive margin). Summed over
-    this rank's pairs and both directions."""
+    this rank's pairs and both directions; with ``return_correct`` also how many sources
+    rank their translation first."""
     tgt_MD, offset = gather_rows(tgt_ND, group)
     src_MD, _ = gather_rows(src_ND, group)
-    forward = _ranking(src_ND, tgt_MD, offset, temperature)
-    return forward + _ranking(tgt_ND, src_MD, offset, temperature)
+    forward, correct = _ranking(src_ND, tgt_MD, offset, temperature)
+    loss = forward + _ranking(tgt_ND, src_MD, offset, temperature)[0]
+    return (loss, correct) if return_correct else loss

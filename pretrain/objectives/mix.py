@@ -32,7 +32,6 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pretrain.objectives.registry import OBJECTIVES, Objective, TokenPrediction, objective_weights
 
@@ -106,29 +105,29 @@ class ObjectiveMix:
                 )
         self.chunk_tokens = chunk_tokens
         self.preparing = [o for o in self.objectives if o.prepare is not None]
-        # per-row labels scored on the model's sentence-pair logits (NSP, SOP): one objective
-        self.sentence = [o for o in self.objectives if o.sentence_label is not None]
         # targets predicted again from their span's boundaries (SpanBERT's SBO): one objective
         self.boundary = [o for o in self.objectives if o.span_boundary]
-        # ELECTRA: the discriminator scores every real token of every row of the batch
-        self.rtd = [o for o in self.objectives if o.replaced_tokens]
-        # SimCSE, XLCo: the pooled states of their rows, contrasted over the dp ranks' rows
-        self.contrast = [o for o in self.objectives if o.contrastive]
-        self.group = None  # the data-parallel process group (set by the trainer)
-        scoring = [o.name for o in self.sentence + self.rtd + self.contrast]
-        if len(scoring) > 1:
+        # a loss beside the token loss over rows or tokens (NSP / SOP, ELECTRA, SimCSE / XLCo)
+        scorers = [o for o in self.objectives if o.row_scorer]
+        if len(scorers) > 1:
+            names = ", ".join(sorted(o.name for o in scorers))
             raise ValueError(
-                f"objective.weights ({', '.join(scoring)}) each score a loss of their own "
-                "beside the token loss; one run takes one of them"
+                f"objective.weights ({names}) each score a loss of their own beside the token "
+                "loss; one run takes one of them"
             )
-        others = [
-            o.name for o in self.objectives if o.name not in ("electra", "mlm", "span", "tlm")
-        ]
-        if self.rtd and others:
-            raise ValueError(
-                f"objective.weights: electra mixes with mlm, span and tlm (their rows train its "
-                f"generator), not with {', '.join(others)} (their model outputs are others)"
-            )
+        self.scorer: Objective | None = scorers[0] if scorers else None
+        self.group = None  # the data-parallel process group of the scorer (set by the trainer)
+        for objective in self.objectives:
+            if objective.mixes_with is None:
+                continue
+            others = [name for name in self.names if name not in objective.mixes_with]
+            if others:
+                allowed = [n for n in objective.mixes_with if n != objective.name]
+                raise ValueError(
+                    f"objective.weights: {objective.name} mixes with {', '.join(allowed[:-1])} "
+                    f"and {allowed[-1]} ({objective.mixes_with_why}), not with "
+                    f"{', '.join(others)} (their model outputs are others)"
+                )
         kinds = [o.row_kind for o in self.objectives if o.row_kind and self.weights[o.name]]
         for kind in set(kinds):
             same = [o.name for o in self.objectives if o.row_kind == kind and self.weights[o.name]]
@@ -147,7 +146,6 @@ class ObjectiveMix:
             named = [i for i, o in enumerate(self.objectives) if o.row_kind == kind]
             owner[kind] = named[0] if named else self._row_index["mono"]
         self._transform_owner = torch.tensor([owner[k] for k in ROW_TRANSFORMS])
-        self._electra_rows = ROW_TRANSFORMS.index("electra")
 
     @classmethod
     def from_config(cls, cfg: Any) -> ObjectiveMix:
@@ -208,14 +206,14 @@ class ObjectiveMix:
         summed loss and its correct rows, each over its rows) or ELECTRA (the discriminator's
         summed loss and correct tokens, each over the real tokens), one for SpanBERT's
         boundary predictions."""
-        scored = 2 * (len(self.sentence) + len(self.rtd) + len(self.contrast))
+        scored = 2 if self.scorer is not None else 0
         return len(self.objectives) * num_languages + scored + len(self.boundary)
 
     @property
     def scores_rows(self) -> bool:
         """Whether a loss beside the token loss scores the batch's rows or tokens
-        (:meth:`row_loss`: NSP / SOP's sentence loss, ELECTRA's discriminator)."""
-        return bool(self.sentence or self.rtd or self.contrast)
+        (:meth:`row_loss`: the run's ``row_scorer`` objective)."""
+        return self.scorer is not None
 
     # -- sentence-level outputs ------------------------------------------------------------
 
@@ -223,24 +221,13 @@ class ObjectiveMix:
         self, batch: dict[str, Any] | None = None, device: torch.device | None = None
     ) -> dict[str, Any]:
         """Keyword arguments asking the model for the outputs the objectives score beside the
-        token states: ``return_pair_logits`` for NSP / SOP; for ELECTRA the original ids at
-        the masked positions (``rtd_labels_BT``, the batch's labels) and the generator's
-        sampler (``rtd_sample``); for SpanBERT the batch's
+        token states: the row scorer's (``Objective.model_options``: NSP / SOP's pair logits,
+        ELECTRA's labels and sampler, the contrastive objectives' pooled states); for SpanBERT
+        the batch's
         span-boundary targets ``span_targets_N4`` (row, left, right, offset of each target of a
         span-masked row, in row-major order), on ``device``."""
-        if self.sentence:
-            return {"return_pair_logits": True}
-        if self.contrast and batch is not None:
-            real_BT = batch["attention_mask"]
-            return {"return_pooled_BT": real_BT if device is None else real_BT.to(device)}
-        if self.rtd and batch is not None:
-            labels_BT = batch["labels"]
-            if device is not None:
-                labels_BT = labels_BT.to(device, non_blocking=True)
-            return {
-                "rtd_labels_BT": labels_BT,
-                "rtd_sample": self.rtd[0].sampler(batch["input_ids"], batch["labels"]),
-            }
+        if self.scorer is not None:
+            return self.scorer.model_options(batch, device)
         if self.boundary and batch is not None:
             at_N2 = (batch["span_left"] >= 0).nonzero()
             row_N, col_N = at_N2[:, 0], at_N2[:, 1]
@@ -279,71 +266,25 @@ class ObjectiveMix:
             return outputs[0], outputs[1]
         return outputs, None
 
-    def _scored_tokens(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-        """``[B, T]`` bool: the real tokens of the batch's ELECTRA rows, on ``device``."""
-        real = batch.get("attention_mask")
-        ids = batch["input_ids"]
-        real_BT = torch.ones(ids.shape, dtype=torch.bool) if real is None else real.bool()
-        rows = batch.get("row_transform")
-        if rows is not None:
-            real_BT = real_BT & (rows == self._electra_rows)[:, None]
-        return real_BT.to(device, non_blocking=True)
-
     def num_rows(self, batch: dict[str, Any]) -> torch.Tensor:
         """What :meth:`row_loss` averages over in a batch (an int64 CPU scalar; 0 without
-        such a loss): a sentence objective's rows, the real tokens of ELECTRA's rows."""
-        if self.rtd:
-            return self._scored_tokens(batch, torch.device("cpu")).sum()
-        if self.contrast:
-            return self.contrast[0].rows_of(batch["row_transform"]).sum()
-        if not self.sentence:
+        such a loss): the row scorer's ``num_rows`` (NSP's rows, ELECTRA's scored tokens,
+        the contrastive objectives' examples)."""
+        if self.scorer is None:
             return torch.zeros((), dtype=torch.int64)
-        return torch.tensor(batch[self.sentence[0].sentence_label].numel(), dtype=torch.int64)
+        return self.scorer.num_rows(batch)
 
     def row_loss(
         self, scored: Any, batch: dict[str, Any], sums_G: torch.Tensor, counts_G: torch.Tensor
     ) -> torch.Tensor:
-        """The summed loss beside the token loss of the outputs ``scored``
-        (:meth:`split_outputs`), its metrics added in place to the last two groups:
-        :meth:`sentence_loss`, or ELECTRA's discriminator loss times
-        ``objective.electra.disc_weight`` (the groups: its unweighted sum and correct tokens,
-        over the real tokens of ELECTRA's rows)."""
-        if self.contrast:
-            objective = self.contrast[0]
-            device = scored.device
-            a_ND = scored[batch["contrast_a"].to(device)]
-            b_ND = scored[batch["contrast_b"].to(device)]
-            loss, correct = objective.pair_loss(a_ND, b_ND, group=self.group)
-            sums_G[-2] += loss.detach()
-            sums_G[-1] += correct
-            counts_G[-2:] += float(a_ND.shape[0])
-            return loss
-        if not self.rtd:
-            return self.sentence_loss(scored, batch, sums_G, counts_G)
-        logits_BT, replaced_BT = scored
-        real_BT = self._scored_tokens(batch, replaced_BT.device)
-        objective = self.rtd[0]
-        loss, correct, tokens = objective.rtd_loss(logits_BT, replaced_BT, real_BT)
-        sums_G[-2] += loss.detach()
+        """The row scorer's summed loss of the outputs ``scored`` (:meth:`split_outputs`),
+        its metric sum and correct count added in place to the last two groups of ``sums_G``
+        and its count to the last two of ``counts_G``."""
+        loss, metric, correct, count = self.scorer.row_loss(scored, batch, group=self.group)
+        sums_G[-2] += metric
         sums_G[-1] += correct
-        counts_G[-2:] += tokens
-        return loss * objective.disc_weight
-
-    def sentence_loss(
-        self, logits_BC: torch.Tensor, batch: dict[str, Any], sums_G: torch.Tensor,
-        counts_G: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """The summed cross-entropy of the sentence logits against the batch's row labels;
-        its sum and correct rows added in place to the last two groups of ``sums_G`` /
-        ``counts_G`` (their row counts)."""
-        labels_B = batch[self.sentence[0].sentence_label].to(logits_BC.device).long()
-        loss_B = F.cross_entropy(logits_BC.float(), labels_B, reduction="none")
-        correct = (logits_BC.detach().argmax(dim=-1) == labels_B).float().sum()
-        rows = float(labels_B.numel())
-        sums_G[-2] += loss_B.detach().sum()
-        sums_G[-1] += correct
-        counts_G[-2:] += rows
-        return loss_B.sum()
+        counts_G[-2:] += count
+        return loss
 
     def targets(self, labels_BT: torch.Tensor) -> torch.Tensor:
         """The batch's targets (its objectives' shared ``TokenPrediction.targets``)."""
@@ -447,13 +388,8 @@ class ObjectiveMix:
             out["span_boundary_loss"] = {
                 self.boundary[0].name: float(sums_G[-1]) / float(counts_G[-1])
             }
-        if self.scores_rows:
-            name, kind = next(
-                (found[0].name, kind)
-                for found, kind in ((self.rtd, "rtd"), (self.contrast, "contrastive"),
-                                    (self.sentence, "sentence"))
-                if found
-            )  # fmt: skip
+        if self.scorer is not None:
+            name, kind = self.scorer.name, self.scorer.row_scorer
             scored = float(counts_G[-1])
             if scored > 0:
                 out[f"{kind}_loss"] = {name: float(sums_G[-2]) / scored}

@@ -25,13 +25,13 @@ An objective states what it needs and owns, as class data the trainer and the va
   model does not);
 - ``prepare(batch, logits_at)``: a step of its own before the loss, given no-grad logits of
   the model at chosen positions (BTMLM fills its placeholders there); none by default;
-- ``sentence_label``: the batch key of a per-row label scored on the model's sentence-pair
-  logits (NSP, SOP: ``pair_label``), beside the token loss; ``span_boundary``: its targets
-  are predicted a second time by SpanBERT's span-boundary head; ``replaced_tokens``: its
-  model is ELECTRA's pair, the token loss the generator's and a discriminator's loss over
-  every real token beside it (``rtd_loss``, ``sampler``); ``contrastive``: its rows are
-  sentences whose pooled states it contrasts (``pair_loss``), laid out by its ``prepare``
-  (SimCSE, XLCo); ``model_settings``: the
+- ``row_scorer``: the metric name (``sentence``: NSP / SOP, ``rtd``: ELECTRA,
+  ``contrastive``: SimCSE / XLCo) of a loss it scores beside the token loss, over rows or
+  tokens; such an objective has ``model_options(batch, device)`` (what it asks the model
+  for), ``num_rows(batch)`` (what its loss averages over) and ``row_loss(scored, batch,
+  group=)`` (the loss and its metric sums); one per run; ``mixes_with``: the only objectives
+  it mixes with (None: any of its layout); ``span_boundary``: its targets
+  are predicted a second time by SpanBERT's span-boundary head; ``model_settings``: the
   ``model.*`` values it needs (set when left at their defaults);
 - ``configure(objective_cfg)``: reads its own ``objective.<name>.*`` settings (none by
   default).
@@ -78,10 +78,10 @@ class Objective:
     layout: ClassVar[str] = ""
     row_kind: ClassVar[str | None] = None
     pipeline: ClassVar[bool] = True
-    sentence_label: ClassVar[str | None] = None
+    row_scorer: ClassVar[str | None] = None
+    mixes_with: ClassVar[tuple[str, ...] | None] = None
+    mixes_with_why: ClassVar[str] = ""
     span_boundary: ClassVar[bool] = False
-    replaced_tokens: ClassVar[bool] = False
-    contrastive: ClassVar[bool] = False
     model_settings: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
@@ -91,6 +91,21 @@ class Objective:
 
     def configure(self, objective_cfg: Any) -> None:
         """Take this objective's settings from the ``objective`` section (none by default)."""
+
+    # -- a row scorer's part (``row_scorer`` set) --------------------------------------------
+
+    def model_options(self, batch: dict[str, Any] | None, device: torch.device | None) -> dict:
+        """Keyword arguments asking the model for the outputs :meth:`row_loss` scores."""
+        raise NotImplementedError
+
+    def num_rows(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What :meth:`row_loss` averages over in a (CPU) batch: an int64 CPU scalar."""
+        raise NotImplementedError
+
+    def row_loss(self, scored: Any, batch: dict[str, Any], *, group=None) -> tuple:
+        """``(summed loss to add, its metric sum, correct, count)`` of the model's outputs
+        ``scored``; ``group``: the data-parallel process group (None: one rank)."""
+        raise NotImplementedError
 
     prepare: ClassVar[Callable[..., dict[str, Any]] | None] = None
     """``prepare(batch, logits_at) -> batch``, when the objective has a step before the loss:
@@ -316,8 +331,23 @@ class SentencePair(TokenPrediction):
     rows = "mono"
     sparse_targets = True
     pipeline = False
-    sentence_label = "pair_label"
+    row_scorer = "sentence"
+    sentence_label = "pair_label"  # the batch key of each row's label
     model_settings = {"type_vocab_size": 2, "pair_head": True}
+
+    def model_options(self, batch, device):
+        return {"return_pair_logits": True}
+
+    def num_rows(self, batch):
+        return torch.tensor(batch[self.sentence_label].numel(), dtype=torch.int64)
+
+    def row_loss(self, scored, batch, *, group=None):
+        """The summed cross-entropy of the pair logits ``scored`` against the rows' labels;
+        its correct rows and the row count."""
+        labels_B = batch[self.sentence_label].to(scored.device).long()
+        loss = F.cross_entropy(scored.float(), labels_B, reduction="sum")
+        correct = (scored.detach().argmax(dim=-1) == labels_B).float().sum()
+        return loss, loss.detach(), correct, float(labels_B.numel())
 
 
 @register
@@ -388,7 +418,9 @@ class ReplacedTokenDetection(TokenPrediction):
     row_kind = "electra"
     sparse_targets = True
     pipeline = False
-    replaced_tokens = True
+    row_scorer = "rtd"
+    mixes_with = ("electra", "mlm", "span", "tlm")
+    mixes_with_why = "their rows train its generator"
     model_settings = {"generator_fraction": 0.25}
     description = "replaced token detection, ELECTRA (encoder)"
 
@@ -435,16 +467,48 @@ class ReplacedTokenDetection(TokenPrediction):
 
         return sample
 
-    def rtd_loss(
-        self, logits_BT: torch.Tensor, replaced_BT: torch.Tensor, real_BT: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(summed BCE, correct, real tokens)`` of the discriminator over the real tokens."""
-        real = real_BT.float()
+    def model_options(self, batch, device):
+        """The original ids at the masked positions (``rtd_labels_BT``: the batch's labels)
+        and the generator's sampler (``rtd_sample``)."""
+        if batch is None:
+            return {}
+        labels_BT = batch["labels"]
+        if device is not None:
+            labels_BT = labels_BT.to(device, non_blocking=True)
+        return {"rtd_labels_BT": labels_BT,
+                "rtd_sample": self.sampler(batch["input_ids"], batch["labels"])}  # fmt: skip
+
+    def scored_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``[B, T]`` bool: the real tokens of the batch's ELECTRA rows (all its rows
+        without a ``row_transform``)."""
+        from data_pipeline.transforms import ROW_TRANSFORMS
+
+        real = batch.get("attention_mask")
+        real_BT = (
+            torch.ones(batch["input_ids"].shape, dtype=torch.bool) if real is None else real.bool()
+        )
+        rows = batch.get("row_transform")
+        if rows is not None:
+            real_BT = real_BT & (rows == ROW_TRANSFORMS.index(self.row_kind))[:, None].to(
+                real_BT.device
+            )
+        return real_BT
+
+    def num_rows(self, batch):
+        return self.scored_tokens(batch).sum()
+
+    def row_loss(self, scored, batch, *, group=None):
+        """``disc_weight`` times the discriminator's summed BCE over the scored tokens
+        (``scored``: its ``(logits_BT, replaced_BT)``); the unweighted sum, correct tokens and
+        their count."""
+        logits_BT, replaced_BT = scored
+        real = self.scored_tokens(batch).to(replaced_BT.device, non_blocking=True).float()
         loss_BT = F.binary_cross_entropy_with_logits(
             logits_BT.float(), replaced_BT.float(), reduction="none"
         )
+        loss = (loss_BT * real).sum()
         correct = (((logits_BT.detach() > 0) == replaced_BT).float() * real).sum()
-        return (loss_BT * real).sum(), correct, real.sum()
+        return loss * self.disc_weight, loss.detach(), correct, real.sum()
 
 
 ROW_KEYS = ("input_ids", "labels", "position_ids", "doc_ids", "lang_ids", "attention_mask",
@@ -469,7 +533,7 @@ class SentenceContrast(TokenPrediction):
     layout = "masked"
     sparse_targets = True
     pipeline = False
-    contrastive = True
+    row_scorer = "contrastive"
     temperature: float = 0.05
 
     def configure(self, objective_cfg: Any) -> None:
@@ -485,15 +549,28 @@ class SentenceContrast(TokenPrediction):
 
     loss_name: ClassVar[str]  # the loss of pretrain.objectives.contrastive
 
-    def pair_loss(self, a_ND, b_ND, *, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(summed loss, correct)``: the loss of the examples' two embeddings and how many
-        of them retrieve their partner first among the gathered ones."""
+    def model_options(self, batch, device):
+        """The real tokens the model's pooled states average (``return_pooled_BT``)."""
+        if batch is None:
+            return {}
+        real_BT = batch["attention_mask"]
+        return {"return_pooled_BT": real_BT if device is None else real_BT.to(device)}
+
+    def num_rows(self, batch):
+        return self.rows_of(batch["row_transform"]).sum()
+
+    def row_loss(self, scored, batch, *, group=None):
+        """The contrastive loss of the pooled states ``scored`` of the prepared batch's row
+        pairs (``contrast_a`` / ``contrast_b``), how many queries retrieve their partner
+        first among the gathered keys, and the pair count."""
         from pretrain.objectives import contrastive
 
+        a_ND = scored[batch["contrast_a"].to(scored.device)]
+        b_ND = scored[batch["contrast_b"].to(scored.device)]
         loss_fn = getattr(contrastive, self.loss_name)
-        loss = loss_fn(a_ND, b_ND, temperature=self.temperature, group=group)
-        keys, offset = contrastive.gather_rows(b_ND.detach(), group)
-        return loss, _retrieved(a_ND, keys, offset)
+        loss, correct = loss_fn(a_ND, b_ND, temperature=self.temperature, group=group,
+                                return_correct=True)  # fmt: skip
+        return loss, loss.detach(), correct, float(a_ND.shape[0])
 
 
 def _append_rows(batch: dict[str, Any], rows: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -502,17 +579,6 @@ def _append_rows(batch: dict[str, Any], rows: dict[str, torch.Tensor]) -> dict[s
     for key, extra in rows.items():
         out[key] = torch.cat([batch[key], extra.to(batch[key].dtype)])
     return out
-
-
-def _retrieved(a_ND, keys_MD, offset: int) -> torch.Tensor:
-    """How many of the queries ``a_ND`` find their partner (key ``offset + i``) first."""
-    if a_ND.shape[0] == 0:
-        return torch.zeros((), device=a_ND.device)
-    sim_NM = (
-        F.normalize(a_ND.detach().float(), dim=-1) @ F.normalize(keys_MD.detach().float(), dim=-1).T
-    )
-    want_N = torch.arange(a_ND.shape[0], device=a_ND.device) + offset
-    return (sim_NM.argmax(dim=1) == want_N).float().sum()
 
 
 @register

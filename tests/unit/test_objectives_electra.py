@@ -34,7 +34,7 @@ def test_config_rules() -> None:
     # mixed row by row with the other masked objectives: their rows train the generator
     cfg = encoder_config("objective.weights={mlm: 1, tlm: 0.5, electra: 1}")
     mix = ObjectiveMix.from_config(cfg)
-    assert mix.rtd and mix.names == ["mlm", "tlm", "electra"]
+    assert mix.scorer.name == "electra" and mix.names == ["mlm", "tlm", "electra"]
     _, masking = mix.loader_settings(cfg.objective)
     assert masking.mono_kinds == (("mlm", 1.0), ("electra", 1.0)) and masking.tlm_share == 0.2
     with pytest.raises(

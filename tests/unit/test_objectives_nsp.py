@@ -218,7 +218,7 @@ def test_pair_logits_and_the_loss_follow_the_formula(shards, task: str) -> None:
     num_groups = mix.num_groups(4)
     sums = torch.zeros(num_groups)
     counts = torch.zeros(num_groups)
-    row_loss = mix.sentence_loss(pair, batch, sums, counts)
+    row_loss = mix.row_loss(pair, batch, sums, counts)
     labels = batch["pair_label"]
     torch.testing.assert_close(row_loss, F.cross_entropy(pair, labels, reduction="sum"))
     assert float(counts[-1]) == float(counts[-2]) == len(labels)
