@@ -628,29 +628,22 @@ class CrossLingualContrast(SentenceContrast):
         # every per-row key copied: shared loader tensors are read-only
         out = {**batch, **{k: batch[k].clone() for k in keys}}
         size, width = out["input_ids"].shape
-        targets = {k: [] for k in keys}
-        for row in rows.tolist():
-            real = out["attention_mask"][row].bool()
-            lang = out["lang_ids"][row]
-            src = real & (lang == lang[0])
-            n_src, n_tgt = int(src.sum()), int((real & ~src).sum())
-            # the target side moved to the start of a row of its own
-            take = (torch.arange(width) + n_src).clamp(max=width - 1)
-            kept = torch.arange(width) < n_tgt
-            for key in keys:  # per-token keys moved, per-row ones (row_transform) copied
-                value = out[key][row]
-                targets[key].append(value[take] if value.dim() else value)
-            for side, mask in ((out, src), (targets, kept)):
-                fields = {"attention_mask": mask, "labels": torch.full((width,), IGNORE_INDEX)}
-                if "doc_ids" in keys:
-                    fields["doc_ids"] = torch.where(mask, 0, -1)
-                for key, value in fields.items():
-                    if side is out:
-                        out[key][row] = value.to(out[key].dtype)
-                    else:
-                        targets[key][-1] = value.to(out[key].dtype)
-        stacked = {k: torch.stack(v) if v else out[k][:0] for k, v in targets.items()}
-        out = _append_rows(out, stacked)
+        real_RT = out["attention_mask"][rows].bool()
+        lang_RT = out["lang_ids"][rows]
+        src_RT = real_RT & (lang_RT == lang_RT[:, :1])
+        n_tgt_R1 = (real_RT & ~src_RT).sum(dim=1, keepdim=True)
+        # the target side moved to the start of a row of its own
+        take_RT = (torch.arange(width) + src_RT.sum(dim=1, keepdim=True)).clamp(max=width - 1)
+        kept_RT = torch.arange(width) < n_tgt_R1
+        targets = {
+            k: out[k][rows].gather(1, take_RT) if out[k].dim() == 2 else out[k][rows] for k in keys
+        }
+        for side, index, mask in ((out, rows, src_RT), (targets, slice(None), kept_RT)):
+            side["attention_mask"][index] = mask.to(side["attention_mask"].dtype)
+            side["labels"][index] = IGNORE_INDEX
+            if "doc_ids" in keys:
+                side["doc_ids"][index] = torch.where(mask, 0, -1).to(side["doc_ids"].dtype)
+        out = _append_rows(out, targets)
         out["contrast_a"] = rows
         out["contrast_b"] = torch.arange(size, size + len(rows))
         return out
