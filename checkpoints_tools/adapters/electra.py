@@ -38,69 +38,51 @@ from pretrain.models.config import ModelConfig, generator_config
 _TARGET = "ElectraForPreTraining"
 
 
-def _embedding_items(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
-    """``(theirs, ours, combine)`` of the embeddings, shared by both directories."""
-    prefix = "electra.embeddings."
-    items = [
-        (prefix + "word_embeddings.weight", ("tok_embeddings.weight",), None),
-        (prefix + "position_embeddings.weight", ("pos_embeddings.weight",), None),
-        (prefix + "LayerNorm.weight", ("embed_norm.weight",), None),
-        (prefix + "LayerNorm.bias", ("embed_norm.bias",), None),
-    ]
+def _zero_token_types(pos_PD: torch.Tensor) -> torch.Tensor:
+    return pos_PD.new_zeros(1, pos_PD.shape[1])
+
+
+def _table(cfg: ModelConfig, *, generator: bool) -> dict[str, str]:
+    """Theirs -> ours for every 1:1 tensor of one directory (the zero token types apart)."""
+    embed = "electra.embeddings."
+    table = {
+        embed + "word_embeddings.weight": "tok_embeddings.weight",
+        embed + "position_embeddings.weight": "pos_embeddings.weight",
+        embed + "LayerNorm.weight": "embed_norm.weight",
+        embed + "LayerNorm.bias": "embed_norm.bias",
+    }
     if cfg.type_vocab_size:
-        items.append((prefix + "token_type_embeddings.weight", ("type_embeddings.weight",), None))
-    else:
-
-        def token_types(pos_PD: torch.Tensor) -> torch.Tensor:
-            return pos_PD.new_zeros(1, pos_PD.shape[1])
-
-        items.append(
-            (prefix + "token_type_embeddings.weight", ("pos_embeddings.weight",), token_types)
-        )
-    return items
-
-
-def _layer_items(num_layers: int, *, ours: str) -> list[tuple[str, tuple[str, ...], Any]]:
-    return [
-        (f"electra.encoder.layer.{i}.{theirs}.{kind}", (f"{ours}.{i}.{mine}.{kind}",), None)
-        for i in range(num_layers)
-        for mine, theirs in _LAYER.items()
-        for kind in ("weight", "bias")
-    ]
+        table[embed + "token_type_embeddings.weight"] = "type_embeddings.weight"
+    heads = {"dense": "dense", "dense_prediction": "dense_prediction"}
+    prefix, stack, head = "discriminator_predictions", "layers", "discriminator"
+    if generator:
+        heads = {"dense": "dense", "LayerNorm": "norm"}
+        prefix, stack, head = "generator_predictions", "generator.layers", "generator.head"
+        if generator_config(cfg).hidden_size != cfg.hidden_size:
+            for kind in ("weight", "bias"):
+                table[f"electra.embeddings_project.{kind}"] = f"generator.project.{kind}"
+        table["generator_lm_head.bias"] = "output_bias" if cfg.tie_embeddings else "output.bias"
+        if not cfg.tie_embeddings:
+            table["generator_lm_head.weight"] = "output.weight"
+    for kind in ("weight", "bias"):
+        for layer in range(cfg.num_layers):
+            for mine, theirs in _LAYER.items():
+                table[f"electra.encoder.layer.{layer}.{theirs}.{kind}"] = (
+                    f"{stack}.{layer}.{mine}.{kind}"
+                )
+        for theirs, mine in heads.items():
+            table[f"{prefix}.{theirs}.{kind}"] = f"{head}.{mine}.{kind}"
+    return table
 
 
 def _items(cfg: ModelConfig, *, generator: bool) -> list[Any]:
     from checkpoints_tools.adapters.tensor_map import ExportItem
 
-    rows = _embedding_items(cfg)
-    if not generator:
-        rows += _layer_items(cfg.num_layers, ours="layers")
-        for name in ("dense", "dense_prediction"):
-            for kind in ("weight", "bias"):
-                rows.append(
-                    (f"discriminator_predictions.{name}.{kind}", (f"discriminator.{name}.{kind}",),
-                     None)
-                )  # fmt: skip
-    else:
-        if generator_config(cfg).hidden_size != cfg.hidden_size:
-            for kind in ("weight", "bias"):
-                rows.append((f"electra.embeddings_project.{kind}", (f"generator.project.{kind}",),
-                             None))  # fmt: skip
-        rows += _layer_items(cfg.num_layers, ours="generator.layers")
-        for ours, theirs in (("dense", "dense"), ("norm", "LayerNorm")):
-            for kind in ("weight", "bias"):
-                rows.append(
-                    (f"generator_predictions.{theirs}.{kind}", (f"generator.head.{ours}.{kind}",),
-                     None)
-                )  # fmt: skip
-        bias = "output_bias" if cfg.tie_embeddings else "output.bias"
-        rows.append(("generator_lm_head.bias", (bias,), None))
-        if not cfg.tie_embeddings:
-            rows.append(("generator_lm_head.weight", ("output.weight",), None))
-    return [
-        ExportItem(name, sources) if combine is None else ExportItem(name, sources, combine)
-        for name, sources, combine in rows
-    ]
+    items = [ExportItem(t, (o,)) for t, o in _table(cfg, generator=generator).items()]
+    if not cfg.type_vocab_size:
+        name = "electra.embeddings.token_type_embeddings.weight"
+        items.append(ExportItem(name, ("pos_embeddings.weight",), _zero_token_types))
+    return items
 
 
 def _apply(items: list[Any], state_dict: StateDict) -> StateDict:
