@@ -227,8 +227,10 @@ from data_pipeline.transforms import (
 
 log = logging.getLogger(__name__)
 
-# the row transforms masked by BERT's rule (TLM pairs, MLM rows, ELECTRA's generator rows)
-BERT_MASKED = ("pair", "mlm", "electra")
+# how an ``mlm`` batch's rows of each transform are masked: BERT's rule (TLM pairs, MLM rows,
+# ELECTRA's generator rows), SpanBERT's spans, or not at all (SimCSE's sentence rows; XLCo's
+# pairs: ``masking.unmasked_pairs``)
+MASK_RULE = {"pair": "bert", "mlm": "bert", "electra": "bert", "span": "span", "simcse": "none"}
 STATE_FORMAT = "rosetta-loader/2"
 PLAN_ROWS = 8192
 """Global rows a slot plans in one go (the sources of its next batches: one sort of the keys)."""
@@ -1503,6 +1505,13 @@ class _SlotRunner:
         )
         return {**batch, **per_lang}
 
+    def _mask_rule(self, kind: str) -> str:
+        """``bert``, ``span`` or ``none``: how rows of transform ``kind`` are masked
+        (``keep``: a batch kind that is not masked, its labels the inputs: CLM)."""
+        if kind == "pair" and self.ds.masking.unmasked_pairs:
+            return "none"
+        return MASK_RULE.get(kind, "keep")
+
     def _mask_mixed(
         self,
         ids_BT: np.ndarray,
@@ -1510,19 +1519,15 @@ class _SlotRunner:
         row_transform_B: np.ndarray,
         bounds: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(input_ids, labels)`` of an ``mlm`` batch whose rows mix transforms: BERT masking
-        of the TLM, ``mlm`` and ``electra`` rows in one call, then span masking of the ``span``
-        rows (in that order, each over its rows only: the slot's generator is their one
-        randomness);
-        the span rows' span-boundary inputs into ``bounds`` (``[B, T]`` tables, -1 filled)."""
+        """``(input_ids, labels)`` of an ``mlm`` batch whose rows mix masking rules
+        (:meth:`_mask_rule`): BERT masking of its rows in one call, then span masking of the
+        span rows (in that order, each over its rows only: the slot's generator is their one
+        randomness), the rest left unmasked; the span rows' span-boundary inputs into
+        ``bounds`` (``[B, T]`` tables, -1 filled)."""
         ds = self.ds
         inputs_BT, labels_BT = ids_BT.copy(), np.full_like(ids_BT, IGNORE_INDEX)
-        masked = [k for k in BERT_MASKED if not (k == "pair" and ds.masking.unmasked_pairs)]
-        bert = np.isin(row_transform_B, [ROW_TRANSFORMS.index(k) for k in masked])
-        for rows_B, mask in (
-            (bert, mask_tokens),
-            (row_transform_B == ROW_TRANSFORMS.index("span"), span_mask),
-        ):
+        rule_B = np.array([self._mask_rule(ROW_TRANSFORMS[k]) for k in row_transform_B.tolist()])
+        for rows_B, mask in ((rule_B == "bert", mask_tokens), (rule_B == "span", span_mask)):
             rows = np.flatnonzero(rows_B)
             if not len(rows):
                 continue
@@ -1622,11 +1627,11 @@ class _SlotRunner:
         bounds = None  # SpanBERT's span-boundary inputs (masking.span_boundary)
         if ds.masking.span_boundary and "span" in ds.kind_names:
             bounds = {k: np.full((B, T), -1, dtype=ID_DTYPE) for k in SPAN_BOUNDARY_KEYS}
-        mixed = only == "span" and (num_tlm or bounds is not None)
-        mixed = mixed or (num_tlm and (only == "simcse" or ds.masking.unmasked_pairs))
-        if kinds is not None or mixed:
+        # one rule for every row: one call over the batch; else row by row
+        rules = {self._mask_rule(only)} | ({self._mask_rule("pair")} if num_tlm else set())
+        if kinds is not None or bounds is not None or len(rules) > 1:
             input_BT, labels_BT = self._mask_mixed(ids_BT, valid_BT, row_transform, bounds)
-        elif only == "span":
+        elif rules == {"span"}:
             input_BT, labels_BT = span_mask(
                 ids_BT,
                 vocab=ds.vocab,
@@ -1636,7 +1641,7 @@ class _SlotRunner:
                 special_V=self.special_V,
                 normal_ids=self.normal_ids,
             )
-        elif only in BERT_MASKED:
+        elif rules == {"bert"}:
             input_BT, labels_BT = mask_tokens(
                 ids_BT,
                 vocab=ds.vocab,
@@ -1646,7 +1651,7 @@ class _SlotRunner:
                 special_V=self.special_V,
                 normal_ids=self.normal_ids,
             )
-        elif only == "simcse":  # sentence rows: no token targets
+        elif rules == {"none"}:  # sentence rows: no token targets
             input_BT, labels_BT = ids_BT, np.full_like(ids_BT, IGNORE_INDEX)
         else:
             input_BT = labels_BT = ids_BT
